@@ -1,0 +1,103 @@
+//! The 8250 UART at COM1 (vm-superio), the guest's console.
+//!
+//! Output goes to a writer the VMM chooses (its stdout or a file); the
+//! interrupt is an eventfd the VM wires to IRQ 4. Guest input is not read
+//! yet: the console is for the kernel's log and early user space.
+
+use std::io::Write;
+
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::BusDevice;
+
+/// Raises the UART's interrupt by writing its eventfd (an irqfd in KVM).
+pub struct EventFdTrigger(EventFd);
+
+impl EventFdTrigger {
+    /// Wraps the eventfd registered as the UART's irqfd.
+    pub fn new(fd: EventFd) -> Self {
+        Self(fd)
+    }
+}
+
+impl Trigger for EventFdTrigger {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// COM1 on the port-I/O bus.
+pub struct SerialConsole {
+    uart: Serial<EventFdTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+}
+
+impl SerialConsole {
+    /// A UART that writes what the guest sends to `out`.
+    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
+        Self {
+            uart: Serial::new(EventFdTrigger::new(irq), out),
+        }
+    }
+
+    /// Flushes what the guest wrote so far.
+    pub fn flush(&mut self) {
+        let _ = self.uart.writer_mut().flush();
+    }
+}
+
+impl BusDevice for SerialConsole {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if let Some(first) = data.first_mut() {
+            *first = self.uart.read(offset as u8);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Some(value) = data.first() {
+            // A console that cannot be written (a closed pipe) must not stop
+            // the guest: its output is lost, the VM goes on.
+            let _ = self.uart.write(offset as u8, *value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn guest_bytes_reach_the_writer_and_raise_the_irq() {
+        let out = Shared::default();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut console = SerialConsole::new(irq.try_clone().unwrap(), Box::new(out.clone()));
+        // Enable the "transmitter holding register empty" interrupt (IER bit 1).
+        console.write(1, &[0x02]);
+        for b in b"hi\n" {
+            console.write(0, &[*b]);
+        }
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"hi\n");
+        assert!(irq.read().unwrap() >= 1);
+        // Line status: transmitter empty, as the guest's driver polls for.
+        let mut lsr = [0u8];
+        console.read(5, &mut lsr);
+        assert_ne!(lsr[0] & 0x60, 0);
+    }
+}

@@ -1,0 +1,74 @@
+//! What the VMM needs to know about the host it runs on.
+//!
+//! On hosts whose `/dev/kvm` has no hardware virtualization behind it (PVM,
+//! see docs/guest-kernel.md), guest kernel mode is run by KVM's instruction
+//! emulator, which lacks some instructions. The guest sees the machine's
+//! real CPUID there whatever the VMM sets, so the only way to keep the guest
+//! kernel off those instructions is the kernel's own command line. On hosts
+//! with VMX or SVM nothing is added.
+
+/// Kernel arguments that keep a guest off instructions KVM's emulator lacks:
+/// `noxsave` (xrstor, and every AVX feature with it) and a `clearcpuid=`
+/// list of the features the kernel would otherwise use in kernel mode
+/// (cmpxchg16b in SLUB, popcnt, stac/clac, rdrand, rdgsbase, rep movsb
+/// variants, invpcid, pku, umip, clflushopt, clwb, rdpid). The kernel reads
+/// at most 128 characters of `clearcpuid=`, so only kernel-mode features
+/// are listed: user space runs natively and may use everything.
+pub const EMULATED_KERNEL_MODE_ARGS: &str = "noxsave clearcpuid=cx16,popcnt,smap,smep,rdrand,rdseed,fsgsbase,erms,fsrm,invpcid,pku,ospke,umip,clflushopt,clwb,rdpid";
+
+/// True when the host CPU offers neither VMX nor SVM, so `/dev/kvm` runs
+/// guest kernel mode in an emulator.
+pub fn kernel_mode_emulated() -> bool {
+    match std::fs::read_to_string("/proc/cpuinfo") {
+        Ok(cpuinfo) => !has_hw_virt(&cpuinfo),
+        Err(_) => false,
+    }
+}
+
+fn has_hw_virt(cpuinfo: &str) -> bool {
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+}
+
+/// The host's total memory in MiB, from /proc/meminfo.
+pub fn total_memory_mib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo_total_mib(&meminfo)
+}
+
+fn meminfo_total_mib(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_hardware_virtualization_flags() {
+        assert!(has_hw_virt("flags\t\t: fpu vme vmx sse\n"));
+        assert!(has_hw_virt("processor: 0\nflags : fpu svm\n"));
+        assert!(!has_hw_virt("flags\t\t: fpu vme sse hypervisor\n"));
+        assert!(!has_hw_virt("model name: vmx svm\n"));
+    }
+
+    #[test]
+    fn clearcpuid_fits_the_kernels_buffer() {
+        let list = EMULATED_KERNEL_MODE_ARGS
+            .split_whitespace()
+            .find_map(|a| a.strip_prefix("clearcpuid="))
+            .unwrap();
+        assert!(list.len() < 128, "clearcpuid list is {} characters", list.len());
+    }
+
+    #[test]
+    fn reads_total_memory() {
+        let meminfo = "MemTotal:       24573412 kB\nMemFree: 1 kB\n";
+        assert_eq!(meminfo_total_mib(meminfo), Some(23997));
+        assert_eq!(meminfo_total_mib("nothing"), None);
+    }
+}

@@ -1,0 +1,100 @@
+//! `husk-vmm`: boot one microVM from a kernel and an initramfs.
+//!
+//! Exits 0 when the guest powers off or reboots, and non-zero with one line
+//! on stderr naming what failed: a bad argument, a host without KVM, a
+//! kernel that cannot be loaded, a guest panic, a vCPU that died.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use husk_vmm::paths;
+use husk_vmm::timing::Clock;
+use husk_vmm::vm::{Console, Vm, VmConfig, VmError};
+
+/// Boot a Linux guest in a KVM microVM.
+#[derive(Parser, Debug)]
+#[command(name = "husk-vmm", version)]
+struct Args {
+    /// Guest kernel: an uncompressed ELF vmlinux with a PVH entry point.
+    /// Defaults to $HUSK_KERNEL, else the one kernel-config/build-kernel.sh built.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initramfs (newc cpio) for the guest.
+    #[arg(long)]
+    initramfs: Option<PathBuf>,
+    /// Appended to the default kernel command line.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    memory: u64,
+    /// Write the guest console here instead of to stdout.
+    #[arg(long)]
+    console: Option<PathBuf>,
+    /// Write boot timings (JSON) here when the VM ends.
+    #[arg(long)]
+    timings: Option<PathBuf>,
+}
+
+/// Exit status when the guest kernel panicked.
+const EXIT_GUEST_PANIC: u8 = 2;
+/// Exit status when a vCPU died (emulation failure, triple fault, ...).
+const EXIT_VCPU_DIED: u8 = 3;
+/// Exit status for every set-up error.
+const EXIT_SETUP: u8 = 1;
+
+fn main() -> ExitCode {
+    let clock = Arc::new(Clock::from_env());
+    let args = Args::parse();
+    let config = VmConfig {
+        kernel: args.kernel.unwrap_or_else(paths::default_kernel),
+        initramfs: args.initramfs,
+        extra_cmdline: args.cmdline,
+        vcpus: args.cpus,
+        memory_mib: args.memory,
+        console: args.console.map_or(Console::Stdout, Console::File),
+    };
+    let vm = match Vm::new(&config, clock) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("husk-vmm: {}", error_chain(&e));
+            return ExitCode::from(EXIT_SETUP);
+        }
+    };
+    let (result, times) = vm.run();
+    if let Some(path) = &args.timings {
+        let json = serde_json::to_string_pretty(&times).unwrap_or_default();
+        if let Err(e) = std::fs::write(path, json) {
+            eprintln!("husk-vmm: cannot write timings to {}: {e}", path.display());
+        }
+    }
+    // The vCPU threads are still inside KVM_RUN: end the process here.
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("husk-vmm: {}", error_chain(&e));
+            ExitCode::from(match e {
+                VmError::GuestPanic => EXIT_GUEST_PANIC,
+                VmError::VcpuDied(..) => EXIT_VCPU_DIED,
+                _ => EXIT_SETUP,
+            })
+        }
+    }
+}
+
+/// The error and its sources on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        line.push_str(": ");
+        line.push_str(&s.to_string());
+        source = s.source();
+    }
+    line
+}

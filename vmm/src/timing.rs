@@ -1,0 +1,185 @@
+//! Boot timing: when the VMM started, entered KVM_RUN, and when the guest
+//! reported its boot phases on the debug port, in a form a program reads.
+//!
+//! "Process start" is the moment the launcher spawned the VMM, passed in
+//! `HUSK_LAUNCH_TIME_NS` (CLOCK_MONOTONIC nanoseconds, read just before the
+//! spawn); without it, the entry into `main`. The kernel's own process start
+//! time (/proc/self/stat) has only 10 ms resolution, too coarse here.
+
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+/// Environment variable carrying the launcher's CLOCK_MONOTONIC at spawn.
+pub const LAUNCH_TIME_ENV: &str = "HUSK_LAUNCH_TIME_NS";
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock every timestamp here uses.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only into the timespec we pass, which
+    // lives for the duration of the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// What was timed, as written to the `--timings` file (microseconds since
+/// the origin).
+#[derive(Debug, Default, Clone, Serialize, PartialEq)]
+pub struct BootTimes {
+    /// `launch` (the launcher's spawn time) or `main` (entry into main).
+    pub origin: &'static str,
+    /// Origin, CLOCK_MONOTONIC nanoseconds.
+    pub origin_ns: u64,
+    /// The boot vCPU's first KVM_RUN: the end of host-side set-up.
+    pub first_kvm_run_us: Option<u64>,
+    /// The guest kernel's `start_kernel()` (debug-port mark 0x01).
+    pub kernel_start_us: Option<u64>,
+    /// The guest's init was executed and is about to run (mark 0x02).
+    pub init_start_us: Option<u64>,
+    /// Every debug-port write, in order: (value, microseconds).
+    pub marks: Vec<(u8, u64)>,
+    /// When the VM ended.
+    pub exit_us: Option<u64>,
+    /// The VMM's resident memory, less guest memory, at exit (KiB).
+    pub vmm_rss_kib: Option<u64>,
+}
+
+/// Boot times, recorded from any thread.
+pub struct Clock {
+    times: Mutex<BootTimes>,
+}
+
+impl Clock {
+    /// Starts the clock at the launcher's spawn time if the environment
+    /// gives one, else now.
+    pub fn from_env() -> Self {
+        let launch = std::env::var(LAUNCH_TIME_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|&t| t <= monotonic_ns());
+        let (origin, origin_ns) = match launch {
+            Some(t) => ("launch", t),
+            None => ("main", monotonic_ns()),
+        };
+        Self {
+            times: Mutex::new(BootTimes {
+                origin,
+                origin_ns,
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BootTimes> {
+        self.times.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn since_origin(t: &BootTimes) -> u64 {
+        monotonic_ns().saturating_sub(t.origin_ns) / 1000
+    }
+
+    /// Records the first KVM_RUN (only the first call counts).
+    pub fn first_kvm_run(&self) {
+        let mut t = self.lock();
+        if t.first_kvm_run_us.is_none() {
+            t.first_kvm_run_us = Some(Self::since_origin(&t));
+        }
+    }
+
+    /// Records a value the guest wrote to the debug port.
+    pub fn mark(&self, value: u8) {
+        let mut t = self.lock();
+        let now = Self::since_origin(&t);
+        t.marks.push((value, now));
+        match value {
+            crate::devices::legacy::MARK_KERNEL_START => {
+                t.kernel_start_us.get_or_insert(now);
+            }
+            crate::devices::legacy::MARK_INIT_START => {
+                t.init_start_us.get_or_insert(now);
+            }
+            _ => {}
+        }
+    }
+
+    /// Records the end of the VM and the VMM's own memory.
+    pub fn exit(&self, vmm_rss_kib: Option<u64>) {
+        let mut t = self.lock();
+        t.exit_us = Some(Self::since_origin(&t));
+        t.vmm_rss_kib = vmm_rss_kib;
+    }
+
+    /// A copy of what was recorded.
+    pub fn snapshot(&self) -> BootTimes {
+        self.lock().clone()
+    }
+}
+
+/// Resident memory of this process outside the given host ranges (guest
+/// memory), in KiB, from /proc/self/smaps.
+pub fn rss_excluding(ranges: &[(u64, u64)]) -> Option<u64> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    Some(rss_excluding_in(&smaps, ranges))
+}
+
+fn rss_excluding_in(smaps: &str, ranges: &[(u64, u64)]) -> u64 {
+    let mut total = 0;
+    let mut counted = true;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((start, _)) = first.split_once('-')
+            && let Ok(start) = u64::from_str_radix(start, 16)
+        {
+            counted = !ranges.iter().any(|&(s, len)| start >= s && start < s + len);
+        } else if let Some(rest) = line.strip_prefix("Rss:")
+            && counted
+        {
+            total += rest
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0);
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_fill_the_named_phases_once() {
+        let clock = Clock::from_env();
+        clock.first_kvm_run();
+        clock.mark(0x01);
+        clock.mark(0x02);
+        clock.mark(0x02);
+        clock.first_kvm_run();
+        let t = clock.snapshot();
+        assert!(t.first_kvm_run_us.is_some());
+        assert!(t.kernel_start_us.unwrap() <= t.init_start_us.unwrap());
+        assert_eq!(t.marks.len(), 3);
+        assert_eq!(t.marks[0].0, 1);
+    }
+
+    #[test]
+    fn guest_ranges_are_left_out_of_rss() {
+        let smaps = "\
+00400000-00500000 r-xp 00000000 08:01 1 /bin/husk-vmm
+Size:               1024 kB
+Rss:                 300 kB
+7f0000000000-7f0008000000 rw-p 00000000 00:00 0
+Size:             131072 kB
+Rss:               50000 kB
+7fff00000000-7fff00021000 rw-p 00000000 00:00 0 [stack]
+Rss:                  12 kB
+";
+        assert_eq!(rss_excluding_in(smaps, &[]), 50312);
+        assert_eq!(rss_excluding_in(smaps, &[(0x7f00_0000_0000, 128 << 20)]), 312);
+    }
+}

@@ -1,0 +1,208 @@
+//! The vCPU threads: one per vCPU, each looping on KVM_RUN and routing port
+//! and MMIO exits to the buses.
+//!
+//! A vCPU thread never decides the VM's fate: when its vCPU cannot go on it
+//! reports why ([`VcpuStop`]) and ends; the VM's owner decides what that
+//! means for the guest.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kvm_bindings::KVM_SYSTEM_EVENT_CRASH;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::devices::Bus;
+use crate::timing::Clock;
+
+/// KVM_INTERNAL_ERROR_EMULATION: an instruction the emulator cannot run.
+const INTERNAL_ERROR_EMULATION: u32 = 1;
+/// The emulation-failure exit carries the instruction bytes.
+const EMULATION_FLAG_INSTRUCTION_BYTES: u64 = 1;
+
+/// Why a vCPU stopped running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuStop {
+    /// KVM could not emulate a guest instruction.
+    EmulationFailure {
+        /// Guest instruction pointer.
+        rip: u64,
+        /// The instruction's bytes, when KVM reported them.
+        bytes: Vec<u8>,
+    },
+    /// Another KVM internal error.
+    InternalError {
+        /// KVM's suberror code.
+        suberror: u32,
+        /// Guest instruction pointer.
+        rip: u64,
+    },
+    /// The guest triple-faulted (KVM_EXIT_SHUTDOWN).
+    TripleFault {
+        /// Guest instruction pointer.
+        rip: u64,
+    },
+    /// The guest reported a crash through a system event.
+    Crash,
+    /// The hardware refused to enter the guest.
+    FailEntry {
+        /// Hardware entry failure reason.
+        reason: u64,
+    },
+    /// The guest stopped with an exit the VMM does not handle.
+    Unexpected(String),
+    /// KVM_RUN itself failed.
+    RunFailed(String),
+}
+
+impl std::fmt::Display for VcpuStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VcpuStop::EmulationFailure { rip, bytes } => {
+                write!(
+                    f,
+                    "KVM could not emulate the guest instruction at rip {rip:#x}"
+                )?;
+                if !bytes.is_empty() {
+                    let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                    write!(f, " (bytes {})", hex.join(" "))?;
+                }
+                Ok(())
+            }
+            VcpuStop::InternalError { suberror, rip } => {
+                write!(f, "KVM internal error {suberror} at rip {rip:#x}")
+            }
+            VcpuStop::TripleFault { rip } => write!(f, "guest triple-faulted at rip {rip:#x}"),
+            VcpuStop::Crash => write!(f, "guest reported a crash"),
+            VcpuStop::FailEntry { reason } => {
+                write!(f, "KVM could not enter the guest (hardware reason {reason:#x})")
+            }
+            VcpuStop::Unexpected(exit) => write!(f, "unexpected vCPU exit {exit}"),
+            VcpuStop::RunFailed(e) => write!(f, "KVM_RUN failed: {e}"),
+        }
+    }
+}
+
+/// What a vCPU thread needs: its vCPU, the buses and somewhere to report.
+pub struct VcpuThread {
+    /// vCPU index (also its APIC ID).
+    pub id: u8,
+    /// The vCPU.
+    pub vcpu: VcpuFd,
+    /// Port-I/O bus.
+    pub pio: Arc<Bus>,
+    /// MMIO bus.
+    pub mmio: Arc<Bus>,
+    /// Boot clock (the boot vCPU records its first KVM_RUN).
+    pub clock: Arc<Clock>,
+    /// Called once when the vCPU stops.
+    pub on_stop: Box<dyn FnOnce(u8, VcpuStop) + Send>,
+}
+
+impl VcpuThread {
+    /// Starts the thread `husk-vcpuN`.
+    pub fn spawn(self) -> std::io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name(format!("husk-vcpu{}", self.id))
+            .spawn(move || self.run())
+    }
+
+    fn run(mut self) {
+        if self.id == 0 {
+            self.clock.first_kvm_run();
+        }
+        let stop = loop {
+            if let Some(stop) = self.run_once() {
+                break stop;
+            }
+        };
+        (self.on_stop)(self.id, stop);
+    }
+
+    fn rip(&self) -> u64 {
+        self.vcpu.get_regs().map(|r| r.rip).unwrap_or(0)
+    }
+
+    /// Runs the vCPU to its next exit and handles it; returns why the vCPU
+    /// stopped, or None to run again.
+    fn run_once(&mut self) -> Option<VcpuStop> {
+        match self.vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                self.pio.write(u64::from(port), data);
+                None
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                self.pio.read(u64::from(port), data);
+                None
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                self.mmio.read(addr, data);
+                None
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                self.mmio.write(addr, data);
+                None
+            }
+            Ok(VcpuExit::Shutdown) => Some(VcpuStop::TripleFault { rip: self.rip() }),
+            Ok(VcpuExit::InternalError) => Some(self.internal_error()),
+            Ok(VcpuExit::FailEntry(reason, _)) => Some(VcpuStop::FailEntry { reason }),
+            Ok(VcpuExit::SystemEvent(kind, _)) if kind == KVM_SYSTEM_EVENT_CRASH => {
+                Some(VcpuStop::Crash)
+            }
+            Ok(other) => Some(VcpuStop::Unexpected(format!("{other:?}"))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) => Some(VcpuStop::RunFailed(e.to_string())),
+        }
+    }
+
+    fn internal_error(&mut self) -> VcpuStop {
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: after a KVM_EXIT_INTERNAL_ERROR exit, KVM has filled the
+        // `internal` member of the exit union; `emulation_failure` overlays
+        // it with the same leading suberror and ndata fields, and its flags
+        // and instruction bytes are valid when ndata and flags say so
+        // (checked below). Every field is plain integer data.
+        let (suberror, flags, insn) = unsafe {
+            let failure = run.__bindgen_anon_1.emulation_failure;
+            let insn = failure.__bindgen_anon_1.__bindgen_anon_1;
+            let len = usize::from(insn.insn_size).min(insn.insn_bytes.len());
+            (
+                failure.suberror,
+                if failure.ndata >= 2 { failure.flags } else { 0 },
+                insn.insn_bytes[..len].to_vec(),
+            )
+        };
+        let rip = self.rip();
+        if suberror == INTERNAL_ERROR_EMULATION {
+            let bytes = if flags & EMULATION_FLAG_INSTRUCTION_BYTES != 0 {
+                insn
+            } else {
+                Vec::new()
+            };
+            VcpuStop::EmulationFailure { rip, bytes }
+        } else {
+            VcpuStop::InternalError { suberror, rip }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stops_read_as_sentences_with_the_rip() {
+        let s = VcpuStop::EmulationFailure {
+            rip: 0xffff_ffff_8114_4833,
+            bytes: vec![0xf0, 0x49, 0x0f, 0xc7],
+        };
+        assert_eq!(
+            s.to_string(),
+            "KVM could not emulate the guest instruction at rip 0xffffffff81144833 \
+             (bytes f0 49 0f c7)"
+        );
+        assert_eq!(
+            VcpuStop::TripleFault { rip: 0x1000 }.to_string(),
+            "guest triple-faulted at rip 0x1000"
+        );
+    }
+}

@@ -1,0 +1,422 @@
+//! A microVM: its configuration, its set-up on KVM, and running it until the
+//! guest ends.
+//!
+//! [`Vm::new`] does all host-side set-up (KVM, guest memory, kernel,
+//! devices, vCPUs) and fails with a [`VmError`] that names what was wrong;
+//! [`Vm::run`] starts the vCPU threads and waits on the calling thread for
+//! the guest to power off, reset, panic or die.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use thiserror::Error;
+use vm_memory::{Address, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootError};
+use crate::cpu::{self, CpuError};
+use crate::devices::legacy::{
+    DEBUG_PORT, DebugPort, GuestEvent, I8042_DATA_PORT, I8042Reset,
+};
+use crate::devices::serial::SerialConsole;
+use crate::devices::{Bus, BusError, lock};
+use crate::host;
+use crate::layout::{self, KVM_TSS_ADDR, SERIAL_IRQ};
+use crate::timing::{BootTimes, Clock};
+use crate::vcpu::{VcpuStop, VcpuThread};
+
+/// The smallest guest Husk boots: the kernel loads at 16 MiB and needs
+/// room above it for itself, its page tables and an initramfs.
+pub const MIN_MEMORY_MIB: u64 = 64;
+/// COM1's port window.
+const SERIAL_PORT: u64 = 0x3f8;
+/// How long to wait for the reset that follows a guest panic.
+const PANIC_GRACE: Duration = Duration::from_secs(2);
+
+/// Arguments every guest gets before the user's: the serial console,
+/// reboot through the keyboard controller (the VMM sees it), reboot at once
+/// on panic, and no probes or calibrations a microVM does not need.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 io_delay=none \
+     tsc=reliable no_timer_check nowatchdog cryptomgr.notests";
+
+/// Where the guest's console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Console {
+    /// The VMM's standard output.
+    Stdout,
+    /// A file, created or truncated.
+    File(PathBuf),
+}
+
+/// What to boot and how big.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// ELF vmlinux with a PVH entry point.
+    pub kernel: PathBuf,
+    /// newc cpio archive given to the kernel as its initramfs.
+    pub initramfs: Option<PathBuf>,
+    /// Appended to [`DEFAULT_CMDLINE`] (and the host's work-arounds).
+    pub extra_cmdline: String,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Console destination.
+    pub console: Console,
+}
+
+/// Errors setting up or running a VM. Each names what failed.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// There is no /dev/kvm.
+    #[error(
+        "/dev/kvm does not exist: this host has no KVM (load kvm_intel or kvm_amd, \
+         or run on a machine with virtualization enabled)"
+    )]
+    NoKvm,
+    /// /dev/kvm cannot be opened by this user.
+    #[error("permission denied opening /dev/kvm: run as root or as a member of the kvm group")]
+    KvmPermission,
+    /// /dev/kvm failed to open otherwise.
+    #[error("cannot open /dev/kvm")]
+    KvmOpen(#[source] kvm_ioctls::Error),
+    /// Guest memory below the minimum.
+    #[error("guest memory of {0} MiB is too small: Husk needs at least {MIN_MEMORY_MIB} MiB")]
+    MemoryTooSmall(u64),
+    /// Guest memory above what the host has.
+    #[error("guest memory of {0} MiB is more than this host has ({1} MiB)")]
+    MemoryTooLarge(u64, u64),
+    /// A vCPU count KVM or the MP table cannot take.
+    #[error("{0} vCPUs requested: Husk boots 1 to {1}")]
+    VcpuCount(u8, u8),
+    /// The console file cannot be created.
+    #[error("cannot create console file {}", .0.display())]
+    ConsoleFile(PathBuf, #[source] std::io::Error),
+    /// Guest memory cannot be allocated.
+    #[error("cannot allocate {0} MiB of guest memory")]
+    GuestMemory(u64, #[source] vm_memory::mmap::FromRangesError),
+    /// A KVM set-up call failed.
+    #[error("cannot {0}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// An eventfd could not be made.
+    #[error("cannot create an eventfd for {0}")]
+    EventFd(&'static str, #[source] std::io::Error),
+    /// A device could not be placed on its bus.
+    #[error("cannot place a device on the bus")]
+    Bus(#[from] BusError),
+    /// Loading the guest failed.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// Configuring a vCPU failed.
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+    /// A vCPU thread could not be started.
+    #[error("cannot start vCPU thread {0}")]
+    Thread(u8, #[source] std::io::Error),
+    /// The guest kernel panicked.
+    #[error("the guest kernel panicked (its console shows why)")]
+    GuestPanic,
+    /// A vCPU could not go on.
+    #[error("guest vCPU {0} died: {1}")]
+    VcpuDied(u8, VcpuStop),
+}
+
+/// How the guest ended when it ended well.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestExit {
+    /// The guest powered off.
+    PowerOff,
+    /// The guest rebooted; a microVM ends there.
+    Reset,
+}
+
+/// What the VMM's owner hears from devices and vCPU threads.
+enum VmEvent {
+    Guest(GuestEvent),
+    VcpuStopped(u8, VcpuStop),
+}
+
+/// A VM ready to run.
+pub struct Vm {
+    // Field order is drop order: vCPUs and devices go before the VM and
+    // guest memory they refer to.
+    vcpus: Vec<VcpuFd>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    serial: Arc<Mutex<SerialConsole>>,
+    events: Receiver<VmEvent>,
+    events_tx: Sender<VmEvent>,
+    clock: Arc<Clock>,
+    cmdline: String,
+    _vm: VmFd,
+    memory: GuestMemoryMmap,
+}
+
+/// Opens /dev/kvm, naming the usual reasons it fails.
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT | libc::ENXIO | libc::ENODEV => VmError::NoKvm,
+        libc::EACCES | libc::EPERM => VmError::KvmPermission,
+        _ => VmError::KvmOpen(e),
+    })
+}
+
+/// The full kernel command line for `extra` on this host.
+pub fn kernel_cmdline(extra: &str, emulated_kernel_mode: bool) -> String {
+    let mut cmdline = String::from(DEFAULT_CMDLINE);
+    if emulated_kernel_mode {
+        cmdline.push(' ');
+        cmdline.push_str(host::EMULATED_KERNEL_MODE_ARGS);
+    }
+    if !extra.trim().is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(extra.trim());
+    }
+    cmdline
+}
+
+fn check_memory(memory_mib: u64, host_mib: Option<u64>) -> Result<(), VmError> {
+    if memory_mib < MIN_MEMORY_MIB {
+        return Err(VmError::MemoryTooSmall(memory_mib));
+    }
+    match host_mib {
+        Some(host) if memory_mib > host => Err(VmError::MemoryTooLarge(memory_mib, host)),
+        _ => Ok(()),
+    }
+}
+
+impl Vm {
+    /// Sets up a VM for `config`: everything short of running it.
+    pub fn new(config: &VmConfig, clock: Arc<Clock>) -> Result<Self, VmError> {
+        check_memory(config.memory_mib, host::total_memory_mib())?;
+        // Fail on a bad console path before any KVM work.
+        let console_out: Box<dyn Write + Send> = match &config.console {
+            Console::Stdout => Box::new(std::io::stdout()),
+            Console::File(path) => Box::new(
+                File::create(path).map_err(|e| VmError::ConsoleFile(path.clone(), e))?,
+            ),
+        };
+
+        let kvm = open_kvm()?;
+        let max_vcpus = kvm.get_max_vcpus().min(254) as u8;
+        if config.vcpus == 0 || config.vcpus > max_vcpus {
+            return Err(VmError::VcpuCount(config.vcpus, max_vcpus));
+        }
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| VmError::Kvm("create the VM", e))?;
+        vm.set_tss_address(KVM_TSS_ADDR as usize)
+            .map_err(|e| VmError::Kvm("set the TSS address", e))?;
+        vm.create_irq_chip()
+            .map_err(|e| VmError::Kvm("create the in-kernel irqchip", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit)
+            .map_err(|e| VmError::Kvm("create the in-kernel PIT", e))?;
+
+        let mem_size = config.memory_mib << 20;
+        let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(mem_size)
+            .into_iter()
+            .map(|(start, size)| (GuestAddress(start), size as usize))
+            .collect();
+        let memory = GuestMemoryMmap::<()>::from_ranges(&ranges)
+            .map_err(|e| VmError::GuestMemory(config.memory_mib, e))?;
+        for (slot, region) in memory.iter().enumerate() {
+            let region_desc = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mapping owned by `memory`, which
+            // the Vm keeps for as long as the VM fd exists (field order).
+            unsafe { vm.set_user_memory_region(region_desc) }
+                .map_err(|e| VmError::Kvm("register guest memory with KVM", e))?;
+        }
+
+        let kernel = boot::load_kernel(&memory, &config.kernel)?;
+        let initramfs = config
+            .initramfs
+            .as_deref()
+            .map(|path| boot::load_initramfs(&memory, path, kernel.end, mem_size))
+            .transpose()?;
+        let cmdline = kernel_cmdline(&config.extra_cmdline, host::kernel_mode_emulated());
+        boot::write_boot_params(&memory, &cmdline, initramfs, mem_size)?;
+        boot::mptable::setup_mptable(&memory, config.vcpus).map_err(BootError::from)?;
+
+        let (events_tx, events) = channel();
+        let serial_irq =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::EventFd("the serial IRQ", e))?;
+        vm.register_irqfd(&serial_irq, SERIAL_IRQ)
+            .map_err(|e| VmError::Kvm("wire the serial IRQ", e))?;
+        let serial = Arc::new(Mutex::new(SerialConsole::new(serial_irq, console_out)));
+        let sink = |tx: &Sender<VmEvent>| {
+            let tx = tx.clone();
+            Box::new(move |e| {
+                // The receiver is gone only while the VMM is exiting.
+                let _ = tx.send(VmEvent::Guest(e));
+            }) as Box<dyn Fn(GuestEvent) + Send>
+        };
+        let mut pio = Bus::new();
+        pio.insert(serial.clone(), SERIAL_PORT, 8)?;
+        pio.insert(
+            Arc::new(Mutex::new(DebugPort::new(clock.clone(), sink(&events_tx)))),
+            DEBUG_PORT,
+            1,
+        )?;
+        pio.insert(
+            Arc::new(Mutex::new(I8042Reset::new(sink(&events_tx)))),
+            I8042_DATA_PORT,
+            5,
+        )?;
+
+        let supported = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VmError::Kvm("read the supported CPUID", e))?;
+        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+        for id in 0..config.vcpus {
+            let vcpu = vm
+                .create_vcpu(u64::from(id))
+                .map_err(|e| VmError::Kvm("create a vCPU", e))?;
+            cpu::configure_vcpu(&vcpu, &supported, id, config.vcpus)?;
+            vcpus.push(vcpu);
+        }
+        let bsp = &vcpus[0];
+        let sregs = bsp
+            .get_sregs()
+            .map_err(|e| VmError::Kvm("read the boot vCPU's special registers", e))?;
+        bsp.set_sregs(&boot::boot_sregs(&memory, sregs)?)
+            .map_err(|e| VmError::Kvm("set the boot vCPU's special registers", e))?;
+        bsp.set_regs(&boot::boot_regs(kernel.entry))
+            .map_err(|e| VmError::Kvm("set the boot vCPU's registers", e))?;
+
+        Ok(Self {
+            vcpus,
+            pio: Arc::new(pio),
+            mmio: Arc::new(Bus::new()),
+            serial,
+            events,
+            events_tx,
+            clock,
+            cmdline,
+            _vm: vm,
+            memory,
+        })
+    }
+
+    /// The kernel command line the guest was given.
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
+    }
+
+    /// Host address ranges of guest memory (to tell the VMM's own memory
+    /// from the guest's).
+    pub fn guest_memory_ranges(&self) -> Vec<(u64, u64)> {
+        self.memory
+            .iter()
+            .map(|r| (r.as_ptr() as u64, r.len()))
+            .collect()
+    }
+
+    /// Runs the guest until it ends. The vCPU threads are left blocked in
+    /// KVM when this returns: the caller ends the process (the VMM binary
+    /// does), which is the only way out of KVM_RUN without a signal.
+    /// The boot times come back whatever the outcome.
+    pub fn run(mut self) -> (Result<GuestExit, VmError>, BootTimes) {
+        let ranges = self.guest_memory_ranges();
+        let result = self.start_vcpus().and_then(|()| self.wait());
+        lock(&self.serial).flush();
+        self.clock.exit(crate::timing::rss_excluding(&ranges));
+        let times = self.clock.snapshot();
+        // The VM and guest memory must outlive the vCPU threads, which are
+        // still in KVM_RUN: leak them, the process is about to end.
+        std::mem::forget(self);
+        (result, times)
+    }
+
+    fn start_vcpus(&mut self) -> Result<(), VmError> {
+        for (id, vcpu) in self.vcpus.drain(..).enumerate() {
+            let tx = self.events_tx.clone();
+            let thread = VcpuThread {
+                id: id as u8,
+                vcpu,
+                pio: self.pio.clone(),
+                mmio: self.mmio.clone(),
+                clock: self.clock.clone(),
+                on_stop: Box::new(move |id, stop| {
+                    let _ = tx.send(VmEvent::VcpuStopped(id, stop));
+                }),
+            };
+            thread
+                .spawn()
+                .map_err(|e| VmError::Thread(id as u8, e))?;
+        }
+        Ok(())
+    }
+
+    fn wait(&self) -> Result<GuestExit, VmError> {
+        let mut panicked = false;
+        loop {
+            let event = if panicked {
+                match self.events.recv_timeout(PANIC_GRACE) {
+                    Ok(event) => event,
+                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                        return Err(VmError::GuestPanic);
+                    }
+                }
+            } else {
+                match self.events.recv() {
+                    Ok(event) => event,
+                    Err(_) => return Err(VmError::GuestPanic),
+                }
+            };
+            match event {
+                VmEvent::Guest(GuestEvent::Panic) => panicked = true,
+                _ if panicked => return Err(VmError::GuestPanic),
+                VmEvent::Guest(GuestEvent::PowerOff) => return Ok(GuestExit::PowerOff),
+                VmEvent::Guest(GuestEvent::Reset) => return Ok(GuestExit::Reset),
+                VmEvent::VcpuStopped(id, stop) => return Err(VmError::VcpuDied(id, stop)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_limits_are_checked_with_clear_errors() {
+        assert!(check_memory(128, Some(24000)).is_ok());
+        let small = check_memory(16, Some(24000)).unwrap_err();
+        assert_eq!(
+            small.to_string(),
+            "guest memory of 16 MiB is too small: Husk needs at least 64 MiB"
+        );
+        let large = check_memory(30000, Some(24000)).unwrap_err();
+        assert_eq!(
+            large.to_string(),
+            "guest memory of 30000 MiB is more than this host has (24000 MiB)"
+        );
+    }
+
+    #[test]
+    fn cmdline_adds_host_work_arounds_only_where_needed() {
+        let plain = kernel_cmdline("init=/bin/sh", false);
+        assert!(plain.starts_with(DEFAULT_CMDLINE));
+        assert!(plain.ends_with(" init=/bin/sh"));
+        assert!(!plain.contains("clearcpuid"));
+        let emulated = kernel_cmdline("", true);
+        assert!(emulated.contains("noxsave"));
+        assert!(emulated.contains("clearcpuid=cx16"));
+    }
+}
