@@ -6,6 +6,7 @@
 //! means for the guest.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use kvm_bindings::KVM_SYSTEM_EVENT_CRASH;
@@ -94,6 +95,9 @@ pub struct VcpuThread {
     pub mmio: Arc<Bus>,
     /// Boot clock (the boot vCPU records its first KVM_RUN).
     pub clock: Arc<Clock>,
+    /// Set once the guest has said it is done (power-off, reset, panic):
+    /// the vCPU then runs no further guest code while the VMM exits.
+    pub ended: Arc<AtomicBool>,
     /// Called once when the vCPU stops.
     pub on_stop: Box<dyn FnOnce(u8, VcpuStop) + Send>,
 }
@@ -113,6 +117,12 @@ impl VcpuThread {
         let stop = loop {
             if let Some(stop) = self.run_once() {
                 break stop;
+            }
+            if self.ended.load(Ordering::Acquire) {
+                // The owner is ending the process; stay out of the guest.
+                loop {
+                    std::thread::park();
+                }
             }
         };
         (self.on_stop)(self.id, stop);

@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -152,6 +153,7 @@ pub struct Vm {
     serial: Arc<Mutex<SerialConsole>>,
     events: Receiver<VmEvent>,
     events_tx: Sender<VmEvent>,
+    ended: Arc<AtomicBool>,
     clock: Arc<Clock>,
     cmdline: String,
     _vm: VmFd,
@@ -259,9 +261,14 @@ impl Vm {
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(|e| VmError::Kvm("wire the serial IRQ", e))?;
         let serial = Arc::new(Mutex::new(SerialConsole::new(serial_irq, console_out)));
+        let ended = Arc::new(AtomicBool::new(false));
         let sink = |tx: &Sender<VmEvent>| {
             let tx = tx.clone();
+            let ended = ended.clone();
             Box::new(move |e| {
+                if e != GuestEvent::Panic {
+                    ended.store(true, Ordering::Release);
+                }
                 // The receiver is gone only while the VMM is exiting.
                 let _ = tx.send(VmEvent::Guest(e));
             }) as Box<dyn Fn(GuestEvent) + Send>
@@ -306,6 +313,7 @@ impl Vm {
             serial,
             events,
             events_tx,
+            ended,
             clock,
             cmdline,
             _vm: vm,
@@ -352,6 +360,7 @@ impl Vm {
                 pio: self.pio.clone(),
                 mmio: self.mmio.clone(),
                 clock: self.clock.clone(),
+                ended: self.ended.clone(),
                 on_stop: Box::new(move |id, stop| {
                     let _ = tx.send(VmEvent::VcpuStopped(id, stop));
                 }),

@@ -1,0 +1,186 @@
+//! Helpers for tests that run the real `husk-vmm` binary on real KVM.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use husk_runtime::initramfs::Initramfs;
+
+/// The VMM binary cargo built for these tests.
+pub const VMM: &str = env!("CARGO_BIN_EXE_husk-vmm");
+
+/// How long any one guest may take before the test gives up on it. Boots
+/// take seconds to a minute where guest kernel mode is emulated.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// The guest kernel: `$HUSK_KERNEL`, else the cached build. A missing
+/// kernel fails the test: the setup (`make test`) builds it.
+pub fn kernel() -> PathBuf {
+    let path = husk_vmm::paths::default_kernel();
+    assert!(
+        path.exists(),
+        "no guest kernel at {}: build it with kernel-config/build-kernel.sh (make test does)",
+        path.display()
+    );
+    path
+}
+
+/// The static test init (tests/test-init), built for musl by the Makefile.
+pub fn test_init_binary() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let path = target.join("x86_64-unknown-linux-musl/release/husk-test-init");
+    assert!(
+        path.exists(),
+        "no test init at {}: build it with `make test-init` (make test does)",
+        path.display()
+    );
+    path
+}
+
+/// A scratch directory for one test, removed when dropped.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("husk-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes an initramfs whose /init is the test init.
+pub fn test_initramfs(scratch: &Scratch) -> PathBuf {
+    let mut fs = Initramfs::with_base();
+    fs.host_file("init", 0o755, &test_init_binary()).unwrap();
+    let path = scratch.path("initramfs.cpio");
+    fs.write_to(std::fs::File::create(&path).unwrap()).unwrap();
+    path
+}
+
+/// Runs a command to its end, killing it after `BOOT_TIMEOUT`.
+pub fn run_with_timeout(mut cmd: Command) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let start = Instant::now();
+    // Drain the pipes on threads so a chatty guest cannot block on them.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut stdout, &mut v).unwrap();
+        v
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut stderr, &mut v).unwrap();
+        v
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > BOOT_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not finish within {BOOT_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Output {
+        status,
+        stdout: out_reader.join().unwrap(),
+        stderr: err_reader.join().unwrap(),
+    }
+}
+
+/// `husk-vmm` with the given arguments.
+pub fn vmm(args: &[&str]) -> Command {
+    let mut cmd = Command::new(VMM);
+    cmd.args(args);
+    cmd
+}
+
+/// A minimal ELF64 "kernel" whose PVH entry (32-bit protected mode) runs
+/// `code`; with `pvh_note` false it has no PVH entry at all.
+pub fn tiny_elf(code: &[u8], pvh_note: bool) -> Vec<u8> {
+    const LOAD_ADDR: u64 = 0x100_0000;
+    const EHDR: usize = 64;
+    const PHDR: usize = 56;
+    let phnum: u16 = if pvh_note { 2 } else { 1 };
+    let note_off = EHDR + PHDR * phnum as usize;
+    let mut note = Vec::new();
+    note.extend_from_slice(&4u32.to_le_bytes()); // namesz
+    note.extend_from_slice(&4u32.to_le_bytes()); // descsz
+    note.extend_from_slice(&18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
+    note.extend_from_slice(b"Xen\0");
+    note.extend_from_slice(&(LOAD_ADDR as u32).to_le_bytes());
+    let code_off = 0x1000usize;
+
+    let mut elf = Vec::new();
+    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\x00");
+    elf.extend_from_slice(&[0; 8]);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // entry
+    elf.extend_from_slice(&(EHDR as u64).to_le_bytes()); // phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // shoff
+    elf.extend_from_slice(&0u32.to_le_bytes()); // flags
+    elf.extend_from_slice(&(EHDR as u16).to_le_bytes());
+    elf.extend_from_slice(&(PHDR as u16).to_le_bytes());
+    elf.extend_from_slice(&phnum.to_le_bytes());
+    elf.extend_from_slice(&64u16.to_le_bytes()); // shentsize
+    elf.extend_from_slice(&0u16.to_le_bytes()); // shnum
+    elf.extend_from_slice(&0u16.to_le_bytes()); // shstrndx
+    let phdr = |elf: &mut Vec<u8>, kind: u32, off: u64, addr: u64, size: u64| {
+        elf.extend_from_slice(&kind.to_le_bytes());
+        elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+        elf.extend_from_slice(&off.to_le_bytes());
+        elf.extend_from_slice(&addr.to_le_bytes()); // vaddr
+        elf.extend_from_slice(&addr.to_le_bytes()); // paddr
+        elf.extend_from_slice(&size.to_le_bytes()); // filesz
+        elf.extend_from_slice(&size.to_le_bytes()); // memsz
+        elf.extend_from_slice(&4u64.to_le_bytes()); // align
+    };
+    phdr(&mut elf, 1, code_off as u64, LOAD_ADDR, code.len() as u64);
+    if pvh_note {
+        phdr(&mut elf, 4, note_off as u64, 0, note.len() as u64);
+    }
+    assert_eq!(elf.len(), note_off);
+    if pvh_note {
+        elf.extend_from_slice(&note);
+    }
+    elf.resize(code_off, 0);
+    elf.extend_from_slice(code);
+    elf
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
