@@ -198,8 +198,11 @@ fn write_entry<W: Write>(
 mod tests {
     use super::*;
 
+    /// (name, mode, rdev, data) of one archived entry.
+    type Parsed = (String, u32, (u32, u32), Vec<u8>);
+
     /// A reader for the archive, to check what the writer produced.
-    fn parse(mut b: &[u8]) -> Vec<(String, u32, (u32, u32), Vec<u8>)> {
+    fn parse(mut b: &[u8]) -> Vec<Parsed> {
         let total = b.len();
         let mut out = Vec::new();
         loop {
@@ -237,7 +240,15 @@ mod tests {
         let names: Vec<_> = entries.iter().map(|e| e.0.as_str()).collect();
         assert_eq!(
             names,
-            ["dev", "proc", "sys", "dev/console", "init", "etc", "etc/hostname"]
+            [
+                "dev",
+                "proc",
+                "sys",
+                "dev/console",
+                "init",
+                "etc",
+                "etc/hostname"
+            ]
         );
         let console = &entries[3];
         assert_eq!((console.1, console.2), (S_IFCHR | 0o600, (5, 1)));

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use husk_runtime::initramfs::Initramfs;
 
 #[derive(Parser)]
-#[command(name = "husk", version, about = "Husk: OCI containers, each in its own KVM microVM")]
+#[command(
+    name = "husk",
+    version,
+    about = "Husk: OCI containers, each in its own KVM microVM"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

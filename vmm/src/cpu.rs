@@ -104,8 +104,7 @@ pub fn configure_vcpu(vcpu: &VcpuFd, supported: &CpuId, id: u8, count: u8) -> Re
         .map_err(|e| CpuError::Ioctl("set CPUID", id, e))?;
 
     let entries = boot_msrs();
-    let msrs = Msrs::from_entries(&entries)
-        .map_err(|_| CpuError::Msrs(0, entries.len(), id))?;
+    let msrs = Msrs::from_entries(&entries).map_err(|_| CpuError::Msrs(0, entries.len(), id))?;
     let set = vcpu
         .set_msrs(&msrs)
         .map_err(|e| CpuError::Ioctl("set boot MSRs", id, e))?;

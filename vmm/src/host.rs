@@ -62,7 +62,11 @@ mod tests {
             .split_whitespace()
             .find_map(|a| a.strip_prefix("clearcpuid="))
             .unwrap();
-        assert!(list.len() < 128, "clearcpuid list is {} characters", list.len());
+        assert!(
+            list.len() < 128,
+            "clearcpuid list is {} characters",
+            list.len()
+        );
     }
 
     #[test]

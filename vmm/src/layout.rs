@@ -49,6 +49,15 @@ pub const IRQ_BASE: u32 = 5;
 /// COM1's interrupt.
 pub const SERIAL_IRQ: u32 = 4;
 
+// The fixed addresses must not overlap; checked when the crate compiles.
+const _: () = {
+    assert!(IDT_ADDR >= GDT_ADDR + 4 * 8);
+    assert!(START_INFO_ADDR + 0x1000 <= CMDLINE_ADDR);
+    assert!(CMDLINE_ADDR + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+    assert!(IOAPIC_ADDR > MMIO_START && LAPIC_ADDR > IOAPIC_ADDR);
+    assert!(KVM_TSS_ADDR > LAPIC_ADDR);
+};
+
 /// The RAM regions of a guest of `mem_size` bytes: below the MMIO gap and,
 /// for a larger guest, the rest above 4 GiB.
 pub fn ram_regions(mem_size: u64) -> Vec<(u64, u64)> {
@@ -141,14 +150,5 @@ mod tests {
         assert_eq!(map[2].addr + map[2].size, MMIO_GAP_START);
         assert_eq!(map[3].addr, MMIO_GAP_END);
         assert_eq!(map[3].size, mem - MMIO_GAP_START);
-    }
-
-    #[test]
-    fn fixed_addresses_do_not_overlap() {
-        assert!(IDT_ADDR >= GDT_ADDR + 4 * 8);
-        assert!(START_INFO_ADDR + 0x1000 <= CMDLINE_ADDR);
-        assert!(CMDLINE_ADDR + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
-        assert!(IOAPIC_ADDR > MMIO_START && LAPIC_ADDR > IOAPIC_ADDR);
-        assert!(KVM_TSS_ADDR > LAPIC_ADDR);
     }
 }

@@ -180,6 +180,9 @@ Rss:               50000 kB
 Rss:                  12 kB
 ";
         assert_eq!(rss_excluding_in(smaps, &[]), 50312);
-        assert_eq!(rss_excluding_in(smaps, &[(0x7f00_0000_0000, 128 << 20)]), 312);
+        assert_eq!(
+            rss_excluding_in(smaps, &[(0x7f00_0000_0000, 128 << 20)]),
+            312
+        );
     }
 }

@@ -75,7 +75,10 @@ impl std::fmt::Display for VcpuStop {
             VcpuStop::TripleFault { rip } => write!(f, "guest triple-faulted at rip {rip:#x}"),
             VcpuStop::Crash => write!(f, "guest reported a crash"),
             VcpuStop::FailEntry { reason } => {
-                write!(f, "KVM could not enter the guest (hardware reason {reason:#x})")
+                write!(
+                    f,
+                    "KVM could not enter the guest (hardware reason {reason:#x})"
+                )
             }
             VcpuStop::Unexpected(exit) => write!(f, "unexpected vCPU exit {exit}"),
             VcpuStop::RunFailed(e) => write!(f, "KVM_RUN failed: {e}"),

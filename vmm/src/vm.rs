@@ -9,8 +9,8 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,9 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootError};
 use crate::cpu::{self, CpuError};
-use crate::devices::legacy::{
-    DEBUG_PORT, DebugPort, GuestEvent, I8042_DATA_PORT, I8042Reset,
-};
+use crate::devices::legacy::{DEBUG_PORT, DebugPort, GuestEvent, I8042_DATA_PORT, I8042Reset};
 use crate::devices::serial::SerialConsole;
 use crate::devices::{Bus, BusError, lock};
 use crate::host;
@@ -200,9 +198,9 @@ impl Vm {
         // Fail on a bad console path before any KVM work.
         let console_out: Box<dyn Write + Send> = match &config.console {
             Console::Stdout => Box::new(std::io::stdout()),
-            Console::File(path) => Box::new(
-                File::create(path).map_err(|e| VmError::ConsoleFile(path.clone(), e))?,
-            ),
+            Console::File(path) => {
+                Box::new(File::create(path).map_err(|e| VmError::ConsoleFile(path.clone(), e))?)
+            }
         };
 
         let kvm = open_kvm()?;
@@ -365,9 +363,7 @@ impl Vm {
                     let _ = tx.send(VmEvent::VcpuStopped(id, stop));
                 }),
             };
-            thread
-                .spawn()
-                .map_err(|e| VmError::Thread(id as u8, e))?;
+            thread.spawn().map_err(|e| VmError::Thread(id as u8, e))?;
         }
         Ok(())
     }

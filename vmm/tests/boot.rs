@@ -72,7 +72,11 @@ fn one_vcpu_128_mib_boots_to_init_and_powers_off() {
     // The power-off ended the VM: nothing the kernel prints after it.
     assert!(!console.contains("Attempted to kill init"), "{console}");
 
-    let us = |k: &str| timings[k].as_u64().unwrap_or_else(|| panic!("no {k}: {timings}"));
+    let us = |k: &str| {
+        timings[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {k}: {timings}"))
+    };
     assert!(us("first_kvm_run_us") < us("kernel_start_us"));
     assert!(us("kernel_start_us") < us("init_start_us"));
     assert!(us("init_start_us") < us("exit_us"));
@@ -90,7 +94,10 @@ fn one_vcpu_128_mib_boots_to_init_and_powers_off() {
 fn two_vcpus_one_gib_boots_with_both_cpus_online() {
     let scratch = Scratch::new("boot-2x1024");
     let (console, _, _) = boot(&scratch, 2, 1024);
-    assert!(console.contains("smp: Brought up 1 node, 2 CPUs"), "{console}");
+    assert!(
+        console.contains("smp: Brought up 1 node, 2 CPUs"),
+        "{console}"
+    );
     let (cpus, mem) = verdict(&console);
     assert_eq!(cpus, 2);
     assert!((960..=1024).contains(&mem), "guest sees {mem} MiB");

@@ -66,7 +66,12 @@ fn memory_too_small_or_larger_than_the_host_is_refused() {
         err,
         "husk-vmm: guest memory of 16 MiB is too small: Husk needs at least 64 MiB"
     );
-    let (code, err) = fails(vmm(&["--kernel", k.to_str().unwrap(), "--memory", "100000000"]));
+    let (code, err) = fails(vmm(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--memory",
+        "100000000",
+    ]));
     assert_eq!(code, 1);
     assert!(
         err.starts_with("husk-vmm: guest memory of 100000000 MiB is more than this host has ("),
@@ -79,7 +84,10 @@ fn zero_vcpus_is_refused() {
     let k = kernel();
     let (code, err) = fails(vmm(&["--kernel", k.to_str().unwrap(), "--cpus", "0"]));
     assert_eq!(code, 1);
-    assert!(err.starts_with("husk-vmm: 0 vCPUs requested: Husk boots 1 to "), "{err}");
+    assert!(
+        err.starts_with("husk-vmm: 0 vCPUs requested: Husk boots 1 to "),
+        "{err}"
+    );
 }
 
 #[test]

@@ -14,6 +14,9 @@ const EXEC_CHILD_ARG: &str = "exec-child";
 const EXEC_CHILD_STATUS: i32 = 7;
 const FORK_CHILD_STATUS: i32 = 42;
 
+/// A named check of one kind of system call.
+type Check = (&'static str, fn() -> Result<(), String>);
+
 static SIGNAL_SEEN: AtomicBool = AtomicBool::new(false);
 
 /// One write(2) per line, so the line is the proof of the system call.
@@ -145,7 +148,7 @@ fn main() {
         unsafe { libc::_exit(EXEC_CHILD_STATUS) };
     }
     say("started");
-    let checks: [(&str, fn() -> Result<(), String>); 3] = [
+    let checks: [Check; 3] = [
         ("fork", check_fork),
         ("exec", check_exec),
         ("signal", check_signal),

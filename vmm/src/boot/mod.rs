@@ -202,7 +202,7 @@ fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 
 /// The segment register KVM should load for a GDT descriptor.
 fn segment(entry: u64, selector: u16) -> kvm_segment {
-    let base = (((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
     let limit_raw = ((entry & 0xffff) | ((entry >> 32) & 0x000f_0000)) as u32;
     let granular = ((entry >> 55) & 1) as u8;
     let limit = if granular == 1 {
@@ -297,8 +297,8 @@ mod tests {
     #[test]
     fn start_info_and_memmap_land_where_the_guest_looks() {
         let mem_size = 64u64 << 20;
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])
-            .unwrap();
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)]).unwrap();
         write_boot_params(
             &mem,
             "console=ttyS0",
@@ -329,11 +329,11 @@ mod tests {
     #[test]
     fn initramfs_goes_to_the_top_of_low_ram() {
         let mem_size = 32u64 << 20;
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])
-            .unwrap();
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)]).unwrap();
         let dir = std::env::temp_dir().join(format!("husk-initrd-test-{}", std::process::id()));
         std::fs::write(&dir, vec![7u8; 10_000]).unwrap();
-        let (addr, size) = load_initramfs(&mem, &dir, 0x200_0000, mem_size).unwrap();
+        let (addr, size) = load_initramfs(&mem, &dir, 0x100_0000, mem_size).unwrap();
         assert_eq!(size, 10_000);
         assert_eq!(addr.raw_value() % PAGE_SIZE, 0);
         assert!(addr.raw_value() + size <= mem_size);

@@ -161,7 +161,10 @@ mod tests {
             let count = u16::from_le_bytes([table[34], table[35]]) as usize;
             assert_eq!(count, cpus as usize + 1 + 1 + 24 + 2);
             // Entry sizes: 20 bytes per processor, 8 for every other kind.
-            assert_eq!(len, HEADER_SIZE + cpus as usize * 20 + (count - cpus as usize) * 8);
+            assert_eq!(
+                len,
+                HEADER_SIZE + cpus as usize * 20 + (count - cpus as usize) * 8
+            );
             // Exactly one boot processor, APIC IDs 0..cpus.
             let procs = &table[HEADER_SIZE..HEADER_SIZE + cpus as usize * 20];
             let bsp = procs
@@ -178,7 +181,10 @@ mod tests {
 
     #[test]
     fn refuses_impossible_cpu_counts() {
-        assert!(matches!(mptable_bytes(0), Err(MpTableError::TooManyCpus(0))));
+        assert!(matches!(
+            mptable_bytes(0),
+            Err(MpTableError::TooManyCpus(0))
+        ));
         assert!(matches!(
             mptable_bytes(255),
             Err(MpTableError::TooManyCpus(255))

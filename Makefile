@@ -1,0 +1,46 @@
+# Husk's one developer entry point. The README's quick start is `make run`
+# and `make test`; .ci/run calls `make test` and nothing else.
+
+MUSL := x86_64-unknown-linux-musl
+TEST_INIT := target/$(MUSL)/release/husk-test-init
+TEST_INITRAMFS := target/test-init.cpio
+
+.PHONY: all deps kernel test-init build run test lint bench clean
+
+all: build
+
+# Debian packages, the musl target, cargo-nextest.
+deps:
+	scripts/install-deps.sh
+
+# The guest kernel, cached under /var/cache/husk/kernel (or $$HUSK_CACHE).
+kernel: deps
+	kernel-config/build-kernel.sh
+
+test-init: deps
+	cargo build --release --target $(MUSL) -p husk-test-init
+
+build: deps
+	cargo build --release --bins
+
+$(TEST_INITRAMFS): test-init build
+	target/release/husk mkinitramfs --init $(TEST_INIT) --output $(TEST_INITRAMFS)
+
+# The main job: boot the guest kernel with the test init on KVM.
+run: kernel $(TEST_INITRAMFS)
+	target/release/husk-vmm --initramfs $(TEST_INITRAMFS)
+
+lint: deps
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+# The whole suite: unit tests, and tests that boot real microVMs.
+test: kernel test-init lint
+	cargo nextest run --workspace --no-fail-fast
+
+# Boot benchmark against QEMU microvm (docs/benchmarks.md).
+bench: kernel $(TEST_INITRAMFS)
+	target/release/husk-bench-boot --initramfs $(TEST_INITRAMFS)
+
+clean:
+	cargo clean

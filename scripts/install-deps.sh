@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Everything Husk needs from outside the repository, installed explicitly so
+# that a fresh Debian 12 machine gets it from the README's commands alone.
+# Fast when it is all there already.
+set -euo pipefail
+
+pkgs=(
+	# guest kernel build (kernel-config/build-kernel.sh)
+	linux-source-6.12 build-essential flex bison bc libelf-dev libssl-dev xz-utils
+	# tests: unshare, setpriv
+	util-linux
+	# benchmark baseline: QEMU microvm with the same kernel
+	qemu-system-x86
+)
+missing=()
+for p in "${pkgs[@]}"; do
+	dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+	echo "install-deps: installing ${missing[*]}" >&2
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# The guest binaries (test init, agent) are static musl builds.
+if ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
+	rustup target add x86_64-unknown-linux-musl
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+	cargo install --locked cargo-nextest
+fi
