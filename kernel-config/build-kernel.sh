@@ -96,5 +96,7 @@ echo "$((end - start))" > "$out.tmp/build-seconds"
 rm -rf "$out"
 mv "$out.tmp" "$out"
 ln -sfn "$out/vmlinux" "$cache/kernel/vmlinux"
+# Keep the three newest builds (other checkouts may still boot them).
+ls -1dt "$cache"/kernel/[0-9a-f]*/ 2>/dev/null | tail -n +4 | xargs -r rm -rf
 log "built in $((end - start)) s: $out/vmlinux"
 echo "$out/vmlinux"

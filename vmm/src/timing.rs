@@ -33,6 +33,8 @@ pub struct BootTimes {
     pub origin: &'static str,
     /// Origin, CLOCK_MONOTONIC nanoseconds.
     pub origin_ns: u64,
+    /// Host-side set-up steps, each with when it ended.
+    pub setup_us: Vec<(&'static str, u64)>,
     /// The boot vCPU's first KVM_RUN: the end of host-side set-up.
     pub first_kvm_run_us: Option<u64>,
     /// The guest kernel's `start_kernel()` (debug-port mark 0x01).
@@ -79,6 +81,13 @@ impl Clock {
 
     fn since_origin(t: &BootTimes) -> u64 {
         monotonic_ns().saturating_sub(t.origin_ns) / 1000
+    }
+
+    /// Records the end of a named host-side set-up step.
+    pub fn setup_step(&self, name: &'static str) {
+        let mut t = self.lock();
+        let now = Self::since_origin(&t);
+        t.setup_us.push((name, now));
     }
 
     /// Records the first KVM_RUN (only the first call counts).

@@ -40,9 +40,11 @@ const PANIC_GRACE: Duration = Duration::from_secs(2);
 
 /// Arguments every guest gets before the user's: the serial console,
 /// reboot through the keyboard controller (the VMM sees it), reboot at once
-/// on panic, and no probes or calibrations a microVM does not need.
+/// on panic, and no probes, calibrations or boot-time patching a microVM
+/// does not need (`noreplace-smp`: a 1-vCPU guest would otherwise rewrite
+/// every `lock` prefix in the kernel, one text_poke each).
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 io_delay=none \
-     tsc=reliable no_timer_check nowatchdog cryptomgr.notests";
+     tsc=reliable no_timer_check nowatchdog noreplace-smp";
 
 /// Where the guest's console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,6 +143,15 @@ enum VmEvent {
     VcpuStopped(u8, VcpuStop),
 }
 
+/// The devices and the channel they report on, made during set-up.
+struct Devices {
+    pio: Bus,
+    serial: Arc<Mutex<SerialConsole>>,
+    events: Receiver<VmEvent>,
+    events_tx: Sender<VmEvent>,
+    ended: Arc<AtomicBool>,
+}
+
 /// A VM ready to run.
 pub struct Vm {
     // Field order is drop order: vCPUs and devices go before the VM and
@@ -203,6 +214,7 @@ impl Vm {
             }
         };
 
+        clock.setup_step("validate");
         let kvm = open_kvm()?;
         let max_vcpus = kvm.get_max_vcpus().min(254) as u8;
         if config.vcpus == 0 || config.vcpus > max_vcpus {
@@ -211,16 +223,7 @@ impl Vm {
         let vm = kvm
             .create_vm()
             .map_err(|e| VmError::Kvm("create the VM", e))?;
-        vm.set_tss_address(KVM_TSS_ADDR as usize)
-            .map_err(|e| VmError::Kvm("set the TSS address", e))?;
-        vm.create_irq_chip()
-            .map_err(|e| VmError::Kvm("create the in-kernel irqchip", e))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit)
-            .map_err(|e| VmError::Kvm("create the in-kernel PIT", e))?;
+        clock.setup_step("create_vm");
 
         let mem_size = config.memory_mib << 20;
         let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(mem_size)
@@ -229,6 +232,17 @@ impl Vm {
             .collect();
         let memory = GuestMemoryMmap::<()>::from_ranges(&ranges)
             .map_err(|e| VmError::GuestMemory(config.memory_mib, e))?;
+        for region in memory.iter() {
+            // SAFETY: madvise on a mapping we own, over its exact extent;
+            // MADV_HUGEPAGE only changes how the kernel backs it.
+            unsafe {
+                libc::madvise(
+                    region.as_ptr().cast(),
+                    region.len() as usize,
+                    libc::MADV_HUGEPAGE,
+                )
+            };
+        }
         for (slot, region) in memory.iter().enumerate() {
             let region_desc = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -243,15 +257,84 @@ impl Vm {
                 .map_err(|e| VmError::Kvm("register guest memory with KVM", e))?;
         }
 
-        let kernel = boot::load_kernel(&memory, &config.kernel)?;
-        let initramfs = config
-            .initramfs
-            .as_deref()
-            .map(|path| boot::load_initramfs(&memory, path, kernel.end, mem_size))
-            .transpose()?;
+        // The irqchip comes after the memory slots: once it exists, every
+        // slot change waits for an SRCU grace period (milliseconds each).
+        vm.set_tss_address(KVM_TSS_ADDR as usize)
+            .map_err(|e| VmError::Kvm("set the TSS address", e))?;
+        vm.create_irq_chip()
+            .map_err(|e| VmError::Kvm("create the in-kernel irqchip", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit)
+            .map_err(|e| VmError::Kvm("create the in-kernel PIT", e))?;
+        clock.setup_step("guest_memory");
+
+        // The kernel (megabytes) loads on a second thread while this one
+        // reads the initramfs and sets up devices and vCPUs.
+        let (kernel, rest) = std::thread::scope(|scope| {
+            let loader = scope.spawn(|| boot::load_kernel(&memory, &config.kernel));
+            let rest =
+                Self::setup_devices_and_vcpus(config, &kvm, &vm, &memory, &clock, console_out);
+            (loader.join(), rest)
+        });
+        let kernel = kernel.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+        let (initramfs, devices, vcpus) = rest?;
+        clock.setup_step("load_kernel");
+        if let (Some(path), Some(initramfs)) = (&config.initramfs, initramfs) {
+            boot::check_initramfs(path, initramfs, kernel.end)?;
+        }
         let cmdline = kernel_cmdline(&config.extra_cmdline, host::kernel_mode_emulated());
         boot::write_boot_params(&memory, &cmdline, initramfs, mem_size)?;
         boot::mptable::setup_mptable(&memory, config.vcpus).map_err(BootError::from)?;
+        let bsp = &vcpus[0];
+        let sregs = bsp
+            .get_sregs()
+            .map_err(|e| VmError::Kvm("read the boot vCPU's special registers", e))?;
+        bsp.set_sregs(&boot::boot_sregs(&memory, sregs)?)
+            .map_err(|e| VmError::Kvm("set the boot vCPU's special registers", e))?;
+        bsp.set_regs(&boot::boot_regs(kernel.entry))
+            .map_err(|e| VmError::Kvm("set the boot vCPU's registers", e))?;
+        let Devices {
+            pio,
+            serial,
+            events,
+            events_tx,
+            ended,
+        } = devices;
+        clock.setup_step("boot_params");
+        Ok(Self {
+            vcpus,
+            pio: Arc::new(pio),
+            mmio: Arc::new(Bus::new()),
+            serial,
+            events,
+            events_tx,
+            ended,
+            clock,
+            cmdline,
+            _vm: vm,
+            memory,
+        })
+    }
+
+    /// The part of set-up that does not need the kernel in memory: the
+    /// initramfs, the devices and the vCPUs.
+    #[allow(clippy::type_complexity)]
+    fn setup_devices_and_vcpus(
+        config: &VmConfig,
+        kvm: &Kvm,
+        vm: &VmFd,
+        memory: &GuestMemoryMmap,
+        clock: &Arc<Clock>,
+        console_out: Box<dyn Write + Send>,
+    ) -> Result<(Option<(GuestAddress, u64)>, Devices, Vec<VcpuFd>), VmError> {
+        let initramfs = config
+            .initramfs
+            .as_deref()
+            .map(|path| boot::load_initramfs(memory, path, config.memory_mib << 20))
+            .transpose()?;
 
         let (events_tx, events) = channel();
         let serial_irq =
@@ -283,6 +366,7 @@ impl Vm {
             I8042_DATA_PORT,
             5,
         )?;
+        clock.setup_step("devices");
 
         let supported = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -295,28 +379,15 @@ impl Vm {
             cpu::configure_vcpu(&vcpu, &supported, id, config.vcpus)?;
             vcpus.push(vcpu);
         }
-        let bsp = &vcpus[0];
-        let sregs = bsp
-            .get_sregs()
-            .map_err(|e| VmError::Kvm("read the boot vCPU's special registers", e))?;
-        bsp.set_sregs(&boot::boot_sregs(&memory, sregs)?)
-            .map_err(|e| VmError::Kvm("set the boot vCPU's special registers", e))?;
-        bsp.set_regs(&boot::boot_regs(kernel.entry))
-            .map_err(|e| VmError::Kvm("set the boot vCPU's registers", e))?;
-
-        Ok(Self {
-            vcpus,
-            pio: Arc::new(pio),
-            mmio: Arc::new(Bus::new()),
+        clock.setup_step("vcpus");
+        let devices = Devices {
+            pio,
             serial,
             events,
             events_tx,
             ended,
-            clock,
-            cmdline,
-            _vm: vm,
-            memory,
-        })
+        };
+        Ok((initramfs, devices, vcpus))
     }
 
     /// The kernel command line the guest was given.

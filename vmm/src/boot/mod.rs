@@ -116,27 +116,43 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
 }
 
 /// Places the initramfs at the top of low RAM, page aligned, and returns
-/// its guest address and size.
+/// its guest address and size. [`check_initramfs`] then makes sure it does
+/// not reach down into the kernel (the two may be loaded in parallel).
 pub fn load_initramfs(
     mem: &GuestMemoryMmap,
     path: &Path,
-    kernel_end: u64,
     mem_size: u64,
 ) -> Result<(GuestAddress, u64), BootError> {
     let data = std::fs::read(path).map_err(|e| BootError::ReadInitramfs(path.to_owned(), e))?;
     let size = data.len() as u64;
     let top = mem_size.min(MMIO_GAP_START);
-    let too_large = || BootError::InitramfsTooLarge {
-        path: path.to_owned(),
-        size,
-    };
-    let addr = top.checked_sub(size).ok_or_else(too_large)? & !(PAGE_SIZE - 1);
-    if addr < kernel_end {
-        return Err(too_large());
-    }
+    let addr = top
+        .checked_sub(size)
+        .filter(|&a| a >= HIGH_MEMORY_START)
+        .ok_or_else(|| BootError::InitramfsTooLarge {
+            path: path.to_owned(),
+            size,
+        })?
+        & !(PAGE_SIZE - 1);
     mem.write_slice(&data, GuestAddress(addr))
         .map_err(|_| BootError::WriteGuest("the initramfs"))?;
     Ok((GuestAddress(addr), size))
+}
+
+/// Fails when the initramfs at `addr` overlaps the kernel ending at
+/// `kernel_end`.
+pub fn check_initramfs(
+    path: &Path,
+    (addr, size): (GuestAddress, u64),
+    kernel_end: u64,
+) -> Result<(), BootError> {
+    if addr.raw_value() < kernel_end {
+        return Err(BootError::InitramfsTooLarge {
+            path: path.to_owned(),
+            size,
+        });
+    }
+    Ok(())
 }
 
 /// Writes the command line and the PVH start info (with the E820 map and the
@@ -333,11 +349,12 @@ mod tests {
             GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)]).unwrap();
         let dir = std::env::temp_dir().join(format!("husk-initrd-test-{}", std::process::id()));
         std::fs::write(&dir, vec![7u8; 10_000]).unwrap();
-        let (addr, size) = load_initramfs(&mem, &dir, 0x100_0000, mem_size).unwrap();
+        let (addr, size) = load_initramfs(&mem, &dir, mem_size).unwrap();
         assert_eq!(size, 10_000);
         assert_eq!(addr.raw_value() % PAGE_SIZE, 0);
         assert!(addr.raw_value() + size <= mem_size);
-        let err = load_initramfs(&mem, &dir, mem_size - 4096, mem_size).unwrap_err();
+        check_initramfs(&dir, (addr, size), 0x100_0000).unwrap();
+        let err = check_initramfs(&dir, (addr, size), mem_size - 4096).unwrap_err();
         assert!(err.to_string().contains("does not fit"), "{err}");
         std::fs::remove_file(&dir).unwrap();
     }
