@@ -232,17 +232,20 @@ impl Vm {
             .collect();
         let memory = GuestMemoryMmap::<()>::from_ranges(&ranges)
             .map_err(|e| VmError::GuestMemory(config.memory_mib, e))?;
-        for region in memory.iter() {
-            // SAFETY: madvise on a mapping we own, over its exact extent;
-            // MADV_HUGEPAGE only changes how the kernel backs it.
-            unsafe {
-                libc::madvise(
-                    region.as_ptr().cast(),
-                    region.len() as usize,
-                    libc::MADV_HUGEPAGE,
-                )
-            };
-        }
+        // Load the guest before KVM knows its memory: the kernel is mapped
+        // from its file (boot::kernel_file), and replacing pages of a
+        // registered slot would make KVM invalidate them.
+        let kernel = boot::load_kernel(&memory, &config.kernel)?;
+        let initramfs = match &config.initramfs {
+            Some(path) => {
+                let loaded = boot::load_initramfs(&memory, path, mem_size)?;
+                boot::check_initramfs(path, loaded, kernel.end)?;
+                Some(loaded)
+            }
+            None => None,
+        };
+        clock.setup_step("load_guest");
+
         for (slot, region) in memory.iter().enumerate() {
             let region_desc = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -269,22 +272,10 @@ impl Vm {
         };
         vm.create_pit2(pit)
             .map_err(|e| VmError::Kvm("create the in-kernel PIT", e))?;
-        clock.setup_step("guest_memory");
+        clock.setup_step("kvm_memory_irqchip");
 
-        // The kernel (megabytes) loads on a second thread while this one
-        // reads the initramfs and sets up devices and vCPUs.
-        let (kernel, rest) = std::thread::scope(|scope| {
-            let loader = scope.spawn(|| boot::load_kernel(&memory, &config.kernel));
-            let rest =
-                Self::setup_devices_and_vcpus(config, &kvm, &vm, &memory, &clock, console_out);
-            (loader.join(), rest)
-        });
-        let kernel = kernel.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
-        let (initramfs, devices, vcpus) = rest?;
-        clock.setup_step("load_kernel");
-        if let (Some(path), Some(initramfs)) = (&config.initramfs, initramfs) {
-            boot::check_initramfs(path, initramfs, kernel.end)?;
-        }
+        let (devices, vcpus) =
+            Self::setup_devices_and_vcpus(config, &kvm, &vm, &clock, console_out)?;
         let cmdline = kernel_cmdline(&config.extra_cmdline, host::kernel_mode_emulated());
         boot::write_boot_params(&memory, &cmdline, initramfs, mem_size)?;
         boot::mptable::setup_mptable(&memory, config.vcpus).map_err(BootError::from)?;
@@ -319,23 +310,14 @@ impl Vm {
         })
     }
 
-    /// The part of set-up that does not need the kernel in memory: the
-    /// initramfs, the devices and the vCPUs.
-    #[allow(clippy::type_complexity)]
+    /// The devices on the port-I/O bus and the vCPUs.
     fn setup_devices_and_vcpus(
         config: &VmConfig,
         kvm: &Kvm,
         vm: &VmFd,
-        memory: &GuestMemoryMmap,
         clock: &Arc<Clock>,
         console_out: Box<dyn Write + Send>,
-    ) -> Result<(Option<(GuestAddress, u64)>, Devices, Vec<VcpuFd>), VmError> {
-        let initramfs = config
-            .initramfs
-            .as_deref()
-            .map(|path| boot::load_initramfs(memory, path, config.memory_mib << 20))
-            .transpose()?;
-
+    ) -> Result<(Devices, Vec<VcpuFd>), VmError> {
         let (events_tx, events) = channel();
         let serial_irq =
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::EventFd("the serial IRQ", e))?;
@@ -387,7 +369,7 @@ impl Vm {
             events_tx,
             ended,
         };
-        Ok((initramfs, devices, vcpus))
+        Ok((devices, vcpus))
     }
 
     /// The kernel command line the guest was given.

@@ -5,6 +5,7 @@
 //! This module writes only guest memory and computes register values; it
 //! never touches a vCPU or the VM itself.
 
+pub mod kernel_file;
 pub mod mptable;
 
 use std::fs::File;
@@ -97,7 +98,8 @@ pub struct LoadedKernel {
 
 /// Loads the ELF kernel at `path` and returns its PVH entry point.
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
-    let mut file = File::open(path).map_err(|e| BootError::OpenKernel(path.to_owned(), e))?;
+    let file = File::open(path).map_err(|e| BootError::OpenKernel(path.to_owned(), e))?;
+    let mut file = kernel_file::KernelFile::new(file);
     let loaded = Elf::load(mem, None, &mut file, Some(GuestAddress(HIGH_MEMORY_START))).map_err(
         |e| match e {
             linux_loader::loader::Error::Elf(
