@@ -45,20 +45,28 @@ struct Args {
     /// Skip the QEMU baseline.
     #[arg(long)]
     no_qemu: bool,
+    /// Back-to-back runs of the host set-up benchmark (null guest).
+    #[arg(long, default_value_t = 30)]
+    setup_runs: usize,
 }
 
 /// The test init's first line: the guest's user space is running.
 const INIT_LINE: &str = "husk-test-init: started";
 const RUN_TIMEOUT: Duration = Duration::from_secs(900);
+/// Pause after each boot: the host tears a VM down after its process has
+/// exited, and that work must not land in the next run's set-up.
+const SETTLE: Duration = Duration::from_secs(3);
 
 #[derive(Default, Debug)]
 struct Run {
+    setup_steps_ms: Vec<(String, f64)>,
     first_kvm_run_ms: Option<f64>,
     kernel_start_ms: Option<f64>,
     init_exec_ms: Option<f64>,
     init_line_ms: f64,
     exit_ms: f64,
     rss_kib: Option<u64>,
+    self_rss_kib: Option<u64>,
 }
 
 fn monotonic_ns() -> u64 {
@@ -71,24 +79,38 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Resident memory of `pid` outside mappings at least `guest_bytes` large.
+/// Resident memory of `pid` outside guest RAM, in KiB. Guest RAM is a run
+/// of adjacent mappings at least `guest_bytes` long: one mapping in QEMU,
+/// several in husk-vmm, which maps the kernel's pages from its file into
+/// the middle of it. (A guard page or thread stack that happens to sit
+/// right beside guest RAM is left out too: a few KiB.)
 fn rss_without_guest(pid: u32, guest_bytes: u64) -> Option<u64> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-    let mut total = 0;
-    let mut size_kib = 0;
+    // (start, end, rss KiB) of every mapping, in address order.
+    let mut maps: Vec<(u64, u64, u64)> = Vec::new();
     for line in smaps.lines() {
-        if let Some(v) = line.strip_prefix("Size:") {
-            size_kib = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
-        } else if let Some(v) = line.strip_prefix("Rss:")
-            && size_kib * 1024 < guest_bytes
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-')
+            && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
         {
-            total += v
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .unwrap_or(0);
+            maps.push((a, b, 0));
+        } else if let Some(v) = line.strip_prefix("Rss:")
+            && let Some(last) = maps.last_mut()
+        {
+            last.2 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
         }
+    }
+    let mut total = 0;
+    let mut i = 0;
+    while i < maps.len() {
+        let mut j = i;
+        while j + 1 < maps.len() && maps[j + 1].0 == maps[j].1 {
+            j += 1;
+        }
+        if maps[j].1 - maps[i].0 < guest_bytes {
+            total += maps[i..=j].iter().map(|m| m.2).sum::<u64>();
+        }
+        i = j + 1;
     }
     Some(total)
 }
@@ -153,7 +175,15 @@ fn husk_run(args: &Args, vmm: &Path, kernel: &Path, dir: &Path) -> anyhow::Resul
     let t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&timings)?)?;
     let ms = |k: &str| t[k].as_u64().map(|us| us as f64 / 1e3);
     run.first_kvm_run_ms = ms("first_kvm_run_us");
+    if let Some(steps) = t["setup_us"].as_array() {
+        for step in steps {
+            let name = step[0].as_str().unwrap_or("?").to_string();
+            run.setup_steps_ms
+                .push((name, step[1].as_u64().unwrap_or(0) as f64 / 1e3));
+        }
+    }
     run.kernel_start_ms = ms("kernel_start_us");
+    run.self_rss_kib = t["vmm_rss_kib"].as_u64();
     run.init_exec_ms = ms("init_start_us");
     Ok(run)
 }
@@ -217,6 +247,170 @@ fn row(name: &str, husk: &[Option<f64>], qemu: &[Option<f64>]) {
     println!("| {name} | {h50} | {h90} | {q50} | {q90} | {ratio} |");
 }
 
+/// The guest code of the set-up benchmark, 32-bit protected mode:
+/// `mov al, 0x10; mov dx, 0x3f0; out dx, al; hlt` — a power-off on Husk's
+/// debug port (QEMU's isa-debug-exit device sits on the same port there).
+const NULL_GUEST: [u8; 8] = [0xb0, 0x10, 0x66, 0xba, 0xf0, 0x03, 0xee, 0xf4];
+
+/// A copy of `kernel` whose PVH entry point powers the guest off at once:
+/// the VMM loads exactly the real kernel file, and the guest runs no code
+/// of its own, so the run measures host-side set-up and tear-down alone.
+fn null_guest_kernel(kernel: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 256 << 20)])?;
+    let entry = husk_vmm::boot::load_kernel(&mem, kernel)?.entry.0;
+    let mut elf = std::fs::read(kernel)?;
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+    let (phoff, phentsize, phnum) = (
+        u64_at(&elf, 32) as usize,
+        u16_at(&elf, 54),
+        u16_at(&elf, 56),
+    );
+    for i in 0..phnum {
+        let ph = phoff + i * phentsize;
+        let (kind, offset, paddr, filesz) = (
+            u32::from_le_bytes(elf[ph..ph + 4].try_into().unwrap()),
+            u64_at(&elf, ph + 8),
+            u64_at(&elf, ph + 24),
+            u64_at(&elf, ph + 32),
+        );
+        if kind == 1 && (paddr..paddr + filesz).contains(&entry) {
+            let at = (offset + entry - paddr) as usize;
+            elf[at..at + NULL_GUEST.len()].copy_from_slice(&NULL_GUEST);
+            let path = dir.join("vmlinux-null-guest");
+            std::fs::write(&path, &elf)?;
+            return Ok(path);
+        }
+    }
+    bail!(
+        "the PVH entry {entry:#x} is in no loadable segment of {}",
+        kernel.display()
+    )
+}
+
+/// One run of the null guest: (spawn to first KVM_RUN, spawn to exit) in
+/// ms, and the set-up steps.
+fn husk_null_run(vmm: &Path, kernel: &Path, dir: &Path) -> anyhow::Result<Run> {
+    let timings = dir.join("null-timings.json");
+    let mut cmd = Command::new(vmm);
+    cmd.arg("--kernel")
+        .arg(kernel)
+        .arg("--timings")
+        .arg(&timings);
+    let t0 = monotonic_ns();
+    let start = Instant::now();
+    let out = cmd
+        .env("HUSK_LAUNCH_TIME_NS", t0.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()?;
+    let exit_ms = start.elapsed().as_secs_f64() * 1e3;
+    if !out.status.success() {
+        bail!(
+            "null guest failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&timings)?)?;
+    let mut run = Run {
+        exit_ms,
+        first_kvm_run_ms: t["first_kvm_run_us"].as_u64().map(|us| us as f64 / 1e3),
+        self_rss_kib: t["vmm_rss_kib"].as_u64(),
+        ..Default::default()
+    };
+    if let Some(steps) = t["setup_us"].as_array() {
+        for step in steps {
+            let name = step[0].as_str().unwrap_or("?").to_string();
+            run.setup_steps_ms
+                .push((name, step[1].as_u64().unwrap_or(0) as f64 / 1e3));
+        }
+    }
+    Ok(run)
+}
+
+/// The same null guest under QEMU microvm, ended by isa-debug-exit: spawn
+/// to exit in ms.
+fn qemu_null_run(kernel: &Path) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let out = Command::new("qemu-system-x86_64")
+        .args([
+            "-M",
+            "microvm,x-option-roms=off,rtc=off",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "max,-arch-capabilities",
+            "-m",
+            "128",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-device",
+            "isa-debug-exit,iobase=0x3f0,iosize=1",
+            "-kernel",
+        ])
+        .arg(kernel)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()?;
+    let ms = start.elapsed().as_secs_f64() * 1e3;
+    // isa-debug-exit ends QEMU with (value << 1) | 1.
+    if out.status.code() != Some((0x10 << 1) | 1) {
+        bail!(
+            "QEMU null guest ended with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(ms)
+}
+
+fn setup_benchmark(args: &Args, vmm: &Path, kernel: &Path, dir: &Path) -> anyhow::Result<()> {
+    let null = null_guest_kernel(kernel, dir)?;
+    let (mut husk, mut qemu) = (Vec::new(), Vec::new());
+    for _ in 0..args.setup_runs {
+        husk.push(husk_null_run(vmm, &null, dir)?);
+        if !args.no_qemu {
+            qemu.push(Some(qemu_null_run(&null)?));
+        }
+    }
+    println!(
+        "\nHost set-up: the real kernel file with its PVH entry patched to power \
+         off at once, {} back-to-back runs each\n",
+        args.setup_runs
+    );
+    println!(
+        "| ms from spawn (RSS in KiB) | husk p50 | husk p90 | QEMU p50 | QEMU p90 | husk/QEMU |"
+    );
+    println!("|---|---|---|---|---|---|");
+    if let Some(first) = husk.first() {
+        for (i, (name, _)) in first.setup_steps_ms.iter().enumerate() {
+            let steps: Vec<Option<f64>> = husk
+                .iter()
+                .map(|r| r.setup_steps_ms.get(i).map(|s| s.1))
+                .collect();
+            row(&format!("set-up step `{name}` done"), &steps, &[]);
+        }
+    }
+    let pick = |f: fn(&Run) -> Option<f64>| husk.iter().map(f).collect::<Vec<_>>();
+    row("first KVM_RUN", &pick(|r| r.first_kvm_run_ms), &[]);
+    row(
+        "VMM exited (guest powered off)",
+        &pick(|r| Some(r.exit_ms)),
+        &qemu,
+    );
+    row(
+        "VMM RSS without guest RAM (husk-vmm's own count)",
+        &pick(|r| r.self_rss_kib.map(|k| k as f64)),
+        &[],
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let vmm = args
@@ -236,12 +430,18 @@ fn main() -> anyhow::Result<()> {
     let emulated = husk_vmm::host::kernel_mode_emulated();
     let cmdline = husk_vmm::vm::kernel_cmdline("", emulated);
 
+    if args.setup_runs > 0 {
+        setup_benchmark(&args, &vmm, &kernel, &dir)?;
+    }
+
     let (mut husk, mut qemu) = (Vec::new(), Vec::new());
     for i in 0..args.runs {
+        std::thread::sleep(SETTLE);
         let h = husk_run(&args, &vmm, &kernel, &dir)?;
         eprintln!("run {i}: husk {h:?}");
         husk.push(h);
         if !args.no_qemu {
+            std::thread::sleep(SETTLE);
             let q = qemu_run(&args, &kernel, &cmdline)?;
             eprintln!("run {i}: qemu {q:?}");
             qemu.push(q);
@@ -295,6 +495,11 @@ fn main() -> anyhow::Result<()> {
         "VMM RSS without guest RAM",
         &pick(&husk, |r| r.rss_kib.map(|k| k as f64)),
         &pick(&qemu, |r| r.rss_kib.map(|k| k as f64)),
+    );
+    row(
+        "VMM RSS without guest RAM, at exit (husk-vmm's own count)",
+        &pick(&husk, |r| r.self_rss_kib.map(|k| k as f64)),
+        &[],
     );
     Ok(())
 }
