@@ -4,6 +4,8 @@
 //! or touches guest memory.
 
 use kvm_bindings::{CpuId, Msrs, kvm_fpu, kvm_lapic_state, kvm_msr_entry};
+
+use crate::snapshot::VcpuState;
 use kvm_ioctls::VcpuFd;
 use thiserror::Error;
 
@@ -129,6 +131,82 @@ pub fn configure_vcpu(vcpu: &VcpuFd, supported: &CpuId, id: u8, count: u8) -> Re
     set_lapic_reg(&mut lapic, APIC_LVT1, lint1);
     vcpu.set_lapic(&lapic)
         .map_err(|e| CpuError::Ioctl("set local APIC", id, e))?;
+    Ok(())
+}
+
+/// Reads every MSR in `indices` that KVM will read, skipping the ones it
+/// refuses (KVM_GET_MSRS stops at the first it cannot read).
+fn read_msrs(vcpu: &VcpuFd, indices: &[u32], id: u8) -> Result<Vec<(u32, u64)>, CpuError> {
+    let mut out = Vec::with_capacity(indices.len());
+    let mut rest: Vec<u32> = indices.to_vec();
+    while !rest.is_empty() {
+        let entries: Vec<kvm_msr_entry> = rest
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs =
+            Msrs::from_entries(&entries).map_err(|_| CpuError::Msrs(0, entries.len(), id))?;
+        let read = vcpu
+            .get_msrs(&mut msrs)
+            .map_err(|e| CpuError::Ioctl("read MSRs", id, e))?;
+        out.extend(msrs.as_slice()[..read].iter().map(|e| (e.index, e.data)));
+        // Skip the one that failed and go on after it.
+        rest.drain(..(read + 1).min(rest.len()));
+    }
+    Ok(out)
+}
+
+/// Saves vCPU `id`'s state. The vCPU must not be running.
+pub fn save_vcpu(vcpu: &VcpuFd, msr_indices: &[u32], id: u8) -> Result<VcpuState, CpuError> {
+    let e = |what| move |err| CpuError::Ioctl(what, id, err);
+    Ok(VcpuState {
+        mp_state: vcpu.get_mp_state().map_err(e("read the MP state"))?,
+        regs: vcpu.get_regs().map_err(e("read registers"))?,
+        sregs: vcpu.get_sregs().map_err(e("read special registers"))?,
+        xsave: vcpu.get_xsave().map_err(e("read XSAVE state"))?,
+        debugregs: vcpu.get_debug_regs().map_err(e("read debug registers"))?,
+        lapic: vcpu.get_lapic().map_err(e("read local APIC"))?,
+        msrs: read_msrs(vcpu, msr_indices, id)?,
+        events: vcpu.get_vcpu_events().map_err(e("read vCPU events"))?,
+    })
+}
+
+/// Restores vCPU `id` from `state`, in the order KVM needs (Firecracker's:
+/// MP state, registers, special registers, XSAVE, debug registers, LAPIC,
+/// MSRs, events last, as they depend on the rest).
+pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState, id: u8) -> Result<(), CpuError> {
+    let e = |what| move |err| CpuError::Ioctl(what, id, err);
+    vcpu.set_mp_state(state.mp_state)
+        .map_err(e("set the MP state"))?;
+    vcpu.set_regs(&state.regs).map_err(e("set registers"))?;
+    vcpu.set_sregs(&state.sregs)
+        .map_err(e("set special registers"))?;
+    // SAFETY: the XSAVE area comes from KVM_GET_XSAVE of a vCPU of the same
+    // VM shape on this host (the snapshot checks both), so its size and
+    // layout are what KVM_SET_XSAVE expects.
+    unsafe { vcpu.set_xsave(&state.xsave) }.map_err(e("set XSAVE state"))?;
+    vcpu.set_debug_regs(&state.debugregs)
+        .map_err(e("set debug registers"))?;
+    vcpu.set_lapic(&state.lapic).map_err(e("set local APIC"))?;
+    let entries: Vec<kvm_msr_entry> = state
+        .msrs
+        .iter()
+        .map(|&(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
+        .collect();
+    let msrs = Msrs::from_entries(&entries).map_err(|_| CpuError::Msrs(0, entries.len(), id))?;
+    let set = vcpu.set_msrs(&msrs).map_err(e("set MSRs"))?;
+    if set != entries.len() {
+        return Err(CpuError::Msrs(set, entries.len(), id));
+    }
+    vcpu.set_vcpu_events(&state.events)
+        .map_err(e("set vCPU events"))?;
     Ok(())
 }
 

@@ -11,6 +11,7 @@ pub mod devices;
 pub mod host;
 pub mod layout;
 pub mod paths;
+pub mod snapshot;
 pub mod timing;
 pub mod vcpu;
 pub mod vm;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use clap::Parser;
 use husk_vmm::paths;
 use husk_vmm::timing::Clock;
-use husk_vmm::vm::{Console, Vm, VmConfig, VmError};
+use husk_vmm::vm::{Console, SnapshotAt, Vm, VmConfig, VmError};
 
 /// Boot a Linux guest in a KVM microVM.
 #[derive(Parser, Debug)]
@@ -39,6 +39,28 @@ struct Args {
     /// Write boot timings (JSON) here when the VM ends.
     #[arg(long)]
     timings: Option<PathBuf>,
+    /// Snapshot the VM into this directory, and end, when the guest writes
+    /// the `--snapshot-at-mark` value to the debug port.
+    #[arg(long, requires = "snapshot_at_mark")]
+    snapshot_dir: Option<PathBuf>,
+    /// The debug-port value that triggers the snapshot (2: the kernel has
+    /// just executed init).
+    #[arg(long, requires = "snapshot_dir", value_parser = parse_mark)]
+    snapshot_at_mark: Option<u8>,
+    /// Restore the VM saved in this snapshot directory instead of booting.
+    #[arg(
+        long,
+        conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "snapshot_dir"]
+    )]
+    restore: Option<PathBuf>,
+}
+
+fn parse_mark(s: &str) -> Result<u8, String> {
+    let parsed = match s.strip_prefix("0x") {
+        Some(hex) => u8::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|_| format!("{s} is not a debug-port value (0-255)"))
 }
 
 /// Exit status when the guest kernel panicked.
@@ -51,15 +73,26 @@ const EXIT_SETUP: u8 = 1;
 fn main() -> ExitCode {
     let clock = Arc::new(Clock::from_env());
     let args = Args::parse();
-    let config = VmConfig {
-        kernel: args.kernel.unwrap_or_else(paths::default_kernel),
-        initramfs: args.initramfs,
-        extra_cmdline: args.cmdline,
-        vcpus: args.cpus,
-        memory_mib: args.memory,
-        console: args.console.map_or(Console::Stdout, Console::File),
+    let console = args.console.map_or(Console::Stdout, Console::File);
+    let vm = match &args.restore {
+        Some(dir) => Vm::restore(dir, &console, clock),
+        None => {
+            let config = VmConfig {
+                kernel: args.kernel.unwrap_or_else(paths::default_kernel),
+                initramfs: args.initramfs,
+                extra_cmdline: args.cmdline,
+                vcpus: args.cpus,
+                memory_mib: args.memory,
+                console,
+                snapshot_at: args
+                    .snapshot_dir
+                    .zip(args.snapshot_at_mark)
+                    .map(|(dir, mark)| SnapshotAt { mark, dir }),
+            };
+            Vm::new(&config, clock)
+        }
     };
-    let vm = match Vm::new(&config, clock) {
+    let vm = match vm {
         Ok(vm) => vm,
         Err(e) => {
             eprintln!("husk-vmm: {}", error_chain(&e));

@@ -6,14 +6,84 @@
 //! means for the guest.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::thread::JoinHandle;
 
 use kvm_bindings::KVM_SYSTEM_EVENT_CRASH;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
+use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+
+use crate::cpu::{self, CpuError};
 use crate::devices::Bus;
+use crate::snapshot::VcpuState;
 use crate::timing::Clock;
+
+/// What the owner of the VM asks of its vCPU threads while they run.
+pub struct VcpuControl {
+    /// The debug-port mark that makes every vCPU save its state, or
+    /// `NO_MARK`.
+    save_mark: AtomicU16,
+    save: AtomicBool,
+    /// The MSRs KVM can save on this host.
+    msr_indices: Vec<u32>,
+}
+
+const NO_MARK: u16 = u16::MAX;
+
+impl VcpuControl {
+    /// Nothing asked yet.
+    pub fn new(msr_indices: Vec<u32>) -> Self {
+        Self {
+            save_mark: AtomicU16::new(NO_MARK),
+            save: AtomicBool::new(false),
+            msr_indices,
+        }
+    }
+
+    /// Save state when the guest writes `mark` to the debug port. The vCPU
+    /// that wrote it sees the request before it re-enters the guest.
+    pub fn save_on_mark(&self, mark: u8) {
+        self.save_mark.store(u16::from(mark), Ordering::Release);
+    }
+
+    /// Called by the debug port (on the writing vCPU's thread).
+    pub fn mark_written(&self, mark: u8) {
+        if self.save_mark.load(Ordering::Acquire) == u16::from(mark) {
+            self.save.store(true, Ordering::Release);
+        }
+    }
+
+    /// Ask every vCPU to stop and save its state.
+    pub fn request_save(&self) {
+        self.save.store(true, Ordering::Release);
+    }
+
+    fn save_requested(&self) -> bool {
+        self.save.load(Ordering::Acquire)
+    }
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Nothing to do: delivering the signal is what makes KVM_RUN return.
+}
+
+/// Installs the (empty) handler of the kick signal; idempotent.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    register_signal_handler(kick_signal(), on_kick)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// Kicks a vCPU thread out of KVM_RUN (it sees EINTR).
+pub fn kick(thread: &JoinHandle<()>) {
+    // A thread that has already exited cannot be kicked; nothing to do.
+    let _ = thread.kill(kick_signal());
+}
 
 /// KVM_INTERNAL_ERROR_EMULATION: an instruction the emulator cannot run.
 const INTERNAL_ERROR_EMULATION: u32 = 1;
@@ -101,8 +171,12 @@ pub struct VcpuThread {
     /// Set once the guest has said it is done (power-off, reset, panic):
     /// the vCPU then runs no further guest code while the VMM exits.
     pub ended: Arc<AtomicBool>,
+    /// Requests from the VM's owner.
+    pub control: Arc<VcpuControl>,
     /// Called once when the vCPU stops.
     pub on_stop: Box<dyn FnOnce(u8, VcpuStop) + Send>,
+    /// Called once with the vCPU's state when a save was requested.
+    pub on_saved: Box<dyn FnOnce(u8, Result<VcpuState, CpuError>) + Send>,
 }
 
 impl VcpuThread {
@@ -121,6 +195,9 @@ impl VcpuThread {
             if let Some(stop) = self.run_once() {
                 break stop;
             }
+            if self.control.save_requested() {
+                self.save_and_park();
+            }
             if self.ended.load(Ordering::Acquire) {
                 // The owner is ending the process; stay out of the guest.
                 loop {
@@ -129,6 +206,22 @@ impl VcpuThread {
             }
         };
         (self.on_stop)(self.id, stop);
+    }
+
+    /// Completes the exit being handled, saves the vCPU's state for the
+    /// owner and stays stopped: the owner ends the process after a
+    /// snapshot.
+    fn save_and_park(mut self) -> ! {
+        // KVM finishes an I/O instruction only on the next KVM_RUN; with
+        // immediate_exit set, that run completes it and returns at once.
+        self.vcpu.set_kvm_immediate_exit(1);
+        let _ = self.vcpu.run();
+        self.vcpu.set_kvm_immediate_exit(0);
+        let state = cpu::save_vcpu(&self.vcpu, &self.control.msr_indices, self.id);
+        (self.on_saved)(self.id, state);
+        loop {
+            std::thread::park();
+        }
     }
 
     fn rip(&self) -> u64 {

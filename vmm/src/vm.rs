@@ -8,16 +8,23 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
+use kvm_bindings::{
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+    kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region,
+};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use thiserror::Error;
-use vm_memory::{Address, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    Address, FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootError};
@@ -27,8 +34,9 @@ use crate::devices::serial::SerialConsole;
 use crate::devices::{Bus, BusError, lock};
 use crate::host;
 use crate::layout::{self, KVM_TSS_ADDR, SERIAL_IRQ};
+use crate::snapshot::{self, SerialRegs, SnapshotError, VcpuState, VmState};
 use crate::timing::{BootTimes, Clock};
-use crate::vcpu::{VcpuStop, VcpuThread};
+use crate::vcpu::{VcpuControl, VcpuStop, VcpuThread};
 
 /// The smallest guest Husk boots: the kernel loads at 16 MiB and needs
 /// room above it for itself, its page tables and an initramfs.
@@ -70,6 +78,17 @@ pub struct VmConfig {
     pub memory_mib: u64,
     /// Console destination.
     pub console: Console,
+    /// Snapshot the VM, and end, when the guest writes this debug-port mark.
+    pub snapshot_at: Option<SnapshotAt>,
+}
+
+/// When and where to take a snapshot.
+#[derive(Debug, Clone)]
+pub struct SnapshotAt {
+    /// The debug-port value that triggers it (0x02: init was executed).
+    pub mark: u8,
+    /// The snapshot directory.
+    pub dir: PathBuf,
 }
 
 /// Errors setting up or running a VM. Each names what failed.
@@ -126,6 +145,20 @@ pub enum VmError {
     /// A vCPU could not go on.
     #[error("guest vCPU {0} died: {1}")]
     VcpuDied(u8, VcpuStop),
+    /// A snapshot could not be read or written.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// A snapshot's state is not one KVM or the devices accept.
+    #[error("snapshot {} cannot be restored: {why}", .dir.display())]
+    BadSnapshot {
+        /// The snapshot directory (or its memory file).
+        dir: PathBuf,
+        /// What KVM or a device refused.
+        why: String,
+    },
+    /// Saving the VM's state failed.
+    #[error("cannot take the snapshot: {0}")]
+    SaveFailed(String),
 }
 
 /// How the guest ended when it ended well.
@@ -135,12 +168,15 @@ pub enum GuestExit {
     PowerOff,
     /// The guest rebooted; a microVM ends there.
     Reset,
+    /// The VM was snapshotted at the requested mark and ended.
+    Snapshotted,
 }
 
 /// What the VMM's owner hears from devices and vCPU threads.
 enum VmEvent {
     Guest(GuestEvent),
     VcpuStopped(u8, VcpuStop),
+    VcpuSaved(u8, Result<VcpuState, CpuError>),
 }
 
 /// The devices and the channel they report on, made during set-up.
@@ -150,6 +186,7 @@ struct Devices {
     events: Receiver<VmEvent>,
     events_tx: Sender<VmEvent>,
     ended: Arc<AtomicBool>,
+    control: Arc<VcpuControl>,
 }
 
 /// A VM ready to run.
@@ -163,9 +200,13 @@ pub struct Vm {
     events: Receiver<VmEvent>,
     events_tx: Sender<VmEvent>,
     ended: Arc<AtomicBool>,
+    control: Arc<VcpuControl>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    snapshot_at: Option<SnapshotAt>,
+    memory_mib: u64,
     clock: Arc<Clock>,
     cmdline: String,
-    _vm: VmFd,
+    vm: VmFd,
     memory: GuestMemoryMmap,
 }
 
@@ -202,27 +243,101 @@ fn check_memory(memory_mib: u64, host_mib: Option<u64>) -> Result<(), VmError> {
     }
 }
 
+fn open_console(console: &Console) -> Result<Box<dyn Write + Send>, VmError> {
+    Ok(match console {
+        Console::Stdout => Box::new(std::io::stdout()),
+        Console::File(path) => {
+            Box::new(File::create(path).map_err(|e| VmError::ConsoleFile(path.clone(), e))?)
+        }
+    })
+}
+
+fn create_vm(kvm: &Kvm, vcpus: u8) -> Result<VmFd, VmError> {
+    let max_vcpus = kvm.get_max_vcpus().min(254) as u8;
+    if vcpus == 0 || vcpus > max_vcpus {
+        return Err(VmError::VcpuCount(vcpus, max_vcpus));
+    }
+    kvm.create_vm()
+        .map_err(|e| VmError::Kvm("create the VM", e))
+}
+
+/// Registers guest memory with KVM, then creates the in-kernel irqchip and
+/// PIT. The order matters: once an irqchip exists, every memory slot change
+/// waits for an SRCU grace period (milliseconds each).
+fn register_memory_and_irqchip(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<(), VmError> {
+    for (slot, region) in memory.iter().enumerate() {
+        let region_desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping owned by `memory`, which the
+        // Vm keeps for as long as the VM fd exists (field order, and run()
+        // leaks both).
+        unsafe { vm.set_user_memory_region(region_desc) }
+            .map_err(|e| VmError::Kvm("register guest memory with KVM", e))?;
+    }
+    vm.set_tss_address(KVM_TSS_ADDR as usize)
+        .map_err(|e| VmError::Kvm("set the TSS address", e))?;
+    vm.create_irq_chip()
+        .map_err(|e| VmError::Kvm("create the in-kernel irqchip", e))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(|e| VmError::Kvm("create the in-kernel PIT", e))
+}
+
+/// Guest memory mapped `MAP_PRIVATE` from a snapshot's memory file: pages
+/// are shared with every other VM restored from it until written.
+fn map_snapshot_memory(path: &Path, memory_mib: u64) -> Result<GuestMemoryMmap, VmError> {
+    let file = File::open(path).map_err(|source| {
+        VmError::Snapshot(SnapshotError::Io {
+            what: "open",
+            path: path.to_owned(),
+            source,
+        })
+    })?;
+    let file = Arc::new(file);
+    let mut offset = 0u64;
+    let mut regions = Vec::new();
+    for (start, size) in layout::ram_regions(memory_mib << 20) {
+        let mapping = MmapRegionBuilder::new(size as usize)
+            .with_file_offset(FileOffset::from_arc(file.clone(), offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| VmError::BadSnapshot {
+                dir: path.to_owned(),
+                why: format!("cannot map memory: {e}"),
+            })?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(start)).ok_or_else(|| {
+            VmError::BadSnapshot {
+                dir: path.to_owned(),
+                why: "memory region overflows".into(),
+            }
+        })?;
+        regions.push(region);
+        offset += size;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| VmError::BadSnapshot {
+        dir: path.to_owned(),
+        why: format!("memory layout: {e}"),
+    })
+}
+
 impl Vm {
     /// Sets up a VM for `config`: everything short of running it.
     pub fn new(config: &VmConfig, clock: Arc<Clock>) -> Result<Self, VmError> {
         check_memory(config.memory_mib, host::total_memory_mib())?;
         // Fail on a bad console path before any KVM work.
-        let console_out: Box<dyn Write + Send> = match &config.console {
-            Console::Stdout => Box::new(std::io::stdout()),
-            Console::File(path) => {
-                Box::new(File::create(path).map_err(|e| VmError::ConsoleFile(path.clone(), e))?)
-            }
-        };
-
+        let console_out = open_console(&config.console)?;
         clock.setup_step("validate");
         let kvm = open_kvm()?;
-        let max_vcpus = kvm.get_max_vcpus().min(254) as u8;
-        if config.vcpus == 0 || config.vcpus > max_vcpus {
-            return Err(VmError::VcpuCount(config.vcpus, max_vcpus));
-        }
-        let vm = kvm
-            .create_vm()
-            .map_err(|e| VmError::Kvm("create the VM", e))?;
+        let vm = create_vm(&kvm, config.vcpus)?;
         clock.setup_step("create_vm");
 
         let mem_size = config.memory_mib << 20;
@@ -245,37 +360,11 @@ impl Vm {
             None => None,
         };
         clock.setup_step("load_guest");
-
-        for (slot, region) in memory.iter().enumerate() {
-            let region_desc = kvm_userspace_memory_region {
-                slot: slot as u32,
-                guest_phys_addr: region.start_addr().raw_value(),
-                memory_size: region.len(),
-                userspace_addr: region.as_ptr() as u64,
-                flags: 0,
-            };
-            // SAFETY: the region is a live mapping owned by `memory`, which
-            // the Vm keeps for as long as the VM fd exists (field order).
-            unsafe { vm.set_user_memory_region(region_desc) }
-                .map_err(|e| VmError::Kvm("register guest memory with KVM", e))?;
-        }
-
-        // The irqchip comes after the memory slots: once it exists, every
-        // slot change waits for an SRCU grace period (milliseconds each).
-        vm.set_tss_address(KVM_TSS_ADDR as usize)
-            .map_err(|e| VmError::Kvm("set the TSS address", e))?;
-        vm.create_irq_chip()
-            .map_err(|e| VmError::Kvm("create the in-kernel irqchip", e))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit)
-            .map_err(|e| VmError::Kvm("create the in-kernel PIT", e))?;
+        register_memory_and_irqchip(&vm, &memory)?;
         clock.setup_step("kvm_memory_irqchip");
 
         let (devices, vcpus) =
-            Self::setup_devices_and_vcpus(config, &kvm, &vm, &clock, console_out)?;
+            Self::setup_devices_and_vcpus(config.vcpus, &kvm, &vm, &clock, console_out, None)?;
         let cmdline = kernel_cmdline(&config.extra_cmdline, host::kernel_mode_emulated());
         boot::write_boot_params(&memory, &cmdline, initramfs, mem_size)?;
         boot::mptable::setup_mptable(&memory, config.vcpus).map_err(BootError::from)?;
@@ -287,15 +376,104 @@ impl Vm {
             .map_err(|e| VmError::Kvm("set the boot vCPU's special registers", e))?;
         bsp.set_regs(&boot::boot_regs(kernel.entry))
             .map_err(|e| VmError::Kvm("set the boot vCPU's registers", e))?;
+        clock.setup_step("boot_params");
+        Ok(Self::assemble(
+            vm,
+            memory,
+            devices,
+            vcpus,
+            clock,
+            cmdline,
+            config.memory_mib,
+            config.snapshot_at.clone(),
+        ))
+    }
+
+    /// Restores the VM saved in the snapshot directory `dir`, ready to run
+    /// from where it was.
+    pub fn restore(dir: &Path, console: &Console, clock: Arc<Clock>) -> Result<Self, VmError> {
+        let (state, mem_path) = snapshot::read(dir)?;
+        check_memory(state.memory_mib, host::total_memory_mib())?;
+        let console_out = open_console(console)?;
+        clock.setup_step("validate");
+        let kvm = open_kvm()?;
+        let count = u8::try_from(state.vcpus.len()).map_err(|_| VmError::BadSnapshot {
+            dir: dir.to_owned(),
+            why: "too many vCPUs".into(),
+        })?;
+        let vm = create_vm(&kvm, count)?;
+        clock.setup_step("create_vm");
+        let memory = map_snapshot_memory(&mem_path, state.memory_mib)?;
+        clock.setup_step("map_memory");
+        register_memory_and_irqchip(&vm, &memory)?;
+        let bad = |what: &str, e: kvm_ioctls::Error| VmError::BadSnapshot {
+            dir: dir.to_owned(),
+            why: format!("{what}: {e}"),
+        };
+        if state.irqchips.len() != 3 {
+            return Err(VmError::BadSnapshot {
+                dir: dir.to_owned(),
+                why: "irqchip state".into(),
+            });
+        }
+        for chip in &state.irqchips {
+            vm.set_irqchip(chip).map_err(|e| bad("irqchip", e))?;
+        }
+        vm.set_pit2(&state.pit).map_err(|e| bad("PIT", e))?;
+        clock.setup_step("kvm_memory_irqchip");
+
+        let (devices, vcpus) = Self::setup_devices_and_vcpus(
+            count,
+            &kvm,
+            &vm,
+            &clock,
+            console_out,
+            Some((&state.serial, dir)),
+        )?;
+        for (id, (vcpu, saved)) in vcpus.iter().zip(&state.vcpus).enumerate() {
+            cpu::restore_vcpu(vcpu, saved, id as u8)?;
+        }
+        // The clock last: guest time resumes where it stopped, not where
+        // it would be had the snapshot kept running.
+        let mut kvm_clock = state.clock;
+        kvm_clock.flags = 0;
+        vm.set_clock(&kvm_clock).map_err(|e| bad("clock", e))?;
+        clock.setup_step("vcpus");
+        Ok(Self::assemble(
+            vm,
+            memory,
+            devices,
+            vcpus,
+            clock,
+            state.cmdline,
+            state.memory_mib,
+            None,
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        vm: VmFd,
+        memory: GuestMemoryMmap,
+        devices: Devices,
+        vcpus: Vec<VcpuFd>,
+        clock: Arc<Clock>,
+        cmdline: String,
+        memory_mib: u64,
+        snapshot_at: Option<SnapshotAt>,
+    ) -> Self {
         let Devices {
             pio,
             serial,
             events,
             events_tx,
             ended,
+            control,
         } = devices;
-        clock.setup_step("boot_params");
-        Ok(Self {
+        if let Some(at) = &snapshot_at {
+            control.save_on_mark(at.mark);
+        }
+        Self {
             vcpus,
             pio: Arc::new(pio),
             mmio: Arc::new(Bus::new()),
@@ -303,34 +481,56 @@ impl Vm {
             events,
             events_tx,
             ended,
+            control,
+            threads: Vec::new(),
+            snapshot_at,
+            memory_mib,
             clock,
             cmdline,
-            _vm: vm,
+            vm,
             memory,
-        })
+        }
     }
 
     /// The devices on the port-I/O bus and the vCPUs.
     fn setup_devices_and_vcpus(
-        config: &VmConfig,
+        count: u8,
         kvm: &Kvm,
         vm: &VmFd,
         clock: &Arc<Clock>,
         console_out: Box<dyn Write + Send>,
+        restored_serial: Option<(&SerialRegs, &Path)>,
     ) -> Result<(Devices, Vec<VcpuFd>), VmError> {
         let (events_tx, events) = channel();
         let serial_irq =
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::EventFd("the serial IRQ", e))?;
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(|e| VmError::Kvm("wire the serial IRQ", e))?;
-        let serial = Arc::new(Mutex::new(SerialConsole::new(serial_irq, console_out)));
+        let serial = match restored_serial {
+            None => SerialConsole::new(serial_irq, console_out),
+            Some((regs, dir)) => SerialConsole::from_regs(serial_irq, console_out, regs)
+                .ok_or_else(|| VmError::BadSnapshot {
+                    dir: dir.to_owned(),
+                    why: "serial FIFO".into(),
+                })?,
+        };
+        let serial = Arc::new(Mutex::new(serial));
         let ended = Arc::new(AtomicBool::new(false));
+        let msr_indices = kvm
+            .get_msr_index_list()
+            .map_err(|e| VmError::Kvm("read the MSR list", e))?
+            .as_slice()
+            .to_vec();
+        let control = Arc::new(VcpuControl::new(msr_indices));
         let sink = |tx: &Sender<VmEvent>| {
             let tx = tx.clone();
             let ended = ended.clone();
+            let control = control.clone();
             Box::new(move |e| {
-                if e != GuestEvent::Panic {
-                    ended.store(true, Ordering::Release);
+                match e {
+                    GuestEvent::Panic => {}
+                    GuestEvent::Mark(mark) => control.mark_written(mark),
+                    _ => ended.store(true, Ordering::Release),
                 }
                 // The receiver is gone only while the VMM is exiting.
                 let _ = tx.send(VmEvent::Guest(e));
@@ -353,21 +553,21 @@ impl Vm {
         let supported = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmError::Kvm("read the supported CPUID", e))?;
-        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
-        for id in 0..config.vcpus {
+        let mut vcpus = Vec::with_capacity(count as usize);
+        for id in 0..count {
             let vcpu = vm
                 .create_vcpu(u64::from(id))
                 .map_err(|e| VmError::Kvm("create a vCPU", e))?;
-            cpu::configure_vcpu(&vcpu, &supported, id, config.vcpus)?;
+            cpu::configure_vcpu(&vcpu, &supported, id, count)?;
             vcpus.push(vcpu);
         }
-        clock.setup_step("vcpus");
         let devices = Devices {
             pio,
             serial,
             events,
             events_tx,
             ended,
+            control,
         };
         Ok((devices, vcpus))
     }
@@ -403,8 +603,10 @@ impl Vm {
     }
 
     fn start_vcpus(&mut self) -> Result<(), VmError> {
+        crate::vcpu::install_kick_handler().map_err(|e| VmError::Thread(0, e))?;
         for (id, vcpu) in self.vcpus.drain(..).enumerate() {
             let tx = self.events_tx.clone();
+            let saved_tx = self.events_tx.clone();
             let thread = VcpuThread {
                 id: id as u8,
                 vcpu,
@@ -412,11 +614,16 @@ impl Vm {
                 mmio: self.mmio.clone(),
                 clock: self.clock.clone(),
                 ended: self.ended.clone(),
+                control: self.control.clone(),
                 on_stop: Box::new(move |id, stop| {
                     let _ = tx.send(VmEvent::VcpuStopped(id, stop));
                 }),
+                on_saved: Box::new(move |id, state| {
+                    let _ = saved_tx.send(VmEvent::VcpuSaved(id, state));
+                }),
             };
-            thread.spawn().map_err(|e| VmError::Thread(id as u8, e))?;
+            let handle = thread.spawn().map_err(|e| VmError::Thread(id as u8, e))?;
+            self.threads.push(handle);
         }
         Ok(())
     }
@@ -442,9 +649,93 @@ impl Vm {
                 _ if panicked => return Err(VmError::GuestPanic),
                 VmEvent::Guest(GuestEvent::PowerOff) => return Ok(GuestExit::PowerOff),
                 VmEvent::Guest(GuestEvent::Reset) => return Ok(GuestExit::Reset),
+                VmEvent::Guest(GuestEvent::Mark(mark)) => {
+                    if let Some(at) = &self.snapshot_at
+                        && at.mark == mark
+                    {
+                        self.take_snapshot(&at.dir)?;
+                        return Ok(GuestExit::Snapshotted);
+                    }
+                }
                 VmEvent::VcpuStopped(id, stop) => return Err(VmError::VcpuDied(id, stop)),
+                VmEvent::VcpuSaved(id, _) => {
+                    return Err(VmError::SaveFailed(format!(
+                        "vCPU {id} saved its state unasked"
+                    )));
+                }
             }
         }
+    }
+
+    /// Stops every vCPU where it is, collects their state, and writes the
+    /// snapshot. The vCPUs stay stopped.
+    fn take_snapshot(&self, dir: &Path) -> Result<(), VmError> {
+        self.control.request_save();
+        let mut saved: Vec<Option<VcpuState>> = (0..self.threads.len()).map(|_| None).collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while saved.iter().any(Option::is_none) {
+            // A vCPU that re-entered the guest before it saw the request
+            // is kicked out of KVM_RUN by a signal; repeat until all answer.
+            for (id, handle) in self.threads.iter().enumerate() {
+                if saved[id].is_none() {
+                    crate::vcpu::kick(handle);
+                }
+            }
+            match self.events.recv_timeout(Duration::from_millis(2)) {
+                Ok(VmEvent::VcpuSaved(id, state)) => {
+                    let state = state.map_err(|e| VmError::SaveFailed(e.to_string()))?;
+                    saved[id as usize] = Some(state);
+                }
+                Ok(VmEvent::VcpuStopped(id, stop)) => return Err(VmError::VcpuDied(id, stop)),
+                Ok(_) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(VmError::SaveFailed("the vCPU threads are gone".into()));
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(VmError::SaveFailed(
+                    "the vCPUs did not stop within 5 s".into(),
+                ));
+            }
+        }
+        let e = |what: &str| {
+            let what = what.to_owned();
+            move |err: kvm_ioctls::Error| VmError::SaveFailed(format!("{what}: {err}"))
+        };
+        let mut irqchips = Vec::new();
+        for chip_id in [
+            KVM_IRQCHIP_PIC_MASTER,
+            KVM_IRQCHIP_PIC_SLAVE,
+            KVM_IRQCHIP_IOAPIC,
+        ] {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.vm.get_irqchip(&mut chip).map_err(e("irqchip"))?;
+            irqchips.push(chip);
+        }
+        let state = VmState {
+            memory_mib: self.memory_mib,
+            cmdline: self.cmdline.clone(),
+            vcpus: saved.into_iter().flatten().collect(),
+            irqchips,
+            pit: self.vm.get_pit2().map_err(e("PIT"))?,
+            clock: self.vm.get_clock().map_err(e("clock"))?,
+            serial: lock(&self.serial).regs(),
+        };
+        let regions: Vec<&[u8]> = self
+            .memory
+            .iter()
+            .map(|r| {
+                // SAFETY: every vCPU is stopped, so nothing writes guest
+                // memory while we read it; the region is a live mapping of
+                // exactly len() bytes owned by self.memory.
+                unsafe { std::slice::from_raw_parts(r.as_ptr(), r.len() as usize) }
+            })
+            .collect();
+        snapshot::write(dir, &state, &regions)?;
+        Ok(())
     }
 }
 

@@ -36,6 +36,8 @@ pub enum GuestEvent {
     Reset,
     /// The guest kernel panicked; a reset usually follows.
     Panic,
+    /// Any other debug-port value: a boot mark.
+    Mark(u8),
 }
 
 /// Where a device reports a [`GuestEvent`].
@@ -65,7 +67,7 @@ impl BusDevice for DebugPort {
         let event = match value {
             EXIT_POWER_OFF => GuestEvent::PowerOff,
             EXIT_PANIC => GuestEvent::Panic,
-            _ => return,
+            mark => GuestEvent::Mark(mark),
         };
         (self.events)(event);
     }
@@ -110,7 +112,8 @@ mod tests {
         let mut port = DebugPort::new(clock.clone(), Box::new(move |e| tx.send(e).unwrap()));
         port.write(0, &[MARK_KERNEL_START]);
         port.write(0, &[MARK_INIT_START]);
-        assert!(rx.try_recv().is_err());
+        assert_eq!(rx.try_recv(), Ok(GuestEvent::Mark(MARK_KERNEL_START)));
+        assert_eq!(rx.try_recv(), Ok(GuestEvent::Mark(MARK_INIT_START)));
         port.write(0, &[EXIT_PANIC]);
         port.write(0, &[EXIT_POWER_OFF]);
         assert_eq!(rx.try_recv(), Ok(GuestEvent::Panic));

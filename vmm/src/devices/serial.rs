@@ -6,10 +6,12 @@
 
 use std::io::Write;
 
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::BusDevice;
+use crate::snapshot::SerialRegs;
 
 /// Raises the UART's interrupt by writing its eventfd (an irqfd in KVM).
 pub struct EventFdTrigger(EventFd);
@@ -31,7 +33,7 @@ impl Trigger for EventFdTrigger {
 
 /// COM1 on the port-I/O bus.
 pub struct SerialConsole {
-    uart: Serial<EventFdTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+    uart: Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>,
 }
 
 impl SerialConsole {
@@ -39,6 +41,42 @@ impl SerialConsole {
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
         Self {
             uart: Serial::new(EventFdTrigger::new(irq), out),
+        }
+    }
+
+    /// A UART restored to `regs` (from a snapshot); None when the registers
+    /// are impossible (more input than the FIFO holds).
+    pub fn from_regs(irq: EventFd, out: Box<dyn Write + Send>, regs: &SerialRegs) -> Option<Self> {
+        let state = SerialState {
+            baud_divisor_low: regs.baud_divisor_low,
+            baud_divisor_high: regs.baud_divisor_high,
+            interrupt_enable: regs.interrupt_enable,
+            interrupt_identification: regs.interrupt_identification,
+            line_control: regs.line_control,
+            line_status: regs.line_status,
+            modem_control: regs.modem_control,
+            modem_status: regs.modem_status,
+            scratch: regs.scratch,
+            in_buffer: regs.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(&state, EventFdTrigger::new(irq), NoEvents, out).ok()?;
+        Some(Self { uart })
+    }
+
+    /// The UART's registers, for a snapshot.
+    pub fn regs(&self) -> SerialRegs {
+        let s = self.uart.state();
+        SerialRegs {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
         }
     }
 
@@ -99,5 +137,15 @@ mod tests {
         let mut lsr = [0u8];
         console.read(5, &mut lsr);
         assert_ne!(lsr[0] & 0x60, 0);
+
+        // Its registers survive a snapshot.
+        console.write(7, &[0x5a]);
+        let regs = console.regs();
+        let irq2 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut restored = SerialConsole::from_regs(irq2, Box::new(out.clone()), &regs).unwrap();
+        assert_eq!(restored.regs(), regs);
+        let mut scratch = [0u8];
+        restored.read(7, &mut scratch);
+        assert_eq!(scratch, [0x5a]);
     }
 }

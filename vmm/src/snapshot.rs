@@ -1,0 +1,323 @@
+//! Snapshots of a running VM: the state of every vCPU, the in-kernel
+//! irqchip, PIT and clock, the devices, and guest memory.
+//!
+//! A snapshot is a directory with two files:
+//! - `state`: one JSON header line (format, version, the Husk version that
+//!   wrote it, a CRC32 of the rest, the memory file's size), then the state
+//!   as JSON;
+//! - `memory`: guest RAM, region after region. A restore maps it
+//!   `MAP_PRIVATE`, so many VMs restored from one snapshot share its pages
+//!   until they write them.
+//!
+//! Reading a snapshot never trusts it: the header, the checksum, the Husk
+//! version and the memory file's size are all checked before any VM is made.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_pit_state2,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xsave,
+};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Written in every header: a file without it is not a Husk snapshot.
+pub const FORMAT: &str = "husk-vm-snapshot";
+/// Bumped whenever the state's layout changes.
+pub const VERSION: u32 = 1;
+/// The Husk version that writes snapshots; only the same version restores
+/// them (device and vCPU state are not promised to be stable across
+/// versions yet).
+pub const HUSK_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// File names inside a snapshot directory.
+pub const STATE_FILE: &str = "state";
+/// Guest memory file.
+pub const MEMORY_FILE: &str = "memory";
+
+/// Errors reading or writing a snapshot.
+#[derive(Debug, Error)]
+pub enum SnapshotError {
+    /// A snapshot file cannot be read or written.
+    #[error("cannot {what} {}", .path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state file is not a Husk snapshot at all.
+    #[error("{} is not a Husk snapshot", .0.display())]
+    NotASnapshot(PathBuf),
+    /// A snapshot of another format version or Husk version.
+    #[error(
+        "{} was written by Husk {found} (snapshot format {format_version}); \
+         this is Husk {HUSK_VERSION} (format {VERSION})",
+        .path.display()
+    )]
+    Foreign {
+        /// The state file.
+        path: PathBuf,
+        /// Husk version in the header.
+        found: String,
+        /// Format version in the header.
+        format_version: u32,
+    },
+    /// The checksum does not match: the state was altered or cut short.
+    #[error("{} is corrupted: its checksum does not match", .0.display())]
+    Corrupted(PathBuf),
+    /// The memory file has the wrong size (truncated, or another VM's).
+    #[error("{} is {found} bytes; the snapshot's guest has {expected}", .path.display())]
+    MemorySize {
+        /// The memory file.
+        path: PathBuf,
+        /// Its size.
+        found: u64,
+        /// The size the state says.
+        expected: u64,
+    },
+    /// The state does not parse.
+    #[error("cannot parse the state in {}", .0.display())]
+    Parse(PathBuf, #[source] serde_json::Error),
+}
+
+/// One vCPU, as KVM reports it.
+#[derive(Serialize, Deserialize)]
+pub struct VcpuState {
+    /// General registers.
+    pub regs: kvm_regs,
+    /// Segment and control registers.
+    pub sregs: kvm_sregs,
+    /// FPU, SSE and extended state.
+    pub xsave: kvm_xsave,
+    /// Model-specific registers KVM can save, (index, value).
+    pub msrs: Vec<(u32, u64)>,
+    /// Local APIC.
+    pub lapic: kvm_lapic_state,
+    /// Pending exceptions, interrupts, NMIs.
+    pub events: kvm_vcpu_events,
+    /// Runnable, halted, waiting for SIPI.
+    pub mp_state: kvm_mp_state,
+    /// Debug registers.
+    pub debugregs: kvm_debugregs,
+}
+
+/// The UART's registers (vm-superio's `SerialState`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SerialRegs {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable.
+    pub interrupt_enable: u8,
+    /// Interrupt identification.
+    pub interrupt_identification: u8,
+    /// Line control.
+    pub line_control: u8,
+    /// Line status.
+    pub line_status: u8,
+    /// Modem control.
+    pub modem_control: u8,
+    /// Modem status.
+    pub modem_status: u8,
+    /// Scratch.
+    pub scratch: u8,
+    /// Bytes received and not yet read by the guest.
+    pub in_buffer: Vec<u8>,
+}
+
+/// Everything but guest memory.
+#[derive(Serialize, Deserialize)]
+pub struct VmState {
+    /// Guest memory in MiB (the shape of the VM).
+    pub memory_mib: u64,
+    /// The kernel command line the guest booted with.
+    pub cmdline: String,
+    /// Per vCPU, in order of their IDs.
+    pub vcpus: Vec<VcpuState>,
+    /// PIC master, PIC slave, IOAPIC.
+    pub irqchips: Vec<kvm_irqchip>,
+    /// The in-kernel PIT.
+    pub pit: kvm_pit_state2,
+    /// kvm-clock's time base.
+    pub clock: kvm_clock_data,
+    /// COM1.
+    pub serial: SerialRegs,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    format: String,
+    version: u32,
+    husk_version: String,
+    checksum: u32,
+    memory_bytes: u64,
+}
+
+/// Writes `state` to `dir/state` and guest memory (given as host slices,
+/// in guest address order) to `dir/memory`.
+pub fn write(dir: &Path, state: &VmState, memory: &[&[u8]]) -> Result<(), SnapshotError> {
+    let io = |what, path: &Path| {
+        let path = path.to_owned();
+        move |source| SnapshotError::Io { what, path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+    let mem_path = dir.join(MEMORY_FILE);
+    let mut mem_file = std::fs::File::create(&mem_path).map_err(io("create", &mem_path))?;
+    for region in memory {
+        mem_file.write_all(region).map_err(io("write", &mem_path))?;
+    }
+    let body = serde_json::to_vec(state).expect("VM state serializes");
+    let header = Header {
+        format: FORMAT.into(),
+        version: VERSION,
+        husk_version: HUSK_VERSION.into(),
+        checksum: crc32fast::hash(&body),
+        memory_bytes: memory.iter().map(|r| r.len() as u64).sum(),
+    };
+    let mut out = serde_json::to_vec(&header).expect("header serializes");
+    out.push(b'\n');
+    out.extend_from_slice(&body);
+    let state_path = dir.join(STATE_FILE);
+    std::fs::write(&state_path, out).map_err(io("write", &state_path))
+}
+
+/// Reads and checks `dir/state`, and checks that `dir/memory` is as large
+/// as the state says. Returns the state and the memory file's path.
+pub fn read(dir: &Path) -> Result<(VmState, PathBuf), SnapshotError> {
+    let state_path = dir.join(STATE_FILE);
+    let bytes = std::fs::read(&state_path).map_err(|source| SnapshotError::Io {
+        what: "read",
+        path: state_path.clone(),
+        source,
+    })?;
+    let newline = bytes
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or_else(|| SnapshotError::NotASnapshot(state_path.clone()))?;
+    let header: Header = serde_json::from_slice(&bytes[..newline])
+        .ok()
+        .filter(|h: &Header| h.format == FORMAT)
+        .ok_or_else(|| SnapshotError::NotASnapshot(state_path.clone()))?;
+    if header.version != VERSION || header.husk_version != HUSK_VERSION {
+        return Err(SnapshotError::Foreign {
+            path: state_path,
+            found: header.husk_version,
+            format_version: header.version,
+        });
+    }
+    let body = &bytes[newline + 1..];
+    if crc32fast::hash(body) != header.checksum {
+        return Err(SnapshotError::Corrupted(state_path));
+    }
+    let state: VmState =
+        serde_json::from_slice(body).map_err(|e| SnapshotError::Parse(state_path.clone(), e))?;
+    let mem_path = dir.join(MEMORY_FILE);
+    let found = std::fs::metadata(&mem_path)
+        .map_err(|source| SnapshotError::Io {
+            what: "read",
+            path: mem_path.clone(),
+            source,
+        })?
+        .len();
+    let expected = state.memory_mib << 20;
+    if found != expected || header.memory_bytes != expected {
+        return Err(SnapshotError::MemorySize {
+            path: mem_path,
+            found,
+            expected,
+        });
+    }
+    Ok((state, mem_path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> VmState {
+        VmState {
+            memory_mib: 1,
+            cmdline: "console=ttyS0".into(),
+            vcpus: Vec::new(),
+            irqchips: vec![kvm_irqchip::default(); 3],
+            pit: kvm_pit_state2::default(),
+            clock: kvm_clock_data::default(),
+            serial: SerialRegs {
+                line_status: 0x60,
+                ..Default::default()
+            },
+        }
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("husk-snap-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn round_trip() {
+        let dir = scratch("rt");
+        let mem = vec![7u8; 1 << 20];
+        write(&dir, &sample(), &[&mem[..4096], &mem[4096..]]).unwrap();
+        let (state, mem_path) = read(&dir).unwrap();
+        assert_eq!(state.cmdline, "console=ttyS0");
+        assert_eq!(state.serial.line_status, 0x60);
+        assert_eq!(std::fs::read(mem_path).unwrap(), mem);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn corrupted_truncated_and_foreign_snapshots_are_refused() {
+        let dir = scratch("bad");
+        let mem = vec![0u8; 1 << 20];
+        write(&dir, &sample(), &[&mem]).unwrap();
+        let state_path = dir.join(STATE_FILE);
+        let good = std::fs::read(&state_path).unwrap();
+
+        // One byte of the state changed.
+        let mut bad = good.clone();
+        let last = bad.len() - 2;
+        bad[last] ^= 1;
+        std::fs::write(&state_path, &bad).unwrap();
+        let err = read(&dir).unwrap_err();
+        assert!(
+            err.to_string()
+                .ends_with("is corrupted: its checksum does not match")
+        );
+
+        // Cut short.
+        std::fs::write(&state_path, &good[..good.len() / 2]).unwrap();
+        assert!(matches!(read(&dir), Err(SnapshotError::Corrupted(_))));
+
+        // Another Husk version.
+        let text = String::from_utf8(good.clone()).unwrap();
+        let foreign = text.replacen(
+            &format!("\"husk_version\":\"{HUSK_VERSION}\""),
+            "\"husk_version\":\"0.0.1\"",
+            1,
+        );
+        std::fs::write(&state_path, foreign).unwrap();
+        let err = read(&dir).unwrap_err().to_string();
+        assert!(err.contains("was written by Husk 0.0.1"), "{err}");
+
+        // Not a snapshot at all.
+        std::fs::write(&state_path, b"hello\n{}").unwrap();
+        assert!(matches!(read(&dir), Err(SnapshotError::NotASnapshot(_))));
+
+        // The memory file truncated.
+        std::fs::write(&state_path, &good).unwrap();
+        std::fs::write(dir.join(MEMORY_FILE), vec![0u8; 4096]).unwrap();
+        let err = read(&dir).unwrap_err().to_string();
+        assert!(
+            err.ends_with("is 4096 bytes; the snapshot's guest has 1048576"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
