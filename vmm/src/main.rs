@@ -63,8 +63,8 @@ fn parse_mark(s: &str) -> Result<u8, String> {
     parsed.map_err(|_| format!("{s} is not a debug-port value (0-255)"))
 }
 
-/// Exit status when the guest kernel panicked.
-const EXIT_GUEST_PANIC: u8 = 2;
+/// Exit status when the guest kernel panicked (2 is clap's, for usage errors).
+const EXIT_GUEST_PANIC: u8 = 4;
 /// Exit status when a vCPU died (emulation failure, triple fault, ...).
 const EXIT_VCPU_DIED: u8 = 3;
 /// Exit status for every set-up error.

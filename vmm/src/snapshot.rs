@@ -254,6 +254,13 @@ mod tests {
         }
     }
 
+    fn read_err(dir: &Path) -> SnapshotError {
+        match read(dir) {
+            Err(e) => e,
+            Ok(_) => panic!("reading {} should fail", dir.display()),
+        }
+    }
+
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("husk-snap-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -285,7 +292,7 @@ mod tests {
         let last = bad.len() - 2;
         bad[last] ^= 1;
         std::fs::write(&state_path, &bad).unwrap();
-        let err = read(&dir).unwrap_err();
+        let err = read_err(&dir);
         assert!(
             err.to_string()
                 .ends_with("is corrupted: its checksum does not match")
@@ -293,7 +300,7 @@ mod tests {
 
         // Cut short.
         std::fs::write(&state_path, &good[..good.len() / 2]).unwrap();
-        assert!(matches!(read(&dir), Err(SnapshotError::Corrupted(_))));
+        assert!(matches!(read_err(&dir), SnapshotError::Corrupted(_)));
 
         // Another Husk version.
         let text = String::from_utf8(good.clone()).unwrap();
@@ -303,17 +310,17 @@ mod tests {
             1,
         );
         std::fs::write(&state_path, foreign).unwrap();
-        let err = read(&dir).unwrap_err().to_string();
+        let err = read_err(&dir).to_string();
         assert!(err.contains("was written by Husk 0.0.1"), "{err}");
 
         // Not a snapshot at all.
         std::fs::write(&state_path, b"hello\n{}").unwrap();
-        assert!(matches!(read(&dir), Err(SnapshotError::NotASnapshot(_))));
+        assert!(matches!(read_err(&dir), SnapshotError::NotASnapshot(_)));
 
         // The memory file truncated.
         std::fs::write(&state_path, &good).unwrap();
         std::fs::write(dir.join(MEMORY_FILE), vec![0u8; 4096]).unwrap();
-        let err = read(&dir).unwrap_err().to_string();
+        let err = read_err(&dir).to_string();
         assert!(
             err.ends_with("is 4096 bytes; the snapshot's guest has 1048576"),
             "{err}"

@@ -176,7 +176,7 @@ pub enum GuestExit {
 enum VmEvent {
     Guest(GuestEvent),
     VcpuStopped(u8, VcpuStop),
-    VcpuSaved(u8, Result<VcpuState, CpuError>),
+    VcpuSaved(u8, Box<Result<VcpuState, CpuError>>),
 }
 
 /// The devices and the channel they report on, made during set-up.
@@ -619,7 +619,7 @@ impl Vm {
                     let _ = tx.send(VmEvent::VcpuStopped(id, stop));
                 }),
                 on_saved: Box::new(move |id, state| {
-                    let _ = saved_tx.send(VmEvent::VcpuSaved(id, state));
+                    let _ = saved_tx.send(VmEvent::VcpuSaved(id, Box::new(state)));
                 }),
             };
             let handle = thread.spawn().map_err(|e| VmError::Thread(id as u8, e))?;
@@ -683,7 +683,7 @@ impl Vm {
             }
             match self.events.recv_timeout(Duration::from_millis(2)) {
                 Ok(VmEvent::VcpuSaved(id, state)) => {
-                    let state = state.map_err(|e| VmError::SaveFailed(e.to_string()))?;
+                    let state = (*state).map_err(|e| VmError::SaveFailed(e.to_string()))?;
                     saved[id as usize] = Some(state);
                 }
                 Ok(VmEvent::VcpuStopped(id, stop)) => return Err(VmError::VcpuDied(id, stop)),

@@ -117,7 +117,7 @@ fn guest_panic_is_reported_and_the_vmm_exits_non_zero() {
     ]));
     let console = text(&out.stdout);
     let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}\n{console}");
+    assert_eq!(out.status.code(), Some(4), "{stderr}\n{console}");
     assert!(console.contains("Kernel panic - not syncing"), "{console}");
     assert_eq!(
         stderr.trim(),

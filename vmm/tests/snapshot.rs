@@ -1,0 +1,165 @@
+//! Snapshot and restore of a real guest on real KVM, as one story: one
+//! cold boot makes the snapshot (the test init's guest, stopped as the
+//! kernel executes init), then every check restores it, which takes a
+//! fraction of a second instead of a boot. (nextest runs each test in its
+//! own process, so separate tests could not share the snapshot.)
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{Scratch, kernel, run_with_timeout, test_initramfs, text, vmm};
+
+/// Boots the test init and snapshots it as the kernel executes init.
+fn make_snapshot(scratch: &Scratch) -> PathBuf {
+    let initramfs = test_initramfs(scratch);
+    let dir = scratch.path("snap");
+    let out = run_with_timeout(vmm(&[
+        "--kernel",
+        kernel().to_str().unwrap(),
+        "--initramfs",
+        initramfs.to_str().unwrap(),
+        "--snapshot-dir",
+        dir.to_str().unwrap(),
+        "--snapshot-at-mark",
+        "2",
+    ]));
+    let console = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "snapshot boot failed: {}\n{console}",
+        text(&out.stderr)
+    );
+    // Snapshotted as init was executed: it has not printed yet.
+    assert!(console.contains("Run /init as init process"), "{console}");
+    assert!(!console.contains("husk-test-init"), "{console}");
+    dir
+}
+
+#[test]
+fn snapshot_restore_and_bad_snapshots() {
+    let scratch = Scratch::new("snapshot");
+    let snap = make_snapshot(&scratch);
+    a_restored_guest_continues_and_runs_its_init(&snap);
+    a_corrupted_snapshot_is_refused(&scratch, &snap);
+    a_snapshot_from_another_husk_version_is_refused(&scratch, &snap);
+    a_truncated_memory_file_is_refused(&scratch, &snap);
+    a_directory_that_is_no_snapshot_is_named(&scratch);
+}
+
+/// Restores `dir` and returns (exit code, console, stderr).
+fn restore(dir: &Path) -> (i32, String, String) {
+    let out = run_with_timeout(vmm(&["--restore", dir.to_str().unwrap()]));
+    (
+        out.status.code().unwrap_or(-1),
+        text(&out.stdout),
+        text(&out.stderr),
+    )
+}
+
+fn a_restored_guest_continues_and_runs_its_init(snap: &Path) {
+    // Two VMs from one snapshot, one after the other: each runs the init
+    // from where the snapshot stopped (fork, exec, a signal handler), then
+    // powers off.
+    for _ in 0..2 {
+        let (code, console, stderr) = restore(snap);
+        assert_eq!(code, 0, "{stderr}\n{console}");
+        assert!(console.contains("husk-test-init: started"), "{console}");
+        assert!(console.contains("fork=ok exec=ok signal=ok"), "{console}");
+        // Nothing of the boot is replayed.
+        assert!(!console.contains("Linux version"), "{console}");
+    }
+}
+
+/// A copy of the snapshot whose memory file is a hard link (no 128 MiB
+/// copy), with its state file rewritten by `edit`.
+fn altered(
+    scratch: &Scratch,
+    snap: &Path,
+    name: &str,
+    edit: impl FnOnce(Vec<u8>) -> Vec<u8>,
+) -> PathBuf {
+    let dir = scratch.path(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::hard_link(snap.join("memory"), dir.join("memory")).unwrap();
+    let state = std::fs::read(snap.join("state")).unwrap();
+    std::fs::write(dir.join("state"), edit(state)).unwrap();
+    dir
+}
+
+fn a_corrupted_snapshot_is_refused(scratch: &Scratch, snap: &Path) {
+    let dir = altered(scratch, snap, "corrupt", |mut state| {
+        let at = state.len() - 10;
+        state[at] ^= 0x01;
+        state
+    });
+    let (code, console, stderr) = restore(&dir);
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(
+        stderr.trim(),
+        format!(
+            "husk-vmm: {} is corrupted: its checksum does not match",
+            dir.join("state").display()
+        )
+    );
+    assert!(console.is_empty(), "no VM may start: {console}");
+}
+
+fn a_snapshot_from_another_husk_version_is_refused(scratch: &Scratch, snap: &Path) {
+    let dir = altered(scratch, snap, "foreign", |state| {
+        let text = String::from_utf8(state).unwrap();
+        let version = env!("CARGO_PKG_VERSION");
+        text.replacen(
+            &format!("\"husk_version\":\"{version}\""),
+            "\"husk_version\":\"9.9.9\"",
+            1,
+        )
+        .into_bytes()
+    });
+    let (code, _, stderr) = restore(&dir);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("was written by Husk 9.9.9 (snapshot format 1); this is Husk"),
+        "{stderr}"
+    );
+}
+
+fn a_truncated_memory_file_is_refused(scratch: &Scratch, snap: &Path) {
+    let dir = scratch.path("truncated");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(snap.join("state"), dir.join("state")).unwrap();
+    let memory = std::fs::File::create(dir.join("memory")).unwrap();
+    memory.set_len(64 << 20).unwrap();
+    let (code, _, stderr) = restore(&dir);
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(
+        stderr.trim(),
+        format!(
+            "husk-vmm: {} is 67108864 bytes; the snapshot's guest has 134217728",
+            dir.join("memory").display()
+        )
+    );
+}
+
+fn a_directory_that_is_no_snapshot_is_named(scratch: &Scratch) {
+    let empty = scratch.path("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let (code, _, stderr) = restore(&empty);
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(
+        stderr.trim(),
+        format!(
+            "husk-vmm: cannot read {}: No such file or directory (os error 2)",
+            empty.join("state").display()
+        )
+    );
+    let (code, _, stderr) = {
+        let out = run_with_timeout(vmm(&["--restore", "/tmp", "--memory", "256"]));
+        (out.status.code().unwrap_or(-1), (), text(&out.stderr))
+    };
+    assert_eq!(
+        code, 2,
+        "a restore takes its shape from the snapshot: {stderr}"
+    );
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
+}
