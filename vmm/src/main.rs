@@ -24,8 +24,9 @@ struct Args {
     /// Initramfs (newc cpio) for the guest.
     #[arg(long)]
     initramfs: Option<PathBuf>,
-    /// Appended to the default kernel command line.
-    #[arg(long, default_value = "")]
+    /// Appended to the default kernel command line (may start with `--`:
+    /// what follows `--` goes to the guest's init).
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
     cmdline: String,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]

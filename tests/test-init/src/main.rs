@@ -6,6 +6,9 @@
 //! writes with write(2), forks, execs, waits, takes a signal and returns from
 //! its handler, reports the CPUs and memory it sees, prints one line and
 //! powers the guest off. Every line it prints starts with `husk-test-init:`.
+//!
+//! With `idle` among its arguments (kernel command line `-- idle`) it stays
+//! up instead of powering off, for benchmarks that measure idle guests.
 
 use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -164,6 +167,13 @@ fn main() {
         say(&format!("ok {shape} fork=ok exec=ok signal=ok"));
     } else {
         say(&format!("FAIL {shape} {}", failed.join("; ")));
+    }
+    if std::env::args().any(|a| a == "idle") {
+        say("idle");
+        loop {
+            // SAFETY: pause takes no arguments.
+            unsafe { libc::pause() };
+        }
     }
     power_off();
 }

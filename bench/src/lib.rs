@@ -1,0 +1,78 @@
+//! Shared pieces of Husk's benchmark programs: clocks, percentiles, the
+//! table rows they print, and memory accounting from /proc.
+
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only into our timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Resident memory of `pid` outside guest RAM, in KiB. Guest RAM is a run
+/// of adjacent mappings at least `guest_bytes` long: one mapping in QEMU,
+/// several in husk-vmm, which maps the kernel's pages from its file into
+/// the middle of it. (A guard page or thread stack that happens to sit
+/// right beside guest RAM is left out too: a few KiB.)
+pub fn rss_without_guest(pid: u32, guest_bytes: u64) -> Option<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    // (start, end, rss KiB) of every mapping, in address order.
+    let mut maps: Vec<(u64, u64, u64)> = Vec::new();
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-')
+            && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
+        {
+            maps.push((a, b, 0));
+        } else if let Some(v) = line.strip_prefix("Rss:")
+            && let Some(last) = maps.last_mut()
+        {
+            last.2 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+        }
+    }
+    let mut total = 0;
+    let mut i = 0;
+    while i < maps.len() {
+        let mut j = i;
+        while j + 1 < maps.len() && maps[j + 1].0 == maps[j].1 {
+            j += 1;
+        }
+        if maps[j].1 - maps[i].0 < guest_bytes {
+            total += maps[i..=j].iter().map(|m| m.2).sum::<u64>();
+        }
+        i = j + 1;
+    }
+    Some(total)
+}
+
+pub fn percentile(values: &mut [f64], p: f64) -> f64 {
+    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let rank = ((p / 100.0) * (values.len() as f64 - 1.0)).round() as usize;
+    values[rank]
+}
+
+pub fn row(name: &str, husk: &[Option<f64>], qemu: &[Option<f64>]) {
+    let collect = |v: &[Option<f64>]| -> Vec<f64> { v.iter().flatten().copied().collect() };
+    let (mut h, mut q) = (collect(husk), collect(qemu));
+    let fmt = |v: &mut Vec<f64>| {
+        if v.is_empty() {
+            ("-".to_string(), "-".to_string(), None)
+        } else {
+            let p50 = percentile(v, 50.0);
+            (
+                format!("{p50:.1}"),
+                format!("{:.1}", percentile(v, 90.0)),
+                Some(p50),
+            )
+        }
+    };
+    let (h50, h90, hp) = fmt(&mut h);
+    let (q50, q90, qp) = fmt(&mut q);
+    let ratio = match (hp, qp) {
+        (Some(h), Some(q)) if q > 0.0 => format!("{:.2}x", h / q),
+        _ => "-".into(),
+    };
+    println!("| {name} | {h50} | {h90} | {q50} | {q90} | {ratio} |");
+}
