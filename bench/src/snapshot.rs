@@ -43,13 +43,16 @@ const READY_LINE: &str = "husk-test-init: started";
 const IDLE_LINE: &str = "husk-test-init: idle";
 const TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Spawns husk-vmm, returns the child and a channel that yields the time
-/// each watched line appears.
+/// Console lines the benchmark waits for, with when they appeared.
+type Lines = mpsc::Receiver<(String, Instant)>;
+
+/// Spawns husk-vmm, returns the child, its spawn time and a channel that
+/// yields the time each watched line appears.
 fn spawn(
     vmm: &Path,
     args: &[&str],
     timings: Option<&Path>,
-) -> anyhow::Result<(Child, Instant, mpsc::Receiver<(String, Instant)>)> {
+) -> anyhow::Result<(Child, Instant, Lines)> {
     let mut cmd = Command::new(vmm);
     cmd.args(args);
     if let Some(t) = timings {
@@ -76,7 +79,7 @@ fn spawn(
     Ok((child, start, rx))
 }
 
-fn wait_line(rx: &mpsc::Receiver<(String, Instant)>, want: &str) -> anyhow::Result<Instant> {
+fn wait_line(rx: &Lines, want: &str) -> anyhow::Result<Instant> {
     loop {
         let (line, at) = rx
             .recv_timeout(TIMEOUT)
