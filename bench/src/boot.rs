@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use husk_bench::{monotonic_ns, row, rss_without_guest};
+use husk_bench::{QEMU_MICROVM, monotonic_ns, row, rss_without_guest, vmm_binary};
 
 #[derive(Parser)]
 #[command(about = "Boot-time benchmark: husk-vmm vs QEMU microvm")]
@@ -145,30 +145,23 @@ fn husk_run(args: &Args, vmm: &Path, kernel: &Path, dir: &Path) -> anyhow::Resul
 
 fn qemu_run(args: &Args, kernel: &Path, cmdline: &str) -> anyhow::Result<Run> {
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-M",
-        "microvm,x-option-roms=off,rtc=off",
-        "-accel",
-        "kvm",
-        "-cpu",
-        "max,-arch-capabilities",
-        "-m",
-        &args.memory.to_string(),
-        "-smp",
-        &args.cpus.to_string(),
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-kernel",
-    ])
-    .arg(kernel)
-    .arg("-initrd")
-    .arg(&args.initramfs)
-    .arg("-append")
-    .arg(cmdline);
+    cmd.args(QEMU_MICROVM)
+        .args([
+            "-m",
+            &args.memory.to_string(),
+            "-smp",
+            &args.cpus.to_string(),
+            "-nographic",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+            "-kernel",
+        ])
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(&args.initramfs)
+        .arg("-append")
+        .arg(cmdline);
     Ok(timed_boot(cmd, args.memory << 20)?.0)
 }
 
@@ -260,17 +253,10 @@ fn husk_null_run(vmm: &Path, kernel: &Path, dir: &Path) -> anyhow::Result<Run> {
 fn qemu_null_run(kernel: &Path) -> anyhow::Result<f64> {
     let start = Instant::now();
     let out = Command::new("qemu-system-x86_64")
+        .args(QEMU_MICROVM)
         .args([
-            "-M",
-            "microvm,x-option-roms=off,rtc=off",
-            "-accel",
-            "kvm",
-            "-cpu",
-            "max,-arch-capabilities",
             "-m",
             "128",
-            "-nodefaults",
-            "-no-user-config",
             "-display",
             "none",
             "-device",
@@ -338,10 +324,7 @@ fn setup_benchmark(args: &Args, vmm: &Path, kernel: &Path, dir: &Path) -> anyhow
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let vmm = args
-        .vmm
-        .clone()
-        .unwrap_or_else(|| std::env::current_exe().unwrap().with_file_name("husk-vmm"));
+    let vmm = vmm_binary(args.vmm.clone());
     let kernel = args
         .kernel
         .clone()

@@ -1,14 +1,29 @@
 //! Shared pieces of Husk's benchmark programs: clocks, percentiles, the
 //! table rows they print, and memory accounting from /proc.
 
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes only into our timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+pub use husk_vmm::timing::monotonic_ns;
+
+/// QEMU microvm as the baselines run it: KVM, the CPU model that works on
+/// these hosts (../shared/HOST-KVM.md), no default devices or config.
+pub const QEMU_MICROVM: &[&str] = &[
+    "-M",
+    "microvm,x-option-roms=off,rtc=off",
+    "-accel",
+    "kvm",
+    "-cpu",
+    "max,-arch-capabilities",
+    "-nodefaults",
+    "-no-user-config",
+];
+
+/// The husk-vmm to measure: the one given, else the one next to the
+/// benchmark binary.
+pub fn vmm_binary(given: Option<std::path::PathBuf>) -> std::path::PathBuf {
+    given.unwrap_or_else(|| {
+        std::env::current_exe()
+            .expect("the benchmark knows its own path")
+            .with_file_name("husk-vmm")
+    })
 }
 
 /// Resident memory of `pid` outside guest RAM, in KiB. Guest RAM is a run

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use husk_bench::{monotonic_ns, row};
+use husk_bench::{monotonic_ns, row, vmm_binary};
 
 #[derive(Parser)]
 #[command(about = "Snapshot benchmark: cold boot vs restore, memory of restored VMs")]
@@ -111,10 +111,7 @@ fn pss_rss(pid: u32) -> Option<(u64, u64)> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let vmm = args
-        .vmm
-        .clone()
-        .unwrap_or_else(|| std::env::current_exe().unwrap().with_file_name("husk-vmm"));
+    let vmm = vmm_binary(args.vmm.clone());
     let dir = std::env::temp_dir().join(format!("husk-bench-snap-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let initramfs = args
