@@ -48,10 +48,13 @@ struct Args {
     /// just executed init).
     #[arg(long, requires = "snapshot_dir", value_parser = parse_mark)]
     snapshot_at_mark: Option<u8>,
+    /// Give the guest a virtio-rng device, fed from the host's getrandom.
+    #[arg(long)]
+    rng: bool,
     /// Restore the VM saved in this snapshot directory instead of booting.
     #[arg(
         long,
-        conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "snapshot_dir"]
+        conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "snapshot_dir", "rng"]
     )]
     restore: Option<PathBuf>,
 }
@@ -89,6 +92,7 @@ fn main() -> ExitCode {
                     .snapshot_dir
                     .zip(args.snapshot_at_mark)
                     .map(|(dir, mark)| SnapshotAt { mark, dir }),
+                rng: args.rng,
             };
             Vm::new(&config, clock)
         }

@@ -10,10 +10,15 @@ mod common;
 use common::{Scratch, kernel, run_with_timeout, test_initramfs, text, vmm};
 
 /// Boots the test init and returns (console, stderr, timings JSON).
-fn boot(scratch: &Scratch, cpus: u8, memory_mib: u64) -> (String, String, serde_json::Value) {
+fn boot(
+    scratch: &Scratch,
+    cpus: u8,
+    memory_mib: u64,
+    extra: &[&str],
+) -> (String, String, serde_json::Value) {
     let initramfs = test_initramfs(scratch);
     let timings = scratch.path("timings.json");
-    let out = run_with_timeout(vmm(&[
+    let mut cmd = vmm(&[
         "--kernel",
         kernel().to_str().unwrap(),
         "--initramfs",
@@ -24,7 +29,9 @@ fn boot(scratch: &Scratch, cpus: u8, memory_mib: u64) -> (String, String, serde_
         &memory_mib.to_string(),
         "--timings",
         timings.to_str().unwrap(),
-    ]));
+    ]);
+    cmd.args(extra);
+    let out = run_with_timeout(cmd);
     let console = text(&out.stdout);
     let stderr = text(&out.stderr);
     assert!(
@@ -60,7 +67,7 @@ fn verdict(console: &str) -> (u64, u64) {
 #[test]
 fn one_vcpu_128_mib_boots_to_init_and_powers_off() {
     let scratch = Scratch::new("boot-1x128");
-    let (console, _, timings) = boot(&scratch, 1, 128);
+    let (console, _, timings) = boot(&scratch, 1, 128, &["--rng"]);
     // The kernel's own log reached the serial console...
     assert!(console.contains("Linux version 6.12"), "{console}");
     assert!(console.contains("Run /init as init process"), "{console}");
@@ -69,6 +76,12 @@ fn one_vcpu_128_mib_boots_to_init_and_powers_off() {
     let (cpus, mem) = verdict(&console);
     assert_eq!(cpus, 1);
     assert!((100..=128).contains(&mem), "guest sees {mem} MiB");
+    // The virtio-rng device (virtio-mmio transport, queue, irqfd) gave the
+    // guest's /dev/hwrng random bytes.
+    assert!(
+        console.contains("husk-test-init: hwrng ok 32 bytes"),
+        "{console}"
+    );
     // The power-off ended the VM: nothing the kernel prints after it.
     assert!(!console.contains("Attempted to kill init"), "{console}");
 
@@ -93,7 +106,12 @@ fn one_vcpu_128_mib_boots_to_init_and_powers_off() {
 #[test]
 fn two_vcpus_one_gib_boots_with_both_cpus_online() {
     let scratch = Scratch::new("boot-2x1024");
-    let (console, _, _) = boot(&scratch, 2, 1024);
+    let (console, _, _) = boot(&scratch, 2, 1024, &[]);
+    // No --rng: no device, and the guest says so.
+    assert!(
+        console.contains("husk-test-init: hwrng absent"),
+        "{console}"
+    );
     assert!(
         console.contains("smp: Brought up 1 node, 2 CPUs"),
         "{console}"

@@ -132,6 +132,37 @@ fn mem_mib() -> u64 {
     }
 }
 
+/// Reads from the virtio-rng device if the guest has one: mounts devtmpfs
+/// on /dev (the kernel made /dev/hwrng there) and reads 32 bytes.
+fn check_hwrng() -> String {
+    let devtmpfs = CString::new("devtmpfs").unwrap();
+    let dev = CString::new("/dev").unwrap();
+    // SAFETY: mount with valid C strings and no data.
+    let mounted = unsafe {
+        libc::mount(
+            devtmpfs.as_ptr(),
+            dev.as_ptr(),
+            devtmpfs.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    } == 0;
+    if !mounted {
+        return "hwrng unknown (devtmpfs)".into();
+    }
+    let mut buf = [0u8; 32];
+    match std::fs::File::open("/dev/hwrng") {
+        Err(_) => "hwrng absent".into(),
+        Ok(mut f) => match std::io::Read::read_exact(&mut f, &mut buf) {
+            Ok(()) if buf != [0u8; 32] => "hwrng ok 32 bytes".into(),
+            Ok(()) => "hwrng FAIL all zero".into(),
+            // The hw_random core makes /dev/hwrng with or without a device.
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => "hwrng absent".into(),
+            Err(e) => format!("hwrng FAIL {e}"),
+        },
+    }
+}
+
 fn power_off() -> ! {
     // SAFETY: sync and reboot take no pointers; as PID 1 we may power off.
     unsafe {
@@ -168,6 +199,7 @@ fn main() {
     } else {
         say(&format!("FAIL {shape} {}", failed.join("; ")));
     }
+    say(&check_hwrng());
     if std::env::args().any(|a| a == "idle") {
         say("idle");
         loop {

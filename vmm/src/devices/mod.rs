@@ -8,6 +8,7 @@
 
 pub mod legacy;
 pub mod serial;
+pub mod virtio;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -80,6 +81,11 @@ impl Bus {
         }
         self.windows.insert(base, Window { len, device });
         Ok(())
+    }
+
+    /// True when no device is on the bus.
+    pub fn is_empty(&self) -> bool {
+        self.windows.is_empty()
     }
 
     fn find(&self, addr: u64) -> Option<(u64, &Arc<Mutex<dyn BusDevice>>)> {

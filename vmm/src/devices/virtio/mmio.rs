@@ -1,0 +1,372 @@
+//! The virtio-mmio transport, version 2 (virtio 1.2, section 4.2.2): the
+//! register window through which the guest's driver finds a device,
+//! negotiates features, sets up queues and notifies.
+//!
+//! Queue notifications are handled on the vCPU thread that wrote
+//! `QueueNotify`; the interrupt goes out through an eventfd wired to the
+//! device's GSI. Every guest value is checked before use: a queue size that
+//! is not a power of two or exceeds the maximum, a queue index out of range,
+//! or a queue the guest marks ready with bad addresses is ignored or left not
+//! ready, never trusted.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{VIRTIO_F_VERSION_1, VirtioDevice};
+use crate::devices::BusDevice;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+/// "HUSK", the vendor ID the guest sees.
+const VENDOR_ID: u32 = 0x4b53_5548;
+
+const REG_MAGIC: u64 = 0x000;
+const REG_VERSION: u64 = 0x004;
+const REG_DEVICE_ID: u64 = 0x008;
+const REG_VENDOR_ID: u64 = 0x00c;
+const REG_DEVICE_FEATURES: u64 = 0x010;
+const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+const REG_DRIVER_FEATURES: u64 = 0x020;
+const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+const REG_QUEUE_SEL: u64 = 0x030;
+const REG_QUEUE_NUM_MAX: u64 = 0x034;
+const REG_QUEUE_NUM: u64 = 0x038;
+const REG_QUEUE_READY: u64 = 0x044;
+const REG_QUEUE_NOTIFY: u64 = 0x050;
+const REG_INTERRUPT_STATUS: u64 = 0x060;
+const REG_INTERRUPT_ACK: u64 = 0x064;
+const REG_STATUS: u64 = 0x070;
+const REG_QUEUE_DESC_LOW: u64 = 0x080;
+const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+const REG_QUEUE_AVAIL_LOW: u64 = 0x090;
+const REG_QUEUE_AVAIL_HIGH: u64 = 0x094;
+const REG_QUEUE_USED_LOW: u64 = 0x0a0;
+const REG_QUEUE_USED_HIGH: u64 = 0x0a4;
+const REG_CONFIG_GENERATION: u64 = 0x0fc;
+const REG_CONFIG: u64 = 0x100;
+
+/// Device status bits.
+const STATUS_FEATURES_OK: u32 = 8;
+const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_FAILED: u32 = 128;
+/// Interrupt status: the device used buffers.
+const INT_USED_RING: u32 = 1;
+
+/// One virtio device's register window.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    irq: EventFd,
+    queues: Vec<Queue>,
+    queue_sel: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    status: u32,
+    interrupt_status: AtomicU32,
+}
+
+impl MmioTransport {
+    /// A transport for `device`, reading guest memory `mem` and raising its
+    /// interrupt through `irq`.
+    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, irq: EventFd) -> Self {
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&max| Queue::new(max).expect("device queue sizes are powers of two"))
+            .collect();
+        Self {
+            device,
+            mem,
+            irq,
+            queues,
+            queue_sel: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            status: 0,
+            interrupt_status: AtomicU32::new(0),
+        }
+    }
+
+    fn device_features(&self) -> u64 {
+        self.device.features() | VIRTIO_F_VERSION_1
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn reset(&mut self) {
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.queue_sel = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.status = 0;
+        self.interrupt_status.store(0, Ordering::SeqCst);
+    }
+
+    fn set_status(&mut self, status: u32) {
+        if status == 0 {
+            self.reset();
+            return;
+        }
+        // FEATURES_OK only holds if the driver accepted nothing the device
+        // did not offer, and VERSION_1 (legacy drivers are not supported).
+        if status & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
+            let offered = self.device_features();
+            let ok = self.driver_features & !offered == 0
+                && self.driver_features & VIRTIO_F_VERSION_1 != 0;
+            if !ok {
+                self.status = status & !STATUS_FEATURES_OK;
+                return;
+            }
+        }
+        if status & STATUS_DRIVER_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
+            self.status = status | STATUS_FAILED;
+            return;
+        }
+        self.status = status;
+    }
+
+    fn notify(&mut self, index: u32) {
+        if self.status & STATUS_DRIVER_OK == 0 {
+            return;
+        }
+        let Some(queue) = self.queues.get_mut(index as usize) else {
+            return;
+        };
+        if !queue.ready() {
+            return;
+        }
+        if self.device.process_queue(index as usize, queue, &self.mem) {
+            self.interrupt_status
+                .fetch_or(INT_USED_RING, Ordering::SeqCst);
+            let _ = self.irq.write(1);
+        }
+    }
+
+    fn set_queue_addr(&mut self, offset: u64, value: u32) {
+        // Queue addresses may change only while the queue is not ready.
+        let Some(q) = self.selected_queue() else {
+            return;
+        };
+        if q.ready() {
+            return;
+        }
+        match offset {
+            REG_QUEUE_DESC_LOW => q.set_desc_table_address(Some(value), None),
+            REG_QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(value)),
+            REG_QUEUE_AVAIL_LOW => q.set_avail_ring_address(Some(value), None),
+            REG_QUEUE_AVAIL_HIGH => q.set_avail_ring_address(None, Some(value)),
+            REG_QUEUE_USED_LOW => q.set_used_ring_address(Some(value), None),
+            REG_QUEUE_USED_HIGH => q.set_used_ring_address(None, Some(value)),
+            _ => {}
+        }
+    }
+
+    fn read_reg(&self, offset: u64) -> u32 {
+        let queue = self.queues.get(self.queue_sel as usize);
+        match offset {
+            REG_MAGIC => MAGIC,
+            REG_VERSION => VERSION,
+            REG_DEVICE_ID => self.device.device_type(),
+            REG_VENDOR_ID => VENDOR_ID,
+            REG_DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device_features() as u32,
+                1 => (self.device_features() >> 32) as u32,
+                _ => 0,
+            },
+            REG_QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size())),
+            REG_QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
+            REG_INTERRUPT_STATUS => self.interrupt_status.load(Ordering::SeqCst),
+            REG_STATUS => self.status,
+            REG_CONFIG_GENERATION => 0,
+            _ => 0,
+        }
+    }
+
+    fn write_reg(&mut self, offset: u64, value: u32) {
+        match offset {
+            REG_DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            REG_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            REG_DRIVER_FEATURES => match self.driver_features_sel {
+                0 => {
+                    self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value)
+                }
+                1 => {
+                    self.driver_features =
+                        (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
+                }
+                _ => {}
+            },
+            REG_QUEUE_SEL => self.queue_sel = value,
+            REG_QUEUE_NUM => {
+                if let Some(q) = self.selected_queue()
+                    && !q.ready()
+                    && value <= u32::from(q.max_size())
+                    && (value as u16).is_power_of_two()
+                {
+                    q.set_size(value as u16);
+                }
+            }
+            REG_QUEUE_READY => {
+                let mem = self.mem.clone();
+                if let Some(q) = self.selected_queue() {
+                    // A queue becomes ready only if its rings lie in guest
+                    // memory (virtio-queue's check needs it marked ready).
+                    q.set_ready(value == 1);
+                    if q.ready() && !q.is_valid(&mem) {
+                        q.set_ready(false);
+                    }
+                }
+            }
+            REG_QUEUE_NOTIFY => self.notify(value),
+            REG_INTERRUPT_ACK => {
+                self.interrupt_status.fetch_and(!value, Ordering::SeqCst);
+            }
+            REG_STATUS => self.set_status(value),
+            REG_QUEUE_DESC_LOW..=REG_QUEUE_USED_HIGH => self.set_queue_addr(offset, value),
+            _ => {}
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= REG_CONFIG {
+            self.device.read_config(offset - REG_CONFIG, data);
+        } else if data.len() == 4 {
+            data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
+        } else {
+            // Registers are 32-bit; other widths read as zero.
+            data.fill(0);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset < REG_CONFIG
+            && let Ok(bytes) = <[u8; 4]>::try_from(data)
+        {
+            self.write_reg(offset, u32::from_le_bytes(bytes));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::devices::virtio::rng::{Rng, TYPE_RNG};
+
+    const VIRTQ_DESC_F_WRITE: u16 = 2;
+
+    fn reg(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn set(t: &mut MmioTransport, offset: u64, value: u32) {
+        t.write(offset, &value.to_le_bytes());
+    }
+
+    /// Drives the transport as Linux's virtio_mmio driver does.
+    fn bring_up(t: &mut MmioTransport, q: &MockSplitQueue<GuestMemoryMmap>) {
+        assert_eq!(reg(t, REG_MAGIC), MAGIC);
+        assert_eq!(reg(t, REG_VERSION), 2);
+        set(t, REG_STATUS, 1 | 2); // ACKNOWLEDGE | DRIVER
+        set(t, REG_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(reg(t, REG_DEVICE_FEATURES), 1, "VERSION_1 is offered");
+        set(t, REG_DRIVER_FEATURES_SEL, 1);
+        set(t, REG_DRIVER_FEATURES, 1);
+        set(t, REG_STATUS, 1 | 2 | STATUS_FEATURES_OK);
+        assert_ne!(reg(t, REG_STATUS) & STATUS_FEATURES_OK, 0);
+        set(t, REG_QUEUE_SEL, 0);
+        assert_eq!(reg(t, REG_QUEUE_NUM_MAX), 256);
+        set(t, REG_QUEUE_NUM, 16);
+        let addr = |a: GuestAddress| (a.0 as u32, (a.0 >> 32) as u32);
+        let (dl, dh) = addr(q.desc_table_addr());
+        let (al, ah) = addr(q.avail_addr());
+        let (ul, uh) = addr(q.used_addr());
+        set(t, REG_QUEUE_DESC_LOW, dl);
+        set(t, REG_QUEUE_DESC_HIGH, dh);
+        set(t, REG_QUEUE_AVAIL_LOW, al);
+        set(t, REG_QUEUE_AVAIL_HIGH, ah);
+        set(t, REG_QUEUE_USED_LOW, ul);
+        set(t, REG_QUEUE_USED_HIGH, uh);
+        set(t, REG_QUEUE_READY, 1);
+        assert_eq!(reg(t, REG_QUEUE_READY), 1);
+        set(t, REG_STATUS, 1 | 2 | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+    }
+
+    #[test]
+    fn rng_fills_the_guests_buffer_and_interrupts() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+        let q = MockSplitQueue::new(&mem, 16);
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut t = MmioTransport::new(Box::new(Rng), mem.clone(), irq.try_clone().unwrap());
+        assert_eq!(reg(&mut t, REG_DEVICE_ID), TYPE_RNG);
+        bring_up(&mut t, &q);
+
+        let buf = GuestAddress(0x10_0000);
+        mem.write_slice(&[0u8; 64], buf).unwrap();
+        let desc = RawDescriptor::from(SplitDescriptor::new(buf.0, 64, VIRTQ_DESC_F_WRITE, 0));
+        q.add_desc_chains(&[desc], 0).unwrap();
+        set(&mut t, REG_QUEUE_NOTIFY, 0);
+
+        assert_eq!(q.used().idx().load(), 1);
+        let used = q.used().ring().ref_at(0).unwrap().load();
+        assert_eq!(used.len(), 64);
+        let mut got = [0u8; 64];
+        mem.read_slice(&mut got, buf).unwrap();
+        assert_ne!(got, [0u8; 64], "the buffer holds random bytes");
+        assert_eq!(irq.read().unwrap(), 1);
+        assert_eq!(reg(&mut t, REG_INTERRUPT_STATUS), INT_USED_RING);
+        set(&mut t, REG_INTERRUPT_ACK, INT_USED_RING);
+        assert_eq!(reg(&mut t, REG_INTERRUPT_STATUS), 0);
+    }
+
+    #[test]
+    fn bad_guest_values_are_not_trusted() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut t = MmioTransport::new(Box::new(Rng), mem, irq);
+        // Features the device never offered: FEATURES_OK does not stick.
+        set(&mut t, REG_DRIVER_FEATURES_SEL, 0);
+        set(&mut t, REG_DRIVER_FEATURES, 1 << 5);
+        set(&mut t, REG_DRIVER_FEATURES_SEL, 1);
+        set(&mut t, REG_DRIVER_FEATURES, 1);
+        set(&mut t, REG_STATUS, 1 | 2 | STATUS_FEATURES_OK);
+        assert_eq!(reg(&mut t, REG_STATUS) & STATUS_FEATURES_OK, 0);
+        // DRIVER_OK without FEATURES_OK marks the device failed.
+        set(&mut t, REG_STATUS, 1 | 2 | STATUS_DRIVER_OK);
+        assert_ne!(reg(&mut t, REG_STATUS) & STATUS_FAILED, 0);
+        // A queue outside guest memory never becomes ready.
+        set(&mut t, REG_STATUS, 0);
+        set(&mut t, REG_QUEUE_NUM, 16);
+        set(&mut t, REG_QUEUE_DESC_LOW, 0xffff_f000);
+        set(&mut t, REG_QUEUE_READY, 1);
+        assert_eq!(reg(&mut t, REG_QUEUE_READY), 0);
+        // Sizes above the maximum or not a power of two are ignored, and
+        // so is a queue index that does not exist.
+        set(&mut t, REG_QUEUE_NUM, 3);
+        set(&mut t, REG_QUEUE_NUM, 4096);
+        set(&mut t, REG_QUEUE_SEL, 7);
+        assert_eq!(reg(&mut t, REG_QUEUE_NUM_MAX), 0);
+        set(&mut t, REG_QUEUE_NOTIFY, 7);
+        // Narrow accesses do nothing.
+        t.write(REG_STATUS, &[0xff]);
+        assert_eq!(reg(&mut t, REG_STATUS), 0);
+    }
+}
