@@ -48,13 +48,14 @@ struct Args {
     /// just executed init).
     #[arg(long, requires = "snapshot_dir", value_parser = parse_mark)]
     snapshot_at_mark: Option<u8>,
-    /// Give the guest a virtio-rng device, fed from the host's getrandom.
+    /// Give the guest no virtio-rng device (by default it has one, fed
+    /// from the host's getrandom, so it has entropy at boot).
     #[arg(long)]
-    rng: bool,
+    no_rng: bool,
     /// Restore the VM saved in this snapshot directory instead of booting.
     #[arg(
         long,
-        conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "snapshot_dir", "rng"]
+        conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "snapshot_dir", "no_rng"]
     )]
     restore: Option<PathBuf>,
 }
@@ -92,7 +93,7 @@ fn main() -> ExitCode {
                     .snapshot_dir
                     .zip(args.snapshot_at_mark)
                     .map(|(dir, mark)| SnapshotAt { mark, dir }),
-                rng: args.rng,
+                rng: !args.no_rng,
             };
             Vm::new(&config, clock)
         }

@@ -147,6 +147,19 @@ pub struct VmState {
     pub clock: kvm_clock_data,
     /// COM1.
     pub serial: SerialRegs,
+    /// The virtio-mmio devices.
+    pub virtio: Vec<VirtioSlot>,
+}
+
+/// One virtio-mmio device: where it sits and its transport's state.
+#[derive(Serialize, Deserialize)]
+pub struct VirtioSlot {
+    /// Base of its MMIO window.
+    pub base: u64,
+    /// Its interrupt.
+    pub gsi: u32,
+    /// Registers and queues.
+    pub transport: crate::devices::virtio::mmio::MmioState,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -251,6 +264,7 @@ mod tests {
                 line_status: 0x60,
                 ..Default::default()
             },
+            virtio: Vec::new(),
         }
     }
 

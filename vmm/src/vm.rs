@@ -36,7 +36,7 @@ use crate::devices::virtio::rng::Rng;
 use crate::devices::{Bus, BusError, lock};
 use crate::host;
 use crate::layout::{self, KVM_TSS_ADDR, SERIAL_IRQ};
-use crate::snapshot::{self, SerialRegs, SnapshotError, VcpuState, VmState};
+use crate::snapshot::{self, SerialRegs, SnapshotError, VcpuState, VirtioSlot, VmState};
 use crate::timing::{BootTimes, Clock};
 use crate::vcpu::{VcpuControl, VcpuStop, VcpuThread};
 
@@ -82,7 +82,8 @@ pub struct VmConfig {
     pub console: Console,
     /// Snapshot the VM, and end, when the guest writes this debug-port mark.
     pub snapshot_at: Option<SnapshotAt>,
-    /// Give the guest a virtio-rng device (entropy from the host).
+    /// Give the guest a virtio-rng device (entropy from the host). On by
+    /// default: the guest then has entropy at boot.
     pub rng: bool,
 }
 
@@ -183,6 +184,41 @@ enum VmEvent {
     VcpuSaved(u8, Box<Result<VcpuState, CpuError>>),
 }
 
+/// A virtio-mmio device as the VM keeps it: where, on which GSI.
+struct VirtioDevice {
+    base: u64,
+    gsi: u32,
+    transport: Arc<Mutex<MmioTransport>>,
+}
+
+/// Makes the virtio device of `device_type` (the ones a snapshot may hold).
+fn virtio_device(device_type: u32) -> Option<Box<dyn crate::devices::virtio::VirtioDevice>> {
+    match device_type {
+        crate::devices::virtio::rng::TYPE_RNG => Some(Box::new(Rng)),
+        _ => None,
+    }
+}
+
+/// Wires a virtio-mmio transport into the VM: its irqfd and its window.
+fn attach_virtio(
+    vm: &VmFd,
+    mmio: &mut Bus,
+    base: u64,
+    gsi: u32,
+    make: impl FnOnce(EventFd) -> Result<MmioTransport, VmError>,
+) -> Result<VirtioDevice, VmError> {
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::EventFd("a virtio IRQ", e))?;
+    vm.register_irqfd(&irq, gsi)
+        .map_err(|e| VmError::Kvm("wire a virtio IRQ", e))?;
+    let transport = Arc::new(Mutex::new(make(irq)?));
+    mmio.insert(transport.clone(), base, layout::MMIO_DEVICE_SIZE)?;
+    Ok(VirtioDevice {
+        base,
+        gsi,
+        transport,
+    })
+}
+
 /// The devices and the channel they report on, made during set-up.
 struct Devices {
     pio: Bus,
@@ -207,6 +243,7 @@ pub struct Vm {
     control: Arc<VcpuControl>,
     threads: Vec<std::thread::JoinHandle<()>>,
     snapshot_at: Option<SnapshotAt>,
+    virtio: Vec<VirtioDevice>,
     memory_mib: u64,
     clock: Arc<Clock>,
     cmdline: String,
@@ -370,24 +407,17 @@ impl Vm {
         let (devices, vcpus) =
             Self::setup_devices_and_vcpus(config.vcpus, &kvm, &vm, &clock, console_out, None)?;
         let mut mmio = Bus::new();
+        let mut virtio = Vec::new();
         let mut device_args = String::new();
         if config.rng {
-            let irq = EventFd::new(libc::EFD_NONBLOCK)
-                .map_err(|e| VmError::EventFd("the virtio-rng IRQ", e))?;
-            let gsi = layout::IRQ_BASE;
-            vm.register_irqfd(&irq, gsi)
-                .map_err(|e| VmError::Kvm("wire the virtio-rng IRQ", e))?;
-            let transport = MmioTransport::new(Box::new(Rng), memory.clone(), irq);
-            mmio.insert(
-                Arc::new(Mutex::new(transport)),
-                layout::MMIO_START,
-                layout::MMIO_DEVICE_SIZE,
-            )?;
+            let (base, gsi) = (layout::MMIO_START, layout::IRQ_BASE);
+            virtio.push(attach_virtio(&vm, &mut mmio, base, gsi, |irq| {
+                Ok(MmioTransport::new(Box::new(Rng), memory.clone(), irq))
+            })?);
             // Announced on the command line: no PCI, no device tree.
             device_args = format!(
-                "virtio_mmio.device={}K@{:#x}:{gsi}",
-                layout::MMIO_DEVICE_SIZE >> 10,
-                layout::MMIO_START
+                "virtio_mmio.device={}K@{base:#x}:{gsi}",
+                layout::MMIO_DEVICE_SIZE >> 10
             );
         }
         let extra = format!("{device_args} {}", config.extra_cmdline);
@@ -406,7 +436,7 @@ impl Vm {
         Ok(Self::assemble(
             vm,
             memory,
-            (devices, mmio),
+            (devices, mmio, virtio),
             vcpus,
             clock,
             cmdline,
@@ -456,6 +486,23 @@ impl Vm {
             console_out,
             Some((&state.serial, dir)),
         )?;
+        let mut mmio = Bus::new();
+        let mut virtio = Vec::new();
+        for slot in &state.virtio {
+            let device =
+                virtio_device(slot.transport.device_type).ok_or_else(|| VmError::BadSnapshot {
+                    dir: dir.to_owned(),
+                    why: format!("unknown virtio device type {}", slot.transport.device_type),
+                })?;
+            virtio.push(attach_virtio(&vm, &mut mmio, slot.base, slot.gsi, |irq| {
+                MmioTransport::restore(device, memory.clone(), irq, &slot.transport).map_err(
+                    |why| VmError::BadSnapshot {
+                        dir: dir.to_owned(),
+                        why,
+                    },
+                )
+            })?);
+        }
         for (id, (vcpu, saved)) in vcpus.iter().zip(&state.vcpus).enumerate() {
             cpu::restore_vcpu(vcpu, saved, id as u8)?;
         }
@@ -468,7 +515,7 @@ impl Vm {
         Ok(Self::assemble(
             vm,
             memory,
-            (devices, Bus::new()),
+            (devices, mmio, virtio),
             vcpus,
             clock,
             state.cmdline,
@@ -481,7 +528,7 @@ impl Vm {
     fn assemble(
         vm: VmFd,
         memory: GuestMemoryMmap,
-        (devices, mmio): (Devices, Bus),
+        (devices, mmio, virtio): (Devices, Bus, Vec<VirtioDevice>),
         vcpus: Vec<VcpuFd>,
         clock: Arc<Clock>,
         cmdline: String,
@@ -510,6 +557,7 @@ impl Vm {
             control,
             threads: Vec::new(),
             snapshot_at,
+            virtio,
             memory_mib,
             clock,
             cmdline,
@@ -696,11 +744,6 @@ impl Vm {
     /// Stops every vCPU where it is, collects their state, and writes the
     /// snapshot. The vCPUs stay stopped.
     fn take_snapshot(&self, dir: &Path) -> Result<(), VmError> {
-        if !self.mmio.is_empty() {
-            return Err(VmError::SaveFailed(
-                "virtio devices cannot be snapshotted yet (boot without --rng)".into(),
-            ));
-        }
         self.control.request_save();
         let mut saved: Vec<Option<VcpuState>> = (0..self.threads.len()).map(|_| None).collect();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -754,6 +797,15 @@ impl Vm {
             pit: self.vm.get_pit2().map_err(e("PIT"))?,
             clock: self.vm.get_clock().map_err(e("clock"))?,
             serial: lock(&self.serial).regs(),
+            virtio: self
+                .virtio
+                .iter()
+                .map(|d| VirtioSlot {
+                    base: d.base,
+                    gsi: d.gsi,
+                    transport: lock(&d.transport).save(),
+                })
+                .collect(),
         };
         let regions: Vec<&[u8]> = self
             .memory

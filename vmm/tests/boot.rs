@@ -67,7 +67,7 @@ fn verdict(console: &str) -> (u64, u64) {
 #[test]
 fn one_vcpu_128_mib_boots_to_init_and_powers_off() {
     let scratch = Scratch::new("boot-1x128");
-    let (console, _, timings) = boot(&scratch, 1, 128, &["--rng"]);
+    let (console, _, timings) = boot(&scratch, 1, 128, &[]);
     // The kernel's own log reached the serial console...
     assert!(console.contains("Linux version 6.12"), "{console}");
     assert!(console.contains("Run /init as init process"), "{console}");
@@ -106,8 +106,8 @@ fn one_vcpu_128_mib_boots_to_init_and_powers_off() {
 #[test]
 fn two_vcpus_one_gib_boots_with_both_cpus_online() {
     let scratch = Scratch::new("boot-2x1024");
-    let (console, _, _) = boot(&scratch, 2, 1024, &[]);
-    // No --rng: no device, and the guest says so.
+    let (console, _, _) = boot(&scratch, 2, 1024, &["--no-rng"]);
+    // --no-rng: no device, and the guest says so.
     assert!(
         console.contains("husk-test-init: hwrng absent"),
         "{console}"

@@ -83,11 +83,6 @@ impl Bus {
         Ok(())
     }
 
-    /// True when no device is on the bus.
-    pub fn is_empty(&self) -> bool {
-        self.windows.is_empty()
-    }
-
     fn find(&self, addr: u64) -> Option<(u64, &Arc<Mutex<dyn BusDevice>>)> {
         let (base, window) = self.windows.range(..=addr).next_back()?;
         (addr < base + window.len).then_some((addr - base, &window.device))

@@ -11,7 +11,8 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -55,6 +56,67 @@ const STATUS_FAILED: u32 = 128;
 /// Interrupt status: the device used buffers.
 const INT_USED_RING: u32 = 1;
 
+/// One queue's registers and ring positions, for a snapshot
+/// (virtio-queue's `QueueState`, which has no serde of its own).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QueueRegs {
+    max_size: u16,
+    next_avail: u16,
+    next_used: u16,
+    event_idx_enabled: bool,
+    size: u16,
+    ready: bool,
+    desc_table: u64,
+    avail_ring: u64,
+    used_ring: u64,
+}
+
+impl From<QueueState> for QueueRegs {
+    fn from(q: QueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl From<&QueueRegs> for QueueState {
+    fn from(q: &QueueRegs) -> Self {
+        Self {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+/// The transport's state, for a snapshot.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MmioState {
+    /// The device behind it.
+    pub device_type: u32,
+    queues: Vec<QueueRegs>,
+    queue_sel: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    status: u32,
+    interrupt_status: u32,
+}
+
 /// One virtio device's register window.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -90,6 +152,67 @@ impl MmioTransport {
             status: 0,
             interrupt_status: AtomicU32::new(0),
         }
+    }
+
+    /// The registers and queues, for a snapshot.
+    pub fn save(&self) -> MmioState {
+        MmioState {
+            device_type: self.device.device_type(),
+            queues: self.queues.iter().map(|q| q.state().into()).collect(),
+            queue_sel: self.queue_sel,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            status: self.status,
+            interrupt_status: self.interrupt_status.load(Ordering::SeqCst),
+        }
+    }
+
+    /// A transport for `device` in the state `state` (from a snapshot).
+    /// Fails, saying why, when the state does not fit the device or guest
+    /// memory.
+    pub fn restore(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        irq: EventFd,
+        state: &MmioState,
+    ) -> Result<Self, String> {
+        if state.device_type != device.device_type()
+            || state.queues.len() != device.queue_max_sizes().len()
+        {
+            return Err(format!(
+                "virtio device state of type {} does not fit a device of type {}",
+                state.device_type,
+                device.device_type()
+            ));
+        }
+        let mut queues = Vec::with_capacity(state.queues.len());
+        for (regs, &max) in state.queues.iter().zip(device.queue_max_sizes()) {
+            if regs.max_size != max {
+                return Err(format!(
+                    "virtio queue of size {} where {max} is expected",
+                    regs.max_size
+                ));
+            }
+            let queue = Queue::try_from(QueueState::from(regs))
+                .map_err(|e| format!("virtio queue state: {e}"))?;
+            if queue.ready() && !queue.is_valid(&mem) {
+                return Err("a ready virtio queue lies outside guest memory".into());
+            }
+            queues.push(queue);
+        }
+        Ok(Self {
+            device,
+            mem,
+            irq,
+            queues,
+            queue_sel: state.queue_sel,
+            device_features_sel: state.device_features_sel,
+            driver_features_sel: state.driver_features_sel,
+            driver_features: state.driver_features,
+            status: state.status,
+            interrupt_status: AtomicU32::new(state.interrupt_status),
+        })
     }
 
     fn device_features(&self) -> u64 {
@@ -335,6 +458,27 @@ mod tests {
         assert_eq!(reg(&mut t, REG_INTERRUPT_STATUS), INT_USED_RING);
         set(&mut t, REG_INTERRUPT_ACK, INT_USED_RING);
         assert_eq!(reg(&mut t, REG_INTERRUPT_STATUS), 0);
+
+        // Saved and restored, the transport goes on where it was: the next
+        // buffer lands in the next used slot.
+        let state = t.save();
+        let irq2 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut t2 = MmioTransport::restore(Box::new(Rng), mem.clone(), irq2, &state).unwrap();
+        assert_eq!(t2.save(), state);
+        assert_eq!(reg(&mut t2, REG_QUEUE_READY), 1);
+        let desc = RawDescriptor::from(SplitDescriptor::new(buf.0, 16, VIRTQ_DESC_F_WRITE, 0));
+        q.add_desc_chains(&[desc], 1).unwrap();
+        set(&mut t2, REG_QUEUE_NOTIFY, 0);
+        assert_eq!(q.used().idx().load(), 2);
+
+        // A state for another kind of device is refused.
+        let mut other = state.clone();
+        other.device_type = 26;
+        let irq3 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let err = MmioTransport::restore(Box::new(Rng), mem, irq3, &other)
+            .err()
+            .unwrap();
+        assert!(err.contains("does not fit"), "{err}");
     }
 
     #[test]
