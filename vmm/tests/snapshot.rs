@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 
 use common::{Scratch, kernel, run_with_timeout, test_initramfs, text, vmm};
 
-/// Boots the test init and snapshots it as the kernel executes init.
+/// Boots the test init on two vCPUs and snapshots it as the kernel
+/// executes init: the vCPU that writes the mark stops itself, the other is
+/// kicked out of KVM_RUN by a signal.
 fn make_snapshot(scratch: &Scratch) -> PathBuf {
     let initramfs = test_initramfs(scratch);
     let dir = scratch.path("snap");
@@ -19,6 +21,8 @@ fn make_snapshot(scratch: &Scratch) -> PathBuf {
         kernel().to_str().unwrap(),
         "--initramfs",
         initramfs.to_str().unwrap(),
+        "--cpus",
+        "2",
         "--snapshot-dir",
         dir.to_str().unwrap(),
         "--snapshot-at-mark",
@@ -65,6 +69,7 @@ fn a_restored_guest_continues_and_runs_its_init(snap: &Path) {
         let (code, console, stderr) = restore(snap);
         assert_eq!(code, 0, "{stderr}\n{console}");
         assert!(console.contains("husk-test-init: started"), "{console}");
+        assert!(console.contains("husk-test-init: ok cpus=2 "), "{console}");
         assert!(console.contains("fork=ok exec=ok signal=ok"), "{console}");
         // Nothing of the boot is replayed.
         assert!(!console.contains("Linux version"), "{console}");
