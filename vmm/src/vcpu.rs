@@ -11,7 +11,6 @@ use std::thread::JoinHandle;
 
 use kvm_bindings::KVM_SYSTEM_EVENT_CRASH;
 use kvm_ioctls::{VcpuExit, VcpuFd};
-
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use crate::cpu::{self, CpuError};
