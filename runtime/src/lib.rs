@@ -1,8 +1,9 @@
 //! Husk's host-side runtime library: what the `husk` CLI (and later the
 //! containerd shim) are thin faces over.
 //!
-//! For now it writes the guest's initramfs; container lifecycle, state and
-//! images build on top of it.
+//! For now it writes the guest's initramfs and keeps the warm-start
+//! snapshots; container lifecycle, state and images build on top of it.
 #![deny(missing_docs)]
 
 pub mod initramfs;
+pub mod warm;

@@ -1,6 +1,7 @@
 //! Snapshot and restore of a real guest on real KVM, as one story: one
 //! cold boot makes the snapshot (the test init's guest, stopped as the
-//! kernel executes init), then every check restores it, which takes a
+//! kernel executes init) through the runtime's warm-start cache, then every
+//! check restores it, which takes a
 //! fraction of a second instead of a boot. (nextest runs each test in its
 //! own process, so separate tests could not share the snapshot.)
 
@@ -8,36 +9,32 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{Scratch, kernel, run_with_timeout, test_initramfs, text, vmm};
+use common::{Scratch, VMM, kernel, run_with_timeout, test_initramfs, text, vmm};
+use husk_runtime::warm::{self, GuestImage, Origin};
 
-/// Boots the test init on two vCPUs and snapshots it as the kernel
-/// executes init: the vCPU that writes the mark stops itself, the other is
-/// kicked out of KVM_RUN by a signal.
+/// The runtime's warm-start cache makes the snapshot on first use: it
+/// boots the test init on two vCPUs and snapshots it as the kernel executes
+/// init (the vCPU that writes the mark stops itself, the other is kicked
+/// out of KVM_RUN by a signal). Asked again, it finds it cached.
 fn make_snapshot(scratch: &Scratch) -> PathBuf {
-    let initramfs = test_initramfs(scratch);
-    let dir = scratch.path("snap");
-    let out = run_with_timeout(vmm(&[
-        "--kernel",
-        kernel().to_str().unwrap(),
-        "--initramfs",
-        initramfs.to_str().unwrap(),
-        "--cpus",
-        "2",
-        "--snapshot-dir",
-        dir.to_str().unwrap(),
-        "--snapshot-at-mark",
-        "2",
-    ]));
-    let console = text(&out.stdout);
+    let image = GuestImage {
+        kernel: kernel(),
+        initramfs: test_initramfs(scratch),
+        vcpus: 2,
+        memory_mib: 128,
+        ready_mark: 2,
+    };
+    let root = scratch.path("root");
+    let (snap, origin) = warm::snapshot(&root, Path::new(VMM), &image).unwrap();
+    assert_eq!(origin, Origin::Created);
     assert!(
-        out.status.success(),
-        "snapshot boot failed: {}\n{console}",
-        text(&out.stderr)
+        snap.starts_with(root.join("snapshots")),
+        "{}",
+        snap.display()
     );
-    // Snapshotted as init was executed: it has not printed yet.
-    assert!(console.contains("Run /init as init process"), "{console}");
-    assert!(!console.contains("husk-test-init"), "{console}");
-    dir
+    let (again, origin) = warm::snapshot(&root, Path::new(VMM), &image).unwrap();
+    assert_eq!((again, origin), (snap.clone(), Origin::Cached));
+    snap
 }
 
 #[test]

@@ -1,0 +1,240 @@
+//! Warm starts: a booted guest, snapshotted once per kernel, init and VM
+//! shape, from which every later VM of that kind is restored.
+//!
+//! The cache lives under Husk's root (`<root>/snapshots/<key>/`), where
+//! `<key>` hashes the kernel file, the initramfs file, the VM shape and the
+//! snapshot mark; a change to any of them makes a new key, so a stale
+//! snapshot is never restored. A snapshot is made on first use: the VMM
+//! boots the guest and stops it when the guest writes the ready mark to the
+//! debug port (the agent will write it once it listens; the test init's
+//! stand-in is mark 2, the kernel's exec of init).
+//!
+//! Two husk processes asking for the same snapshot at once is safe: one
+//! makes it under an exclusive lock, in a temporary directory renamed into
+//! place when complete; the other waits for the lock and finds it made.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use thiserror::Error;
+
+/// What a warm-start snapshot is a snapshot of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestImage {
+    /// The guest kernel.
+    pub kernel: PathBuf,
+    /// The initramfs (the agent's).
+    pub initramfs: PathBuf,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Guest memory, MiB.
+    pub memory_mib: u64,
+    /// The debug-port mark at which the guest is ready to snapshot.
+    pub ready_mark: u8,
+}
+
+/// Errors making or finding a warm-start snapshot.
+#[derive(Debug, Error)]
+pub enum WarmError {
+    /// A file cannot be read, or the cache cannot be written.
+    #[error("cannot {what} {}", .path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VMM could not boot the guest to its ready point.
+    #[error("booting the guest for its snapshot failed ({status}): {stderr}")]
+    Boot {
+        /// The VMM's exit status.
+        status: std::process::ExitStatus,
+        /// What it said.
+        stderr: String,
+    },
+}
+
+/// Whether the snapshot was there already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Found in the cache.
+    Cached,
+    /// Made now, by a cold boot.
+    Created,
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> WarmError {
+    let path = path.to_owned();
+    move |source| WarmError::Io { what, path, source }
+}
+
+/// FNV-1a, 64 bits: a cache key, not a security boundary (the snapshot
+/// itself carries a checksum and the VMM checks it).
+fn fnv1a(hash: &mut u64, bytes: &[u8]) {
+    for b in bytes {
+        *hash ^= u64::from(*b);
+        *hash = hash.wrapping_mul(0x100_0000_01b3);
+    }
+}
+
+fn hash_file(hash: &mut u64, path: &Path) -> Result<(), WarmError> {
+    let mut file = File::open(path).map_err(io("read", path))?;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = file.read(&mut buf).map_err(io("read", path))?;
+        if n == 0 {
+            return Ok(());
+        }
+        fnv1a(hash, &buf[..n]);
+    }
+}
+
+impl GuestImage {
+    /// The cache key: a hash of the kernel's and initramfs's contents, the
+    /// shape, the mark and the VMM's snapshot format.
+    pub fn key(&self) -> Result<String, WarmError> {
+        let mut hash = 0xcbf2_9ce4_8422_2325u64;
+        hash_file(&mut hash, &self.kernel)?;
+        fnv1a(&mut hash, b"\0initramfs\0");
+        hash_file(&mut hash, &self.initramfs)?;
+        let shape = format!(
+            "\0vcpus={} memory={} mark={} format={}",
+            self.vcpus,
+            self.memory_mib,
+            self.ready_mark,
+            husk_vmm::snapshot::VERSION
+        );
+        fnv1a(&mut hash, shape.as_bytes());
+        Ok(format!("{hash:016x}"))
+    }
+}
+
+/// Takes an exclusive lock on `path` for as long as the file is open.
+fn lock(path: &Path) -> Result<File, WarmError> {
+    let file = File::create(path).map_err(io("create", path))?;
+    // SAFETY: flock on a descriptor we own; it is released when the file
+    // is closed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(io("lock", path)(std::io::Error::last_os_error()));
+    }
+    Ok(file)
+}
+
+/// The warm-start snapshot of `image` under `root`, made with the VMM at
+/// `vmm` if it is not cached yet.
+pub fn snapshot(
+    root: &Path,
+    vmm: &Path,
+    image: &GuestImage,
+) -> Result<(PathBuf, Origin), WarmError> {
+    let dir = root.join("snapshots");
+    std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+    let key = image.key()?;
+    let snap = dir.join(&key);
+    if snap.join(husk_vmm::snapshot::STATE_FILE).exists() {
+        return Ok((snap, Origin::Cached));
+    }
+    let _lock = lock(&dir.join(format!("{key}.lock")))?;
+    // Another process may have made it while we waited.
+    if snap.join(husk_vmm::snapshot::STATE_FILE).exists() {
+        return Ok((snap, Origin::Cached));
+    }
+    let tmp = dir.join(format!("{key}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let out = Command::new(vmm)
+        .arg("--kernel")
+        .arg(&image.kernel)
+        .arg("--initramfs")
+        .arg(&image.initramfs)
+        .args(["--cpus", &image.vcpus.to_string()])
+        .args(["--memory", &image.memory_mib.to_string()])
+        .arg("--snapshot-dir")
+        .arg(&tmp)
+        .args(["--snapshot-at-mark", &image.ready_mark.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .output()
+        .map_err(io("run", vmm))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(WarmError::Boot {
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    std::fs::rename(&tmp, &snap).map_err(io("store", &snap))?;
+    Ok((snap, Origin::Created))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(dir: &Path) -> GuestImage {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("vmlinux"), b"kernel").unwrap();
+        std::fs::write(dir.join("initramfs"), b"initramfs").unwrap();
+        GuestImage {
+            kernel: dir.join("vmlinux"),
+            initramfs: dir.join("initramfs"),
+            vcpus: 1,
+            memory_mib: 128,
+            ready_mark: 2,
+        }
+    }
+
+    #[test]
+    fn the_key_changes_with_every_input_and_only_then() {
+        let dir = std::env::temp_dir().join(format!("husk-warm-key-{}", std::process::id()));
+        let image = files(&dir);
+        let key = image.key().unwrap();
+        assert_eq!(key, image.key().unwrap());
+        let mut other = image.clone();
+        other.memory_mib = 256;
+        assert_ne!(other.key().unwrap(), key);
+        let mut other = image.clone();
+        other.vcpus = 2;
+        assert_ne!(other.key().unwrap(), key);
+        let mut other = image.clone();
+        other.ready_mark = 3;
+        assert_ne!(other.key().unwrap(), key);
+        std::fs::write(dir.join("initramfs"), b"initramfs v2").unwrap();
+        assert_ne!(image.key().unwrap(), key);
+        std::fs::write(dir.join("initramfs"), b"initramfs").unwrap();
+        std::fs::write(dir.join("vmlinux"), b"kernel v2").unwrap();
+        assert_ne!(image.key().unwrap(), key);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_missing_kernel_is_named_and_a_failed_boot_leaves_nothing() {
+        let dir = std::env::temp_dir().join(format!("husk-warm-err-{}", std::process::id()));
+        let mut image = files(&dir);
+        image.kernel = dir.join("missing");
+        let err = snapshot(&dir.join("root"), Path::new("/bin/false"), &image).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("cannot read {}", dir.join("missing").display())
+        );
+        // A VMM that fails: an error, and no snapshot or temporary left.
+        let image = files(&dir);
+        let err = snapshot(&dir.join("root"), Path::new("/bin/false"), &image).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("booting the guest for its snapshot failed")
+        );
+        let left: Vec<_> = std::fs::read_dir(dir.join("root/snapshots"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| !n.ends_with(".lock"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
