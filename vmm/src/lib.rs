@@ -5,6 +5,7 @@
 //! the kernel, the initramfs and the console file it is given.
 #![deny(missing_docs)]
 
+pub mod api;
 pub mod boot;
 pub mod cpu;
 pub mod devices;

@@ -52,6 +52,9 @@ struct Args {
     /// from the host's getrandom, so it has entropy at boot).
     #[arg(long)]
     no_rng: bool,
+    /// Serve the control socket (pause, resume, stop) at this path.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
     /// Restore the VM saved in this snapshot directory instead of booting.
     #[arg(
         long,
@@ -105,7 +108,16 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_SETUP);
         }
     };
+    if let Some(path) = &args.api_socket
+        && let Err(e) = vm.serve_api(path)
+    {
+        eprintln!("husk-vmm: {}", error_chain(&e));
+        return ExitCode::from(EXIT_SETUP);
+    }
     let (result, times) = vm.run();
+    if let Some(path) = &args.api_socket {
+        husk_vmm::api::remove_socket(path);
+    }
     if let Some(path) = &args.timings {
         let json = serde_json::to_string_pretty(&times).unwrap_or_default();
         if let Err(e) = std::fs::write(path, json) {

@@ -24,6 +24,7 @@ pub struct VcpuControl {
     /// `NO_MARK`.
     save_mark: AtomicU16,
     save: AtomicBool,
+    pause: AtomicBool,
     /// The MSRs KVM can save on this host.
     msr_indices: Vec<u32>,
 }
@@ -36,6 +37,7 @@ impl VcpuControl {
         Self {
             save_mark: AtomicU16::new(NO_MARK),
             save: AtomicBool::new(false),
+            pause: AtomicBool::new(false),
             msr_indices,
         }
     }
@@ -56,6 +58,21 @@ impl VcpuControl {
     /// Ask every vCPU to stop and save its state.
     pub fn request_save(&self) {
         self.save.store(true, Ordering::Release);
+    }
+
+    /// Ask every vCPU to stop until [`VcpuControl::resume`].
+    pub fn request_pause(&self) {
+        self.pause.store(true, Ordering::Release);
+    }
+
+    /// Let paused vCPUs go on (the owner unparks their threads).
+    pub fn resume(&self) {
+        self.pause.store(false, Ordering::Release);
+    }
+
+    /// Whether a pause is in force.
+    pub fn paused(&self) -> bool {
+        self.pause.load(Ordering::Acquire)
     }
 
     fn save_requested(&self) -> bool {
@@ -176,6 +193,8 @@ pub struct VcpuThread {
     pub on_stop: Box<dyn FnOnce(u8, VcpuStop) + Send>,
     /// Called once with the vCPU's state when a save was requested.
     pub on_saved: Box<dyn FnOnce(u8, Result<VcpuState, CpuError>) + Send>,
+    /// Called each time the vCPU stops for a pause.
+    pub on_paused: Box<dyn Fn(u8) + Send>,
 }
 
 impl VcpuThread {
@@ -196,6 +215,12 @@ impl VcpuThread {
             }
             if self.control.save_requested() {
                 self.save_and_park();
+            }
+            if self.control.paused() {
+                (self.on_paused)(self.id);
+                while self.control.paused() {
+                    std::thread::park();
+                }
             }
             if self.ended.load(Ordering::Acquire) {
                 // The owner is ending the process; stay out of the guest.

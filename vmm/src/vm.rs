@@ -27,6 +27,7 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::api::{ApiRequest, ApiResponse};
 use crate::boot::{self, BootError};
 use crate::cpu::{self, CpuError};
 use crate::devices::legacy::{DEBUG_PORT, DebugPort, GuestEvent, I8042_DATA_PORT, I8042Reset};
@@ -175,6 +176,8 @@ pub enum GuestExit {
     Reset,
     /// The VM was snapshotted at the requested mark and ended.
     Snapshotted,
+    /// The VM was stopped through the API socket.
+    Stopped,
 }
 
 /// What the VMM's owner hears from devices and vCPU threads.
@@ -182,6 +185,8 @@ enum VmEvent {
     Guest(GuestEvent),
     VcpuStopped(u8, VcpuStop),
     VcpuSaved(u8, Box<Result<VcpuState, CpuError>>),
+    VcpuPaused(u8),
+    Api(crate::api::ApiCall),
 }
 
 /// A virtio-mmio device as the VM keeps it: where, on which GSI.
@@ -242,6 +247,8 @@ pub struct Vm {
     ended: Arc<AtomicBool>,
     control: Arc<VcpuControl>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// Events that arrived while a pause was waiting for its vCPUs.
+    pending: std::cell::RefCell<std::collections::VecDeque<VmEvent>>,
     snapshot_at: Option<SnapshotAt>,
     virtio: Vec<VirtioDevice>,
     memory_mib: u64,
@@ -556,6 +563,7 @@ impl Vm {
             ended,
             control,
             threads: Vec::new(),
+            pending: Default::default(),
             snapshot_at,
             virtio,
             memory_mib,
@@ -681,6 +689,7 @@ impl Vm {
         for (id, vcpu) in self.vcpus.drain(..).enumerate() {
             let tx = self.events_tx.clone();
             let saved_tx = self.events_tx.clone();
+            let paused_tx = self.events_tx.clone();
             let thread = VcpuThread {
                 id: id as u8,
                 vcpu,
@@ -694,6 +703,9 @@ impl Vm {
                 }),
                 on_saved: Box::new(move |id, state| {
                     let _ = saved_tx.send(VmEvent::VcpuSaved(id, Box::new(state)));
+                }),
+                on_paused: Box::new(move |id| {
+                    let _ = paused_tx.send(VmEvent::VcpuPaused(id));
                 }),
             };
             let handle = thread.spawn().map_err(|e| VmError::Thread(id as u8, e))?;
@@ -712,6 +724,8 @@ impl Vm {
                         return Err(VmError::GuestPanic);
                     }
                 }
+            } else if let Some(event) = self.pending.borrow_mut().pop_front() {
+                event
             } else {
                 match self.events.recv() {
                     Ok(event) => event,
@@ -737,8 +751,64 @@ impl Vm {
                         "vCPU {id} saved its state unasked"
                     )));
                 }
+                // A late answer to a pause that already completed.
+                VmEvent::VcpuPaused(_) => {}
+                VmEvent::Api((request, reply)) => {
+                    let response = match request {
+                        ApiRequest::Pause => self.pause(),
+                        ApiRequest::Resume => self.resume(),
+                        ApiRequest::Stop => {
+                            let _ = reply.send(ApiResponse::ok());
+                            return Ok(GuestExit::Stopped);
+                        }
+                    };
+                    let _ = reply.send(response);
+                }
             }
         }
+    }
+
+    /// Stops every vCPU and returns once all have stopped.
+    fn pause(&self) -> ApiResponse {
+        if self.control.paused() {
+            return ApiResponse::ok();
+        }
+        self.control.request_pause();
+        let mut stopped = vec![false; self.threads.len()];
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while stopped.iter().any(|s| !s) {
+            for (id, handle) in self.threads.iter().enumerate() {
+                if !stopped[id] {
+                    crate::vcpu::kick(handle);
+                }
+            }
+            // Other events wait in a side queue until the pause is done.
+            match self.events.recv_timeout(Duration::from_millis(2)) {
+                Ok(VmEvent::VcpuPaused(id)) => stopped[id as usize] = true,
+                Ok(other) => self.pending.borrow_mut().push_back(other),
+                Err(_) => {}
+            }
+            if std::time::Instant::now() > deadline {
+                return ApiResponse::error("the vCPUs did not stop within 5 s");
+            }
+        }
+        ApiResponse::ok()
+    }
+
+    fn resume(&self) -> ApiResponse {
+        self.control.resume();
+        for handle in &self.threads {
+            handle.thread().unpark();
+        }
+        ApiResponse::ok()
+    }
+
+    /// Serves the control socket at `path` for this VM (pause, resume, stop).
+    pub fn serve_api(&self, path: &Path) -> Result<(), crate::api::ApiError> {
+        let tx = Mutex::new(self.events_tx.clone());
+        crate::api::serve(path, move |call| {
+            let _ = lock(&tx).send(VmEvent::Api(call));
+        })
     }
 
     /// Stops every vCPU where it is, collects their state, and writes the

@@ -8,7 +8,9 @@
 //! powers the guest off. Every line it prints starts with `husk-test-init:`.
 //!
 //! With `idle` among its arguments (kernel command line `-- idle`) it stays
-//! up instead of powering off, for benchmarks that measure idle guests.
+//! up instead of powering off, for benchmarks that measure idle guests;
+//! with `ticks` it stays up printing `husk-test-init: tick N` four times a
+//! second, so a test can see whether the guest runs (pause, resume).
 
 use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -200,6 +202,12 @@ fn main() {
         say(&format!("FAIL {shape} {}", failed.join("; ")));
     }
     say(&check_hwrng());
+    if std::env::args().any(|a| a == "ticks") {
+        for n in 0u64.. {
+            say(&format!("tick {n}"));
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+    }
     if std::env::args().any(|a| a == "idle") {
         say("idle");
         loop {
