@@ -52,13 +52,17 @@ struct Args {
     /// from the host's getrandom, so it has entropy at boot).
     #[arg(long)]
     no_rng: bool,
+    /// Give the guest a vsock device (CID 3) whose host side is this Unix
+    /// socket: connect, write `CONNECT <port>\n`, read `OK <n>\n`.
+    #[arg(long)]
+    vsock_socket: Option<PathBuf>,
     /// Serve the control socket (pause, resume, stop) at this path.
     #[arg(long)]
     api_socket: Option<PathBuf>,
     /// Restore the VM saved in this snapshot directory instead of booting.
     #[arg(
         long,
-        conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "snapshot_dir", "no_rng"]
+        conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "snapshot_dir", "no_rng", "vsock_socket"]
     )]
     restore: Option<PathBuf>,
 }
@@ -97,13 +101,26 @@ fn main() -> ExitCode {
                     .zip(args.snapshot_at_mark)
                     .map(|(dir, mark)| SnapshotAt { mark, dir }),
                 rng: !args.no_rng,
+                vsock: args.vsock_socket.clone(),
             };
             Vm::new(&config, clock)
         }
     };
+    let sockets: Vec<PathBuf> = args
+        .api_socket
+        .iter()
+        .chain(&args.vsock_socket)
+        .cloned()
+        .collect();
     let vm = match vm {
         Ok(vm) => vm,
         Err(e) => {
+            // Set-up may have bound the vsock socket before it failed.
+            if !matches!(e, VmError::VsockSocket(..)) {
+                if let Some(path) = &args.vsock_socket {
+                    husk_vmm::api::remove_socket(path);
+                }
+            }
             eprintln!("husk-vmm: {}", error_chain(&e));
             return ExitCode::from(EXIT_SETUP);
         }
@@ -111,11 +128,14 @@ fn main() -> ExitCode {
     if let Some(path) = &args.api_socket
         && let Err(e) = vm.serve_api(path)
     {
+        if let Some(path) = &args.vsock_socket {
+            husk_vmm::api::remove_socket(path);
+        }
         eprintln!("husk-vmm: {}", error_chain(&e));
         return ExitCode::from(EXIT_SETUP);
     }
     let (result, times) = vm.run();
-    if let Some(path) = &args.api_socket {
+    for path in &sockets {
         husk_vmm::api::remove_socket(path);
     }
     if let Some(path) = &args.timings {

@@ -165,6 +165,57 @@ fn check_hwrng() -> String {
     }
 }
 
+/// The vsock port the echo mode listens on.
+const VSOCK_ECHO_PORT: u32 = 1234;
+
+/// Listens on a vsock port, echoes one connection until it closes, and
+/// says how many bytes went through.
+fn vsock_echo(port: u32) -> String {
+    // SAFETY: plain socket calls on descriptors this function owns, with a
+    // zeroed sockaddr_vm of the right size.
+    unsafe {
+        let fd = libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM, 0);
+        if fd < 0 {
+            return "vsock FAIL socket".into();
+        }
+        let mut addr: libc::sockaddr_vm = std::mem::zeroed();
+        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        addr.svm_cid = libc::VMADDR_CID_ANY;
+        addr.svm_port = port;
+        let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+        if libc::bind(fd, (&addr as *const libc::sockaddr_vm).cast(), len) != 0
+            || libc::listen(fd, 1) != 0
+        {
+            return "vsock FAIL bind".into();
+        }
+        say(&format!("vsock listening on {port}"));
+        let conn = libc::accept(fd, std::ptr::null_mut(), std::ptr::null_mut());
+        if conn < 0 {
+            return "vsock FAIL accept".into();
+        }
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = libc::read(conn, buf.as_mut_ptr().cast(), buf.len());
+            if n <= 0 {
+                break;
+            }
+            let mut off = 0;
+            while off < n as usize {
+                let w = libc::write(conn, buf[off..].as_ptr().cast(), n as usize - off);
+                if w <= 0 {
+                    return format!("vsock FAIL write after {total} bytes");
+                }
+                off += w as usize;
+            }
+            total += n as u64;
+        }
+        libc::close(conn);
+        libc::close(fd);
+        format!("vsock echoed {total} bytes")
+    }
+}
+
 fn power_off() -> ! {
     // SAFETY: sync and reboot take no pointers; as PID 1 we may power off.
     unsafe {
@@ -202,6 +253,9 @@ fn main() {
         say(&format!("FAIL {shape} {}", failed.join("; ")));
     }
     say(&check_hwrng());
+    if std::env::args().any(|a| a == "vsock-echo") {
+        say(&vsock_echo(VSOCK_ECHO_PORT));
+    }
     if std::env::args().any(|a| a == "ticks") {
         for n in 0u64.. {
             say(&format!("tick {n}"));

@@ -258,6 +258,12 @@ impl MmioTransport {
         self.status = status;
     }
 
+    /// Has the device handle queue `index` as if the guest had notified
+    /// it: for devices whose host side produces buffers for the guest.
+    pub fn notify_device(&mut self, index: u32) {
+        self.notify(index);
+    }
+
     fn notify(&mut self, index: u32) {
         if self.status & STATUS_DRIVER_OK == 0 {
             return;

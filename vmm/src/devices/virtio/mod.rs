@@ -12,6 +12,7 @@
 
 pub mod mmio;
 pub mod rng;
+pub mod vsock;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
