@@ -3,12 +3,13 @@
 
 MUSL := x86_64-unknown-linux-musl
 TEST_INIT := target/$(MUSL)/release/husk-test-init
+AGENT := target/$(MUSL)/release/husk-agent
 # husk-vmm ships as a static musl binary, as Firecracker does: no shared
 # libraries to load or map, half the resident memory of the glibc build.
 VMM := target/$(MUSL)/release/husk-vmm
 TEST_INITRAMFS := target/test-init.cpio
 
-.PHONY: all deps kernel test-init build run test lint bench clean
+.PHONY: all deps kernel test-init agent build run test lint bench clean
 
 all: build
 
@@ -22,6 +23,11 @@ kernel: deps
 
 test-init: deps
 	cargo build --release --target $(MUSL) -p husk-test-init
+
+# The guest agent, PID 1 of container guests: static, packed into the
+# initramfs by the runtime.
+agent: deps
+	cargo build --release --target $(MUSL) -p husk-agent
 
 build: deps
 	cargo build --release --bins
@@ -39,7 +45,7 @@ lint: deps
 	cargo clippy --workspace --all-targets -- -D warnings
 
 # The whole suite: unit tests, and tests that boot real microVMs.
-test: kernel test-init lint
+test: kernel test-init agent lint
 	cargo nextest run --workspace --no-fail-fast
 
 # Benchmarks (docs/benchmarks.md): boot against QEMU microvm, and

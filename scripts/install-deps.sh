@@ -7,8 +7,8 @@ set -euo pipefail
 pkgs=(
 	# guest kernel build (kernel-config/build-kernel.sh)
 	linux-source-6.12 build-essential flex bison bc libelf-dev libssl-dev xz-utils
-	# tests: unshare, setpriv
-	util-linux
+	# tests: unshare, setpriv; busybox for the agent's guest
+	util-linux busybox-static
 	# benchmark baseline: QEMU microvm with the same kernel
 	qemu-system-x86
 )

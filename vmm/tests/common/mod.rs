@@ -48,6 +48,20 @@ pub fn test_init_binary() -> PathBuf {
     path
 }
 
+/// The guest agent (agent/), built for musl by the Makefile.
+pub fn agent_binary() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let path = target.join("x86_64-unknown-linux-musl/release/husk-agent");
+    assert!(
+        path.exists(),
+        "no agent at {}: build it with `make agent` (make test does)",
+        path.display()
+    );
+    path
+}
+
 /// A scratch directory for one test, removed when dropped.
 pub struct Scratch(pub PathBuf);
 
@@ -81,12 +95,18 @@ pub fn test_initramfs(scratch: &Scratch) -> PathBuf {
 
 /// Runs a command to its end, killing it after `BOOT_TIMEOUT`.
 pub fn run_with_timeout(mut cmd: Command) -> Output {
-    let mut child = cmd
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
+    wait_with_timeout(child)
+}
+
+/// Waits for a child spawned with piped stdout and stderr, killing it
+/// after `BOOT_TIMEOUT`.
+pub fn wait_with_timeout(mut child: std::process::Child) -> Output {
     let start = Instant::now();
     // Drain the pipes on threads so a chatty guest cannot block on them.
     let mut stdout = child.stdout.take().unwrap();
@@ -108,7 +128,7 @@ pub fn run_with_timeout(mut cmd: Command) -> Output {
         if start.elapsed() > BOOT_TIMEOUT {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("{cmd:?} did not finish within {BOOT_TIMEOUT:?}");
+            panic!("the VMM did not finish within {BOOT_TIMEOUT:?}");
         }
         std::thread::sleep(Duration::from_millis(50));
     };

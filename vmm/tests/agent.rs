@@ -1,0 +1,156 @@
+//! The agent as PID 1 of a real guest, driven over hybrid vsock with the
+//! host-agent protocol: run a process, stream its stdout and stderr, get
+//! its exit status, refuse a program that does not exist, power off.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Scratch, VMM, agent_binary, kernel, wait_with_timeout};
+use husk_protocol::{
+    CONTROL_PORT, Process, Request, Response, STDIO_PORT, StdioAttach, Stream, handshake,
+    read_frame, write_frame,
+};
+use husk_runtime::initramfs::Initramfs;
+
+/// Connects to a guest vsock port, retrying while the agent starts.
+fn vsock(socket: &Path, port: u32) -> UnixStream {
+    let deadline = Instant::now() + common::BOOT_TIMEOUT;
+    loop {
+        if let Ok(mut stream) = UnixStream::connect(socket) {
+            writeln!(stream, "CONNECT {port}").unwrap();
+            let mut answer = String::new();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            if reader.read_line(&mut answer).is_ok() && answer.starts_with("OK ") {
+                return stream;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never listened on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn attach(socket: &Path, exec_id: &str, stream: Stream) -> UnixStream {
+    let mut conn = vsock(socket, STDIO_PORT);
+    write_frame(
+        &mut conn,
+        &StdioAttach {
+            id: "c1".into(),
+            exec_id: exec_id.into(),
+            stream,
+        },
+    )
+    .unwrap();
+    conn
+}
+
+fn process(args: &[&str]) -> Process {
+    Process {
+        args: args.iter().map(|s| s.to_string()).collect(),
+        env: vec!["PATH=/bin".into()],
+        cwd: "/".into(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn the_agent_runs_a_process_and_reports_its_output_and_status() {
+    let scratch = Scratch::new("agent");
+    let mut fs = Initramfs::with_base();
+    fs.host_file("init", 0o755, &agent_binary()).unwrap();
+    fs.dir("bin", 0o755).unwrap();
+    fs.host_file("bin/busybox", 0o755, Path::new("/bin/busybox"))
+        .unwrap();
+    let initramfs = scratch.path("initramfs.cpio");
+    fs.write_to(std::fs::File::create(&initramfs).unwrap())
+        .unwrap();
+    let socket = scratch.path("vsock.sock");
+    let child = Command::new(VMM)
+        .arg("--kernel")
+        .arg(kernel())
+        .arg("--initramfs")
+        .arg(&initramfs)
+        .arg("--vsock-socket")
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    let mut control = vsock(&socket, CONTROL_PORT);
+    let agent = handshake(&mut control, "husk-tests").unwrap();
+    assert!(agent.peer.starts_with("husk-agent "), "{agent:?}");
+
+    let mut ask = |req: Request| -> Response {
+        write_frame(&mut control, &req).unwrap();
+        read_frame(&mut control).unwrap()
+    };
+    let exec = |exec_id: &str, args: &[&str]| Request::Exec {
+        id: "c1".into(),
+        exec_id: exec_id.into(),
+        process: process(args),
+    };
+
+    let script = "echo hello from the guest; echo oops >&2; exit 7";
+    assert_eq!(
+        ask(exec("e1", &["/bin/busybox", "sh", "-c", script])),
+        Response::Ok
+    );
+    let mut out = String::new();
+    attach(&socket, "e1", Stream::Stdout)
+        .read_to_string(&mut out)
+        .unwrap();
+    let mut err = String::new();
+    attach(&socket, "e1", Stream::Stderr)
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(out, "hello from the guest\n");
+    assert_eq!(err, "oops\n");
+    let wait = |exec_id: &str| Request::Wait {
+        id: "c1".into(),
+        exec_id: exec_id.into(),
+    };
+    assert_eq!(ask(wait("e1")), Response::Exited { status: 7 });
+
+    // A process killed by SIGKILL: 128 + 9.
+    assert_eq!(
+        ask(exec("e2", &["/bin/busybox", "sleep", "60"])),
+        Response::Ok
+    );
+    assert_eq!(
+        ask(Request::Signal {
+            id: "c1".into(),
+            exec_id: "e2".into(),
+            signal: 9,
+            all: false,
+        }),
+        Response::Ok
+    );
+    assert_eq!(ask(wait("e2")), Response::Exited { status: 137 });
+
+    // A program that does not exist is refused by name.
+    match ask(exec("e3", &["/bin/nonexistent"])) {
+        Response::Error { message } => {
+            assert!(message.starts_with("exec /bin/nonexistent: "), "{message}")
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+
+    // Shutdown powers the guest off; the VMM exits 0 and removes its socket.
+    write_frame(&mut control, &Request::Shutdown).unwrap();
+    let out = wait_with_timeout(child);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!socket.exists());
+}
