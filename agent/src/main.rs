@@ -20,8 +20,8 @@ use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 use husk_protocol::{
-    CONTROL_PORT, Process, Request, Response, STDIO_PORT, StdioAttach, Stream, handshake,
-    read_frame, write_frame,
+    CONTROL_PORT, Process, READY_PORT, Request, Response, STDIO_PORT, StdioAttach, Stream,
+    handshake, read_frame, write_frame,
 };
 
 /// A process the agent started, and the stdio ends not yet attached.
@@ -268,14 +268,29 @@ fn serve_stdio(mut conn: std::fs::File, procs: Procs) {
     unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&conn), libc::SHUT_WR) };
 }
 
-fn listen_forever(port: u32, procs: Procs, serve: fn(std::fs::File, Procs)) {
-    let listener = match vsock_listen(port) {
-        Ok(l) => l,
-        Err(e) => {
-            log(&format!("cannot listen on vsock port {port}: {e}"));
+/// Tells the VMM the agent is ready: a connection to the host's ready
+/// port, which the VMM answers with a reset (and may snapshot the guest
+/// right there: a restored agent continues from this call).
+fn signal_ready() {
+    // SAFETY: socket and connect on a descriptor we own and close, with a
+    // zeroed sockaddr_vm of the right size.
+    unsafe {
+        let fd = libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
             return;
         }
-    };
+        let mut addr: libc::sockaddr_vm = std::mem::zeroed();
+        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        addr.svm_cid = libc::VMADDR_CID_HOST;
+        addr.svm_port = READY_PORT;
+        let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+        // Refused by design; only the attempt matters.
+        libc::connect(fd, (&addr as *const libc::sockaddr_vm).cast(), len);
+        libc::close(fd);
+    }
+}
+
+fn listen_forever(listener: OwnedFd, port: u32, procs: Procs, serve: fn(std::fs::File, Procs)) {
     let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
     loop {
         match accept(fd) {
@@ -295,13 +310,21 @@ fn main() {
         mount("devtmpfs", "/dev", "devtmpfs");
     }
     let procs: Procs = Arc::default();
+    let (control, stdio) = match (vsock_listen(CONTROL_PORT), vsock_listen(STDIO_PORT)) {
+        (Ok(c), Ok(s)) => (c, s),
+        (Err(e), _) | (_, Err(e)) => {
+            log(&format!("cannot listen on vsock: {e}"));
+            return;
+        }
+    };
     let stdio = {
         let procs = procs.clone();
-        std::thread::spawn(move || listen_forever(STDIO_PORT, procs, serve_stdio))
+        std::thread::spawn(move || listen_forever(stdio, STDIO_PORT, procs, serve_stdio))
     };
     log(&format!(
         "listening on vsock ports {CONTROL_PORT} and {STDIO_PORT}"
     ));
-    listen_forever(CONTROL_PORT, procs, serve_control);
+    signal_ready();
+    listen_forever(control, CONTROL_PORT, procs, serve_control);
     let _ = stdio.join();
 }

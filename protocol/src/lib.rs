@@ -34,6 +34,12 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const CONTROL_PORT: u32 = 1024;
 /// vsock port of the agent's stdio streams.
 pub const STDIO_PORT: u32 = 1025;
+/// Host vsock port (CID 2) the agent connects to once it listens, to say
+/// it is ready. The VMM answers with a reset and takes it as the guest's
+/// "ready" mark, where a warm-start snapshot is taken.
+pub const READY_PORT: u32 = 1026;
+/// The debug-port mark value the VMM records for the agent's ready signal.
+pub const READY_MARK: u8 = 0x03;
 /// The largest frame either side accepts (1 MiB): an OCI spec fits many
 /// times over.
 pub const MAX_FRAME: u32 = 1 << 20;

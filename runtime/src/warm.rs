@@ -5,9 +5,10 @@
 //! `<key>` hashes the kernel file, the initramfs file, the VM shape and the
 //! snapshot mark; a change to any of them makes a new key, so a stale
 //! snapshot is never restored. A snapshot is made on first use: the VMM
-//! boots the guest and stops it when the guest writes the ready mark to the
-//! debug port (the agent will write it once it listens; the test init's
-//! stand-in is mark 2, the kernel's exec of init).
+//! boots the guest and stops it at its ready mark: the agent's (it connects
+//! to the host's ready port over vsock once it listens, and a restored agent
+//! continues from there), or for the test init the kernel's exec of init
+//! (mark 2).
 //!
 //! Two husk processes asking for the same snapshot at once is safe: one
 //! makes it under an exclusive lock, in a temporary directory renamed into
@@ -34,6 +35,8 @@ pub struct GuestImage {
     pub memory_mib: u64,
     /// The debug-port mark at which the guest is ready to snapshot.
     pub ready_mark: u8,
+    /// The guest has a vsock device (the agent signals readiness over it).
+    pub vsock: bool,
 }
 
 /// Errors making or finding a warm-start snapshot.
@@ -104,10 +107,11 @@ impl GuestImage {
         fnv1a(&mut hash, b"\0initramfs\0");
         hash_file(&mut hash, &self.initramfs)?;
         let shape = format!(
-            "\0vcpus={} memory={} mark={} format={}",
+            "\0vcpus={} memory={} mark={} vsock={} format={}",
             self.vcpus,
             self.memory_mib,
             self.ready_mark,
+            self.vsock,
             husk_vmm::snapshot::VERSION
         );
         fnv1a(&mut hash, shape.as_bytes());
@@ -147,7 +151,14 @@ pub fn snapshot(
     }
     let tmp = dir.join(format!("{key}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
-    let out = Command::new(vmm)
+    let mut cmd = Command::new(vmm);
+    // The boot's vsock socket only carries the agent's ready signal.
+    let boot_socket = dir.join(format!("{key}.vsock"));
+    let _ = std::fs::remove_file(&boot_socket);
+    if image.vsock {
+        cmd.arg("--vsock-socket").arg(&boot_socket);
+    }
+    let out = cmd
         .arg("--kernel")
         .arg(&image.kernel)
         .arg("--initramfs")
@@ -161,6 +172,7 @@ pub fn snapshot(
         .stdout(std::process::Stdio::null())
         .output()
         .map_err(io("run", vmm))?;
+    let _ = std::fs::remove_file(&boot_socket);
     if !out.status.success() {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(WarmError::Boot {
@@ -186,6 +198,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 128,
             ready_mark: 2,
+            vsock: false,
         }
     }
 
@@ -203,6 +216,9 @@ mod tests {
         assert_ne!(other.key().unwrap(), key);
         let mut other = image.clone();
         other.ready_mark = 3;
+        assert_ne!(other.key().unwrap(), key);
+        let mut other = image.clone();
+        other.vsock = true;
         assert_ne!(other.key().unwrap(), key);
         std::fs::write(dir.join("initramfs"), b"initramfs v2").unwrap();
         assert_ne!(image.key().unwrap(), key);

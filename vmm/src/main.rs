@@ -62,7 +62,7 @@ struct Args {
     /// Restore the VM saved in this snapshot directory instead of booting.
     #[arg(
         long,
-        conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "snapshot_dir", "no_rng", "vsock_socket"]
+        conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "snapshot_dir", "no_rng"]
     )]
     restore: Option<PathBuf>,
 }
@@ -87,7 +87,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let console = args.console.map_or(Console::Stdout, Console::File);
     let vm = match &args.restore {
-        Some(dir) => Vm::restore(dir, &console, clock),
+        Some(dir) => Vm::restore(dir, &console, args.vsock_socket.as_deref(), clock),
         None => {
             let config = VmConfig {
                 kernel: args.kernel.unwrap_or_else(paths::default_kernel),

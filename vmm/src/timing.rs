@@ -41,6 +41,8 @@ pub struct BootTimes {
     pub kernel_start_us: Option<u64>,
     /// The guest's init was executed and is about to run (mark 0x02).
     pub init_start_us: Option<u64>,
+    /// The agent said it is ready (its vsock ready signal, mark 0x03).
+    pub ready_us: Option<u64>,
     /// Every debug-port write, in order: (value, microseconds).
     pub marks: Vec<(u8, u64)>,
     /// When the VM ended.
@@ -109,6 +111,9 @@ impl Clock {
             }
             crate::devices::legacy::MARK_INIT_START => {
                 t.init_start_us.get_or_insert(now);
+            }
+            crate::vm::READY_MARK => {
+                t.ready_us.get_or_insert(now);
             }
             _ => {}
         }

@@ -34,7 +34,7 @@ use crate::devices::legacy::{DEBUG_PORT, DebugPort, GuestEvent, I8042_DATA_PORT,
 use crate::devices::serial::SerialConsole;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::rng::Rng;
-use crate::devices::virtio::vsock::{TYPE_VSOCK, Vsock};
+use crate::devices::virtio::vsock::{TYPE_VSOCK, Vsock, VsockConnections};
 use crate::devices::{Bus, BusError, lock};
 use crate::host;
 use crate::layout::{self, KVM_TSS_ADDR, SERIAL_IRQ};
@@ -234,6 +234,50 @@ fn attach_virtio(
     })
 }
 
+/// Wires the vsock device: its transport (new, or restored from
+/// `restored`), its host thread, and its ready signal, which is recorded as
+/// the debug-port mark [`husk_protocol`]'s `READY_MARK` would be.
+#[allow(clippy::too_many_arguments)]
+fn attach_vsock(
+    vm: &VmFd,
+    mmio: &mut Bus,
+    memory: &GuestMemoryMmap,
+    devices: &Devices,
+    clock: &Arc<Clock>,
+    path: &Path,
+    base: u64,
+    gsi: u32,
+    restored: Option<(&crate::devices::virtio::mmio::MmioState, &Path)>,
+) -> Result<(VirtioDevice, VsockConnections), VmError> {
+    let (device, host) =
+        Vsock::new(GUEST_CID, path).map_err(|e| VmError::VsockSocket(path.to_owned(), e))?;
+    let connections = device.connections();
+    {
+        let control = devices.control.clone();
+        let tx = Mutex::new(devices.events_tx.clone());
+        let clock = clock.clone();
+        device.on_ready(Box::new(move || {
+            clock.mark(READY_MARK);
+            control.mark_written(READY_MARK);
+            let _ = lock(&tx).send(VmEvent::Guest(GuestEvent::Mark(READY_MARK)));
+        }));
+    }
+    let attached = attach_virtio(vm, mmio, base, gsi, |irq| match restored {
+        None => Ok(MmioTransport::new(Box::new(device), memory.clone(), irq)),
+        Some((state, dir)) => MmioTransport::restore(Box::new(device), memory.clone(), irq, state)
+            .map_err(|why| VmError::BadSnapshot {
+                dir: dir.to_owned(),
+                why,
+            }),
+    })?;
+    host.start(attached.transport.clone())
+        .map_err(|e| VmError::Thread(0, e))?;
+    Ok((attached, connections))
+}
+
+/// The debug-port mark the agent's ready signal is recorded as.
+pub use husk_protocol::READY_MARK;
+
 /// The devices and the channel they report on, made during set-up.
 struct Devices {
     pio: Bus,
@@ -261,6 +305,7 @@ pub struct Vm {
     pending: std::cell::RefCell<std::collections::VecDeque<VmEvent>>,
     snapshot_at: Option<SnapshotAt>,
     virtio: Vec<VirtioDevice>,
+    vsock_connections: Option<VsockConnections>,
     memory_mib: u64,
     clock: Arc<Clock>,
     cmdline: String,
@@ -437,18 +482,16 @@ impl Vm {
                 layout::MMIO_DEVICE_SIZE >> 10
             );
         }
+        let mut vsock_connections = None;
         if let Some(path) = &config.vsock {
             let slot = virtio.len() as u64;
             let base = layout::MMIO_START + slot * layout::MMIO_DEVICE_SIZE;
             let gsi = layout::IRQ_BASE + slot as u32;
-            let (device, host) =
-                Vsock::new(GUEST_CID, path).map_err(|e| VmError::VsockSocket(path.clone(), e))?;
-            let attached = attach_virtio(&vm, &mut mmio, base, gsi, |irq| {
-                Ok(MmioTransport::new(Box::new(device), memory.clone(), irq))
-            })?;
-            host.start(attached.transport.clone())
-                .map_err(|e| VmError::Thread(0, e))?;
+            let (attached, connections) = attach_vsock(
+                &vm, &mut mmio, &memory, &devices, &clock, path, base, gsi, None,
+            )?;
             virtio.push(attached);
+            vsock_connections = Some(connections);
             device_args.push_str(&format!(
                 " virtio_mmio.device={}K@{base:#x}:{gsi}",
                 layout::MMIO_DEVICE_SIZE >> 10
@@ -470,7 +513,7 @@ impl Vm {
         Ok(Self::assemble(
             vm,
             memory,
-            (devices, mmio, virtio),
+            (devices, mmio, virtio, vsock_connections),
             vcpus,
             clock,
             cmdline,
@@ -481,7 +524,14 @@ impl Vm {
 
     /// Restores the VM saved in the snapshot directory `dir`, ready to run
     /// from where it was.
-    pub fn restore(dir: &Path, console: &Console, clock: Arc<Clock>) -> Result<Self, VmError> {
+    /// A snapshot whose guest has a vsock device needs `vsock`, the Unix
+    /// socket for its host side (connections are not part of a snapshot).
+    pub fn restore(
+        dir: &Path,
+        console: &Console,
+        vsock: Option<&Path>,
+        clock: Arc<Clock>,
+    ) -> Result<Self, VmError> {
         let (state, mem_path) = snapshot::read(dir)?;
         check_memory(state.memory_mib, host::total_memory_mib())?;
         let console_out = open_console(console)?;
@@ -522,7 +572,28 @@ impl Vm {
         )?;
         let mut mmio = Bus::new();
         let mut virtio = Vec::new();
+        let mut vsock_connections = None;
         for slot in &state.virtio {
+            if slot.transport.device_type == TYPE_VSOCK {
+                let path = vsock.ok_or_else(|| VmError::BadSnapshot {
+                    dir: dir.to_owned(),
+                    why: "its guest has a vsock device: give --vsock-socket".into(),
+                })?;
+                let (attached, connections) = attach_vsock(
+                    &vm,
+                    &mut mmio,
+                    &memory,
+                    &devices,
+                    &clock,
+                    path,
+                    slot.base,
+                    slot.gsi,
+                    Some((&slot.transport, dir)),
+                )?;
+                virtio.push(attached);
+                vsock_connections = Some(connections);
+                continue;
+            }
             let device =
                 virtio_device(slot.transport.device_type).ok_or_else(|| VmError::BadSnapshot {
                     dir: dir.to_owned(),
@@ -549,7 +620,7 @@ impl Vm {
         Ok(Self::assemble(
             vm,
             memory,
-            (devices, mmio, virtio),
+            (devices, mmio, virtio, vsock_connections),
             vcpus,
             clock,
             state.cmdline,
@@ -562,7 +633,12 @@ impl Vm {
     fn assemble(
         vm: VmFd,
         memory: GuestMemoryMmap,
-        (devices, mmio, virtio): (Devices, Bus, Vec<VirtioDevice>),
+        (devices, mmio, virtio, vsock_connections): (
+            Devices,
+            Bus,
+            Vec<VirtioDevice>,
+            Option<VsockConnections>,
+        ),
         vcpus: Vec<VcpuFd>,
         clock: Arc<Clock>,
         cmdline: String,
@@ -593,6 +669,7 @@ impl Vm {
             pending: Default::default(),
             snapshot_at,
             virtio,
+            vsock_connections,
             memory_mib,
             clock,
             cmdline,
@@ -841,14 +918,13 @@ impl Vm {
     /// Stops every vCPU where it is, collects their state, and writes the
     /// snapshot. The vCPUs stay stopped.
     fn take_snapshot(&self, dir: &Path) -> Result<(), VmError> {
-        if self
-            .virtio
-            .iter()
-            .any(|d| lock(&d.transport).save().device_type == TYPE_VSOCK)
+        if let Some(conns) = &self.vsock_connections
+            && conns.count() > 0
         {
-            return Err(VmError::SaveFailed(
-                "vsock connections cannot be snapshotted yet (boot without --vsock-socket)".into(),
-            ));
+            return Err(VmError::SaveFailed(format!(
+                "{} vsock connections are open; a snapshot cannot keep them",
+                conns.count()
+            )));
         }
         self.control.request_save();
         let mut saved: Vec<Option<VcpuState>> = (0..self.threads.len()).map(|_| None).collect();

@@ -1,6 +1,8 @@
-//! The agent as PID 1 of a real guest, driven over hybrid vsock with the
-//! host-agent protocol: run a process, stream its stdout and stderr, get
-//! its exit status, refuse a program that does not exist, power off.
+//! The agent as PID 1 of a real guest, started warm: the runtime's cache
+//! boots it once and snapshots it when the agent signals it is ready; the
+//! test restores that snapshot and drives the agent over hybrid vsock with
+//! the host-agent protocol: run a process, stream its stdout and stderr,
+//! get its exit status, refuse a program that does not exist, power off.
 
 mod common;
 
@@ -16,6 +18,8 @@ use husk_protocol::{
     read_frame, write_frame,
 };
 use husk_runtime::initramfs::Initramfs;
+use husk_runtime::warm::{self, GuestImage, Origin};
+use husk_vmm::vm::READY_MARK;
 
 /// Connects to a guest vsock port, retrying while the agent starts.
 fn vsock(socket: &Path, port: u32) -> UnixStream {
@@ -61,7 +65,7 @@ fn process(args: &[&str]) -> Process {
 }
 
 #[test]
-fn the_agent_runs_a_process_and_reports_its_output_and_status() {
+fn a_warm_started_agent_runs_a_process_and_reports_its_output_and_status() {
     let scratch = Scratch::new("agent");
     let mut fs = Initramfs::with_base();
     fs.host_file("init", 0o755, &agent_binary()).unwrap();
@@ -71,12 +75,24 @@ fn the_agent_runs_a_process_and_reports_its_output_and_status() {
     let initramfs = scratch.path("initramfs.cpio");
     fs.write_to(std::fs::File::create(&initramfs).unwrap())
         .unwrap();
+
+    // Cold boot once, snapshot at the agent's ready signal.
+    let image = GuestImage {
+        kernel: kernel(),
+        initramfs,
+        vcpus: 1,
+        memory_mib: 128,
+        ready_mark: READY_MARK,
+        vsock: true,
+    };
+    let (snap, origin) = warm::snapshot(&scratch.path("root"), Path::new(VMM), &image).unwrap();
+    assert_eq!(origin, Origin::Created);
+
+    // A warm start: the restored agent is listening already.
     let socket = scratch.path("vsock.sock");
     let child = Command::new(VMM)
-        .arg("--kernel")
-        .arg(kernel())
-        .arg("--initramfs")
-        .arg(&initramfs)
+        .arg("--restore")
+        .arg(&snap)
         .arg("--vsock-socket")
         .arg(&socket)
         .stdin(Stdio::null())

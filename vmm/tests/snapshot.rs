@@ -23,6 +23,7 @@ fn make_snapshot(scratch: &Scratch) -> PathBuf {
         vcpus: 2,
         memory_mib: 128,
         ready_mark: 2,
+        vsock: false,
     };
     let root = scratch.path("root");
     let (snap, origin) = warm::snapshot(&root, Path::new(VMM), &image).unwrap();

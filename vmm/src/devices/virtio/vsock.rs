@@ -162,7 +162,13 @@ struct Backend {
     next_port: u32,
     epoll: Epoll,
     kick: EventFd,
+    /// Called when the guest connects to [`READY_PORT`].
+    on_ready: Option<Box<dyn Fn() + Send>>,
 }
+
+/// Host port whose connection requests mean "the guest is ready";
+/// answered with a reset.
+pub use husk_protocol::READY_PORT;
 
 impl Backend {
     fn hdr(&self, key: Key, op: u16, len: u32) -> Hdr {
@@ -327,6 +333,14 @@ impl Backend {
     /// The guest connects to host port P: forwarded to `<path>_P`.
     fn guest_connects(&mut self, hdr: Hdr) {
         let key = (hdr.dst_port, hdr.src_port);
+        if hdr.dst_port == READY_PORT {
+            let rst = self.hdr(key, OP_RST, 0);
+            self.rx.push_back((rst, Vec::new()));
+            if let Some(on_ready) = &self.on_ready {
+                on_ready();
+            }
+            return;
+        }
         let path = PathBuf::from(format!("{}_{}", self.uds_path.display(), hdr.dst_port));
         match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
             Ok(stream) => {
@@ -465,6 +479,7 @@ impl Vsock {
             next_port: 1 << 30,
             epoll,
             kick,
+            on_ready: None,
         }));
         let host = VsockHost {
             backend: backend.clone(),
@@ -477,6 +492,35 @@ impl Vsock {
             },
             host,
         ))
+    }
+}
+
+impl Vsock {
+    /// Calls `f` (on the vCPU thread that handles the packet) when the
+    /// guest connects to [`READY_PORT`].
+    pub fn on_ready(&self, f: Box<dyn Fn() + Send>) {
+        lock(&self.backend).on_ready = Some(f);
+    }
+
+    /// Whether any connection is open (a snapshot cannot keep one).
+    pub fn has_connections(&self) -> bool {
+        !lock(&self.backend).conns.is_empty()
+    }
+
+    /// A shared view of the device's connection count, for the VM.
+    pub fn connections(&self) -> VsockConnections {
+        VsockConnections(self.backend.clone())
+    }
+}
+
+/// Lets the VM ask whether a vsock device has open connections after the
+/// device itself went into its transport.
+pub struct VsockConnections(Arc<Mutex<Backend>>);
+
+impl VsockConnections {
+    /// Open connections now.
+    pub fn count(&self) -> usize {
+        lock(&self.0).conns.len()
     }
 }
 
