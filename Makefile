@@ -8,6 +8,7 @@ AGENT := target/$(MUSL)/release/husk-agent
 # libraries to load or map, half the resident memory of the glibc build.
 VMM := target/$(MUSL)/release/husk-vmm
 TEST_INITRAMFS := target/test-init.cpio
+AGENT_INITRAMFS := target/agent.cpio
 
 .PHONY: all deps kernel test-init agent build run test lint bench clean
 
@@ -36,6 +37,9 @@ build: deps
 $(TEST_INITRAMFS): test-init build
 	target/release/husk mkinitramfs --init $(TEST_INIT) --output $(TEST_INITRAMFS)
 
+$(AGENT_INITRAMFS): agent build
+	target/release/husk mkinitramfs --init $(AGENT) --output $(AGENT_INITRAMFS)
+
 # The main job: boot the guest kernel with the test init on KVM.
 run: kernel $(TEST_INITRAMFS)
 	$(VMM) --initramfs $(TEST_INITRAMFS)
@@ -50,9 +54,10 @@ test: kernel test-init agent lint
 
 # Benchmarks (docs/benchmarks.md): boot against QEMU microvm, and
 # snapshot restore against cold boot.
-bench: kernel $(TEST_INITRAMFS)
+bench: kernel $(TEST_INITRAMFS) $(AGENT_INITRAMFS)
 	target/release/husk-bench-boot --vmm $(VMM) --initramfs $(TEST_INITRAMFS)
-	target/release/husk-bench-snapshot --vmm $(VMM) --initramfs $(TEST_INITRAMFS)
+	target/release/husk-bench-snapshot --vmm $(VMM) --initramfs $(TEST_INITRAMFS) \
+		--agent-initramfs $(AGENT_INITRAMFS)
 
 clean:
 	cargo clean

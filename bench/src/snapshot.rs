@@ -37,6 +37,99 @@ struct Args {
     /// husk-vmm binary (default: next to this one).
     #[arg(long)]
     vmm: Option<PathBuf>,
+    /// An initramfs whose init is husk-agent: adds cold boot vs warm start
+    /// to the agent's first answer over vsock.
+    #[arg(long)]
+    agent_initramfs: Option<PathBuf>,
+}
+
+/// Connects to the guest's agent and completes the protocol handshake;
+/// retries while the agent is not there yet.
+fn agent_answers(socket: &Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) {
+            writeln!(s, "CONNECT {}", husk_protocol::CONTROL_PORT)?;
+            let mut line = String::new();
+            let mut reader = BufReader::new(s.try_clone()?);
+            if reader.read_line(&mut line).is_ok() && line.starts_with("OK ") {
+                husk_protocol::handshake(&mut s, "husk-bench")?;
+                husk_protocol::write_frame(&mut s, &husk_protocol::Request::Shutdown)?;
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the agent never answered");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Cold boots and warm starts of the agent: spawn to its first answer.
+fn agent_benchmark(args: &Args, vmm: &Path, initramfs: &Path, dir: &Path) -> anyhow::Result<()> {
+    let initramfs = initramfs.to_str().context("initramfs path")?;
+    let memory = args.memory.to_string();
+    let socket = dir.join("agent.sock");
+    let mut cold = Vec::new();
+    for _ in 0..args.cold_runs {
+        let _ = std::fs::remove_file(&socket);
+        let start = Instant::now();
+        let mut child = Command::new(vmm)
+            .args([
+                "--initramfs",
+                initramfs,
+                "--memory",
+                &memory,
+                "--vsock-socket",
+            ])
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .spawn()?;
+        agent_answers(&socket)?;
+        cold.push(Some(start.elapsed().as_secs_f64() * 1e3));
+        child.wait()?;
+    }
+    let snap = dir.join("agent-snap");
+    let boot_socket = dir.join("agent-boot.sock");
+    let status = Command::new(vmm)
+        .args([
+            "--initramfs",
+            initramfs,
+            "--memory",
+            &memory,
+            "--vsock-socket",
+        ])
+        .arg(&boot_socket)
+        .arg("--snapshot-dir")
+        .arg(&snap)
+        .args(["--snapshot-at-mark", &husk_protocol::READY_MARK.to_string()])
+        .stdout(Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("agent snapshot boot failed");
+    }
+    let mut warm = Vec::new();
+    for _ in 0..args.restore_runs {
+        let _ = std::fs::remove_file(&socket);
+        let start = Instant::now();
+        let mut child = Command::new(vmm)
+            .arg("--restore")
+            .arg(&snap)
+            .arg("--vsock-socket")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .spawn()?;
+        agent_answers(&socket)?;
+        warm.push(Some(start.elapsed().as_secs_f64() * 1e3));
+        child.wait()?;
+    }
+    println!(
+        "\n| ms from spawn to the agent's first answer | warm p50 | warm p90 | cold p50 | cold p90 | warm/cold |"
+    );
+    println!("|---|---|---|---|---|---|");
+    row("agent ready (vsock connect + handshake)", &warm, &cold);
+    Ok(())
 }
 
 const READY_LINE: &str = "husk-test-init: started";
@@ -195,6 +288,9 @@ fn main() -> anyhow::Result<()> {
     };
     let (one_pss, one_rss) = measure(1)?;
     let (many_pss, many_rss) = measure(args.idle_vms)?;
+    if let Some(agent) = &args.agent_initramfs {
+        agent_benchmark(&args, &vmm, agent, &dir)?;
+    }
     let _ = std::fs::remove_dir_all(&dir);
 
     println!(
