@@ -7,11 +7,10 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{Scratch, VMM, kernel, test_initramfs};
+use common::{Scratch, kernel, spawn_vmm, test_initramfs};
 
 /// Sends one request and returns the answer line.
 fn ask(socket: &std::path::Path, request: &str) -> String {
@@ -32,24 +31,18 @@ fn pause_stops_the_guest_resume_continues_it_stop_ends_it() {
     let scratch = Scratch::new("pause");
     let initramfs = test_initramfs(&scratch);
     let socket = scratch.path("api.sock");
-    let mut child = Command::new(VMM)
-        .arg("--kernel")
-        .arg(kernel())
-        .arg("--initramfs")
-        .arg(&initramfs)
-        .arg("--cmdline=-- ticks")
-        .arg("--api-socket")
-        .arg(&socket)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let (mut child, lines) = spawn_vmm(&[
+        "--kernel".as_ref(),
+        kernel().as_os_str(),
+        "--initramfs".as_ref(),
+        initramfs.as_os_str(),
+        "--cmdline=-- ticks".as_ref(),
+        "--api-socket".as_ref(),
+        socket.as_os_str(),
+    ]);
     let (tx, ticks) = mpsc::channel();
     std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
+        for line in lines {
             if let Some(n) = line.strip_prefix("husk-test-init: tick ") {
                 let _ = tx.send(n.trim().parse::<u64>().unwrap());
             }

@@ -6,10 +6,8 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
 
-use common::{Scratch, VMM, kernel, test_initramfs};
+use common::{Scratch, kernel, spawn_vmm, test_initramfs};
 
 /// Connects and sends the CONNECT line; returns the stream and the answer.
 fn connect(socket: &std::path::Path, line: &str) -> (UnixStream, String) {
@@ -27,27 +25,15 @@ fn host_and_guest_stream_through_hybrid_vsock() {
     let scratch = Scratch::new("vsock");
     let initramfs = test_initramfs(&scratch);
     let socket = scratch.path("vsock.sock");
-    let mut child = Command::new(VMM)
-        .arg("--kernel")
-        .arg(kernel())
-        .arg("--initramfs")
-        .arg(&initramfs)
-        .arg("--cmdline=-- vsock-echo")
-        .arg("--vsock-socket")
-        .arg(&socket)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line);
-        }
-    });
+    let (mut child, lines) = spawn_vmm(&[
+        "--kernel".as_ref(),
+        kernel().as_os_str(),
+        "--initramfs".as_ref(),
+        initramfs.as_os_str(),
+        "--cmdline=-- vsock-echo".as_ref(),
+        "--vsock-socket".as_ref(),
+        socket.as_os_str(),
+    ]);
     let wait_for = |want: &str| loop {
         let line = lines
             .recv_timeout(common::BOOT_TIMEOUT)

@@ -34,32 +34,53 @@ pub fn kernel() -> PathBuf {
     path
 }
 
-/// The static test init (tests/test-init), built for musl by the Makefile.
-pub fn test_init_binary() -> PathBuf {
+/// A static guest binary the Makefile builds for musl.
+fn musl_binary(name: &str, make_target: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"));
-    let path = target.join("x86_64-unknown-linux-musl/release/husk-test-init");
+    let path = target.join("x86_64-unknown-linux-musl/release").join(name);
     assert!(
         path.exists(),
-        "no test init at {}: build it with `make test-init` (make test does)",
+        "no {name} at {}: build it with `make {make_target}` (make test does)",
         path.display()
     );
     path
 }
 
-/// The guest agent (agent/), built for musl by the Makefile.
+/// The static test init (tests/test-init).
+pub fn test_init_binary() -> PathBuf {
+    musl_binary("husk-test-init", "test-init")
+}
+
+/// The guest agent (agent/).
 pub fn agent_binary() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
-    let path = target.join("x86_64-unknown-linux-musl/release/husk-agent");
-    assert!(
-        path.exists(),
-        "no agent at {}: build it with `make agent` (make test does)",
-        path.display()
-    );
-    path
+    musl_binary("husk-agent", "agent")
+}
+
+/// Spawns husk-vmm with `args`, its console read line by line on a thread.
+pub fn spawn_vmm(
+    args: &[&std::ffi::OsStr],
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new(VMM)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn husk-vmm");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, lines)
 }
 
 /// A scratch directory for one test, removed when dropped.

@@ -140,6 +140,22 @@ struct Conn {
 }
 
 impl Conn {
+    fn new(stream: UnixStream, connecting: bool, peer_buf_alloc: u32, peer_fwd_cnt: u32) -> Self {
+        Self {
+            stream,
+            connecting,
+            peer_buf_alloc,
+            peer_fwd_cnt,
+            tx_cnt: 0,
+            fwd_cnt: 0,
+            fwd_cnt_told: 0,
+            out: VecDeque::new(),
+            reading: false,
+            host_eof: false,
+            guest_done: false,
+        }
+    }
+
     fn credit(&self) -> u32 {
         self.peer_buf_alloc
             .saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
@@ -344,22 +360,8 @@ impl Backend {
         let path = PathBuf::from(format!("{}_{}", self.uds_path.display(), hdr.dst_port));
         match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
             Ok(stream) => {
-                self.conns.insert(
-                    key,
-                    Conn {
-                        stream,
-                        connecting: false,
-                        peer_buf_alloc: hdr.buf_alloc,
-                        peer_fwd_cnt: hdr.fwd_cnt,
-                        tx_cnt: 0,
-                        fwd_cnt: 0,
-                        fwd_cnt_told: 0,
-                        out: VecDeque::new(),
-                        reading: false,
-                        host_eof: false,
-                        guest_done: false,
-                    },
-                );
+                self.conns
+                    .insert(key, Conn::new(stream, false, hdr.buf_alloc, hdr.fwd_cnt));
                 self.send(key, OP_RESPONSE);
                 self.rearm(key);
             }
@@ -391,22 +393,7 @@ impl Backend {
         }
         let key = (self.next_port, port);
         self.next_port = self.next_port.wrapping_add(1).max(1 << 30);
-        self.conns.insert(
-            key,
-            Conn {
-                stream,
-                connecting: true,
-                peer_buf_alloc: 0,
-                peer_fwd_cnt: 0,
-                tx_cnt: 0,
-                fwd_cnt: 0,
-                fwd_cnt_told: 0,
-                out: VecDeque::new(),
-                reading: false,
-                host_eof: false,
-                guest_done: false,
-            },
-        );
+        self.conns.insert(key, Conn::new(stream, true, 0, 0));
         self.send(key, OP_REQUEST);
         self.rearm(key);
     }
@@ -704,19 +691,7 @@ mod tests {
     #[test]
     fn credit_follows_what_the_guest_consumed() {
         let (a, _b) = UnixStream::pair().unwrap();
-        let mut c = Conn {
-            stream: a,
-            connecting: false,
-            peer_buf_alloc: 1000,
-            peer_fwd_cnt: 0,
-            tx_cnt: 0,
-            fwd_cnt: 0,
-            fwd_cnt_told: 0,
-            out: VecDeque::new(),
-            reading: false,
-            host_eof: false,
-            guest_done: false,
-        };
+        let mut c = Conn::new(a, false, 1000, 0);
         assert_eq!(c.credit(), 1000);
         c.tx_cnt = 800;
         assert_eq!(c.credit(), 200);
