@@ -6,7 +6,7 @@
 //! the kernel executes init (debug-port mark 2), so a restore still runs
 //! the init's exec and start-up, like a cold boot's last step.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -51,9 +51,17 @@ fn agent_answers(socket: &Path) -> anyhow::Result<()> {
     loop {
         if let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) {
             writeln!(s, "CONNECT {}", husk_protocol::CONTROL_PORT)?;
-            let mut line = String::new();
-            let mut reader = BufReader::new(s.try_clone()?);
-            if reader.read_line(&mut line).is_ok() && line.starts_with("OK ") {
+            // Byte by byte: the agent's first frame may follow the line
+            // at once, and a buffered reader would swallow it.
+            let mut line = Vec::new();
+            let mut byte = [0u8];
+            while s.read(&mut byte)? == 1 {
+                line.push(byte[0]);
+                if byte[0] == b'\n' {
+                    break;
+                }
+            }
+            if line.starts_with(b"OK ") {
                 husk_protocol::handshake(&mut s, "husk-bench")?;
                 husk_protocol::write_frame(&mut s, &husk_protocol::Request::Shutdown)?;
                 return Ok(());

@@ -6,13 +6,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Scratch, VMM, agent_binary, kernel, wait_with_timeout};
+use common::{Scratch, VMM, agent_binary, kernel, read_line_unbuffered, wait_with_timeout};
 use husk_protocol::{
     CONTROL_PORT, Process, Request, Response, STDIO_PORT, StdioAttach, Stream, handshake,
     read_frame, write_frame,
@@ -27,9 +27,11 @@ fn vsock(socket: &Path, port: u32) -> UnixStream {
     loop {
         if let Ok(mut stream) = UnixStream::connect(socket) {
             writeln!(stream, "CONNECT {port}").unwrap();
-            let mut answer = String::new();
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            if reader.read_line(&mut answer).is_ok() && answer.starts_with("OK ") {
+            if read_line_unbuffered(&mut stream).is_ok_and(|answer| answer.starts_with("OK ")) {
+                // A stuck guest fails the test instead of hanging it.
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(60)))
+                    .unwrap();
                 return stream;
             }
         }

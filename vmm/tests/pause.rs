@@ -15,6 +15,9 @@ use common::{Scratch, kernel, spawn_vmm, test_initramfs};
 /// Sends one request and returns the answer line.
 fn ask(socket: &std::path::Path, request: &str) -> String {
     let mut stream = UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
     writeln!(stream, "{request}").unwrap();
     let mut answer = String::new();
     BufReader::new(stream).read_line(&mut answer).unwrap();

@@ -4,18 +4,18 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 
-use common::{Scratch, kernel, spawn_vmm, test_initramfs};
+use common::{Scratch, kernel, read_line_unbuffered, spawn_vmm, test_initramfs};
 
 /// Connects and sends the CONNECT line; returns the stream and the answer.
 fn connect(socket: &std::path::Path, line: &str) -> (UnixStream, String) {
     let mut stream = UnixStream::connect(socket).unwrap();
     stream.write_all(line.as_bytes()).unwrap();
-    let mut answer = String::new();
-    BufReader::new(stream.try_clone().unwrap())
-        .read_line(&mut answer)
+    let answer = read_line_unbuffered(&mut stream).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(120)))
         .unwrap();
     (stream, answer)
 }

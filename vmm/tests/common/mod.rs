@@ -225,3 +225,21 @@ pub fn tiny_elf(code: &[u8], pvh_note: bool) -> Vec<u8> {
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
+
+/// Reads one `\n`-terminated line byte by byte, so that nothing after it
+/// is taken from the stream (the hybrid vsock's `OK <port>` line may be
+/// followed at once by the guest's first bytes).
+pub fn read_line_unbuffered(stream: &mut impl std::io::Read) -> std::io::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8];
+    loop {
+        if stream.read(&mut byte)? == 0 {
+            break;
+        }
+        line.push(byte[0]);
+        if byte[0] == b'\n' {
+            break;
+        }
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
