@@ -14,14 +14,14 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 use husk_protocol::{
     CONTROL_PORT, Process, READY_PORT, Request, Response, STDIO_PORT, StdioAttach, Stream,
-    handshake, read_frame, write_frame,
+    handshake, read_frame, vsock, write_frame,
 };
 
 /// A process the agent started, and the stdio ends not yet attached.
@@ -58,49 +58,6 @@ fn mount(source: &str, target: &str, fstype: &str) {
             std::io::Error::last_os_error()
         ));
     }
-}
-
-/// A vsock stream socket listening on `port` (any CID).
-fn vsock_listen(port: u32) -> std::io::Result<OwnedFd> {
-    // SAFETY: socket, bind and listen on a descriptor we own, with a zeroed
-    // sockaddr_vm of the right size.
-    unsafe {
-        let fd = libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let owned = OwnedFd::from_raw_fd(fd);
-        let mut addr: libc::sockaddr_vm = std::mem::zeroed();
-        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-        addr.svm_cid = libc::VMADDR_CID_ANY;
-        addr.svm_port = port;
-        let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
-        if libc::bind(fd, (&addr as *const libc::sockaddr_vm).cast(), len) != 0
-            || libc::listen(fd, 16) != 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(owned)
-    }
-}
-
-/// Accepts one connection as a File (a byte stream both ways).
-fn accept(listener: RawFd) -> std::io::Result<std::fs::File> {
-    // SAFETY: accept on our listening socket; the new descriptor is owned by
-    // the File we make of it.
-    let fd = unsafe {
-        libc::accept4(
-            listener,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            libc::SOCK_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor nothing else owns.
-    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
 }
 
 fn spawn(process: &Process) -> Result<Proc, String> {
@@ -272,28 +229,13 @@ fn serve_stdio(mut conn: std::fs::File, procs: Procs) {
 /// port, which the VMM answers with a reset (and may snapshot the guest
 /// right there: a restored agent continues from this call).
 fn signal_ready() {
-    // SAFETY: socket and connect on a descriptor we own and close, with a
-    // zeroed sockaddr_vm of the right size.
-    unsafe {
-        let fd = libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return;
-        }
-        let mut addr: libc::sockaddr_vm = std::mem::zeroed();
-        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-        addr.svm_cid = libc::VMADDR_CID_HOST;
-        addr.svm_port = READY_PORT;
-        let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
-        // Refused by design; only the attempt matters.
-        libc::connect(fd, (&addr as *const libc::sockaddr_vm).cast(), len);
-        libc::close(fd);
-    }
+    // Refused by design; only the attempt matters.
+    let _ = vsock::connect(vsock::HOST_CID, READY_PORT);
 }
 
 fn listen_forever(listener: OwnedFd, port: u32, procs: Procs, serve: fn(std::fs::File, Procs)) {
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
     loop {
-        match accept(fd) {
+        match vsock::accept(&listener) {
             Ok(conn) => {
                 let procs = procs.clone();
                 std::thread::spawn(move || serve(conn, procs));
@@ -310,7 +252,7 @@ fn main() {
         mount("devtmpfs", "/dev", "devtmpfs");
     }
     let procs: Procs = Arc::default();
-    let (control, stdio) = match (vsock_listen(CONTROL_PORT), vsock_listen(STDIO_PORT)) {
+    let (control, stdio) = match (vsock::listen(CONTROL_PORT), vsock::listen(STDIO_PORT)) {
         (Ok(c), Ok(s)) => (c, s),
         (Err(e), _) | (_, Err(e)) => {
             log(&format!("cannot listen on vsock: {e}"));

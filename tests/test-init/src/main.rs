@@ -13,6 +13,8 @@
 //! second, so a test can see whether the guest runs (pause, resume).
 
 use std::ffi::CString;
+
+use husk_protocol::vsock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 const EXEC_CHILD_ARG: &str = "exec-child";
@@ -171,49 +173,29 @@ const VSOCK_ECHO_PORT: u32 = 1234;
 /// Listens on a vsock port, echoes one connection until it closes, and
 /// says how many bytes went through.
 fn vsock_echo(port: u32) -> String {
-    // SAFETY: plain socket calls on descriptors this function owns, with a
-    // zeroed sockaddr_vm of the right size.
-    unsafe {
-        let fd = libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM, 0);
-        if fd < 0 {
-            return "vsock FAIL socket".into();
+    use std::io::{Read, Write};
+    let listener = match vsock::listen(port) {
+        Ok(l) => l,
+        Err(e) => return format!("vsock FAIL listen: {e}"),
+    };
+    say(&format!("vsock listening on {port}"));
+    let mut conn = match vsock::accept(&listener) {
+        Ok(c) => c,
+        Err(e) => return format!("vsock FAIL accept: {e}"),
+    };
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = match conn.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if conn.write_all(&buf[..n]).is_err() {
+            return format!("vsock FAIL write after {total} bytes");
         }
-        let mut addr: libc::sockaddr_vm = std::mem::zeroed();
-        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-        addr.svm_cid = libc::VMADDR_CID_ANY;
-        addr.svm_port = port;
-        let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
-        if libc::bind(fd, (&addr as *const libc::sockaddr_vm).cast(), len) != 0
-            || libc::listen(fd, 1) != 0
-        {
-            return "vsock FAIL bind".into();
-        }
-        say(&format!("vsock listening on {port}"));
-        let conn = libc::accept(fd, std::ptr::null_mut(), std::ptr::null_mut());
-        if conn < 0 {
-            return "vsock FAIL accept".into();
-        }
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut total = 0u64;
-        loop {
-            let n = libc::read(conn, buf.as_mut_ptr().cast(), buf.len());
-            if n <= 0 {
-                break;
-            }
-            let mut off = 0;
-            while off < n as usize {
-                let w = libc::write(conn, buf[off..].as_ptr().cast(), n as usize - off);
-                if w <= 0 {
-                    return format!("vsock FAIL write after {total} bytes");
-                }
-                off += w as usize;
-            }
-            total += n as u64;
-        }
-        libc::close(conn);
-        libc::close(fd);
-        format!("vsock echoed {total} bytes")
+        total += n as u64;
     }
+    format!("vsock echoed {total} bytes")
 }
 
 fn power_off() -> ! {
