@@ -129,19 +129,30 @@ fn a_host_without_dev_kvm_is_named() {
 
 #[test]
 fn a_user_without_access_to_dev_kvm_is_told_so() {
-    // /dev/kvm here is root's alone (0600); an unprivileged uid cannot open it.
-    let k = kernel();
-    let mut cmd = Command::new("setpriv");
-    cmd.args([
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        VMM,
-        "--kernel",
-        k.to_str().unwrap(),
-    ]);
+    // In a private mount namespace, /dev holds only a /dev/kvm node that is
+    // root's alone (0600), whatever the host's own permissions; the VMM
+    // runs as uid 65534 from a copy any user may execute (the checkout may
+    // sit in a directory only root can enter).
+    let scratch = Scratch::new("kvm-perm");
+    let vmm_copy = scratch.path("husk-vmm");
+    std::fs::copy(VMM, &vmm_copy).unwrap();
+    std::process::Command::new("chmod")
+        .args([
+            "755",
+            scratch.0.to_str().unwrap(),
+            vmm_copy.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            "mount -t tmpfs none /dev && mknod -m 600 /dev/kvm c 10 232 && \
+             exec setpriv --reuid=65534 --regid=65534 --clear-groups {} --kernel /nonexistent",
+            vmm_copy.display()
+        ));
     let (code, err) = fails(cmd);
-    assert_eq!(code, 1);
+    assert_eq!(code, 1, "{err}");
     assert_eq!(
         err,
         "husk-vmm: permission denied opening /dev/kvm: run as root or as a member of the kvm group"
