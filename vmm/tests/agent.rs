@@ -90,6 +90,22 @@ fn a_warm_started_agent_runs_a_process_and_reports_its_output_and_status() {
     let (snap, origin) = warm::snapshot(&scratch.path("root"), Path::new(VMM), &image).unwrap();
     assert_eq!(origin, Origin::Created);
 
+    // Its guest has a vsock device: a restore without a socket for it is
+    // refused before any VM starts.
+    let out = common::run_with_timeout({
+        let mut cmd = Command::new(VMM);
+        cmd.arg("--restore").arg(&snap);
+        cmd
+    });
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        format!(
+            "husk-vmm: snapshot {} cannot be restored: its guest has a vsock device: give --vsock-socket",
+            snap.display()
+        )
+    );
+
     // A warm start: the restored agent is listening already.
     let socket = scratch.path("vsock.sock");
     let child = Command::new(VMM)
