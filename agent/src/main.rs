@@ -1,39 +1,83 @@
 //! husk-agent: PID 1 of a Husk guest.
 //!
-//! It mounts /proc, /sys and /dev, listens on vsock for the runtime
-//! ([`husk_protocol::CONTROL_PORT`] for requests, [`STDIO_PORT`] for stdio
-//! streams), runs the processes it is asked to, streams their stdio, reports
-//! their exit status as a shell does (128 + N for a signal), and powers the
-//! guest off when told to.
+//! It mounts /proc, /sys, /dev and /dev/pts, listens on vsock for the
+//! runtime ([`husk_protocol::CONTROL_PORT`] for requests, [`STDIO_PORT`] for
+//! stdio streams), and runs containers: `create` mounts the container's root
+//! filesystem from the virtio-fs share [`husk_protocol::ROOTFS_TAG`] and
+//! turns the OCI spec into a start plan (`container.rs`); `start` forks the
+//! container's process, which builds its namespaces and mount tree, pivots
+//! into its root and takes its identity before exec (`setup.rs`); `exec`
+//! runs further processes inside the same namespaces. The agent reaps every
+//! process (orphans included: it is PID 1), reports exit statuses as a shell
+//! does (128 + N for a signal), and powers the guest off when told to.
 //!
-//! This first version runs processes from the guest's own root (the
-//! initramfs); mounting the container's root filesystem from virtio-fs,
-//! applying the OCI spec's namespaces, mounts, capabilities and limits, and
-//! reaping orphans come with the rest of issue 4. The agent never comes from
-//! a container image: the runtime packs it into the initramfs.
+//! The agent never comes from a container image: the runtime packs it into
+//! the initramfs.
+
+mod container;
+mod setup;
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
 
 use husk_protocol::{
     CONTROL_PORT, Process, READY_PORT, Request, Response, STDIO_PORT, StdioAttach, Stream,
     handshake, read_frame, vsock, write_frame,
 };
+use oci_spec::runtime::Spec;
 
-/// A process the agent started, and the stdio ends not yet attached.
+use setup::Plan;
+
+/// A process the agent started: its PID and the stdio ends not yet
+/// attached.
 #[derive(Default)]
 struct Proc {
-    child: Option<Child>,
-    stdin: Option<ChildStdin>,
-    stdout: Option<ChildStdout>,
-    stderr: Option<ChildStderr>,
+    pid: i32,
+    stdin: Option<File>,
+    stdout: Option<File>,
+    stderr: Option<File>,
+    /// The terminal's master side, for a process with a terminal.
+    terminal: Option<File>,
 }
 
-type Procs = Arc<Mutex<HashMap<String, Proc>>>;
+/// A created container.
+struct Container {
+    /// The plan for its process, until `start` uses it.
+    plan: Option<Plan>,
+    process: Process,
+    /// Whether it has a PID namespace of its own.
+    pid_ns: bool,
+    /// Its process, once started.
+    init: Option<i32>,
+}
+
+/// How a process's PID namespace is set.
+enum PidNs {
+    /// The agent's own.
+    Guest,
+    /// A new one (the container's process).
+    New,
+    /// The running container's (an exec).
+    Join(OwnedFd),
+}
+
+#[derive(Default)]
+struct Agent {
+    containers: Mutex<HashMap<String, Container>>,
+    procs: Mutex<HashMap<String, Proc>>,
+    /// Exit statuses by PID, from the reaper.
+    exits: Mutex<HashMap<i32, i32>>,
+    exited: Condvar,
+    /// Held while a process is spawned, so the reaper does not collect a
+    /// child whose exec failed before std's own waitpid does.
+    spawning: Mutex<()>,
+}
 
 fn log(line: &str) {
     eprintln!("husk-agent: {line}");
@@ -42,6 +86,7 @@ fn log(line: &str) {
 fn mount(source: &str, target: &str, fstype: &str) {
     let c = |s: &str| std::ffi::CString::new(s).unwrap();
     let (c_source, c_target, c_fstype) = (c(source), c(target), c(fstype));
+    let _ = std::fs::create_dir_all(target);
     // SAFETY: mount with valid C strings and no data.
     let r = unsafe {
         libc::mount(
@@ -60,117 +105,463 @@ fn mount(source: &str, target: &str, fstype: &str) {
     }
 }
 
-fn spawn(process: &Process) -> Result<Proc, String> {
-    let Some((program, args)) = process.args.split_first() else {
-        return Err("the process has no args".into());
-    };
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .env_clear()
-        .envs(process.env.iter().filter_map(|kv| kv.split_once('=')))
-        .current_dir(if process.cwd.is_empty() {
-            "/"
-        } else {
-            &process.cwd
-        })
-        .uid(process.uid)
-        .gid(process.gid)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|e| format!("exec {program}: {e}"))?;
-    Ok(Proc {
-        stdin: child.stdin.take(),
-        stdout: child.stdout.take(),
-        stderr: child.stderr.take(),
-        child: Some(child),
-    })
-}
-
 fn key(id: &str, exec_id: &str) -> String {
     format!("{id}/{exec_id}")
 }
 
-fn handle(request: Request, procs: &Procs) -> Response {
-    match request {
-        Request::Exec {
-            id,
-            exec_id,
-            process,
-        } => match spawn(&process) {
-            Ok(proc) => {
-                procs.lock().unwrap().insert(key(&id, &exec_id), proc);
-                Response::Ok
-            }
-            Err(message) => Response::Error { message },
-        },
-        Request::Wait { id, exec_id } => {
-            let child = procs
-                .lock()
-                .unwrap()
-                .get_mut(&key(&id, &exec_id))
-                .and_then(|p| p.child.take());
-            match child {
-                None => Response::Error {
-                    message: format!("no process {exec_id:?} in container {id:?}"),
-                },
-                Some(mut child) => match child.wait() {
-                    Ok(status) => Response::Exited {
-                        status: status
-                            .code()
-                            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
-                    },
-                    Err(e) => Response::Error {
-                        message: format!("wait: {e}"),
-                    },
-                },
-            }
+/// A pipe whose both ends close on exec.
+fn pipe() -> std::io::Result<(File, File)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two-element array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just made and are owned here.
+    Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
+}
+
+/// A new pseudo-terminal: (master, slave).
+fn openpty() -> std::io::Result<(File, File)> {
+    let master = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open("/dev/ptmx")?;
+    let mut n: libc::c_uint = 0;
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads an int, TIOCGPTN writes an unsigned int.
+    unsafe {
+        if libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) < 0
+            || libc::ioctl(master.as_raw_fd(), libc::TIOCGPTN, &mut n) < 0
+        {
+            return Err(std::io::Error::last_os_error());
         }
-        Request::Signal {
-            id,
-            exec_id,
-            signal,
-            ..
-        } => {
-            let pid = procs
-                .lock()
-                .unwrap()
-                .get(&key(&id, &exec_id))
-                .and_then(|p| p.child.as_ref().map(|c| c.id()));
-            match pid {
-                // SAFETY: kill takes no pointers.
-                Some(pid) if unsafe { libc::kill(pid as i32, signal) } == 0 => Response::Ok,
-                Some(_) => Response::Error {
-                    message: format!("signal {signal}: {}", std::io::Error::last_os_error()),
-                },
-                None => Response::Error {
-                    message: format!("no running process {exec_id:?} in container {id:?}"),
-                },
-            }
-        }
-        Request::Shutdown => {
-            // SAFETY: sync and reboot take no pointers; PID 1 may power off.
-            unsafe {
-                libc::sync();
-                libc::reboot(libc::LINUX_REBOOT_CMD_POWER_OFF);
-            }
-            Response::Error {
-                message: format!("power-off failed: {}", std::io::Error::last_os_error()),
-            }
-        }
-        other => Response::Error {
-            message: format!("{other:?} is not supported by this agent yet"),
-        },
+    }
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(format!("/dev/pts/{n}"))?;
+    Ok((master, slave))
+}
+
+
+/// The status a shell reports when `program` cannot be executed.
+fn not_started_status(e: &std::io::Error) -> i32 {
+    match e.raw_os_error() {
+        Some(libc::ENOENT) => 127,
+        Some(libc::EACCES) | Some(libc::ENOEXEC) | Some(libc::EISDIR) => 126,
+        _ => 1,
     }
 }
 
-fn serve_control(mut conn: std::fs::File, procs: Procs) {
+impl Agent {
+    /// Forks `process` with `plan` applied before exec; records it under
+    /// `key`.
+    fn spawn(
+        &self,
+        key: String,
+        process: &Process,
+        plan: Plan,
+        pid_ns: PidNs,
+    ) -> Result<i32, Response> {
+        let failed = |message: String, status| Response::NotStarted { message, status };
+        let Some((program, args)) = process.args.split_first() else {
+            return Err(failed("the process has no args".into(), 1));
+        };
+        let (mut err_r, err_w) = pipe().map_err(|e| failed(format!("pipe: {e}"), 1))?;
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .env_clear()
+            .envs(process.env.iter().filter_map(|kv| kv.split_once('=')));
+        let mut proc = Proc::default();
+        if process.terminal {
+            let (master, slave) = openpty().map_err(|e| failed(format!("terminal: {e}"), 1))?;
+            let dup = |f: &File| {
+                f.try_clone()
+                    .map(Stdio::from)
+                    .map_err(|e| failed(format!("terminal: {e}"), 1))
+            };
+            cmd.stdin(dup(&slave)?).stdout(dup(&slave)?).stderr(dup(&slave)?);
+            proc.terminal = Some(master);
+        } else {
+            cmd.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+        }
+        let last_cap = setup::kernel_last_cap();
+        let err_fd = err_w.as_raw_fd();
+        // SAFETY: the closure runs in the forked child before exec and
+        // makes only system calls (setup.rs).
+        unsafe {
+            cmd.pre_exec(move || setup::apply(&plan, last_cap, err_fd));
+        }
+        // The PID namespace is a property of the thread that forks: a
+        // short-lived thread takes it, so the agent's own threads keep the
+        // guest's.
+        let spawned = std::thread::scope(|s| {
+            s.spawn(|| {
+                let ns = match &pid_ns {
+                    PidNs::Guest => 0,
+                    // SAFETY: unshare and setns take plain integers.
+                    PidNs::New => unsafe { libc::unshare(libc::CLONE_NEWPID) },
+                    // SAFETY: as above, on a descriptor the caller owns.
+                    PidNs::Join(fd) => unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWPID) },
+                };
+                if ns < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let _guard = self.spawning.lock().unwrap();
+                cmd.spawn()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the spawning thread panicked")))
+        });
+        drop(err_w);
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                let mut why = String::new();
+                let _ = err_r.read_to_string(&mut why);
+                return Err(if why.is_empty() {
+                    failed(format!("exec {program}: {e}"), not_started_status(&e))
+                } else {
+                    failed(why, 1)
+                });
+            }
+        };
+        let as_file = |fd: Option<OwnedFd>| fd.map(File::from);
+        proc.stdin = as_file(child.stdin.take().map(OwnedFd::from));
+        proc.stdout = as_file(child.stdout.take().map(OwnedFd::from));
+        proc.stderr = as_file(child.stderr.take().map(OwnedFd::from));
+        proc.pid = child.id() as i32;
+        let pid = proc.pid;
+        // The reaper collects it: std's Child is dropped without a wait.
+        drop(child);
+        self.procs.lock().unwrap().insert(key, proc);
+        Ok(pid)
+    }
+
+    fn create(&self, id: String, spec: &str, process: Process) -> Response {
+        let error = |message: String| Response::Error { message };
+        if self.containers.lock().unwrap().contains_key(&id) {
+            return error(format!("container {id:?} exists"));
+        }
+        let spec: Spec = match serde_json::from_str(spec) {
+            Ok(spec) => spec,
+            Err(e) => return error(format!("the OCI spec is not valid: {e}")),
+        };
+        let rootfs = match container::rootfs_of(&id) {
+            Ok(r) => r,
+            Err(e) => return error(e),
+        };
+        let (pid_ns, plan) = match container::namespaces(&spec).and_then(|(_, pid)| {
+            container::mount_rootfs(&rootfs, false)?;
+            Ok((pid, container::create_plan(&spec, &rootfs, &process)?))
+        }) {
+            Ok(made) => made,
+            Err(e) => return error(e),
+        };
+        self.containers.lock().unwrap().insert(
+            id,
+            Container {
+                plan: Some(plan),
+                process,
+                pid_ns,
+                init: None,
+            },
+        );
+        Response::Ok
+    }
+
+    fn start(&self, id: &str) -> Response {
+        let (plan, process, pid_ns) = {
+            let mut containers = self.containers.lock().unwrap();
+            let Some(c) = containers.get_mut(id) else {
+                return Response::Error {
+                    message: format!("no container {id:?}"),
+                };
+            };
+            let Some(plan) = c.plan.take() else {
+                return Response::Error {
+                    message: format!("container {id:?} has already been started"),
+                };
+            };
+            (plan, c.process.clone(), c.pid_ns)
+        };
+        let ns = if pid_ns { PidNs::New } else { PidNs::Guest };
+        match self.spawn(key(id, ""), &process, plan, ns) {
+            Ok(pid) => {
+                if let Some(c) = self.containers.lock().unwrap().get_mut(id) {
+                    c.init = Some(pid);
+                }
+                Response::Ok
+            }
+            Err(response) => response,
+        }
+    }
+
+    fn exec(&self, id: &str, exec_id: &str, process: Process) -> Response {
+        let plan_for = |process: &Process| {
+            container::process_plan(process).map_err(|message| Response::Error { message })
+        };
+        let result = if id.is_empty() {
+            // The guest itself (the agent's own root): for the runtime's
+            // checks and the tests of the agent.
+            plan_for(&process).and_then(|p| {
+                let plan = Plan {
+                    terminal: process.terminal,
+                    process: Some(p),
+                    ..Default::default()
+                };
+                self.spawn(key(id, exec_id), &process, plan, PidNs::Guest)
+            })
+        } else {
+            let (init, pid_ns) = {
+                let containers = self.containers.lock().unwrap();
+                match containers.get(id) {
+                    Some(Container {
+                        init: Some(pid),
+                        pid_ns,
+                        ..
+                    }) => (*pid, *pid_ns),
+                    _ => {
+                        return Response::Error {
+                            message: format!("container {id:?} is not running"),
+                        };
+                    }
+                }
+            };
+            if self.status_of(init).is_some() {
+                return Response::Error {
+                    message: format!("container {id:?} has stopped"),
+                };
+            }
+            let open = |ns: &str| {
+                File::open(format!("/proc/{init}/ns/{ns}"))
+                    .map(OwnedFd::from)
+                    .map_err(|e| Response::Error {
+                        message: format!("container {id:?}'s {ns} namespace: {e}"),
+                    })
+            };
+            let mut join = Vec::new();
+            let mut plan_result = Ok(());
+            for (ns, kind) in [
+                ("ipc", libc::CLONE_NEWIPC),
+                ("uts", libc::CLONE_NEWUTS),
+                ("net", libc::CLONE_NEWNET),
+                ("cgroup", libc::CLONE_NEWCGROUP),
+                ("mnt", libc::CLONE_NEWNS),
+            ] {
+                match open(ns) {
+                    Ok(fd) => join.push((fd, kind)),
+                    Err(e) => {
+                        plan_result = Err(e);
+                        break;
+                    }
+                }
+            }
+            plan_result
+                .and_then(|()| {
+                    let ns = if pid_ns {
+                        PidNs::Join(open("pid")?)
+                    } else {
+                        PidNs::Guest
+                    };
+                    Ok((plan_for(&process)?, ns))
+                })
+                .and_then(|(p, ns)| {
+                    let plan = Plan {
+                        join,
+                        terminal: process.terminal,
+                        process: Some(p),
+                        ..Default::default()
+                    };
+                    self.spawn(key(id, exec_id), &process, plan, ns)
+                })
+        };
+        match result {
+            Ok(_) => Response::Ok,
+            Err(response) => response,
+        }
+    }
+
+    fn status_of(&self, pid: i32) -> Option<i32> {
+        self.exits.lock().unwrap().get(&pid).copied()
+    }
+
+    fn wait(&self, id: &str, exec_id: &str) -> Response {
+        let Some(pid) = self
+            .procs
+            .lock()
+            .unwrap()
+            .get(&key(id, exec_id))
+            .map(|p| p.pid)
+        else {
+            return Response::Error {
+                message: format!("no process {exec_id:?} in container {id:?}"),
+            };
+        };
+        let mut exits = self.exits.lock().unwrap();
+        loop {
+            if let Some(&status) = exits.get(&pid) {
+                return Response::Exited { status };
+            }
+            exits = self.exited.wait(exits).unwrap();
+        }
+    }
+
+    fn signal(&self, id: &str, exec_id: &str, signal: i32, all: bool) -> Response {
+        let Some(pid) = self
+            .procs
+            .lock()
+            .unwrap()
+            .get(&key(id, exec_id))
+            .map(|p| p.pid)
+            .filter(|&pid| self.status_of(pid).is_none())
+        else {
+            return Response::Error {
+                message: format!("no running process {exec_id:?} in container {id:?}"),
+            };
+        };
+        let targets = if all {
+            processes_sharing_mounts(pid)
+        } else {
+            vec![pid]
+        };
+        for target in targets {
+            // SAFETY: kill takes no pointers.
+            if unsafe { libc::kill(target, signal) } != 0 && target == pid {
+                return Response::Error {
+                    message: format!("signal {signal}: {}", std::io::Error::last_os_error()),
+                };
+            }
+        }
+        Response::Ok
+    }
+
+    fn resize(&self, id: &str, exec_id: &str, rows: u16, cols: u16) -> Response {
+        let procs = self.procs.lock().unwrap();
+        let Some(term) = procs.get(&key(id, exec_id)).and_then(|p| p.terminal.as_ref()) else {
+            return Response::Error {
+                message: format!("process {exec_id:?} in container {id:?} has no terminal"),
+            };
+        };
+        let size = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads a winsize.
+        if unsafe { libc::ioctl(term.as_raw_fd(), libc::TIOCSWINSZ, &size) } < 0 {
+            return Response::Error {
+                message: format!("resize: {}", std::io::Error::last_os_error()),
+            };
+        }
+        Response::Ok
+    }
+
+    fn handle(&self, request: Request) -> Response {
+        match request {
+            Request::Create { id, spec, process } => self.create(id, &spec, process),
+            Request::Start { id } => self.start(&id),
+            Request::Exec {
+                id,
+                exec_id,
+                process,
+            } => self.exec(&id, &exec_id, process),
+            Request::Wait { id, exec_id } => self.wait(&id, &exec_id),
+            Request::Signal {
+                id,
+                exec_id,
+                signal,
+                all,
+            } => self.signal(&id, &exec_id, signal, all),
+            Request::ResizeTerminal {
+                id,
+                exec_id,
+                rows,
+                cols,
+            } => self.resize(&id, &exec_id, rows, cols),
+            Request::Shutdown => {
+                // SAFETY: sync and reboot take no pointers; PID 1 may power off.
+                unsafe {
+                    libc::sync();
+                    libc::reboot(libc::LINUX_REBOOT_CMD_POWER_OFF);
+                }
+                Response::Error {
+                    message: format!("power-off failed: {}", std::io::Error::last_os_error()),
+                }
+            }
+            Request::Stats { .. } => Response::Error {
+                message: "stats are not supported by this agent yet".into(),
+            },
+        }
+    }
+
+    /// Collects every exited child (orphans of containers included) and
+    /// wakes the waiters. SIGCHLD is blocked in every thread and read from
+    /// `signals`.
+    fn reap_forever(&self, mut signals: File) {
+        let mut info = [0u8; 128];
+        loop {
+            {
+                let _guard = self.spawning.lock().unwrap();
+                let mut reaped = Vec::new();
+                loop {
+                    let mut status = 0;
+                    // SAFETY: waitpid writes the status into a live int.
+                    let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+                    if pid <= 0 {
+                        break;
+                    }
+                    let code = if libc::WIFSIGNALED(status) {
+                        128 + libc::WTERMSIG(status)
+                    } else {
+                        libc::WEXITSTATUS(status)
+                    };
+                    reaped.push((pid, code));
+                }
+                if !reaped.is_empty() {
+                    self.exits.lock().unwrap().extend(reaped);
+                    self.exited.notify_all();
+                }
+            }
+            if signals.read(&mut info).is_err() {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// Every process whose mount namespace is `pid`'s (the container's
+/// processes: `kill --all`).
+fn processes_sharing_mounts(pid: i32) -> Vec<i32> {
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/mnt")).ok();
+    let Some(target) = ns(&pid.to_string()) else {
+        return vec![pid];
+    };
+    let mut pids: Vec<i32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&p| p != 1 && ns(&p.to_string()).as_ref() == Some(&target))
+        .collect();
+    if !pids.contains(&pid) {
+        pids.push(pid);
+    }
+    pids
+}
+
+fn serve_control(mut conn: File, agent: Arc<Agent>) {
     if let Err(e) = handshake(&mut conn, concat!("husk-agent ", env!("CARGO_PKG_VERSION"))) {
         log(&format!("control connection refused: {e}"));
         return;
     }
     while let Ok(request) = read_frame::<_, Request>(&mut conn) {
-        let response = handle(request, &procs);
+        let response = agent.handle(request);
         if write_frame(&mut conn, &response).is_err() {
             return;
         }
@@ -191,38 +582,42 @@ fn pump(mut from: impl Read, mut to: impl Write) {
     }
 }
 
-fn serve_stdio(mut conn: std::fs::File, procs: Procs) {
+fn serve_stdio(mut conn: File, agent: Arc<Agent>) {
     let Ok(attach) = read_frame::<_, StdioAttach>(&mut conn) else {
         return;
     };
     let k = key(&attach.id, &attach.exec_id);
-    let mut table = procs.lock().unwrap();
-    let Some(proc) = table.get_mut(&k) else {
+    let end = {
+        let mut procs = agent.procs.lock().unwrap();
+        let Some(proc) = procs.get_mut(&k) else {
+            return;
+        };
+        match attach.stream {
+            Stream::Stdout => proc.stdout.take(),
+            Stream::Stderr => proc.stderr.take(),
+            Stream::Stdin => proc.stdin.take(),
+            Stream::Terminal => proc.terminal.as_ref().and_then(|t| t.try_clone().ok()),
+        }
+    };
+    let Some(end) = end else {
         return;
     };
     match attach.stream {
-        Stream::Stdout => {
-            if let Some(out) = proc.stdout.take() {
-                drop(table);
-                pump(out, &conn);
-            }
+        Stream::Stdout | Stream::Stderr => pump(end, &conn),
+        Stream::Stdin => pump(&conn, end),
+        Stream::Terminal => {
+            let (input, output) = match (conn.try_clone(), end.try_clone()) {
+                (Ok(c), Ok(e)) => (c, e),
+                _ => return,
+            };
+            std::thread::spawn(move || pump(input, output));
+            // The master reads EIO once every process holding the slave
+            // has exited: the output has all been delivered then.
+            pump(end, &conn);
         }
-        Stream::Stderr => {
-            if let Some(err) = proc.stderr.take() {
-                drop(table);
-                pump(err, &conn);
-            }
-        }
-        Stream::Stdin => {
-            if let Some(stdin) = proc.stdin.take() {
-                drop(table);
-                pump(&conn, stdin);
-            }
-        }
-        Stream::Terminal => {}
     }
     // SAFETY: shutdown on the connection's descriptor, which conn owns.
-    unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&conn), libc::SHUT_WR) };
+    unsafe { libc::shutdown(conn.as_raw_fd(), libc::SHUT_WR) };
 }
 
 /// Tells the VMM the agent is ready: a connection to the host's ready
@@ -233,15 +628,33 @@ fn signal_ready() {
     let _ = vsock::connect(vsock::HOST_CID, READY_PORT);
 }
 
-fn listen_forever(listener: OwnedFd, port: u32, procs: Procs, serve: fn(std::fs::File, Procs)) {
+fn listen_forever(listener: OwnedFd, port: u32, agent: Arc<Agent>, serve: fn(File, Arc<Agent>)) {
     loop {
         match vsock::accept(&listener) {
             Ok(conn) => {
-                let procs = procs.clone();
-                std::thread::spawn(move || serve(conn, procs));
+                let agent = agent.clone();
+                std::thread::spawn(move || serve(conn, agent));
             }
             Err(e) => log(&format!("accept on port {port}: {e}")),
         }
+    }
+}
+
+/// Blocks SIGCHLD in this thread (and so in every thread made after) and
+/// returns a descriptor that reads it.
+fn sigchld_fd() -> std::io::Result<File> {
+    // SAFETY: the signal set is initialised before use; signalfd returns a
+    // new descriptor owned by the File.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(File::from_raw_fd(fd))
     }
 }
 
@@ -250,8 +663,17 @@ fn main() {
         mount("proc", "/proc", "proc");
         mount("sysfs", "/sys", "sysfs");
         mount("devtmpfs", "/dev", "devtmpfs");
+        mount("devpts", "/dev/pts", "devpts");
+        mount("tmpfs", "/run", "tmpfs");
     }
-    let procs: Procs = Arc::default();
+    let agent = Arc::new(Agent::default());
+    match sigchld_fd() {
+        Ok(signals) => {
+            let agent = agent.clone();
+            std::thread::spawn(move || agent.reap_forever(signals));
+        }
+        Err(e) => log(&format!("cannot watch for exited processes: {e}")),
+    }
     let (control, stdio) = match (vsock::listen(CONTROL_PORT), vsock::listen(STDIO_PORT)) {
         (Ok(c), Ok(s)) => (c, s),
         (Err(e), _) | (_, Err(e)) => {
@@ -260,13 +682,13 @@ fn main() {
         }
     };
     let stdio = {
-        let procs = procs.clone();
-        std::thread::spawn(move || listen_forever(stdio, STDIO_PORT, procs, serve_stdio))
+        let agent = agent.clone();
+        std::thread::spawn(move || listen_forever(stdio, STDIO_PORT, agent, serve_stdio))
     };
     log(&format!(
         "listening on vsock ports {CONTROL_PORT} and {STDIO_PORT}"
     ));
     signal_ready();
-    listen_forever(control, CONTROL_PORT, procs, serve_control);
+    listen_forever(control, CONTROL_PORT, agent, serve_control);
     let _ = stdio.join();
 }

@@ -42,6 +42,9 @@ pub const STDIO_PORT: u32 = 1025;
 pub const READY_PORT: u32 = 1026;
 /// The debug-port mark value the VMM records for the agent's ready signal.
 pub const READY_MARK: u8 = 0x03;
+/// The virtio-fs tag of the share that holds a container's root
+/// filesystem.
+pub const ROOTFS_TAG: &str = "rootfs";
 /// The largest frame either side accepts (1 MiB): an OCI spec fits many
 /// times over.
 pub const MAX_FRAME: u32 = 1 << 20;
@@ -154,6 +157,24 @@ pub struct Process {
     pub rlimits: BTreeMap<String, (u64, u64)>,
     /// `no_new_privileges`.
     pub no_new_privileges: bool,
+    /// Capability sets; `None` keeps the agent's own (all of them).
+    #[serde(default)]
+    pub capabilities: Option<Capabilities>,
+}
+
+/// A process's capability sets, by name (`CAP_CHOWN`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// The bounding set.
+    pub bounding: Vec<String>,
+    /// Effective.
+    pub effective: Vec<String>,
+    /// Permitted.
+    pub permitted: Vec<String>,
+    /// Inheritable.
+    pub inheritable: Vec<String>,
+    /// Ambient.
+    pub ambient: Vec<String>,
 }
 
 /// A request from the runtime to the agent.
@@ -271,6 +292,15 @@ pub enum Response {
     },
     /// Resource usage.
     Stats(Stats),
+    /// The process could not be started: `status` is what a shell would
+    /// report (127: no such program, 126: not executable, 1: the
+    /// container's set-up failed), `message` names what failed.
+    NotStarted {
+        /// What failed.
+        message: String,
+        /// Exit status to report for it.
+        status: i32,
+    },
     /// The request failed; the message names what failed.
     Error {
         /// What went wrong, for the user.
@@ -306,6 +336,10 @@ mod tests {
             terminal: false,
             rlimits: [("RLIMIT_NOFILE".to_string(), (1024, 4096))].into(),
             no_new_privileges: true,
+            capabilities: Some(Capabilities {
+                bounding: vec!["CAP_KILL".into()],
+                ..Default::default()
+            }),
         };
         let id = || "c1".to_string();
         for req in [
@@ -351,6 +385,10 @@ mod tests {
             }),
             Response::Error {
                 message: "exec /nonexistent: no such file".into(),
+            },
+            Response::NotStarted {
+                message: "exec nope: No such file or directory".into(),
+                status: 127,
             },
         ] {
             round_trip(resp);

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use husk_vmm::devices::virtio::fs::Share;
 use husk_vmm::paths;
 use husk_vmm::timing::Clock;
 use husk_vmm::vm::{Console, SnapshotAt, Vm, VmConfig, VmError};
@@ -56,6 +57,12 @@ struct Args {
     /// socket: connect, write `CONNECT <port>\n`, read `OK <n>\n`.
     #[arg(long)]
     vsock_socket: Option<PathBuf>,
+    /// Share a host directory with the guest over virtio-fs: TAG=DIR, or
+    /// TAG=DIR:ro for one the guest may not change (the guest mounts it
+    /// with `mount -t virtiofs TAG DIR`). Repeatable. With --restore, binds
+    /// the snapshot's share of that tag to DIR.
+    #[arg(long = "share", value_name = "TAG=DIR[:ro]")]
+    shares: Vec<Share>,
     /// Serve the control socket (pause, resume, stop) at this path.
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -87,7 +94,13 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let console = args.console.map_or(Console::Stdout, Console::File);
     let vm = match &args.restore {
-        Some(dir) => Vm::restore(dir, &console, args.vsock_socket.as_deref(), clock),
+        Some(dir) => Vm::restore(
+            dir,
+            &console,
+            args.vsock_socket.as_deref(),
+            &args.shares,
+            clock,
+        ),
         None => {
             let config = VmConfig {
                 kernel: args.kernel.unwrap_or_else(paths::default_kernel),
@@ -102,6 +115,7 @@ fn main() -> ExitCode {
                     .map(|(dir, mark)| SnapshotAt { mark, dir }),
                 rng: !args.no_rng,
                 vsock: args.vsock_socket.clone(),
+                shares: args.shares.clone(),
             };
             Vm::new(&config, clock)
         }

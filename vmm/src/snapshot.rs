@@ -160,6 +160,9 @@ pub struct VirtioSlot {
     pub gsi: u32,
     /// Registers and queues.
     pub transport: crate::devices::virtio::mmio::MmioState,
+    /// A virtio-fs device's tag, which binds it to a share on restore.
+    #[serde(default)]
+    pub share_tag: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]

@@ -33,6 +33,7 @@ use crate::cpu::{self, CpuError};
 use crate::devices::legacy::{DEBUG_PORT, DebugPort, GuestEvent, I8042_DATA_PORT, I8042Reset};
 use crate::devices::serial::SerialConsole;
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::fs::{Fs, Share, TYPE_FS};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{TYPE_VSOCK, Vsock, VsockConnections};
 use crate::devices::{Bus, BusError, lock};
@@ -90,6 +91,9 @@ pub struct VmConfig {
     /// Give the guest a virtio-vsock device (CID [`GUEST_CID`]) whose host
     /// side listens on this Unix socket.
     pub vsock: Option<PathBuf>,
+    /// Host directories shared with the guest over virtio-fs, one device
+    /// each, in this order.
+    pub shares: Vec<Share>,
 }
 
 /// The guest's vsock CID.
@@ -169,6 +173,9 @@ pub enum VmError {
         /// What KVM or a device refused.
         why: String,
     },
+    /// A virtio-fs share cannot be served.
+    #[error("virtio-fs")]
+    Share(#[source] crate::devices::virtio::fs::ShareError),
     /// The vsock device's Unix socket cannot be made.
     #[error("cannot listen on vsock socket {}", .0.display())]
     VsockSocket(PathBuf, #[source] std::io::Error),
@@ -204,6 +211,8 @@ struct VirtioDevice {
     base: u64,
     gsi: u32,
     transport: Arc<Mutex<MmioTransport>>,
+    /// A virtio-fs device's tag.
+    share_tag: Option<String>,
 }
 
 /// Makes the virtio device of `device_type` (the ones a snapshot may hold).
@@ -231,6 +240,7 @@ fn attach_virtio(
         base,
         gsi,
         transport,
+        share_tag: None,
     })
 }
 
@@ -273,6 +283,30 @@ fn attach_vsock(
     host.start(attached.transport.clone())
         .map_err(|e| VmError::Thread(0, e))?;
     Ok((attached, connections))
+}
+
+/// Wires a virtio-fs device serving `share` (new, or restored from
+/// `restored`).
+fn attach_fs(
+    vm: &VmFd,
+    mmio: &mut Bus,
+    memory: &GuestMemoryMmap,
+    share: &Share,
+    base: u64,
+    gsi: u32,
+    restored: Option<(&crate::devices::virtio::mmio::MmioState, &Path)>,
+) -> Result<VirtioDevice, VmError> {
+    let device = Fs::new(share).map_err(VmError::Share)?;
+    let mut attached = attach_virtio(vm, mmio, base, gsi, |irq| match restored {
+        None => Ok(MmioTransport::new(Box::new(device), memory.clone(), irq)),
+        Some((state, dir)) => MmioTransport::restore(Box::new(device), memory.clone(), irq, state)
+            .map_err(|why| VmError::BadSnapshot {
+                dir: dir.to_owned(),
+                why,
+            }),
+    })?;
+    attached.share_tag = Some(share.tag.clone());
+    Ok(attached)
 }
 
 /// The debug-port mark the agent's ready signal is recorded as.
@@ -497,6 +531,16 @@ impl Vm {
                 layout::MMIO_DEVICE_SIZE >> 10
             ));
         }
+        for share in &config.shares {
+            let slot = virtio.len() as u64;
+            let base = layout::MMIO_START + slot * layout::MMIO_DEVICE_SIZE;
+            let gsi = layout::IRQ_BASE + slot as u32;
+            virtio.push(attach_fs(&vm, &mut mmio, &memory, share, base, gsi, None)?);
+            device_args.push_str(&format!(
+                " virtio_mmio.device={}K@{base:#x}:{gsi}",
+                layout::MMIO_DEVICE_SIZE >> 10
+            ));
+        }
         let extra = format!("{device_args} {}", config.extra_cmdline);
         let cmdline = kernel_cmdline(&extra, host::kernel_mode_emulated());
         boot::write_boot_params(&memory, &cmdline, initramfs, mem_size)?;
@@ -526,10 +570,14 @@ impl Vm {
     /// from where it was.
     /// A snapshot whose guest has a vsock device needs `vsock`, the Unix
     /// socket for its host side (connections are not part of a snapshot).
+    /// Each virtio-fs device of the snapshot is bound to the share of
+    /// `shares` with its tag: the directory may differ from the one it was
+    /// booted with (the guest must not have mounted it yet).
     pub fn restore(
         dir: &Path,
         console: &Console,
         vsock: Option<&Path>,
+        shares: &[Share],
         clock: Arc<Clock>,
     ) -> Result<Self, VmError> {
         let (state, mem_path) = snapshot::read(dir)?;
@@ -592,6 +640,26 @@ impl Vm {
                 )?;
                 virtio.push(attached);
                 vsock_connections = Some(connections);
+                continue;
+            }
+            if slot.transport.device_type == TYPE_FS {
+                let tag = slot.share_tag.as_deref().unwrap_or_default();
+                let share = shares
+                    .iter()
+                    .find(|s| s.tag == tag)
+                    .ok_or_else(|| VmError::BadSnapshot {
+                        dir: dir.to_owned(),
+                        why: format!("its guest has a virtio-fs share {tag:?}: give --share {tag}=DIR"),
+                    })?;
+                virtio.push(attach_fs(
+                    &vm,
+                    &mut mmio,
+                    &memory,
+                    share,
+                    slot.base,
+                    slot.gsi,
+                    Some((&slot.transport, dir)),
+                )?);
                 continue;
             }
             let device =
@@ -926,6 +994,11 @@ impl Vm {
                 conns.count()
             )));
         }
+        for device in &self.virtio {
+            if let Some(why) = lock(&device.transport).save_blocker() {
+                return Err(VmError::SaveFailed(format!("{why}; a snapshot cannot keep it")));
+            }
+        }
         self.control.request_save();
         let mut saved: Vec<Option<VcpuState>> = (0..self.threads.len()).map(|_| None).collect();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -986,6 +1059,7 @@ impl Vm {
                     base: d.base,
                     gsi: d.gsi,
                     transport: lock(&d.transport).save(),
+                    share_tag: d.share_tag.clone(),
                 })
                 .collect(),
         };

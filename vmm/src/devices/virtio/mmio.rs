@@ -154,6 +154,11 @@ impl MmioTransport {
         }
     }
 
+    /// Why the device cannot be saved now, if it cannot.
+    pub fn save_blocker(&self) -> Option<String> {
+        self.device.save_blocker()
+    }
+
     /// The registers and queues, for a snapshot.
     pub fn save(&self) -> MmioState {
         MmioState {

@@ -10,6 +10,7 @@
 //! accessors, at addresses the guest gave: a bad address is the guest's
 //! error and yields an empty buffer, never a host access outside guest RAM.
 
+pub mod fs;
 pub mod mmio;
 pub mod rng;
 pub mod vsock;
@@ -38,4 +39,9 @@ pub trait VirtioDevice: Send {
     /// Handles the buffers the guest made available on queue `index`;
     /// returns true when it used any (the guest is then interrupted).
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
+    /// Why the device's state cannot be part of a snapshot now, if it
+    /// cannot (state that lives outside guest memory and the transport).
+    fn save_blocker(&self) -> Option<String> {
+        None
+    }
 }

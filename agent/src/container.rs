@@ -1,0 +1,370 @@
+//! A container inside the guest: its root filesystem (the virtio-fs share
+//! [`ROOTFS_TAG`]), and the plan its processes are started with, made from
+//! the OCI spec the runtime sent.
+
+use std::ffi::CString;
+use std::path::{Component, Path};
+
+use husk_protocol::{Process, ROOTFS_TAG};
+use oci_spec::runtime::{LinuxDeviceType, LinuxNamespaceType, Spec};
+
+use crate::setup::{CapPlan, DeviceNode, MountStep, Plan, ProcPlan, capability};
+
+/// Where the agent mounts container roots.
+const CONTAINERS: &str = "/run/husk";
+
+fn cstring(s: &str, what: &str) -> Result<CString, String> {
+    CString::new(s).map_err(|_| format!("{what} {s:?} contains a NUL byte"))
+}
+
+/// The container's directory in the guest, from its ID.
+pub fn rootfs_of(id: &str) -> Result<String, String> {
+    if id.is_empty()
+        || id.len() > 1024
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+        || id.starts_with('.')
+    {
+        return Err(format!("container ID {id:?} is not valid"));
+    }
+    Ok(format!("{CONTAINERS}/{id}/rootfs"))
+}
+
+/// Mounts the container's root share at its place in the guest.
+pub fn mount_rootfs(rootfs: &str, readonly: bool) -> Result<(), String> {
+    std::fs::create_dir_all(rootfs).map_err(|e| format!("create {rootfs}: {e}"))?;
+    let (source, target) = (cstring(ROOTFS_TAG, "tag")?, cstring(rootfs, "path")?);
+    let flags = if readonly { libc::MS_RDONLY } else { 0 };
+    // SAFETY: mount with valid C strings.
+    let r = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            c"virtiofs".as_ptr(),
+            flags,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        return Err(format!(
+            "mount the container's root (virtio-fs {ROOTFS_TAG:?}) on {rootfs}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// `destination` under `rootfs`, refusing `..` (the destination is the
+/// spec's, and a mount must land inside the container's root).
+fn under(rootfs: &str, destination: &Path) -> Result<String, String> {
+    if !destination.is_absolute() {
+        return Err(format!(
+            "mount destination {} is not absolute",
+            destination.display()
+        ));
+    }
+    let mut path = rootfs.to_owned();
+    for c in destination.components() {
+        match c {
+            Component::Normal(part) => {
+                path.push('/');
+                path.push_str(&part.to_string_lossy());
+            }
+            Component::RootDir | Component::CurDir => {}
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(format!(
+                    "mount destination {} leaves the container's root",
+                    destination.display()
+                ));
+            }
+        }
+    }
+    Ok(path)
+}
+
+/// `MS_*` flags of a mount option; `None` for a file-system option.
+fn mount_flag(option: &str) -> Option<(bool, libc::c_ulong)> {
+    Some(match option {
+        "ro" => (true, libc::MS_RDONLY),
+        "rw" => (false, libc::MS_RDONLY),
+        "nosuid" => (true, libc::MS_NOSUID),
+        "suid" => (false, libc::MS_NOSUID),
+        "nodev" => (true, libc::MS_NODEV),
+        "dev" => (false, libc::MS_NODEV),
+        "noexec" => (true, libc::MS_NOEXEC),
+        "exec" => (false, libc::MS_NOEXEC),
+        "sync" => (true, libc::MS_SYNCHRONOUS),
+        "async" => (false, libc::MS_SYNCHRONOUS),
+        "dirsync" => (true, libc::MS_DIRSYNC),
+        "noatime" => (true, libc::MS_NOATIME),
+        "atime" => (false, libc::MS_NOATIME),
+        "nodiratime" => (true, libc::MS_NODIRATIME),
+        "diratime" => (false, libc::MS_NODIRATIME),
+        "relatime" => (true, libc::MS_RELATIME),
+        "norelatime" => (false, libc::MS_RELATIME),
+        "strictatime" => (true, libc::MS_STRICTATIME),
+        "bind" => (true, libc::MS_BIND),
+        "rbind" => (true, libc::MS_BIND | libc::MS_REC),
+        "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave" | "unbindable"
+        | "runbindable" => (true, 0),
+        _ => return None,
+    })
+}
+
+fn mount_steps(spec: &Spec, rootfs: &str) -> Result<Vec<MountStep>, String> {
+    let mut steps = Vec::new();
+    for m in spec.mounts().iter().flatten() {
+        let destination = m.destination().display().to_string();
+        let mut flags: libc::c_ulong = 0;
+        let mut data = Vec::new();
+        for option in m.options().iter().flatten() {
+            match mount_flag(option) {
+                Some((true, f)) => flags |= f,
+                Some((false, f)) => flags &= !f,
+                None => data.push(option.as_str()),
+            }
+        }
+        let mut fstype = m.typ().clone().unwrap_or_default();
+        let mut source = m
+            .source()
+            .as_ref()
+            .map(|s| s.display().to_string())
+            .unwrap_or_else(|| fstype.clone());
+        match fstype.as_str() {
+            // The guest has cgroup v2 only, as runc mounts on a unified
+            // host.
+            "cgroup" => fstype = "cgroup2".into(),
+            // One container per guest: its terminals live in the guest's
+            // devpts, so a terminal the agent opens is the container's
+            // /dev/pts/N too.
+            "devpts" => {
+                fstype = "bind".into();
+                source = "/dev/pts".into();
+                flags = libc::MS_BIND;
+                data.clear();
+            }
+            _ => {}
+        }
+        let bind = flags & libc::MS_BIND != 0 || fstype == "bind";
+        let (fstype, remount_flags, file) = if bind {
+            // A bind mount's source must exist in the guest; host paths
+            // reach it only through a share (not made yet: see
+            // docs/agent.md).
+            let meta = std::fs::metadata(&source).map_err(|e| {
+                format!("mount {destination}: bind source {source} is not in the guest: {e}")
+            })?;
+            let remount = (flags & libc::MS_RDONLY != 0).then_some(flags & !libc::MS_REC);
+            (
+                String::new(),
+                remount,
+                !meta.is_dir(),
+            )
+        } else {
+            (fstype, None, false)
+        };
+        steps.push(MountStep {
+            source: cstring(&source, "mount source")?,
+            target: cstring(&under(rootfs, m.destination())?, "mount destination")?,
+            destination,
+            fstype: cstring(&fstype, "mount type")?,
+            flags: flags | if bind { libc::MS_BIND } else { 0 },
+            remount_flags,
+            data: cstring(&data.join(","), "mount options")?,
+            file,
+        });
+    }
+    Ok(steps)
+}
+
+fn cap_mask(names: &[String]) -> Result<u64, String> {
+    names.iter().try_fold(0u64, |mask, name| {
+        capability(name)
+            .map(|c| mask | (1 << c))
+            .ok_or_else(|| format!("unknown capability {name}"))
+    })
+}
+
+/// Resource number of an `RLIMIT_*` name.
+fn rlimit(name: &str) -> Option<libc::c_int> {
+    Some(match name {
+        "RLIMIT_CPU" => libc::RLIMIT_CPU,
+        "RLIMIT_FSIZE" => libc::RLIMIT_FSIZE,
+        "RLIMIT_DATA" => libc::RLIMIT_DATA,
+        "RLIMIT_STACK" => libc::RLIMIT_STACK,
+        "RLIMIT_CORE" => libc::RLIMIT_CORE,
+        "RLIMIT_RSS" => libc::RLIMIT_RSS,
+        "RLIMIT_NPROC" => libc::RLIMIT_NPROC,
+        "RLIMIT_NOFILE" => libc::RLIMIT_NOFILE,
+        "RLIMIT_MEMLOCK" => libc::RLIMIT_MEMLOCK,
+        "RLIMIT_AS" => libc::RLIMIT_AS,
+        "RLIMIT_LOCKS" => libc::RLIMIT_LOCKS,
+        "RLIMIT_SIGPENDING" => libc::RLIMIT_SIGPENDING,
+        "RLIMIT_MSGQUEUE" => libc::RLIMIT_MSGQUEUE,
+        "RLIMIT_NICE" => libc::RLIMIT_NICE,
+        "RLIMIT_RTPRIO" => libc::RLIMIT_RTPRIO,
+        "RLIMIT_RTTIME" => libc::RLIMIT_RTTIME,
+        _ => return None,
+    } as libc::c_int)
+}
+
+/// The identity, limits and capabilities of `process`.
+pub fn process_plan(process: &Process) -> Result<ProcPlan, String> {
+    let rlimits = process
+        .rlimits
+        .iter()
+        .map(|(name, &(soft, hard))| {
+            rlimit(name)
+                .map(|r| (r, soft, hard))
+                .ok_or_else(|| format!("unknown rlimit {name}"))
+        })
+        .collect::<Result<_, _>>()?;
+    let caps = match &process.capabilities {
+        None => None,
+        Some(c) => Some(CapPlan {
+            bounding: cap_mask(&c.bounding)?,
+            effective: cap_mask(&c.effective)?,
+            permitted: cap_mask(&c.permitted)?,
+            inheritable: cap_mask(&c.inheritable)?,
+            ambient: cap_mask(&c.ambient)?,
+        }),
+    };
+    let cwd = if process.cwd.is_empty() {
+        "/"
+    } else {
+        &process.cwd
+    };
+    Ok(ProcPlan {
+        cwd: cstring(cwd, "cwd")?,
+        uid: process.uid,
+        gid: process.gid,
+        groups: process.additional_gids.clone(),
+        umask: process.umask,
+        rlimits,
+        caps,
+        no_new_privileges: process.no_new_privileges,
+    })
+}
+
+/// What the container's namespaces are: the `CLONE_NEW*` flags it gets
+/// fresh (the PID one separately), refusing what the guest cannot do.
+pub fn namespaces(spec: &Spec) -> Result<(libc::c_int, bool), String> {
+    let mut flags = 0;
+    let mut pid = false;
+    for ns in spec.linux().iter().flat_map(|l| l.namespaces().iter().flatten()) {
+        if let Some(path) = ns.path() {
+            return Err(format!(
+                "joining the {} namespace at {} is not possible: the container has a VM of its own",
+                ns.typ(),
+                path.display()
+            ));
+        }
+        match ns.typ() {
+            LinuxNamespaceType::Pid => pid = true,
+            LinuxNamespaceType::User => {
+                return Err("user namespaces are not supported in the guest yet".into());
+            }
+            LinuxNamespaceType::Time => {}
+            other => flags |= other as libc::c_int,
+        }
+    }
+    Ok((flags, pid))
+}
+
+/// The plan that starts the container's own process.
+pub fn create_plan(spec: &Spec, rootfs: &str, process: &Process) -> Result<Plan, String> {
+    let (unshare, _) = namespaces(spec)?;
+    let mounts = mount_steps(spec, rootfs)?;
+    let default_dev = mounts.iter().any(|m| {
+        m.destination.trim_end_matches('/') == "/dev" && m.fstype.to_bytes() == b"tmpfs"
+    });
+    let linux = spec.linux().as_ref();
+    let mut devices = Vec::new();
+    for d in linux.iter().flat_map(|l| l.devices().iter().flatten()) {
+        let kind = match d.typ() {
+            LinuxDeviceType::B => libc::S_IFBLK,
+            LinuxDeviceType::C | LinuxDeviceType::U => libc::S_IFCHR,
+            LinuxDeviceType::P => libc::S_IFIFO,
+            LinuxDeviceType::A => continue,
+        };
+        devices.push(DeviceNode {
+            path: cstring(&under(rootfs, d.path())?, "device path")?,
+            mode: kind | d.file_mode().unwrap_or(0o666),
+            dev: libc::makedev(d.major() as u32, d.minor() as u32),
+            uid: d.uid().unwrap_or(0),
+            gid: d.gid().unwrap_or(0),
+        });
+    }
+    let uts = unshare & libc::CLONE_NEWUTS != 0;
+    let hostname = match spec.hostname() {
+        Some(h) if uts => Some(cstring(h, "hostname")?),
+        Some(_) => return Err("the spec sets a hostname without a UTS namespace".into()),
+        None => None,
+    };
+    let domainname = match spec.domainname() {
+        Some(d) if uts => Some(cstring(d, "domainname")?),
+        _ => None,
+    };
+    let mut sysctls = Vec::new();
+    for (key, value) in linux.iter().flat_map(|l| l.sysctl().iter().flatten()) {
+        if key.contains("..") || key.contains('/') {
+            return Err(format!("sysctl {key:?} is not a sysctl name"));
+        }
+        sysctls.push((
+            cstring(&format!("/proc/sys/{}", key.replace('.', "/")), "sysctl")?,
+            value.as_bytes().to_vec(),
+        ));
+    }
+    let paths = |list: Option<&Vec<String>>| -> Result<Vec<CString>, String> {
+        list.into_iter()
+            .flatten()
+            .map(|p| cstring(p, "path"))
+            .collect()
+    };
+    Ok(Plan {
+        join: Vec::new(),
+        unshare: unshare & !libc::CLONE_NEWPID,
+        rootfs: Some(cstring(rootfs, "root")?),
+        mounts,
+        default_dev,
+        devices,
+        hostname,
+        domainname,
+        sysctls,
+        masked: paths(linux.and_then(|l| l.masked_paths().as_ref()))?,
+        readonly_paths: paths(linux.and_then(|l| l.readonly_paths().as_ref()))?,
+        root_readonly: spec.root().as_ref().and_then(|r| r.readonly()) == Some(true),
+        terminal: process.terminal,
+        process: Some(process_plan(process)?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations_stay_under_the_root() {
+        assert_eq!(under("/r", Path::new("/proc")).unwrap(), "/r/proc");
+        assert_eq!(under("/r", Path::new("/dev/./pts/")).unwrap(), "/r/dev/pts");
+        assert!(under("/r", Path::new("/../etc")).unwrap_err().contains("leaves"));
+        assert!(under("/r", Path::new("dev")).unwrap_err().contains("not absolute"));
+    }
+
+    #[test]
+    fn ids_are_checked() {
+        assert_eq!(rootfs_of("c1").unwrap(), "/run/husk/c1/rootfs");
+        for bad in ["", "../x", "a/b", ".hidden", "a b"] {
+            assert!(rootfs_of(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn capabilities_are_numbered_as_the_kernel_does() {
+        assert_eq!(capability("CAP_CHOWN"), Some(0));
+        assert_eq!(capability("CAP_SYS_ADMIN"), Some(21));
+        assert_eq!(capability("CAP_CHECKPOINT_RESTORE"), Some(40));
+        assert_eq!(capability("CHOWN"), None);
+        assert!(cap_mask(&["CAP_NOPE".into()]).unwrap_err().contains("CAP_NOPE"));
+    }
+}

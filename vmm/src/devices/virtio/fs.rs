@@ -1,0 +1,560 @@
+//! virtio-fs: a host directory shared with the guest (virtio 1.2, section
+//! 5.11), served inside the VMM process.
+//!
+//! The guest's FUSE requests arrive on the request queue; fuse-backend-rs's
+//! [`Server`] decodes each one and its [`PassthroughFs`] answers it from the
+//! shared directory, writing the reply straight into the guest's buffers.
+//! The passthrough file system is what keeps the guest inside the share: it
+//! holds an `O_PATH` descriptor per inode and resolves every name with
+//! `openat(2)` relative to its parent and `O_NOFOLLOW`, refuses names with a
+//! `/`, answers `..` of the root with the root, and never follows a symlink
+//! on the host (the guest gets the link's text and resolves it in its own
+//! namespace). A read-only share is refused every request that would
+//! change it here, in the VMM, whatever the guest's kernel believes
+//! ([`Confined`]).
+//!
+//! The device's FUSE session (inode numbers, open handles) lives only in
+//! this process: a snapshot is refused once the guest has mounted the share
+//! (see [`VirtioDevice::save_blocker`]). A warm-start snapshot is taken
+//! before the agent mounts anything, so its share can be bound to another
+//! directory when it is restored.
+
+use std::ffi::CStr;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use fuse_backend_rs::abi::fuse_abi::{CreateIn, FsOptions, OpenOptions, SetattrValid, stat64};
+use fuse_backend_rs::api::filesystem::{
+    Context, DirEntry, Entry, FileSystem, GetxattrReply, ListxattrReply, ZeroCopyReader,
+    ZeroCopyWriter,
+};
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
+use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::VirtioDevice;
+
+/// virtio device type of a file system device.
+pub const TYPE_FS: u32 = 26;
+/// High-priority queue (FORGET, INTERRUPT) and one request queue.
+const QUEUE_SIZES: [u16; 2] = [128, 1024];
+/// Bytes of the tag in the configuration space (NUL-padded).
+pub const TAG_LEN: usize = 36;
+
+/// One shared directory, as given on the command line: `TAG=DIR[:ro]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Share {
+    /// The name the guest mounts it by (`mount -t virtiofs TAG /mnt`).
+    pub tag: String,
+    /// The host directory.
+    pub dir: PathBuf,
+    /// Whether the guest may change it.
+    pub read_only: bool,
+}
+
+impl std::str::FromStr for Share {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (tag, rest) = s
+            .split_once('=')
+            .ok_or_else(|| format!("share {s:?} is not TAG=DIR[:ro]"))?;
+        if tag.is_empty() || tag.len() > TAG_LEN || tag.contains('\0') {
+            return Err(format!(
+                "share tag {tag:?} must be 1 to {TAG_LEN} bytes without NUL"
+            ));
+        }
+        let (dir, read_only) = match rest.strip_suffix(":ro") {
+            Some(dir) => (dir, true),
+            None => (rest.strip_suffix(":rw").unwrap_or(rest), false),
+        };
+        if dir.is_empty() {
+            return Err(format!("share {tag:?} names no directory"));
+        }
+        Ok(Share {
+            tag: tag.to_owned(),
+            dir: PathBuf::from(dir),
+            read_only,
+        })
+    }
+}
+
+impl std::fmt::Display for Share {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mode = if self.read_only { ":ro" } else { "" };
+        write!(f, "{}={}{mode}", self.tag, self.dir.display())
+    }
+}
+
+/// Why a share cannot be served.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot share {}", .0.display())]
+pub struct ShareError(PathBuf, #[source] io::Error);
+
+/// The passthrough file system of one share, with the share's write
+/// policy applied: every method delegates to [`PassthroughFs`], and those
+/// that would change a read-only share answer `EROFS` instead.
+pub struct Confined {
+    inner: PassthroughFs<()>,
+    read_only: bool,
+    /// Set once the guest has sent FUSE_INIT, i.e. mounted the share.
+    mounted: AtomicBool,
+}
+
+fn erofs<T>() -> io::Result<T> {
+    Err(io::Error::from_raw_os_error(libc::EROFS))
+}
+
+impl Confined {
+    /// Serves `dir`: fails when it cannot be opened or is not a directory.
+    pub fn new(dir: &Path, read_only: bool) -> Result<Self, ShareError> {
+        let fail = |e| ShareError(dir.to_owned(), e);
+        if !std::fs::metadata(dir).map_err(fail)?.is_dir() {
+            return Err(fail(io::Error::from_raw_os_error(libc::ENOTDIR)));
+        }
+        let root_dir = dir
+            .to_str()
+            .ok_or_else(|| fail(io::Error::from_raw_os_error(libc::EINVAL)))?
+            .to_owned();
+        let cfg = Config {
+            root_dir,
+            // The share belongs to this VM: the guest may cache what it
+            // reads for as long as it likes.
+            cache_policy: CachePolicy::Auto,
+            entry_timeout: Duration::from_secs(5),
+            attr_timeout: Duration::from_secs(5),
+            xattr: false,
+            do_import: true,
+            ..Default::default()
+        };
+        let inner = PassthroughFs::new(cfg).map_err(fail)?;
+        inner.import().map_err(fail)?;
+        Ok(Self {
+            inner,
+            read_only,
+            mounted: AtomicBool::new(false),
+        })
+    }
+
+    fn writable(&self) -> io::Result<()> {
+        if self.read_only { erofs() } else { Ok(()) }
+    }
+}
+
+/// Open flags that would let the caller change the file.
+const WRITE_FLAGS: u32 =
+    (libc::O_WRONLY | libc::O_RDWR | libc::O_TRUNC | libc::O_APPEND | libc::O_CREAT) as u32;
+
+impl FileSystem for Confined {
+    type Inode = u64;
+    type Handle = u64;
+
+    fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        self.mounted.store(true, Ordering::SeqCst);
+        self.inner.init(capable)
+    }
+    fn destroy(&self) {
+        self.inner.destroy()
+    }
+    fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        self.inner.lookup(ctx, parent, name)
+    }
+    fn forget(&self, ctx: &Context, inode: u64, count: u64) {
+        self.inner.forget(ctx, inode, count)
+    }
+    fn batch_forget(&self, ctx: &Context, requests: Vec<(u64, u64)>) {
+        self.inner.batch_forget(ctx, requests)
+    }
+    fn getattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: Option<u64>,
+    ) -> io::Result<(stat64, Duration)> {
+        self.inner.getattr(ctx, inode, handle)
+    }
+    fn setattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        attr: stat64,
+        handle: Option<u64>,
+        valid: SetattrValid,
+    ) -> io::Result<(stat64, Duration)> {
+        self.writable()?;
+        self.inner.setattr(ctx, inode, attr, handle, valid)
+    }
+    fn readlink(&self, ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
+        self.inner.readlink(ctx, inode)
+    }
+    fn symlink(&self, ctx: &Context, link: &CStr, parent: u64, name: &CStr) -> io::Result<Entry> {
+        self.writable()?;
+        self.inner.symlink(ctx, link, parent, name)
+    }
+    fn mknod(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        rdev: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        self.writable()?;
+        self.inner.mknod(ctx, parent, name, mode, rdev, umask)
+    }
+    fn mkdir(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        self.writable()?;
+        self.inner.mkdir(ctx, parent, name, mode, umask)
+    }
+    fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        self.writable()?;
+        self.inner.unlink(ctx, parent, name)
+    }
+    fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        self.writable()?;
+        self.inner.rmdir(ctx, parent, name)
+    }
+    fn rename(
+        &self,
+        ctx: &Context,
+        olddir: u64,
+        oldname: &CStr,
+        newdir: u64,
+        newname: &CStr,
+        flags: u32,
+    ) -> io::Result<()> {
+        self.writable()?;
+        self.inner
+            .rename(ctx, olddir, oldname, newdir, newname, flags)
+    }
+    fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
+        self.writable()?;
+        self.inner.link(ctx, inode, newparent, newname)
+    }
+    fn open(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+        if flags & WRITE_FLAGS != 0 {
+            self.writable()?;
+        }
+        self.inner.open(ctx, inode, flags, fuse_flags)
+    }
+    fn create(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        args: CreateIn,
+    ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
+        self.writable()?;
+        self.inner.create(ctx, parent, name, args)
+    }
+    fn read(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        flags: u32,
+    ) -> io::Result<usize> {
+        self.inner
+            .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
+    }
+    fn write(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        r: &mut dyn ZeroCopyReader,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        delayed_write: bool,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<usize> {
+        self.writable()?;
+        self.inner.write(
+            ctx,
+            inode,
+            handle,
+            r,
+            size,
+            offset,
+            lock_owner,
+            delayed_write,
+            flags,
+            fuse_flags,
+        )
+    }
+    fn flush(&self, ctx: &Context, inode: u64, handle: u64, lock_owner: u64) -> io::Result<()> {
+        self.inner.flush(ctx, inode, handle, lock_owner)
+    }
+    fn fsync(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
+        self.inner.fsync(ctx, inode, datasync, handle)
+    }
+    fn fallocate(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        mode: u32,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<()> {
+        self.writable()?;
+        self.inner
+            .fallocate(ctx, inode, handle, mode, offset, length)
+    }
+    fn release(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        flags: u32,
+        handle: u64,
+        flush: bool,
+        flock_release: bool,
+        lock_owner: Option<u64>,
+    ) -> io::Result<()> {
+        self.inner
+            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
+    }
+    fn statfs(&self, ctx: &Context, inode: u64) -> io::Result<libc::statvfs64> {
+        let mut st = self.inner.statfs(ctx, inode)?;
+        if self.read_only {
+            st.f_flag |= libc::ST_RDONLY;
+        }
+        Ok(st)
+    }
+    fn setxattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        name: &CStr,
+        value: &[u8],
+        flags: u32,
+    ) -> io::Result<()> {
+        self.writable()?;
+        self.inner.setxattr(ctx, inode, name, value, flags)
+    }
+    fn getxattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        name: &CStr,
+        size: u32,
+    ) -> io::Result<GetxattrReply> {
+        self.inner.getxattr(ctx, inode, name, size)
+    }
+    fn listxattr(&self, ctx: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
+        self.inner.listxattr(ctx, inode, size)
+    }
+    fn removexattr(&self, ctx: &Context, inode: u64, name: &CStr) -> io::Result<()> {
+        self.writable()?;
+        self.inner.removexattr(ctx, inode, name)
+    }
+    fn opendir(&self, ctx: &Context, inode: u64, flags: u32) -> io::Result<(Option<u64>, OpenOptions)> {
+        self.inner.opendir(ctx, inode, flags)
+    }
+    fn readdir(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.inner
+            .readdir(ctx, inode, handle, size, offset, add_entry)
+    }
+    fn readdirplus(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.inner
+            .readdirplus(ctx, inode, handle, size, offset, add_entry)
+    }
+    fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
+        self.inner.fsyncdir(ctx, inode, datasync, handle)
+    }
+    fn releasedir(&self, ctx: &Context, inode: u64, flags: u32, handle: u64) -> io::Result<()> {
+        self.inner.releasedir(ctx, inode, flags, handle)
+    }
+    fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
+        if mask & libc::W_OK as u32 != 0 {
+            self.writable()?;
+        }
+        self.inner.access(ctx, inode, mask)
+    }
+    fn lseek(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        offset: u64,
+        whence: u32,
+    ) -> io::Result<u64> {
+        self.inner.lseek(ctx, inode, handle, offset, whence)
+    }
+}
+
+/// The virtio-fs device of one share.
+pub struct Fs {
+    tag: String,
+    fs: Arc<Confined>,
+    server: Server<Arc<Confined>>,
+}
+
+impl Fs {
+    /// A device serving `share`.
+    pub fn new(share: &Share) -> Result<Self, ShareError> {
+        let fs = Arc::new(Confined::new(&share.dir, share.read_only)?);
+        Ok(Self {
+            tag: share.tag.clone(),
+            server: Server::new(fs.clone()),
+            fs,
+        })
+    }
+
+    /// The tag the guest mounts it by.
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// Answers one FUSE request; returns the bytes written into the
+    /// guest's reply buffers.
+    fn serve(
+        &self,
+        mem: &GuestMemoryMmap,
+        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    ) -> u32 {
+        let Ok(reader) = Reader::from_descriptor_chain(mem, chain.clone()) else {
+            return 0;
+        };
+        let Ok(writer) = VirtioFsWriter::new(mem, chain) else {
+            return 0;
+        };
+        // A request the server cannot decode gets no reply bytes; the
+        // guest's driver fails that request and goes on.
+        self.server
+            .handle_message(reader, writer.into(), None, None)
+            .map_or(0, |n| n as u32)
+    }
+}
+
+impl VirtioDevice for Fs {
+    fn device_type(&self) -> u32 {
+        TYPE_FS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_fs_config { u8 tag[36]; le32 num_request_queues; }
+        let mut config = [0u8; TAG_LEN + 4];
+        config[..self.tag.len()].copy_from_slice(self.tag.as_bytes());
+        config[TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
+        data.fill(0);
+        if let Some(src) = config.get(offset as usize..) {
+            let n = src.len().min(data.len());
+            data[..n].copy_from_slice(&src[..n]);
+        }
+    }
+
+    fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut used = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let written = self.serve(mem, chain);
+            if queue.add_used(mem, head, written).is_err() {
+                break;
+            }
+            used = true;
+        }
+        used
+    }
+
+    fn save_blocker(&self) -> Option<String> {
+        self.fs
+            .mounted
+            .load(Ordering::SeqCst)
+            .then(|| format!("the guest has mounted virtio-fs share {:?}", self.tag))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_parse_with_clear_errors() {
+        let s: Share = "rootfs=/var/lib/x:ro".parse().unwrap();
+        assert_eq!(
+            s,
+            Share {
+                tag: "rootfs".into(),
+                dir: "/var/lib/x".into(),
+                read_only: true
+            }
+        );
+        assert_eq!(s.to_string(), "rootfs=/var/lib/x:ro");
+        let s: Share = "data=/tmp/d".parse().unwrap();
+        assert!(!s.read_only);
+        for (bad, why) in [
+            ("/tmp/d", "is not TAG=DIR"),
+            ("=/tmp/d", "must be 1 to 36 bytes"),
+            (&format!("{}=/d", "t".repeat(37)), "must be 1 to 36 bytes"),
+            ("t=", "names no directory"),
+            ("t=:ro", "names no directory"),
+        ] {
+            let err = bad.parse::<Share>().unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_missing_or_non_directory_share_is_refused() {
+        let err = Confined::new(Path::new("/nonexistent/husk"), false)
+            .err()
+            .unwrap();
+        assert_eq!(err.to_string(), "cannot share /nonexistent/husk");
+        let file = std::env::temp_dir().join(format!("husk-fs-test-{}", std::process::id()));
+        std::fs::write(&file, b"x").unwrap();
+        let err = Confined::new(&file, false).err().unwrap();
+        std::fs::remove_file(&file).unwrap();
+        assert!(
+            std::error::Error::source(&err)
+                .unwrap()
+                .to_string()
+                .contains("Not a directory")
+        );
+    }
+}
