@@ -658,8 +658,52 @@ fn sigchld_fd() -> std::io::Result<File> {
     }
 }
 
+/// Moves the agent's root from the initramfs (the kernel's rootfs, which
+/// pivot_root cannot leave) to a bind mount of it, so that a container's
+/// process can pivot_root into its own root and detach the guest's.
+fn leave_rootfs() -> std::io::Result<()> {
+    let _ = std::fs::create_dir("/.root");
+    // SAFETY: mount, chdir and chroot with valid C strings.
+    unsafe {
+        for (r, what) in [
+            (
+                libc::mount(
+                    c"/".as_ptr(),
+                    c"/.root".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ),
+                "bind",
+            ),
+            (libc::chdir(c"/.root".as_ptr()), "chdir"),
+            (
+                libc::mount(
+                    c".".as_ptr(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_MOVE,
+                    std::ptr::null(),
+                ),
+                "move",
+            ),
+            (libc::chroot(c".".as_ptr()), "chroot"),
+            (libc::chdir(c"/".as_ptr()), "chdir"),
+        ] {
+            if r != 0 {
+                let e = std::io::Error::last_os_error();
+                return Err(std::io::Error::new(e.kind(), format!("{what}: {e}")));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn main() {
     if std::process::id() == 1 {
+        if let Err(e) = leave_rootfs() {
+            log(&format!("cannot leave the initramfs root: {e}"));
+        }
         mount("proc", "/proc", "proc");
         mount("sysfs", "/sys", "sysfs");
         mount("devtmpfs", "/dev", "devtmpfs");

@@ -5,5 +5,10 @@
 //! snapshots; container lifecycle, state and images build on top of it.
 #![deny(missing_docs)]
 
+pub mod binaries;
+pub mod bundle;
+pub mod busybox;
 pub mod initramfs;
+pub mod run;
+pub mod sandbox;
 pub mod warm;

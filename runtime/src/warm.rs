@@ -37,6 +37,9 @@ pub struct GuestImage {
     pub ready_mark: u8,
     /// The guest has a vsock device (the agent signals readiness over it).
     pub vsock: bool,
+    /// Tags of the virtio-fs shares the guest has; each is bound to a
+    /// directory when a VM is restored (an empty one while it boots).
+    pub shares: Vec<String>,
 }
 
 /// Errors making or finding a warm-start snapshot.
@@ -107,11 +110,12 @@ impl GuestImage {
         fnv1a(&mut hash, b"\0initramfs\0");
         hash_file(&mut hash, &self.initramfs)?;
         let shape = format!(
-            "\0vcpus={} memory={} mark={} vsock={} format={}",
+            "\0vcpus={} memory={} mark={} vsock={} shares={:?} format={}",
             self.vcpus,
             self.memory_mib,
             self.ready_mark,
             self.vsock,
+            self.shares,
             husk_vmm::snapshot::VERSION
         );
         fnv1a(&mut hash, shape.as_bytes());
@@ -158,6 +162,17 @@ pub fn snapshot(
     if image.vsock {
         cmd.arg("--vsock-socket").arg(&boot_socket);
     }
+    // Shares are bound to their real directories on restore; the boot
+    // serves an empty, read-only one (the guest mounts nothing before its
+    // snapshot).
+    let empty = dir.join(format!("{key}.empty"));
+    if !image.shares.is_empty() {
+        std::fs::create_dir_all(&empty).map_err(io("create", &empty))?;
+    }
+    for tag in &image.shares {
+        cmd.arg("--share")
+            .arg(format!("{tag}={}:ro", empty.display()));
+    }
     let out = cmd
         .arg("--kernel")
         .arg(&image.kernel)
@@ -173,6 +188,7 @@ pub fn snapshot(
         .output()
         .map_err(io("run", vmm))?;
     let _ = std::fs::remove_file(&boot_socket);
+    let _ = std::fs::remove_dir(&empty);
     if !out.status.success() {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(WarmError::Boot {
@@ -199,6 +215,7 @@ mod tests {
             memory_mib: 128,
             ready_mark: 2,
             vsock: false,
+            shares: Vec::new(),
         }
     }
 
@@ -219,6 +236,9 @@ mod tests {
         assert_ne!(other.key().unwrap(), key);
         let mut other = image.clone();
         other.vsock = true;
+        assert_ne!(other.key().unwrap(), key);
+        let mut other = image.clone();
+        other.shares = vec!["rootfs".into()];
         assert_ne!(other.key().unwrap(), key);
         std::fs::write(dir.join("initramfs"), b"initramfs v2").unwrap();
         assert_ne!(image.key().unwrap(), key);

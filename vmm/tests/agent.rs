@@ -48,7 +48,7 @@ fn attach(socket: &Path, exec_id: &str, stream: Stream) -> UnixStream {
     write_frame(
         &mut conn,
         &StdioAttach {
-            id: "c1".into(),
+            id: String::new(),
             exec_id: exec_id.into(),
             stream,
         },
@@ -86,6 +86,7 @@ fn a_warm_started_agent_runs_a_process_and_reports_its_output_and_status() {
         memory_mib: 128,
         ready_mark: READY_MARK,
         vsock: true,
+        shares: Vec::new(),
     };
     let (snap, origin) = warm::snapshot(&scratch.path("root"), Path::new(VMM), &image).unwrap();
     assert_eq!(origin, Origin::Created);
@@ -128,7 +129,7 @@ fn a_warm_started_agent_runs_a_process_and_reports_its_output_and_status() {
         read_frame(&mut control).unwrap()
     };
     let exec = |exec_id: &str, args: &[&str]| Request::Exec {
-        id: "c1".into(),
+        id: String::new(),
         exec_id: exec_id.into(),
         process: process(args),
     };
@@ -149,7 +150,7 @@ fn a_warm_started_agent_runs_a_process_and_reports_its_output_and_status() {
     assert_eq!(out, "hello from the guest\n");
     assert_eq!(err, "oops\n");
     let wait = |exec_id: &str| Request::Wait {
-        id: "c1".into(),
+        id: String::new(),
         exec_id: exec_id.into(),
     };
     assert_eq!(ask(wait("e1")), Response::Exited { status: 7 });
@@ -161,7 +162,7 @@ fn a_warm_started_agent_runs_a_process_and_reports_its_output_and_status() {
     );
     assert_eq!(
         ask(Request::Signal {
-            id: "c1".into(),
+            id: String::new(),
             exec_id: "e2".into(),
             signal: 9,
             all: false,
@@ -170,10 +171,12 @@ fn a_warm_started_agent_runs_a_process_and_reports_its_output_and_status() {
     );
     assert_eq!(ask(wait("e2")), Response::Exited { status: 137 });
 
-    // A program that does not exist is refused by name.
+    // A program that does not exist is refused by name, with the status
+    // a shell gives it.
     match ask(exec("e3", &["/bin/nonexistent"])) {
-        Response::Error { message } => {
-            assert!(message.starts_with("exec /bin/nonexistent: "), "{message}")
+        Response::NotStarted { message, status } => {
+            assert!(message.starts_with("exec /bin/nonexistent: "), "{message}");
+            assert_eq!(status, 127);
         }
         other => panic!("expected an error, got {other:?}"),
     }

@@ -24,6 +24,7 @@ fn make_snapshot(scratch: &Scratch) -> PathBuf {
         memory_mib: 128,
         ready_mark: 2,
         vsock: false,
+        shares: Vec::new(),
     };
     let root = scratch.path("root");
     let (snap, origin) = warm::snapshot(&root, Path::new(VMM), &image).unwrap();

@@ -399,10 +399,20 @@ impl Backend {
     }
 
     /// The host stream has bytes: send what the guest's credit allows.
+    /// Also called when it hangs up or fails, which epoll reports whatever
+    /// events are asked for.
     fn host_readable(&mut self, key: Key) {
         let Some(c) = self.conns.get_mut(&key) else {
             return;
         };
+        if c.host_eof {
+            // Reading is not armed after the host's EOF, so this is a
+            // hang-up: the host closed both directions. Without this the
+            // level-triggered hang-up would re-send the guest a shutdown on
+            // every wake-up, a storm that keeps the guest busy.
+            self.close(key, true);
+            return;
+        }
         let room = (c.credit() as usize).min(MAX_PKT);
         if room == 0 {
             self.rearm(key);
@@ -686,6 +696,35 @@ mod tests {
         assert_eq!(&b[0..8], &3u64.to_le_bytes());
         assert_eq!(&b[30..32], &OP_RW.to_le_bytes());
         assert_eq!(Hdr::parse(&b), hdr);
+    }
+
+    #[test]
+    fn a_host_hang_up_after_eof_resets_once_instead_of_repeating() {
+        let dir = std::env::temp_dir().join(format!("husk-vsock-hup-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (device, _host) = Vsock::new(3, &dir.join("v.sock")).unwrap();
+        let mut b = lock(&device.backend);
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let key = (1 << 30, 1024);
+        b.conns.insert(key, Conn::new(ours, false, BUF_ALLOC, 0));
+        // The host half-closes: one SHUTDOWN(SEND) for the guest.
+        theirs.shutdown(std::net::Shutdown::Write).unwrap();
+        b.host_readable(key);
+        let (hdr, _) = b.rx.pop_front().unwrap();
+        assert_eq!((hdr.op, hdr.flags), (OP_SHUTDOWN, SHUTDOWN_SEND));
+        assert!(b.rx.is_empty());
+        // Then it closes entirely; epoll keeps reporting the hang-up. The
+        // first report resets the connection; later ones find nothing.
+        drop(theirs);
+        b.host_readable(key);
+        b.host_readable(key);
+        let ops: Vec<u16> = b.rx.drain(..).map(|(h, _)| h.op).collect();
+        assert_eq!(ops, [OP_RST]);
+        assert!(b.conns.is_empty());
+        drop(b);
+        drop(device);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -1,0 +1,282 @@
+//! A container's microVM as the runtime drives it: a `husk-vmm` process
+//! restored from the warm-start snapshot, with the container's root shared
+//! over virtio-fs, and the agent in it reached over hybrid vsock.
+//!
+//! Dropping a [`Sandbox`] kills the VMM if it still runs and removes its
+//! sockets: nothing of it outlives the runtime's handle.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use husk_protocol::{
+    CONTROL_PORT, Request, Response, STDIO_PORT, StdioAttach, Stream, handshake, read_frame,
+    write_frame,
+};
+use husk_vmm::devices::virtio::fs::Share;
+use thiserror::Error;
+
+use crate::warm::{self, GuestImage};
+
+/// Errors starting or talking to a container's VM.
+#[derive(Debug, Error)]
+pub enum SandboxError {
+    /// The warm-start snapshot could not be found or made.
+    #[error("no warm guest to start from")]
+    Warm(#[from] warm::WarmError),
+    /// The VMM could not be started.
+    #[error("cannot start {}", .0.display())]
+    Spawn(PathBuf, #[source] std::io::Error),
+    /// The VMM exited before the agent answered.
+    #[error("the VM ended before its agent answered: {0}")]
+    VmEnded(String),
+    /// The agent could not be reached or broke the protocol.
+    #[error("the agent does not answer")]
+    Agent(#[source] husk_protocol::ProtocolError),
+    /// The agent refused a request.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Where the runtime's pieces are.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    /// `husk-vmm`.
+    pub vmm: PathBuf,
+    /// The guest kernel.
+    pub kernel: PathBuf,
+    /// The agent's initramfs.
+    pub initramfs: PathBuf,
+}
+
+/// The VM shape of a container guest.
+pub const VCPUS: u8 = 1;
+/// Guest memory of a container guest, MiB.
+pub const MEMORY_MIB: u64 = 256;
+
+/// The warm-start image of container guests made from `bins`.
+pub fn guest_image(bins: &Binaries) -> GuestImage {
+    GuestImage {
+        kernel: bins.kernel.clone(),
+        initramfs: bins.initramfs.clone(),
+        vcpus: VCPUS,
+        memory_mib: MEMORY_MIB,
+        ready_mark: husk_protocol::READY_MARK,
+        vsock: true,
+        shares: vec![husk_protocol::ROOTFS_TAG.to_owned()],
+    }
+}
+
+/// A running container VM.
+pub struct Sandbox {
+    vmm: Option<Child>,
+    socket: PathBuf,
+    stderr_log: PathBuf,
+}
+
+/// Opens a stream to guest `port` over the VMM's hybrid vsock socket.
+pub fn connect(socket: &Path, port: u32) -> std::io::Result<UnixStream> {
+    let mut stream = UnixStream::connect(socket)?;
+    writeln!(stream, "CONNECT {port}")?;
+    // The answer is one line; read it byte by byte so nothing after it is
+    // consumed.
+    let mut line = Vec::new();
+    let mut byte = [0u8];
+    while line.last() != Some(&b'\n') {
+        if stream.read(&mut byte)? == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        }
+        line.push(byte[0]);
+        if line.len() > 64 {
+            break;
+        }
+    }
+    if !line.starts_with(b"OK ") {
+        return Err(std::io::Error::other(format!(
+            "vsock port {port} refused: {}",
+            String::from_utf8_lossy(&line).trim()
+        )));
+    }
+    Ok(stream)
+}
+
+impl Sandbox {
+    /// Restores a container guest in `state_dir` (its sockets and logs go
+    /// there) with `rootfs` shared as the container's root.
+    pub fn start(
+        root: &Path,
+        bins: &Binaries,
+        state_dir: &Path,
+        rootfs: &Share,
+    ) -> Result<Self, SandboxError> {
+        let (snapshot, _) = warm::snapshot(root, &bins.vmm, &guest_image(bins))?;
+        let socket = state_dir.join("vsock.sock");
+        let stderr_log = state_dir.join("vmm.log");
+        let console = state_dir.join("console.log");
+        let log = std::fs::File::create(&stderr_log)
+            .map_err(|e| SandboxError::Spawn(stderr_log.clone(), e))?;
+        let vmm = Command::new(&bins.vmm)
+            .arg("--restore")
+            .arg(&snapshot)
+            .arg("--vsock-socket")
+            .arg(&socket)
+            .arg("--share")
+            .arg(rootfs.to_string())
+            .arg("--console")
+            .arg(&console)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| SandboxError::Spawn(bins.vmm.clone(), e))?;
+        Ok(Self {
+            vmm: Some(vmm),
+            socket,
+            stderr_log,
+        })
+    }
+
+    /// PID of the VMM process.
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.vmm.as_ref().map(Child::id)
+    }
+
+    /// What the VMM said, for an error.
+    fn vmm_said(&mut self) -> String {
+        let status = self
+            .vmm
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+            .map(|s| format!("husk-vmm {s}"))
+            .unwrap_or_else(|| "husk-vmm".into());
+        let said = std::fs::read_to_string(&self.stderr_log).unwrap_or_default();
+        match said.trim() {
+            "" => status,
+            said => format!("{status}: {said}"),
+        }
+    }
+
+    /// Opens a guest port, waiting (up to `timeout`) for the VMM's socket.
+    fn open(&mut self, port: u32, timeout: Duration) -> Result<UnixStream, SandboxError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match connect(&self.socket, port) {
+                Ok(stream) => return Ok(stream),
+                Err(e) => {
+                    let ended = self
+                        .vmm
+                        .as_mut()
+                        .is_none_or(|c| c.try_wait().ok().flatten().is_some());
+                    if ended {
+                        return Err(SandboxError::VmEnded(self.vmm_said()));
+                    }
+                    if Instant::now() > deadline {
+                        return Err(SandboxError::Agent(e.into()));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        }
+    }
+
+    /// A control connection to the agent, handshake done.
+    pub fn control(&mut self) -> Result<Control, SandboxError> {
+        let mut stream = self.open(CONTROL_PORT, Duration::from_secs(30))?;
+        handshake(&mut stream, concat!("husk ", env!("CARGO_PKG_VERSION")))
+            .map_err(SandboxError::Agent)?;
+        Ok(Control { stream })
+    }
+
+    /// One stdio stream of a process.
+    pub fn attach(
+        &mut self,
+        id: &str,
+        exec_id: &str,
+        stream: Stream,
+    ) -> Result<UnixStream, SandboxError> {
+        let mut conn = self.open(STDIO_PORT, Duration::from_secs(30))?;
+        write_frame(
+            &mut conn,
+            &StdioAttach {
+                id: id.into(),
+                exec_id: exec_id.into(),
+                stream,
+            },
+        )
+        .map_err(SandboxError::Agent)?;
+        Ok(conn)
+    }
+
+    /// Waits up to `timeout` for the VMM to exit (after a shutdown); kills
+    /// it after that. Returns what it said when it failed.
+    pub fn finish(&mut self, timeout: Duration) -> Result<(), SandboxError> {
+        let Some(mut child) = self.vmm.take() else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) if status.success() => return Ok(()),
+                Ok(Some(_)) => {
+                    self.vmm = Some(child);
+                    let said = self.vmm_said();
+                    self.vmm = None;
+                    return Err(SandboxError::VmEnded(said));
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(SandboxError::VmEnded(
+                        "the VM did not power off in time and was killed".into(),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.vmm.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// A control connection to the agent.
+pub struct Control {
+    stream: UnixStream,
+}
+
+impl Control {
+    /// Sends `request` and returns the answer.
+    pub fn ask(&mut self, request: &Request) -> Result<Response, SandboxError> {
+        write_frame(&mut self.stream, request).map_err(SandboxError::Agent)?;
+        read_frame(&mut self.stream).map_err(SandboxError::Agent)
+    }
+
+    /// Sends `request`; an error answer becomes [`SandboxError::Refused`].
+    pub fn expect_ok(&mut self, request: &Request) -> Result<(), SandboxError> {
+        match self.ask(request)? {
+            Response::Ok => Ok(()),
+            Response::Error { message } | Response::NotStarted { message, .. } => {
+                Err(SandboxError::Refused(message))
+            }
+            other => Err(SandboxError::Refused(format!(
+                "unexpected answer {other:?}"
+            ))),
+        }
+    }
+
+    /// Sends `request` without waiting for an answer (a shutdown).
+    pub fn send(&mut self, request: &Request) -> Result<(), SandboxError> {
+        write_frame(&mut self.stream, request).map_err(SandboxError::Agent)
+    }
+}
