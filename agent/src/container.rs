@@ -155,11 +155,7 @@ fn mount_steps(spec: &Spec, rootfs: &str) -> Result<Vec<MountStep>, String> {
                 format!("mount {destination}: bind source {source} is not in the guest: {e}")
             })?;
             let remount = (flags & libc::MS_RDONLY != 0).then_some(flags & !libc::MS_REC);
-            (
-                String::new(),
-                remount,
-                !meta.is_dir(),
-            )
+            (String::new(), remount, !meta.is_dir())
         } else {
             (fstype, None, false)
         };
@@ -251,7 +247,11 @@ pub fn process_plan(process: &Process) -> Result<ProcPlan, String> {
 pub fn namespaces(spec: &Spec) -> Result<(libc::c_int, bool), String> {
     let mut flags = 0;
     let mut pid = false;
-    for ns in spec.linux().iter().flat_map(|l| l.namespaces().iter().flatten()) {
+    for ns in spec
+        .linux()
+        .iter()
+        .flat_map(|l| l.namespaces().iter().flatten())
+    {
         if let Some(path) = ns.path() {
             return Err(format!(
                 "joining the {} namespace at {} is not possible: the container has a VM of its own",
@@ -275,9 +275,9 @@ pub fn namespaces(spec: &Spec) -> Result<(libc::c_int, bool), String> {
 pub fn create_plan(spec: &Spec, rootfs: &str, process: &Process) -> Result<Plan, String> {
     let (unshare, _) = namespaces(spec)?;
     let mounts = mount_steps(spec, rootfs)?;
-    let default_dev = mounts.iter().any(|m| {
-        m.destination.trim_end_matches('/') == "/dev" && m.fstype.to_bytes() == b"tmpfs"
-    });
+    let default_dev = mounts
+        .iter()
+        .any(|m| m.destination.trim_end_matches('/') == "/dev" && m.fstype.to_bytes() == b"tmpfs");
     let linux = spec.linux().as_ref();
     let mut devices = Vec::new();
     for d in linux.iter().flat_map(|l| l.devices().iter().flatten()) {
@@ -347,8 +347,16 @@ mod tests {
     fn destinations_stay_under_the_root() {
         assert_eq!(under("/r", Path::new("/proc")).unwrap(), "/r/proc");
         assert_eq!(under("/r", Path::new("/dev/./pts/")).unwrap(), "/r/dev/pts");
-        assert!(under("/r", Path::new("/../etc")).unwrap_err().contains("leaves"));
-        assert!(under("/r", Path::new("dev")).unwrap_err().contains("not absolute"));
+        assert!(
+            under("/r", Path::new("/../etc"))
+                .unwrap_err()
+                .contains("leaves")
+        );
+        assert!(
+            under("/r", Path::new("dev"))
+                .unwrap_err()
+                .contains("not absolute")
+        );
     }
 
     #[test]
@@ -365,6 +373,10 @@ mod tests {
         assert_eq!(capability("CAP_SYS_ADMIN"), Some(21));
         assert_eq!(capability("CAP_CHECKPOINT_RESTORE"), Some(40));
         assert_eq!(capability("CHOWN"), None);
-        assert!(cap_mask(&["CAP_NOPE".into()]).unwrap_err().contains("CAP_NOPE"));
+        assert!(
+            cap_mask(&["CAP_NOPE".into()])
+                .unwrap_err()
+                .contains("CAP_NOPE")
+        );
     }
 }

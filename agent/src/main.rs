@@ -145,7 +145,6 @@ fn openpty() -> std::io::Result<(File, File)> {
     Ok((master, slave))
 }
 
-
 /// The status a shell reports when `program` cannot be executed.
 fn not_started_status(e: &std::io::Error) -> i32 {
     match e.raw_os_error() {
@@ -182,7 +181,9 @@ impl Agent {
                     .map(Stdio::from)
                     .map_err(|e| failed(format!("terminal: {e}"), 1))
             };
-            cmd.stdin(dup(&slave)?).stdout(dup(&slave)?).stderr(dup(&slave)?);
+            cmd.stdin(dup(&slave)?)
+                .stdout(dup(&slave)?)
+                .stderr(dup(&slave)?);
             proc.terminal = Some(master);
         } else {
             cmd.stdin(Stdio::piped())
@@ -442,7 +443,10 @@ impl Agent {
 
     fn resize(&self, id: &str, exec_id: &str, rows: u16, cols: u16) -> Response {
         let procs = self.procs.lock().unwrap();
-        let Some(term) = procs.get(&key(id, exec_id)).and_then(|p| p.terminal.as_ref()) else {
+        let Some(term) = procs
+            .get(&key(id, exec_id))
+            .and_then(|p| p.terminal.as_ref())
+        else {
             return Response::Error {
                 message: format!("process {exec_id:?} in container {id:?} has no terminal"),
             };

@@ -114,7 +114,11 @@ fn cstr(s: &str) -> CString {
 /// `mkdir -p`, for mount points.
 fn mkdir_all(path: &CStr) -> io::Result<()> {
     let bytes = path.to_bytes();
-    for (i, _) in bytes.iter().enumerate().filter(|&(i, &b)| b == b'/' && i > 0) {
+    for (i, _) in bytes
+        .iter()
+        .enumerate()
+        .filter(|&(i, &b)| b == b'/' && i > 0)
+    {
         let prefix = CString::new(&bytes[..i]).unwrap_or_default();
         // SAFETY: mkdir with a valid C string.
         unsafe { libc::mkdir(prefix.as_ptr(), 0o755) };
@@ -238,7 +242,10 @@ fn pivot_into(rootfs: &CStr) -> Result<(), Failed> {
     let dot = c".";
     // SAFETY: chdir/syscall/umount2 with valid C strings.
     unsafe {
-        check(|| "enter the container's root".into(), libc::chdir(rootfs.as_ptr()))?;
+        check(
+            || "enter the container's root".into(),
+            libc::chdir(rootfs.as_ptr()),
+        )?;
         // pivot_root(".", "."): the old root ends up stacked on the new
         // one and is detached right away, with no directory for it.
         check(
@@ -258,7 +265,8 @@ fn is_dir(path: &CStr) -> Option<bool> {
     // SAFETY: stat into a zeroed struct with a valid C string.
     unsafe {
         let mut st: libc::stat = std::mem::zeroed();
-        (libc::stat(path.as_ptr(), &mut st) == 0).then_some(st.st_mode & libc::S_IFMT == libc::S_IFDIR)
+        (libc::stat(path.as_ptr(), &mut st) == 0)
+            .then_some(st.st_mode & libc::S_IFMT == libc::S_IFDIR)
     }
 }
 

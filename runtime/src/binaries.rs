@@ -39,7 +39,11 @@ pub enum BinariesError {
     Pack(#[from] crate::initramfs::InitramfsError),
 }
 
-fn find(what: &'static str, var: &'static str, candidates: Vec<PathBuf>) -> Result<PathBuf, BinariesError> {
+fn find(
+    what: &'static str,
+    var: &'static str,
+    candidates: Vec<PathBuf>,
+) -> Result<PathBuf, BinariesError> {
     if let Some(path) = std::env::var_os(var) {
         let path = PathBuf::from(path);
         return if path.is_file() {
@@ -73,8 +77,14 @@ fn digest(bytes: &[u8]) -> u64 {
 /// Whether `elf` is a 64-bit x86 executable without a program interpreter.
 fn is_static_elf(elf: &[u8]) -> bool {
     let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    let u32_at = |o: usize| elf.get(o..o + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
-    let u64_at = |o: usize| elf.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
+    let u32_at = |o: usize| {
+        elf.get(o..o + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+    };
+    let u64_at = |o: usize| {
+        elf.get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+    };
     const PT_INTERP: u32 = 3;
     if !elf.starts_with(b"\x7fELF\x02\x01") || u16_at(18) != Some(62) {
         return false;
@@ -113,35 +123,23 @@ pub fn agent_initramfs(root: &Path, agent: &Path) -> Result<PathBuf, BinariesErr
     Ok(path)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_a_static_agent_is_packed() {
-        let root = std::env::temp_dir().join(format!("husk-bins-{}", std::process::id()));
-        // A dynamically linked program (this host's ls) is refused by name.
-        let err = agent_initramfs(&root, Path::new("/bin/ls")).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "the agent /bin/ls is not a statically linked x86-64 executable (build it with `make agent`)"
-        );
-        // busybox-static is static: packed once, found again.
-        let first = agent_initramfs(&root, Path::new("/bin/busybox")).unwrap();
-        assert_eq!(agent_initramfs(&root, Path::new("/bin/busybox")).unwrap(), first);
-        assert!(std::fs::metadata(&first).unwrap().len() > 1_000_000);
-        std::fs::remove_dir_all(&root).unwrap();
-    }
-}
-
-/// Finds the VMM, kernel and agent, and prepares the agent's initramfs
-/// under `root`.
+/// Finds the VMM, kernel and agent next to the running `husk`, and
+/// prepares the agent's initramfs under `root`.
 pub fn locate(root: &Path) -> Result<Binaries, BinariesError> {
     let exe_dir = std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(Path::to_owned))
         .unwrap_or_default();
-    let vmm = find("the VMM (husk-vmm)", "HUSK_VMM", vec![exe_dir.join("husk-vmm")])?;
+    locate_near(root, &exe_dir)
+}
+
+/// As [`locate`], looking next to a `husk` installed in `exe_dir`.
+pub fn locate_near(root: &Path, exe_dir: &Path) -> Result<Binaries, BinariesError> {
+    let vmm = find(
+        "the VMM (husk-vmm)",
+        "HUSK_VMM",
+        vec![exe_dir.join("husk-vmm")],
+    )?;
     let kernel = find(
         "the guest kernel",
         "HUSK_KERNEL",
@@ -160,4 +158,28 @@ pub fn locate(root: &Path) -> Result<Binaries, BinariesError> {
         kernel,
         initramfs: agent_initramfs(root, &agent)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_static_agent_is_packed() {
+        let root = std::env::temp_dir().join(format!("husk-bins-{}", std::process::id()));
+        // A dynamically linked program (this host's ls) is refused by name.
+        let err = agent_initramfs(&root, Path::new("/bin/ls")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the agent /bin/ls is not a statically linked x86-64 executable (build it with `make agent`)"
+        );
+        // busybox-static is static: packed once, found again.
+        let first = agent_initramfs(&root, Path::new("/bin/busybox")).unwrap();
+        assert_eq!(
+            agent_initramfs(&root, Path::new("/bin/busybox")).unwrap(),
+            first
+        );
+        assert!(std::fs::metadata(&first).unwrap().len() > 1_000_000);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }

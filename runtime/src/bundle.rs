@@ -72,7 +72,7 @@ impl Bundle {
         let spec: Spec = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
-            let what = if path == "." {
+            let what = if path == "." || path == "?" {
                 inner.to_string()
             } else {
                 format!("{path}: {inner}")
@@ -86,7 +86,10 @@ impl Bundle {
             path: config.clone(),
             why: why.to_owned(),
         };
-        let root = spec.root().as_ref().ok_or_else(|| invalid("root: missing"))?;
+        let root = spec
+            .root()
+            .as_ref()
+            .ok_or_else(|| invalid("root: missing"))?;
         if root.path().as_os_str().is_empty() {
             return Err(invalid("root.path: empty"));
         }
@@ -201,13 +204,13 @@ mod tests {
         assert!(b.readonly);
         let p = b.process();
         assert_eq!(p.args, ["sh"]);
-        assert_eq!((p.uid, p.gid, p.additional_gids.clone()), (1000, 100, vec![10]));
+        assert_eq!(
+            (p.uid, p.gid, p.additional_gids.clone()),
+            (1000, 100, vec![10])
+        );
         assert_eq!(p.rlimits["RLIMIT_NOFILE"], (1024, 2048));
         assert!(p.no_new_privileges);
-        assert_eq!(
-            p.capabilities.unwrap().bounding,
-            ["CAP_CHOWN", "CAP_KILL"]
-        );
+        assert_eq!(p.capabilities.unwrap().bounding, ["CAP_CHOWN", "CAP_KILL"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -218,7 +221,10 @@ mod tests {
             "B/config.json is not a valid OCI spec: expected ident at line 1 column 2"
         );
         assert_eq!(
-            error("noroot", r#"{"ociVersion":"1.0.2","process":{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0}}}"#),
+            error(
+                "noroot",
+                r#"{"ociVersion":"1.0.2","process":{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0}}}"#
+            ),
             "B/config.json is not usable: root: missing"
         );
         assert_eq!(
@@ -229,7 +235,10 @@ mod tests {
             "B/config.json is not a valid OCI spec: process.user.uid: invalid type: string \"x\", expected u32 at line 1 column 92"
         );
         assert_eq!(
-            error("noargs", r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"process":{"cwd":"/","user":{"uid":0,"gid":0}}}"#),
+            error(
+                "noargs",
+                r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"process":{"cwd":"/","user":{"uid":0,"gid":0}}}"#
+            ),
             "B/config.json is not usable: process.args: missing or empty"
         );
         assert!(
@@ -237,7 +246,10 @@ mod tests {
                 .starts_with("B/config.json is not usable: root.path: B/nope cannot be used: No such file")
         );
         assert_eq!(
-            error("relcwd", r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"process":{"args":["sh"],"cwd":"tmp","user":{"uid":0,"gid":0}}}"#),
+            error(
+                "relcwd",
+                r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"process":{"args":["sh"],"cwd":"tmp","user":{"uid":0,"gid":0}}}"#
+            ),
             "B/config.json is not usable: process.cwd: tmp is not absolute"
         );
         let dir = std::env::temp_dir().join("husk-bundle-missing-dir");

@@ -30,7 +30,9 @@ pub enum RunError {
     #[error(transparent)]
     Bundle(#[from] BundleError),
     /// The container ID is not valid.
-    #[error("container ID {0:?} is not valid: use letters, digits, '_', '-' and '.', not starting with '.'")]
+    #[error(
+        "container ID {0:?} is not valid: use letters, digits, '_', '-' and '.', not starting with '.'"
+    )]
     BadId(String),
     /// A container of that ID exists.
     #[error("container {0:?} exists")]
@@ -199,7 +201,9 @@ pub fn run(root: &Path, bins: &Binaries, bundle_dir: &Path, id: &str) -> Result<
     if process.terminal {
         let conn = sandbox.attach(id, "", Stream::Terminal)?;
         _raw = RawTerminal::enter();
-        let input = conn.try_clone().map_err(|e| RunError::State(dir.clone(), e))?;
+        let input = conn
+            .try_clone()
+            .map_err(|e| RunError::State(dir.clone(), e))?;
         std::thread::spawn(move || copy(std::io::stdin(), input));
         outputs.push(std::thread::spawn(move || copy(conn, std::io::stdout())));
     } else {

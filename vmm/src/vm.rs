@@ -32,8 +32,8 @@ use crate::boot::{self, BootError};
 use crate::cpu::{self, CpuError};
 use crate::devices::legacy::{DEBUG_PORT, DebugPort, GuestEvent, I8042_DATA_PORT, I8042Reset};
 use crate::devices::serial::SerialConsole;
-use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::fs::{Fs, Share, TYPE_FS};
+use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{TYPE_VSOCK, Vsock, VsockConnections};
 use crate::devices::{Bus, BusError, lock};
@@ -644,13 +644,16 @@ impl Vm {
             }
             if slot.transport.device_type == TYPE_FS {
                 let tag = slot.share_tag.as_deref().unwrap_or_default();
-                let share = shares
-                    .iter()
-                    .find(|s| s.tag == tag)
-                    .ok_or_else(|| VmError::BadSnapshot {
-                        dir: dir.to_owned(),
-                        why: format!("its guest has a virtio-fs share {tag:?}: give --share {tag}=DIR"),
-                    })?;
+                let share =
+                    shares
+                        .iter()
+                        .find(|s| s.tag == tag)
+                        .ok_or_else(|| VmError::BadSnapshot {
+                            dir: dir.to_owned(),
+                            why: format!(
+                                "its guest has a virtio-fs share {tag:?}: give --share {tag}=DIR"
+                            ),
+                        })?;
                 virtio.push(attach_fs(
                     &vm,
                     &mut mmio,
@@ -996,7 +999,9 @@ impl Vm {
         }
         for device in &self.virtio {
             if let Some(why) = lock(&device.transport).save_blocker() {
-                return Err(VmError::SaveFailed(format!("{why}; a snapshot cannot keep it")));
+                return Err(VmError::SaveFailed(format!(
+                    "{why}; a snapshot cannot keep it"
+                )));
             }
         }
         self.control.request_save();

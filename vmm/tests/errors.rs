@@ -184,3 +184,24 @@ fn a_guest_that_dies_in_kernel_mode_is_reported_with_its_rip() {
         assert!(err.contains("triple-faulted at rip"), "{err}");
     }
 }
+
+#[test]
+fn a_share_that_cannot_be_served_is_named() {
+    let kernel = kernel();
+    let kernel = kernel.to_str().unwrap();
+    let (code, err) = fails(vmm(&[
+        "--kernel",
+        kernel,
+        "--share",
+        "rootfs=/nonexistent/share",
+    ]));
+    assert_eq!(code, 1);
+    assert_eq!(
+        err,
+        "husk-vmm: virtio-fs: cannot share /nonexistent/share: No such file or directory (os error 2)"
+    );
+    // Not TAG=DIR: a usage error.
+    let (code, err) = fails(vmm(&["--kernel", kernel, "--share", "/tmp"]));
+    assert_eq!(code, 2);
+    assert!(err.contains("share \"/tmp\" is not TAG=DIR[:ro]"), "{err}");
+}

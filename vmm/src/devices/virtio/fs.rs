@@ -373,7 +373,12 @@ impl FileSystem for Confined {
         self.writable()?;
         self.inner.removexattr(ctx, inode, name)
     }
-    fn opendir(&self, ctx: &Context, inode: u64, flags: u32) -> io::Result<(Option<u64>, OpenOptions)> {
+    fn opendir(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions)> {
         self.inner.opendir(ctx, inode, flags)
     }
     fn readdir(
@@ -538,6 +543,141 @@ mod tests {
             let err = bad.parse::<Share>().unwrap_err();
             assert!(err.contains(why), "{bad}: {err}");
         }
+    }
+
+    /// A share with a file, a directory, and symlinks that point out of
+    /// it; a secret next to the share.
+    fn tree(name: &str) -> PathBuf {
+        let base = std::env::temp_dir().join(format!("husk-fs-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let share = base.join("share");
+        std::fs::create_dir_all(share.join("dir")).unwrap();
+        std::fs::write(share.join("file"), b"inside").unwrap();
+        std::fs::write(base.join("secret"), b"HOST-SECRET").unwrap();
+        std::os::unix::fs::symlink(base.join("secret"), share.join("abs")).unwrap();
+        std::os::unix::fs::symlink("..", share.join("up")).unwrap();
+        std::os::unix::fs::symlink(&base, share.join("outside")).unwrap();
+        share
+    }
+
+    fn name(s: &str) -> std::ffi::CString {
+        std::ffi::CString::new(s).unwrap()
+    }
+
+    const ROOT: u64 = 1;
+
+    #[test]
+    fn requests_a_hostile_guest_kernel_could_send_stay_in_the_share() {
+        let share = tree("confine");
+        let fs = Confined::new(&share, false).unwrap();
+        fs.init(FsOptions::empty()).unwrap();
+        let ctx = Context::default();
+        // `..` of the root is the root.
+        let up = fs.lookup(&ctx, ROOT, &name("..")).unwrap();
+        assert_eq!(up.inode, ROOT);
+        // Names with a slash are refused, whatever they say.
+        for bad in ["../secret", "dir/../../secret", "/etc"] {
+            let err = fs.lookup(&ctx, ROOT, &name(bad)).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{bad}");
+        }
+        // A symlink is an inode of its own: its text is returned, never
+        // followed, and nothing can be looked up through it.
+        for link in ["abs", "up", "outside"] {
+            let entry = fs.lookup(&ctx, ROOT, &name(link)).unwrap();
+            assert_eq!(entry.attr.st_mode & libc::S_IFMT, libc::S_IFLNK, "{link}");
+            assert!(fs.readlink(&ctx, entry.inode).is_ok());
+            assert!(
+                fs.lookup(&ctx, entry.inode, &name("secret")).is_err(),
+                "{link}"
+            );
+            // Opening it is refused too (O_NOFOLLOW on the host).
+            assert!(
+                fs.open(&ctx, entry.inode, libc::O_RDONLY as u32, 0)
+                    .is_err(),
+                "{link}"
+            );
+        }
+        // Hard links and renames take names in the share only: a target
+        // name with a slash is refused before the host sees it.
+        let file = fs.lookup(&ctx, ROOT, &name("file")).unwrap();
+        let err = fs
+            .link(&ctx, file.inode, ROOT, &name("../stolen"))
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+        let err = fs
+            .rename(&ctx, ROOT, &name("file"), ROOT, &name("../moved"), 0)
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+        assert!(!share.parent().unwrap().join("stolen").exists());
+        assert!(!share.parent().unwrap().join("moved").exists());
+        assert!(share.join("file").exists());
+        std::fs::remove_dir_all(share.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_read_only_share_refuses_every_change() {
+        let share = tree("ro");
+        let fs = Confined::new(&share, true).unwrap();
+        fs.init(FsOptions::empty()).unwrap();
+        let ctx = Context::default();
+        let erofs =
+            |r: io::Result<()>| assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EROFS));
+        let file = fs.lookup(&ctx, ROOT, &name("file")).unwrap();
+        // Reading works.
+        let (handle, _, _) = fs.open(&ctx, file.inode, libc::O_RDONLY as u32, 0).unwrap();
+        assert!(handle.is_some());
+        // Every way of changing it does not.
+        for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDONLY | libc::O_TRUNC] {
+            erofs(fs.open(&ctx, file.inode, flags as u32, 0).map(|_| ()));
+        }
+        erofs(fs.mkdir(&ctx, ROOT, &name("new"), 0o755, 0).map(|_| ()));
+        erofs(fs.unlink(&ctx, ROOT, &name("file")));
+        erofs(fs.rmdir(&ctx, ROOT, &name("dir")));
+        erofs(fs.rename(&ctx, ROOT, &name("file"), ROOT, &name("f2"), 0));
+        erofs(fs.symlink(&ctx, &name("/"), ROOT, &name("l")).map(|_| ()));
+        erofs(fs.link(&ctx, file.inode, ROOT, &name("h")).map(|_| ()));
+        erofs(
+            fs.mknod(&ctx, ROOT, &name("n"), libc::S_IFIFO | 0o644, 0, 0)
+                .map(|_| ()),
+        );
+        erofs(fs.access(&ctx, file.inode, libc::W_OK as u32));
+        erofs(fs.setxattr(&ctx, file.inode, &name("user.x"), b"1", 0));
+        erofs(fs.removexattr(&ctx, file.inode, &name("user.x")));
+        let st = fs.statfs(&ctx, ROOT).unwrap();
+        assert_ne!(st.f_flag & libc::ST_RDONLY, 0);
+        assert_eq!(std::fs::read(share.join("file")).unwrap(), b"inside");
+        assert!(!share.join("new").exists());
+        // The device now counts as mounted: no snapshot can keep it.
+        let device = Fs {
+            tag: "t".into(),
+            server: Server::new(Arc::new(Confined::new(&share, true).unwrap())),
+            fs: Arc::new(fs),
+        };
+        assert_eq!(
+            device.save_blocker().unwrap(),
+            "the guest has mounted virtio-fs share \"t\""
+        );
+        std::fs::remove_dir_all(share.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn the_config_space_holds_the_tag_and_one_request_queue() {
+        let dir = std::env::temp_dir();
+        let device = Fs::new(&Share {
+            tag: "rootfs".into(),
+            dir: dir.clone(),
+            read_only: true,
+        })
+        .unwrap();
+        assert!(device.save_blocker().is_none(), "not mounted yet");
+        let mut config = [0xffu8; TAG_LEN + 4];
+        device.read_config(0, &mut config);
+        assert_eq!(&config[..6], b"rootfs");
+        assert!(config[6..TAG_LEN].iter().all(|&b| b == 0));
+        assert_eq!(&config[TAG_LEN..], &1u32.to_le_bytes());
+        let mut tail = [0u8; 4];
+        device.read_config(TAG_LEN as u64, &mut tail);
+        assert_eq!(u32::from_le_bytes(tail), 1);
     }
 
     #[test]

@@ -1,0 +1,397 @@
+//! `husk run --bundle` end to end: real microVMs restored from the warm
+//! snapshot, real virtio-fs, a busybox bundle made from Debian's
+//! busybox-static. Each test is one or two container runs; checks that can
+//! share a guest run as one script in it.
+//!
+//! The warm snapshot lives in a root under the cache
+//! (`$HUSK_CACHE/test-root`), so the suite boots a guest cold only when the
+//! kernel or the agent changed.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use husk_runtime::busybox;
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+
+const HUSK: &str = env!("CARGO_BIN_EXE_husk");
+
+/// The longest one run may take (a first run boots the guest cold).
+const RUN_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn root() -> PathBuf {
+    husk_vmm::paths::cache_dir().join("test-root")
+}
+
+/// A bundle directory, removed when dropped.
+struct Bundle(PathBuf);
+
+impl Bundle {
+    /// A busybox bundle running `args`, its spec changed by `edit`.
+    fn new(name: &str, args: &[&str], edit: impl FnOnce(&mut Spec)) -> Self {
+        let dir = std::env::temp_dir().join(format!("husk-run-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        busybox::make_bundle(&dir, args).unwrap();
+        let mut spec = busybox::config(args);
+        edit(&mut spec);
+        std::fs::write(
+            dir.join("config.json"),
+            serde_json::to_string_pretty(&spec).unwrap(),
+        )
+        .unwrap();
+        Self(dir)
+    }
+
+    fn rootfs(&self) -> PathBuf {
+        self.0.join("rootfs")
+    }
+}
+
+impl Drop for Bundle {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn id(name: &str) -> String {
+    format!("{name}-{}", std::process::id())
+}
+
+/// Runs `husk run` on `bundle` with `stdin`, within [`RUN_TIMEOUT`].
+fn husk_run(bundle: &Path, id: &str, stdin: &[u8]) -> Output {
+    let mut child = Command::new(HUSK)
+        .arg("--root")
+        .arg(root())
+        .arg("run")
+        .arg("--bundle")
+        .arg(bundle)
+        .arg(id)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let data = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let pid = child.id();
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    let watchdog = std::thread::spawn(move || {
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            // SAFETY: kill(pid, 0) only checks that the process exists.
+            if unsafe { libc::kill(pid as i32, 0) } != 0 {
+                return false;
+            }
+        }
+        // SAFETY: kill takes no pointers.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        true
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert!(!watchdog.join().unwrap(), "husk run did not finish in time");
+    // Nothing of the container is left in husk's state.
+    assert!(
+        !root().join("containers").join(id).exists(),
+        "the state directory of {id} was left behind"
+    );
+    out
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn output_and_exit_status_are_the_containers() {
+    let b = Bundle::new(
+        "echo",
+        &["sh", "-c", "echo hello from husk; echo oops >&2; exit 7"],
+        |_| {},
+    );
+    let out = husk_run(&b.0, &id("echo"), b"");
+    assert_eq!(text(&out.stdout), "hello from husk\n");
+    assert_eq!(text(&out.stderr), "oops\n");
+    assert_eq!(out.status.code(), Some(7));
+}
+
+#[test]
+fn a_process_killed_by_sigkill_gives_137() {
+    // Without a PID namespace the shell is not its namespace's init, so a
+    // SIGKILL it sends itself is delivered.
+    let b = Bundle::new("kill", &["sh", "-c", "kill -9 $$; echo survived"], |spec| {
+        let linux = spec.linux_mut().as_mut().unwrap();
+        let namespaces = linux.namespaces().clone().unwrap_or_default();
+        linux.set_namespaces(Some(
+            namespaces
+                .into_iter()
+                .filter(|ns| ns.typ() != LinuxNamespaceType::Pid)
+                .collect(),
+        ));
+    });
+    let out = husk_run(&b.0, &id("kill"), b"");
+    assert_eq!(text(&out.stdout), "");
+    assert_eq!(out.status.code(), Some(137), "{}", text(&out.stderr));
+}
+
+#[test]
+fn ten_mib_of_stdin_arrive_byte_exact() {
+    let data: Vec<u8> = (0..10u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let expected = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().unwrap().write_all(&data)?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    let b = Bundle::new("stdin", &["sh", "-c", "sha256sum; wc -c"], |_| {});
+    let out = husk_run(&b.0, &id("stdin"), &data);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // Only the first command reads stdin to its end; wc then sees none.
+    assert_eq!(text(&out.stdout), format!("{}0\n", text(&expected.stdout)));
+}
+
+#[test]
+fn env_cwd_user_groups_and_hostname_are_the_specs() {
+    let b = Bundle::new(
+        "identity",
+        &[
+            "sh",
+            "-c",
+            "echo $GREETING; pwd; id -u; id -g; id -G; hostname; umask",
+        ],
+        |spec| {
+            let process = spec.process_mut().as_mut().unwrap();
+            process.set_env(Some(vec![
+                "PATH=/bin:/usr/bin:/sbin:/usr/sbin".into(),
+                "GREETING=hi there".into(),
+            ]));
+            process.set_cwd("/tmp".into());
+            let user = process.user_mut();
+            user.set_uid(65534);
+            user.set_gid(65534);
+            user.set_additional_gids(Some(vec![10, 20]));
+            user.set_umask(Some(0o027));
+            spec.set_hostname(Some("box-1".into()));
+        },
+    );
+    let out = husk_run(&b.0, &id("identity"), b"");
+    assert_eq!(
+        text(&out.stdout),
+        "hi there\n/tmp\n65534\n65534\n65534 10 20\nbox-1\n0027\n",
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn a_read_only_root_refuses_writes_and_a_writable_one_keeps_them() {
+    let script = "touch /made-here && echo wrote; echo done";
+    let ro = Bundle::new("ro", &["sh", "-c", script], |_| {});
+    let out = husk_run(&ro.0, &id("ro"), b"");
+    assert_eq!(text(&out.stdout), "done\n");
+    assert!(
+        text(&out.stderr).contains("Read-only file system"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!ro.rootfs().join("made-here").exists());
+
+    let rw = Bundle::new("rw", &["sh", "-c", script], |spec| {
+        spec.root_mut().as_mut().unwrap().set_readonly(Some(false));
+    });
+    let out = husk_run(&rw.0, &id("rw"), b"");
+    assert_eq!(text(&out.stdout), "wrote\ndone\n", "{}", text(&out.stderr));
+    assert!(rw.rootfs().join("made-here").exists());
+}
+
+#[test]
+fn a_terminal_is_a_terminal() {
+    let b = Bundle::new(
+        "tty",
+        &[
+            "sh",
+            "-c",
+            "tty; test -t 0 && test -t 1 && echo is-a-tty; exit 3",
+        ],
+        |spec| {
+            spec.process_mut()
+                .as_mut()
+                .unwrap()
+                .set_terminal(Some(true));
+        },
+    );
+    let out = husk_run(&b.0, &id("tty"), b"");
+    // A terminal turns \n into \r\n.
+    assert_eq!(text(&out.stdout), "/dev/pts/0\r\nis-a-tty\r\n");
+    assert_eq!(out.status.code(), Some(3));
+}
+
+#[test]
+fn a_missing_program_exits_127_with_a_message() {
+    let b = Bundle::new("missing", &["/no/such/program"], |_| {});
+    let out = husk_run(&b.0, &id("missing"), b"");
+    assert_eq!(out.status.code(), Some(127));
+    assert_eq!(
+        text(&out.stderr),
+        "husk: exec /no/such/program: No such file or directory (os error 2)\n"
+    );
+}
+
+#[test]
+fn bad_bundles_and_ids_are_refused_before_any_vm_starts() {
+    let b = Bundle::new("bad", &["true"], |_| {});
+    let config = b.0.join("config.json");
+    let cases: [(&str, &str); 3] = [
+        (
+            "{not json",
+            "is not a valid OCI spec: key must be a string at line 1 column 2",
+        ),
+        (
+            r#"{"ociVersion":"1.0.2","process":{"args":["true"],"cwd":"/","user":{"uid":0,"gid":0}}}"#,
+            "is not usable: root: missing",
+        ),
+        (
+            r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"process":{"args":["true"],"cwd":"/","user":{"uid":0,"gid":[]}}}"#,
+            "is not a valid OCI spec: process.user.gid: invalid type: sequence, expected u32",
+        ),
+    ];
+    for (json, why) in cases {
+        std::fs::write(&config, json).unwrap();
+        let out = husk_run(&b.0, &id("bad"), b"");
+        assert_eq!(out.status.code(), Some(125));
+        let err = text(&out.stderr);
+        assert!(
+            err.starts_with(&format!("husk: {} {why}", config.display())),
+            "{err}"
+        );
+    }
+    let out = husk_run(&b.0, "../escape", b"");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).starts_with("husk: container ID \"../escape\" is not valid"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn the_container_cannot_reach_host_files_outside_its_root() {
+    // Host files outside the share: a secret next to the bundle, and one
+    // at a fixed absolute path.
+    let b = Bundle::new("confine", &["sh", "/probe.sh"], |spec| {
+        spec.root_mut().as_mut().unwrap().set_readonly(Some(false));
+    });
+    let secret = b.0.join("secret");
+    std::fs::write(&secret, "HOST-SECRET").unwrap();
+    let abs_secret = std::env::temp_dir().join(format!("husk-secret-{}", std::process::id()));
+    std::fs::write(&abs_secret, "HOST-SECRET").unwrap();
+    let rootfs = b.rootfs();
+    // Symlinks planted in the root filesystem: absolute host paths and
+    // climbs out of the share.
+    std::os::unix::fs::symlink(&abs_secret, rootfs.join("abs-link")).unwrap();
+    std::os::unix::fs::symlink("../secret", rootfs.join("up-link")).unwrap();
+    std::os::unix::fs::symlink("../../../../../../..", rootfs.join("root-link")).unwrap();
+    // A directory the host swaps for a symlink to its own root while the
+    // guest looks names up through it.
+    std::fs::create_dir(rootfs.join("swap")).unwrap();
+    std::fs::write(rootfs.join("swap/marker"), "inside").unwrap();
+    // The probe's control: a file inside the share with the same content
+    // is reported, so a silent probe means nothing was reached.
+    std::fs::write(rootfs.join("inside-secret"), "HOST-SECRET").unwrap();
+    let abs = abs_secret.display().to_string();
+    let probe = format!(
+        r#"
+try() {{ out=; read -r out < "$1" 2>/dev/null; case "$out" in *HOST-SECRET*) echo "LEAK $1";; esac; }}
+try /inside-secret
+try /abs-link
+try /up-link
+try /root-link{abs}
+try /root-link/../secret
+try /../secret
+try /../../..{abs}
+try /proc/self/root/../secret
+try /proc/self/fd/../../../../..{abs}
+try /proc/1/root/../..{abs}
+# A hard link out of the share would cross file systems.
+ln /bin/busybox /dev/shm/escape 2>/dev/null && echo "LINK crossed"
+i=0
+while [ $i -lt 300 ]; do try /swap/marker; try /swap{abs}; i=$((i+1)); done
+echo probed
+"#
+    );
+    std::fs::write(rootfs.join("probe.sh"), probe).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let stop = stop.clone();
+        let swap = rootfs.join("swap");
+        let parked = rootfs.join("swap.real");
+        std::thread::spawn(move || {
+            let mut swaps = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if std::fs::rename(&swap, &parked).is_ok() {
+                    let _ = std::os::unix::fs::symlink("/", &swap);
+                    std::thread::yield_now();
+                    let _ = std::fs::remove_file(&swap);
+                    let _ = std::fs::rename(&parked, &swap);
+                    swaps += 1;
+                }
+            }
+            swaps
+        })
+    };
+    let out = husk_run(&b.0, &id("confine"), b"");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let swaps = swapper.join().unwrap();
+    std::fs::remove_file(&abs_secret).unwrap();
+    assert_eq!(
+        text(&out.stdout),
+        "LEAK /inside-secret\nprobed\n",
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        swaps > 10,
+        "the host swapped the directory only {swaps} times"
+    );
+}
+
+#[test]
+fn a_warm_snapshot_with_a_share_is_not_restored_without_one() {
+    let root = root();
+    let bins =
+        husk_runtime::binaries::locate_near(&root, Path::new(HUSK).parent().unwrap()).unwrap();
+    let image = husk_runtime::sandbox::guest_image(&bins);
+    let (snap, _) = husk_runtime::warm::snapshot(&root, &bins.vmm, &image).unwrap();
+    let dir = std::env::temp_dir().join(format!("husk-noshare-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = Command::new(&bins.vmm)
+        .arg("--restore")
+        .arg(&snap)
+        .arg("--vsock-socket")
+        .arg(dir.join("v.sock"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr).trim(),
+        format!(
+            "husk-vmm: snapshot {} cannot be restored: its guest has a virtio-fs share \"rootfs\": give --share rootfs=DIR",
+            snap.display()
+        )
+    );
+    // It left no socket behind.
+    assert!(!dir.join("v.sock").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
