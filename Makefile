@@ -10,7 +10,7 @@ VMM := target/$(MUSL)/release/husk-vmm
 TEST_INITRAMFS := target/test-init.cpio
 AGENT_INITRAMFS := target/agent.cpio
 
-.PHONY: all deps kernel test-init agent build run test lint bench clean
+.PHONY: all deps kernel test-init agent build run boot test lint bench clean
 
 all: build
 
@@ -40,8 +40,24 @@ $(TEST_INITRAMFS): test-init build
 $(AGENT_INITRAMFS): agent build
 	target/release/husk mkinitramfs --init $(AGENT) --output $(AGENT_INITRAMFS)
 
-# The main job: boot the guest kernel with the test init on KVM.
-run: kernel $(TEST_INITRAMFS)
+# The built-in default container: a busybox bundle husk makes from
+# Debian's busybox-static, kept in the cache.
+HUSK_CACHE ?= /var/cache/husk
+DEMO_BUNDLE := $(HUSK_CACHE)/bundles/busybox
+DEMO_CMD := sh -c 'echo "Hello from a Husk microVM: $$(uname -sr), hostname $$(hostname), PID $$$$"; ls /'
+
+$(DEMO_BUNDLE): build
+	rm -rf $(DEMO_BUNDLE).tmp
+	target/release/husk busybox-bundle $(DEMO_BUNDLE).tmp -- $(DEMO_CMD)
+	mv $(DEMO_BUNDLE).tmp $(DEMO_BUNDLE)
+
+# The main job: run the default container in its own microVM (warm-started
+# from a snapshot made on first use).
+run: kernel agent build $(DEMO_BUNDLE)
+	HUSK_VMM=$(VMM) target/release/husk run --bundle $(DEMO_BUNDLE) demo-$$$$
+
+# The guest kernel and the test init alone, without the runtime.
+boot: kernel $(TEST_INITRAMFS)
 	$(VMM) --initramfs $(TEST_INITRAMFS)
 
 lint: deps
