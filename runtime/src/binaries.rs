@@ -34,6 +34,9 @@ pub enum BinariesError {
     /// guest, which has no dynamic loader.
     #[error("the agent {} is not a statically linked x86-64 executable (build it with `make agent`)", .0.display())]
     NotStatic(PathBuf),
+    /// The agent cannot be read.
+    #[error(transparent)]
+    Identity(crate::warm::WarmError),
     /// The agent cannot be packed.
     #[error("cannot pack the agent into an initramfs")]
     Pack(#[from] crate::initramfs::InitramfsError),
@@ -67,13 +70,6 @@ fn find(
         })
 }
 
-/// FNV-1a of a file's bytes, for the initramfs's name.
-fn digest(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    })
-}
-
 /// Whether `elf` is a 64-bit x86 executable without a program interpreter.
 fn is_static_elf(elf: &[u8]) -> bool {
     let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
@@ -104,14 +100,15 @@ pub fn agent_initramfs(root: &Path, agent: &Path) -> Result<PathBuf, BinariesErr
         let path = path.to_owned();
         move |e| BinariesError::Initramfs(path, e)
     };
+    let identity = crate::warm::file_identity(agent).map_err(BinariesError::Identity)?;
+    let dir = root.join("guest");
+    let path = dir.join(format!("agent-{identity}.cpio"));
+    if path.is_file() {
+        return Ok(path);
+    }
     let bytes = std::fs::read(agent).map_err(fail(agent))?;
     if !is_static_elf(&bytes) {
         return Err(BinariesError::NotStatic(agent.to_owned()));
-    }
-    let dir = root.join("guest");
-    let path = dir.join(format!("agent-{:016x}.cpio", digest(&bytes)));
-    if path.is_file() {
-        return Ok(path);
     }
     std::fs::create_dir_all(&dir).map_err(fail(&dir))?;
     let mut fs = Initramfs::with_base();

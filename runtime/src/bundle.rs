@@ -232,7 +232,7 @@ mod tests {
                 "wrongtype",
                 r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"process":{"args":["sh"],"cwd":"/","user":{"uid":"x","gid":0}}}"#
             ),
-            "B/config.json is not a valid OCI spec: process.user.uid: invalid type: string \"x\", expected u32 at line 1 column 92"
+            "B/config.json is not a valid OCI spec: process.user.uid: invalid type: string \"x\", expected u32 at line 1 column 99"
         );
         assert_eq!(
             error(

@@ -23,6 +23,54 @@ use thiserror::Error;
 use crate::bundle::{Bundle, BundleError};
 use crate::sandbox::{Binaries, Sandbox, SandboxError};
 
+/// Environment variable naming a path prefix: when set, a run writes its
+/// timings to `<prefix>.runtime.json` (phases and husk's own CPU time) and
+/// has the VMM write its own to `<prefix>.vmm.json`. For benchmarks and
+/// debugging.
+pub const TIMINGS_ENV: &str = "HUSK_TIMINGS";
+
+/// Wall-clock phases of a run and husk's own CPU time.
+struct Phases {
+    start: std::time::Instant,
+    marks: Vec<(&'static str, u64)>,
+}
+
+impl Phases {
+    fn new() -> Self {
+        Self {
+            start: std::time::Instant::now(),
+            marks: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, what: &'static str) {
+        self.marks
+            .push((what, self.start.elapsed().as_micros() as u64));
+    }
+
+    /// Writes the phases and this process's CPU time (all its threads, no
+    /// children) where [`TIMINGS_ENV`] says.
+    fn write(&self) {
+        let Some(prefix) = std::env::var_os(TIMINGS_ENV) else {
+            return;
+        };
+        // SAFETY: getrusage writes into a zeroed rusage.
+        let usage = unsafe {
+            let mut u: libc::rusage = std::mem::zeroed();
+            libc::getrusage(libc::RUSAGE_SELF, &mut u);
+            u
+        };
+        let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+        let json = serde_json::json!({
+            "phases_us": self.marks,
+            "runtime_cpu_us": us(usage.ru_utime) + us(usage.ru_stime),
+        });
+        let mut path = prefix;
+        path.push(".runtime.json");
+        let _ = std::fs::write(path, json.to_string());
+    }
+}
+
 /// Why a run failed (the container's own exit status is not a failure).
 #[derive(Debug, Error)]
 pub enum RunError {
@@ -150,6 +198,7 @@ fn copy(mut from: impl Read, mut to: impl Write) {
 /// Runs the container of `bundle_dir` as `id` in the foreground; returns
 /// its exit status.
 pub fn run(root: &Path, bins: &Binaries, bundle_dir: &Path, id: &str) -> Result<i32, RunError> {
+    let mut phases = Phases::new();
     check_id(id)?;
     let bundle = Bundle::load(bundle_dir)?;
     let containers = root.join("containers");
@@ -175,13 +224,16 @@ pub fn run(root: &Path, bins: &Binaries, bundle_dir: &Path, id: &str) -> Result<
         read_only: bundle.readonly,
     };
     let mut sandbox = Sandbox::start(root, bins, &dir, &share)?;
+    phases.mark("vmm_started");
     let mut control = sandbox.control()?;
+    phases.mark("agent_connected");
     let process = bundle.process();
     control.expect_ok(&Request::Create {
         id: id.into(),
         spec: bundle.spec_json.clone(),
         process: process.clone(),
     })?;
+    phases.mark("created");
     match control.ask(&Request::Start { id: id.into() })? {
         Response::Ok => {}
         Response::NotStarted { message, status } => {
@@ -196,6 +248,7 @@ pub fn run(root: &Path, bins: &Binaries, bundle_dir: &Path, id: &str) -> Result<
         }
     }
 
+    phases.mark("started");
     let mut outputs = Vec::new();
     let _raw;
     if process.terminal {
@@ -261,12 +314,15 @@ pub fn run(root: &Path, bins: &Binaries, bundle_dir: &Path, id: &str) -> Result<
         }
         other => return Err(SandboxError::Refused(format!("unexpected answer {other:?}")).into()),
     };
+    phases.mark("exited");
     for output in outputs {
         let _ = output.join();
     }
     let _ = std::io::stdout().flush();
     control.send(&Request::Shutdown)?;
     sandbox.finish(Duration::from_secs(10))?;
+    phases.mark("vm_ended");
+    phases.write();
     Ok(status)
 }
 

@@ -117,7 +117,15 @@ impl Sandbox {
         let console = state_dir.join("console.log");
         let log = std::fs::File::create(&stderr_log)
             .map_err(|e| SandboxError::Spawn(stderr_log.clone(), e))?;
-        let vmm = Command::new(&bins.vmm)
+        let mut cmd = Command::new(&bins.vmm);
+        // A debugging and benchmarking aid: the VMM's timings (set-up
+        // steps, CPU time of guest and device work) written where asked.
+        if let Some(prefix) = std::env::var_os(crate::run::TIMINGS_ENV) {
+            let mut path = prefix;
+            path.push(".vmm.json");
+            cmd.arg("--timings").arg(path);
+        }
+        let vmm = cmd
             .arg("--restore")
             .arg(&snapshot)
             .arg("--vsock-socket")

@@ -2,7 +2,8 @@
 //! shape, from which every later VM of that kind is restored.
 //!
 //! The cache lives under Husk's root (`<root>/snapshots/<key>/`), where
-//! `<key>` hashes the kernel file, the initramfs file, the VM shape and the
+//! `<key>` hashes the identity (device, inode, size, mtime) of the kernel
+//! and initramfs files, the VM shape and the
 //! snapshot mark; a change to any of them makes a new key, so a stale
 //! snapshot is never restored. A snapshot is made on first use: the VMM
 //! boots the guest and stops it at its ready mark: the agent's (it connects
@@ -15,7 +16,6 @@
 //! place when complete; the other waits for the lock and finds it made.
 
 use std::fs::File;
-use std::io::Read;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -89,21 +89,35 @@ fn fnv1a(hash: &mut u64, bytes: &[u8]) {
     }
 }
 
+/// Mixes a file's identity into `hash`: its device, inode, size and
+/// modification time, as make and ccache judge a file changed. Reading the
+/// whole kernel for every container start would cost tens of
+/// milliseconds; a rebuilt kernel or agent is a new file or a new mtime.
 fn hash_file(hash: &mut u64, path: &Path) -> Result<(), WarmError> {
-    let mut file = File::open(path).map_err(io("read", path))?;
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = file.read(&mut buf).map_err(io("read", path))?;
-        if n == 0 {
-            return Ok(());
-        }
-        fnv1a(hash, &buf[..n]);
-    }
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(io("read", path))?;
+    let id = format!(
+        "{}:{}:{}:{}.{}",
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec()
+    );
+    fnv1a(hash, id.as_bytes());
+    Ok(())
+}
+
+/// A short identity of the file at `path` (see [`hash_file`]).
+pub fn file_identity(path: &Path) -> Result<String, WarmError> {
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    hash_file(&mut hash, path)?;
+    Ok(format!("{hash:016x}"))
 }
 
 impl GuestImage {
-    /// The cache key: a hash of the kernel's and initramfs's contents, the
-    /// shape, the mark and the VMM's snapshot format.
+    /// The cache key: a hash of the kernel's and initramfs's identities,
+    /// the shape, the mark and the VMM's snapshot format.
     pub fn key(&self) -> Result<String, WarmError> {
         let mut hash = 0xcbf2_9ce4_8422_2325u64;
         hash_file(&mut hash, &self.kernel)?;

@@ -49,6 +49,31 @@ pub struct BootTimes {
     pub exit_us: Option<u64>,
     /// The VMM's resident memory, less guest memory, at exit (KiB).
     pub vmm_rss_kib: Option<u64>,
+    /// CPU time of the vCPU threads at exit (guest time, including KVM's
+    /// emulation of it, plus [`Self::device_us`]).
+    pub vcpu_cpu_us: Option<u64>,
+    /// Time the vCPU threads spent in the VMM's device models (MMIO and
+    /// port I/O exits: virtio-fs requests are served there): host-side
+    /// work done on guest threads.
+    pub device_us: Option<u64>,
+}
+
+/// Nanoseconds the vCPU threads spent handling device exits.
+pub static DEVICE_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// CPU time of this process's vCPU threads (named `husk-vcpu<N>`), from
+/// each thread's schedstat (nanoseconds on CPU).
+pub fn vcpu_cpu_us() -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("husk-vcpu") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total / 1000)
 }
 
 /// Boot times, recorded from any thread.
@@ -124,6 +149,8 @@ impl Clock {
         let mut t = self.lock();
         t.exit_us = Some(Self::since_origin(&t));
         t.vmm_rss_kib = vmm_rss_kib;
+        t.vcpu_cpu_us = vcpu_cpu_us();
+        t.device_us = Some(DEVICE_NS.load(std::sync::atomic::Ordering::Relaxed) / 1000);
     }
 
     /// A copy of what was recorded.

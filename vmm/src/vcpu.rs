@@ -255,22 +255,32 @@ impl VcpuThread {
     /// Runs the vCPU to its next exit and handles it; returns why the vCPU
     /// stopped, or None to run again.
     fn run_once(&mut self) -> Option<VcpuStop> {
-        match self.vcpu.run() {
+        let exit = self.vcpu.run();
+        let handled = std::time::Instant::now();
+        // Time in the device models counts as host-side work.
+        let device = || {
+            crate::timing::DEVICE_NS.fetch_add(
+                handled.elapsed().as_nanos() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            None
+        };
+        match exit {
             Ok(VcpuExit::IoOut(port, data)) => {
                 self.pio.write(u64::from(port), data);
-                None
+                device()
             }
             Ok(VcpuExit::IoIn(port, data)) => {
                 self.pio.read(u64::from(port), data);
-                None
+                device()
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 self.mmio.read(addr, data);
-                None
+                device()
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 self.mmio.write(addr, data);
-                None
+                device()
             }
             Ok(VcpuExit::Shutdown) => Some(VcpuStop::TripleFault { rip: self.rip() }),
             Ok(VcpuExit::InternalError) => Some(self.internal_error()),

@@ -123,9 +123,12 @@ impl Confined {
             .to_owned();
         let cfg = Config {
             root_dir,
-            // The share belongs to this VM: the guest may cache what it
-            // reads for as long as it likes.
-            cache_policy: CachePolicy::Auto,
+            // The share belongs to this VM: the guest keeps what it read
+            // in its page cache across opens (FOPEN_KEEP_CACHE) instead of
+            // dropping it at every open; a container's binaries are read
+            // over FUSE once, not once per exec. A change made on the host
+            // while the container runs may be seen late (docs/virtio-fs.md).
+            cache_policy: CachePolicy::Always,
             entry_timeout: Duration::from_secs(5),
             attr_timeout: Duration::from_secs(5),
             xattr: false,
