@@ -68,12 +68,15 @@ lint: deps
 test: kernel test-init agent lint
 	cargo nextest run --workspace --no-fail-fast
 
-# Benchmarks (docs/benchmarks.md): boot against QEMU microvm, and
-# snapshot restore against cold boot.
+# Benchmarks (docs/benchmarks.md): boot against QEMU microvm, snapshot
+# restore against cold boot, husk run against crun/runc/runsc, and the
+# virtio-fs server against host system calls.
 bench: kernel $(TEST_INITRAMFS) $(AGENT_INITRAMFS)
 	target/release/husk-bench-boot --vmm $(VMM) --initramfs $(TEST_INITRAMFS)
 	target/release/husk-bench-snapshot --vmm $(VMM) --initramfs $(TEST_INITRAMFS) \
 		--agent-initramfs $(AGENT_INITRAMFS)
+	target/release/husk-bench-run --husk target/release/husk --vmm $(VMM)
+	target/release/husk-bench-fs
 
 clean:
 	cargo clean

@@ -9,8 +9,11 @@ pkgs=(
 	linux-source-6.12 build-essential flex bison bc libelf-dev libssl-dev xz-utils
 	# tests: unshare, setpriv; busybox for the agent's guest
 	util-linux busybox-static
-	# benchmark baseline: QEMU microvm with the same kernel
-	qemu-system-x86
+	# benchmark baselines: QEMU microvm with the same kernel; crun, runc
+	# and gVisor's runsc on the same bundle
+	qemu-system-x86 crun runc runsc
+	# tests compare checksums
+	coreutils
 )
 missing=()
 for p in "${pkgs[@]}"; do
