@@ -121,7 +121,9 @@ impl Driver {
     }
 
     fn reply_u64(&self, at: u64) -> u64 {
-        self.mem.read_obj(GuestAddress(REPLY + 16 + at)).unwrap_or(0)
+        self.mem
+            .read_obj(GuestAddress(REPLY + 16 + at))
+            .unwrap_or(0)
     }
 
     fn lookup(&mut self, parent: u64, name: &str) -> anyhow::Result<u64> {
@@ -195,14 +197,22 @@ fn main() -> anyhow::Result<()> {
         let dir_fds: Vec<std::fs::File> = (0..dirs)
             .map(|d| std::fs::File::open(tree.join(format!("d{d}"))))
             .collect::<Result<_, _>>()?;
-        let cnames: Vec<CString> = names.iter().map(|s| CString::new(s.as_str()).unwrap()).collect();
+        let cnames: Vec<CString> = names
+            .iter()
+            .map(|s| CString::new(s.as_str()).unwrap())
+            .collect();
         let stat_all = || {
             for fd in &dir_fds {
                 for name in &cnames {
                     // SAFETY: fstatat into a zeroed stat with a valid name.
                     let r = unsafe {
                         let mut st: libc::stat = std::mem::zeroed();
-                        libc::fstatat(fd.as_raw_fd(), name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW)
+                        libc::fstatat(
+                            fd.as_raw_fd(),
+                            name.as_ptr(),
+                            &mut st,
+                            libc::AT_SYMLINK_NOFOLLOW,
+                        )
                     };
                     assert_eq!(r, 0);
                 }
@@ -252,7 +262,12 @@ fn main() -> anyhow::Result<()> {
         loop {
             // SAFETY: pread into a live buffer of CHUNK bytes.
             let got = unsafe {
-                libc::pread(file.as_raw_fd(), buf.as_mut_ptr().cast(), CHUNK as usize, offset)
+                libc::pread(
+                    file.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    CHUNK as usize,
+                    offset,
+                )
             };
             if got <= 0 {
                 break;

@@ -61,11 +61,7 @@ fn json_u64(path: &Path, key: &str) -> Option<f64> {
     v.get(key)?.as_u64().map(|x| x as f64 / 1000.0)
 }
 
-fn one_run(
-    runtime: &str,
-    cmd: &mut Command,
-    timings: Option<&Path>,
-) -> anyhow::Result<Sample> {
+fn one_run(runtime: &str, cmd: &mut Command, timings: Option<&Path>) -> anyhow::Result<Sample> {
     let start = Instant::now();
     let child = cmd
         .stdin(Stdio::null())
@@ -127,7 +123,9 @@ fn main() -> anyhow::Result<()> {
     if !made.success() {
         bail!("husk busybox-bundle failed");
     }
-    println!("| runtime | runs | wall p50 ms | wall p90 ms | host-side p50 ms | host-side p90 ms | guest p50 ms | guest p90 ms |");
+    println!(
+        "| runtime | runs | wall p50 ms | wall p90 ms | host-side p50 ms | host-side p90 ms | guest p50 ms | guest p90 ms |"
+    );
     println!("|---|---|---|---|---|---|---|---|");
     for runtime in ["husk", "crun", "runc", "runsc"] {
         let binary = if runtime == "husk" {

@@ -117,6 +117,7 @@ pub fn agent_initramfs(root: &Path, agent: &Path) -> Result<PathBuf, BinariesErr
     let file = std::fs::File::create(&tmp).map_err(fail(&tmp))?;
     fs.write_to(std::io::BufWriter::new(file))?;
     std::fs::rename(&tmp, &path).map_err(fail(&path))?;
+    crate::warm::prune(&dir, crate::warm::KEEP);
     Ok(path)
 }
 

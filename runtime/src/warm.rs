@@ -211,7 +211,46 @@ pub fn snapshot(
         });
     }
     std::fs::rename(&tmp, &snap).map_err(io("store", &snap))?;
+    prune(&dir, KEEP);
     Ok((snap, Origin::Created))
+}
+
+/// Snapshots kept in a cache: each is as large as its guest's memory, and
+/// every new kernel or agent makes a new one.
+pub const KEEP: usize = 4;
+
+/// Removes all but the `keep` newest entries of a cache directory (and
+/// their lock files). A VM restored from a removed snapshot keeps running:
+/// its memory mapping holds the file.
+pub fn prune(dir: &Path, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut made: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            !name.starts_with('.')
+                && !name.ends_with(".lock")
+                && !name.ends_with(".tmp")
+                && !name.ends_with(".vsock")
+                && !name.ends_with(".empty")
+        })
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    made.sort();
+    made.reverse();
+    for (_, path) in made.into_iter().skip(keep) {
+        let _ = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        let mut lock = path.into_os_string();
+        lock.push(".lock");
+        let _ = std::fs::remove_file(lock);
+    }
 }
 
 #[cfg(test)]
@@ -259,6 +298,33 @@ mod tests {
         std::fs::write(dir.join("initramfs"), b"initramfs").unwrap();
         std::fs::write(dir.join("vmlinux"), b"kernel v2").unwrap();
         assert_ne!(image.key().unwrap(), key);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_cache_keeps_the_newest_entries() {
+        let dir = std::env::temp_dir().join(format!("husk-warm-prune-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..6 {
+            let snap = dir.join(format!("s{i}"));
+            std::fs::create_dir(&snap).unwrap();
+            std::fs::write(snap.join("state"), b"x").unwrap();
+            std::fs::write(dir.join(format!("s{i}.lock")), b"").unwrap();
+            let t = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000 + i);
+            std::fs::File::open(&snap).unwrap().set_modified(t).unwrap();
+        }
+        prune(&dir, 4);
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "s2", "s2.lock", "s3", "s3.lock", "s4", "s4.lock", "s5", "s5.lock"
+            ]
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
