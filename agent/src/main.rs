@@ -27,8 +27,8 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 
 use husk_protocol::{
-    CONTROL_PORT, Process, READY_PORT, Request, Response, STDIO_PORT, StdioAttach, Stream,
-    handshake, read_frame, vsock, write_frame,
+    CONTROL_PORT, CloneSeed, Process, READY_PORT, Request, Response, STDIO_PORT, StdioAttach,
+    Stream, handshake, read_frame, vsock, write_frame,
 };
 use oci_spec::runtime::Spec;
 
@@ -469,6 +469,10 @@ impl Agent {
     fn handle(&self, request: Request) -> Response {
         match request {
             Request::Create { id, spec, process } => self.create(id, &spec, process),
+            Request::Clone(seed) => match make_clone_unique(&seed) {
+                Ok(()) => Response::Ok,
+                Err(message) => Response::Error { message },
+            },
             Request::Start { id } => self.start(&id),
             Request::Exec {
                 id,
@@ -537,6 +541,66 @@ impl Agent {
             }
         }
     }
+}
+
+/// `RNDADDENTROPY`: mix bytes into the pool, crediting entropy.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG`: reseed the CRNG from the pool now.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Makes this guest differ from every other restored from the same
+/// snapshot: the host's entropy and 64 bytes from the virtio-rng device
+/// (fresh per VM) mixed into the RNG, which is reseeded at once, and the
+/// wall clock set to the host's.
+fn make_clone_unique(clone: &CloneSeed) -> Result<(), String> {
+    let mut seed = clone.entropy.clone();
+    if let Ok(mut hwrng) = File::open("/dev/hwrng") {
+        let mut buf = [0u8; 64];
+        if hwrng.read_exact(&mut buf).is_ok() {
+            seed.extend_from_slice(&buf);
+        }
+    }
+    if seed.is_empty() {
+        return Err(
+            "no entropy to reseed the guest with: neither the host's nor /dev/hwrng".into(),
+        );
+    }
+    // struct rand_pool_info { int entropy_count; int buf_size; u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + seed.len());
+    info.extend_from_slice(&((seed.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(seed.len() as i32).to_ne_bytes());
+    info.extend_from_slice(&seed);
+    info.resize(info.len().next_multiple_of(4), 0);
+    let random = File::options()
+        .write(true)
+        .open("/dev/urandom")
+        .map_err(|e| format!("open /dev/urandom: {e}"))?;
+    // SAFETY: the ioctls read a rand_pool_info of the stated size, and
+    // take no argument.
+    unsafe {
+        if libc::ioctl(random.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) < 0
+            || libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG as _) < 0
+        {
+            return Err(format!(
+                "reseed the guest's RNG: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    if clone.realtime_ns > 0 {
+        let now = libc::timespec {
+            tv_sec: (clone.realtime_ns / 1_000_000_000) as _,
+            tv_nsec: (clone.realtime_ns % 1_000_000_000) as libc::c_long,
+        };
+        // SAFETY: clock_settime reads a live timespec.
+        if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &now) } < 0 {
+            return Err(format!(
+                "set the guest's clock: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Every process whose mount namespace is `pid`'s (the container's

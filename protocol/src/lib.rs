@@ -177,6 +177,18 @@ pub struct Capabilities {
     pub ambient: Vec<String>,
 }
 
+/// What makes a guest restored from a shared snapshot its own: the agent
+/// applies it before the container is created (docs/snapshots.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneSeed {
+    /// Host randomness, mixed into the guest's RNG, which is then reseeded
+    /// (its state is otherwise the snapshot's, the same in every clone).
+    pub entropy: Vec<u8>,
+    /// The host's CLOCK_REALTIME in nanoseconds: the guest's wall clock is
+    /// otherwise the snapshot's.
+    pub realtime_ns: u64,
+}
+
 /// A request from the runtime to the agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "snake_case")]
@@ -191,6 +203,9 @@ pub enum Request {
         /// The process to start later.
         process: Process,
     },
+    /// Make this guest its own after a restore: sent once, before
+    /// `create`, to every guest restored from a shared snapshot.
+    Clone(CloneSeed),
     /// Start the created container's process.
     Start {
         /// Container ID.
@@ -348,6 +363,10 @@ mod tests {
                 spec: "{\"ociVersion\":\"1.0.2\"}".into(),
                 process: process.clone(),
             },
+            Request::Clone(CloneSeed {
+                entropy: vec![1, 2, 3],
+                realtime_ns: 1_700_000_000_000_000_000,
+            }),
             Request::Start { id: id() },
             Request::Exec {
                 id: id(),

@@ -224,10 +224,32 @@ pub fn run(root: &Path, bins: &Binaries, bundle_dir: &Path, id: &str) -> Result<
         read_only: bundle.readonly,
     };
     let mut sandbox = Sandbox::start(root, bins, &dir, &share)?;
+    // A failure while the VM runs is named by what happened to the VM, if
+    // it ended (a guest panic, a VMM killed), rather than by the broken
+    // connection it left.
+    let status = drive(&mut sandbox, &mut phases, &bundle, &dir, id, set).map_err(|e| match e {
+        RunError::Sandbox(e) => RunError::Sandbox(sandbox.explain(e)),
+        other => other,
+    })?;
+    phases.write();
+    Ok(status)
+}
+
+/// Creates and starts the container in the running `sandbox`, forwards its
+/// stdio and signals, and returns its exit status once the VM is off.
+fn drive(
+    sandbox: &mut Sandbox,
+    phases: &mut Phases,
+    bundle: &Bundle,
+    dir: &Path,
+    id: &str,
+    set: libc::sigset_t,
+) -> Result<i32, RunError> {
     phases.mark("vmm_started");
     let mut control = sandbox.control()?;
     phases.mark("agent_connected");
     let process = bundle.process();
+    control.expect_ok(&Request::Clone(clone_seed()))?;
     control.expect_ok(&Request::Create {
         id: id.into(),
         spec: bundle.spec_json.clone(),
@@ -256,7 +278,7 @@ pub fn run(root: &Path, bins: &Binaries, bundle_dir: &Path, id: &str) -> Result<
         _raw = RawTerminal::enter();
         let input = conn
             .try_clone()
-            .map_err(|e| RunError::State(dir.clone(), e))?;
+            .map_err(|e| RunError::State(dir.to_owned(), e))?;
         std::thread::spawn(move || copy(std::io::stdin(), input));
         outputs.push(std::thread::spawn(move || copy(conn, std::io::stdout())));
     } else {
@@ -322,8 +344,22 @@ pub fn run(root: &Path, bins: &Binaries, bundle_dir: &Path, id: &str) -> Result<
     control.send(&Request::Shutdown)?;
     sandbox.finish(Duration::from_secs(10))?;
     phases.mark("vm_ended");
-    phases.write();
     Ok(status)
+}
+
+/// Fresh host entropy and the host's wall clock for a restored guest.
+pub fn clone_seed() -> husk_protocol::CloneSeed {
+    let mut entropy = vec![0u8; 32];
+    // SAFETY: getrandom fills the live buffer of the given length.
+    let n = unsafe { libc::getrandom(entropy.as_mut_ptr().cast(), entropy.len(), 0) };
+    entropy.truncate(n.max(0) as usize);
+    let realtime_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    husk_protocol::CloneSeed {
+        entropy,
+        realtime_ns,
+    }
 }
 
 fn resize(id: &str, rows: u16, cols: u16) -> Request {

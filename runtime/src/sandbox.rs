@@ -29,8 +29,8 @@ pub enum SandboxError {
     /// The VMM could not be started.
     #[error("cannot start {}", .0.display())]
     Spawn(PathBuf, #[source] std::io::Error),
-    /// The VMM exited before the agent answered.
-    #[error("the VM ended before its agent answered: {0}")]
+    /// The VMM exited before its time.
+    #[error("the VM ended: {0}")]
     VmEnded(String),
     /// The agent could not be reached or broke the protocol.
     #[error("the agent does not answer")]
@@ -164,6 +164,26 @@ impl Sandbox {
             "" => status,
             said => format!("{status}: {said}"),
         }
+    }
+
+    /// `e`, or what happened to the VM if it has ended: a broken agent
+    /// connection is the symptom, the VM's end the cause.
+    pub fn explain(&mut self, e: SandboxError) -> SandboxError {
+        if matches!(e, SandboxError::VmEnded(_)) {
+            return e;
+        }
+        // The VMM may take a moment to be reaped after its socket closed.
+        for _ in 0..100 {
+            let ended = self
+                .vmm
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+            if ended {
+                return SandboxError::VmEnded(self.vmm_said());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        e
     }
 
     /// Opens a guest port, waiting (up to `timeout`) for the VMM's socket.

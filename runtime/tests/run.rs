@@ -395,3 +395,167 @@ fn a_warm_snapshot_with_a_share_is_not_restored_without_one() {
     assert!(!dir.join("v.sock").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// PIDs of `pid`'s children.
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        out.extend(
+            list.split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
+    }
+    out
+}
+
+/// (Rss, Pss) in KiB of `pid`'s mappings of a snapshot's memory file.
+fn snapshot_memory_rss_pss(pid: u32) -> (u64, u64) {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let (mut rss, mut pss, mut inside) = (0, 0, false);
+    for line in smaps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields
+            .first()
+            .is_some_and(|f| f.contains('-') && !f.ends_with(':'))
+        {
+            inside = fields
+                .last()
+                .is_some_and(|p| p.ends_with(&format!("/{}", husk_vmm::snapshot::MEMORY_FILE)));
+        } else if inside && fields.len() >= 2 {
+            let kib: u64 = fields[1].parse().unwrap_or(0);
+            match fields[0] {
+                "Rss:" => rss += kib,
+                "Pss:" => pss += kib,
+                _ => {}
+            }
+        }
+    }
+    (rss, pss)
+}
+
+#[test]
+fn two_containers_from_one_snapshot_differ_where_they_must_and_share_memory() {
+    let script =
+        "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s; hostname; sleep 6";
+    let bundles: Vec<Bundle> = ["one", "two"]
+        .iter()
+        .map(|name| {
+            Bundle::new(&format!("clone-{name}"), &["sh", "-c", script], |spec| {
+                spec.set_hostname(Some(format!("host-{name}")));
+            })
+        })
+        .collect();
+    let runs: Vec<std::process::Child> = bundles
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            Command::new(HUSK)
+                .arg("--root")
+                .arg(root())
+                .arg("run")
+                .arg("--bundle")
+                .arg(&b.0)
+                .arg(id(&format!("clone{i}")))
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // While both sleep: their VMMs map the same snapshot memory file.
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    let vmms = loop {
+        let vmms: Vec<u32> = runs.iter().flat_map(|c| children(c.id())).collect();
+        if vmms.len() == 2 && vmms.iter().all(|&p| snapshot_memory_rss_pss(p).0 > 0) {
+            break vmms;
+        }
+        assert!(Instant::now() < deadline, "the two VMs did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Give both guests time to run their containers before measuring.
+    std::thread::sleep(Duration::from_secs(3));
+    let (rss, pss) = vmms
+        .iter()
+        .map(|&p| snapshot_memory_rss_pss(p))
+        .fold((0, 0), |(r, p), (r2, p2)| (r + r2, p + p2));
+    let outs: Vec<Output> = runs
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let lines: Vec<Vec<String>> = outs
+        .iter()
+        .map(|o| {
+            assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+            text(&o.stdout).lines().map(str::to_owned).collect()
+        })
+        .collect();
+    // Entropy: each guest's RNG was reseeded from fresh host entropy.
+    assert_eq!(lines[0][0].len(), 32, "{:?}", lines[0]);
+    assert_ne!(
+        lines[0][0], lines[1][0],
+        "two clones drew the same random bytes"
+    );
+    // Clock: the host's, not the snapshot's.
+    for l in &lines {
+        let guest: i64 = l[1].parse().unwrap();
+        assert!(
+            (host_now - guest).abs() < 30,
+            "guest clock {guest}, host {host_now}"
+        );
+    }
+    // Hostnames: each its spec's.
+    assert_eq!(lines[0][2], "host-one");
+    assert_eq!(lines[1][2], "host-two");
+    // Memory: pages of the snapshot that neither guest wrote are shared
+    // between the two VMMs, so their proportional share is well below
+    // what each has resident.
+    assert!(rss > 0);
+    assert!(
+        pss * 4 <= rss * 3,
+        "snapshot memory: Rss {rss} KiB, Pss {pss} KiB: too little is shared"
+    );
+}
+
+#[test]
+fn a_vm_that_dies_under_a_running_container_is_reported_and_cleaned_up() {
+    let b = Bundle::new("vmdeath", &["sh", "-c", "echo started; sleep 100"], |_| {});
+    let container = id("vmdeath");
+    let mut child = Command::new(HUSK)
+        .arg("--root")
+        .arg(root())
+        .arg("run")
+        .arg("--bundle")
+        .arg(&b.0)
+        .arg(&container)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the container's first line, then kill its VMM.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 8];
+    std::io::Read::read_exact(&mut stdout, &mut first).unwrap();
+    assert_eq!(&first, b"started\n");
+    let vmm = children(child.id());
+    assert_eq!(vmm.len(), 1, "{vmm:?}");
+    // SAFETY: kill takes no pointers.
+    unsafe { libc::kill(vmm[0] as i32, libc::SIGKILL) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert_eq!(
+        text(&out.stderr),
+        "husk: the VM ended: husk-vmm signal: 9 (SIGKILL)\n"
+    );
+    assert!(!root().join("containers").join(&container).exists());
+}

@@ -134,6 +134,26 @@ fn a_warm_started_agent_runs_a_process_and_reports_its_output_and_status() {
         process: process(args),
     };
 
+    // A restored guest is made its own: the host's entropy mixed in and
+    // its wall clock set, here to a date no snapshot could carry.
+    let in_2031 = 1_925_000_000u64 * 1_000_000_000;
+    assert_eq!(
+        ask(Request::Clone(husk_protocol::CloneSeed {
+            entropy: vec![7; 32],
+            realtime_ns: in_2031,
+        })),
+        Response::Ok
+    );
+    assert_eq!(
+        ask(exec("date", &["/bin/busybox", "date", "+%Y"])),
+        Response::Ok
+    );
+    let mut year = String::new();
+    attach(&socket, "date", Stream::Stdout)
+        .read_to_string(&mut year)
+        .unwrap();
+    assert_eq!(year, "2031\n");
+
     let script = "echo hello from the guest; echo oops >&2; exit 7";
     assert_eq!(
         ask(exec("e1", &["/bin/busybox", "sh", "-c", script])),
