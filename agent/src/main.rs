@@ -44,6 +44,27 @@ struct Proc {
     stderr: Option<File>,
     /// The terminal's master side, for a process with a terminal.
     terminal: Option<File>,
+    /// The process's own ends, made at `create`, used at `start`.
+    child_stdio: Option<[File; 3]>,
+    /// The status it was given when it could not be started.
+    failed: Option<i32>,
+}
+
+/// A process's stdio: the agent's ends in a [`Proc`], and the child's.
+fn make_stdio(terminal: bool) -> std::io::Result<(Proc, [File; 3])> {
+    let mut proc = Proc::default();
+    if terminal {
+        let (master, slave) = openpty()?;
+        proc.terminal = Some(master);
+        return Ok((proc, [slave.try_clone()?, slave.try_clone()?, slave]));
+    }
+    let (in_r, in_w) = pipe()?;
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    proc.stdin = Some(in_w);
+    proc.stdout = Some(out_r);
+    proc.stderr = Some(err_r);
+    Ok((proc, [in_r, out_w, err_w]))
 }
 
 /// A created container.
@@ -159,10 +180,11 @@ impl Agent {
     /// `key`.
     fn spawn(
         &self,
-        key: String,
+        key: &str,
         process: &Process,
         plan: Plan,
         pid_ns: PidNs,
+        [stdin, stdout, stderr]: [File; 3],
     ) -> Result<i32, Response> {
         let failed = |message: String, status| Response::NotStarted { message, status };
         let Some((program, args)) = process.args.split_first() else {
@@ -173,23 +195,9 @@ impl Agent {
         cmd.args(args)
             .env_clear()
             .envs(process.env.iter().filter_map(|kv| kv.split_once('=')));
-        let mut proc = Proc::default();
-        if process.terminal {
-            let (master, slave) = openpty().map_err(|e| failed(format!("terminal: {e}"), 1))?;
-            let dup = |f: &File| {
-                f.try_clone()
-                    .map(Stdio::from)
-                    .map_err(|e| failed(format!("terminal: {e}"), 1))
-            };
-            cmd.stdin(dup(&slave)?)
-                .stdout(dup(&slave)?)
-                .stderr(dup(&slave)?);
-            proc.terminal = Some(master);
-        } else {
-            cmd.stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-        }
+        cmd.stdin(Stdio::from(stdin))
+            .stdout(Stdio::from(stdout))
+            .stderr(Stdio::from(stderr));
         let last_cap = setup::kernel_last_cap();
         let err_fd = err_w.as_raw_fd();
         // SAFETY: the closure runs in the forked child before exec and
@@ -219,27 +227,35 @@ impl Agent {
             .unwrap_or_else(|_| Err(std::io::Error::other("the spawning thread panicked")))
         });
         drop(err_w);
-        let mut child = match spawned {
+        // The command holds the child's stdio ends: closed here, so the
+        // agent's ends see EOF when the process is done with them.
+        drop(cmd);
+        let child = match spawned {
             Ok(child) => child,
             Err(e) => {
                 let mut why = String::new();
                 let _ = err_r.read_to_string(&mut why);
-                return Err(if why.is_empty() {
+                let response = if why.is_empty() {
                     failed(format!("exec {program}: {e}"), not_started_status(&e))
                 } else {
                     failed(why, 1)
-                });
+                };
+                if let Response::NotStarted { status, .. } = &response
+                    && let Some(proc) = self.procs.lock().unwrap().get_mut(key)
+                {
+                    proc.failed = Some(*status);
+                }
+                self.exited.notify_all();
+                return Err(response);
             }
         };
-        let as_file = |fd: Option<OwnedFd>| fd.map(File::from);
-        proc.stdin = as_file(child.stdin.take().map(OwnedFd::from));
-        proc.stdout = as_file(child.stdout.take().map(OwnedFd::from));
-        proc.stderr = as_file(child.stderr.take().map(OwnedFd::from));
-        proc.pid = child.id() as i32;
-        let pid = proc.pid;
+        let pid = child.id() as i32;
         // The reaper collects it: std's Child is dropped without a wait.
         drop(child);
-        self.procs.lock().unwrap().insert(key, proc);
+        if let Some(proc) = self.procs.lock().unwrap().get_mut(key) {
+            proc.pid = pid;
+        }
+        self.exited.notify_all();
         Ok(pid)
     }
 
@@ -263,6 +279,14 @@ impl Agent {
             Ok(made) => made,
             Err(e) => return error(e),
         };
+        // The container's stdio exists from now on: the host attaches to
+        // it before `start`, as runc's `create` hands its stdio over.
+        let (mut proc, child_ends) = match make_stdio(process.terminal) {
+            Ok(made) => made,
+            Err(e) => return error(format!("the container's stdio: {e}")),
+        };
+        proc.child_stdio = Some(child_ends);
+        self.procs.lock().unwrap().insert(key(&id, ""), proc);
         self.containers.lock().unwrap().insert(
             id,
             Container {
@@ -291,7 +315,18 @@ impl Agent {
             (plan, c.process.clone(), c.pid_ns)
         };
         let ns = if pid_ns { PidNs::New } else { PidNs::Guest };
-        match self.spawn(key(id, ""), &process, plan, ns) {
+        let stdio = self
+            .procs
+            .lock()
+            .unwrap()
+            .get_mut(&key(id, ""))
+            .and_then(|p| p.child_stdio.take());
+        let Some(stdio) = stdio else {
+            return Response::Error {
+                message: format!("container {id:?} has no stdio"),
+            };
+        };
+        match self.spawn(&key(id, ""), &process, plan, ns, stdio) {
             Ok(pid) => {
                 if let Some(c) = self.containers.lock().unwrap().get_mut(id) {
                     c.init = Some(pid);
@@ -306,6 +341,19 @@ impl Agent {
         let plan_for = |process: &Process| {
             container::process_plan(process).map_err(|message| Response::Error { message })
         };
+        let k = key(id, exec_id);
+        if self.procs.lock().unwrap().contains_key(&k) {
+            return Response::Error {
+                message: format!("process {exec_id:?} exists in container {id:?}"),
+            };
+        }
+        let stdio = |process: &Process| -> Result<[File; 3], Response> {
+            let (proc, ends) = make_stdio(process.terminal).map_err(|e| Response::Error {
+                message: format!("stdio: {e}"),
+            })?;
+            self.procs.lock().unwrap().insert(k.clone(), proc);
+            Ok(ends)
+        };
         let result = if id.is_empty() {
             // The guest itself (the agent's own root): for the runtime's
             // checks and the tests of the agent.
@@ -315,7 +363,7 @@ impl Agent {
                     process: Some(p),
                     ..Default::default()
                 };
-                self.spawn(key(id, exec_id), &process, plan, PidNs::Guest)
+                self.spawn(&k, &process, plan, PidNs::Guest, stdio(&process)?)
             })
         } else {
             let (init, pid_ns) = {
@@ -378,7 +426,7 @@ impl Agent {
                         process: Some(p),
                         ..Default::default()
                     };
-                    self.spawn(key(id, exec_id), &process, plan, ns)
+                    self.spawn(&k, &process, plan, ns, stdio(&process)?)
                 })
         };
         match result {
@@ -391,35 +439,93 @@ impl Agent {
         self.exits.lock().unwrap().get(&pid).copied()
     }
 
+    /// Waits for a process to exit; a container's own process may not have
+    /// been started yet (the host waits from `create` on). One that could
+    /// not be started is reported with the status it was given.
     fn wait(&self, id: &str, exec_id: &str) -> Response {
-        let Some(pid) = self
-            .procs
-            .lock()
-            .unwrap()
-            .get(&key(id, exec_id))
-            .map(|p| p.pid)
-        else {
-            return Response::Error {
-                message: format!("no process {exec_id:?} in container {id:?}"),
-            };
-        };
-        let mut exits = self.exits.lock().unwrap();
         loop {
-            if let Some(&status) = exits.get(&pid) {
+            let Some((pid, failed)) = self
+                .procs
+                .lock()
+                .unwrap()
+                .get(&key(id, exec_id))
+                .map(|p| (p.pid, p.failed))
+            else {
+                return Response::Error {
+                    message: format!("no process {exec_id:?} in container {id:?}"),
+                };
+            };
+            if let Some(status) = failed {
                 return Response::Exited { status };
             }
-            exits = self.exited.wait(exits).unwrap();
+            let exits = self.exits.lock().unwrap();
+            if pid > 0
+                && let Some(&status) = exits.get(&pid)
+            {
+                return Response::Exited { status };
+            }
+            // A start is notified without this lock held: the timeout
+            // bounds a wake-up missed between the two checks.
+            let _ = self
+                .exited
+                .wait_timeout(exits, std::time::Duration::from_millis(50))
+                .unwrap();
+        }
+    }
+
+    /// The guest PIDs of the container's processes.
+    fn ps(&self, id: &str) -> Response {
+        let init = self
+            .containers
+            .lock()
+            .unwrap()
+            .get(id)
+            .and_then(|c| c.init)
+            .filter(|&pid| self.status_of(pid).is_none());
+        match init {
+            Some(pid) => Response::Pids {
+                pids: processes_sharing_mounts(pid),
+            },
+            None => Response::Pids { pids: Vec::new() },
         }
     }
 
     fn signal(&self, id: &str, exec_id: &str, signal: i32, all: bool) -> Response {
+        // A container created but never started: a signal that would end
+        // its process ends it before it runs (its waiters learn 128 + N).
+        if exec_id.is_empty() {
+            let mut procs = self.procs.lock().unwrap();
+            if let Some(proc) = procs.get_mut(&key(id, exec_id))
+                && proc.pid == 0
+                && proc.failed.is_none()
+            {
+                if [
+                    libc::SIGKILL,
+                    libc::SIGTERM,
+                    libc::SIGINT,
+                    libc::SIGHUP,
+                    libc::SIGQUIT,
+                ]
+                .contains(&signal)
+                {
+                    proc.failed = Some(128 + signal);
+                    proc.child_stdio = None;
+                    if let Some(c) = self.containers.lock().unwrap().get_mut(id) {
+                        c.plan = None;
+                    }
+                    drop(procs);
+                    self.exited.notify_all();
+                }
+                return Response::Ok;
+            }
+        }
         let Some(pid) = self
             .procs
             .lock()
             .unwrap()
             .get(&key(id, exec_id))
             .map(|p| p.pid)
-            .filter(|&pid| self.status_of(pid).is_none())
+            .filter(|&pid| pid > 0 && self.status_of(pid).is_none())
         else {
             return Response::Error {
                 message: format!("no running process {exec_id:?} in container {id:?}"),
@@ -502,6 +608,7 @@ impl Agent {
                     message: format!("power-off failed: {}", std::io::Error::last_os_error()),
                 }
             }
+            Request::Ps { id } => self.ps(&id),
             Request::Stats { .. } => Response::Error {
                 message: "stats are not supported by this agent yet".into(),
             },

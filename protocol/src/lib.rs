@@ -249,6 +249,12 @@ pub enum Request {
         /// The process.
         exec_id: String,
     },
+    /// The guest PIDs of the container's processes; answered with
+    /// [`Response::Pids`].
+    Ps {
+        /// Container ID.
+        id: String,
+    },
     /// Resource usage of the container.
     Stats {
         /// Container ID.
@@ -307,6 +313,11 @@ pub enum Response {
     },
     /// Resource usage.
     Stats(Stats),
+    /// Processes, by their PIDs in the guest.
+    Pids {
+        /// PIDs.
+        pids: Vec<i32>,
+    },
     /// The process could not be started: `status` is what a shell would
     /// report (127: no such program, 126: not executable, 1: the
     /// container's set-up failed), `message` names what failed.
@@ -390,6 +401,7 @@ mod tests {
                 exec_id: String::new(),
             },
             Request::Stats { id: id() },
+            Request::Ps { id: id() },
             Request::Shutdown,
         ] {
             round_trip(req);
@@ -397,6 +409,7 @@ mod tests {
         for resp in [
             Response::Ok,
             Response::Exited { status: 137 },
+            Response::Pids { pids: vec![1, 7] },
             Response::Stats(Stats {
                 cpu_ns: 1,
                 memory_bytes: 2,

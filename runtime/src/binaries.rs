@@ -106,6 +106,13 @@ pub fn agent_initramfs(root: &Path, agent: &Path) -> Result<PathBuf, BinariesErr
     if path.is_file() {
         return Ok(path);
     }
+    std::fs::create_dir_all(&dir).map_err(fail(&dir))?;
+    // One writer at a time: the file's identity is part of the warm-start
+    // key, so two racing writers would make two keys.
+    let _lock = crate::warm::lock(&dir.join("agent.lock")).map_err(BinariesError::Identity)?;
+    if path.is_file() {
+        return Ok(path);
+    }
     let bytes = std::fs::read(agent).map_err(fail(agent))?;
     if !is_static_elf(&bytes) {
         return Err(BinariesError::NotStatic(agent.to_owned()));

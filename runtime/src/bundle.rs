@@ -130,37 +130,42 @@ impl Bundle {
 
     /// The container's process, as the agent takes it.
     pub fn process(&self) -> Process {
-        let Some(p) = self.spec.process() else {
-            return Process::default();
-        };
-        let user = p.user();
-        Process {
-            args: p.args().clone().unwrap_or_default(),
-            env: p.env().clone().unwrap_or_default(),
-            cwd: p.cwd().display().to_string(),
-            uid: user.uid(),
-            gid: user.gid(),
-            additional_gids: user.additional_gids().clone().unwrap_or_default(),
-            umask: user.umask(),
-            terminal: p.terminal() == Some(true),
-            rlimits: p
-                .rlimits()
-                .iter()
-                .flatten()
-                .filter_map(|r| {
-                    let name = serde_json::to_value(r.typ()).ok()?.as_str()?.to_owned();
-                    Some((name, (r.soft(), r.hard())))
-                })
-                .collect(),
-            no_new_privileges: p.no_new_privileges() == Some(true),
-            capabilities: p.capabilities().as_ref().map(|c| Capabilities {
-                bounding: names(c.bounding().as_ref()),
-                effective: names(c.effective().as_ref()),
-                permitted: names(c.permitted().as_ref()),
-                inheritable: names(c.inheritable().as_ref()),
-                ambient: names(c.ambient().as_ref()),
-            }),
-        }
+        process_of(&self.spec)
+    }
+}
+
+/// The process of `spec`, as the agent takes it.
+pub fn process_of(spec: &Spec) -> Process {
+    let Some(p) = spec.process() else {
+        return Process::default();
+    };
+    let user = p.user();
+    Process {
+        args: p.args().clone().unwrap_or_default(),
+        env: p.env().clone().unwrap_or_default(),
+        cwd: p.cwd().display().to_string(),
+        uid: user.uid(),
+        gid: user.gid(),
+        additional_gids: user.additional_gids().clone().unwrap_or_default(),
+        umask: user.umask(),
+        terminal: p.terminal() == Some(true),
+        rlimits: p
+            .rlimits()
+            .iter()
+            .flatten()
+            .filter_map(|r| {
+                let name = serde_json::to_value(r.typ()).ok()?.as_str()?.to_owned();
+                Some((name, (r.soft(), r.hard())))
+            })
+            .collect(),
+        no_new_privileges: p.no_new_privileges() == Some(true),
+        capabilities: p.capabilities().as_ref().map(|c| Capabilities {
+            bounding: names(c.bounding().as_ref()),
+            effective: names(c.effective().as_ref()),
+            permitted: names(c.permitted().as_ref()),
+            inheritable: names(c.inheritable().as_ref()),
+            ambient: names(c.ambient().as_ref()),
+        }),
     }
 }
 

@@ -8,7 +8,10 @@
 pub mod binaries;
 pub mod bundle;
 pub mod busybox;
+pub mod container;
 pub mod initramfs;
+pub mod monitor;
 pub mod run;
 pub mod sandbox;
+pub mod state;
 pub mod warm;

@@ -1,44 +1,238 @@
-//! `husk`: the command-line face of the runtime library.
+//! `husk`: runc's command line, each container in its own microVM.
 //!
-//! Exit status: a container's own exit status for `run`; 125 when husk
-//! itself fails (a bad bundle, a VM that cannot start), as docker does;
-//! 2 for a usage error.
+//! Exit status: a container's (or exec'd process's) own exit status for
+//! a foreground `run` or `exec`; otherwise 0 on success; 125 when husk
+//! itself fails for `run` (as docker does, so it cannot be mistaken for
+//! the container's), 1 for every other command's failure; 2 for a usage
+//! error. Errors go to stderr, and to `--log` in `--log-format` when given
+//! (containerd's shim reads the JSON form).
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use husk_runtime::container::{self, CreateOptions, ExecOptions};
 use husk_runtime::initramfs::Initramfs;
+use husk_runtime::monitor;
+use husk_runtime::state::{self, ContainerState};
 
-/// Exit status when husk itself fails.
-const EXIT_HUSK_FAILED: u8 = 125;
+/// Exit status when husk itself fails to run a container.
+const EXIT_RUN_FAILED: u8 = 125;
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum ListFormat {
+    Table,
+    Json,
+}
 
 #[derive(Parser)]
 #[command(
     name = "husk",
     version,
-    about = "Husk: OCI containers, each in its own KVM microVM"
+    about = "Husk: OCI containers, each in its own KVM microVM (runc's command line)"
 )]
 struct Cli {
     /// Where husk keeps its state: containers, warm-start snapshots, the
     /// guest's initramfs.
     #[arg(long, global = true, default_value = "/var/lib/husk")]
     root: PathBuf,
+    /// Also write errors to this file.
+    #[arg(long, global = true)]
+    log: Option<PathBuf>,
+    /// Format of --log.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Accepted for runc compatibility (husk logs errors only).
+    #[arg(long, global = true)]
+    debug: bool,
+    /// Accepted for runc compatibility: the VMM sits in the cgroup it is
+    /// started in.
+    #[arg(long, global = true)]
+    systemd_cgroup: bool,
+    /// Accepted for runc compatibility.
+    #[arg(long, global = true)]
+    rootless: Option<String>,
+    /// Accepted for runc compatibility (checkpoints are husk's own).
+    #[arg(long, global = true)]
+    criu: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a container in the foreground, in its own microVM, and exit
-    /// with its exit status.
-    Run {
-        /// The OCI bundle: a directory with config.json and the root
-        /// filesystem it names.
+    /// Create a container: its VM restored, its process made, not started.
+    Create {
+        /// The OCI bundle.
         #[arg(long, short, default_value = ".")]
         bundle: PathBuf,
-        /// The container's ID.
+        /// Write the PID of the process that stands for the container's.
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
+        /// Send the terminal's master here (SCM_RIGHTS).
+        #[arg(long)]
+        console_socket: Option<PathBuf>,
+        /// Accepted for runc compatibility.
+        #[arg(long)]
+        no_pivot: bool,
+        /// Accepted for runc compatibility.
+        #[arg(long)]
+        no_new_keyring: bool,
+        /// Accepted for runc compatibility (no descriptors reach a guest).
+        #[arg(long, default_value_t = 0)]
+        preserve_fds: u32,
+        /// Container ID.
+        id: String,
+    },
+    /// Start a created container's process.
+    Start {
+        /// Container ID.
+        id: String,
+    },
+    /// Print a container's state (the OCI runtime spec's JSON).
+    State {
+        /// Container ID.
+        id: String,
+    },
+    /// Send a signal to a container's process (default SIGTERM).
+    Kill {
+        /// To every process of the container.
+        #[arg(long, short)]
+        all: bool,
+        /// Container ID.
+        id: String,
+        /// Signal name or number.
+        #[arg(default_value = "SIGTERM")]
+        signal: String,
+    },
+    /// Delete a container's state (a running one only with --force).
+    Delete {
+        /// Kill a running container first.
+        #[arg(long, short)]
+        force: bool,
+        /// Container ID.
+        id: String,
+    },
+    /// Create and start a container; in the foreground, wait for it and
+    /// exit with its status.
+    Run {
+        /// The OCI bundle.
+        #[arg(long, short, default_value = ".")]
+        bundle: PathBuf,
+        /// Return once it runs.
+        #[arg(long, short)]
+        detach: bool,
+        /// Write the PID of the process that stands for the container's.
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
+        /// Send the terminal's master here (SCM_RIGHTS).
+        #[arg(long)]
+        console_socket: Option<PathBuf>,
+        /// Accepted for runc compatibility.
+        #[arg(long)]
+        no_pivot: bool,
+        /// Accepted for runc compatibility.
+        #[arg(long)]
+        no_new_keyring: bool,
+        /// Container ID.
+        id: String,
+    },
+    /// Run another process in a running container.
+    Exec {
+        /// The process, as an OCI process JSON file.
+        #[arg(long, short)]
+        process: Option<PathBuf>,
+        /// Return once it runs.
+        #[arg(long, short)]
+        detach: bool,
+        /// A terminal.
+        #[arg(long, short)]
+        tty: bool,
+        /// Send the terminal's master here (SCM_RIGHTS).
+        #[arg(long)]
+        console_socket: Option<PathBuf>,
+        /// Write the PID of the process that stands for it.
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
+        /// Environment, KEY=VALUE (repeatable).
+        #[arg(long, short)]
+        env: Vec<String>,
+        /// Working directory.
+        #[arg(long)]
+        cwd: Option<String>,
+        /// UID[:GID].
+        #[arg(long, short)]
+        user: Option<String>,
+        /// Accepted for runc compatibility.
+        #[arg(long, default_value_t = 0)]
+        preserve_fds: u32,
+        /// Container ID.
+        id: String,
+        /// The command.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// List a container's processes (their PIDs in its guest).
+    Ps {
+        /// table or json.
+        #[arg(long, short, value_enum, default_value = "table")]
+        format: ListFormat,
+        /// Container ID.
+        id: String,
+    },
+    /// List containers.
+    List {
+        /// table or json.
+        #[arg(long, short, value_enum, default_value = "table")]
+        format: ListFormat,
+        /// IDs only.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Pause a running container's VM.
+    Pause {
+        /// Container ID.
+        id: String,
+    },
+    /// Resume a paused container's VM.
+    Resume {
+        /// Container ID.
+        id: String,
+    },
+    /// Print a container's events: with --stats, its resource usage at
+    /// every interval; else its exit (and OOM events) until it stops.
+    Events {
+        /// Resource usage.
+        #[arg(long)]
+        stats: bool,
+        /// Seconds between stats.
+        #[arg(long, default_value = "5s")]
+        interval: String,
+        /// Container ID.
+        id: String,
+    },
+    /// Print what this runtime supports (JSON, as `runc features`).
+    Features,
+    /// Change a container's resources.
+    Update {
+        /// A JSON file of linux resources.
+        #[arg(long, short)]
+        resources: Option<PathBuf>,
+        /// Memory limit, bytes.
+        #[arg(long)]
+        memory: Option<String>,
+        /// CPU quota.
+        #[arg(long)]
+        cpu_quota: Option<String>,
+        /// Container ID.
         id: String,
     },
     /// Write a default config.json (as `runc spec` does) into the bundle.
@@ -65,24 +259,255 @@ enum Command {
         #[arg(long, short)]
         output: PathBuf,
     },
+    /// (internal) The process that stands for a container's process.
+    #[command(name = "_monitor", hide = true)]
+    Monitor {
+        id: String,
+        #[arg(long)]
+        console_socket: Option<PathBuf>,
+        #[arg(long, requires = "process")]
+        exec: Option<String>,
+        #[arg(long)]
+        process: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    let failed = if matches!(cli.command, Command::Run { .. }) {
+        EXIT_RUN_FAILED
+    } else {
+        1
+    };
+    let (log, format) = (cli.log.clone(), cli.log_format);
+    match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("husk: {e:#}");
-            ExitCode::from(EXIT_HUSK_FAILED)
+            let message = format!("{e:#}");
+            eprintln!("husk: {message}");
+            if let Some(path) = log {
+                write_log(&path, format, &message);
+            }
+            ExitCode::from(failed)
         }
     }
 }
 
+fn write_log(path: &Path, format: LogFormat, message: &str) {
+    let line = match format {
+        LogFormat::Json => serde_json::json!({
+            "level": "error",
+            "msg": message,
+            "time": state::now_rfc3339(),
+        })
+        .to_string(),
+        LogFormat::Text => format!("{} error: {message}", state::now_rfc3339()),
+    };
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+fn status_code(status: i32) -> u8 {
+    u8::try_from(status).unwrap_or(255)
+}
+
+/// Seconds in `5s`, `500ms`, `2`.
+fn interval(s: &str) -> anyhow::Result<std::time::Duration> {
+    if let Some(ms) = s.strip_suffix("ms") {
+        return Ok(std::time::Duration::from_millis(ms.parse()?));
+    }
+    let secs: f64 = s.strip_suffix('s').unwrap_or(s).parse()?;
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
 fn run(cli: Cli) -> anyhow::Result<u8> {
+    let root = cli.root.as_path();
     match cli.command {
-        Command::Run { bundle, id } => {
-            let bins = husk_runtime::binaries::locate(&cli.root)?;
-            let status = husk_runtime::run::run(&cli.root, &bins, &bundle, &id)?;
-            Ok(u8::try_from(status).unwrap_or(255))
+        Command::Create {
+            bundle,
+            pid_file,
+            console_socket,
+            id,
+            ..
+        } => {
+            container::create(&CreateOptions {
+                root,
+                id: &id,
+                bundle: &bundle,
+                pid_file: pid_file.as_deref(),
+                console_socket: console_socket.as_deref(),
+                detach: true,
+            })?;
+            Ok(0)
+        }
+        Command::Start { id } => {
+            container::start(root, &id)?;
+            Ok(0)
+        }
+        Command::State { id } => {
+            let state = ContainerState::load(root, &id)?;
+            println!("{}", serde_json::to_string_pretty(&state.oci_state())?);
+            Ok(0)
+        }
+        Command::Kill {
+            all, id, signal, ..
+        } => {
+            container::kill(root, &id, container::parse_signal(&signal)?, all)?;
+            Ok(0)
+        }
+        Command::Delete { force, id } => {
+            container::delete(root, &id, force)?;
+            Ok(0)
+        }
+        Command::Run {
+            bundle,
+            detach,
+            pid_file,
+            console_socket,
+            id,
+            ..
+        } => {
+            let status = husk_runtime::run::run(&CreateOptions {
+                root,
+                id: &id,
+                bundle: &bundle,
+                pid_file: pid_file.as_deref(),
+                console_socket: console_socket.as_deref(),
+                detach,
+            })?;
+            Ok(status_code(status))
+        }
+        Command::Exec {
+            process,
+            detach,
+            tty,
+            console_socket,
+            pid_file,
+            env,
+            cwd,
+            user,
+            id,
+            command,
+            ..
+        } => {
+            let process = container::exec_process(
+                process.as_deref(),
+                &command,
+                &env,
+                cwd.as_deref(),
+                user.as_deref(),
+                tty,
+                container::bundle_process(root, &id),
+            )?;
+            let status = container::exec(&ExecOptions {
+                root,
+                id: &id,
+                process,
+                detach,
+                pid_file: pid_file.as_deref(),
+                console_socket: console_socket.as_deref(),
+            })?;
+            Ok(status_code(status))
+        }
+        Command::Ps { format, id } => {
+            let pids = container::ps(root, &id)?;
+            match format {
+                ListFormat::Json => println!("{}", serde_json::to_string(&pids)?),
+                ListFormat::Table => {
+                    println!("PID");
+                    for pid in pids {
+                        println!("{pid}");
+                    }
+                }
+            }
+            Ok(0)
+        }
+        Command::List { format, quiet } => {
+            let states: Vec<serde_json::Value> = state::list(root)
+                .iter()
+                .filter_map(|id| ContainerState::load(root, id).ok())
+                .map(|s| {
+                    let mut v = s.oci_state();
+                    v["owner"] = "root".into();
+                    v
+                })
+                .collect();
+            if quiet {
+                for s in &states {
+                    println!("{}", s["id"].as_str().unwrap_or_default());
+                }
+            } else if format == ListFormat::Json {
+                println!("{}", serde_json::to_string(&states)?);
+            } else {
+                println!("ID\tPID\tSTATUS\tBUNDLE\tCREATED\tOWNER");
+                for s in &states {
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}\troot",
+                        s["id"].as_str().unwrap_or_default(),
+                        s["pid"],
+                        s["status"].as_str().unwrap_or_default(),
+                        s["bundle"].as_str().unwrap_or_default(),
+                        s["created"].as_str().unwrap_or_default()
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Command::Pause { id } => {
+            container::pause(root, &id, true)?;
+            Ok(0)
+        }
+        Command::Resume { id } => {
+            container::pause(root, &id, false)?;
+            Ok(0)
+        }
+        Command::Events {
+            stats,
+            interval: every,
+            id,
+        } => {
+            let every = interval(&every).context("--interval")?;
+            loop {
+                let state = ContainerState::load(root, &id)?;
+                if state.status() == state::Status::Stopped {
+                    if !stats {
+                        println!(
+                            "{}",
+                            serde_json::json!({"type": "exit", "id": id, "data": {"status": state.exit_status}})
+                        );
+                    }
+                    return Ok(0);
+                }
+                if stats {
+                    let pids = container::ps(root, &id).unwrap_or_default();
+                    println!(
+                        "{}",
+                        serde_json::json!({"type": "stats", "id": id, "data": {"pids": {"current": pids.len()}}})
+                    );
+                }
+                std::io::stdout().flush()?;
+                std::thread::sleep(every);
+            }
+        }
+        Command::Features => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&husk_runtime::container::features())?
+            );
+            Ok(0)
+        }
+        Command::Update { id, .. } => {
+            let state = ContainerState::load(root, &id)?;
+            anyhow::bail!(
+                "container {:?} ({}): changing a running VM's memory or CPUs is not supported yet",
+                id,
+                state.status()
+            )
         }
         Command::Spec { bundle } => {
             let path = bundle.join("config.json");
@@ -111,6 +536,43 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             fs.write_to(std::io::BufWriter::new(file))
                 .with_context(|| format!("writing {}", output.display()))?;
             Ok(0)
+        }
+        Command::Monitor {
+            id,
+            console_socket,
+            exec,
+            process,
+        } => {
+            // The ready pipe must not leak into the VMM (its reader waits
+            // for the end of file).
+            // SAFETY: fcntl on a descriptor number; harmless if not open.
+            unsafe { libc::fcntl(monitor::READY_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
+            // The monitor outlives terminals and stray signals; only an
+            // explicit SIGKILL (delete --force) ends it early.
+            for sig in [
+                libc::SIGINT,
+                libc::SIGHUP,
+                libc::SIGQUIT,
+                libc::SIGTERM,
+                libc::SIGPIPE,
+            ] {
+                // SAFETY: ignoring a signal installs no handler code.
+                unsafe { libc::signal(sig, libc::SIG_IGN) };
+            }
+            let terminal = container::terminal(console_socket.as_deref());
+            let status = match (exec, process) {
+                (Some(exec_id), Some(file)) => {
+                    let json = std::fs::read_to_string(&file)
+                        .with_context(|| format!("cannot read {}", file.display()))?;
+                    let process = serde_json::from_str(&json)?;
+                    monitor::exec(root, &id, &exec_id, process, &terminal)
+                }
+                _ => {
+                    let bins = husk_runtime::binaries::locate(root)?;
+                    monitor::container(root, &bins, &id, &terminal)
+                }
+            };
+            Ok(status_code(status))
         }
     }
 }

@@ -51,6 +51,78 @@ pub struct Binaries {
     pub initramfs: PathBuf,
 }
 
+/// The vsock socket in a container's state directory.
+pub const VSOCK_SOCKET: &str = "vsock.sock";
+/// The VMM's control socket (pause, resume) in a container's state
+/// directory.
+pub const API_SOCKET: &str = "api.sock";
+
+/// The agent of a running container VM, reached through its vsock socket
+/// by any husk process (`start`, `kill`, `exec`, ...).
+pub struct Agent {
+    socket: PathBuf,
+}
+
+impl Agent {
+    /// The agent of the container whose state directory is `state_dir`.
+    pub fn at(state_dir: &Path) -> Self {
+        Self {
+            socket: state_dir.join(VSOCK_SOCKET),
+        }
+    }
+
+    /// A control connection, handshake done.
+    pub fn control(&self) -> Result<Control, SandboxError> {
+        let mut stream =
+            connect(&self.socket, CONTROL_PORT).map_err(|e| SandboxError::Agent(e.into()))?;
+        handshake(&mut stream, concat!("husk ", env!("CARGO_PKG_VERSION")))
+            .map_err(SandboxError::Agent)?;
+        Ok(Control { stream })
+    }
+
+    /// One stdio stream of a process.
+    pub fn attach(
+        &self,
+        id: &str,
+        exec_id: &str,
+        stream: Stream,
+    ) -> Result<UnixStream, SandboxError> {
+        let mut conn =
+            connect(&self.socket, STDIO_PORT).map_err(|e| SandboxError::Agent(e.into()))?;
+        write_frame(
+            &mut conn,
+            &StdioAttach {
+                id: id.into(),
+                exec_id: exec_id.into(),
+                stream,
+            },
+        )
+        .map_err(SandboxError::Agent)?;
+        Ok(conn)
+    }
+}
+
+/// Sends one request to the VMM's control socket (`pause`, `resume`).
+pub fn vmm_api(state_dir: &Path, action: &str) -> Result<(), SandboxError> {
+    let path = state_dir.join(API_SOCKET);
+    let fail = |e: std::io::Error| SandboxError::Refused(format!("the VMM's control socket: {e}"));
+    let mut stream = UnixStream::connect(&path).map_err(fail)?;
+    writeln!(stream, "{{\"action\":\"{action}\"}}").map_err(fail)?;
+    let mut answer = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(&stream), &mut answer)
+        .map_err(fail)?;
+    let v: serde_json::Value = serde_json::from_str(&answer)
+        .map_err(|e| SandboxError::Refused(format!("the VMM answered {answer:?}: {e}")))?;
+    if v["ok"] == true {
+        Ok(())
+    } else {
+        Err(SandboxError::Refused(format!(
+            "the VMM refused to {action}: {}",
+            v["error"].as_str().unwrap_or("no reason given")
+        )))
+    }
+}
+
 /// The VM shape of a container guest.
 pub const VCPUS: u8 = 1;
 /// Guest memory of a container guest, MiB.
@@ -112,7 +184,7 @@ impl Sandbox {
         rootfs: &Share,
     ) -> Result<Self, SandboxError> {
         let (snapshot, _) = warm::snapshot(root, &bins.vmm, &guest_image(bins))?;
-        let socket = state_dir.join("vsock.sock");
+        let socket = state_dir.join(VSOCK_SOCKET);
         let stderr_log = state_dir.join("vmm.log");
         let console = state_dir.join("console.log");
         let log = std::fs::File::create(&stderr_log)
@@ -125,8 +197,7 @@ impl Sandbox {
             path.push(".vmm.json");
             cmd.arg("--timings").arg(path);
         }
-        let vmm = cmd
-            .arg("--restore")
+        cmd.arg("--restore")
             .arg(&snapshot)
             .arg("--vsock-socket")
             .arg(&socket)
@@ -134,9 +205,21 @@ impl Sandbox {
             .arg(rootfs.to_string())
             .arg("--console")
             .arg(&console)
+            .arg("--api-socket")
+            .arg(state_dir.join(API_SOCKET))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(log);
+        // The VMM dies with the process that runs it (the container's
+        // monitor): no VM outlives the husk process responsible for it.
+        // SAFETY: prctl in the forked child, before exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+                Ok(())
+            });
+        }
+        let vmm = cmd
             .spawn()
             .map_err(|e| SandboxError::Spawn(bins.vmm.clone(), e))?;
         Ok(Self {
@@ -275,6 +358,7 @@ impl Drop for Sandbox {
             let _ = child.wait();
         }
         let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_file(self.socket.with_file_name(API_SOCKET));
     }
 }
 

@@ -138,7 +138,7 @@ impl GuestImage {
 }
 
 /// Takes an exclusive lock on `path` for as long as the file is open.
-fn lock(path: &Path) -> Result<File, WarmError> {
+pub fn lock(path: &Path) -> Result<File, WarmError> {
     let file = File::create(path).map_err(io("create", path))?;
     // SAFETY: flock on a descriptor we own; it is released when the file
     // is closed.
@@ -236,6 +236,7 @@ pub fn prune(dir: &Path, keep: usize) {
                 && !name.ends_with(".tmp")
                 && !name.ends_with(".vsock")
                 && !name.ends_with(".empty")
+                && name != "agent.lock"
         })
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .collect();

@@ -471,7 +471,12 @@ fn two_containers_from_one_snapshot_differ_where_they_must_and_share_memory() {
     // While both sleep: their VMMs map the same snapshot memory file.
     let deadline = Instant::now() + RUN_TIMEOUT;
     let vmms = loop {
-        let vmms: Vec<u32> = runs.iter().flat_map(|c| children(c.id())).collect();
+        // husk run -> its monitor -> the VMM.
+        let vmms: Vec<u32> = runs
+            .iter()
+            .flat_map(|c| children(c.id()))
+            .flat_map(children)
+            .collect();
         if vmms.len() == 2 && vmms.iter().all(|&p| snapshot_memory_rss_pss(p).0 > 0) {
             break vmms;
         }
@@ -547,7 +552,10 @@ fn a_vm_that_dies_under_a_running_container_is_reported_and_cleaned_up() {
     let mut first = [0u8; 8];
     std::io::Read::read_exact(&mut stdout, &mut first).unwrap();
     assert_eq!(&first, b"started\n");
-    let vmm = children(child.id());
+    // husk run -> its monitor -> the VMM.
+    let monitor = children(child.id());
+    assert_eq!(monitor.len(), 1, "{monitor:?}");
+    let vmm = children(monitor[0]);
     assert_eq!(vmm.len(), 1, "{vmm:?}");
     // SAFETY: kill takes no pointers.
     unsafe { libc::kill(vmm[0] as i32, libc::SIGKILL) };

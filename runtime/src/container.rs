@@ -1,0 +1,582 @@
+//! runc's container lifecycle over husk's VMs: `create`, `start`,
+//! `state`, `kill`, `delete`, `run`, `exec`, `ps`, `list`, `pause`,
+//! `resume`. Each checks the container's state first and fails with a
+//! message naming the state when the command does not apply, changing
+//! nothing.
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+
+use husk_protocol::{Process, Request, Response};
+use thiserror::Error;
+
+use crate::bundle::{Bundle, BundleError};
+use crate::monitor::{READY_FD, Terminal};
+use crate::sandbox::{Agent, SandboxError, vmm_api};
+use crate::state::{self, ContainerState, StateError, Status};
+
+/// Errors of the lifecycle commands.
+#[derive(Debug, Error)]
+pub enum LifecycleError {
+    /// The bundle is unusable.
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    /// The container's state cannot be read or written.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The container ID is not valid.
+    #[error(
+        "container ID {0:?} is not valid: use letters, digits, '_', '-' and '.', not starting with '.'"
+    )]
+    BadId(String),
+    /// A container of that ID exists.
+    #[error("container {0:?} exists")]
+    Exists(String),
+    /// The command does not apply in the container's state.
+    #[error("container {id:?} is {status}: {why}")]
+    WrongState {
+        /// Container ID.
+        id: String,
+        /// Its status.
+        status: Status,
+        /// What the command needs.
+        why: &'static str,
+    },
+    /// A file or directory of husk's cannot be made.
+    #[error("cannot {what} {}", .path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The monitor failed to set the container up; what it said.
+    #[error("{0}")]
+    SetUp(String),
+    /// The VM or its agent failed or refused.
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    /// The container's process could not be started: `status` is what a
+    /// shell would report (127: no such program).
+    #[error("{message}")]
+    NotStarted {
+        /// What failed.
+        message: String,
+        /// Its exit status.
+        status: i32,
+    },
+    /// The container's VM ended under it; what the monitor recorded.
+    #[error("{0}")]
+    VmEnded(String),
+    /// A signal name or number that is not one.
+    #[error("{0:?} is not a signal")]
+    BadSignal(String),
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LifecycleError {
+    let path = path.to_owned();
+    move |source| LifecycleError::Io { what, path, source }
+}
+
+/// Checks a container ID as runc does.
+pub fn check_id(id: &str) -> Result<(), LifecycleError> {
+    let ok = !id.is_empty()
+        && id.len() <= 1024
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(LifecycleError::BadId(id.to_owned()))
+    }
+}
+
+fn wrong(state: &ContainerState, why: &'static str) -> LifecycleError {
+    LifecycleError::WrongState {
+        id: state.id.clone(),
+        status: state.status(),
+        why,
+    }
+}
+
+/// How a monitor is started.
+pub struct MonitorStart<'a> {
+    /// Husk's root.
+    pub root: &'a Path,
+    /// Arguments after `husk --root R _monitor`.
+    pub args: Vec<String>,
+}
+
+/// Starts a monitor (`husk _monitor ...`) with this process's stdio and a
+/// ready pipe at fd 3; returns it once it reported ready, or what it said
+/// when it failed (with its exit status, once it exited).
+fn start_monitor(m: MonitorStart) -> Result<Child, (String, Option<i32>)> {
+    let exe =
+        std::env::current_exe().map_err(|e| (format!("cannot find husk itself: {e}"), None))?;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two-element array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err((format!("pipe: {}", std::io::Error::last_os_error()), None));
+    }
+    // SAFETY: both descriptors were just made and are owned here.
+    let (mut ready_r, ready_w) = unsafe {
+        (
+            <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]),
+            <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[1]),
+        )
+    };
+    let mut cmd = Command::new(exe);
+    cmd.arg("--root").arg(m.root).arg("_monitor").args(&m.args);
+    let w = ready_w.as_raw_fd();
+    // A session of its own: a terminal's signals (Ctrl-C to a foreground
+    // `husk run`) and hang-ups do not reach it; it outlives its starter.
+    // SAFETY: dup2 and setsid in the forked child, before exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(w, READY_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| (format!("cannot start the monitor: {e}"), None))?;
+    drop(ready_w);
+    let mut said = String::new();
+    let _ = ready_r.read_to_string(&mut said);
+    if said == "ok\n" {
+        return Ok(child);
+    }
+    let status = child.wait().ok().and_then(|s| s.code());
+    Err((
+        if said.is_empty() {
+            "the monitor ended before the container was set up".into()
+        } else {
+            said
+        },
+        status,
+    ))
+}
+
+/// Options of `create` (and `run`).
+pub struct CreateOptions<'a> {
+    /// Husk's root.
+    pub root: &'a Path,
+    /// Container ID.
+    pub id: &'a str,
+    /// The bundle.
+    pub bundle: &'a Path,
+    /// `--pid-file`.
+    pub pid_file: Option<&'a Path>,
+    /// `--console-socket`.
+    pub console_socket: Option<&'a Path>,
+    /// The monitor outlives this command (`create`, `run -d`).
+    pub detach: bool,
+}
+
+/// `create`: the container's VM restored and its process made, not
+/// started. Returns the monitor.
+pub fn create(o: &CreateOptions) -> Result<Child, LifecycleError> {
+    check_id(o.id)?;
+    let bundle_dir = o
+        .bundle
+        .canonicalize()
+        .map_err(io("find the bundle", o.bundle))?;
+    let bundle = Bundle::load(&bundle_dir)?;
+    let containers = o.root.join("containers");
+    std::fs::create_dir_all(&containers).map_err(io("create", &containers))?;
+    let dir = state::dir(o.root, o.id);
+    match std::fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(LifecycleError::Exists(o.id.to_owned()));
+        }
+        Err(e) => return Err(io("create", &dir)(e)),
+    }
+    let cleanup = |e: LifecycleError| {
+        let _ = std::fs::remove_dir_all(&dir);
+        e
+    };
+    let state = ContainerState {
+        id: o.id.to_owned(),
+        bundle: bundle_dir.clone(),
+        status: Status::Creating,
+        created: state::now_rfc3339(),
+        monitor: None,
+        vmm: None,
+        exit_status: None,
+        annotations: bundle.spec.annotations().clone().unwrap_or_default(),
+        error: None,
+    };
+    state.save(o.root).map_err(|e| cleanup(e.into()))?;
+    let mut args = vec![o.id.to_owned()];
+    if let Some(socket) = o.console_socket {
+        args.push("--console-socket".into());
+        args.push(socket.display().to_string());
+    }
+    let child = start_monitor(MonitorStart { root: o.root, args })
+        .map_err(|(said, _)| cleanup(LifecycleError::SetUp(said)))?;
+    if let Some(path) = o.pid_file {
+        std::fs::write(path, child.id().to_string())
+            .map_err(io("write the pid file", path))
+            .map_err(|e| {
+                let _ = kill_vm(o.root, o.id);
+                cleanup(e)
+            })?;
+    }
+    Ok(child)
+}
+
+/// `start`: the created container's process starts.
+pub fn start(root: &Path, id: &str) -> Result<(), LifecycleError> {
+    let mut state = ContainerState::load(root, id)?;
+    if state.status() != Status::Created {
+        return Err(wrong(&state, "only a created container can be started"));
+    }
+    let mut control = Agent::at(&state::dir(root, id)).control()?;
+    match control.ask(&Request::Start { id: id.into() })? {
+        Response::Ok => {
+            state.status = Status::Running;
+            state.save(root)?;
+            Ok(())
+        }
+        Response::NotStarted { message, status } => {
+            Err(LifecycleError::NotStarted { message, status })
+        }
+        Response::Error { message } => Err(SandboxError::Refused(message).into()),
+        other => Err(SandboxError::Refused(format!("unexpected answer {other:?}")).into()),
+    }
+}
+
+/// The number of a signal given as `KILL`, `SIGKILL` or `9`.
+pub fn parse_signal(s: &str) -> Result<i32, LifecycleError> {
+    if let Ok(n) = s.parse::<i32>() {
+        return if (1..=64).contains(&n) {
+            Ok(n)
+        } else {
+            Err(LifecycleError::BadSignal(s.to_owned()))
+        };
+    }
+    let name = s.to_ascii_uppercase();
+    let name = name.strip_prefix("SIG").unwrap_or(&name);
+    let n = match name {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "ILL" => libc::SIGILL,
+        "TRAP" => libc::SIGTRAP,
+        "ABRT" | "IOT" => libc::SIGABRT,
+        "BUS" => libc::SIGBUS,
+        "FPE" => libc::SIGFPE,
+        "KILL" => libc::SIGKILL,
+        "USR1" => libc::SIGUSR1,
+        "SEGV" => libc::SIGSEGV,
+        "USR2" => libc::SIGUSR2,
+        "PIPE" => libc::SIGPIPE,
+        "ALRM" => libc::SIGALRM,
+        "TERM" => libc::SIGTERM,
+        "CHLD" => libc::SIGCHLD,
+        "CONT" => libc::SIGCONT,
+        "STOP" => libc::SIGSTOP,
+        "TSTP" => libc::SIGTSTP,
+        "TTIN" => libc::SIGTTIN,
+        "TTOU" => libc::SIGTTOU,
+        "URG" => libc::SIGURG,
+        "XCPU" => libc::SIGXCPU,
+        "XFSZ" => libc::SIGXFSZ,
+        "VTALRM" => libc::SIGVTALRM,
+        "PROF" => libc::SIGPROF,
+        "WINCH" => libc::SIGWINCH,
+        "IO" | "POLL" => libc::SIGIO,
+        "PWR" => libc::SIGPWR,
+        "SYS" => libc::SIGSYS,
+        _ => return Err(LifecycleError::BadSignal(s.to_owned())),
+    };
+    Ok(n)
+}
+
+/// `kill`: a signal to the container's process (or all its processes).
+/// A created container that was never started is stopped by any signal
+/// that would end it, as its process would have been.
+pub fn kill(root: &Path, id: &str, signal: i32, all: bool) -> Result<(), LifecycleError> {
+    let state = ContainerState::load(root, id)?;
+    match state.status() {
+        Status::Created | Status::Running | Status::Paused => {}
+        _ => {
+            return Err(wrong(
+                &state,
+                "only a created, running or paused container can be signalled",
+            ));
+        }
+    }
+    let mut control = Agent::at(&state::dir(root, id)).control()?;
+    control.expect_ok(&Request::Signal {
+        id: id.into(),
+        exec_id: String::new(),
+        signal,
+        all,
+    })?;
+    Ok(())
+}
+
+/// Kills the container's VM and monitor outright.
+fn kill_vm(root: &Path, id: &str) -> Result<(), LifecycleError> {
+    let state = ContainerState::load(root, id)?;
+    for p in [state.monitor, state.vmm].into_iter().flatten() {
+        p.signal(libc::SIGKILL);
+    }
+    // Wait (briefly) until they are gone, so nothing holds the state dir.
+    for _ in 0..200 {
+        if [state.monitor, state.vmm]
+            .iter()
+            .flatten()
+            .all(|p| !p.alive())
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// `delete`: the container's state removed. A running or paused one only
+/// with `force` (its VM is killed); a created one is stopped first, as
+/// runc does.
+pub fn delete(root: &Path, id: &str, force: bool) -> Result<(), LifecycleError> {
+    let state = match ContainerState::load(root, id) {
+        Ok(s) => s,
+        // A state directory whose file was never written (a create that
+        // was killed) is removed too.
+        Err(StateError::NotFound(_)) if state::dir(root, id).is_dir() && check_id(id).is_ok() => {
+            let dir = state::dir(root, id);
+            return std::fs::remove_dir_all(&dir).map_err(io("remove", &dir));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    match state.status() {
+        Status::Stopped => {}
+        Status::Created | Status::Creating => kill_vm(root, id)?,
+        _ if force => kill_vm(root, id)?,
+        _ => {
+            return Err(wrong(&state, "stop it first, or delete it with --force"));
+        }
+    }
+    let dir = state::dir(root, id);
+    std::fs::remove_dir_all(&dir).map_err(io("remove", &dir))
+}
+
+/// `pause` / `resume`: the container's VM stopped or continued.
+pub fn pause(root: &Path, id: &str, pause: bool) -> Result<(), LifecycleError> {
+    let mut state = ContainerState::load(root, id)?;
+    let (from, to, why) = if pause {
+        (
+            Status::Running,
+            Status::Paused,
+            "only a running container can be paused",
+        )
+    } else {
+        (
+            Status::Paused,
+            Status::Running,
+            "only a paused container can be resumed",
+        )
+    };
+    if state.status() != from {
+        return Err(wrong(&state, why));
+    }
+    vmm_api(
+        &state::dir(root, id),
+        if pause { "pause" } else { "resume" },
+    )?;
+    state.status = to;
+    state.save(root)?;
+    Ok(())
+}
+
+/// `ps`: the container's processes, by their PIDs in the guest.
+pub fn ps(root: &Path, id: &str) -> Result<Vec<i32>, LifecycleError> {
+    let state = ContainerState::load(root, id)?;
+    match state.status() {
+        Status::Running | Status::Paused | Status::Created => {}
+        _ => return Ok(Vec::new()),
+    }
+    let mut control = Agent::at(&state::dir(root, id)).control()?;
+    match control.ask(&Request::Ps { id: id.into() })? {
+        Response::Pids { pids } => Ok(pids),
+        Response::Error { message } => Err(SandboxError::Refused(message).into()),
+        other => Err(SandboxError::Refused(format!("unexpected answer {other:?}")).into()),
+    }
+}
+
+/// Options of `exec`.
+pub struct ExecOptions<'a> {
+    /// Husk's root.
+    pub root: &'a Path,
+    /// Container ID.
+    pub id: &'a str,
+    /// The process.
+    pub process: Process,
+    /// `--detach`.
+    pub detach: bool,
+    /// `--pid-file`.
+    pub pid_file: Option<&'a Path>,
+    /// `--console-socket`.
+    pub console_socket: Option<&'a Path>,
+}
+
+/// `exec`: another process in the running container. Detached, returns
+/// once it runs (its monitor is in `--pid-file`); else waits for it and
+/// returns its exit status.
+pub fn exec(o: &ExecOptions) -> Result<i32, LifecycleError> {
+    let state = ContainerState::load(o.root, o.id)?;
+    if state.status() != Status::Running {
+        return Err(wrong(
+            &state,
+            "only a running container can run another process",
+        ));
+    }
+    let exec_id = format!("exec-{}-{}", std::process::id(), state::now_rfc3339());
+    let process_file = state::dir(o.root, o.id).join(format!(".{exec_id}.json"));
+    std::fs::write(
+        &process_file,
+        serde_json::to_string(&o.process).unwrap_or_default(),
+    )
+    .map_err(io("write", &process_file))?;
+    let mut args = vec![
+        o.id.to_owned(),
+        "--exec".into(),
+        exec_id,
+        "--process".into(),
+        process_file.display().to_string(),
+    ];
+    if let Some(socket) = o.console_socket {
+        args.push("--console-socket".into());
+        args.push(socket.display().to_string());
+    }
+    let started = start_monitor(MonitorStart { root: o.root, args });
+    let _ = std::fs::remove_file(&process_file);
+    let mut child = match started {
+        Ok(child) => child,
+        Err((said, status)) => {
+            eprintln!("husk: {}", said.trim());
+            return Ok(status.unwrap_or(1));
+        }
+    };
+    if let Some(path) = o.pid_file {
+        std::fs::write(path, child.id().to_string()).map_err(io("write the pid file", path))?;
+    }
+    if o.detach {
+        return Ok(0);
+    }
+    let status = child
+        .wait()
+        .map_err(io("wait for", Path::new("the exec monitor")))?;
+    Ok(status.code().unwrap_or(128 + libc::SIGKILL))
+}
+
+/// The process of an exec: the runc `--process` file (an OCI process), or
+/// args with `-e`, `--cwd`, `--user`, `-t`.
+pub fn exec_process(
+    process_file: Option<&Path>,
+    args: &[String],
+    env: &[String],
+    cwd: Option<&str>,
+    user: Option<&str>,
+    tty: bool,
+    bundle_process: Option<Process>,
+) -> Result<Process, LifecycleError> {
+    if let Some(path) = process_file {
+        let json = std::fs::read_to_string(path).map_err(io("read", path))?;
+        let p: oci_spec::runtime::Process = serde_json::from_str(&json).map_err(|e| {
+            LifecycleError::SetUp(format!("{} is not an OCI process: {e}", path.display()))
+        })?;
+        let spec = oci_spec::runtime::SpecBuilder::default()
+            .process(p)
+            .build()
+            .map_err(|e| LifecycleError::SetUp(e.to_string()))?;
+        return Ok(crate::bundle::process_of(&spec));
+    }
+    if args.is_empty() {
+        return Err(LifecycleError::SetUp(
+            "exec needs a command or --process".into(),
+        ));
+    }
+    // Defaults from the container's own process, as runc takes them.
+    let mut p = bundle_process.unwrap_or_default();
+    p.args = args.to_vec();
+    p.terminal = tty;
+    p.env.extend(env.iter().cloned());
+    if let Some(cwd) = cwd {
+        p.cwd = cwd.to_owned();
+    }
+    if let Some(user) = user {
+        let (uid, gid) = user.split_once(':').unwrap_or((user, "0"));
+        p.uid = uid
+            .parse()
+            .map_err(|_| LifecycleError::SetUp(format!("--user {user:?} is not UID[:GID]")))?;
+        p.gid = gid
+            .parse()
+            .map_err(|_| LifecycleError::SetUp(format!("--user {user:?} is not UID[:GID]")))?;
+        p.additional_gids.clear();
+    }
+    Ok(p)
+}
+
+/// The container's own process as its bundle says.
+pub fn bundle_process(root: &Path, id: &str) -> Option<Process> {
+    let state = ContainerState::load(root, id).ok()?;
+    Bundle::load(&state.bundle).ok().map(|b| b.process())
+}
+
+/// Terminal mode of a monitor from its options.
+pub fn terminal(console_socket: Option<&Path>) -> Terminal {
+    match console_socket {
+        Some(p) => Terminal::Socket(p.to_owned()),
+        None => Terminal::Inherit,
+    }
+}
+
+/// What this runtime supports, in the shape of `runc features`.
+pub fn features() -> serde_json::Value {
+    serde_json::json!({
+        "ociVersionMin": "1.0.0",
+        "ociVersionMax": "1.2.0",
+        "hooks": [],
+        "mountOptions": [
+            "ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec", "sync", "async",
+            "dirsync", "noatime", "atime", "nodiratime", "diratime", "relatime", "norelatime",
+            "strictatime", "bind", "rbind"
+        ],
+        "linux": {
+            "namespaces": ["mount", "uts", "ipc", "pid", "network", "cgroup"],
+            "capabilities": [
+                "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
+                "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
+                "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW",
+                "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT",
+                "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE",
+                "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
+                "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE",
+                "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND",
+                "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE"
+            ],
+            "cgroup": {"v1": false, "v2": true, "systemd": false, "systemdUser": false},
+            "seccomp": {"enabled": false},
+            "apparmor": {"enabled": false},
+            "selinux": {"enabled": false}
+        },
+        "annotations": {
+            "io.husk.vm": "every container runs in its own KVM microVM"
+        }
+    })
+}

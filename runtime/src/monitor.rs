@@ -1,0 +1,415 @@
+//! The monitor: the host process that stands for a container's process
+//! (or an exec'd one) on the host, as runc's init process does.
+//!
+//! `husk create` starts it detached (its own session) with the stdio it
+//! was given; it is the PID in `husk state`, in `--pid-file`, and what
+//! containerd's shim waits for. For a container it restores the VM (the
+//! VMM is its child and dies with it), makes the guest its own, has the
+//! agent create the container, attaches the container's stdio, reports
+//! "ready" to `create` on the pipe at fd 3, then waits for the container's
+//! process to exit, records the status, powers the VM off and exits with
+//! that status. For an exec it does the same around one process of a
+//! running container.
+//!
+//! Stdio: the monitor's own stdin, stdout and stderr are the process's
+//! (pipes to the guest), or one terminal: with `--console-socket` a host
+//! pseudo-terminal whose master goes to that socket (SCM_RIGHTS, as runc
+//! does) and whose slave the monitor joins to the guest's terminal, else
+//! the monitor's own stdin/stdout (in raw mode when it is a terminal).
+//! Size changes of the host side are followed.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use husk_protocol::{Process, Request, Response, Stream};
+use husk_vmm::devices::virtio::fs::Share;
+
+use crate::bundle::Bundle;
+use crate::sandbox::{Agent, Binaries, Control, Sandbox, SandboxError};
+use crate::state::{self, ContainerState, HostProcess, Status};
+
+/// The descriptor on which the monitor reports readiness to its starter.
+pub const READY_FD: RawFd = 3;
+
+/// Where the container's terminal goes.
+#[derive(Debug, Clone)]
+pub enum Terminal {
+    /// No terminal: three pipes.
+    None,
+    /// A host pty whose master is sent to this Unix socket.
+    Socket(PathBuf),
+    /// The monitor's own stdin and stdout.
+    Inherit,
+}
+
+fn copy(mut from: impl Read, mut to: impl Write) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() || to.flush().is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The host terminal in raw mode until dropped.
+struct RawMode(RawFd, Option<libc::termios>);
+
+impl RawMode {
+    fn enter(fd: RawFd) -> Self {
+        // SAFETY: isatty/tcgetattr/tcsetattr on fd with a live termios.
+        unsafe {
+            if libc::isatty(fd) != 1 {
+                return Self(fd, None);
+            }
+            let mut saved: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(fd, &mut saved) != 0 {
+                return Self(fd, None);
+            }
+            let mut raw = saved;
+            libc::cfmakeraw(&mut raw);
+            libc::tcsetattr(fd, libc::TCSANOW, &raw);
+            Self(fd, Some(saved))
+        }
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.1 {
+            // SAFETY: restores the settings read in enter().
+            unsafe { libc::tcsetattr(self.0, libc::TCSANOW, saved) };
+        }
+    }
+}
+
+fn window_size(fd: RawFd) -> Option<(u16, u16)> {
+    // SAFETY: TIOCGWINSZ writes a winsize.
+    unsafe {
+        let mut size: libc::winsize = std::mem::zeroed();
+        (libc::ioctl(fd, libc::TIOCGWINSZ, &mut size) == 0 && size.ws_row > 0)
+            .then_some((size.ws_row, size.ws_col))
+    }
+}
+
+/// A new host pseudo-terminal: (master, slave).
+fn host_pty() -> std::io::Result<(File, File)> {
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two descriptors; no name, termios or size.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just made and are owned here.
+    Ok(unsafe { (File::from_raw_fd(master), File::from_raw_fd(slave)) })
+}
+
+/// Sends `fd` over the Unix socket at `path` (SCM_RIGHTS), as runc sends a
+/// container's terminal master to `--console-socket`.
+pub fn send_fd(path: &Path, fd: RawFd) -> std::io::Result<()> {
+    let sock = UnixStream::connect(path)?;
+    let name = b"/dev/ptmx";
+    let mut iov = libc::iovec {
+        iov_base: name.as_ptr() as *mut libc::c_void,
+        iov_len: name.len(),
+    };
+    // SAFETY: a msghdr with one iovec and a control buffer sized by
+    // CMSG_SPACE for one descriptor, filled through the CMSG macros.
+    unsafe {
+        let space = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
+        let mut control = vec![0u8; space];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+        if libc::sendmsg(sock.as_raw_fd(), &msg, 0) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Connects a process's stdio in the guest to the monitor's side; returns
+/// the threads that carry output (done when the process's output is).
+fn attach_stdio(
+    agent: &Agent,
+    id: &str,
+    exec_id: &str,
+    terminal: &Terminal,
+    resize: impl Fn(u16, u16) + Send + 'static,
+) -> Result<Outputs, SandboxError> {
+    let io = |e: std::io::Error| SandboxError::Refused(format!("stdio: {e}"));
+    match terminal {
+        Terminal::None => {
+            let stdin = agent.attach(id, exec_id, Stream::Stdin)?;
+            std::thread::spawn(move || {
+                copy(std::io::stdin(), &stdin);
+                let _ = stdin.shutdown(std::net::Shutdown::Write);
+            });
+            let out = agent.attach(id, exec_id, Stream::Stdout)?;
+            let err = agent.attach(id, exec_id, Stream::Stderr)?;
+            Ok(vec![
+                std::thread::spawn(move || copy(out, std::io::stdout())),
+                std::thread::spawn(move || copy(err, std::io::stderr())),
+            ])
+        }
+        Terminal::Socket(_) | Terminal::Inherit => {
+            let conn = agent.attach(id, exec_id, Stream::Terminal)?;
+            let (input, output, size_fd): (File, File, RawFd) = match terminal {
+                Terminal::Socket(path) => {
+                    let (master, slave) = host_pty().map_err(io)?;
+                    send_fd(path, master.as_raw_fd()).map_err(|e| {
+                        SandboxError::Refused(format!(
+                            "send the terminal to {}: {e}",
+                            path.display()
+                        ))
+                    })?;
+                    drop(master);
+                    let fd = slave.as_raw_fd();
+                    (slave.try_clone().map_err(io)?, slave, fd)
+                }
+                _ => {
+                    // SAFETY: dup of the monitor's own stdin and stdout.
+                    let (i, o) = unsafe { (libc::dup(0), libc::dup(1)) };
+                    if i < 0 || o < 0 {
+                        return Err(io(std::io::Error::last_os_error()));
+                    }
+                    // SAFETY: both were just duplicated and are owned here.
+                    let files = unsafe { (File::from_raw_fd(i), File::from_raw_fd(o)) };
+                    std::mem::forget(RawMode::enter(0));
+                    (files.0, files.1, 0)
+                }
+            };
+            let to_guest = conn.try_clone().map_err(io)?;
+            std::thread::spawn(move || copy(input, to_guest));
+            // Follow the host side's size.
+            std::thread::spawn(move || {
+                let mut last = None;
+                loop {
+                    let now = window_size(size_fd);
+                    if now.is_some() && now != last {
+                        if let Some((rows, cols)) = now {
+                            resize(rows, cols);
+                        }
+                        last = now;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+            Ok(vec![std::thread::spawn(move || copy(conn, output))])
+        }
+    }
+}
+
+/// The threads that carry a process's output to the host.
+type Outputs = Vec<std::thread::JoinHandle<()>>;
+
+/// Reports readiness (`ok`) or what failed to whoever started the monitor.
+fn report(result: &Result<(), String>) {
+    // SAFETY: fd 3 is the ready pipe's write end the starter gave us, or
+    // not open (then the write fails harmlessly).
+    let mut ready = unsafe { File::from_raw_fd(READY_FD) };
+    let _ = match result {
+        Ok(()) => ready.write_all(b"ok\n"),
+        Err(e) => ready.write_all(e.as_bytes()),
+    };
+}
+
+fn resizer(agent_dir: PathBuf, id: String, exec_id: String) -> impl Fn(u16, u16) + Send {
+    move |rows, cols| {
+        if let Ok(mut c) = Agent::at(&agent_dir).control() {
+            let _ = c.ask(&Request::ResizeTerminal {
+                id: id.clone(),
+                exec_id: exec_id.clone(),
+                rows,
+                cols,
+            });
+        }
+    }
+}
+
+fn wait_status(control: &mut Control, id: &str, exec_id: &str) -> Result<i32, SandboxError> {
+    match control.ask(&Request::Wait {
+        id: id.into(),
+        exec_id: exec_id.into(),
+    })? {
+        Response::Exited { status } => Ok(status),
+        Response::Error { message } | Response::NotStarted { message, .. } => {
+            Err(SandboxError::Refused(message))
+        }
+        other => Err(SandboxError::Refused(format!(
+            "unexpected answer {other:?}"
+        ))),
+    }
+}
+
+/// Runs the monitor of container `id`; returns its exit status.
+pub fn container(root: &Path, bins: &Binaries, id: &str, terminal: &Terminal) -> i32 {
+    let dir = state::dir(root, id);
+    let mut phases = crate::run::Phases::new();
+    let set_up = (|| -> Result<(Sandbox, Control, Outputs), String> {
+        let mut state = ContainerState::load(root, id).map_err(|e| e.to_string())?;
+        let bundle = Bundle::load(&state.bundle).map_err(|e| e.to_string())?;
+        let share = Share {
+            tag: husk_protocol::ROOTFS_TAG.into(),
+            dir: bundle.rootfs.clone(),
+            read_only: bundle.readonly,
+        };
+        let mut sandbox = Sandbox::start(root, bins, &dir, &share).map_err(|e| e.to_string())?;
+        phases.mark("vmm_started");
+        let explain = |sandbox: &mut Sandbox, e: SandboxError| {
+            format!("{:#}", anyhow::Error::from(sandbox.explain(e)))
+        };
+        let mut control = match sandbox.control() {
+            Ok(c) => c,
+            Err(e) => return Err(explain(&mut sandbox, e)),
+        };
+        phases.mark("agent_connected");
+        let process = bundle.process();
+        let made = control
+            .expect_ok(&Request::Clone(crate::run::clone_seed()))
+            .and_then(|()| {
+                control.expect_ok(&Request::Create {
+                    id: id.into(),
+                    spec: bundle.spec_json.clone(),
+                    process: process.clone(),
+                })
+            });
+        if let Err(e) = made {
+            return Err(explain(&mut sandbox, e));
+        }
+        phases.mark("created");
+        let terminal = if process.terminal {
+            terminal.clone()
+        } else {
+            Terminal::None
+        };
+        let outputs = attach_stdio(
+            &Agent::at(&dir),
+            id,
+            "",
+            &terminal,
+            resizer(dir.clone(), id.to_owned(), String::new()),
+        )
+        .map_err(|e| e.to_string())?;
+        state.status = Status::Created;
+        state.monitor = HostProcess::of(std::process::id());
+        state.vmm = sandbox.vmm_pid().and_then(HostProcess::of);
+        state.save(root).map_err(|e| e.to_string())?;
+        Ok((sandbox, control, outputs))
+    })();
+    let (mut sandbox, mut control, outputs) = match set_up {
+        Ok(parts) => {
+            report(&Ok(()));
+            parts
+        }
+        Err(e) => {
+            report(&Err(e));
+            return 1;
+        }
+    };
+    let waited = wait_status(&mut control, id, "");
+    phases.mark("exited");
+    let mut error = None;
+    let status = match waited {
+        Ok(status) => {
+            for output in outputs {
+                let _ = output.join();
+            }
+            let _ = std::io::stdout().flush();
+            let _ = control.send(&Request::Shutdown);
+            let _ = sandbox.finish(Duration::from_secs(10));
+            status
+        }
+        Err(e) => {
+            error = Some(format!("{:#}", anyhow::Error::from(sandbox.explain(e))));
+            // The container's process died with its VM: killed.
+            128 + libc::SIGKILL
+        }
+    };
+    phases.mark("vm_ended");
+    phases.write();
+    if let Ok(mut state) = ContainerState::load(root, id) {
+        state.status = Status::Stopped;
+        state.exit_status = Some(status);
+        state.error = error;
+        let _ = state.save(root);
+    }
+    status
+}
+
+/// Runs the monitor of process `exec_id` in running container `id`;
+/// returns its exit status.
+pub fn exec(root: &Path, id: &str, exec_id: &str, process: Process, terminal: &Terminal) -> i32 {
+    let dir = state::dir(root, id);
+    let agent = Agent::at(&dir);
+    let set_up = (|| -> Result<(Control, Outputs), (String, i32)> {
+        let fail = |e: SandboxError| (format!("{:#}", anyhow::Error::from(e)), 1);
+        let mut control = agent.control().map_err(fail)?;
+        match control
+            .ask(&Request::Exec {
+                id: id.into(),
+                exec_id: exec_id.into(),
+                process: process.clone(),
+            })
+            .map_err(fail)?
+        {
+            Response::Ok => {}
+            Response::NotStarted { message, status } => return Err((message, status)),
+            Response::Error { message } => return Err((message, 1)),
+            other => return Err((format!("unexpected answer {other:?}"), 1)),
+        }
+        let terminal = if process.terminal {
+            terminal.clone()
+        } else {
+            Terminal::None
+        };
+        let outputs = attach_stdio(
+            &agent,
+            id,
+            exec_id,
+            &terminal,
+            resizer(dir.clone(), id.to_owned(), exec_id.to_owned()),
+        )
+        .map_err(fail)?;
+        Ok((control, outputs))
+    })();
+    let (mut control, outputs) = match set_up {
+        Ok(parts) => {
+            report(&Ok(()));
+            parts
+        }
+        Err((message, status)) => {
+            report(&Err(message));
+            return status;
+        }
+    };
+    let status = wait_status(&mut control, id, exec_id).unwrap_or(128 + libc::SIGKILL);
+    for output in outputs {
+        let _ = output.join();
+    }
+    let _ = std::io::stdout().flush();
+    status
+}

@@ -1,0 +1,295 @@
+//! A container's state on the host, under `<root>/containers/<id>/`.
+//!
+//! `state.json` is written atomically (a temporary file renamed over it)
+//! by whichever husk process changes the container: `create`, the
+//! container's monitor, `start`, `pause`, `resume`. It is never the only
+//! source of truth: a container whose monitor process is gone is stopped,
+//! whatever the file says, so a crash of any husk process leaves a state
+//! that a later command reads correctly. Processes are named by PID and
+//! start time, so a recycled PID is not mistaken for the monitor.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// The OCI runtime spec's container statuses (plus `creating`, while the
+/// VM is being made).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// `create` is making the VM.
+    Creating,
+    /// Made; its process not started.
+    Created,
+    /// Its process runs.
+    Running,
+    /// Its VM is paused.
+    Paused,
+    /// Its process has exited (or its VM is gone).
+    Stopped,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Status::Creating => "creating",
+            Status::Created => "created",
+            Status::Running => "running",
+            Status::Paused => "paused",
+            Status::Stopped => "stopped",
+        })
+    }
+}
+
+/// A host process, by PID and the start time the kernel gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostProcess {
+    /// PID.
+    pub pid: u32,
+    /// Field 22 of `/proc/<pid>/stat`: clock ticks after boot.
+    pub start_time: u64,
+}
+
+impl HostProcess {
+    /// The process `pid` as it is now, if it exists.
+    pub fn of(pid: u32) -> Option<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name (field 2) may hold spaces: count from its end.
+        let after = stat.rsplit_once(')')?.1;
+        let start_time = after.split_whitespace().nth(19)?.parse().ok()?;
+        Some(Self { pid, start_time })
+    }
+
+    /// Whether this very process still runs (not a zombie, not a PID
+    /// reused by another).
+    pub fn alive(&self) -> bool {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) else {
+            return false;
+        };
+        let Some((_, after)) = stat.rsplit_once(')') else {
+            return false;
+        };
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        fields.first() != Some(&"Z")
+            && fields.get(19).and_then(|t| t.parse::<u64>().ok()) == Some(self.start_time)
+    }
+
+    /// Sends `signal` if this very process still runs.
+    pub fn signal(&self, signal: i32) -> bool {
+        // SAFETY: kill takes no pointers.
+        self.alive() && unsafe { libc::kill(self.pid as i32, signal) } == 0
+    }
+}
+
+/// What husk records about a container.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContainerState {
+    /// Container ID.
+    pub id: String,
+    /// The bundle directory.
+    pub bundle: PathBuf,
+    /// Status as last recorded (see [`ContainerState::status`]).
+    pub status: Status,
+    /// When it was created, RFC 3339.
+    pub created: String,
+    /// The monitor: the host process that holds the container's stdio and
+    /// exits with its exit status (`pid` of `husk state`, `--pid-file`).
+    pub monitor: Option<HostProcess>,
+    /// The VMM.
+    pub vmm: Option<HostProcess>,
+    /// The container's exit status, once known.
+    pub exit_status: Option<i32>,
+    /// The spec's annotations.
+    #[serde(default)]
+    pub annotations: HashMap<String, String>,
+    /// What ended the container other than its process (its VM died).
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// Errors reading or writing container state.
+#[derive(Debug, Error)]
+pub enum StateError {
+    /// No such container.
+    #[error("container {0:?} does not exist")]
+    NotFound(String),
+    /// The state cannot be read or written.
+    #[error("cannot {what} {}", .path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state file is damaged.
+    #[error("the state of container {0:?} is damaged: {1}")]
+    Damaged(String, String),
+}
+
+/// The directory of container `id`.
+pub fn dir(root: &Path, id: &str) -> PathBuf {
+    root.join("containers").join(id)
+}
+
+const FILE: &str = "state.json";
+
+impl ContainerState {
+    /// Reads the state of container `id`.
+    pub fn load(root: &Path, id: &str) -> Result<Self, StateError> {
+        let path = dir(root, id).join(FILE);
+        let json = match std::fs::read_to_string(&path) {
+            Ok(json) => json,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StateError::NotFound(id.to_owned()));
+            }
+            Err(source) => {
+                return Err(StateError::Io {
+                    what: "read",
+                    path,
+                    source,
+                });
+            }
+        };
+        serde_json::from_str(&json).map_err(|e| StateError::Damaged(id.to_owned(), e.to_string()))
+    }
+
+    /// Writes the state atomically.
+    pub fn save(&self, root: &Path) -> Result<(), StateError> {
+        let d = dir(root, &self.id);
+        let tmp = d.join(format!(".{FILE}.{}", std::process::id()));
+        let json = serde_json::to_string_pretty(self).unwrap_or_default();
+        let io = |what, path: &Path| {
+            let path = path.to_owned();
+            move |source| StateError::Io { what, path, source }
+        };
+        std::fs::write(&tmp, json).map_err(io("write", &tmp))?;
+        std::fs::rename(&tmp, d.join(FILE)).map_err(io("write", &d.join(FILE)))
+    }
+
+    /// The status as it is: `stopped` once the monitor is gone, whatever
+    /// was recorded.
+    pub fn status(&self) -> Status {
+        match self.status {
+            Status::Stopped => Status::Stopped,
+            recorded => match self.monitor {
+                Some(m) if m.alive() => recorded,
+                // Still being made by `create`, which has not started the
+                // monitor yet.
+                None if recorded == Status::Creating => Status::Creating,
+                _ => Status::Stopped,
+            },
+        }
+    }
+
+    /// The state the OCI runtime spec defines, as `runc state` prints it.
+    pub fn oci_state(&self) -> serde_json::Value {
+        let status = self.status();
+        let pid = match (status, self.monitor) {
+            (Status::Stopped, _) | (_, None) => 0,
+            (_, Some(m)) => m.pid,
+        };
+        serde_json::json!({
+            "ociVersion": "1.0.2",
+            "id": self.id,
+            "status": status.to_string(),
+            "pid": pid,
+            "bundle": self.bundle,
+            "rootfs": self.bundle.join("rootfs"),
+            "created": self.created,
+            "annotations": self.annotations,
+        })
+    }
+}
+
+/// IDs of every container under `root`.
+pub fn list(root: &Path) -> Vec<String> {
+    let mut ids: Vec<String> = std::fs::read_dir(root.join("containers"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join(FILE).is_file())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Now, RFC 3339 in UTC with nanoseconds, as runc writes `created`.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_or_recycled_monitor_means_stopped() {
+        let me = HostProcess::of(std::process::id()).unwrap();
+        assert!(me.alive());
+        let mut state = ContainerState {
+            id: "c".into(),
+            bundle: "/b".into(),
+            status: Status::Running,
+            created: now_rfc3339(),
+            monitor: Some(me),
+            vmm: None,
+            exit_status: None,
+            annotations: HashMap::new(),
+            error: None,
+        };
+        assert_eq!(state.status(), Status::Running);
+        assert_eq!(state.oci_state()["pid"], me.pid);
+        // The same PID with another start time is another process.
+        state.monitor = Some(HostProcess {
+            pid: me.pid,
+            start_time: me.start_time + 1,
+        });
+        assert_eq!(state.status(), Status::Stopped);
+        assert_eq!(state.oci_state()["pid"], 0);
+        assert_eq!(state.oci_state()["status"], "stopped");
+        state.monitor = Some(HostProcess {
+            pid: u32::MAX - 1,
+            start_time: 0,
+        });
+        assert_eq!(state.status(), Status::Stopped);
+    }
+
+    #[test]
+    fn state_round_trips_and_a_missing_one_is_named() {
+        let root = std::env::temp_dir().join(format!("husk-state-{}", std::process::id()));
+        std::fs::create_dir_all(dir(&root, "c1")).unwrap();
+        let state = ContainerState {
+            id: "c1".into(),
+            bundle: "/b".into(),
+            status: Status::Created,
+            created: now_rfc3339(),
+            monitor: None,
+            vmm: None,
+            exit_status: Some(3),
+            annotations: [("a".to_string(), "b".to_string())].into(),
+            error: None,
+        };
+        state.save(&root).unwrap();
+        let back = ContainerState::load(&root, "c1").unwrap();
+        assert_eq!(back.exit_status, Some(3));
+        assert_eq!(list(&root), ["c1"]);
+        assert_eq!(
+            ContainerState::load(&root, "nope").unwrap_err().to_string(),
+            "container \"nope\" does not exist"
+        );
+        std::fs::write(dir(&root, "c1").join(FILE), "{").unwrap();
+        assert!(
+            ContainerState::load(&root, "c1")
+                .unwrap_err()
+                .to_string()
+                .starts_with("the state of container \"c1\" is damaged")
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}
