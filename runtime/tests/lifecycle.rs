@@ -1,0 +1,412 @@
+//! runc's lifecycle commands on real microVMs (warm starts from the
+//! cached snapshot), each wrong-state error, and what a killed VMM or
+//! monitor leaves behind: nothing, once `delete` has run.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use husk_runtime::busybox;
+use husk_runtime::state::{ContainerState, HostProcess};
+use oci_spec::runtime::Spec;
+
+const HUSK: &str = env!("CARGO_BIN_EXE_husk");
+
+fn root() -> PathBuf {
+    husk_vmm::paths::cache_dir().join("test-root")
+}
+
+struct Bundle(PathBuf);
+
+impl Bundle {
+    fn new(name: &str, args: &[&str], edit: impl FnOnce(&mut Spec)) -> Self {
+        let dir = std::env::temp_dir().join(format!("husk-life-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        busybox::make_bundle(&dir, args).unwrap();
+        let mut spec = busybox::config(args);
+        edit(&mut spec);
+        std::fs::write(
+            dir.join("config.json"),
+            serde_json::to_string_pretty(&spec).unwrap(),
+        )
+        .unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for Bundle {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn id(name: &str) -> String {
+    format!("{name}-{}", std::process::id())
+}
+
+/// Runs `husk --root <root> args...` to completion (60 s at most). Its
+/// output goes to files, not pipes: `create` hands its stdio to the
+/// container's monitor, which keeps it open after `create` exits.
+fn husk(args: &[&str]) -> Output {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let base = std::env::temp_dir().join(format!("husk-life-out-{}-{n}", std::process::id()));
+    let (out_path, err_path) = (base.with_extension("out"), base.with_extension("err"));
+    let mut child = Command::new(HUSK)
+        .arg("--root")
+        .arg(root())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("husk {args:?} did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = Output {
+        status,
+        stdout: std::fs::read(&out_path).unwrap_or_default(),
+        stderr: std::fs::read(&err_path).unwrap_or_default(),
+    };
+    let _ = std::fs::remove_file(out_path);
+    let _ = std::fs::remove_file(err_path);
+    out
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = husk(args);
+    assert!(out.status.success(), "husk {args:?}: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// Fails with exit 1 and a message containing `says`.
+fn refused(args: &[&str], says: &str) {
+    let out = husk(args);
+    assert_eq!(out.status.code(), Some(1), "husk {args:?} should fail");
+    let err = text(&out.stderr);
+    assert!(err.contains(says), "husk {args:?}: {err}");
+}
+
+fn status(id: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(&ok(&["state", id])).unwrap();
+    v["status"].as_str().unwrap().to_owned()
+}
+
+fn wait_for_status(id: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status(id) != want {
+        assert!(Instant::now() < deadline, "{id} never became {want}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Nothing of container `id` is left: no state, and none of `procs` runs.
+fn nothing_left(id: &str, procs: &[HostProcess]) {
+    assert!(!root().join("containers").join(id).exists());
+    for p in procs {
+        assert!(!p.alive(), "process {} outlived its container", p.pid);
+    }
+    refused(&["state", id], "does not exist");
+}
+
+#[test]
+fn create_start_exec_pause_resume_kill_delete() {
+    let b = Bundle::new("life", &["sleep", "1000"], |_| {});
+    let id = id("life");
+    let pid_file = b.0.join("pid");
+    let bundle = b.0.to_str().unwrap();
+    ok(&[
+        "create",
+        "--bundle",
+        bundle,
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+        &id,
+    ]);
+    let state: serde_json::Value = serde_json::from_str(&ok(&["state", &id])).unwrap();
+    assert_eq!(state["status"], "created");
+    assert_eq!(state["ociVersion"], "1.0.2");
+    assert_eq!(
+        state["bundle"],
+        b.0.canonicalize().unwrap().to_str().unwrap()
+    );
+    let pid: u32 = std::fs::read_to_string(&pid_file).unwrap().parse().unwrap();
+    assert_eq!(state["pid"], pid);
+    let recorded = ContainerState::load(&root(), &id).unwrap();
+    let procs: Vec<HostProcess> = [recorded.monitor, recorded.vmm]
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(procs.len(), 2);
+    // Created: nothing to exec into, no second create.
+    refused(
+        &["exec", &id, "true"],
+        "is created: only a running container",
+    );
+    refused(&["create", "--bundle", bundle, &id], "exists");
+
+    ok(&["start", &id]);
+    assert_eq!(status(&id), "running");
+    refused(
+        &["start", &id],
+        "is running: only a created container can be started",
+    );
+    assert_eq!(status(&id), "running", "a refused start changes nothing");
+
+    // exec: output and status of another process in the container.
+    assert_eq!(ok(&["exec", &id, "echo", "from exec"]), "from exec\n");
+    let out = husk(&["exec", "-e", "N=4", &id, "sh", "-c", "exit $N"]);
+    assert_eq!(out.status.code(), Some(4));
+    let out = husk(&["exec", &id, "/no/such"]);
+    assert_eq!(out.status.code(), Some(127));
+    assert!(
+        text(&out.stderr).contains("/no/such"),
+        "{}",
+        text(&out.stderr)
+    );
+    let pids: Vec<i32> = serde_json::from_str(&ok(&["ps", "--format", "json", &id])).unwrap();
+    // Guest PIDs of the container's processes: `sleep` at least.
+    assert!(!pids.is_empty() && pids.iter().all(|&p| p > 1), "{pids:?}");
+
+    // list shows it.
+    let list: serde_json::Value = serde_json::from_str(&ok(&["list", "--format", "json"])).unwrap();
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["id"] == id.as_str())
+    );
+
+    ok(&["pause", &id]);
+    assert_eq!(status(&id), "paused");
+    refused(
+        &["pause", &id],
+        "is paused: only a running container can be paused",
+    );
+    refused(&["exec", &id, "true"], "is paused");
+    ok(&["resume", &id]);
+    assert_eq!(status(&id), "running");
+    refused(
+        &["resume", &id],
+        "is running: only a paused container can be resumed",
+    );
+
+    // A running container is not deleted without --force.
+    refused(
+        &["delete", &id],
+        "is running: stop it first, or delete it with --force",
+    );
+    assert_eq!(status(&id), "running");
+    refused(
+        &["kill", &id, "NOTASIGNAL"],
+        "\"NOTASIGNAL\" is not a signal",
+    );
+
+    ok(&["kill", &id, "KILL"]);
+    wait_for_status(&id, "stopped");
+    let recorded = ContainerState::load(&root(), &id).unwrap();
+    assert_eq!(recorded.exit_status, Some(137));
+    refused(&["exec", &id, "true"], "is stopped");
+    refused(&["kill", &id], "is stopped");
+    assert_eq!(ok(&["ps", "--format", "json", &id]).trim(), "[]");
+    ok(&["delete", &id]);
+    nothing_left(&id, &procs);
+}
+
+#[test]
+fn a_created_container_is_deleted_and_run_detached_writes_its_pid() {
+    let b = Bundle::new("created", &["sleep", "1000"], |_| {});
+    let bundle = b.0.to_str().unwrap();
+    let id1 = id("created");
+    ok(&["create", "--bundle", bundle, &id1]);
+    let recorded = ContainerState::load(&root(), &id1).unwrap();
+    // runc deletes a created container without --force.
+    ok(&["delete", &id1]);
+    nothing_left(&id1, &[recorded.monitor.unwrap(), recorded.vmm.unwrap()]);
+
+    let id2 = id("detached");
+    let pid_file = b.0.join("pid2");
+    ok(&[
+        "run",
+        "-d",
+        "--bundle",
+        bundle,
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+        &id2,
+    ]);
+    assert_eq!(status(&id2), "running");
+    let recorded = ContainerState::load(&root(), &id2).unwrap();
+    let pid: u32 = std::fs::read_to_string(&pid_file).unwrap().parse().unwrap();
+    assert_eq!(recorded.monitor.unwrap().pid, pid);
+    ok(&["delete", "--force", &id2]);
+    nothing_left(&id2, &[recorded.monitor.unwrap(), recorded.vmm.unwrap()]);
+    refused(
+        &["start", "nope-nothing"],
+        "container \"nope-nothing\" does not exist",
+    );
+}
+
+#[test]
+fn a_killed_vmm_or_monitor_leaves_nothing_after_delete() {
+    let b = Bundle::new("crash", &["sleep", "1000"], |_| {});
+    let bundle = b.0.to_str().unwrap();
+    // The VMM killed under a running container.
+    let id1 = id("crash-vmm");
+    ok(&["run", "-d", "--bundle", bundle, &id1]);
+    let recorded = ContainerState::load(&root(), &id1).unwrap();
+    assert!(recorded.vmm.unwrap().signal(libc::SIGKILL));
+    wait_for_status(&id1, "stopped");
+    let after = ContainerState::load(&root(), &id1).unwrap();
+    assert!(
+        after
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("the VM ended: husk-vmm signal: 9"),
+        "{:?}",
+        after.error
+    );
+    ok(&["delete", &id1]);
+    nothing_left(&id1, &[recorded.monitor.unwrap(), recorded.vmm.unwrap()]);
+
+    // The monitor killed: its VMM dies with it; the state says stopped.
+    let id2 = id("crash-monitor");
+    ok(&["create", "--bundle", bundle, &id2]);
+    let recorded = ContainerState::load(&root(), &id2).unwrap();
+    assert!(recorded.monitor.unwrap().signal(libc::SIGKILL));
+    wait_for_status(&id2, "stopped");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while recorded.vmm.unwrap().alive() {
+        assert!(Instant::now() < deadline, "the VMM outlived its monitor");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ok(&["delete", &id2]);
+    nothing_left(&id2, &[recorded.monitor.unwrap(), recorded.vmm.unwrap()]);
+}
+
+/// Receives one descriptor sent over `listener` with SCM_RIGHTS.
+fn receive_fd(listener: &UnixListener) -> OwnedFd {
+    let (conn, _) = listener.accept().unwrap();
+    let mut buf = [0u8; 64];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: recvmsg into a msghdr with one iovec and a control buffer
+    // large enough for one descriptor, read back through the CMSG macros.
+    unsafe {
+        let space = libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) as usize;
+        let mut control = vec![0u8; space];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        assert!(libc::recvmsg(conn.as_raw_fd(), &mut msg, 0) > 0);
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        assert!(!cmsg.is_null());
+        assert_eq!((*cmsg).cmsg_type, libc::SCM_RIGHTS);
+        OwnedFd::from_raw_fd(std::ptr::read_unaligned(
+            libc::CMSG_DATA(cmsg).cast::<i32>(),
+        ))
+    }
+}
+
+#[test]
+fn the_console_socket_receives_the_containers_terminal() {
+    let b = Bundle::new(
+        "console",
+        &["sh", "-c", "read line; echo \"got $line\"; exit 5"],
+        |spec| {
+            spec.process_mut()
+                .as_mut()
+                .unwrap()
+                .set_terminal(Some(true));
+        },
+    );
+    let id = id("console");
+    let socket = b.0.join("console.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let bundle = b.0.to_str().unwrap().to_owned();
+    let (socket_arg, id_arg) = (socket.to_str().unwrap().to_owned(), id.clone());
+    let creating = std::thread::spawn(move || {
+        husk(&[
+            "create",
+            "--bundle",
+            &bundle,
+            "--console-socket",
+            &socket_arg,
+            &id_arg,
+        ])
+    });
+    let master = receive_fd(&listener);
+    // SAFETY: isatty on a live descriptor.
+    assert_eq!(
+        unsafe { libc::isatty(master.as_raw_fd()) },
+        1,
+        "a terminal's master"
+    );
+    let out = creating.join().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    ok(&["start", &id]);
+    let mut term = std::fs::File::from(master);
+    use std::io::{Read, Write};
+    term.write_all(b"hello\n").unwrap();
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut buf = [0u8; 256];
+    while !seen.contains("got hello") {
+        assert!(
+            Instant::now() < deadline,
+            "no answer on the terminal: {seen:?}"
+        );
+        match term.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+        }
+    }
+    assert!(seen.contains("got hello"), "{seen:?}");
+    wait_for_status(&id, "stopped");
+    assert_eq!(
+        ContainerState::load(&root(), &id).unwrap().exit_status,
+        Some(5)
+    );
+    ok(&["delete", &id]);
+    let _ = Path::new(&socket);
+}
+
+#[test]
+fn features_and_spec_are_runcs() {
+    let v: serde_json::Value = serde_json::from_str(&ok(&["features"])).unwrap();
+    assert_eq!(v["ociVersionMin"], "1.0.0");
+    assert!(
+        v["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .contains(&"pid".into())
+    );
+    let dir = std::env::temp_dir().join(format!("husk-spec-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    ok(&["spec", "--bundle", dir.to_str().unwrap()]);
+    let spec: Spec =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(spec.root().as_ref().unwrap().path(), Path::new("rootfs"));
+    refused(&["spec", "--bundle", dir.to_str().unwrap()], "exists");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
