@@ -357,11 +357,8 @@ fn the_console_socket_receives_the_containers_terminal() {
     });
     let master = receive_fd(&listener);
     // SAFETY: isatty on a live descriptor.
-    assert_eq!(
-        unsafe { libc::isatty(master.as_raw_fd()) },
-        1,
-        "a terminal's master"
-    );
+    let is_tty = unsafe { libc::isatty(master.as_raw_fd()) };
+    assert_eq!(is_tty, 1, "a terminal's master");
     let out = creating.join().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     ok(&["start", &id]);
