@@ -7,8 +7,9 @@ set -euo pipefail
 pkgs=(
 	# guest kernel build (kernel-config/build-kernel.sh)
 	linux-source-6.12 build-essential flex bison bc libelf-dev libssl-dev xz-utils
-	# tests: unshare, setpriv; busybox for the agent's guest
-	util-linux busybox-static
+	# tests: unshare, setpriv, script; busybox for the guest and the
+	# built-in image; containerd (with ctr and the runc v2 shim) drives husk
+	util-linux bsdutils busybox-static containerd
 	# benchmark baselines: QEMU microvm with the same kernel; crun, runc
 	# and gVisor's runsc on the same bundle
 	qemu-system-x86 crun runc runsc

@@ -101,7 +101,7 @@ pub fn agent_initramfs(root: &Path, agent: &Path) -> Result<PathBuf, BinariesErr
         move |e| BinariesError::Initramfs(path, e)
     };
     let identity = crate::warm::file_identity(agent).map_err(BinariesError::Identity)?;
-    let dir = root.join("guest");
+    let dir = crate::warm::cache_root(root).join("guest");
     let path = dir.join(format!("agent-{identity}.cpio"));
     if path.is_file() {
         return Ok(path);

@@ -83,3 +83,102 @@ pub fn make_bundle(dir: &Path, args: &[&str]) -> Result<(), String> {
     let json = serde_json::to_string_pretty(&config(args)).map_err(|e| e.to_string())?;
     std::fs::write(&path, json).map_err(io("write", &path))
 }
+
+/// The name the busybox image is given in an archive's index.
+pub const IMAGE_NAME: &str = "docker.io/husk/busybox:latest";
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes the busybox root filesystem as a one-layer OCI image archive
+/// (an OCI image layout in a tar: `oci-layout`, `index.json`, `blobs/`),
+/// named [`IMAGE_NAME`], that `ctr images import` and other OCI tools
+/// read. Layer entries are owned by root with a fixed time, so the same
+/// busybox gives the same digests.
+pub fn write_oci_archive(path: &Path) -> Result<String, String> {
+    let work = std::env::temp_dir().join(format!("husk-image-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).map_err(io("create", &work))?;
+    let rootfs = work.join("rootfs");
+    let result = (|| {
+        make_rootfs(&rootfs)?;
+        let mut layer = tar::Builder::new(Vec::new());
+        layer.mode(tar::HeaderMode::Deterministic);
+        layer.follow_symlinks(false);
+        layer
+            .append_dir_all(".", &rootfs)
+            .map_err(|e| format!("cannot pack {}: {e}", rootfs.display()))?;
+        let layer = layer.into_inner().map_err(|e| e.to_string())?;
+        let layer_digest = sha256_hex(&layer);
+        let config = serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {
+                "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+                "Cmd": ["sh"],
+            },
+            "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_digest}")]},
+        })
+        .to_string()
+        .into_bytes();
+        let config_digest = sha256_hex(&config);
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": format!("sha256:{config_digest}"),
+                "size": config.len(),
+            },
+            "layers": [{
+                "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                "digest": format!("sha256:{layer_digest}"),
+                "size": layer.len(),
+            }],
+        })
+        .to_string()
+        .into_bytes();
+        let manifest_digest = sha256_hex(&manifest);
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": format!("sha256:{manifest_digest}"),
+                "size": manifest.len(),
+                "annotations": {
+                    "io.containerd.image.name": IMAGE_NAME,
+                    "org.opencontainers.image.ref.name": "latest",
+                },
+                "platform": {"architecture": "amd64", "os": "linux"},
+            }],
+        })
+        .to_string()
+        .into_bytes();
+        let file = std::fs::File::create(path).map_err(io("create", path))?;
+        let mut archive = tar::Builder::new(file);
+        let mut add = |name: &str, bytes: &[u8]| {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(bytes.len() as u64);
+            header.set_mode(0o644);
+            header.set_mtime(0);
+            header.set_cksum();
+            archive
+                .append_data(&mut header, name, bytes)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))
+        };
+        add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+        add("index.json", &index)?;
+        add(&format!("blobs/sha256/{layer_digest}"), &layer)?;
+        add(&format!("blobs/sha256/{config_digest}"), &config)?;
+        add(&format!("blobs/sha256/{manifest_digest}"), &manifest)?;
+        archive
+            .into_inner()
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        Ok(format!("sha256:{manifest_digest}"))
+    })();
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}

@@ -138,12 +138,17 @@ fn start_monitor(m: MonitorStart) -> Result<Child, (String, Option<i32>)> {
     let w = ready_w.as_raw_fd();
     // A session of its own: a terminal's signals (Ctrl-C to a foreground
     // `husk run`) and hang-ups do not reach it; it outlives its starter.
-    // SAFETY: dup2 and setsid in the forked child, before exec.
+    // No descriptor of the caller's but stdio reaches it: a caller that
+    // waits for a pipe's end (containerd's shim) must not wait for the
+    // container's.
+    // SAFETY: dup2, close_range and setsid in the forked child, before
+    // exec.
     unsafe {
         cmd.pre_exec(move || {
             if libc::dup2(w, READY_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            libc::syscall(libc::SYS_close_range, READY_FD + 1, u32::MAX, 0);
             libc::setsid();
             Ok(())
         });
@@ -355,6 +360,9 @@ fn kill_vm(root: &Path, id: &str) -> Result<(), LifecycleError> {
 pub fn delete(root: &Path, id: &str, force: bool) -> Result<(), LifecycleError> {
     let state = match ContainerState::load(root, id) {
         Ok(s) => s,
+        // runc: deleting with --force what does not exist succeeds
+        // (containerd's shim deletes again when it cleans up).
+        Err(StateError::NotFound(_)) if force && !state::dir(root, id).exists() => return Ok(()),
         // A state directory whose file was never written (a create that
         // was killed) is removed too.
         Err(StateError::NotFound(_)) if state::dir(root, id).is_dir() && check_id(id).is_ok() => {

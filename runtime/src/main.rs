@@ -250,6 +250,13 @@ enum Command {
         #[arg(last = true)]
         cmd: Vec<String>,
     },
+    /// Write the built-in busybox image as an OCI image archive (for
+    /// `ctr images import` and other OCI tools); prints its digest.
+    BusyboxImage {
+        /// The archive to write.
+        #[arg(long, short)]
+        output: PathBuf,
+    },
     /// Write a guest initramfs whose /init is the given static binary.
     Mkinitramfs {
         /// Static binary to run as the guest's PID 1.
@@ -528,6 +535,12 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             husk_runtime::busybox::make_bundle(&dir, &args).map_err(anyhow::Error::msg)?;
             Ok(0)
         }
+        Command::BusyboxImage { output } => {
+            let digest =
+                husk_runtime::busybox::write_oci_archive(&output).map_err(anyhow::Error::msg)?;
+            println!("{digest}");
+            Ok(0)
+        }
         Command::Mkinitramfs { init, output } => {
             let mut fs = Initramfs::with_base();
             fs.host_file("init", 0o755, &init)?;
@@ -560,6 +573,20 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 unsafe { libc::signal(sig, libc::SIG_IGN) };
             }
             let terminal = container::terminal(console_socket.as_deref());
+            if console_socket.is_some() {
+                // The terminal is the container's stdio: the caller's own
+                // stdio (runc's caller reads it to its end) is let go.
+                // SAFETY: open and dup2 of /dev/null over 0, 1 and 2.
+                unsafe {
+                    let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+                    if null >= 0 {
+                        for fd in 0..3 {
+                            libc::dup2(null, fd);
+                        }
+                        libc::close(null);
+                    }
+                }
+            }
             let status = match (exec, process) {
                 (Some(exec_id), Some(file)) => {
                     let json = std::fs::read_to_string(&file)

@@ -137,6 +137,20 @@ impl GuestImage {
     }
 }
 
+/// Environment variable naming where the warm-start cache (`snapshots/`
+/// and the agent's initramfs in `guest/`) lives instead of `--root`: for
+/// callers such as containerd's shim, which give every namespace a root of
+/// its own under /run, where a 256 MiB snapshot per root would be made
+/// cold and held in memory.
+pub const CACHE_ENV: &str = "HUSK_WARM_CACHE";
+
+/// Where the warm-start cache of `root` lives.
+pub fn cache_root(root: &Path) -> PathBuf {
+    std::env::var_os(CACHE_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.to_owned())
+}
+
 /// Takes an exclusive lock on `path` for as long as the file is open.
 pub fn lock(path: &Path) -> Result<File, WarmError> {
     let file = File::create(path).map_err(io("create", path))?;
@@ -155,7 +169,7 @@ pub fn snapshot(
     vmm: &Path,
     image: &GuestImage,
 ) -> Result<(PathBuf, Origin), WarmError> {
-    let dir = root.join("snapshots");
+    let dir = cache_root(root).join("snapshots");
     std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
     let key = image.key()?;
     let snap = dir.join(&key);

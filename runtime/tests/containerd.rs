@@ -1,0 +1,289 @@
+//! husk as containerd's runc: Debian's containerd, started by the test
+//! with its own config, root, state and socket in a temporary directory,
+//! the busybox image husk makes imported into it, and `ctr` driving
+//! containers through the runc v2 shim with `--runc-binary <husk>`.
+//!
+//! The shim gives husk a `--root` under /run/containerd per namespace;
+//! `HUSK_WARM_CACHE` points husk's warm-start cache at the suite's, so no
+//! guest is booted cold here.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const HUSK: &str = env!("CARGO_BIN_EXE_husk");
+const IMAGE: &str = husk_runtime::busybox::IMAGE_NAME;
+
+/// A containerd of the test's own, stopped (and its files removed) when
+/// dropped.
+struct Containerd {
+    dir: PathBuf,
+    child: Child,
+}
+
+impl Containerd {
+    fn start(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("husk-ctd-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = format!(
+            "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             [grpc]\n  address = \"{d}/containerd.sock\"\n\
+             [ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n",
+            d = dir.display()
+        );
+        std::fs::write(dir.join("config.toml"), config).unwrap();
+        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(dir.join("config.toml"))
+            .env(
+                husk_runtime::warm::CACHE_ENV,
+                husk_vmm::paths::cache_dir().join("test-root"),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("containerd (Debian's containerd package; make test installs it)");
+        let me = Self { dir, child };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !me.socket().exists() {
+            assert!(Instant::now() < deadline, "containerd did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let archive = me.dir.join("busybox.tar");
+        let made = Command::new(HUSK)
+            .arg("busybox-image")
+            .arg("--output")
+            .arg(&archive)
+            .output()
+            .unwrap();
+        assert!(made.status.success(), "{}", text(&made.stderr));
+        let out = me.ctr(&["images", "import", archive.to_str().unwrap()]);
+        assert!(out.status.success(), "import: {}", text(&out.stderr));
+        me
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("containerd.sock")
+    }
+
+    /// `ctr` against this containerd, to completion (120 s at most).
+    fn ctr(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address").arg(self.socket()).args(args);
+        run(cmd)
+    }
+
+    fn ctr_ok(&self, args: &[&str]) -> String {
+        let out = self.ctr(args);
+        assert!(out.status.success(), "ctr {args:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    }
+
+    /// `ctr run --runtime io.containerd.runc.v2 --runc-binary <husk>`.
+    fn run_args<'a>(&self, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec![
+            "run",
+            "--runtime",
+            "io.containerd.runc.v2",
+            "--runc-binary",
+            HUSK,
+        ];
+        args.extend_from_slice(extra);
+        args
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // SAFETY: kill takes no pointers.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let _ = Command::new("umount")
+            .arg("-R")
+            .arg(self.dir.join("root"))
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn run(mut cmd: Command) -> Output {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let waiter = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            // SAFETY: kill(pid, 0) only checks that the process exists.
+            if unsafe { libc::kill(pid as i32, 0) } != 0 {
+                return false;
+            }
+        }
+        // SAFETY: kill takes no pointers.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        true
+    });
+    let out = child.wait_with_output().unwrap();
+    assert!(!waiter.join().unwrap(), "{cmd:?} did not finish");
+    out
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// husk's state directories the shim made (one per container).
+fn husk_containers() -> Vec<String> {
+    std::fs::read_dir("/run/containerd/runc/default/containers")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect()
+}
+
+fn task_status(ctd: &Containerd, id: &str) -> String {
+    ctd.ctr_ok(&["task", "ls"])
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .and_then(|l| l.split_whitespace().nth(2).map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn wait_status(ctd: &Containerd, id: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while task_status(ctd, id) != want {
+        assert!(Instant::now() < deadline, "task {id} never became {want}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn ctr_runs_execs_signals_pauses_and_deletes_through_husk() {
+    let ctd = Containerd::start("life");
+    let id = format!("ctr-{}", std::process::id());
+
+    // Output and exit status of a foreground run.
+    let out = ctd.ctr(&ctd.run_args(&[
+        "--rm",
+        IMAGE,
+        &format!("{id}-echo"),
+        "sh",
+        "-c",
+        "echo hello through containerd; exit 3",
+    ]));
+    assert_eq!(
+        text(&out.stdout),
+        "hello through containerd\n",
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(3));
+
+    // -t: a terminal, through the shim's console socket (script gives
+    // ctr a terminal of its own).
+    let line = format!(
+        "ctr --address {} {} --rm -t {IMAGE} {id}-tty sh -c 'tty; exit 6'",
+        ctd.socket().display(),
+        ctd.run_args(&[]).join(" ")
+    );
+    let mut cmd = Command::new("script");
+    cmd.args(["-qec", &line, "/dev/null"]);
+    let out = run(cmd);
+    assert!(
+        text(&out.stdout).contains("/dev/pts/0"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(out.status.code(), Some(6));
+
+    // A detached task: exec, ps, pause, resume, SIGTERM, delete.
+    let script = "trap 'echo got TERM; exit 7' TERM; sleep 1000 & wait";
+    ctd.ctr_ok(&ctd.run_args(&["-d", IMAGE, &id, "sh", "-c", script]));
+    wait_status(&ctd, &id, "RUNNING");
+    let out = ctd.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        &id,
+        "sh",
+        "-c",
+        "echo in exec; exit 4",
+    ]);
+    assert_eq!(text(&out.stdout), "in exec\n");
+    assert_eq!(out.status.code(), Some(4));
+    let ps = ctd.ctr_ok(&["task", "ps", &id]);
+    assert!(ps.lines().count() >= 3, "the shell and its sleep: {ps}");
+    ctd.ctr_ok(&["task", "pause", &id]);
+    wait_status(&ctd, &id, "PAUSED");
+    ctd.ctr_ok(&["task", "resume", &id]);
+    wait_status(&ctd, &id, "RUNNING");
+    ctd.ctr_ok(&["task", "kill", "--signal", "SIGTERM", &id]);
+    wait_status(&ctd, &id, "STOPPED");
+    ctd.ctr_ok(&["task", "delete", &id]);
+    ctd.ctr_ok(&["container", "rm", &id]);
+
+    // SIGKILL.
+    ctd.ctr_ok(&ctd.run_args(&["-d", IMAGE, &id, "sleep", "1000"]));
+    wait_status(&ctd, &id, "RUNNING");
+    ctd.ctr_ok(&["task", "kill", "--signal", "SIGKILL", &id]);
+    wait_status(&ctd, &id, "STOPPED");
+    ctd.ctr_ok(&["task", "delete", &id]);
+    ctd.ctr_ok(&["container", "rm", &id]);
+    assert!(
+        !husk_containers().iter().any(|c| c.starts_with(&id)),
+        "{:?}",
+        husk_containers()
+    );
+}
+
+#[test]
+fn ten_containers_at_once_are_all_cleaned_up() {
+    let ctd = Containerd::start("ten");
+    let ids: Vec<String> = (0..10)
+        .map(|i| format!("ten-{i}-{}", std::process::id()))
+        .collect();
+    for id in &ids {
+        ctd.ctr_ok(&ctd.run_args(&["-d", IMAGE, id, "sleep", "1000"]));
+    }
+    for id in &ids {
+        wait_status(&ctd, id, "RUNNING");
+    }
+    for id in &ids {
+        ctd.ctr_ok(&["task", "kill", "--signal", "SIGKILL", id]);
+    }
+    for id in &ids {
+        wait_status(&ctd, id, "STOPPED");
+        ctd.ctr_ok(&["task", "delete", id]);
+        ctd.ctr_ok(&["container", "rm", id]);
+    }
+    let left: Vec<String> = husk_containers()
+        .into_iter()
+        .filter(|c| ids.contains(c))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    // No VMM of these containers runs.
+    assert!(!ids.iter().any(|id| husk_vmm_of(id)), "VMMs left running");
+}
+
+/// Whether a husk-vmm of container `id` still runs.
+fn husk_vmm_of(id: &str) -> bool {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .any(|c| {
+            let c = String::from_utf8_lossy(&c);
+            c.contains("husk-vmm") && c.contains(&format!("/{id}/"))
+        })
+}
