@@ -5,7 +5,7 @@
 use std::ffi::CString;
 use std::path::{Component, Path};
 
-use husk_protocol::{Process, ROOTFS_TAG};
+use husk_protocol::{Process, ROOTFS_TAG, VOLUME_TAGS, VOLUMES_DIR};
 use oci_spec::runtime::{LinuxDeviceType, LinuxNamespaceType, Spec};
 
 use crate::setup::{CapPlan, DeviceNode, MountStep, Plan, ProcPlan, capability};
@@ -52,6 +52,39 @@ pub fn mount_rootfs(rootfs: &str, readonly: bool) -> Result<(), String> {
             std::io::Error::last_os_error()
         ));
     }
+    Ok(())
+}
+
+/// Mounts volume share `tag` at `<VOLUMES_DIR>/<tag>` once.
+fn mount_volume(tag: &str) -> Result<(), String> {
+    static MOUNTED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    if !VOLUME_TAGS.contains(&tag) {
+        return Err(format!("{tag:?} is not a volume share"));
+    }
+    let mut mounted = MOUNTED.lock().unwrap_or_else(|e| e.into_inner());
+    if mounted.iter().any(|t| t == tag) {
+        return Ok(());
+    }
+    let target = format!("{VOLUMES_DIR}/{tag}");
+    std::fs::create_dir_all(&target).map_err(|e| format!("create {target}: {e}"))?;
+    let (source, c_target) = (cstring(tag, "tag")?, cstring(&target, "path")?);
+    // SAFETY: mount with valid C strings.
+    let r = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            c_target.as_ptr(),
+            c"virtiofs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        return Err(format!(
+            "mount volume share {tag:?} on {target}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    mounted.push(tag.to_owned());
     Ok(())
 }
 
@@ -148,9 +181,13 @@ fn mount_steps(spec: &Spec, rootfs: &str) -> Result<Vec<MountStep>, String> {
         }
         let bind = flags & libc::MS_BIND != 0 || fstype == "bind";
         let (fstype, remount_flags, file) = if bind {
-            // A bind mount's source must exist in the guest; host paths
-            // reach it only through a share (not made yet: see
-            // docs/agent.md).
+            // A host path reaches the guest through a volume share, which
+            // is mounted on first use; any other source must exist in the
+            // guest.
+            if let Some(rest) = source.strip_prefix(&format!("{VOLUMES_DIR}/")) {
+                let tag = rest.split('/').next().unwrap_or_default();
+                mount_volume(tag)?;
+            }
             let meta = std::fs::metadata(&source).map_err(|e| {
                 format!("mount {destination}: bind source {source} is not in the guest: {e}")
             })?;

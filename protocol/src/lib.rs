@@ -45,6 +45,13 @@ pub const READY_MARK: u8 = 0x03;
 /// The virtio-fs tag of the share that holds a container's root
 /// filesystem.
 pub const ROOTFS_TAG: &str = "rootfs";
+/// The virtio-fs tags of the shares that carry a container's bind mounts
+/// of host paths (each guest has them all; unused ones serve an empty
+/// directory).
+pub const VOLUME_TAGS: [&str; 4] = ["vol0", "vol1", "vol2", "vol3"];
+/// Where the agent mounts the volume shares in the guest: a bind mount's
+/// source `<VOLUMES_DIR>/<tag>/<path>` is `<path>` in share `<tag>`.
+pub const VOLUMES_DIR: &str = "/run/husk/volumes";
 /// The largest frame either side accepts (1 MiB): an OCI spec fits many
 /// times over.
 pub const MAX_FRAME: u32 = 1 << 20;

@@ -14,4 +14,5 @@ pub mod monitor;
 pub mod run;
 pub mod sandbox;
 pub mod state;
+pub mod volumes;
 pub mod warm;

@@ -272,12 +272,17 @@ pub fn container(root: &Path, bins: &Binaries, id: &str, terminal: &Terminal) ->
     let set_up = (|| -> Result<(Sandbox, Control, Outputs), String> {
         let mut state = ContainerState::load(root, id).map_err(|e| e.to_string())?;
         let bundle = Bundle::load(&state.bundle).map_err(|e| e.to_string())?;
-        let share = Share {
+        let empty = dir.join("empty");
+        std::fs::create_dir_all(&empty).map_err(|e| format!("create {}: {e}", empty.display()))?;
+        let (spec_json, volumes) = crate::volumes::plan(&bundle.spec_json, &dir, &empty)?;
+        crate::volumes::make_mount_points(&bundle.spec, &bundle.rootfs);
+        let mut shares = vec![Share {
             tag: husk_protocol::ROOTFS_TAG.into(),
             dir: bundle.rootfs.clone(),
             read_only: bundle.readonly,
-        };
-        let mut sandbox = Sandbox::start(root, bins, &dir, &share).map_err(|e| e.to_string())?;
+        }];
+        shares.extend(volumes);
+        let mut sandbox = Sandbox::start(root, bins, &dir, &shares).map_err(|e| e.to_string())?;
         phases.mark("vmm_started");
         let explain = |sandbox: &mut Sandbox, e: SandboxError| {
             format!("{:#}", anyhow::Error::from(sandbox.explain(e)))
@@ -293,7 +298,7 @@ pub fn container(root: &Path, bins: &Binaries, id: &str, terminal: &Terminal) ->
             .and_then(|()| {
                 control.expect_ok(&Request::Create {
                     id: id.into(),
-                    spec: bundle.spec_json.clone(),
+                    spec: spec_json.clone(),
                     process: process.clone(),
                 })
             });

@@ -137,7 +137,10 @@ pub fn guest_image(bins: &Binaries) -> GuestImage {
         memory_mib: MEMORY_MIB,
         ready_mark: husk_protocol::READY_MARK,
         vsock: true,
-        shares: vec![husk_protocol::ROOTFS_TAG.to_owned()],
+        shares: std::iter::once(husk_protocol::ROOTFS_TAG)
+            .chain(husk_protocol::VOLUME_TAGS)
+            .map(str::to_owned)
+            .collect(),
     }
 }
 
@@ -176,12 +179,13 @@ pub fn connect(socket: &Path, port: u32) -> std::io::Result<UnixStream> {
 
 impl Sandbox {
     /// Restores a container guest in `state_dir` (its sockets and logs go
-    /// there) with `rootfs` shared as the container's root.
+    /// there) with `shares` bound to its virtio-fs shares (the root and
+    /// every volume slot).
     pub fn start(
         root: &Path,
         bins: &Binaries,
         state_dir: &Path,
-        rootfs: &Share,
+        shares: &[Share],
     ) -> Result<Self, SandboxError> {
         let (snapshot, _) = warm::snapshot(root, &bins.vmm, &guest_image(bins))?;
         let socket = state_dir.join(VSOCK_SOCKET);
@@ -201,8 +205,11 @@ impl Sandbox {
             .arg(&snapshot)
             .arg("--vsock-socket")
             .arg(&socket)
-            .arg("--share")
-            .arg(rootfs.to_string())
+            .args(
+                shares
+                    .iter()
+                    .flat_map(|s| ["--share".to_owned(), s.to_string()]),
+            )
             .arg("--console")
             .arg(&console)
             .arg("--api-socket")

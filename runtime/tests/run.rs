@@ -567,3 +567,47 @@ fn a_vm_that_dies_under_a_running_container_is_reported_and_cleaned_up() {
     );
     assert!(!root().join("containers").join(&container).exists());
 }
+
+#[test]
+fn host_directories_and_files_are_bound_in_as_the_spec_says() {
+    let base = std::env::temp_dir().join(format!("husk-binds-{}", std::process::id()));
+    let (rw, ro) = (base.join("rw"), base.join("ro"));
+    std::fs::create_dir_all(&rw).unwrap();
+    std::fs::create_dir_all(&ro).unwrap();
+    std::fs::write(ro.join("given"), "from the host\n").unwrap();
+    std::fs::write(base.join("motd"), "a host file\n").unwrap();
+    let script = "cat /in/given; cat /etc/motd; echo made > /out/made; \
+                  touch /in/nope 2>/dev/null || echo read-only";
+    let b = Bundle::new("binds", &["sh", "-c", script], |spec| {
+        let mut mounts = spec.mounts().clone().unwrap_or_default();
+        for (dest, source, opts) in [
+            ("/out", rw.clone(), vec!["rbind", "rw"]),
+            ("/in", ro.clone(), vec!["rbind", "ro"]),
+            ("/etc/motd", base.join("motd"), vec!["bind", "ro"]),
+        ] {
+            mounts.push(
+                oci_spec::runtime::MountBuilder::default()
+                    .destination(dest)
+                    .typ("bind")
+                    .source(source)
+                    .options(opts.into_iter().map(String::from).collect::<Vec<_>>())
+                    .build()
+                    .unwrap(),
+            );
+        }
+        spec.set_mounts(Some(mounts));
+    });
+    let out = husk_run(&b.0, &id("binds"), b"");
+    assert_eq!(
+        text(&out.stdout),
+        "from the host\na host file\nread-only\n",
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0));
+    // The container's write to the read-write directory is on the host;
+    // nothing reached the read-only one.
+    assert_eq!(std::fs::read_to_string(rw.join("made")).unwrap(), "made\n");
+    assert!(!ro.join("nope").exists());
+    std::fs::remove_dir_all(&base).unwrap();
+}
