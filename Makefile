@@ -30,9 +30,13 @@ test-init: deps
 agent: deps
 	cargo build --release --target $(MUSL) -p husk-agent
 
+# husk and husk-vmm ship static (musl): no dynamic loader on the path of
+# every command (husk exec's start-up halves).
+HUSK := target/$(MUSL)/release/husk
+
 build: deps
 	cargo build --release --bins
-	cargo build --release --target $(MUSL) -p husk-vmm
+	cargo build --release --target $(MUSL) -p husk-vmm -p husk-runtime
 
 $(TEST_INITRAMFS): test-init build
 	target/release/husk mkinitramfs --init $(TEST_INIT) --output $(TEST_INITRAMFS)
@@ -48,13 +52,13 @@ DEMO_CMD := sh -c 'echo "Hello from a Husk microVM: $$(uname -sr), hostname $$(h
 
 $(DEMO_BUNDLE): build
 	rm -rf $(DEMO_BUNDLE).tmp
-	target/release/husk busybox-bundle $(DEMO_BUNDLE).tmp -- $(DEMO_CMD)
+	$(HUSK) busybox-bundle $(DEMO_BUNDLE).tmp -- $(DEMO_CMD)
 	mv $(DEMO_BUNDLE).tmp $(DEMO_BUNDLE)
 
 # The main job: run the default container in its own microVM (warm-started
 # from a snapshot made on first use).
 run: kernel agent build $(DEMO_BUNDLE)
-	HUSK_VMM=$(VMM) target/release/husk run --bundle $(DEMO_BUNDLE) demo-$$$$
+	$(HUSK) run --bundle $(DEMO_BUNDLE) demo-$$$$
 
 # The guest kernel and the test init alone, without the runtime.
 boot: kernel $(TEST_INITRAMFS)
@@ -75,8 +79,9 @@ bench: kernel $(TEST_INITRAMFS) $(AGENT_INITRAMFS)
 	target/release/husk-bench-boot --vmm $(VMM) --initramfs $(TEST_INITRAMFS)
 	target/release/husk-bench-snapshot --vmm $(VMM) --initramfs $(TEST_INITRAMFS) \
 		--agent-initramfs $(AGENT_INITRAMFS)
-	target/release/husk-bench-run --husk target/release/husk --vmm $(VMM)
+	target/release/husk-bench-run --husk $(HUSK) --vmm $(VMM)
 	target/release/husk-bench-fs
+	target/release/husk-bench-ctr --husk $(HUSK)
 
 clean:
 	cargo clean

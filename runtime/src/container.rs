@@ -222,6 +222,7 @@ pub fn create(o: &CreateOptions) -> Result<Child, LifecycleError> {
         exit_status: None,
         annotations: bundle.spec.annotations().clone().unwrap_or_default(),
         error: None,
+        process: Some(bundle.process()),
     };
     state.save(o.root).map_err(|e| cleanup(e.into()))?;
     let mut args = vec![o.id.to_owned()];
@@ -454,6 +455,18 @@ pub fn exec(o: &ExecOptions) -> Result<i32, LifecycleError> {
         ));
     }
     let exec_id = format!("exec-{}-{}", std::process::id(), state::now_rfc3339());
+    // In the foreground with nothing to report elsewhere, this process is
+    // the monitor: no second husk process on the path.
+    if !o.detach && o.pid_file.is_none() {
+        let terminal = terminal(o.console_socket);
+        return Ok(crate::monitor::exec_in_process(
+            o.root,
+            o.id,
+            &exec_id,
+            o.process.clone(),
+            &terminal,
+        ));
+    }
     let process_file = state::dir(o.root, o.id).join(format!(".{exec_id}.json"));
     std::fs::write(
         &process_file,
@@ -540,10 +553,9 @@ pub fn exec_process(
     Ok(p)
 }
 
-/// The container's own process as its bundle says.
+/// The container's own process as its bundle said at `create`.
 pub fn bundle_process(root: &Path, id: &str) -> Option<Process> {
-    let state = ContainerState::load(root, id).ok()?;
-    Bundle::load(&state.bundle).ok().map(|b| b.process())
+    ContainerState::load(root, id).ok()?.process
 }
 
 /// Terminal mode of a monitor from its options.

@@ -365,9 +365,32 @@ pub fn container(root: &Path, bins: &Binaries, id: &str, terminal: &Terminal) ->
     status
 }
 
+/// [`exec`] in the calling process (a foreground `husk exec`): a failure
+/// to start is printed, not reported on a ready pipe.
+pub fn exec_in_process(
+    root: &Path,
+    id: &str,
+    exec_id: &str,
+    process: Process,
+    terminal: &Terminal,
+) -> i32 {
+    run_exec(root, id, exec_id, process, terminal, false)
+}
+
 /// Runs the monitor of process `exec_id` in running container `id`;
 /// returns its exit status.
 pub fn exec(root: &Path, id: &str, exec_id: &str, process: Process, terminal: &Terminal) -> i32 {
+    run_exec(root, id, exec_id, process, terminal, true)
+}
+
+fn run_exec(
+    root: &Path,
+    id: &str,
+    exec_id: &str,
+    process: Process,
+    terminal: &Terminal,
+    ready_pipe: bool,
+) -> i32 {
     let dir = state::dir(root, id);
     let agent = Agent::at(&dir);
     let set_up = (|| -> Result<(Control, Outputs), (String, i32)> {
@@ -403,11 +426,17 @@ pub fn exec(root: &Path, id: &str, exec_id: &str, process: Process, terminal: &T
     })();
     let (mut control, outputs) = match set_up {
         Ok(parts) => {
-            report(&Ok(()));
+            if ready_pipe {
+                report(&Ok(()));
+            }
             parts
         }
         Err((message, status)) => {
-            report(&Err(message));
+            if ready_pipe {
+                report(&Err(message));
+            } else {
+                eprintln!("husk: {}", message.trim());
+            }
             return status;
         }
     };

@@ -107,6 +107,10 @@ pub struct ContainerState {
     /// What ended the container other than its process (its VM died).
     #[serde(default)]
     pub error: Option<String>,
+    /// The container's process as its bundle says: the defaults of an
+    /// `exec` (read here, not from the bundle, on every exec).
+    #[serde(default)]
+    pub process: Option<husk_protocol::Process>,
 }
 
 /// Errors reading or writing container state.
@@ -242,6 +246,7 @@ mod tests {
             exit_status: None,
             annotations: HashMap::new(),
             error: None,
+            process: None,
         };
         assert_eq!(state.status(), Status::Running);
         assert_eq!(state.oci_state()["pid"], me.pid);
@@ -274,6 +279,7 @@ mod tests {
             exit_status: Some(3),
             annotations: [("a".to_string(), "b".to_string())].into(),
             error: None,
+            process: None,
         };
         state.save(&root).unwrap();
         let back = ContainerState::load(&root, "c1").unwrap();
