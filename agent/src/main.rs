@@ -661,10 +661,23 @@ const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
 /// wall clock set to the host's.
 fn make_clone_unique(clone: &CloneSeed) -> Result<(), String> {
     let mut seed = clone.entropy.clone();
-    if let Ok(mut hwrng) = File::open("/dev/hwrng") {
+    // The device's bytes are a bonus: never wait on them for long.
+    if let Ok(hwrng) = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/hwrng")
+    {
         let mut buf = [0u8; 64];
-        if hwrng.read_exact(&mut buf).is_ok() {
-            seed.extend_from_slice(&buf);
+        let mut pfd = libc::pollfd {
+            fd: hwrng.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll on one live pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, 200) } > 0
+            && let Ok(n) = (&hwrng).read(&mut buf)
+        {
+            seed.extend_from_slice(&buf[..n]);
         }
     }
     if seed.is_empty() {

@@ -154,6 +154,8 @@ pub struct Sandbox {
 /// Opens a stream to guest `port` over the VMM's hybrid vsock socket.
 pub fn connect(socket: &Path, port: u32) -> std::io::Result<UnixStream> {
     let mut stream = UnixStream::connect(socket)?;
+    // A guest that never answers the connection is an error, not a hang.
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
     writeln!(stream, "CONNECT {port}")?;
     // The answer is one line; read it byte by byte so nothing after it is
     // consumed.
@@ -174,6 +176,7 @@ pub fn connect(socket: &Path, port: u32) -> std::io::Result<UnixStream> {
             String::from_utf8_lossy(&line).trim()
         )));
     }
+    stream.set_read_timeout(None)?;
     Ok(stream)
 }
 

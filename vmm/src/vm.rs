@@ -682,6 +682,9 @@ impl Vm {
         for (id, (vcpu, saved)) in vcpus.iter().zip(&state.vcpus).enumerate() {
             cpu::restore_vcpu(vcpu, saved, id as u8)?;
         }
+        for device in &virtio {
+            lock(&device.transport).settle_after_restore();
+        }
         // The clock last: guest time resumes where it stopped, not where
         // it would be had the snapshot kept running.
         let mut kvm_clock = state.clock;

@@ -26,6 +26,11 @@ fn vsock(socket: &Path, port: u32) -> UnixStream {
     let deadline = Instant::now() + common::BOOT_TIMEOUT;
     loop {
         if let Ok(mut stream) = UnixStream::connect(socket) {
+            // A guest that never answers fails the test instead of
+            // hanging it.
+            stream
+                .set_read_timeout(Some(Duration::from_secs(60)))
+                .unwrap();
             writeln!(stream, "CONNECT {port}").unwrap();
             if read_line_unbuffered(&mut stream).is_ok_and(|answer| answer.starts_with("OK ")) {
                 // A stuck guest fails the test instead of hanging it.
