@@ -50,9 +50,11 @@ HUSK_CACHE ?= /var/cache/husk
 DEMO_BUNDLE := $(HUSK_CACHE)/bundles/busybox
 DEMO_CMD := sh -c 'echo "Hello from a Husk microVM: $$(uname -sr), hostname $$(hostname), PID $$$$"; ls /'
 
-$(DEMO_BUNDLE): build
+# Made once (order-only on the build: a rebuilt husk does not remake it).
+$(DEMO_BUNDLE): | build
 	rm -rf $(DEMO_BUNDLE).tmp
 	$(HUSK) busybox-bundle $(DEMO_BUNDLE).tmp -- $(DEMO_CMD)
+	rm -rf $(DEMO_BUNDLE)
 	mv $(DEMO_BUNDLE).tmp $(DEMO_BUNDLE)
 
 # The main job: run the default container in its own microVM (warm-started
