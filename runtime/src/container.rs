@@ -223,6 +223,7 @@ pub fn create(o: &CreateOptions) -> Result<Child, LifecycleError> {
         annotations: bundle.spec.annotations().clone().unwrap_or_default(),
         error: None,
         process: Some(bundle.process()),
+        cgroup: None,
     };
     state.save(o.root).map_err(|e| cleanup(e.into()))?;
     let mut args = vec![o.id.to_owned()];
@@ -379,6 +380,9 @@ pub fn delete(root: &Path, id: &str, force: bool) -> Result<(), LifecycleError> 
         _ => {
             return Err(wrong(&state, "stop it first, or delete it with --force"));
         }
+    }
+    if let Some(rel) = &state.cgroup {
+        crate::cgroup::remove(rel);
     }
     let dir = state::dir(root, id);
     std::fs::remove_dir_all(&dir).map_err(io("remove", &dir))

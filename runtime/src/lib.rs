@@ -8,6 +8,7 @@
 pub mod binaries;
 pub mod bundle;
 pub mod busybox;
+pub mod cgroup;
 pub mod container;
 pub mod initramfs;
 pub mod monitor;

@@ -322,6 +322,24 @@ pub fn container(root: &Path, bins: &Binaries, id: &str, terminal: &Terminal) ->
         state.status = Status::Created;
         state.monitor = HostProcess::of(std::process::id());
         state.vmm = sandbox.vmm_pid().and_then(HostProcess::of);
+        // The VM is what the host accounts and limits for the container.
+        if let Some(rel) = bundle
+            .spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.cgroups_path().as_ref())
+            .and_then(|p| crate::cgroup::relative(&p.to_string_lossy()))
+        {
+            let pids: Vec<u32> = [Some(std::process::id()), sandbox.vmm_pid()]
+                .into_iter()
+                .flatten()
+                .collect();
+            if let Err(e) = crate::cgroup::place(&rel, &pids) {
+                crate::cgroup::remove(&rel);
+                return Err(e);
+            }
+            state.cgroup = Some(rel);
+        }
         state.save(root).map_err(|e| e.to_string())?;
         Ok((sandbox, control, outputs))
     })();

@@ -111,6 +111,9 @@ pub struct ContainerState {
     /// `exec` (read here, not from the bundle, on every exec).
     #[serde(default)]
     pub process: Option<husk_protocol::Process>,
+    /// The host cgroup (relative path) the VMM and monitor were put in.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
 }
 
 /// Errors reading or writing container state.
@@ -247,6 +250,7 @@ mod tests {
             annotations: HashMap::new(),
             error: None,
             process: None,
+            cgroup: None,
         };
         assert_eq!(state.status(), Status::Running);
         assert_eq!(state.oci_state()["pid"], me.pid);
@@ -280,6 +284,7 @@ mod tests {
             annotations: [("a".to_string(), "b".to_string())].into(),
             error: None,
             process: None,
+            cgroup: None,
         };
         state.save(&root).unwrap();
         let back = ContainerState::load(&root, "c1").unwrap();

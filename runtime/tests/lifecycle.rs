@@ -407,3 +407,31 @@ fn features_and_spec_are_runcs() {
     refused(&["spec", "--bundle", dir.to_str().unwrap()], "exists");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_vm_sits_in_the_specs_cgroup_until_delete() {
+    let id = id("cgroup");
+    let path = format!("/husk-test/{id}");
+    let b = Bundle::new("cgroup", &["sleep", "1000"], |spec| {
+        spec.linux_mut()
+            .as_mut()
+            .unwrap()
+            .set_cgroups_path(Some(PathBuf::from(&path)));
+    });
+    ok(&["create", "--bundle", b.0.to_str().unwrap(), &id]);
+    let recorded = ContainerState::load(&root(), &id).unwrap();
+    for p in [recorded.vmm.unwrap(), recorded.monitor.unwrap()] {
+        let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", p.pid)).unwrap();
+        assert!(
+            cgroups
+                .lines()
+                .any(|l| l.contains(":memory:") && l.ends_with(&path)),
+            "process {} is not in {path}: {cgroups}",
+            p.pid
+        );
+    }
+    assert!(Path::new("/sys/fs/cgroup/memory").join(&path[1..]).is_dir());
+    ok(&["delete", "--force", &id]);
+    assert!(!Path::new("/sys/fs/cgroup/memory").join(&path[1..]).exists());
+    nothing_left(&id, &[recorded.monitor.unwrap(), recorded.vmm.unwrap()]);
+}
