@@ -279,12 +279,17 @@ impl Sandbox {
         e
     }
 
-    /// Opens a guest port, waiting (up to `timeout`) for the VMM's socket.
-    fn open(&mut self, port: u32, timeout: Duration) -> Result<UnixStream, SandboxError> {
-        let deadline = Instant::now() + timeout;
+    /// A control connection to the agent of the restored guest, waiting
+    /// (30 s at most) for the VMM's socket and the agent to answer; a VMM
+    /// that ends meanwhile is named.
+    pub fn control(&mut self) -> Result<Control, SandboxError> {
+        let agent = Agent {
+            socket: self.socket.clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match connect(&self.socket, port) {
-                Ok(stream) => return Ok(stream),
+            match agent.control() {
+                Ok(control) => return Ok(control),
                 Err(e) => {
                     let ended = self
                         .vmm
@@ -294,40 +299,12 @@ impl Sandbox {
                         return Err(SandboxError::VmEnded(self.vmm_said()));
                     }
                     if Instant::now() > deadline {
-                        return Err(SandboxError::Agent(e.into()));
+                        return Err(e);
                     }
                     std::thread::sleep(Duration::from_millis(2));
                 }
             }
         }
-    }
-
-    /// A control connection to the agent, handshake done.
-    pub fn control(&mut self) -> Result<Control, SandboxError> {
-        let mut stream = self.open(CONTROL_PORT, Duration::from_secs(30))?;
-        handshake(&mut stream, concat!("husk ", env!("CARGO_PKG_VERSION")))
-            .map_err(SandboxError::Agent)?;
-        Ok(Control { stream })
-    }
-
-    /// One stdio stream of a process.
-    pub fn attach(
-        &mut self,
-        id: &str,
-        exec_id: &str,
-        stream: Stream,
-    ) -> Result<UnixStream, SandboxError> {
-        let mut conn = self.open(STDIO_PORT, Duration::from_secs(30))?;
-        write_frame(
-            &mut conn,
-            &StdioAttach {
-                id: id.into(),
-                exec_id: exec_id.into(),
-                stream,
-            },
-        )
-        .map_err(SandboxError::Agent)?;
-        Ok(conn)
     }
 
     /// Waits up to `timeout` for the VMM to exit (after a shutdown); kills

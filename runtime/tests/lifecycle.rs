@@ -2,49 +2,17 @@
 //! cached snapshot), each wrong-state error, and what a killed VMM or
 //! monitor leaves behind: nothing, once `delete` has run.
 
+mod common;
+
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use husk_runtime::busybox;
 use husk_runtime::state::{ContainerState, HostProcess};
-use oci_spec::runtime::Spec;
 
-const HUSK: &str = env!("CARGO_BIN_EXE_husk");
-
-fn root() -> PathBuf {
-    husk_vmm::paths::cache_dir().join("test-root")
-}
-
-struct Bundle(PathBuf);
-
-impl Bundle {
-    fn new(name: &str, args: &[&str], edit: impl FnOnce(&mut Spec)) -> Self {
-        let dir = std::env::temp_dir().join(format!("husk-life-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        busybox::make_bundle(&dir, args).unwrap();
-        let mut spec = busybox::config(args);
-        edit(&mut spec);
-        std::fs::write(
-            dir.join("config.json"),
-            serde_json::to_string_pretty(&spec).unwrap(),
-        )
-        .unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for Bundle {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn id(name: &str) -> String {
-    format!("{name}-{}", std::process::id())
-}
+use common::{Bundle, HUSK, id, root, text};
 
 /// Runs `husk --root <root> args...` to completion (60 s at most). Its
 /// output goes to files, not pipes: `create` hands its stdio to the
@@ -82,10 +50,6 @@ fn husk(args: &[&str]) -> Output {
     let _ = std::fs::remove_file(out_path);
     let _ = std::fs::remove_file(err_path);
     out
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 fn ok(args: &[&str]) -> String {
@@ -401,7 +365,7 @@ fn features_and_spec_are_runcs() {
     let dir = std::env::temp_dir().join(format!("husk-spec-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     ok(&["spec", "--bundle", dir.to_str().unwrap()]);
-    let spec: Spec =
+    let spec: oci_spec::runtime::Spec =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(spec.root().as_ref().unwrap().path(), Path::new("rootfs"));
     refused(&["spec", "--bundle", dir.to_str().unwrap()], "exists");

@@ -7,56 +7,19 @@
 //! (`$HUSK_CACHE/test-root`), so the suite boots a guest cold only when the
 //! kernel or the agent changed.
 
+mod common;
+
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use husk_runtime::busybox;
-use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use oci_spec::runtime::LinuxNamespaceType;
 
-const HUSK: &str = env!("CARGO_BIN_EXE_husk");
+use common::{Bundle, HUSK, id, root, text};
 
 /// The longest one run may take (a first run boots the guest cold).
 const RUN_TIMEOUT: Duration = Duration::from_secs(600);
-
-fn root() -> PathBuf {
-    husk_vmm::paths::cache_dir().join("test-root")
-}
-
-/// A bundle directory, removed when dropped.
-struct Bundle(PathBuf);
-
-impl Bundle {
-    /// A busybox bundle running `args`, its spec changed by `edit`.
-    fn new(name: &str, args: &[&str], edit: impl FnOnce(&mut Spec)) -> Self {
-        let dir = std::env::temp_dir().join(format!("husk-run-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        busybox::make_bundle(&dir, args).unwrap();
-        let mut spec = busybox::config(args);
-        edit(&mut spec);
-        std::fs::write(
-            dir.join("config.json"),
-            serde_json::to_string_pretty(&spec).unwrap(),
-        )
-        .unwrap();
-        Self(dir)
-    }
-
-    fn rootfs(&self) -> PathBuf {
-        self.0.join("rootfs")
-    }
-}
-
-impl Drop for Bundle {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn id(name: &str) -> String {
-    format!("{name}-{}", std::process::id())
-}
 
 /// Runs `husk run` on `bundle` with `stdin`, within [`RUN_TIMEOUT`].
 fn husk_run(bundle: &Path, id: &str, stdin: &[u8]) -> Output {
@@ -100,10 +63,6 @@ fn husk_run(bundle: &Path, id: &str, stdin: &[u8]) -> Output {
         "the state directory of {id} was left behind"
     );
     out
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 #[test]

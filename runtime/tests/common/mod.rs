@@ -1,0 +1,59 @@
+//! Helpers shared by the runtime's tests: husk's test root (whose
+//! warm-start cache survives between runs) and busybox bundles.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use husk_runtime::busybox;
+use oci_spec::runtime::Spec;
+
+/// The `husk` binary cargo built for these tests.
+pub const HUSK: &str = env!("CARGO_BIN_EXE_husk");
+
+/// The tests' `--root`: under the cache, so its warm-start snapshot is
+/// made once per kernel and agent, not once per run.
+pub fn root() -> PathBuf {
+    husk_vmm::paths::cache_dir().join("test-root")
+}
+
+/// A busybox bundle in a temporary directory, removed when dropped.
+pub struct Bundle(pub PathBuf);
+
+impl Bundle {
+    /// A busybox bundle running `args`, its spec changed by `edit`.
+    pub fn new(name: &str, args: &[&str], edit: impl FnOnce(&mut Spec)) -> Self {
+        let dir = std::env::temp_dir().join(format!("husk-bundle-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        busybox::make_bundle(&dir, args).unwrap();
+        let mut spec = busybox::config(args);
+        edit(&mut spec);
+        std::fs::write(
+            dir.join("config.json"),
+            serde_json::to_string_pretty(&spec).unwrap(),
+        )
+        .unwrap();
+        Self(dir)
+    }
+
+    /// Its root filesystem.
+    pub fn rootfs(&self) -> PathBuf {
+        self.0.join("rootfs")
+    }
+}
+
+impl Drop for Bundle {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A container ID unique to this test process.
+pub fn id(name: &str) -> String {
+    format!("{name}-{}", std::process::id())
+}
+
+/// Bytes as text.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
