@@ -65,7 +65,17 @@ pub fn place(rel: &Path, pids: &[u32]) -> Result<(), String> {
 pub fn remove(rel: &Path) {
     for h in hierarchies() {
         let mut dir = h.join(rel);
-        while dir != h && std::fs::remove_dir(&dir).is_ok() {
+        // A killed process holds its cgroup until it is reaped (by its
+        // parent, or init once that parent is gone too): wait up to 2 s.
+        for _ in 0..100 {
+            match std::fs::remove_dir(&dir) {
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                _ => break,
+            }
+        }
+        while dir != h && (std::fs::remove_dir(&dir).is_ok() || !dir.exists()) {
             if !dir.pop() {
                 break;
             }
