@@ -154,8 +154,9 @@ pub struct Sandbox {
 /// Opens a stream to guest `port` over the VMM's hybrid vsock socket.
 pub fn connect(socket: &Path, port: u32) -> std::io::Result<UnixStream> {
     let mut stream = UnixStream::connect(socket)?;
-    // A guest that never answers the connection is an error, not a hang.
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    // A guest that does not answer the connection within 5 s is an error,
+    // not a hang (Sandbox::control tries again: see docs/vsock.md).
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
     writeln!(stream, "CONNECT {port}")?;
     // The answer is one line; read it byte by byte so nothing after it is
     // consumed.
@@ -280,13 +281,13 @@ impl Sandbox {
     }
 
     /// A control connection to the agent of the restored guest, waiting
-    /// (30 s at most) for the VMM's socket and the agent to answer; a VMM
+    /// (60 s at most) for the VMM's socket and the agent to answer; a VMM
     /// that ends meanwhile is named.
     pub fn control(&mut self) -> Result<Control, SandboxError> {
         let agent = Agent {
             socket: self.socket.clone(),
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             match agent.control() {
                 Ok(control) => return Ok(control),

@@ -29,7 +29,7 @@ fn vsock(socket: &Path, port: u32) -> UnixStream {
             // A guest that never answers fails the test instead of
             // hanging it.
             stream
-                .set_read_timeout(Some(Duration::from_secs(60)))
+                .set_read_timeout(Some(Duration::from_secs(10)))
                 .unwrap();
             writeln!(stream, "CONNECT {port}").unwrap();
             if read_line_unbuffered(&mut stream).is_ok_and(|answer| answer.starts_with("OK ")) {
