@@ -4,8 +4,6 @@
 //! container's exit status. Also the run timings (`HUSK_TIMINGS`) and the
 //! seed that makes a restored guest its own.
 
-use std::path::Path;
-
 use husk_protocol::CloneSeed;
 
 use crate::container::{self, CreateOptions, LifecycleError};
@@ -152,17 +150,4 @@ pub fn run(o: &CreateOptions) -> Result<i32, LifecycleError> {
         Some(error) => Err(LifecycleError::VmEnded(error)),
         None => Ok(status),
     }
-}
-
-/// Runs the bundle at `bundle` as `id` in the foreground; returns its exit
-/// status. The library's way to `husk run --bundle DIR ID`.
-pub fn run_foreground(root: &Path, bundle: &Path, id: &str) -> Result<i32, LifecycleError> {
-    run(&CreateOptions {
-        root,
-        id,
-        bundle,
-        pid_file: None,
-        console_socket: None,
-        detach: false,
-    })
 }

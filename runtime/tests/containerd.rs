@@ -7,11 +7,14 @@
 //! `HUSK_WARM_CACHE` points husk's warm-start cache at the suite's, so no
 //! guest is booted cold here.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const HUSK: &str = env!("CARGO_BIN_EXE_husk");
+use common::{HUSK, text};
+
 const IMAGE: &str = husk_runtime::busybox::IMAGE_NAME;
 
 /// A containerd of the test's own, stopped (and its files removed) when
@@ -117,27 +120,7 @@ fn run(mut cmd: Command) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let pid = child.id();
-    let waiter = std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-            // SAFETY: kill(pid, 0) only checks that the process exists.
-            if unsafe { libc::kill(pid as i32, 0) } != 0 {
-                return false;
-            }
-        }
-        // SAFETY: kill takes no pointers.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        true
-    });
-    let out = child.wait_with_output().unwrap();
-    assert!(!waiter.join().unwrap(), "{cmd:?} did not finish");
-    out
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+    common::output_within(child, Duration::from_secs(120), &format!("{cmd:?}"))
 }
 
 /// husk's state directories the shim made (one per container).

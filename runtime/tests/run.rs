@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use oci_spec::runtime::LinuxNamespaceType;
 
-use common::{Bundle, HUSK, id, root, text};
+use common::{Bundle, HUSK, id, output_within, root, text};
 
 /// The longest one run may take (a first run boots the guest cold).
 const RUN_TIMEOUT: Duration = Duration::from_secs(600);
@@ -40,23 +40,8 @@ fn husk_run(bundle: &Path, id: &str, stdin: &[u8]) -> Output {
     let writer = std::thread::spawn(move || {
         let _ = input.write_all(&data);
     });
-    let pid = child.id();
-    let deadline = Instant::now() + RUN_TIMEOUT;
-    let watchdog = std::thread::spawn(move || {
-        while Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-            // SAFETY: kill(pid, 0) only checks that the process exists.
-            if unsafe { libc::kill(pid as i32, 0) } != 0 {
-                return false;
-            }
-        }
-        // SAFETY: kill takes no pointers.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        true
-    });
-    let out = child.wait_with_output().unwrap();
+    let out = output_within(child, RUN_TIMEOUT, "husk run");
     writer.join().unwrap();
-    assert!(!watchdog.join().unwrap(), "husk run did not finish in time");
     // Nothing of the container is left in husk's state.
     assert!(
         !root().join("containers").join(id).exists(),

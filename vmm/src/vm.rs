@@ -244,6 +244,27 @@ fn attach_virtio(
     })
 }
 
+/// A transport for `device`: new, or in the state `restored` holds (a
+/// state that does not fit is the snapshot's error).
+fn transport(
+    device: Box<dyn crate::devices::virtio::VirtioDevice>,
+    memory: &GuestMemoryMmap,
+    irq: EventFd,
+    restored: Option<(&crate::devices::virtio::mmio::MmioState, &Path)>,
+) -> Result<MmioTransport, VmError> {
+    match restored {
+        None => Ok(MmioTransport::new(device, memory.clone(), irq)),
+        Some((state, dir)) => {
+            MmioTransport::restore(device, memory.clone(), irq, state).map_err(|why| {
+                VmError::BadSnapshot {
+                    dir: dir.to_owned(),
+                    why,
+                }
+            })
+        }
+    }
+}
+
 /// Wires the vsock device: its transport (new, or restored from
 /// `restored`), its host thread, and its ready signal, which is recorded as
 /// the debug-port mark [`husk_protocol`]'s `READY_MARK` would be.
@@ -272,13 +293,8 @@ fn attach_vsock(
             let _ = lock(&tx).send(VmEvent::Guest(GuestEvent::Mark(READY_MARK)));
         }));
     }
-    let attached = attach_virtio(vm, mmio, base, gsi, |irq| match restored {
-        None => Ok(MmioTransport::new(Box::new(device), memory.clone(), irq)),
-        Some((state, dir)) => MmioTransport::restore(Box::new(device), memory.clone(), irq, state)
-            .map_err(|why| VmError::BadSnapshot {
-                dir: dir.to_owned(),
-                why,
-            }),
+    let attached = attach_virtio(vm, mmio, base, gsi, |irq| {
+        transport(Box::new(device), memory, irq, restored)
     })?;
     host.start(attached.transport.clone())
         .map_err(|e| VmError::Thread(0, e))?;
@@ -297,13 +313,8 @@ fn attach_fs(
     restored: Option<(&crate::devices::virtio::mmio::MmioState, &Path)>,
 ) -> Result<VirtioDevice, VmError> {
     let device = Fs::new(share).map_err(VmError::Share)?;
-    let mut attached = attach_virtio(vm, mmio, base, gsi, |irq| match restored {
-        None => Ok(MmioTransport::new(Box::new(device), memory.clone(), irq)),
-        Some((state, dir)) => MmioTransport::restore(Box::new(device), memory.clone(), irq, state)
-            .map_err(|why| VmError::BadSnapshot {
-                dir: dir.to_owned(),
-                why,
-            }),
+    let mut attached = attach_virtio(vm, mmio, base, gsi, |irq| {
+        transport(Box::new(device), memory, irq, restored)
     })?;
     attached.share_tag = Some(share.tag.clone());
     Ok(attached)
@@ -671,12 +682,7 @@ impl Vm {
                     why: format!("unknown virtio device type {}", slot.transport.device_type),
                 })?;
             virtio.push(attach_virtio(&vm, &mut mmio, slot.base, slot.gsi, |irq| {
-                MmioTransport::restore(device, memory.clone(), irq, &slot.transport).map_err(
-                    |why| VmError::BadSnapshot {
-                        dir: dir.to_owned(),
-                        why,
-                    },
-                )
+                transport(device, &memory, irq, Some((&slot.transport, dir)))
             })?);
         }
         for (id, (vcpu, saved)) in vcpus.iter().zip(&state.vcpus).enumerate() {

@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::process::{Child, Output};
+use std::time::{Duration, Instant};
 
 use husk_runtime::busybox;
 use oci_spec::runtime::Spec;
@@ -56,4 +58,26 @@ pub fn id(name: &str) -> String {
 /// Bytes as text.
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
+}
+
+/// The child's output once it exits; killed, and the test failed, if it
+/// runs longer than `limit`.
+pub fn output_within(child: Child, limit: Duration, what: &str) -> Output {
+    let pid = child.id();
+    let watchdog = std::thread::spawn(move || {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            // SAFETY: kill(pid, 0) only checks that the process exists.
+            if unsafe { libc::kill(pid as i32, 0) } != 0 {
+                return false;
+            }
+        }
+        // SAFETY: kill takes no pointers.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        true
+    });
+    let out = child.wait_with_output().unwrap();
+    assert!(!watchdog.join().unwrap(), "{what} did not finish in time");
+    out
 }
