@@ -44,23 +44,16 @@ $(TEST_INITRAMFS): test-init build
 $(AGENT_INITRAMFS): agent build
 	target/release/husk mkinitramfs --init $(AGENT) --output $(AGENT_INITRAMFS)
 
-# The built-in default container: a busybox bundle husk makes from
-# Debian's busybox-static, kept in the cache.
-HUSK_CACHE ?= /var/cache/husk
-DEMO_BUNDLE := $(HUSK_CACHE)/bundles/busybox
+# The built-in default container: `husk/busybox`, an image husk makes
+# itself from Debian's busybox-static the first time it is asked for (no
+# registry needed), run as docker would run it.
+DEMO_IMAGE := husk/busybox
 DEMO_CMD := sh -c 'echo "Hello from a Husk microVM: $$(uname -sr), hostname $$(hostname), PID $$$$"; ls /'
 
-# Made once (order-only on the build: a rebuilt husk does not remake it).
-$(DEMO_BUNDLE): | build
-	rm -rf $(DEMO_BUNDLE).tmp
-	$(HUSK) busybox-bundle $(DEMO_BUNDLE).tmp -- $(DEMO_CMD)
-	rm -rf $(DEMO_BUNDLE)
-	mv $(DEMO_BUNDLE).tmp $(DEMO_BUNDLE)
-
-# The main job: run the default container in its own microVM (warm-started
-# from a snapshot made on first use).
-run: kernel agent build $(DEMO_BUNDLE)
-	$(HUSK) run --bundle $(DEMO_BUNDLE) demo-$$$$
+# The main job: a container of the default image in its own microVM
+# (warm-started from a snapshot made on the first run), removed after.
+run: kernel agent build
+	$(HUSK) run --rm $(DEMO_IMAGE) $(DEMO_CMD)
 
 # The guest kernel and the test init alone, without the runtime.
 boot: kernel $(TEST_INITRAMFS)

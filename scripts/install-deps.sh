@@ -15,6 +15,12 @@ pkgs=(
 	qemu-system-x86 crun runc runsc
 	# tests compare checksums
 	coreutils
+	# husk ships static (musl) and speaks HTTPS to registries: rustls's
+	# ring is built with musl-gcc
+	musl-tools
+	# image tests: a local registry, skopeo to push to it and as the pull
+	# benchmark's baseline, zstd-compressed layers
+	docker-registry skopeo zstd
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -10,6 +10,8 @@ pub mod bundle;
 pub mod busybox;
 pub mod cgroup;
 pub mod container;
+pub mod docker;
+pub mod image;
 pub mod initramfs;
 pub mod monitor;
 pub mod run;

@@ -14,6 +14,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use husk_runtime::container::{self, CreateOptions, ExecOptions};
+use husk_runtime::image::reference::Reference;
+use husk_runtime::image::registry::Client;
+use husk_runtime::image::store::Store;
 use husk_runtime::initramfs::Initramfs;
 use husk_runtime::monitor;
 use husk_runtime::state::{self, ContainerState};
@@ -122,7 +125,9 @@ enum Command {
         id: String,
     },
     /// Create and start a container; in the foreground, wait for it and
-    /// exit with its status.
+    /// exit with its status. `husk run --bundle DIR ID` is runc's form;
+    /// without --bundle, `husk run [OPTIONS] IMAGE [CMD]...` is docker's
+    /// (see `husk _docker-run --help`).
     Run {
         /// The OCI bundle.
         #[arg(long, short, default_value = ".")]
@@ -156,6 +161,10 @@ enum Command {
         /// A terminal.
         #[arg(long, short)]
         tty: bool,
+        /// Accepted for docker compatibility: stdin is attached, as runc
+        /// attaches it.
+        #[arg(long, short)]
+        interactive: bool,
         /// Send the terminal's master here (SCM_RIGHTS).
         #[arg(long)]
         console_socket: Option<PathBuf>,
@@ -266,6 +275,153 @@ enum Command {
         #[arg(long, short)]
         output: PathBuf,
     },
+    /// Docker's `run`: a container from an image (what `husk run` without
+    /// --bundle is).
+    #[command(name = "_docker-run", hide = true)]
+    DockerRun {
+        /// Return once it runs; output goes to `husk logs`.
+        #[arg(long, short)]
+        detach: bool,
+        /// Keep stdin attached (else /dev/null).
+        #[arg(long, short)]
+        interactive: bool,
+        /// A terminal.
+        #[arg(long, short)]
+        tty: bool,
+        /// Remove the container when it exits.
+        #[arg(long)]
+        rm: bool,
+        /// Its name (default: the first 12 digits of its ID).
+        #[arg(long)]
+        name: Option<String>,
+        /// Environment, KEY=VALUE (repeatable).
+        #[arg(long, short)]
+        env: Vec<String>,
+        /// HOST:CONTAINER[:ro] (HOST a path, or a volume name).
+        #[arg(long, short)]
+        volume: Vec<String>,
+        /// Working directory.
+        #[arg(long, short)]
+        workdir: Option<String>,
+        /// USER[:GROUP] (names or numbers).
+        #[arg(long, short)]
+        user: Option<String>,
+        /// Override the image's entrypoint.
+        #[arg(long)]
+        entrypoint: Option<String>,
+        /// Memory limit (512m, 1g).
+        #[arg(long, short)]
+        memory: Option<String>,
+        /// CPUs (1.5).
+        #[arg(long)]
+        cpus: Option<f64>,
+        /// The image.
+        image: String,
+        /// The command (default: the image's).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Docker's `ps`: containers made from images (what `husk ps` without
+    /// a container ID is).
+    #[command(name = "_docker-ps", hide = true)]
+    DockerPs {
+        /// Stopped ones too.
+        #[arg(long, short)]
+        all: bool,
+        /// IDs only.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Pull an image from a registry.
+    Pull {
+        /// The image (`busybox`, `127.0.0.1:5000/app:v1`).
+        image: String,
+    },
+    /// Push an image to its registry.
+    Push {
+        /// The image, named for the registry (`husk tag` names it).
+        image: String,
+    },
+    /// Give an image another name.
+    Tag {
+        /// The image.
+        source: String,
+        /// The new name.
+        target: String,
+    },
+    /// List images.
+    Images {
+        /// IDs only.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Remove images (then what nothing uses).
+    Rmi {
+        /// Even when a container uses it.
+        #[arg(long, short)]
+        force: bool,
+        /// Images.
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Load images from a docker save archive or an OCI image layout.
+    Load {
+        /// The archive (tar or OCI layout directory; default stdin).
+        #[arg(long, short)]
+        input: Option<PathBuf>,
+    },
+    /// Save images to an archive (OCI image layout with docker's
+    /// manifest.json).
+    Save {
+        /// The archive (default stdout).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Images.
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Make an image from a root filesystem tarball.
+    Import {
+        /// The tarball (plain, gzip or zstd).
+        file: PathBuf,
+        /// The image's name.
+        reference: String,
+    },
+    /// Stop containers: SIGTERM, then SIGKILL.
+    Stop {
+        /// Seconds before SIGKILL.
+        #[arg(long, short, default_value_t = 10)]
+        time: u64,
+        /// Containers.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Remove containers made from images.
+    Rm {
+        /// Running ones too (killed).
+        #[arg(long, short)]
+        force: bool,
+        /// Containers.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Print a detached container's output.
+    Logs {
+        /// Keep printing until it stops.
+        #[arg(long, short)]
+        follow: bool,
+        /// The container.
+        name: String,
+    },
+    /// Print a container's or an image's details (JSON).
+    Inspect {
+        /// Containers or images.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// (internal) Removes a `run -d --rm` container when it stops.
+    #[command(name = "_autoremove", hide = true)]
+    Autoremove { name: String },
     /// (internal) The process that stands for a container's process.
     #[command(name = "_monitor", hide = true)]
     Monitor {
@@ -279,9 +435,79 @@ enum Command {
     },
 }
 
+/// Flags (of runc's and docker's `run` and the global ones) that take a
+/// value, for finding positional arguments.
+const VALUED: &[&str] = &[
+    "--root",
+    "--log",
+    "--log-format",
+    "--rootless",
+    "--criu",
+    "-b",
+    "--bundle",
+    "--pid-file",
+    "--console-socket",
+    "--name",
+    "-e",
+    "--env",
+    "-v",
+    "--volume",
+    "-w",
+    "--workdir",
+    "-u",
+    "--user",
+    "--entrypoint",
+    "-m",
+    "--memory",
+    "--cpus",
+    "-f",
+    "--format",
+];
+
+/// `husk run` and `husk ps` are runc's and docker's both: runc's `run`
+/// names a bundle (`--bundle`), runc's `ps` a container. The others are
+/// docker's, and go to the hidden commands that are.
+fn docker_form(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut i = 1;
+    let mut sub = None;
+    while i < args.len() {
+        let a = args[i].to_string_lossy();
+        if !a.starts_with('-') {
+            sub = Some(i);
+            break;
+        }
+        i += if VALUED.contains(&a.as_ref()) { 2 } else { 1 };
+    }
+    let Some(sub) = sub else { return args };
+    let rest: Vec<String> = args[sub + 1..]
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let mut positional = false;
+    let mut bundle = false;
+    let mut j = 0;
+    while j < rest.len() {
+        let a = rest[j].as_str();
+        if a == "-b" || a == "--bundle" || a.starts_with("--bundle=") {
+            bundle = true;
+        }
+        if !a.starts_with('-') {
+            positional = true;
+            break;
+        }
+        j += if VALUED.contains(&a) { 2 } else { 1 };
+    }
+    match args[sub].to_str() {
+        Some("run") if !bundle => args[sub] = "_docker-run".into(),
+        Some("ps") if !positional => args[sub] = "_docker-ps".into(),
+        _ => {}
+    }
+    args
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let failed = if matches!(cli.command, Command::Run { .. }) {
+    let cli = Cli::parse_from(docker_form(std::env::args_os().collect()));
+    let failed = if matches!(cli.command, Command::Run { .. } | Command::DockerRun { .. }) {
         EXIT_RUN_FAILED
     } else {
         1
@@ -316,6 +542,47 @@ fn write_log(path: &Path, format: LogFormat, message: &str) {
         .open(path)
     {
         let _ = writeln!(f, "{line}");
+    }
+}
+
+fn human_size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1}GB", b as f64 / f64::from(1u32 << 30)),
+        b if b >= 1 << 20 => format!("{:.1}MB", b as f64 / f64::from(1u32 << 20)),
+        b => format!("{:.1}kB", b as f64 / 1024.0),
+    }
+}
+
+/// `husk ps` (docker's): containers made from images.
+fn docker_ps(root: &Path, all: bool, quiet: bool) {
+    if !quiet {
+        println!(
+            "{:<14} {:<28} {:<24} {:<22} {:<14} NAMES",
+            "CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS"
+        );
+    }
+    for r in husk_runtime::docker::Record::all(root) {
+        let (running, status) = husk_runtime::docker::status_text(root, &r);
+        if !all && !running {
+            continue;
+        }
+        if quiet {
+            println!("{}", &r.id[..12]);
+            continue;
+        }
+        let mut command = format!("\"{}\"", r.command.join(" "));
+        if command.chars().count() > 22 {
+            command = command.chars().take(20).collect::<String>() + "…\"";
+        }
+        println!(
+            "{:<14} {:<28} {:<24} {:<22} {:<14} {}",
+            &r.id[..12],
+            r.image,
+            command,
+            r.created,
+            status,
+            r.name
+        );
     }
 }
 
@@ -548,6 +815,195 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 .with_context(|| format!("cannot create {}", output.display()))?;
             fs.write_to(std::io::BufWriter::new(file))
                 .with_context(|| format!("writing {}", output.display()))?;
+            Ok(0)
+        }
+        Command::DockerRun {
+            detach,
+            interactive,
+            tty,
+            rm,
+            name,
+            env,
+            volume,
+            workdir,
+            user,
+            entrypoint,
+            memory,
+            cpus,
+            image,
+            command,
+        } => {
+            let status = husk_runtime::docker::run(
+                root,
+                &husk_runtime::docker::RunOptions {
+                    image,
+                    command,
+                    detach,
+                    interactive,
+                    tty,
+                    rm,
+                    name,
+                    env,
+                    volumes: volume,
+                    workdir,
+                    user,
+                    entrypoint,
+                    memory,
+                    cpus,
+                },
+            )?;
+            Ok(status_code(status))
+        }
+        Command::DockerPs { all, quiet } => {
+            docker_ps(root, all, quiet);
+            Ok(0)
+        }
+        Command::Pull { image } => {
+            let store = Store::open(root)?;
+            let reference = Reference::parse(&image)?;
+            let pulled = Client::new(&reference.registry).pull(&store, &reference)?;
+            println!("{}", pulled.manifest);
+            Ok(0)
+        }
+        Command::Push { image } => {
+            let store = Store::open(root)?;
+            let found = store.find(&image)?;
+            let reference = Reference::parse(&image)?;
+            let digest = Client::new(&reference.registry).push(&store, &found, &reference)?;
+            println!("{digest}");
+            Ok(0)
+        }
+        Command::Tag { source, target } => {
+            let store = Store::open(root)?;
+            let mut image = store.find(&source)?;
+            image.name = Reference::parse(&target)?.to_string();
+            store.add_image(image)?;
+            Ok(0)
+        }
+        Command::Images { quiet } => {
+            let store = Store::open(root)?;
+            let images = store.images()?;
+            if !quiet {
+                println!(
+                    "{:<40} {:<12} {:<14} {:<22} SIZE",
+                    "REPOSITORY", "TAG", "IMAGE ID", "STORED"
+                );
+            }
+            for image in images {
+                if quiet {
+                    println!("{}", image.short_id());
+                    continue;
+                }
+                let r = Reference::parse(&image.name)?;
+                println!(
+                    "{:<40} {:<12} {:<14} {:<22} {}",
+                    r.short_name(),
+                    r.tag.as_deref().unwrap_or("<none>"),
+                    image.short_id(),
+                    image.stored,
+                    human_size(image.size())
+                );
+            }
+            Ok(0)
+        }
+        Command::Rmi { force, images } => {
+            let store = Store::open(root)?;
+            let containers = husk_runtime::docker::Record::all(root);
+            for what in &images {
+                let image = store.find(what)?;
+                if let Some(c) = containers.iter().find(|c| c.image_id == image.config) {
+                    if !force {
+                        anyhow::bail!(
+                            "image {what} is used by container {} (remove it first, or rmi -f)",
+                            c.name
+                        );
+                    }
+                }
+                store.remove_name(&image.name)?;
+                println!("Untagged: {}", image.name);
+            }
+            let collected = store.collect_garbage(&husk_runtime::docker::layers_in_use(root))?;
+            println!(
+                "Deleted: {} blobs, {} layers",
+                collected.blobs, collected.layers
+            );
+            Ok(0)
+        }
+        Command::Load { input } => {
+            let store = Store::open(root)?;
+            let path = input.unwrap_or_else(|| PathBuf::from("-"));
+            for image in husk_runtime::image::archive::load(&store, &path)? {
+                println!("Loaded image: {}", image.name);
+            }
+            Ok(0)
+        }
+        Command::Save { output, images } => {
+            let store = Store::open(root)?;
+            let found = images
+                .iter()
+                .map(|i| store.find(i))
+                .collect::<Result<Vec<_>, _>>()?;
+            match output {
+                Some(path) => {
+                    let tmp = path.with_extension("tmp");
+                    let file = std::fs::File::create(&tmp)
+                        .with_context(|| format!("cannot create {}", tmp.display()))?;
+                    let saved = husk_runtime::image::archive::save(
+                        &store,
+                        &found,
+                        std::io::BufWriter::new(file),
+                    );
+                    if let Err(e) = saved {
+                        let _ = std::fs::remove_file(&tmp);
+                        return Err(e.into());
+                    }
+                    std::fs::rename(&tmp, &path)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                }
+                None => {
+                    husk_runtime::image::archive::save(&store, &found, std::io::stdout().lock())?
+                }
+            }
+            Ok(0)
+        }
+        Command::Import { file, reference } => {
+            let store = Store::open(root)?;
+            let image = husk_runtime::image::archive::import(
+                &store,
+                &file,
+                &Reference::parse(&reference)?,
+            )?;
+            println!("{}", image.config);
+            Ok(0)
+        }
+        Command::Stop { time, names } => {
+            for name in names {
+                husk_runtime::docker::stop(root, &name, std::time::Duration::from_secs(time))?;
+                println!("{name}");
+            }
+            Ok(0)
+        }
+        Command::Rm { force, names } => {
+            for name in names {
+                husk_runtime::docker::remove(root, &name, force)?;
+                println!("{name}");
+            }
+            Ok(0)
+        }
+        Command::Logs { follow, name } => {
+            husk_runtime::docker::logs(root, &name, follow, &mut std::io::stdout().lock())?;
+            Ok(0)
+        }
+        Command::Inspect { names } => {
+            let all = names
+                .iter()
+                .map(|n| husk_runtime::docker::inspect(root, n))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            println!("{}", serde_json::to_string_pretty(&all)?);
+            Ok(0)
+        }
+        Command::Autoremove { name } => {
+            husk_runtime::docker::autoremove(root, &name)?;
             Ok(0)
         }
         Command::Monitor {

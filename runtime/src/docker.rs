@@ -1,0 +1,840 @@
+//! Docker-style commands over the OCI runtime: `husk run IMAGE`, `ps`,
+//! `stop`, `rm`, `logs`, `inspect` (docs/images.md).
+//!
+//! A container made from an image lives in `<root>/docker/<name>/`, which
+//! is also its OCI bundle:
+//!
+//! ```text
+//! config.json      the spec, made from the image's config and the flags
+//! rootfs/          overlayfs: the image's layers (read-only, shared with
+//!                  every container of the image) under upper/
+//! upper/ work/     the container's writable layer: gone with the container
+//! container.json   what `ps` and `inspect` show
+//! log              stdout and stderr of a detached container
+//! ```
+//!
+//! Its runtime ID is its name, so the runc-style commands (`exec`, `kill`,
+//! `state`, `pause`) work on it by name. There is no daemon: a foreground
+//! `run` records the exit status itself; `run -d --rm` leaves a small
+//! process (`husk _autoremove`) that removes the container when it stops.
+
+use std::collections::HashSet;
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use oci_spec::runtime::{Mount, Spec};
+use serde::{Deserialize, Serialize};
+
+use crate::container::{self, CreateOptions};
+use crate::image::reference::Reference;
+use crate::image::registry::Client;
+use crate::image::store::{Image, Store};
+use crate::state::{self, ContainerState, Status};
+
+/// What `husk run IMAGE` was asked for.
+#[derive(Default)]
+pub struct RunOptions {
+    /// The image.
+    pub image: String,
+    /// CMD (or the entrypoint's arguments).
+    pub command: Vec<String>,
+    /// `-d`.
+    pub detach: bool,
+    /// `-i`: keep stdin (else /dev/null).
+    pub interactive: bool,
+    /// `-t`.
+    pub tty: bool,
+    /// `--rm`.
+    pub rm: bool,
+    /// `--name`.
+    pub name: Option<String>,
+    /// `-e K=V`.
+    pub env: Vec<String>,
+    /// `-v HOST:CTR[:ro]`.
+    pub volumes: Vec<String>,
+    /// `-w`.
+    pub workdir: Option<String>,
+    /// `--user`.
+    pub user: Option<String>,
+    /// `--entrypoint`.
+    pub entrypoint: Option<String>,
+    /// `--memory` (bytes, or with k/m/g).
+    pub memory: Option<String>,
+    /// `--cpus`.
+    pub cpus: Option<f64>,
+}
+
+/// What `ps` and `inspect` show of a container made from an image.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Record {
+    /// 64 hex digits.
+    pub id: String,
+    /// Its name (and runtime ID).
+    pub name: String,
+    /// The image as given.
+    pub image: String,
+    /// The image's ID (config digest).
+    pub image_id: String,
+    /// The diff IDs of its layers: GC keeps them while it exists.
+    pub layers: Vec<String>,
+    /// The process's args.
+    pub command: Vec<String>,
+    /// RFC 3339.
+    pub created: String,
+    /// Its exit status, once a foreground run recorded it.
+    pub exit_status: Option<i32>,
+    /// `--rm`.
+    pub auto_remove: bool,
+    /// Mounts from `-v`.
+    pub volumes: Vec<String>,
+}
+
+fn dir(root: &Path, name: &str) -> PathBuf {
+    root.join("docker").join(name)
+}
+
+impl Record {
+    fn load(root: &Path, name: &str) -> anyhow::Result<Self> {
+        let path = dir(root, name).join("container.json");
+        let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => anyhow::anyhow!("no such container: {name}"),
+            _ => anyhow::anyhow!("cannot read {}: {e}", path.display()),
+        })?;
+        serde_json::from_slice(&bytes).with_context(|| format!("{} is corrupt", path.display()))
+    }
+
+    fn save(&self, root: &Path) -> anyhow::Result<()> {
+        let path = dir(root, &self.name).join("container.json");
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    /// Every container made from an image, oldest first.
+    pub fn all(root: &Path) -> Vec<Record> {
+        let mut all: Vec<Record> = std::fs::read_dir(root.join("docker"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| Record::load(root, &e.file_name().to_string_lossy()).ok())
+            .collect();
+        all.sort_by(|a, b| a.created.cmp(&b.created));
+        all
+    }
+}
+
+/// Random hex digits from the kernel.
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf));
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Finds an image in the store; the built-in busybox is made on first use,
+/// anything else is pulled (as docker does).
+pub fn image(root: &Path, what: &str) -> anyhow::Result<(Store, Image)> {
+    let store = Store::open(root)?;
+    if let Ok(image) = store.find(what) {
+        return Ok((store, image));
+    }
+    let reference = Reference::parse(what)?;
+    if reference.to_string() == crate::busybox::IMAGE_NAME {
+        let tar = store
+            .dir()
+            .join("ingest")
+            .join(format!("busybox-{}.tar", std::process::id()));
+        let made = crate::busybox::write_oci_archive(&tar).map_err(anyhow::Error::msg);
+        let loaded = made.and_then(|_| Ok(crate::image::archive::load(&store, &tar)?));
+        let _ = std::fs::remove_file(&tar);
+        loaded?;
+    } else {
+        eprintln!("Unable to find image '{reference}' locally");
+        Client::new(&reference.registry).pull(&store, &reference)?;
+    }
+    let image = store.find(what)?;
+    Ok((store, image))
+}
+
+/// Bytes in `256m`, `1g`, `1048576`.
+pub fn parse_bytes(s: &str) -> anyhow::Result<i64> {
+    let lower = s.to_ascii_lowercase();
+    let lower = lower.strip_suffix('b').unwrap_or(&lower);
+    let (digits, unit) = match lower.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => lower.split_at(i),
+        None => (lower, ""),
+    };
+    let n: i64 = digits
+        .parse()
+        .with_context(|| format!("{s:?} is not a size (like 512m or 2g)"))?;
+    let scale = match unit {
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        _ => bail!("{s:?} is not a size (like 512m or 2g)"),
+    };
+    Ok(n * scale)
+}
+
+/// Opens a file of the container's root filesystem without leaving it
+/// (the image's symlinks resolve inside it, never to the host's files).
+fn read_in_root(rootfs: &Path, path: &str) -> Option<String> {
+    let root = std::fs::File::open(rootfs).ok()?;
+    let name = CString::new(path.trim_start_matches('/')).ok()?;
+    // SAFETY: open_how is plain data; all-zero is its empty value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: openat2 with a live directory fd, a NUL-terminated name and
+    // an open_how of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            name.as_ptr(),
+            &how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the descriptor was just opened and is owned here.
+    let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    let mut text = String::new();
+    file.take(1 << 20).read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+/// uid, gid and additional gids of `user` (`name`, `uid`, `name:group`,
+/// `uid:gid`) in the container's /etc/passwd and /etc/group.
+fn resolve_user(rootfs: &Path, user: &str) -> anyhow::Result<(u32, u32, Vec<u32>)> {
+    let passwd = read_in_root(rootfs, "etc/passwd").unwrap_or_default();
+    let group = read_in_root(rootfs, "etc/group").unwrap_or_default();
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let entry = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 4 && (f[0] == u || f[2] == u));
+    let (uid, name, mut gid) = match (u.parse::<u32>(), &entry) {
+        (_, Some(f)) => (f[2].parse()?, f[0].to_owned(), f[3].parse()?),
+        (Ok(uid), None) => (uid, String::new(), 0),
+        (Err(_), None) => bail!("unable to find user {u}: no matching entries in passwd file"),
+    };
+    if let Some(g) = g {
+        gid = match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => group
+                .lines()
+                .map(|l| l.split(':').collect::<Vec<_>>())
+                .find(|f| f.len() >= 3 && f[0] == g)
+                .map(|f| f[2].parse())
+                .transpose()?
+                .with_context(|| {
+                    format!("unable to find group {g}: no matching entries in group file")
+                })?,
+        };
+    }
+    let additional = group
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .filter(|f| f.len() >= 4 && !name.is_empty() && f[3].split(',').any(|m| m == name))
+        .filter_map(|f| f[2].parse().ok())
+        .filter(|&g| g != gid)
+        .collect();
+    Ok((uid, gid, additional))
+}
+
+/// Mounts the container's root: the image's layers under its writable
+/// layer.
+fn mount_rootfs(dir: &Path, store: &Store, image: &Image) -> anyhow::Result<()> {
+    let mut lower = Vec::new();
+    for layer in image.layers.iter().rev() {
+        lower.push(store.layer_path(&layer.diff_id)?.display().to_string());
+    }
+    if lower.is_empty() {
+        // An image of no layers: an empty read-only lower layer.
+        let empty = dir.join("empty");
+        std::fs::create_dir_all(&empty)?;
+        lower.push(empty.display().to_string());
+    }
+    for sub in ["rootfs", "upper", "work"] {
+        std::fs::create_dir_all(dir.join(sub))?;
+    }
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.join(":"),
+        dir.join("upper").display(),
+        dir.join("work").display()
+    );
+    let target = CString::new(dir.join("rootfs").as_os_str().as_encoded_bytes())?;
+    let data = CString::new(options)?;
+    // SAFETY: mount with NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            c"overlay".as_ptr(),
+            target.as_ptr(),
+            c"overlay".as_ptr(),
+            0,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc < 0 {
+        bail!(
+            "cannot mount the container's root (overlayfs over {} layers): {}",
+            image.layers.len(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+fn unmount_rootfs(dir: &Path) {
+    if let Ok(target) = CString::new(dir.join("rootfs").as_os_str().as_encoded_bytes()) {
+        // SAFETY: umount2 of a NUL-terminated path.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// The spec of a container of `image` as `o` asks.
+fn spec(
+    root: &Path,
+    o: &RunOptions,
+    config: &oci_spec::image::ImageConfiguration,
+    rootfs: &Path,
+    id: &str,
+) -> anyhow::Result<Spec> {
+    let image = config.config().clone().unwrap_or_default();
+    let mut args: Vec<String> = match &o.entrypoint {
+        Some(e) if e.is_empty() => Vec::new(),
+        Some(e) => vec![e.clone()],
+        None => image.entrypoint().clone().unwrap_or_default(),
+    };
+    if !o.command.is_empty() {
+        args.extend(o.command.iter().cloned());
+    } else if o.entrypoint.is_none() {
+        args.extend(image.cmd().clone().unwrap_or_default());
+    }
+    if args.is_empty() {
+        bail!("{}: no command given, and the image has none", o.image);
+    }
+    let mut env: Vec<String> = image.env().clone().unwrap_or_default();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.insert(
+            0,
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        );
+    }
+    env.push(format!("HOSTNAME={}", &id[..12]));
+    if o.tty && !o.detach {
+        env.push("TERM=xterm".into());
+    }
+    for e in &o.env {
+        let key = e.split('=').next().unwrap_or(e);
+        let value = if e.contains('=') {
+            e.clone()
+        } else {
+            // `-e KEY` passes the caller's value, as docker does.
+            match std::env::var(key) {
+                Ok(v) => format!("{key}={v}"),
+                Err(_) => continue,
+            }
+        };
+        env.retain(|x| x.split('=').next() != Some(key));
+        env.push(value);
+    }
+    let cwd = o
+        .workdir
+        .clone()
+        .or_else(|| image.working_dir().clone().filter(|w| !w.is_empty()))
+        .unwrap_or_else(|| "/".into());
+    if !cwd.starts_with('/') {
+        bail!("the working directory {cwd:?} is not an absolute path");
+    }
+    let user = o
+        .user
+        .clone()
+        .or_else(|| image.user().clone().filter(|u| !u.is_empty()));
+    let mut spec: Spec = serde_json::from_str(&crate::bundle::default_spec())?;
+    let mut process = spec.process().clone().unwrap_or_default();
+    process.set_args(Some(args));
+    process.set_env(Some(env));
+    process.set_cwd(cwd.into());
+    process.set_terminal(Some(o.tty && !o.detach));
+    if let Some(user) = user {
+        let (uid, gid, additional) = resolve_user(rootfs, &user)?;
+        let mut u = process.user().clone();
+        u.set_uid(uid);
+        u.set_gid(gid);
+        u.set_additional_gids((!additional.is_empty()).then_some(additional));
+        process.set_user(u);
+    }
+    spec.set_process(Some(process));
+    spec.set_hostname(Some(id[..12].to_owned()));
+    if let Some(r) = spec.root().clone() {
+        let mut r = r;
+        r.set_readonly(Some(false));
+        spec.set_root(Some(r));
+    }
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    for v in &o.volumes {
+        mounts.push(volume(root, v)?);
+    }
+    spec.set_mounts(Some(mounts));
+    if o.memory.is_some() || o.cpus.is_some() {
+        let mut linux = spec.linux().clone().unwrap_or_default();
+        let mut resources = linux.resources().clone().unwrap_or_default();
+        if let Some(m) = &o.memory {
+            let mut memory = oci_spec::runtime::LinuxMemory::default();
+            memory.set_limit(Some(parse_bytes(m).context("--memory")?));
+            resources.set_memory(Some(memory));
+        }
+        if let Some(cpus) = o.cpus {
+            if cpus.is_nan() || cpus <= 0.0 {
+                bail!("--cpus {cpus}: must be more than 0");
+            }
+            let mut cpu = oci_spec::runtime::LinuxCpu::default();
+            cpu.set_period(Some(100_000));
+            cpu.set_quota(Some((cpus * 100_000.0) as i64));
+            resources.set_cpu(Some(cpu));
+        }
+        linux.set_resources(Some(resources));
+        spec.set_linux(Some(linux));
+    }
+    Ok(spec)
+}
+
+/// A bind mount from `-v HOST:CTR[:ro]`; a HOST that is a name, not a
+/// path, is a named volume under `<root>/volumes` (made on first use).
+fn volume(root: &Path, v: &str) -> anyhow::Result<Mount> {
+    let parts: Vec<&str> = v.split(':').collect();
+    let (host, ctr, mode) = match parts.as_slice() {
+        [h, c] => (*h, *c, "rw"),
+        [h, c, m] if *m == "ro" || *m == "rw" => (*h, *c, *m),
+        _ => bail!("-v {v:?}: expected HOST:CONTAINER[:ro]"),
+    };
+    if !ctr.starts_with('/') {
+        bail!("-v {v:?}: the container path {ctr:?} is not absolute");
+    }
+    let source = if host.starts_with('/') {
+        let p = PathBuf::from(host);
+        if !p.exists() {
+            std::fs::create_dir_all(&p)
+                .with_context(|| format!("-v {v:?}: cannot create {host}"))?;
+        }
+        p
+    } else {
+        if host.is_empty()
+            || !host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        {
+            bail!("-v {v:?}: {host:?} is neither an absolute path nor a volume name");
+        }
+        let p = root.join("volumes").join(host);
+        std::fs::create_dir_all(&p).with_context(|| format!("cannot create volume {host}"))?;
+        p
+    };
+    let mut m = Mount::default();
+    m.set_destination(ctr.into());
+    m.set_source(Some(source));
+    m.set_typ(Some("bind".into()));
+    m.set_options(Some(vec!["rbind".into(), mode.into()]));
+    Ok(m)
+}
+
+/// Saves descriptors 0-2 and puts others in their place until dropped.
+struct Stdio([OwnedFd; 3]);
+
+impl Stdio {
+    fn replace(with: [i32; 3]) -> std::io::Result<Self> {
+        let mut saved = Vec::new();
+        for (fd, &file) in with.iter().enumerate() {
+            // SAFETY: dup of a standard descriptor; dup2 onto it of a live
+            // file.
+            unsafe {
+                let copy = libc::fcntl(fd as i32, libc::F_DUPFD_CLOEXEC, 3);
+                if copy < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                saved.push(OwnedFd::from_raw_fd(copy));
+                if file != fd as i32 {
+                    libc::dup2(file, fd as i32);
+                }
+            }
+        }
+        let saved: [OwnedFd; 3] = saved.try_into().expect("three");
+        Ok(Self(saved))
+    }
+}
+
+impl Drop for Stdio {
+    fn drop(&mut self) {
+        for (fd, saved) in self.0.iter().enumerate() {
+            // SAFETY: dup2 of a saved descriptor back onto its number.
+            unsafe { libc::dup2(saved.as_raw_fd(), fd as i32) };
+        }
+    }
+}
+
+/// `husk run IMAGE`: returns the container's exit status (0 when
+/// detached, after printing its ID).
+pub fn run(root: &Path, o: &RunOptions) -> anyhow::Result<i32> {
+    let (store, image) = image(root, &o.image)?;
+    let config = crate::image::config(&store, &image)?;
+    let id = random_hex(32);
+    let name = o.name.clone().unwrap_or_else(|| id[..12].to_owned());
+    container::check_id(&name)?;
+    let dir = dir(root, &name);
+    std::fs::create_dir_all(root.join("docker"))?;
+    match std::fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            bail!("the container name {name:?} is already in use")
+        }
+        Err(e) => bail!("cannot create {}: {e}", dir.display()),
+    }
+    // Held while the container's layers are not yet recorded, so that a
+    // GC meanwhile keeps them.
+    let adding = store.adding()?;
+    let made = (|| -> anyhow::Result<Record> {
+        mount_rootfs(&dir, &store, &image)?;
+        let spec = spec(root, o, &config, &dir.join("rootfs"), &id)?;
+        std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&spec)?)?;
+        let record = Record {
+            id: id.clone(),
+            name: name.clone(),
+            image: o.image.clone(),
+            image_id: image.config.clone(),
+            layers: image.layers.iter().map(|l| l.diff_id.clone()).collect(),
+            command: spec
+                .process()
+                .as_ref()
+                .and_then(|p| p.args().clone())
+                .unwrap_or_default(),
+            created: state::now_rfc3339(),
+            exit_status: None,
+            auto_remove: o.rm,
+            volumes: o.volumes.clone(),
+        };
+        record.save(root)?;
+        Ok(record)
+    })();
+    drop(adding);
+    let mut record = match made {
+        Ok(r) => r,
+        Err(e) => {
+            remove_dir(&dir);
+            return Err(e);
+        }
+    };
+    let null = std::fs::File::open("/dev/null")?;
+    let options = CreateOptions {
+        root,
+        id: &name,
+        bundle: &dir,
+        pid_file: None,
+        console_socket: None,
+        detach: o.detach,
+    };
+    if o.detach {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("log"))?;
+        let started = {
+            let _stdio = Stdio::replace([null.as_raw_fd(), log.as_raw_fd(), log.as_raw_fd()])?;
+            crate::run::run(&options)
+        };
+        if let Err(e) = started {
+            remove(root, &name, true)?;
+            return Err(e.into());
+        }
+        if o.rm {
+            autoremove_later(root, &name)?;
+        }
+        println!("{id}");
+        return Ok(0);
+    }
+    let status = {
+        let _stdio = if o.interactive {
+            None
+        } else {
+            Some(Stdio::replace([null.as_raw_fd(), 1, 2])?)
+        };
+        crate::run::run(&options)
+    };
+    match status {
+        Ok(status) => {
+            if o.rm {
+                remove(root, &name, true)?;
+            } else {
+                record.exit_status = Some(status);
+                record.save(root)?;
+            }
+            Ok(status)
+        }
+        Err(e) => {
+            if o.rm {
+                let _ = remove(root, &name, true);
+            } else {
+                record.exit_status = Some(125);
+                let _ = record.save(root);
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// Starts `husk _autoremove NAME`, which removes the container when it
+/// stops.
+fn autoremove_later(root: &Path, name: &str) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--root")
+        .arg(root)
+        .arg("_autoremove")
+        .arg(name)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setsid in the forked child, before exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    cmd.spawn().context("cannot start husk _autoremove")?;
+    Ok(())
+}
+
+/// `husk _autoremove NAME`: waits until the container stops, then
+/// removes it.
+pub fn autoremove(root: &Path, name: &str) -> anyhow::Result<()> {
+    loop {
+        match ContainerState::load(root, name) {
+            Ok(s) if s.status() != Status::Stopped => {
+                std::thread::sleep(std::time::Duration::from_millis(100))
+            }
+            _ => return remove(root, name, true),
+        }
+    }
+}
+
+fn remove_dir(dir: &Path) {
+    unmount_rootfs(dir);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The runtime status of a container (None once the runtime forgot it).
+fn runtime_status(root: &Path, name: &str) -> Option<Status> {
+    ContainerState::load(root, name).ok().map(|s| s.status())
+}
+
+/// `husk rm`: removes a container, its writable layer and its log; a
+/// running one only with `force` (killed first).
+pub fn remove(root: &Path, name: &str, force: bool) -> anyhow::Result<()> {
+    let dir = dir(root, name);
+    if !dir.join("container.json").exists() && !dir.exists() {
+        bail!("no such container: {name}");
+    }
+    match runtime_status(root, name) {
+        Some(Status::Stopped) | None => {
+            let _ = container::delete(root, name, true);
+        }
+        Some(status) if force => {
+            let _ = status;
+            container::delete(root, name, true)?;
+        }
+        Some(status) => {
+            bail!("container {name} is {status}: stop it first, or remove it with rm -f")
+        }
+    }
+    remove_dir(&dir);
+    Ok(())
+}
+
+/// `husk stop`: SIGTERM, then SIGKILL after `timeout`.
+pub fn stop(root: &Path, name: &str, timeout: std::time::Duration) -> anyhow::Result<()> {
+    Record::load(root, name)?;
+    let Some(status) = runtime_status(root, name) else {
+        return Ok(());
+    };
+    if status == Status::Stopped {
+        return Ok(());
+    }
+    if status == Status::Paused {
+        container::pause(root, name, false)?;
+    }
+    let _ = container::kill(root, name, libc::SIGTERM, false);
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if runtime_status(root, name) != Some(Status::Running) {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = container::kill(root, name, libc::SIGKILL, false);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while runtime_status(root, name) == Some(Status::Running) {
+        if std::time::Instant::now() > deadline {
+            bail!("container {name} did not stop after SIGKILL");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// `husk logs`: what a detached container wrote; with `follow`, until it
+/// stops.
+pub fn logs(root: &Path, name: &str, follow: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+    Record::load(root, name)?;
+    let path = dir(root, name).join("log");
+    let mut file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => bail!("cannot read {}: {e}", path.display()),
+    };
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n > 0 {
+            out.write_all(&buf[..n])?;
+            continue;
+        }
+        out.flush()?;
+        if !follow || runtime_status(root, name) != Some(Status::Running) {
+            // One more read: what was written before it stopped.
+            let n = file.read(&mut buf)?;
+            out.write_all(&buf[..n])?;
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// A container's status as `ps` shows it.
+pub fn status_text(root: &Path, r: &Record) -> (bool, String) {
+    match ContainerState::load(root, &r.name) {
+        Ok(s) => match s.status() {
+            Status::Stopped => (false, format!("Exited ({})", s.exit_status.unwrap_or(-1))),
+            Status::Running => (true, "Up".into()),
+            status => (true, status.to_string()),
+        },
+        Err(_) => match r.exit_status {
+            Some(code) => (false, format!("Exited ({code})")),
+            None => (false, "Created".into()),
+        },
+    }
+}
+
+/// Diff IDs every container still uses (kept by GC).
+pub fn layers_in_use(root: &Path) -> HashSet<String> {
+    Record::all(root)
+        .into_iter()
+        .flat_map(|r| r.layers)
+        .collect()
+}
+
+/// `husk inspect`: a container's record and runtime state, or an image's
+/// record and config.
+pub fn inspect(root: &Path, what: &str) -> anyhow::Result<serde_json::Value> {
+    if let Ok(r) = Record::load(root, what) {
+        let state = ContainerState::load(root, what).ok().map(|s| s.oci_state());
+        let (running, status) = status_text(root, &r);
+        return Ok(serde_json::json!({
+            "Id": r.id,
+            "Name": r.name,
+            "Image": r.image_id,
+            "Config": {"Image": r.image, "Cmd": r.command},
+            "Created": r.created,
+            "State": {"Status": status, "Running": running, "ExitCode": r.exit_status, "Runtime": state},
+            "Mounts": r.volumes,
+            "HostConfig": {"AutoRemove": r.auto_remove},
+            "GraphDriver": {"Name": "overlay", "Data": {
+                "MergedDir": dir(root, &r.name).join("rootfs"),
+                "UpperDir": dir(root, &r.name).join("upper"),
+            }},
+        }));
+    }
+    let store = Store::open(root)?;
+    let image = store
+        .find(what)
+        .map_err(|_| anyhow::anyhow!("no such container or image: {what}"))?;
+    let config: serde_json::Value = serde_json::from_slice(&store.read_blob(&image.config)?)?;
+    Ok(serde_json::json!({
+        "Id": image.config,
+        "RepoTags": [image.name],
+        "RepoDigests": [format!("{}@{}", Reference::parse(&image.name)?.name(), image.manifest)],
+        "Size": image.size(),
+        "Config": config["config"],
+        "Architecture": config["architecture"],
+        "Os": config["os"],
+        "RootFS": {"Type": "layers", "Layers": image.layers.iter().map(|l| &l.diff_id).collect::<Vec<_>>()},
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("512m").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_bytes("4096").unwrap(), 4096);
+        assert_eq!(parse_bytes("10kb").unwrap(), 10 << 10);
+        assert!(
+            parse_bytes("lots")
+                .unwrap_err()
+                .to_string()
+                .contains("\"lots\"")
+        );
+        assert!(parse_bytes("5x").is_err());
+    }
+
+    #[test]
+    fn users_resolve_inside_the_image() {
+        let rootfs = std::env::temp_dir().join(format!("husk-users-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&rootfs);
+        std::fs::create_dir_all(rootfs.join("etc")).unwrap();
+        std::fs::write(
+            rootfs.join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(
+            rootfs.join("etc/group"),
+            "root:x:0:\napp:x:1000:\nwheel:x:10:app\n",
+        )
+        .unwrap();
+        assert_eq!(
+            resolve_user(&rootfs, "app").unwrap(),
+            (1000, 1000, vec![10])
+        );
+        assert_eq!(
+            resolve_user(&rootfs, "1000:wheel").unwrap(),
+            (1000, 10, vec![])
+        );
+        assert_eq!(resolve_user(&rootfs, "4242").unwrap(), (4242, 0, vec![]));
+        let e = resolve_user(&rootfs, "nobody").unwrap_err().to_string();
+        assert!(e.contains("unable to find user nobody"), "{e}");
+        // An image whose /etc/passwd is a symlink to the host's file
+        // resolves inside the image (and finds nothing there).
+        std::fs::remove_file(rootfs.join("etc/passwd")).unwrap();
+        let outside = rootfs.with_extension("outside");
+        std::fs::write(&outside, "evil:x:7:7::/:/bin/sh\n").unwrap();
+        std::os::unix::fs::symlink(&outside, rootfs.join("etc/passwd")).unwrap();
+        assert!(resolve_user(&rootfs, "evil").is_err());
+        std::fs::remove_dir_all(&rootfs).unwrap();
+        std::fs::remove_file(&outside).unwrap();
+    }
+}

@@ -1,0 +1,829 @@
+//! Images, as a docker user has them: a real registry (Debian's
+//! `docker-registry`, started by the test on 127.0.0.1 with its own
+//! storage), images pushed with skopeo and `husk push`, pulled back by
+//! husk and run in microVMs; `docker save`-style and OCI archives; the
+//! docker-style commands; and hostile or broken inputs.
+//!
+//! Every test has a `--root` (so an image store) of its own; the warm-start
+//! cache is the suite's (`HUSK_WARM_CACHE`), so no guest boots cold here.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{HUSK, text};
+use sha2::Digest as _;
+
+fn sha256(bytes: &[u8]) -> String {
+    format!("sha256:{:x}", sha2::Sha256::digest(bytes))
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("husk-img-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// husk with a root (and image store) of the test's own.
+struct Husk {
+    root: PathBuf,
+}
+
+impl Husk {
+    fn new(name: &str) -> Self {
+        Self {
+            root: scratch(&format!("root-{name}")),
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(HUSK);
+        cmd.arg("--root")
+            .arg(&self.root)
+            .args(args)
+            .env(husk_runtime::warm::CACHE_ENV, common::root())
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let child = self
+            .cmd(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        common::output_within(child, Duration::from_secs(180), &format!("husk {args:?}"))
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "husk {args:?}: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "husk {args:?} succeeded: {}",
+            text(&out.stdout)
+        );
+        text(&out.stderr)
+    }
+}
+
+impl Drop for Husk {
+    fn drop(&mut self) {
+        // Containers left by a failed test: removed with their mounts.
+        let docker = self.root.join("docker");
+        for entry in std::fs::read_dir(&docker).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let _ = self.run(&["rm", "-f", &name]);
+        }
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Debian's docker-registry on 127.0.0.1, its storage in a temporary
+/// directory; stopped and removed when dropped.
+struct Registry {
+    dir: PathBuf,
+    child: Child,
+    port: u16,
+}
+
+impl Registry {
+    fn start(name: &str) -> Self {
+        let dir = scratch(&format!("registry-{name}"));
+        let port = free_port();
+        let config = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.join("storage").display()
+        );
+        std::fs::write(dir.join("config.yml"), config).unwrap();
+        let log = std::fs::File::create(dir.join("registry.log")).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.join("config.yml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("docker-registry (Debian's docker-registry; make test installs it)");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "docker-registry did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { dir, child, port }
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn skopeo(args: &[&str]) -> String {
+    let out = Command::new("skopeo")
+        .arg("--insecure-policy")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("skopeo (make test installs it)");
+    assert!(
+        out.status.success(),
+        "skopeo {args:?}: {}",
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// A TCP proxy in front of the registry that cuts the first response to
+/// a whole-blob GET larger than `cut` after `cut` bytes, and records every
+/// request line and Range header it forwards.
+struct CuttingProxy {
+    port: u16,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl CuttingProxy {
+    fn start(upstream: u16, cut: usize) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let cut_done = Arc::new(Mutex::new(false));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let (log, cut_done) = (log.clone(), cut_done.clone());
+                std::thread::spawn(move || proxy_one(client, upstream, cut, &log, &cut_done));
+            }
+        });
+        Self { port, seen }
+    }
+}
+
+fn proxy_one(
+    client: TcpStream,
+    upstream: u16,
+    cut: usize,
+    log: &Mutex<Vec<String>>,
+    cut_done: &Mutex<bool>,
+) {
+    let mut reader = BufReader::new(client.try_clone().unwrap());
+    let mut head = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        if line == "\r\n" {
+            break;
+        }
+        // One request per connection: the registry closes after it.
+        if !line.to_ascii_lowercase().starts_with("connection:") {
+            head.push(line);
+        }
+    }
+    let request = head[0].trim().to_owned();
+    let ranged = head
+        .iter()
+        .any(|h| h.to_ascii_lowercase().starts_with("range:"));
+    log.lock().unwrap().push(format!(
+        "{request}{}",
+        head.iter()
+            .find(|h| h.to_ascii_lowercase().starts_with("range:"))
+            .map(|h| format!(" [{}]", h.trim()))
+            .unwrap_or_default()
+    ));
+    let mut up = TcpStream::connect(("127.0.0.1", upstream)).unwrap();
+    let mut out = head.concat();
+    out.push_str("Connection: close\r\n\r\n");
+    up.write_all(out.as_bytes()).unwrap();
+    let mut client_w = client;
+    let may_cut = request.starts_with("GET ") && request.contains("/blobs/sha256:") && !ranged;
+    let mut sent = 0;
+    let mut buf = [0u8; 16 << 10];
+    loop {
+        let n = match up.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if may_cut && sent + n > cut {
+            let mut done = cut_done.lock().unwrap();
+            if !*done {
+                *done = true;
+                let _ = client_w.write_all(&buf[..cut - sent]);
+                log.lock()
+                    .unwrap()
+                    .push(format!("CUT {request} after {cut} bytes"));
+                let _ = client_w.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+        }
+        if client_w.write_all(&buf[..n]).is_err() {
+            return;
+        }
+        sent += n;
+    }
+}
+
+/// A layer's tar built from (path, kind) entries.
+enum Entry<'a> {
+    File(&'a str, &'a [u8]),
+    Dir(&'a str),
+    Hard(&'a str, &'a str),
+    Symlink(&'a str, &'a str),
+}
+
+fn layer(entries: &[Entry]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for e in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_mtime(1_700_000_000);
+        let (name, data): (&str, &[u8]) = match e {
+            Entry::File(n, d) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(d.len() as u64);
+                (n, d)
+            }
+            Entry::Dir(n) => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_size(0);
+                (n, &[])
+            }
+            Entry::Hard(n, target) | Entry::Symlink(n, target) => {
+                h.set_entry_type(if matches!(e, Entry::Hard(..)) {
+                    tar::EntryType::Link
+                } else {
+                    tar::EntryType::Symlink
+                });
+                h.set_size(0);
+                // Raw bytes: the tar crate refuses `..` in names it is given.
+                let bytes = target.as_bytes();
+                h.as_old_mut().linkname[..bytes.len()].copy_from_slice(bytes);
+                (n, &[])
+            }
+        };
+        let bytes = name.as_bytes();
+        h.as_old_mut().name[..bytes.len()].copy_from_slice(bytes);
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// The busybox root filesystem as a layer.
+fn busybox_layer() -> Vec<u8> {
+    let dir = scratch("busybox-rootfs");
+    let rootfs = dir.join("rootfs");
+    husk_runtime::busybox::make_rootfs(&rootfs).unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    b.follow_symlinks(false);
+    b.mode(tar::HeaderMode::Deterministic);
+    b.append_dir_all(".", &rootfs).unwrap();
+    let tar = b.into_inner().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    tar
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+fn zstd(bytes: &[u8]) -> Vec<u8> {
+    let mut child = Command::new("zstd")
+        .args(["-q", "-c"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("zstd");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = bytes.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&input).unwrap());
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    out.stdout
+}
+
+/// An OCI image layout directory of `layers` ((tar, blob, media type),
+/// bottom first) named `name`; returns the manifest's digest.
+fn oci_layout(
+    dir: &Path,
+    name: &str,
+    layers: &[(Vec<u8>, Vec<u8>, &str)],
+    platform: (&str, &str),
+) -> String {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| {
+        let d = sha256(bytes);
+        std::fs::write(blobs.join(&d[7..]), bytes).unwrap();
+        d
+    };
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": platform.1, "os": platform.0,
+        "config": {"Env": ["PATH=/bin:/usr/bin", "FROM_IMAGE=yes"], "Cmd": ["sh"], "WorkingDir": "/data"},
+        "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|(tar, _, _)| sha256(tar)).collect::<Vec<_>>()},
+    }))
+    .unwrap();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(&config), "size": config.len()},
+        "layers": layers.iter().map(|(_, blob, t)| serde_json::json!({"mediaType": t, "digest": put(blob), "size": blob.len()})).collect::<Vec<_>>(),
+    }))
+    .unwrap();
+    let digest = put(&manifest);
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": digest, "size": manifest.len(),
+            "annotations": {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": "latest"},
+        }],
+    });
+    std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    digest
+}
+
+/// Pseudo-random bytes (incompressible, so a cut lands mid-blob).
+fn noise(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+const GZ: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+const ZST: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+const TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+
+/// A four-layer image: busybox (gzip); files, a hard link, 2 MiB of noise
+/// (gzip); whiteouts and an opaque directory over them (zstd); one more
+/// file (plain tar).
+fn layered_image(dir: &Path, name: &str) -> (String, String) {
+    let base = busybox_layer();
+    let big = noise(2 << 20);
+    let one = layer(&[
+        Entry::Dir("data/"),
+        Entry::File("data/a.txt", b"one\n"),
+        Entry::File("data/gone.txt", b"deleted above\n"),
+        Entry::Hard("data/hard", "data/a.txt"),
+        Entry::File("data/big.bin", &big),
+        Entry::Dir("opq/"),
+        Entry::File("opq/x", b"hidden by the opaque dir\n"),
+        Entry::Symlink("data/link", "/data/a.txt"),
+    ]);
+    let two = layer(&[
+        Entry::File("data/.wh.gone.txt", b""),
+        Entry::Dir("opq/"),
+        Entry::File("opq/.wh..wh..opq", b""),
+        Entry::File("opq/y", b"y\n"),
+        Entry::File("data/b.txt", b"two\n"),
+    ]);
+    let three = layer(&[Entry::File("data/c.txt", b"three\n")]);
+    let digest = oci_layout(
+        dir,
+        name,
+        &[
+            (base.clone(), gzip(&base), GZ),
+            (one.clone(), gzip(&one), GZ),
+            (two.clone(), zstd(&two), ZST),
+            (three.clone(), three.clone(), TAR),
+        ],
+        ("linux", "amd64"),
+    );
+    (digest, format!("{:x}", sha2::Sha256::digest(&big)))
+}
+
+#[test]
+fn pushed_with_skopeo_pulled_by_husk_through_a_cut_connection_and_run() {
+    let registry = Registry::start("layers");
+    let husk = Husk::new("layers");
+    let layout = scratch("layout");
+    let (digest, big_sum) = layered_image(&layout, "test/layers:latest");
+    let dest = format!("docker://{}/test/layers:latest", registry.host());
+    skopeo(&[
+        "copy",
+        "--preserve-digests",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:latest", layout.display()),
+        &dest,
+    ]);
+    let pushed = skopeo(&[
+        "inspect",
+        "--tls-verify=false",
+        "--format",
+        "{{.Digest}}",
+        &dest,
+    ]);
+    assert_eq!(pushed.trim(), digest, "skopeo kept the manifest as made");
+
+    // Through a proxy that cuts the first whole-blob download halfway:
+    // the pull resumes it with a Range request and verifies it.
+    let proxy = CuttingProxy::start(registry.port, 1 << 20);
+    let image = format!("127.0.0.1:{}/test/layers:latest", proxy.port);
+    let out = husk.run(&["pull", &image]);
+    let said = text(&out.stderr);
+    assert!(out.status.success(), "pull: {said}");
+    assert_eq!(text(&out.stdout).trim(), digest);
+    let seen = proxy.seen.lock().unwrap().clone();
+    let cut = seen
+        .iter()
+        .find(|l| l.starts_with("CUT "))
+        .expect("the proxy cut a download");
+    let blob = cut
+        .split("/blobs/")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(
+        seen.iter()
+            .any(|l| l.contains(&blob) && l.contains("[Range: bytes=")),
+        "no resumed request for {blob}: {seen:#?}"
+    );
+    assert!(said.contains("resuming at"), "{said}");
+    assert!(
+        husk.ok(&["images"])
+            .contains(&format!("127.0.0.1:{}/test/layers", proxy.port))
+    );
+
+    // Whiteouts, the opaque directory, the hard link and every layer's
+    // files, as the container sees them; the image's WorkingDir and Env.
+    let out = husk.ok(&[
+        "run",
+        "--rm",
+        &image,
+        "sh",
+        "-c",
+        "pwd; echo $FROM_IMAGE; cat a.txt b.txt c.txt link; ls /data; ls /opq; stat -c %h hard; sha256sum big.bin",
+    ]);
+    let want = format!(
+        "/data\nyes\none\ntwo\nthree\none\na.txt\nb.txt\nbig.bin\nc.txt\nhard\nlink\ny\n2\n{big_sum}  big.bin\n"
+    );
+    assert_eq!(out, want);
+    std::fs::remove_dir_all(&layout).unwrap();
+}
+
+#[test]
+fn husk_pushes_what_it_made_and_pulls_it_back() {
+    let registry = Registry::start("push");
+    let husk = Husk::new("push");
+    // The built-in busybox is made on first use, with no registry.
+    let hello = husk.ok(&["run", "--rm", "husk/busybox", "echo", "hello"]);
+    assert_eq!(hello, "hello\n");
+    let target = format!("{}/mine/busybox:v1", registry.host());
+    husk.ok(&["tag", "husk/busybox", &target]);
+    let digest = husk.ok(&["push", &target]).trim().to_owned();
+    let seen = skopeo(&[
+        "inspect",
+        "--tls-verify=false",
+        "--format",
+        "{{.Digest}}",
+        &format!("docker://{target}"),
+    ]);
+    assert_eq!(seen.trim(), digest);
+    // Pulled into another store: the same digest, and it runs.
+    let other = Husk::new("push-other");
+    assert_eq!(other.ok(&["pull", &target]).trim(), digest);
+    let id = other.ok(&["inspect", &target]);
+    assert!(id.contains(&digest), "{id}");
+}
+
+#[test]
+fn broken_registries_and_names_are_named() {
+    let registry = Registry::start("errors");
+    let husk = Husk::new("errors");
+    let e = husk.fails(&["pull", &format!("{}/nothing/here:latest", registry.host())]);
+    assert!(e.contains("nothing/here") && e.contains("404"), "{e}");
+    let down = format!("127.0.0.1:{}", free_port());
+    let e = husk.fails(&["pull", &format!("{down}/x:latest")]);
+    assert!(e.contains(&format!("cannot reach registry {down}")), "{e}");
+    let e = husk.fails(&["pull", "Bad_Name"]);
+    assert!(e.contains("invalid image reference \"Bad_Name\""), "{e}");
+
+    // An index with only an arm64 image, pushed to the registry.
+    let layout = scratch("arm");
+    let tar = layer(&[Entry::File("f", b"x")]);
+    oci_layout(
+        &layout,
+        "test/arm:latest",
+        &[(tar.clone(), tar, TAR)],
+        ("linux", "arm64"),
+    );
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let mut inner = index.clone();
+    inner["manifests"][0]["platform"] = serde_json::json!({"os": "linux", "architecture": "arm64"});
+    inner["mediaType"] = "application/vnd.oci.image.index.v1+json".into();
+    let inner = inner.to_string().into_bytes();
+    let inner_digest = sha256(&inner);
+    std::fs::write(layout.join("blobs/sha256").join(&inner_digest[7..]), &inner).unwrap();
+    let outer = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.index.v1+json", "digest": inner_digest, "size": inner.len(),
+        "annotations": {"io.containerd.image.name": "test/arm:latest", "org.opencontainers.image.ref.name": "latest"},
+    }]});
+    std::fs::write(layout.join("index.json"), outer.to_string()).unwrap();
+    let e = husk.fails(&["load", "-i", layout.to_str().unwrap()]);
+    assert!(
+        e.contains("no image for linux/amd64 (the index has linux/arm64)"),
+        "{e}"
+    );
+    skopeo(&[
+        "copy",
+        "--preserve-digests",
+        "--all",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:latest", layout.display()),
+        &format!("docker://{}/test/arm:latest", registry.host()),
+    ]);
+    let e = husk.fails(&["pull", &format!("{}/test/arm:latest", registry.host())]);
+    assert!(
+        e.contains("no image for linux/amd64 (the index has linux/arm64)"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&layout).unwrap();
+}
+
+#[test]
+fn hostile_and_corrupt_archives_are_refused() {
+    let husk = Husk::new("hostile");
+    let outside = scratch("outside");
+    for (name, entries, names) in [
+        (
+            "dotdot",
+            vec![Entry::File("../../escape", b"x")],
+            "../../escape",
+        ),
+        (
+            "absolute",
+            vec![Entry::File("/etc/evil", b"x")],
+            "/etc/evil",
+        ),
+        (
+            "symlink",
+            vec![
+                Entry::Symlink("link", outside.to_str().unwrap()),
+                Entry::File("link/planted", b"x"),
+            ],
+            "link/planted",
+        ),
+        (
+            "hardlink",
+            vec![Entry::Hard("h", "../../../etc/passwd")],
+            "\"h\"",
+        ),
+    ] {
+        let layout = scratch(&format!("hostile-{name}"));
+        let tar = layer(&entries);
+        oci_layout(
+            &layout,
+            &format!("test/{name}:latest"),
+            &[(tar.clone(), tar, TAR)],
+            ("linux", "amd64"),
+        );
+        let e = husk.fails(&["load", "-i", layout.to_str().unwrap()]);
+        assert!(e.contains(names), "{name}: {e}");
+        assert!(!husk.ok(&["images"]).contains(name), "{name} was named");
+        std::fs::remove_dir_all(&layout).unwrap();
+    }
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "a layer wrote outside"
+    );
+    let layers = husk.root.join("images/layers");
+    assert_eq!(
+        std::fs::read_dir(&layers).unwrap().count(),
+        0,
+        "a refused layer was kept"
+    );
+
+    // A blob whose content is not its digest.
+    let layout = scratch("corrupt");
+    let tar = layer(&[Entry::File("f", b"x")]);
+    oci_layout(
+        &layout,
+        "test/corrupt:latest",
+        &[(tar.clone(), tar.clone(), TAR)],
+        ("linux", "amd64"),
+    );
+    let d = sha256(&tar);
+    let mut bad = tar.clone();
+    bad[600] ^= 1;
+    std::fs::write(layout.join("blobs/sha256").join(&d[7..]), &bad).unwrap();
+    let e = husk.fails(&["load", "-i", layout.to_str().unwrap()]);
+    assert!(
+        e.contains(&format!("blobs/sha256/{}", &d[7..])) && e.contains("refused"),
+        "{e}"
+    );
+    // Not an archive at all.
+    let junk = layout.join("junk.tar");
+    std::fs::write(&junk, b"not a tar").unwrap();
+    let e = husk.fails(&["load", "-i", junk.to_str().unwrap()]);
+    assert!(e.contains("junk.tar"), "{e}");
+    std::fs::remove_dir_all(&layout).unwrap();
+    std::fs::remove_dir_all(&outside).unwrap();
+}
+
+#[test]
+fn two_pulls_at_once_store_the_image_once() {
+    let registry = Registry::start("race");
+    let husk = Husk::new("race");
+    let layout = scratch("race-layout");
+    let (digest, _) = layered_image(&layout, "test/race:latest");
+    skopeo(&[
+        "copy",
+        "--preserve-digests",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:latest", layout.display()),
+        &format!("docker://{}/test/race:latest", registry.host()),
+    ]);
+    let image = format!("{}/test/race:latest", registry.host());
+    let pulls: Vec<Child> = (0..2)
+        .map(|_| {
+            husk.cmd(&["pull", &image])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for p in pulls {
+        let out = common::output_within(p, Duration::from_secs(120), "pull");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout).trim(), digest);
+    }
+    let layers = std::fs::read_dir(husk.root.join("images/layers"))
+        .unwrap()
+        .count();
+    assert_eq!(layers, 4, "each layer unpacked once");
+    let ingest: Vec<_> = std::fs::read_dir(husk.root.join("images/ingest"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| !n.to_string_lossy().ends_with(".lock"))
+        .collect();
+    assert!(ingest.is_empty(), "downloads left: {ingest:?}");
+    std::fs::remove_dir_all(&layout).unwrap();
+}
+
+#[test]
+fn containers_of_one_image_keep_their_writes_apart() {
+    let husk = Husk::new("apart");
+    let volume = scratch("apart-volume");
+    let v = format!("{}:/data", volume.display());
+    let id = husk.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "writer",
+        "-v",
+        &v,
+        "husk/busybox",
+        "sh",
+        "-c",
+        "echo mine > /etc/written; echo kept > /data/kept; echo ready; sleep 600",
+    ]);
+    assert_eq!(id.trim().len(), 64, "run -d prints the ID: {id}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !husk.ok(&["logs", "writer"]).contains("ready") {
+        assert!(Instant::now() < deadline, "the writer did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        husk.ok(&["exec", "writer", "cat", "/etc/written"]),
+        "mine\n"
+    );
+    let ps = husk.ok(&["ps"]);
+    assert!(ps.contains("writer") && ps.contains("Up"), "{ps}");
+    // Another container of the image does not see it, nor does the image.
+    let out = husk.run(&["run", "--rm", "husk/busybox", "cat", "/etc/written"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let layers = husk.root.join("images/layers");
+    for layer in std::fs::read_dir(&layers).unwrap().flatten() {
+        assert!(
+            !layer.path().join("etc/written").exists(),
+            "the image was written"
+        );
+    }
+    // A running container is not removed without -f; stopped, it is.
+    let e = husk.fails(&["rm", "writer"]);
+    assert!(e.contains("container writer is running"), "{e}");
+    let e = husk.fails(&["rmi", "husk/busybox"]);
+    assert!(e.contains("used by container writer"), "{e}");
+    husk.ok(&["stop", "-t", "1", "writer"]);
+    let ps = husk.ok(&["ps", "-a"]);
+    assert!(ps.contains("writer") && ps.contains("Exited (137)"), "{ps}");
+    assert!(!husk.ok(&["ps"]).contains("writer"));
+    husk.ok(&["rm", "writer"]);
+    assert!(
+        !husk.root.join("docker/writer").exists(),
+        "its layer is left"
+    );
+    assert!(
+        husk.fails(&["logs", "writer"])
+            .contains("no such container: writer")
+    );
+    // The volume kept what was written to it.
+    assert_eq!(
+        std::fs::read_to_string(volume.join("kept")).unwrap(),
+        "kept\n"
+    );
+    let out = husk.ok(&["run", "--rm", "-v", &v, "husk/busybox", "cat", "/data/kept"]);
+    assert_eq!(out, "kept\n");
+    // Nothing uses the image now: rmi removes it and its blobs.
+    husk.ok(&["rmi", "husk/busybox"]);
+    assert_eq!(husk.ok(&["images", "-q"]), "");
+    assert_eq!(std::fs::read_dir(&layers).unwrap().count(), 0);
+    std::fs::remove_dir_all(&volume).unwrap();
+}
+
+#[test]
+fn saved_images_load_back_and_imports_run() {
+    let husk = Husk::new("save");
+    husk.ok(&["run", "--rm", "husk/busybox", "true"]);
+    let dir = scratch("save");
+    let archive = dir.join("busybox.tar");
+    husk.ok(&["save", "-o", archive.to_str().unwrap(), "husk/busybox"]);
+    let before = husk.ok(&["inspect", "husk/busybox"]);
+    husk.ok(&["rmi", "husk/busybox"]);
+    let loaded = husk.ok(&["load", "-i", archive.to_str().unwrap()]);
+    assert_eq!(loaded, "Loaded image: docker.io/husk/busybox:latest\n");
+    assert_eq!(
+        husk.ok(&["inspect", "husk/busybox"]),
+        before,
+        "the same image came back"
+    );
+    // docker's manifest.json in the same archive loads too (skopeo
+    // reads it as a docker-archive).
+    let seen = skopeo(&["inspect", &format!("docker-archive:{}", archive.display())]);
+    assert!(seen.contains("\"Architecture\": \"amd64\""), "{seen}");
+
+    // A root filesystem tarball made into an image, with the entrypoint
+    // and user given on the command line.
+    let rootfs = busybox_layer();
+    let tarball = dir.join("rootfs.tar.gz");
+    std::fs::write(&tarball, gzip(&rootfs)).unwrap();
+    husk.ok(&["import", tarball.to_str().unwrap(), "imported/box:1"]);
+    let out = husk.ok(&[
+        "run",
+        "--rm",
+        "--user",
+        "nobody",
+        "-e",
+        "GREETING=hi",
+        "-w",
+        "/tmp",
+        "--entrypoint",
+        "sh",
+        "imported/box:1",
+        "-c",
+        "echo $GREETING $(id -u) $(pwd)",
+    ]);
+    assert_eq!(out, "hi 65534 /tmp\n");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
