@@ -77,6 +77,7 @@ bench: kernel $(TEST_INITRAMFS) $(AGENT_INITRAMFS)
 	target/release/husk-bench-run --husk $(HUSK) --vmm $(VMM)
 	target/release/husk-bench-fs
 	target/release/husk-bench-ctr --husk $(HUSK)
+	target/release/husk-bench-image --husk $(HUSK)
 
 clean:
 	cargo clean

@@ -21,6 +21,8 @@ pkgs=(
 	# image tests: a local registry, skopeo to push to it and as the pull
 	# benchmark's baseline, zstd-compressed layers
 	docker-registry skopeo zstd
+	# htpasswd (bcrypt) for the registry the basic-auth test starts
+	apache2-utils
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -3,6 +3,12 @@
 
 pub use husk_vmm::timing::monotonic_ns;
 
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+
 /// QEMU microvm as the baselines run it: KVM, the CPU model that works on
 /// these hosts (../shared/HOST-KVM.md), no default devices or config.
 pub const QEMU_MICROVM: &[&str] = &[
@@ -91,3 +97,81 @@ pub fn row(name: &str, husk: &[Option<f64>], qemu: &[Option<f64>]) {
     };
     println!("| {name} | {h50} | {h90} | {q50} | {q90} | {ratio} |");
 }
+
+/// CPU time of a reaped child and its reaped descendants, and its status.
+pub fn wait_rusage(pid: u32) -> anyhow::Result<(i32, f64)> {
+    let mut status = 0;
+    // SAFETY: wait4 writes the status and a zeroed rusage.
+    let usage = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        if libc::wait4(pid as i32, &mut status, 0, &mut u) < 0 {
+            bail!("wait4: {}", std::io::Error::last_os_error());
+        }
+        u
+    };
+    let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Ok((
+        libc::WEXITSTATUS(status),
+        (s(usage.ru_utime) + s(usage.ru_stime)) * 1000.0,
+    ))
+}
+
+/// One timed run of a runtime.
+pub struct Sample {
+    /// Wall time.
+    pub wall_ms: f64,
+    /// CPU time outside the guest (husk with HUSK_TIMINGS only).
+    pub host_ms: Option<f64>,
+    /// vCPU time less the device models (husk only).
+    pub guest_ms: Option<f64>,
+}
+
+pub fn json_u64(path: &Path, key: &str) -> Option<f64> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    v.get(key)?.as_u64().map(|x| x as f64 / 1000.0)
+}
+
+/// Runs `cmd` to completion: wall time, and with `timings` (the
+/// `HUSK_TIMINGS` prefix husk was given) its host-side and guest time.
+pub fn one_run(runtime: &str, cmd: &mut Command, timings: Option<&Path>) -> anyhow::Result<Sample> {
+    let start = Instant::now();
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("start {runtime}"))?;
+    let pid = child.id();
+    let mut stderr = child.stderr;
+    let said = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(e) = stderr.as_mut() {
+            let _ = std::io::Read::read_to_string(e, &mut s);
+        }
+        s
+    });
+    let (code, cpu_ms) = wait_rusage(pid)?;
+    let wall_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let said = said.join().unwrap_or_default();
+    if code != 0 {
+        bail!("{runtime} exited {code}: {}", said.trim());
+    }
+    let (host_ms, guest_ms) = match timings {
+        Some(prefix) => {
+            let vmm = prefix.with_extension("vmm.json");
+            let vcpu = json_u64(&vmm, "vcpu_cpu_us");
+            let device = json_u64(&vmm, "device_us");
+            match (vcpu, device) {
+                (Some(v), Some(d)) => (Some(cpu_ms - (v - d)), Some(v - d)),
+                _ => (None, None),
+            }
+        }
+        None => (None, None),
+    };
+    Ok(Sample {
+        wall_ms,
+        host_ms,
+        guest_ms,
+    })
+}
+

@@ -8,12 +8,11 @@
 //! if the cache has none), then `--runs` measured runs, one after another.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::process::Command;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use husk_bench::percentile;
+use husk_bench::{one_run, percentile};
 
 #[derive(Parser)]
 #[command(about = "husk run vs crun, runc and runsc on a busybox bundle running `true`")]
@@ -30,77 +29,6 @@ struct Args {
     /// husk's root (its warm-start cache lives there).
     #[arg(long, default_value = "/var/lib/husk")]
     root: PathBuf,
-}
-
-/// CPU time of a reaped child and its reaped descendants, and its status.
-fn wait_rusage(pid: u32) -> anyhow::Result<(i32, f64)> {
-    let mut status = 0;
-    // SAFETY: wait4 writes the status and a zeroed rusage.
-    let usage = unsafe {
-        let mut u: libc::rusage = std::mem::zeroed();
-        if libc::wait4(pid as i32, &mut status, 0, &mut u) < 0 {
-            bail!("wait4: {}", std::io::Error::last_os_error());
-        }
-        u
-    };
-    let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    Ok((
-        libc::WEXITSTATUS(status),
-        (s(usage.ru_utime) + s(usage.ru_stime)) * 1000.0,
-    ))
-}
-
-struct Sample {
-    wall_ms: f64,
-    host_ms: Option<f64>,
-    guest_ms: Option<f64>,
-}
-
-fn json_u64(path: &Path, key: &str) -> Option<f64> {
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
-    v.get(key)?.as_u64().map(|x| x as f64 / 1000.0)
-}
-
-fn one_run(runtime: &str, cmd: &mut Command, timings: Option<&Path>) -> anyhow::Result<Sample> {
-    let start = Instant::now();
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("start {runtime}"))?;
-    let pid = child.id();
-    let mut stderr = child.stderr;
-    let said = std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(e) = stderr.as_mut() {
-            let _ = std::io::Read::read_to_string(e, &mut s);
-        }
-        s
-    });
-    let (code, cpu_ms) = wait_rusage(pid)?;
-    let wall_ms = start.elapsed().as_secs_f64() * 1000.0;
-    let said = said.join().unwrap_or_default();
-    if code != 0 {
-        bail!("{runtime} exited {code}: {}", said.trim());
-    }
-    let (host_ms, guest_ms) = match timings {
-        Some(prefix) => {
-            let vmm = prefix.with_extension("vmm.json");
-            let vcpu = json_u64(&vmm, "vcpu_cpu_us");
-            let device = json_u64(&vmm, "device_us");
-            match (vcpu, device) {
-                (Some(v), Some(d)) => (Some(cpu_ms - (v - d)), Some(v - d)),
-                _ => (None, None),
-            }
-        }
-        None => (None, None),
-    };
-    Ok(Sample {
-        wall_ms,
-        host_ms,
-        guest_ms,
-    })
 }
 
 fn stats(values: &[f64]) -> (f64, f64) {

@@ -114,12 +114,30 @@ struct Registry {
 
 impl Registry {
     fn start(name: &str) -> Self {
+        Self::start_with(name, None)
+    }
+
+    /// With basic auth for `user:password` (an htpasswd file made with
+    /// apache2-utils' htpasswd, bcrypt as the registry wants).
+    fn start_with(name: &str, basic: Option<(&str, &str)>) -> Self {
         let dir = scratch(&format!("registry-{name}"));
         let port = free_port();
-        let config = format!(
+        let mut config = format!(
             "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
             dir.join("storage").display()
         );
+        if let Some((user, password)) = basic {
+            let out = Command::new("htpasswd")
+                .args(["-Bbn", user, password])
+                .output()
+                .expect("htpasswd (apache2-utils; make test installs it)");
+            assert!(out.status.success());
+            std::fs::write(dir.join("htpasswd"), out.stdout).unwrap();
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: husk-test\n    path: {}\n",
+                dir.join("htpasswd").display()
+            ));
+        }
         std::fs::write(dir.join("config.yml"), config).unwrap();
         let log = std::fs::File::create(dir.join("registry.log")).unwrap();
         let child = Command::new("docker-registry")
@@ -531,6 +549,36 @@ fn husk_pushes_what_it_made_and_pulls_it_back() {
     assert_eq!(other.ok(&["pull", &target]).trim(), digest);
     let id = other.ok(&["inspect", &target]);
     assert!(id.contains(&digest), "{id}");
+}
+
+#[test]
+fn basic_auth_is_asked_for_and_given() {
+    let registry = Registry::start_with("auth", Some(("alice", "s3cret")));
+    let husk = Husk::new("auth");
+    husk.ok(&["run", "--rm", "husk/busybox", "true"]);
+    let target = format!("{}/private/busybox:latest", registry.host());
+    husk.ok(&["tag", "husk/busybox", &target]);
+    let e = husk.fails(&["push", &target]);
+    assert!(e.contains("asks for a user name and password"), "{e}");
+    let with = |husk: &Husk, auth: &str, args: &[&str]| {
+        let child = husk
+            .cmd(args)
+            .env("HUSK_REGISTRY_AUTH", auth)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        common::output_within(child, Duration::from_secs(60), "husk with credentials")
+    };
+    let pushed = with(&husk, "alice:s3cret", &["push", &target]);
+    assert!(pushed.status.success(), "{}", text(&pushed.stderr));
+    let other = Husk::new("auth-other");
+    let wrong = with(&other, "alice:wrong", &["pull", &target]);
+    assert!(!wrong.status.success());
+    assert!(text(&wrong.stderr).contains("refused after authenticating"), "{}", text(&wrong.stderr));
+    let pulled = with(&other, "alice:s3cret", &["pull", &target]);
+    assert!(pulled.status.success(), "{}", text(&pulled.stderr));
+    assert_eq!(text(&pulled.stdout), text(&pushed.stdout));
 }
 
 #[test]

@@ -168,7 +168,26 @@ pub fn record(
     }
     for (layer, diff_id) in layers.iter_mut().zip(diff_ids) {
         layer.diff_id = diff_id.clone();
-        store.unpack(layer)?;
+    }
+    // Layers unpack independently (each into its own directory): in
+    // parallel, as many at once as there are CPUs.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let next = std::sync::Mutex::new(layers.iter());
+    let failed = std::sync::Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..cpus.min(layers.len()) {
+            s.spawn(|| {
+                while let Some(layer) = next.lock().unwrap().next() {
+                    if let Err(e) = store.unpack(layer) {
+                        failed.lock().unwrap().get_or_insert(e);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failed.into_inner().unwrap() {
+        return Err(e.into());
     }
     let image = Image {
         name: image,

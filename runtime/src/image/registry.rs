@@ -194,6 +194,7 @@ impl Client {
                     let challenge = resp.header("WWW-Authenticate").unwrap_or("").to_owned();
                     self.authenticate(&challenge)?;
                 }
+                Err(ureq::Error::Status(401, _)) => break,
                 Err(ureq::Error::Status(code, resp)) => return Err(self.status(what, code, resp)),
                 Err(ureq::Error::Transport(t)) => {
                     return Err(RegistryError::Unreachable {
