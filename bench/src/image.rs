@@ -183,7 +183,12 @@ fn main() -> anyhow::Result<()> {
     let (_registry, port) = start_registry(&work.join("registry"))?;
     let image = format!("127.0.0.1:{port}/bench/big:latest");
     let pushed = Command::new("skopeo")
-        .args(["--insecure-policy", "copy", "--preserve-digests", "--dest-tls-verify=false"])
+        .args([
+            "--insecure-policy",
+            "copy",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+        ])
         .arg(format!("oci:{}:latest", layout.display()))
         .arg(format!("docker://{image}"))
         .output()?;
@@ -217,7 +222,10 @@ fn main() -> anyhow::Result<()> {
         std::fs::remove_dir_all(&dest)?;
     }
     row("husk pull (download, verify, unpack)", &mut husk);
-    row("skopeo copy to an OCI layout (download, verify)", &mut skopeo);
+    row(
+        "skopeo copy to an OCI layout (download, verify)",
+        &mut skopeo,
+    );
 
     // husk run of the image against husk run --bundle of the same files:
     // wall time (nearly all of it guest time here) and host-side time.
@@ -232,7 +240,11 @@ fn main() -> anyhow::Result<()> {
             .env("HUSK_TIMINGS", &timings);
         cmd
     };
-    one_run("husk", &mut husk(&["run", "--rm", "husk/busybox", "true"]), Some(&timings))?;
+    one_run(
+        "husk",
+        &mut husk(&["run", "--rm", "husk/busybox", "true"]),
+        Some(&timings),
+    )?;
     let bundle = work.join("bundle");
     husk_runtime::busybox::make_bundle(&bundle, &["true"]).map_err(anyhow::Error::msg)?;
     let bundle = bundle.display().to_string();
@@ -260,7 +272,11 @@ fn main() -> anyhow::Result<()> {
         let host = if host.is_empty() {
             " - | - ".to_owned()
         } else {
-            format!("{:.1} | {:.1}", percentile(&mut host, 50.0), percentile(&mut host, 90.0))
+            format!(
+                "{:.1} | {:.1}",
+                percentile(&mut host, 50.0),
+                percentile(&mut host, 90.0)
+            )
         };
         println!(
             "| {name} | {:.0} | {:.0} | {host} |",

@@ -174,4 +174,3 @@ pub fn one_run(runtime: &str, cmd: &mut Command, timings: Option<&Path>) -> anyh
         guest_ms,
     })
 }
-

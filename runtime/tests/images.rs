@@ -575,7 +575,11 @@ fn basic_auth_is_asked_for_and_given() {
     let other = Husk::new("auth-other");
     let wrong = with(&other, "alice:wrong", &["pull", &target]);
     assert!(!wrong.status.success());
-    assert!(text(&wrong.stderr).contains("refused after authenticating"), "{}", text(&wrong.stderr));
+    assert!(
+        text(&wrong.stderr).contains("refused after authenticating"),
+        "{}",
+        text(&wrong.stderr)
+    );
     let pulled = with(&other, "alice:s3cret", &["pull", &target]);
     assert!(pulled.status.success(), "{}", text(&pulled.stderr));
     assert_eq!(text(&pulled.stdout), text(&pushed.stdout));
