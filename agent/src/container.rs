@@ -360,6 +360,7 @@ pub fn create_plan(spec: &Spec, rootfs: &str, process: &Process) -> Result<Plan,
     };
     Ok(Plan {
         join: Vec::new(),
+        cgroup: None,
         unshare: unshare & !libc::CLONE_NEWPID,
         rootfs: Some(cstring(rootfs, "root")?),
         mounts,

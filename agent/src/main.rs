@@ -14,6 +14,7 @@
 //! The agent never comes from a container image: the runtime packs it into
 //! the initramfs.
 
+mod cgroup;
 mod container;
 mod setup;
 
@@ -131,6 +132,17 @@ fn key(id: &str, exec_id: &str) -> String {
 }
 
 /// A pipe whose both ends close on exec.
+/// The container's `cgroup.procs`, open for the child to join with.
+fn cgroup_procs(id: &str) -> Result<OwnedFd, String> {
+    let path = cgroup::dir(id).join("cgroup.procs");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&path)
+        .map(OwnedFd::from)
+        .map_err(|e| format!("open {}: {e}", path.display()))
+}
+
 fn pipe() -> std::io::Result<(File, File)> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills the two-element array.
@@ -272,13 +284,18 @@ impl Agent {
             Ok(r) => r,
             Err(e) => return error(e),
         };
-        let (pid_ns, plan) = match container::namespaces(&spec).and_then(|(_, pid)| {
+        let (pid_ns, mut plan) = match container::namespaces(&spec).and_then(|(_, pid)| {
             container::mount_rootfs(&rootfs, false)?;
             Ok((pid, container::create_plan(&spec, &rootfs, &process)?))
         }) {
             Ok(made) => made,
             Err(e) => return error(e),
         };
+        let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+        match cgroup::create(&id, resources).and_then(|()| cgroup_procs(&id)) {
+            Ok(fd) => plan.cgroup = Some(fd),
+            Err(e) => return error(format!("the container's resources: {e}")),
+        }
         // The container's stdio exists from now on: the host attaches to
         // it before `start`, as runc's `create` hands its stdio over.
         let (mut proc, child_ends) = match make_stdio(process.terminal) {
@@ -422,6 +439,7 @@ impl Agent {
                 .and_then(|(p, ns)| {
                     let plan = Plan {
                         join,
+                        cgroup: cgroup_procs(id).ok(),
                         terminal: process.terminal,
                         process: Some(p),
                         ..Default::default()
@@ -609,9 +627,26 @@ impl Agent {
                 }
             }
             Request::Ps { id } => self.ps(&id),
-            Request::Stats { .. } => Response::Error {
-                message: "stats are not supported by this agent yet".into(),
+            Request::Stats { id } => match cgroup::stats(&id) {
+                Ok(stats) => Response::Stats(stats),
+                Err(message) => Response::Error { message },
             },
+            Request::Update { id, resources } => {
+                if !self.containers.lock().unwrap().contains_key(&id) {
+                    return Response::Error {
+                        message: format!("no container {id:?}"),
+                    };
+                }
+                match serde_json::from_str::<oci_spec::runtime::LinuxResources>(&resources) {
+                    Ok(r) => match cgroup::apply(&id, &r) {
+                        Ok(()) => Response::Ok,
+                        Err(message) => Response::Error { message },
+                    },
+                    Err(e) => Response::Error {
+                        message: format!("the resources are not valid: {e}"),
+                    },
+                }
+            }
         }
     }
 
@@ -894,6 +929,9 @@ fn main() {
         }
         mount("proc", "/proc", "proc");
         mount("sysfs", "/sys", "sysfs");
+        if let Err(e) = cgroup::init() {
+            log(&format!("no cgroups for containers: {e}"));
+        }
         mount("devtmpfs", "/dev", "devtmpfs");
         mount("devpts", "/dev/pts", "devpts");
         mount("tmpfs", "/run", "tmpfs");

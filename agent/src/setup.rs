@@ -74,6 +74,8 @@ pub struct Plan {
     /// Namespaces to join (exec into a running container), with their
     /// `CLONE_NEW*` type.
     pub join: Vec<(OwnedFd, libc::c_int)>,
+    /// The container's cgroup's `cgroup.procs`: the child joins it first.
+    pub cgroup: Option<OwnedFd>,
     /// Namespaces to create (the PID namespace is made by the spawning
     /// thread: a process cannot move itself into a new one).
     pub unshare: libc::c_int,
@@ -431,6 +433,19 @@ fn set_identity(p: &ProcPlan, last_cap: u32) -> Result<(), Failed> {
 fn run(plan: &Plan, last_cap: u32) -> Result<(), Failed> {
     // SAFETY: each call below takes plain integers or valid C strings.
     unsafe {
+        if let Some(procs) = &plan.cgroup {
+            // "0" is the writing process: the child joins before it makes
+            // anything the limits should count.
+            let written = libc::write(
+                std::os::fd::AsRawFd::as_raw_fd(procs),
+                c"0".as_ptr().cast(),
+                1,
+            );
+            check(
+                || "join the container's cgroup".into(),
+                written as libc::c_int,
+            )?;
+        }
         if plan.terminal {
             check(|| "start a session".into(), libc::setsid())?;
             check(

@@ -262,10 +262,19 @@ pub enum Request {
         /// Container ID.
         id: String,
     },
-    /// Resource usage of the container.
+    /// Resource usage of the container; answered with
+    /// [`Response::Stats`].
     Stats {
         /// Container ID.
         id: String,
+    },
+    /// New resource limits for a running container (`husk update`).
+    Update {
+        /// Container ID.
+        id: String,
+        /// The OCI spec's `linux.resources`, as JSON: what it sets is
+        /// changed, what it leaves out is kept.
+        resources: String,
     },
     /// Power the guest off once every process's output is delivered.
     Shutdown,
@@ -305,6 +314,12 @@ pub struct Stats {
     pub memory_bytes: u64,
     /// Processes.
     pub pids: u64,
+    /// Processes the guest kernel's OOM killer killed in the container.
+    #[serde(default)]
+    pub oom_kills: u64,
+    /// The container's memory limit, bytes (None: no limit).
+    #[serde(default)]
+    pub memory_limit: Option<u64>,
 }
 
 /// The agent's answer to a [`Request`].
@@ -408,6 +423,10 @@ mod tests {
                 exec_id: String::new(),
             },
             Request::Stats { id: id() },
+            Request::Update {
+                id: id(),
+                resources: "{}".into(),
+            },
             Request::Ps { id: id() },
             Request::Shutdown,
         ] {
@@ -421,6 +440,8 @@ mod tests {
                 cpu_ns: 1,
                 memory_bytes: 2,
                 pids: 3,
+                oom_kills: 4,
+                memory_limit: Some(5),
             }),
             Response::Error {
                 message: "exec /nonexistent: no such file".into(),

@@ -60,6 +60,23 @@ pub fn place(rel: &Path, pids: &[u32]) -> Result<(), String> {
     Ok(())
 }
 
+/// Bounds the memory of everything in the cgroup `rel` (the VMM and the
+/// monitor): `memory.limit_in_bytes` in cgroup v1's memory hierarchy,
+/// `memory.max` in v2's, where the file exists.
+pub fn limit_memory(rel: &Path, bytes: u64) -> Result<(), String> {
+    for h in hierarchies() {
+        let dir = h.join(rel);
+        for file in ["memory.limit_in_bytes", "memory.max"] {
+            let path = dir.join(file);
+            if path.exists() {
+                std::fs::write(&path, bytes.to_string())
+                    .map_err(|e| format!("write {bytes} to {}: {e}", path.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Removes the cgroup `rel` (and its parents that are left empty and were
 /// made for it, up to the first that is not) from every hierarchy.
 pub fn remove(rel: &Path) {

@@ -77,6 +77,14 @@ pub enum LifecycleError {
     /// A signal name or number that is not one.
     #[error("{0:?} is not a signal")]
     BadSignal(String),
+    /// Resources a container's VM cannot give it.
+    #[error("container {id:?}: {message}")]
+    Resources {
+        /// Container ID.
+        id: String,
+        /// What cannot be given.
+        message: String,
+    },
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LifecycleError {
@@ -198,6 +206,23 @@ pub fn create(o: &CreateOptions) -> Result<Child, LifecycleError> {
         .canonicalize()
         .map_err(io("find the bundle", o.bundle))?;
     let bundle = Bundle::load(&bundle_dir)?;
+    crate::hooks::refuse_guest_hooks(&bundle.spec).map_err(|message| {
+        LifecycleError::Resources {
+            id: o.id.to_owned(),
+            message,
+        }
+    })?;
+    crate::sandbox::Shape::of(
+        bundle
+            .spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.resources().as_ref()),
+    )
+    .map_err(|message| LifecycleError::Resources {
+        id: o.id.to_owned(),
+        message,
+    })?;
     let containers = o.root.join("containers");
     std::fs::create_dir_all(&containers).map_err(io("create", &containers))?;
     let dir = state::dir(o.root, o.id);
@@ -224,6 +249,8 @@ pub fn create(o: &CreateOptions) -> Result<Child, LifecycleError> {
         error: None,
         process: Some(bundle.process()),
         cgroup: None,
+        shape: None,
+        oom_kills: None,
     };
     state.save(o.root).map_err(|e| cleanup(e.into()))?;
     let mut args = vec![o.id.to_owned()];
@@ -255,6 +282,16 @@ pub fn start(root: &Path, id: &str) -> Result<(), LifecycleError> {
         Response::Ok => {
             state.status = Status::Running;
             state.save(root)?;
+            // The spec: a failed poststart hook is a warning; the
+            // container runs on.
+            if let Ok(bundle) = Bundle::load(&state.bundle) {
+                let oci = state.oci_state().to_string();
+                if let Err(e) =
+                    crate::hooks::run(&bundle.spec, crate::hooks::Point::Poststart, &oci)
+                {
+                    eprintln!("husk: warning: {e}");
+                }
+            }
             Ok(())
         }
         Response::NotStarted { message, status } => {
@@ -385,7 +422,22 @@ pub fn delete(root: &Path, id: &str, force: bool) -> Result<(), LifecycleError> 
         crate::cgroup::remove(rel);
     }
     let dir = state::dir(root, id);
-    std::fs::remove_dir_all(&dir).map_err(io("remove", &dir))
+    std::fs::remove_dir_all(&dir).map_err(io("remove", &dir))?;
+    // poststop hooks: after the container's resources are gone; a failure
+    // is a warning. (A bundle removed already has no hooks to run.)
+    if let Ok(bundle) = Bundle::load(&state.bundle) {
+        let mut oci = state.oci_state();
+        oci["status"] = "stopped".into();
+        oci["pid"] = 0.into();
+        if let Err(e) = crate::hooks::run(
+            &bundle.spec,
+            crate::hooks::Point::Poststop,
+            &oci.to_string(),
+        ) {
+            eprintln!("husk: warning: {e}");
+        }
+    }
+    Ok(())
 }
 
 /// `pause` / `resume`: the container's VM stopped or continued.
@@ -427,6 +479,67 @@ pub fn ps(root: &Path, id: &str) -> Result<Vec<i32>, LifecycleError> {
     match control.ask(&Request::Ps { id: id.into() })? {
         Response::Pids { pids } => Ok(pids),
         Response::Error { message } => Err(SandboxError::Refused(message).into()),
+        other => Err(SandboxError::Refused(format!("unexpected answer {other:?}")).into()),
+    }
+}
+
+/// Resource usage of a running container, from its cgroup in the guest.
+pub fn stats(root: &Path, id: &str) -> Result<husk_protocol::Stats, LifecycleError> {
+    let state = ContainerState::load(root, id)?;
+    match state.status() {
+        Status::Running | Status::Paused | Status::Created => {}
+        _ => return Err(wrong(&state, "only a live container has stats")),
+    }
+    let mut control = Agent::at(&state::dir(root, id)).control()?;
+    match control.ask(&Request::Stats { id: id.into() })? {
+        Response::Stats(stats) => Ok(stats),
+        Response::Error { message } => Err(SandboxError::Refused(message).into()),
+        other => Err(SandboxError::Refused(format!("unexpected answer {other:?}")).into()),
+    }
+}
+
+/// `update`: new limits for a created, running or paused container,
+/// applied to its cgroup in the guest. Its VM keeps its size: a memory
+/// limit the VM cannot hold is refused (memory is not hot-plugged).
+pub fn update(
+    root: &Path,
+    id: &str,
+    resources: &oci_spec::runtime::LinuxResources,
+) -> Result<(), LifecycleError> {
+    let state = ContainerState::load(root, id)?;
+    match state.status() {
+        Status::Running | Status::Paused | Status::Created => {}
+        _ => return Err(wrong(&state, "only a live container can be updated")),
+    }
+    let shape = state.shape.unwrap_or_default();
+    if let Some(limit) = resources
+        .memory()
+        .as_ref()
+        .and_then(|m| m.limit())
+        .filter(|&l| l > 0)
+    {
+        if limit as u64 > shape.memory_limit_max() {
+            return Err(LifecycleError::Resources {
+                id: id.into(),
+                message: format!(
+                    "a memory limit of {limit} bytes needs a bigger VM: it has {} MiB, so at most {} bytes (memory is not hot-plugged)",
+                    shape.memory_mib,
+                    shape.memory_limit_max()
+                ),
+            });
+        }
+    }
+    let json = serde_json::to_string(resources).expect("resources serialise");
+    let mut control = Agent::at(&state::dir(root, id)).control()?;
+    match control.ask(&Request::Update {
+        id: id.into(),
+        resources: json,
+    })? {
+        Response::Ok => Ok(()),
+        Response::Error { message } => Err(LifecycleError::Resources {
+            id: id.into(),
+            message,
+        }),
         other => Err(SandboxError::Refused(format!("unexpected answer {other:?}")).into()),
     }
 }

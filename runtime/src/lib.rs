@@ -11,6 +11,7 @@ pub mod busybox;
 pub mod cgroup;
 pub mod container;
 pub mod docker;
+pub mod hooks;
 pub mod image;
 pub mod initramfs;
 pub mod monitor;

@@ -230,17 +230,30 @@ enum Command {
     },
     /// Print what this runtime supports (JSON, as `runc features`).
     Features,
-    /// Change a container's resources.
+    /// Change a running container's resources (applied in its guest; its
+    /// VM keeps its size).
     Update {
-        /// A JSON file of linux resources.
+        /// A JSON file of linux resources (`-`: stdin), as runc takes.
         #[arg(long, short)]
         resources: Option<PathBuf>,
-        /// Memory limit, bytes.
-        #[arg(long)]
+        /// Memory limit (bytes, or 512m, 1g).
+        #[arg(long, short)]
         memory: Option<String>,
-        /// CPU quota.
+        /// Memory soft limit (bytes, or 512m, 1g).
         #[arg(long)]
-        cpu_quota: Option<String>,
+        memory_reservation: Option<String>,
+        /// CPU CFS quota, microseconds per period.
+        #[arg(long)]
+        cpu_quota: Option<i64>,
+        /// CPU CFS period, microseconds.
+        #[arg(long)]
+        cpu_period: Option<u64>,
+        /// CPU shares (relative weight).
+        #[arg(long)]
+        cpu_share: Option<u64>,
+        /// Most processes.
+        #[arg(long)]
+        pids_limit: Option<i64>,
         /// Container ID.
         id: String,
     },
@@ -746,9 +759,13 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             id,
         } => {
             let every = interval(&every).context("--interval")?;
+            let mut ooms = None;
             loop {
                 let state = ContainerState::load(root, &id)?;
                 if state.status() == state::Status::Stopped {
+                    if !stats && state.oom_kills.unwrap_or(0) > ooms.unwrap_or(0) {
+                        println!("{}", serde_json::json!({"type": "oom", "id": id}));
+                    }
                     if !stats {
                         println!(
                             "{}",
@@ -757,12 +774,24 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                     }
                     return Ok(0);
                 }
-                if stats {
-                    let pids = container::ps(root, &id).unwrap_or_default();
-                    println!(
-                        "{}",
-                        serde_json::json!({"type": "stats", "id": id, "data": {"pids": {"current": pids.len()}}})
-                    );
+                // Stats as runc prints them; an OOM kill in the container's
+                // cgroup (in its guest) as runc's "oom" event.
+                if let Ok(s) = container::stats(root, &id) {
+                    if stats {
+                        println!(
+                            "{}",
+                            serde_json::json!({"type": "stats", "id": id, "data": {
+                                "cpu": {"usage": {"total": s.cpu_ns}},
+                                "memory": {"usage": {"usage": s.memory_bytes, "limit": s.memory_limit}},
+                                "pids": {"current": s.pids},
+                            }})
+                        );
+                    } else if ooms.is_some_and(|seen| s.oom_kills > seen)
+                        || (ooms.is_none() && s.oom_kills > 0)
+                    {
+                        println!("{}", serde_json::json!({"type": "oom", "id": id}));
+                    }
+                    ooms = Some(s.oom_kills);
                 }
                 std::io::stdout().flush()?;
                 std::thread::sleep(every);
@@ -775,13 +804,61 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             );
             Ok(0)
         }
-        Command::Update { id, .. } => {
-            let state = ContainerState::load(root, &id)?;
-            anyhow::bail!(
-                "container {:?} ({}): changing a running VM's memory or CPUs is not supported yet",
-                id,
-                state.status()
-            )
+        Command::Update {
+            resources,
+            memory,
+            memory_reservation,
+            cpu_quota,
+            cpu_period,
+            cpu_share,
+            pids_limit,
+            id,
+        } => {
+            let mut r: oci_spec::runtime::LinuxResources = match resources {
+                Some(path) => {
+                    let json = if path == Path::new("-") {
+                        std::io::read_to_string(std::io::stdin())?
+                    } else {
+                        std::fs::read_to_string(&path)
+                            .with_context(|| format!("cannot read {}", path.display()))?
+                    };
+                    serde_json::from_str(&json).context("--resources")?
+                }
+                None => Default::default(),
+            };
+            let bytes = |s: &str, what: &str| {
+                husk_runtime::docker::parse_bytes(s).with_context(|| what.to_owned())
+            };
+            if memory.is_some() || memory_reservation.is_some() {
+                let mut m = (*r.memory()).unwrap_or_default();
+                if let Some(v) = &memory {
+                    m.set_limit(Some(bytes(v, "--memory")?));
+                }
+                if let Some(v) = &memory_reservation {
+                    m.set_reservation(Some(bytes(v, "--memory-reservation")?));
+                }
+                r.set_memory(Some(m));
+            }
+            if cpu_quota.is_some() || cpu_period.is_some() || cpu_share.is_some() {
+                let mut c = r.cpu().clone().unwrap_or_default();
+                if cpu_quota.is_some() {
+                    c.set_quota(cpu_quota);
+                }
+                if cpu_period.is_some() {
+                    c.set_period(cpu_period);
+                }
+                if cpu_share.is_some() {
+                    c.set_shares(cpu_share);
+                }
+                r.set_cpu(Some(c));
+            }
+            if let Some(limit) = pids_limit {
+                let mut p = oci_spec::runtime::LinuxPids::default();
+                p.set_limit(limit);
+                r.set_pids(Some(p));
+            }
+            container::update(root, &id, &r)?;
+            Ok(0)
         }
         Command::Spec { bundle } => {
             let path = bundle.join("config.json");

@@ -282,7 +282,15 @@ pub fn container(root: &Path, bins: &Binaries, id: &str, terminal: &Terminal) ->
             read_only: bundle.readonly,
         }];
         shares.extend(volumes);
-        let mut sandbox = Sandbox::start(root, bins, &dir, &shares).map_err(|e| e.to_string())?;
+        let resources = bundle
+            .spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.resources().as_ref());
+        let shape = crate::sandbox::Shape::of(resources)?;
+        let mut sandbox =
+            Sandbox::start(root, bins, &dir, &shares, shape).map_err(|e| e.to_string())?;
+        state.shape = Some(shape);
         phases.mark("vmm_started");
         let explain = |sandbox: &mut Sandbox, e: SandboxError| {
             format!("{:#}", anyhow::Error::from(sandbox.explain(e)))
@@ -306,6 +314,14 @@ pub fn container(root: &Path, bins: &Binaries, id: &str, terminal: &Terminal) ->
             return Err(explain(&mut sandbox, e));
         }
         phases.mark("created");
+        // createRuntime and prestart hooks: the VM is up and the process
+        // made; a failure fails `create`.
+        {
+            let mut oci = state.oci_state();
+            oci["status"] = "creating".into();
+            oci["pid"] = std::process::id().into();
+            crate::hooks::run(&bundle.spec, crate::hooks::Point::Create, &oci.to_string())?;
+        }
         let terminal = if process.terminal {
             terminal.clone()
         } else {
@@ -334,7 +350,20 @@ pub fn container(root: &Path, bins: &Binaries, id: &str, terminal: &Terminal) ->
                 .into_iter()
                 .flatten()
                 .collect();
-            if let Err(e) = crate::cgroup::place(&rel, &pids) {
+            let limited = resources
+                .and_then(|r| r.memory().as_ref())
+                .and_then(|m| m.limit())
+                .filter(|&l| l > 0);
+            let placed = crate::cgroup::place(&rel, &pids).and_then(|()| match limited {
+                // The VM's memory and the VMM's own: a container at its
+                // limit is OOM-killed in its guest, not its VMM on the host.
+                Some(_) => crate::cgroup::limit_memory(
+                    &rel,
+                    (shape.memory_mib + crate::sandbox::VMM_RESERVE_MIB) << 20,
+                ),
+                None => Ok(()),
+            });
+            if let Err(e) = placed {
                 crate::cgroup::remove(&rel);
                 return Err(e);
             }
@@ -356,10 +385,15 @@ pub fn container(root: &Path, bins: &Binaries, id: &str, terminal: &Terminal) ->
     let waited = wait_status(&mut control, id, "");
     phases.mark("exited");
     let mut error = None;
+    let mut oom_kills = None;
     let status = match waited {
         Ok(status) => {
             for output in outputs {
                 let _ = output.join();
+            }
+            // What the guest's OOM killer did, for `events` after the end.
+            if let Ok(Response::Stats(stats)) = control.ask(&Request::Stats { id: id.into() }) {
+                oom_kills = Some(stats.oom_kills);
             }
             let _ = std::io::stdout().flush();
             let _ = control.send(&Request::Shutdown);
@@ -378,6 +412,7 @@ pub fn container(root: &Path, bins: &Binaries, id: &str, terminal: &Terminal) ->
         state.status = Status::Stopped;
         state.exit_status = Some(status);
         state.error = error;
+        state.oom_kills = oom_kills;
         let _ = state.save(root);
     }
     status

@@ -123,18 +123,92 @@ pub fn vmm_api(state_dir: &Path, action: &str) -> Result<(), SandboxError> {
     }
 }
 
-/// The VM shape of a container guest.
+/// The VM shape of a container guest with no CPU limit.
 pub const VCPUS: u8 = 1;
-/// Guest memory of a container guest, MiB.
+/// Guest memory of a container guest with no memory limit (or a small
+/// one), MiB.
 pub const MEMORY_MIB: u64 = 256;
+/// What the guest's kernel and agent need beside the container's limit,
+/// MiB.
+pub const GUEST_RESERVE_MIB: u64 = 64;
+/// Guest memory is a multiple of this, MiB: few shapes, so few warm-start
+/// snapshots.
+pub const MEMORY_STEP_MIB: u64 = 256;
+/// The most memory husk gives a VM, MiB.
+pub const MAX_MEMORY_MIB: u64 = 16 << 10;
+/// The most vCPUs husk gives a VM.
+pub const MAX_VCPUS: u8 = 8;
+/// What the VMM process itself needs beside guest memory, for the host
+/// cgroup's limit, MiB.
+pub const VMM_RESERVE_MIB: u64 = 64;
+
+/// The size of a container's VM: what its spec's limits need (docs/
+/// runtime.md, "Resources"). The guest enforces the limits themselves in
+/// the container's cgroup; the VM only has to hold them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Shape {
+    /// vCPUs: the CPU quota rounded up (1 without one).
+    pub vcpus: u8,
+    /// Guest memory, MiB: the memory limit and the guest's reserve, rounded
+    /// up to 256 MiB (256 without a limit).
+    pub memory_mib: u64,
+}
+
+impl Default for Shape {
+    fn default() -> Self {
+        Self {
+            vcpus: VCPUS,
+            memory_mib: MEMORY_MIB,
+        }
+    }
+}
+
+impl Shape {
+    /// The shape `resources` need.
+    pub fn of(resources: Option<&oci_spec::runtime::LinuxResources>) -> Result<Self, String> {
+        let mut shape = Self::default();
+        let Some(r) = resources else {
+            return Ok(shape);
+        };
+        if let Some(limit) = r
+            .memory()
+            .as_ref()
+            .and_then(|m| m.limit())
+            .filter(|&l| l > 0)
+        {
+            let need = (limit as u64).div_ceil(1 << 20) + GUEST_RESERVE_MIB;
+            let mib = need.div_ceil(MEMORY_STEP_MIB) * MEMORY_STEP_MIB;
+            if mib > MAX_MEMORY_MIB {
+                return Err(format!(
+                    "linux.resources.memory.limit {limit}: more than husk gives a VM ({} GiB)",
+                    MAX_MEMORY_MIB >> 10
+                ));
+            }
+            shape.memory_mib = mib.max(MEMORY_MIB);
+        }
+        if let Some(cpu) = r.cpu() {
+            if let Some(quota) = cpu.quota().filter(|&q| q > 0) {
+                let period = cpu.period().filter(|&p| p > 0).unwrap_or(100_000);
+                let cpus = (quota as u64).div_ceil(period);
+                shape.vcpus = cpus.clamp(1, u64::from(MAX_VCPUS)) as u8;
+            }
+        }
+        Ok(shape)
+    }
+
+    /// The most memory a container of this VM may be given (`update`).
+    pub fn memory_limit_max(&self) -> u64 {
+        (self.memory_mib - GUEST_RESERVE_MIB) << 20
+    }
+}
 
 /// The warm-start image of container guests made from `bins`.
-pub fn guest_image(bins: &Binaries) -> GuestImage {
+pub fn guest_image(bins: &Binaries, shape: Shape) -> GuestImage {
     GuestImage {
         kernel: bins.kernel.clone(),
         initramfs: bins.initramfs.clone(),
-        vcpus: VCPUS,
-        memory_mib: MEMORY_MIB,
+        vcpus: shape.vcpus,
+        memory_mib: shape.memory_mib,
         ready_mark: husk_protocol::READY_MARK,
         vsock: true,
         shares: std::iter::once(husk_protocol::ROOTFS_TAG)
@@ -190,8 +264,9 @@ impl Sandbox {
         bins: &Binaries,
         state_dir: &Path,
         shares: &[Share],
+        shape: Shape,
     ) -> Result<Self, SandboxError> {
-        let (snapshot, _) = warm::snapshot(root, &bins.vmm, &guest_image(bins))?;
+        let (snapshot, _) = warm::snapshot(root, &bins.vmm, &guest_image(bins, shape))?;
         let socket = state_dir.join(VSOCK_SOCKET);
         let stderr_log = state_dir.join("vmm.log");
         let console = state_dir.join("console.log");

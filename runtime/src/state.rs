@@ -114,6 +114,12 @@ pub struct ContainerState {
     /// The host cgroup (relative path) the VMM and monitor were put in.
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
+    /// The size of its VM.
+    #[serde(default)]
+    pub shape: Option<crate::sandbox::Shape>,
+    /// OOM kills in the container's guest cgroup, recorded when it ended.
+    #[serde(default)]
+    pub oom_kills: Option<u64>,
 }
 
 /// Errors reading or writing container state.
@@ -251,6 +257,8 @@ mod tests {
             error: None,
             process: None,
             cgroup: None,
+            shape: None,
+            oom_kills: None,
         };
         assert_eq!(state.status(), Status::Running);
         assert_eq!(state.oci_state()["pid"], me.pid);
@@ -285,6 +293,8 @@ mod tests {
             error: None,
             process: None,
             cgroup: None,
+            shape: None,
+            oom_kills: None,
         };
         state.save(&root).unwrap();
         let back = ContainerState::load(&root, "c1").unwrap();

@@ -399,3 +399,221 @@ fn the_vm_sits_in_the_specs_cgroup_until_delete() {
     assert!(!Path::new("/sys/fs/cgroup/memory").join(&path[1..]).exists());
     nothing_left(&id, &[recorded.monitor.unwrap(), recorded.vmm.unwrap()]);
 }
+
+/// The spec's limits, applied in the container's cgroup in its guest:
+/// what the container sees, `update` changing them (and refusing what the
+/// VM cannot hold), `events --stats`, and an OOM kill as runc's `oom`
+/// event, with the host's cgroup bounding the VM.
+#[test]
+fn limits_are_the_specs_and_update_changes_them() {
+    let cgroups_path = format!("/husk-test/limits-{}", std::process::id());
+    let b = Bundle::new(
+        "limits",
+        &["sh", "-c", "cat /proc/self/cgroup; sleep 600"],
+        |spec| {
+            let mut linux = spec.linux().clone().unwrap_or_default();
+            let r: oci_spec::runtime::LinuxResources = serde_json::from_value(serde_json::json!({
+                "memory": {"limit": 48 << 20},
+                "cpu": {"quota": 50000, "period": 100000, "shares": 1024},
+                "pids": {"limit": 64},
+            }))
+            .unwrap();
+            linux.set_resources(Some(r));
+            linux.set_cgroups_path(Some(cgroups_path.clone().into()));
+            spec.set_linux(Some(linux));
+        },
+    );
+    let bundle = b.0.to_str().unwrap();
+    let cid = id("limits");
+    ok(&["run", "-d", "--bundle", bundle, &cid]);
+    // The spec's cgroup namespace: the container sees its own cgroup as
+    // the root of /sys/fs/cgroup.
+    let read = |file: &str| ok(&["exec", &cid, "cat", &format!("/sys/fs/cgroup/{file}")]);
+    assert_eq!(read("memory.max"), format!("{}\n", 48 << 20));
+    assert_eq!(read("cpu.max"), "50000 100000\n");
+    assert_eq!(read("cpu.weight"), "39\n");
+    assert_eq!(read("pids.max"), "64\n");
+    // Exec'd processes are in the container's cgroup too (its root).
+    assert_eq!(ok(&["exec", &cid, "cat", "/proc/self/cgroup"]), "0::/\n");
+    assert_eq!(
+        read("cgroup.procs").lines().count(),
+        2,
+        "sleep (sh execs its last command) and cat"
+    );
+    // The VM has the default 256 MiB; its host cgroup bounds it (and the
+    // VMM's own) when the spec limits memory.
+    let rel = cgroups_path.trim_start_matches('/');
+    let v1 = Path::new("/sys/fs/cgroup/memory")
+        .join(rel)
+        .join("memory.limit_in_bytes");
+    let v2 = Path::new("/sys/fs/cgroup").join(rel).join("memory.max");
+    let limit = std::fs::read_to_string(&v1)
+        .or_else(|_| std::fs::read_to_string(&v2))
+        .expect("the VMM's memory cgroup");
+    assert_eq!(limit.trim(), ((256u64 + 64) << 20).to_string());
+
+    ok(&["update", "--memory", "32m", "--pids-limit", "10", &cid]);
+    assert_eq!(read("memory.max"), format!("{}\n", 32 << 20));
+    assert_eq!(read("pids.max"), "10\n");
+    refused(
+        &["update", "--memory", "1g", &cid],
+        "needs a bigger VM: it has 256 MiB",
+    );
+    assert_eq!(
+        read("memory.max"),
+        format!("{}\n", 32 << 20),
+        "a refused update changed nothing"
+    );
+
+    let mut events = Command::new(HUSK)
+        .arg("--root")
+        .arg(root())
+        .args(["events", "--stats", "--interval", "100ms", &cid])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(events.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let _ = events.kill();
+    let _ = events.wait();
+    let stats: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(stats["type"], "stats", "{line}");
+    assert_eq!(
+        stats["data"]["memory"]["usage"]["limit"],
+        32 << 20,
+        "{line}"
+    );
+    assert!(
+        stats["data"]["pids"]["current"].as_u64() >= Some(1),
+        "{line}"
+    );
+    assert!(
+        stats["data"]["memory"]["usage"]["usage"].as_u64() > Some(0),
+        "{line}"
+    );
+    ok(&["kill", &cid, "KILL"]);
+    wait_for_status(&cid, "stopped");
+    ok(&["delete", &cid]);
+}
+
+#[test]
+fn a_container_past_its_memory_limit_is_oom_killed_and_reported() {
+    let b = Bundle::new(
+        "oom",
+        // 16 MiB in one buffer under a 4 MiB limit (small: every page the
+        // guest kernel faults in is emulated here).
+        &["dd", "if=/dev/zero", "of=/dev/null", "bs=16M", "count=1"],
+        |spec| {
+            let mut linux = spec.linux().clone().unwrap_or_default();
+            let r: oci_spec::runtime::LinuxResources =
+                serde_json::from_value(serde_json::json!({"memory": {"limit": 4 << 20}})).unwrap();
+            linux.set_resources(Some(r));
+            spec.set_linux(Some(linux));
+        },
+    );
+    let cid = id("oom");
+    let created = husk(&["create", "--bundle", b.0.to_str().unwrap(), &cid]);
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    let events = Command::new(HUSK)
+        .arg("--root")
+        .arg(root())
+        .args(["events", "--interval", "100ms", &cid])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    ok(&["start", &cid]);
+    let out = common::output_within(events, Duration::from_secs(60), "husk events");
+    let said = text(&out.stdout);
+    assert!(
+        said.contains(&format!("{{\"id\":\"{cid}\",\"type\":\"oom\"}}")),
+        "{said}"
+    );
+    assert!(said.contains("\"status\":137"), "{said}");
+    ok(&["delete", &cid]);
+}
+
+#[test]
+fn hooks_run_on_the_host_at_their_points() {
+    let dir = std::env::temp_dir().join(format!("husk-hooks-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let hook = |name: &str| {
+        serde_json::json!({
+            "path": "/bin/sh",
+            "args": ["sh", "-c", format!("cat > {}/{name}.json; echo $HOOK_ENV > {}/{name}.env", dir.display(), dir.display())],
+            "env": ["HOOK_ENV=from-the-spec"],
+        })
+    };
+    let hooks = serde_json::json!({
+        "createRuntime": [hook("createRuntime")],
+        "prestart": [hook("prestart")],
+        "poststart": [hook("poststart")],
+        "poststop": [hook("poststop")],
+    });
+    let b = Bundle::new("hooks", &["true"], |spec| {
+        spec.set_hooks(Some(serde_json::from_value(hooks.clone()).unwrap()));
+    });
+    let bundle = b.0.to_str().unwrap();
+    let cid = id("hooks");
+    ok(&["create", "--bundle", bundle, &cid]);
+    let state = |name: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.json"))).unwrap()).unwrap()
+    };
+    for name in ["createRuntime", "prestart"] {
+        let s = state(name);
+        assert_eq!(
+            (s["id"].as_str(), s["status"].as_str()),
+            (Some(cid.as_str()), Some("creating"))
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join(format!("{name}.env"))).unwrap(),
+            "from-the-spec\n"
+        );
+    }
+    assert!(!dir.join("poststart.json").exists());
+    ok(&["start", &cid]);
+    assert_eq!(state("poststart")["status"], "running");
+    wait_for_status(&cid, "stopped");
+    assert!(!dir.join("poststop.json").exists());
+    ok(&["delete", &cid]);
+    assert_eq!(state("poststop")["status"], "stopped");
+
+    // A failing createRuntime hook fails create, naming it; nothing is
+    // left.
+    let b = Bundle::new("hooks-fail", &["true"], |spec| {
+        spec.set_hooks(Some(
+            serde_json::from_value(serde_json::json!({"createRuntime": [
+                {"path": "/bin/sh", "args": ["sh", "-c", "echo no way >&2; exit 3"]}
+            ]}))
+            .unwrap(),
+        ));
+    });
+    let cid = id("hooks-fail");
+    refused(
+        &["create", "--bundle", b.0.to_str().unwrap(), &cid],
+        "createRuntime hook /bin/sh failed: exit status: 3: no way",
+    );
+    assert!(!husk_runtime::state::dir(&root(), &cid).exists());
+    // Hooks that would run inside the guest are refused by name.
+    let b = Bundle::new("hooks-guest", &["true"], |spec| {
+        spec.set_hooks(Some(
+            serde_json::from_value(serde_json::json!({"startContainer": [{"path": "/bin/true"}]}))
+                .unwrap(),
+        ));
+    });
+    refused(
+        &[
+            "create",
+            "--bundle",
+            b.0.to_str().unwrap(),
+            &id("hooks-guest"),
+        ],
+        "hooks.startContainer",
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -315,7 +315,7 @@ fn a_warm_snapshot_with_a_share_is_not_restored_without_one() {
     let root = root();
     let bins =
         husk_runtime::binaries::locate_near(&root, Path::new(HUSK).parent().unwrap()).unwrap();
-    let image = husk_runtime::sandbox::guest_image(&bins);
+    let image = husk_runtime::sandbox::guest_image(&bins, husk_runtime::sandbox::Shape::default());
     let (snap, _) = husk_runtime::warm::snapshot(&root, &bins.vmm, &image).unwrap();
     let dir = std::env::temp_dir().join(format!("husk-noshare-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
