@@ -52,8 +52,13 @@ struct Proc {
 }
 
 /// A process's stdio: the agent's ends in a [`Proc`], and the child's.
-fn make_stdio(terminal: bool) -> std::io::Result<(Proc, [File; 3])> {
+fn make_stdio(terminal: bool, stdin_null: bool) -> std::io::Result<(Proc, [File; 3])> {
     let mut proc = Proc::default();
+    if stdin_null && !terminal {
+        let (mut proc, [_, out, err]) = make_stdio(false, false)?;
+        proc.stdin = None;
+        return Ok((proc, [File::open("/dev/null")?, out, err]));
+    }
     if terminal {
         let (master, slave) = openpty()?;
         proc.terminal = Some(master);
@@ -298,7 +303,7 @@ impl Agent {
         }
         // The container's stdio exists from now on: the host attaches to
         // it before `start`, as runc's `create` hands its stdio over.
-        let (mut proc, child_ends) = match make_stdio(process.terminal) {
+        let (mut proc, child_ends) = match make_stdio(process.terminal, process.stdin_null) {
             Ok(made) => made,
             Err(e) => return error(format!("the container's stdio: {e}")),
         };
@@ -365,9 +370,10 @@ impl Agent {
             };
         }
         let stdio = |process: &Process| -> Result<[File; 3], Response> {
-            let (proc, ends) = make_stdio(process.terminal).map_err(|e| Response::Error {
-                message: format!("stdio: {e}"),
-            })?;
+            let (proc, ends) =
+                make_stdio(process.terminal, process.stdin_null).map_err(|e| Response::Error {
+                    message: format!("stdio: {e}"),
+                })?;
             self.procs.lock().unwrap().insert(k.clone(), proc);
             Ok(ends)
         };

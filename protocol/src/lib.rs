@@ -81,15 +81,23 @@ pub enum ProtocolError {
 
 /// Writes `msg` as one frame.
 pub fn write_frame<W: Write, T: Serialize>(out: &mut W, msg: &T) -> Result<(), ProtocolError> {
+    // One write: over vsock each write can become a packet of its own.
+    out.write_all(&frame(msg)?)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// One frame's bytes: the length, then the JSON.
+pub fn frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtocolError> {
     let body = serde_json::to_vec(msg)?;
     let len = u32::try_from(body.len())
         .ok()
         .filter(|&l| l <= MAX_FRAME)
         .ok_or(ProtocolError::TooLarge(u32::MAX))?;
-    out.write_all(&len.to_be_bytes())?;
-    out.write_all(&body)?;
-    out.flush()?;
-    Ok(())
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(&body);
+    Ok(frame)
 }
 
 /// Reads one frame and decodes it as `T`.
@@ -124,13 +132,26 @@ pub struct Hello {
 
 /// Sends our [`Hello`] and checks the peer's.
 pub fn handshake<S: Read + Write>(stream: &mut S, me: &str) -> Result<Hello, ProtocolError> {
+    greet(stream, me)?;
+    hear_greeting(stream)
+}
+
+/// The first half of [`handshake`]: says this side's hello. A peer may
+/// send its first request right after it and read the answer later with
+/// [`hear_greeting`] (one round trip fewer).
+pub fn greet<W: Write>(stream: &mut W, me: &str) -> Result<(), ProtocolError> {
     write_frame(
         stream,
         &Hello {
             version: PROTOCOL_VERSION,
             peer: me.to_owned(),
         },
-    )?;
+    )
+}
+
+/// The second half of [`handshake`]: reads the peer's hello and checks its
+/// version.
+pub fn hear_greeting<R: Read>(stream: &mut R) -> Result<Hello, ProtocolError> {
     let theirs: Hello = read_frame(stream)?;
     if theirs.version != PROTOCOL_VERSION {
         return Err(ProtocolError::Version {
@@ -167,6 +188,10 @@ pub struct Process {
     /// Capability sets; `None` keeps the agent's own (all of them).
     #[serde(default)]
     pub capabilities: Option<Capabilities>,
+    /// Its stdin is /dev/null in the guest and no stdin stream is attached
+    /// (the host's was /dev/null: one connection fewer per exec).
+    #[serde(default)]
+    pub stdin_null: bool,
 }
 
 /// A process's capability sets, by name (`CAP_CHOWN`).
@@ -388,6 +413,7 @@ mod tests {
                 bounding: vec!["CAP_KILL".into()],
                 ..Default::default()
             }),
+            stdin_null: true,
         };
         let id = || "c1".to_string();
         for req in [

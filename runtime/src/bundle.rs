@@ -166,6 +166,7 @@ pub fn process_of(spec: &Spec) -> Process {
             inheritable: names(c.inheritable().as_ref()),
             ambient: names(c.ambient().as_ref()),
         }),
+        stdin_null: false,
     }
 }
 

@@ -5,6 +5,7 @@
 //! snapshots; container lifecycle, state and images build on top of it.
 #![deny(missing_docs)]
 
+pub mod arena;
 pub mod binaries;
 pub mod bundle;
 pub mod busybox;

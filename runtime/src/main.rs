@@ -21,6 +21,11 @@ use husk_runtime::initramfs::Initramfs;
 use husk_runtime::monitor;
 use husk_runtime::state::{self, ContainerState};
 
+/// First allocations from a static arena (runtime/src/arena.rs: musl's
+/// allocator maps and unmaps memory around small allocations).
+#[global_allocator]
+static ALLOCATOR: husk_runtime::arena::Arena = husk_runtime::arena::Arena;
+
 /// Exit status when husk itself fails to run a container.
 const EXIT_RUN_FAILED: u8 = 125;
 

@@ -153,23 +153,46 @@ pub fn send_fd(path: &Path, fd: RawFd) -> std::io::Result<()> {
 
 /// Connects a process's stdio in the guest to the monitor's side; returns
 /// the threads that carry output (done when the process's output is).
+/// Whether this process's stdin is /dev/null: the guest process then gets
+/// its own /dev/null and no stdin stream is attached.
+pub fn stdin_is_null() -> bool {
+    // SAFETY: fstat of descriptor 0 into a zeroed stat.
+    let st = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(0, &mut st) < 0 {
+            return false;
+        }
+        st
+    };
+    st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == libc::makedev(1, 3)
+}
+
 fn attach_stdio(
     agent: &Agent,
     id: &str,
     exec_id: &str,
+    stdin_null: bool,
     terminal: &Terminal,
     resize: impl Fn(u16, u16) + Send + 'static,
+    inline: Option<&mut Vec<(std::os::unix::net::UnixStream, RawFd)>>,
 ) -> Result<Outputs, SandboxError> {
     let io = |e: std::io::Error| SandboxError::Refused(format!("stdio: {e}"));
     match terminal {
         Terminal::None => {
-            let stdin = agent.attach(id, exec_id, Stream::Stdin)?;
-            std::thread::spawn(move || {
-                copy(std::io::stdin(), &stdin);
-                let _ = stdin.shutdown(std::net::Shutdown::Write);
-            });
+            if !stdin_null {
+                let stdin = agent.attach(id, exec_id, Stream::Stdin)?;
+                std::thread::spawn(move || {
+                    copy(std::io::stdin(), &stdin);
+                    let _ = stdin.shutdown(std::net::Shutdown::Write);
+                });
+            }
             let out = agent.attach(id, exec_id, Stream::Stdout)?;
             let err = agent.attach(id, exec_id, Stream::Stderr)?;
+            if let Some(inline) = inline {
+                inline.push((out, 1));
+                inline.push((err, 2));
+                return Ok(Vec::new());
+            }
             Ok(vec![
                 std::thread::spawn(move || copy(out, std::io::stdout())),
                 std::thread::spawn(move || copy(err, std::io::stderr())),
@@ -300,7 +323,8 @@ pub fn container(root: &Path, bins: &Binaries, id: &str, terminal: &Terminal) ->
             Err(e) => return Err(explain(&mut sandbox, e)),
         };
         phases.mark("agent_connected");
-        let process = bundle.process();
+        let mut process = bundle.process();
+        process.stdin_null = !process.terminal && stdin_is_null();
         let made = control
             .expect_ok(&Request::Clone(crate::run::clone_seed()))
             .and_then(|()| {
@@ -331,8 +355,10 @@ pub fn container(root: &Path, bins: &Binaries, id: &str, terminal: &Terminal) ->
             &Agent::at(&dir),
             id,
             "",
+            process.stdin_null,
             &terminal,
             resizer(dir.clone(), id.to_owned(), String::new()),
+            None,
         )
         .map_err(|e| e.to_string())?;
         state.status = Status::Created;
@@ -440,15 +466,17 @@ fn run_exec(
     root: &Path,
     id: &str,
     exec_id: &str,
-    process: Process,
+    mut process: Process,
     terminal: &Terminal,
     ready_pipe: bool,
 ) -> i32 {
+    process.stdin_null = !process.terminal && stdin_is_null();
     let dir = state::dir(root, id);
     let agent = Agent::at(&dir);
+    let mut inline = Vec::new();
     let set_up = (|| -> Result<(Control, Outputs), (String, i32)> {
         let fail = |e: SandboxError| (format!("{:#}", anyhow::Error::from(e)), 1);
-        let mut control = agent.control().map_err(fail)?;
+        let mut control = agent.control_pipelined().map_err(fail)?;
         match control
             .ask(&Request::Exec {
                 id: id.into(),
@@ -471,8 +499,12 @@ fn run_exec(
             &agent,
             id,
             exec_id,
+            process.stdin_null,
             &terminal,
             resizer(dir.clone(), id.to_owned(), exec_id.to_owned()),
+            // In the foreground (`husk exec` is the monitor), output is
+            // copied by this thread: no thread per stream for a short exec.
+            (!ready_pipe).then_some(&mut inline),
         )
         .map_err(fail)?;
         Ok((control, outputs))
@@ -493,10 +525,50 @@ fn run_exec(
             return status;
         }
     };
+    pump(inline);
     let status = wait_status(&mut control, id, exec_id).unwrap_or(128 + libc::SIGKILL);
     for output in outputs {
         let _ = output.join();
     }
     let _ = std::io::stdout().flush();
     status
+}
+
+/// Copies each stream to its descriptor until every one has ended, on
+/// this thread (poll).
+fn pump(mut streams: Vec<(std::os::unix::net::UnixStream, RawFd)>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    while !streams.is_empty() {
+        let mut fds: Vec<libc::pollfd> = streams
+            .iter()
+            .map(|(s, _)| libc::pollfd {
+                fd: s.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: poll on live pollfds, as many as given.
+        if unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) } < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        let mut i = 0;
+        streams.retain_mut(|(stream, to)| {
+            let ready = fds[i].revents != 0;
+            i += 1;
+            if !ready {
+                return true;
+            }
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => false,
+                Ok(n) => {
+                    // SAFETY: `to` is this process's stdout or stderr.
+                    let mut out = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(*to) });
+                    out.write_all(&buf[..n]).is_ok()
+                }
+            }
+        });
+    }
 }

@@ -77,7 +77,21 @@ impl Agent {
             connect(&self.socket, CONTROL_PORT).map_err(|e| SandboxError::Agent(e.into()))?;
         handshake(&mut stream, concat!("husk ", env!("CARGO_PKG_VERSION")))
             .map_err(SandboxError::Agent)?;
-        Ok(Control { stream })
+        Control::over(stream, true)
+    }
+
+    /// A control connection whose hello is answered with its first
+    /// request's answer: one round trip fewer, for short commands (`husk
+    /// exec`). A guest that does not answer is not retried.
+    pub fn control_pipelined(&self) -> Result<Control, SandboxError> {
+        let hello = husk_protocol::frame(&husk_protocol::Hello {
+            version: husk_protocol::PROTOCOL_VERSION,
+            peer: concat!("husk ", env!("CARGO_PKG_VERSION")).into(),
+        })
+        .map_err(SandboxError::Agent)?;
+        let stream = connect_with(&self.socket, CONTROL_PORT, &hello)
+            .map_err(|e| SandboxError::Agent(e.into()))?;
+        Control::over(stream, false)
     }
 
     /// One stdio stream of a process.
@@ -87,18 +101,13 @@ impl Agent {
         exec_id: &str,
         stream: Stream,
     ) -> Result<UnixStream, SandboxError> {
-        let mut conn =
-            connect(&self.socket, STDIO_PORT).map_err(|e| SandboxError::Agent(e.into()))?;
-        write_frame(
-            &mut conn,
-            &StdioAttach {
-                id: id.into(),
-                exec_id: exec_id.into(),
-                stream,
-            },
-        )
+        let attach = husk_protocol::frame(&StdioAttach {
+            id: id.into(),
+            exec_id: exec_id.into(),
+            stream,
+        })
         .map_err(SandboxError::Agent)?;
-        Ok(conn)
+        connect_with(&self.socket, STDIO_PORT, &attach).map_err(|e| SandboxError::Agent(e.into()))
     }
 }
 
@@ -227,24 +236,55 @@ pub struct Sandbox {
 
 /// Opens a stream to guest `port` over the VMM's hybrid vsock socket.
 pub fn connect(socket: &Path, port: u32) -> std::io::Result<UnixStream> {
+    connect_with(socket, port, &[])
+}
+
+/// [`connect`], sending `first` right behind the CONNECT line: the VMM
+/// reads exactly the line and forwards the rest once the guest accepted,
+/// so a first frame costs no round trip of its own.
+pub fn connect_with(socket: &Path, port: u32, first: &[u8]) -> std::io::Result<UnixStream> {
     let mut stream = UnixStream::connect(socket)?;
     // A guest that does not answer the connection within 5 s is an error,
     // not a hang (Sandbox::control tries again: see docs/vsock.md).
     stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-    writeln!(stream, "CONNECT {port}")?;
-    // The answer is one line; read it byte by byte so nothing after it is
-    // consumed.
-    let mut line = Vec::new();
-    let mut byte = [0u8];
-    while line.last() != Some(&b'\n') {
-        if stream.read(&mut byte)? == 0 {
-            return Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
-        }
-        line.push(byte[0]);
-        if line.len() > 64 {
-            break;
-        }
+    let mut hello = format!("CONNECT {port}\n").into_bytes();
+    hello.extend_from_slice(first);
+    stream.write_all(&hello)?;
+    // The answer is one line, which the VMM writes at once: peek at what
+    // has arrived and take exactly the line, so nothing after it is
+    // consumed (two system calls, not one per byte). A line that arrives
+    // in pieces is read byte by byte.
+    let mut buf = [0u8; 64];
+    // SAFETY: recv into a live buffer of the length given.
+    let n = unsafe {
+        libc::recv(
+            std::os::fd::AsRawFd::as_raw_fd(&stream),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    let line = match buf[..n as usize].iter().position(|&b| b == b'\n') {
+        Some(end) => {
+            let mut line = vec![0u8; end + 1];
+            stream.read_exact(&mut line)?;
+            line
+        }
+        None => {
+            let mut line = Vec::new();
+            let mut byte = [0u8];
+            while line.last() != Some(&b'\n') && line.len() <= 64 {
+                if stream.read(&mut byte)? == 0 {
+                    return Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+                }
+                line.push(byte[0]);
+            }
+            line
+        }
+    };
     if !line.starts_with(b"OK ") {
         return Err(std::io::Error::other(format!(
             "vsock port {port} refused: {}",
@@ -428,13 +468,35 @@ impl Drop for Sandbox {
 /// A control connection to the agent.
 pub struct Control {
     stream: UnixStream,
+    /// Frames are read through a buffer: one read per frame, not two.
+    reader: std::io::BufReader<UnixStream>,
+    /// The agent's hello has been read.
+    greeted: bool,
 }
 
 impl Control {
+    fn over(stream: UnixStream, greeted: bool) -> Result<Self, SandboxError> {
+        let reader = std::io::BufReader::with_capacity(
+            4096,
+            stream
+                .try_clone()
+                .map_err(|e| SandboxError::Agent(e.into()))?,
+        );
+        Ok(Self {
+            stream,
+            reader,
+            greeted,
+        })
+    }
+
     /// Sends `request` and returns the answer.
     pub fn ask(&mut self, request: &Request) -> Result<Response, SandboxError> {
         write_frame(&mut self.stream, request).map_err(SandboxError::Agent)?;
-        read_frame(&mut self.stream).map_err(SandboxError::Agent)
+        if !self.greeted {
+            husk_protocol::hear_greeting(&mut self.reader).map_err(SandboxError::Agent)?;
+            self.greeted = true;
+        }
+        read_frame(&mut self.reader).map_err(SandboxError::Agent)
     }
 
     /// Sends `request`; an error answer becomes [`SandboxError::Refused`].

@@ -19,7 +19,7 @@
 //! stops the guest's writer; nothing grows.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -180,6 +180,46 @@ struct Backend {
     kick: EventFd,
     /// Called when the guest connects to [`READY_PORT`].
     on_ready: Option<Box<dyn Fn() + Send>>,
+    /// What host streams are read into: one buffer for every read, so
+    /// that a read does not allocate (and free) a packet's worth, which
+    /// musl's allocator maps and unmaps each time.
+    scratch: Vec<u8>,
+}
+
+/// Reads one line of at most 64 bytes from `stream`, and nothing after it:
+/// peeks at what arrived, then takes the line (byte by byte if it arrives
+/// in pieces).
+fn read_line_exactly(mut stream: &UnixStream) -> Option<String> {
+    let mut buf = [0u8; 64];
+    // SAFETY: recv into a live buffer of the length given.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK,
+        )
+    };
+    let n = usize::try_from(n).ok()?;
+    let line = match buf[..n].iter().position(|&b| b == b'\n') {
+        Some(end) => {
+            let mut line = vec![0u8; end + 1];
+            stream.read_exact(&mut line).ok()?;
+            line
+        }
+        None => {
+            let mut line = Vec::new();
+            let mut byte = [0u8];
+            while line.last() != Some(&b'\n') {
+                if line.len() >= 64 || stream.read(&mut byte).ok()? == 0 {
+                    return None;
+                }
+                line.push(byte[0]);
+            }
+            line
+        }
+    };
+    String::from_utf8(line).ok()
 }
 
 /// Host port whose connection requests mean "the guest is ready";
@@ -376,14 +416,11 @@ impl Backend {
     /// and ask the guest.
     fn host_connects(&mut self, stream: UnixStream) {
         // The CONNECT line is short; a client that does not send it within
-        // a second is dropped.
+        // a second is dropped. Exactly the line is read: what the client
+        // sent behind it (its first frame) is the connection's first data.
         let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-        let mut line = String::new();
-        let port = BufReader::new(&stream)
-            .take(64)
-            .read_line(&mut line)
-            .ok()
-            .and_then(|_| line.trim().strip_prefix("CONNECT ")?.parse::<u32>().ok());
+        let port = read_line_exactly(&stream)
+            .and_then(|line| line.trim().strip_prefix("CONNECT ")?.parse::<u32>().ok());
         let Some(port) = port else {
             let _ = (&stream).write_all(b"ERROR expected CONNECT <port>\n");
             return;
@@ -418,8 +455,18 @@ impl Backend {
             self.rearm(key);
             return;
         }
-        let mut buf = vec![0u8; room];
-        match c.stream.read(&mut buf) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.resize(MAX_PKT, 0);
+        let read = c.stream.read(&mut scratch[..room]);
+        let buf = match &read {
+            Ok(n) => scratch[..*n].to_vec(),
+            Err(_) => Vec::new(),
+        };
+        self.scratch = scratch;
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
+        match read {
             Ok(0) => {
                 // The host will send no more; the guest may still.
                 c.host_eof = true;
@@ -431,7 +478,6 @@ impl Backend {
                 self.flush(key);
             }
             Ok(n) => {
-                buf.truncate(n);
                 c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
                 c.fwd_cnt_told = c.fwd_cnt;
                 let hdr = self.hdr(key, OP_RW, n as u32);
@@ -477,6 +523,7 @@ impl Vsock {
             epoll,
             kick,
             on_ready: None,
+            scratch: Vec::new(),
         }));
         let host = VsockHost {
             backend: backend.clone(),
