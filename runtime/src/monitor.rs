@@ -133,7 +133,8 @@ pub fn send_fd(path: &Path, fd: RawFd) -> std::io::Result<()> {
     // CMSG_SPACE for one descriptor, filled through the CMSG macros.
     unsafe {
         let space = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
-        let mut control = vec![0u8; space];
+        // u64s: a cmsghdr is 8-byte aligned, which a byte buffer need not be.
+        let mut control = vec![0u64; space.div_ceil(8)];
         let mut msg: libc::msghdr = std::mem::zeroed();
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;

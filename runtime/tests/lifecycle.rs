@@ -276,7 +276,8 @@ fn receive_fd(listener: &UnixListener) -> OwnedFd {
     // large enough for one descriptor, read back through the CMSG macros.
     unsafe {
         let space = libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) as usize;
-        let mut control = vec![0u8; space];
+        // u64s: a cmsghdr is 8-byte aligned.
+        let mut control = vec![0u64; space.div_ceil(8)];
         let mut msg: libc::msghdr = std::mem::zeroed();
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
