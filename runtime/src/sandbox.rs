@@ -143,6 +143,8 @@ pub const GUEST_RESERVE_MIB: u64 = 64;
 /// Guest memory is a multiple of this, MiB: few shapes, so few warm-start
 /// snapshots.
 pub const MEMORY_STEP_MIB: u64 = 256;
+/// The most vCPUs husk gives a VM.
+pub const MAX_VCPUS: u8 = 8;
 /// The most memory husk gives a VM, MiB.
 pub const MAX_MEMORY_MIB: u64 = 16 << 10;
 /// What the VMM process itself needs beside guest memory, for the host
@@ -154,8 +156,7 @@ pub const VMM_RESERVE_MIB: u64 = 64;
 /// the container's cgroup; the VM only has to hold them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Shape {
-    /// vCPUs: one, whatever the quota, until multi-vCPU snapshots survive
-    /// a clock gap.
+    /// vCPUs: the CPU quota rounded up (1 without one).
     pub vcpus: u8,
     /// Guest memory, MiB: the memory limit and the guest's reserve, rounded
     /// up to 256 MiB (256 without a limit).
@@ -194,10 +195,13 @@ impl Shape {
             }
             shape.memory_mib = mib.max(MEMORY_MIB);
         }
-        // vCPUs stay at one: a two-vCPU guest restored from a snapshot
-        // made minutes earlier stalls (its vCPUs disagree about the time
-        // that passed; docs/snapshots.md, "Known issues"). The CPU quota is
-        // enforced in the guest's cgroup all the same.
+        if let Some(cpu) = r.cpu() {
+            if let Some(quota) = cpu.quota().filter(|&q| q > 0) {
+                let period = cpu.period().filter(|&p| p > 0).unwrap_or(100_000);
+                let cpus = (quota as u64).div_ceil(period);
+                shape.vcpus = cpus.clamp(1, u64::from(MAX_VCPUS)) as u8;
+            }
+        }
         Ok(shape)
     }
 
@@ -302,7 +306,25 @@ impl Sandbox {
         shares: &[Share],
         shape: Shape,
     ) -> Result<Self, SandboxError> {
-        let (snapshot, _) = warm::snapshot(root, &bins.vmm, &guest_image(bins, shape))?;
+        // A one-vCPU guest is restored from the warm-start snapshot of its
+        // shape; a guest of more vCPUs boots cold (a two-vCPU snapshot
+        // restored minutes after it was made stalls: docs/snapshots.md,
+        // "Known issues").
+        let start: Vec<std::ffi::OsString> = if shape.vcpus == 1 {
+            let (snapshot, _) = warm::snapshot(root, &bins.vmm, &guest_image(bins, shape))?;
+            vec!["--restore".into(), snapshot.into()]
+        } else {
+            vec![
+                "--kernel".into(),
+                bins.kernel.clone().into(),
+                "--initramfs".into(),
+                bins.initramfs.clone().into(),
+                "--cpus".into(),
+                shape.vcpus.to_string().into(),
+                "--memory".into(),
+                shape.memory_mib.to_string().into(),
+            ]
+        };
         let socket = state_dir.join(VSOCK_SOCKET);
         let stderr_log = state_dir.join("vmm.log");
         let console = state_dir.join("console.log");
@@ -316,8 +338,7 @@ impl Sandbox {
             path.push(".vmm.json");
             cmd.arg("--timings").arg(path);
         }
-        cmd.arg("--restore")
-            .arg(&snapshot)
+        cmd.args(&start)
             .arg("--vsock-socket")
             .arg(&socket)
             .args(
