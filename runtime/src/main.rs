@@ -233,6 +233,28 @@ enum Command {
         /// Container ID.
         id: String,
     },
+    /// runc's checkpoint: not supported yet (refused, naming why).
+    Checkpoint {
+        /// Accepted as runc takes it.
+        #[arg(long)]
+        image_path: Option<PathBuf>,
+        /// Accepted as runc takes it.
+        #[arg(long)]
+        leave_running: bool,
+        /// Container ID.
+        id: String,
+    },
+    /// runc's restore: not supported yet (refused, naming why).
+    Restore {
+        /// Accepted as runc takes it.
+        #[arg(long)]
+        image_path: Option<PathBuf>,
+        /// Accepted as runc takes it.
+        #[arg(long, short)]
+        bundle: Option<PathBuf>,
+        /// Container ID.
+        id: String,
+    },
     /// Print what this runtime supports (JSON, as `runc features`).
     Features,
     /// Change a running container's resources (applied in its guest; its
@@ -801,6 +823,13 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 std::io::stdout().flush()?;
                 std::thread::sleep(every);
             }
+        }
+        Command::Checkpoint { id, .. } | Command::Restore { id, .. } => {
+            anyhow::bail!(
+                "container {id:?}: checkpoint and restore of a running container are not supported yet: \
+                 its VM can be snapshotted, but not the open files of its root filesystem \
+                 (virtio-fs) nor its streams (docs/snapshots.md); `husk pause` keeps it in memory"
+            )
         }
         Command::Features => {
             println!(

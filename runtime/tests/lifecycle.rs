@@ -371,6 +371,13 @@ fn features_and_spec_are_runcs() {
     assert_eq!(spec.root().as_ref().unwrap().path(), Path::new("rootfs"));
     refused(&["spec", "--bundle", dir.to_str().unwrap()], "exists");
     std::fs::remove_dir_all(&dir).unwrap();
+    // checkpoint/restore are runc's commands that husk does not do yet:
+    // refused by name, not "unrecognized subcommand".
+    refused(
+        &["checkpoint", "--image-path", "/tmp/x", "c1"],
+        "checkpoint and restore of a running container are not supported yet",
+    );
+    refused(&["restore", "c1"], "not supported yet");
 }
 
 #[test]
