@@ -534,3 +534,39 @@ impl Control {
         write_frame(&mut self.stream, request).map_err(SandboxError::Agent)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resources(json: serde_json::Value) -> oci_spec::runtime::LinuxResources {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn the_vm_is_sized_by_the_specs_limits() {
+        assert_eq!(Shape::of(None).unwrap(), Shape::default());
+        let small = resources(serde_json::json!({"memory": {"limit": 100 << 20}}));
+        assert_eq!(Shape::of(Some(&small)).unwrap().memory_mib, 256);
+        // 600 MiB + 64 MiB for the guest, rounded up to 256 MiB.
+        let big = resources(serde_json::json!({"memory": {"limit": 600u64 << 20}}));
+        let shape = Shape::of(Some(&big)).unwrap();
+        assert_eq!(shape.memory_mib, 768);
+        assert_eq!(shape.memory_limit_max(), 704 << 20);
+        // Exactly at a step: 192 MiB + 64 = 256.
+        let exact = resources(serde_json::json!({"memory": {"limit": 192 << 20}}));
+        assert_eq!(Shape::of(Some(&exact)).unwrap().memory_mib, 256);
+        let cpus = |quota: i64, period: u64| {
+            let r = resources(serde_json::json!({"cpu": {"quota": quota, "period": period}}));
+            Shape::of(Some(&r)).unwrap().vcpus
+        };
+        assert_eq!(cpus(50_000, 100_000), 1);
+        assert_eq!(cpus(150_000, 100_000), 2);
+        assert_eq!(cpus(200_000, 100_000), 2);
+        assert_eq!(cpus(-1, 100_000), 1);
+        assert_eq!(cpus(10_000_000, 100_000), MAX_VCPUS);
+        let huge = resources(serde_json::json!({"memory": {"limit": 64u64 << 30}}));
+        let e = Shape::of(Some(&huge)).unwrap_err();
+        assert!(e.contains("more than husk gives a VM (16 GiB)"), "{e}");
+    }
+}
