@@ -306,25 +306,7 @@ impl Sandbox {
         shares: &[Share],
         shape: Shape,
     ) -> Result<Self, SandboxError> {
-        // A one-vCPU guest is restored from the warm-start snapshot of its
-        // shape; a guest of more vCPUs boots cold (a two-vCPU snapshot
-        // restored minutes after it was made stalls: docs/snapshots.md,
-        // "Known issues").
-        let start: Vec<std::ffi::OsString> = if shape.vcpus == 1 {
-            let (snapshot, _) = warm::snapshot(root, &bins.vmm, &guest_image(bins, shape))?;
-            vec!["--restore".into(), snapshot.into()]
-        } else {
-            vec![
-                "--kernel".into(),
-                bins.kernel.clone().into(),
-                "--initramfs".into(),
-                bins.initramfs.clone().into(),
-                "--cpus".into(),
-                shape.vcpus.to_string().into(),
-                "--memory".into(),
-                shape.memory_mib.to_string().into(),
-            ]
-        };
+        let (snapshot, _) = warm::snapshot(root, &bins.vmm, &guest_image(bins, shape))?;
         let socket = state_dir.join(VSOCK_SOCKET);
         let stderr_log = state_dir.join("vmm.log");
         let console = state_dir.join("console.log");
@@ -338,7 +320,8 @@ impl Sandbox {
             path.push(".vmm.json");
             cmd.arg("--timings").arg(path);
         }
-        cmd.args(&start)
+        cmd.arg("--restore")
+            .arg(&snapshot)
             .arg("--vsock-socket")
             .arg(&socket)
             .args(

@@ -940,8 +940,8 @@ fn saved_images_load_back_and_imports_run() {
 fn memory_and_cpus_size_the_vm_and_limit_the_container() {
     let husk = Husk::new("sized");
     // 600 MiB and the guest's 64 MiB, rounded up to 256 MiB: a 768 MiB VM;
-    // 1.5 CPUs: two vCPUs (booted cold: docs/snapshots.md, "Known
-    // issues"), and a CFS quota of 150 ms per 100 ms in the guest.
+    // 1.5 CPUs: two vCPUs, and a CFS quota of 150 ms per 100 ms in the
+    // guest. Each shape has its warm-start snapshot.
     let out = husk.ok(&[
         "run",
         "--rm",
@@ -960,7 +960,7 @@ fn memory_and_cpus_size_the_vm_and_limit_the_container() {
     assert!((700 << 10..=768 << 10).contains(&kib), "{out}");
     assert_eq!(lines[2], (600u64 << 20).to_string());
     assert_eq!(lines[3], "150000 100000");
-    // 600 MiB on one CPU: the same memory, restored from a warm snapshot.
+    // 600 MiB on one CPU: the same memory, one vCPU.
     let out = husk.ok(&[
         "run",
         "--rm",

@@ -696,6 +696,17 @@ impl Vm {
         let mut kvm_clock = state.clock;
         kvm_clock.flags = 0;
         vm.set_clock(&kvm_clock).map_err(|e| bad("clock", e))?;
+        // The guest's TSC (its clocksource) runs on while a snapshot waits
+        // in the cache, so a guest restored minutes later finds minutes
+        // gone. Each vCPU is told it was paused by the host (kvmclock's
+        // PVCLOCK_GUEST_STOPPED, KVM_KVMCLOCK_CTRL), and its watchdogs take
+        // the gap for a pause: without it a two-vCPU guest's RCU stall
+        // detector reported the idle vCPU as stalled and the container
+        // never started (docs/snapshots.md). A guest that has not enabled
+        // kvmclock refuses the call (EINVAL): nothing to tell it then.
+        for vcpu in &vcpus {
+            let _ = vcpu.kvmclock_ctrl();
+        }
         clock.setup_step("vcpus");
         Ok(Self::assemble(
             vm,
