@@ -87,10 +87,10 @@ pub fn make_bundle(dir: &Path, args: &[&str]) -> Result<(), String> {
 /// The name the busybox image is given in an archive's index.
 pub const IMAGE_NAME: &str = "docker.io/husk/busybox:latest";
 
+/// The hex digits of a blob's sha256 (the store's digest, less its
+/// `sha256:`).
 fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(bytes);
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    crate::image::store::sha256(bytes)["sha256:".len()..].to_owned()
 }
 
 /// Writes the busybox root filesystem as a one-layer OCI image archive

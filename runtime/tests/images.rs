@@ -977,3 +977,62 @@ fn memory_and_cpus_size_the_vm_and_limit_the_container() {
     assert!(e.contains("more than husk gives a VM (16 GiB)"), "{e}");
     assert_eq!(husk.ok(&["ps", "-a", "-q"]), "");
 }
+
+#[test]
+fn bad_run_flags_are_named_and_leave_nothing() {
+    let husk = Husk::new("badflags");
+    for (args, says) in [
+        (
+            vec!["-v", "/tmp:data"],
+            "the container path \"data\" is not absolute",
+        ),
+        (vec!["-v", "a:b:c:d"], "expected HOST:CONTAINER[:ro]"),
+        (
+            vec!["-v", "bad name!:/data"],
+            "neither an absolute path nor a volume name",
+        ),
+        (vec!["--cpus", "0"], "--cpus 0: must be more than 0"),
+        (vec!["--memory", "lots"], "\"lots\" is not a size"),
+        (
+            vec!["-w", "relative"],
+            "the working directory \"relative\" is not an absolute path",
+        ),
+        (vec!["--user", "nosuch"], "unable to find user nosuch"),
+        (
+            vec!["--entrypoint", ""],
+            "no command given, and the image has none",
+        ),
+        (
+            vec!["--name", "bad/name"],
+            "container ID \"bad/name\" is not valid",
+        ),
+    ] {
+        let mut all = vec!["run", "--rm"];
+        all.extend(args.iter().copied());
+        all.push("husk/busybox");
+        let out = husk.run(&all);
+        assert_eq!(out.status.code(), Some(125), "{args:?}");
+        let e = text(&out.stderr);
+        assert!(e.contains(says), "{args:?}: {e}");
+    }
+    // Nothing was left: no container, no mount.
+    assert_eq!(husk.ok(&["ps", "-a", "-q"]), "");
+    let docker = husk.root.join("docker");
+    assert_eq!(
+        std::fs::read_dir(&docker).map(|d| d.count()).unwrap_or(0),
+        0
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(husk.root.to_str().unwrap()),
+        "a mount was left"
+    );
+    // A name in use is refused, and the container that has it is kept.
+    husk.ok(&["run", "--name", "taken", "husk/busybox", "true"]);
+    let e = husk.fails(&["run", "--name", "taken", "husk/busybox", "true"]);
+    assert!(
+        e.contains("the container name \"taken\" is already in use"),
+        "{e}"
+    );
+    assert!(husk.ok(&["ps", "-a"]).contains("Exited (0)"));
+}

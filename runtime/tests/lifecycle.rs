@@ -467,6 +467,12 @@ fn limits_are_the_specs_and_update_changes_them() {
         &["update", "--memory", "1g", &cid],
         "needs a bigger VM: it has 256 MiB",
     );
+    let bad = b.0.join("bad-resources.json");
+    std::fs::write(&bad, "{\"memory\": {\"limit\": \"lots\"}}").unwrap();
+    refused(
+        &["update", "-r", bad.to_str().unwrap(), &cid],
+        "--resources",
+    );
     assert_eq!(
         read("memory.max"),
         format!("{}\n", 32 << 20),
