@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// What the runtime can ask.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum ApiRequest {
     /// Stop every vCPU where it is (the guest does not notice).
@@ -24,6 +24,14 @@ pub enum ApiRequest {
     Resume,
     /// End the VM now; the VMM exits 0 and removes its socket.
     Stop,
+    /// Stop every vCPU, write a snapshot of the whole VM to the directory
+    /// `dir` (made if missing) and stay paused: `resume` goes on, `stop`
+    /// ends the VM. Open vsock connections are recorded, not kept: a guest
+    /// restored from it is told they were reset.
+    Snapshot {
+        /// Where the snapshot goes.
+        dir: PathBuf,
+    },
 }
 
 /// The answer.

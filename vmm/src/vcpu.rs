@@ -6,7 +6,7 @@
 //! means for the guest.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use kvm_bindings::KVM_SYSTEM_EVENT_CRASH;
@@ -23,7 +23,8 @@ pub struct VcpuControl {
     /// The debug-port mark that makes every vCPU save its state, or
     /// `NO_MARK`.
     save_mark: AtomicU16,
-    save: AtomicBool,
+    /// Counts the saves asked for: a vCPU saves once per count.
+    save: AtomicU64,
     pause: AtomicBool,
     /// The MSRs KVM can save on this host.
     msr_indices: Vec<u32>,
@@ -36,7 +37,7 @@ impl VcpuControl {
     pub fn new(msr_indices: Vec<u32>) -> Self {
         Self {
             save_mark: AtomicU16::new(NO_MARK),
-            save: AtomicBool::new(false),
+            save: AtomicU64::new(0),
             pause: AtomicBool::new(false),
             msr_indices,
         }
@@ -48,16 +49,28 @@ impl VcpuControl {
         self.save_mark.store(u16::from(mark), Ordering::Release);
     }
 
-    /// Called by the debug port (on the writing vCPU's thread).
+    /// Called by the debug port (on the writing vCPU's thread): the
+    /// vCPUs stop and save their state once.
     pub fn mark_written(&self, mark: u8) {
-        if self.save_mark.load(Ordering::Acquire) == u16::from(mark) {
-            self.save.store(true, Ordering::Release);
+        if self
+            .save_mark
+            .compare_exchange(
+                u16::from(mark),
+                NO_MARK,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+        {
+            self.request_save();
         }
     }
 
-    /// Ask every vCPU to stop and save its state.
+    /// Ask every vCPU to save its state and stay stopped (paused) until
+    /// [`VcpuControl::resume`].
     pub fn request_save(&self) {
-        self.save.store(true, Ordering::Release);
+        self.pause.store(true, Ordering::Release);
+        self.save.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Ask every vCPU to stop until [`VcpuControl::resume`].
@@ -75,7 +88,8 @@ impl VcpuControl {
         self.pause.load(Ordering::Acquire)
     }
 
-    fn save_requested(&self) -> bool {
+    /// The save asked for last (0: none).
+    fn save_requested(&self) -> u64 {
         self.save.load(Ordering::Acquire)
     }
 }
@@ -192,7 +206,7 @@ pub struct VcpuThread {
     /// Called once when the vCPU stops.
     pub on_stop: Box<dyn FnOnce(u8, VcpuStop) + Send>,
     /// Called once with the vCPU's state when a save was requested.
-    pub on_saved: Box<dyn FnOnce(u8, Result<VcpuState, CpuError>) + Send>,
+    pub on_saved: Box<dyn Fn(u8, Result<VcpuState, CpuError>) + Send>,
     /// Called each time the vCPU stops for a pause.
     pub on_paused: Box<dyn Fn(u8) + Send>,
 }
@@ -209,16 +223,17 @@ impl VcpuThread {
         if self.id == 0 {
             self.clock.first_kvm_run();
         }
+        let mut saved = 0;
         let stop = loop {
             if let Some(stop) = self.run_once() {
                 break stop;
             }
-            if self.control.save_requested() {
-                self.save_and_park();
-            }
+            self.save_if_asked(&mut saved);
             if self.control.paused() {
                 (self.on_paused)(self.id);
                 while self.control.paused() {
+                    // A snapshot of a paused VM is asked for here.
+                    self.save_if_asked(&mut saved);
                     std::thread::park();
                 }
             }
@@ -232,10 +247,16 @@ impl VcpuThread {
         (self.on_stop)(self.id, stop);
     }
 
-    /// Completes the exit being handled, saves the vCPU's state for the
-    /// owner and stays stopped: the owner ends the process after a
-    /// snapshot.
-    fn save_and_park(mut self) -> ! {
+    /// When a save was asked for since the last one: completes the exit
+    /// being handled, and gives the vCPU's state to the owner. The save
+    /// also paused the vCPUs: the loop then waits for a resume, or for
+    /// the owner to end the process.
+    fn save_if_asked(&mut self, saved: &mut u64) {
+        let asked = self.control.save_requested();
+        if asked == *saved {
+            return;
+        }
+        *saved = asked;
         // KVM finishes an I/O instruction only on the next KVM_RUN; with
         // immediate_exit set, that run completes it and returns at once.
         self.vcpu.set_kvm_immediate_exit(1);
@@ -243,9 +264,6 @@ impl VcpuThread {
         self.vcpu.set_kvm_immediate_exit(0);
         let state = cpu::save_vcpu(&self.vcpu, &self.control.msr_indices, self.id);
         (self.on_saved)(self.id, state);
-        loop {
-            std::thread::park();
-        }
     }
 
     fn rip(&self) -> u64 {

@@ -35,7 +35,7 @@ use crate::devices::serial::SerialConsole;
 use crate::devices::virtio::fs::{Fs, Share, TYPE_FS};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::rng::Rng;
-use crate::devices::virtio::vsock::{TYPE_VSOCK, Vsock, VsockConnections};
+use crate::devices::virtio::vsock::{TYPE_VSOCK, Vsock};
 use crate::devices::{Bus, BusError, lock};
 use crate::host;
 use crate::layout::{self, KVM_TSS_ADDR, SERIAL_IRQ};
@@ -279,10 +279,9 @@ fn attach_vsock(
     base: u64,
     gsi: u32,
     restored: Option<(&crate::devices::virtio::mmio::MmioState, &Path)>,
-) -> Result<(VirtioDevice, VsockConnections), VmError> {
+) -> Result<VirtioDevice, VmError> {
     let (device, host) =
         Vsock::new(GUEST_CID, path).map_err(|e| VmError::VsockSocket(path.to_owned(), e))?;
-    let connections = device.connections();
     {
         let control = devices.control.clone();
         let tx = Mutex::new(devices.events_tx.clone());
@@ -298,7 +297,7 @@ fn attach_vsock(
     })?;
     host.start(attached.transport.clone())
         .map_err(|e| VmError::Thread(0, e))?;
-    Ok((attached, connections))
+    Ok(attached)
 }
 
 /// Wires a virtio-fs device serving `share` (new, or restored from
@@ -350,7 +349,6 @@ pub struct Vm {
     pending: std::cell::RefCell<std::collections::VecDeque<VmEvent>>,
     snapshot_at: Option<SnapshotAt>,
     virtio: Vec<VirtioDevice>,
-    vsock_connections: Option<VsockConnections>,
     memory_mib: u64,
     clock: Arc<Clock>,
     cmdline: String,
@@ -527,16 +525,13 @@ impl Vm {
                 layout::MMIO_DEVICE_SIZE >> 10
             );
         }
-        let mut vsock_connections = None;
         if let Some(path) = &config.vsock {
             let slot = virtio.len() as u64;
             let base = layout::MMIO_START + slot * layout::MMIO_DEVICE_SIZE;
             let gsi = layout::IRQ_BASE + slot as u32;
-            let (attached, connections) = attach_vsock(
+            virtio.push(attach_vsock(
                 &vm, &mut mmio, &memory, &devices, &clock, path, base, gsi, None,
-            )?;
-            virtio.push(attached);
-            vsock_connections = Some(connections);
+            )?);
             device_args.push_str(&format!(
                 " virtio_mmio.device={}K@{base:#x}:{gsi}",
                 layout::MMIO_DEVICE_SIZE >> 10
@@ -568,7 +563,7 @@ impl Vm {
         Ok(Self::assemble(
             vm,
             memory,
-            (devices, mmio, virtio, vsock_connections),
+            (devices, mmio, virtio),
             vcpus,
             clock,
             cmdline,
@@ -631,14 +626,13 @@ impl Vm {
         )?;
         let mut mmio = Bus::new();
         let mut virtio = Vec::new();
-        let mut vsock_connections = None;
         for slot in &state.virtio {
             if slot.transport.device_type == TYPE_VSOCK {
                 let path = vsock.ok_or_else(|| VmError::BadSnapshot {
                     dir: dir.to_owned(),
                     why: "its guest has a vsock device: give --vsock-socket".into(),
                 })?;
-                let (attached, connections) = attach_vsock(
+                virtio.push(attach_vsock(
                     &vm,
                     &mut mmio,
                     &memory,
@@ -648,9 +642,7 @@ impl Vm {
                     slot.base,
                     slot.gsi,
                     Some((&slot.transport, dir)),
-                )?;
-                virtio.push(attached);
-                vsock_connections = Some(connections);
+                )?);
                 continue;
             }
             if slot.transport.device_type == TYPE_FS {
@@ -711,7 +703,7 @@ impl Vm {
         Ok(Self::assemble(
             vm,
             memory,
-            (devices, mmio, virtio, vsock_connections),
+            (devices, mmio, virtio),
             vcpus,
             clock,
             state.cmdline,
@@ -724,12 +716,7 @@ impl Vm {
     fn assemble(
         vm: VmFd,
         memory: GuestMemoryMmap,
-        (devices, mmio, virtio, vsock_connections): (
-            Devices,
-            Bus,
-            Vec<VirtioDevice>,
-            Option<VsockConnections>,
-        ),
+        (devices, mmio, virtio): (Devices, Bus, Vec<VirtioDevice>),
         vcpus: Vec<VcpuFd>,
         clock: Arc<Clock>,
         cmdline: String,
@@ -760,7 +747,6 @@ impl Vm {
             pending: Default::default(),
             snapshot_at,
             virtio,
-            vsock_connections,
             memory_mib,
             clock,
             cmdline,
@@ -936,7 +922,9 @@ impl Vm {
                     if let Some(at) = &self.snapshot_at
                         && at.mark == mark
                     {
-                        self.take_snapshot(&at.dir)?;
+                        // The vCPUs were asked to save when the mark was
+                        // written.
+                        self.take_snapshot(&at.dir, false)?;
                         return Ok(GuestExit::Snapshotted);
                     }
                 }
@@ -956,6 +944,20 @@ impl Vm {
                             let _ = reply.send(ApiResponse::ok());
                             return Ok(GuestExit::Stopped);
                         }
+                        ApiRequest::Snapshot { dir } => match self.take_snapshot(&dir, true) {
+                            Ok(()) => ApiResponse::ok(),
+                            Err(VmError::VcpuDied(id, stop)) => {
+                                let _ = reply
+                                    .send(ApiResponse::error(format!("vCPU {id} stopped: {stop}")));
+                                return Err(VmError::VcpuDied(id, stop));
+                            }
+                            Err(e) => {
+                                // Nothing half-written stays; the VM goes on
+                                // as it was (paused if it was).
+                                let _ = std::fs::remove_dir_all(&dir);
+                                ApiResponse::error(format!("{:#}", anyhow::Error::from(e)))
+                            }
+                        },
                     };
                     let _ = reply.send(response);
                 }
@@ -1007,50 +1009,65 @@ impl Vm {
     }
 
     /// Stops every vCPU where it is, collects their state, and writes the
-    /// snapshot. The vCPUs stay stopped.
-    fn take_snapshot(&self, dir: &Path) -> Result<(), VmError> {
-        if let Some(conns) = &self.vsock_connections
-            && conns.count() > 0
-        {
-            return Err(VmError::SaveFailed(format!(
-                "{} vsock connections are open; a snapshot cannot keep them",
-                conns.count()
-            )));
+    /// snapshot. The vCPUs stay stopped (paused) afterwards. `ask`: the
+    /// vCPUs are asked to save now (else they were, by the guest's mark).
+    fn take_snapshot(&self, dir: &Path, ask: bool) -> Result<(), VmError> {
+        let was_paused = self.control.paused();
+        if ask {
+            self.control.request_save();
         }
-        for device in &self.virtio {
-            if let Some(why) = lock(&device.transport).save_blocker() {
-                return Err(VmError::SaveFailed(format!(
-                    "{why}; a snapshot cannot keep it"
-                )));
-            }
-        }
-        self.control.request_save();
         let mut saved: Vec<Option<VcpuState>> = (0..self.threads.len()).map(|_| None).collect();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let gave_up = |why: VmError| {
+            // Asked by the API: the VM goes on as it was.
+            if ask && !was_paused {
+                self.resume();
+            }
+            why
+        };
         while saved.iter().any(Option::is_none) {
             // A vCPU that re-entered the guest before it saw the request
-            // is kicked out of KVM_RUN by a signal; repeat until all answer.
+            // is kicked out of KVM_RUN by a signal, a paused one unparked;
+            // repeat until all answer.
             for (id, handle) in self.threads.iter().enumerate() {
                 if saved[id].is_none() {
                     crate::vcpu::kick(handle);
+                    handle.thread().unpark();
                 }
             }
             match self.events.recv_timeout(Duration::from_millis(2)) {
                 Ok(VmEvent::VcpuSaved(id, state)) => {
-                    let state = (*state).map_err(|e| VmError::SaveFailed(e.to_string()))?;
+                    let state =
+                        (*state).map_err(|e| gave_up(VmError::SaveFailed(e.to_string())))?;
                     saved[id as usize] = Some(state);
                 }
                 Ok(VmEvent::VcpuStopped(id, stop)) => return Err(VmError::VcpuDied(id, stop)),
-                Ok(_) | Err(RecvTimeoutError::Timeout) => {}
+                // Other events wait until the snapshot is done.
+                Ok(VmEvent::VcpuPaused(_)) | Err(RecvTimeoutError::Timeout) => {}
+                Ok(other) => self.pending.borrow_mut().push_back(other),
                 Err(RecvTimeoutError::Disconnected) => {
                     return Err(VmError::SaveFailed("the vCPU threads are gone".into()));
                 }
             }
             if std::time::Instant::now() > deadline {
-                return Err(VmError::SaveFailed(
+                return Err(gave_up(VmError::SaveFailed(
                     "the vCPUs did not stop within 5 s".into(),
-                ));
+                )));
             }
+        }
+        let mut virtio = Vec::with_capacity(self.virtio.len());
+        for d in &self.virtio {
+            let transport = lock(&d.transport).save().map_err(|why| {
+                gave_up(VmError::SaveFailed(format!(
+                    "{why}; a snapshot cannot keep it"
+                )))
+            })?;
+            virtio.push(VirtioSlot {
+                base: d.base,
+                gsi: d.gsi,
+                transport,
+                share_tag: d.share_tag.clone(),
+            });
         }
         let e = |what: &str| {
             let what = what.to_owned();
@@ -1077,16 +1094,7 @@ impl Vm {
             pit: self.vm.get_pit2().map_err(e("PIT"))?,
             clock: self.vm.get_clock().map_err(e("clock"))?,
             serial: lock(&self.serial).regs(),
-            virtio: self
-                .virtio
-                .iter()
-                .map(|d| VirtioSlot {
-                    base: d.base,
-                    gsi: d.gsi,
-                    transport: lock(&d.transport).save(),
-                    share_tag: d.share_tag.clone(),
-                })
-                .collect(),
+            virtio,
         };
         let regions: Vec<&[u8]> = self
             .memory
@@ -1098,7 +1106,7 @@ impl Vm {
                 unsafe { std::slice::from_raw_parts(r.as_ptr(), r.len() as usize) }
             })
             .collect();
-        snapshot::write(dir, &state, &regions)?;
+        snapshot::write(dir, &state, &regions).map_err(|e| gave_up(e.into()))?;
         Ok(())
     }
 }

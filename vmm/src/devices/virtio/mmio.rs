@@ -115,6 +115,9 @@ pub struct MmioState {
     driver_features: u64,
     status: u32,
     interrupt_status: u32,
+    /// The device's own state ([`VirtioDevice::save_state`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    device: Option<serde_json::Value>,
 }
 
 /// One virtio device's register window.
@@ -154,14 +157,10 @@ impl MmioTransport {
         }
     }
 
-    /// Why the device cannot be saved now, if it cannot.
-    pub fn save_blocker(&self) -> Option<String> {
-        self.device.save_blocker()
-    }
-
-    /// The registers and queues, for a snapshot.
-    pub fn save(&self) -> MmioState {
-        MmioState {
+    /// The registers, queues and the device's own state, for a snapshot;
+    /// refused, saying why, when the device cannot be kept now.
+    pub fn save(&self) -> Result<MmioState, String> {
+        Ok(MmioState {
             device_type: self.device.device_type(),
             queues: self.queues.iter().map(|q| q.state().into()).collect(),
             queue_sel: self.queue_sel,
@@ -170,14 +169,15 @@ impl MmioTransport {
             driver_features: self.driver_features,
             status: self.status,
             interrupt_status: self.interrupt_status.load(Ordering::SeqCst),
-        }
+            device: self.device.save_state()?,
+        })
     }
 
     /// A transport for `device` in the state `state` (from a snapshot).
     /// Fails, saying why, when the state does not fit the device or guest
     /// memory.
     pub fn restore(
-        device: Box<dyn VirtioDevice>,
+        mut device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
         irq: EventFd,
         state: &MmioState,
@@ -205,6 +205,9 @@ impl MmioTransport {
                 return Err("a ready virtio queue lies outside guest memory".into());
             }
             queues.push(queue);
+        }
+        if let Some(saved) = &state.device {
+            device.restore_state(saved)?;
         }
         Ok(Self {
             device,
@@ -489,10 +492,10 @@ mod tests {
 
         // Saved and restored, the transport goes on where it was: the next
         // buffer lands in the next used slot.
-        let state = t.save();
+        let state = t.save().unwrap();
         let irq2 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut t2 = MmioTransport::restore(Box::new(Rng), mem.clone(), irq2, &state).unwrap();
-        assert_eq!(t2.save(), state);
+        assert_eq!(t2.save().unwrap(), state);
         assert_eq!(reg(&mut t2, REG_QUEUE_READY), 1);
         let desc = RawDescriptor::from(SplitDescriptor::new(buf.0, 16, VIRTQ_DESC_F_WRITE, 0));
         q.add_desc_chains(&[desc], 1).unwrap();

@@ -39,9 +39,14 @@ pub trait VirtioDevice: Send {
     /// Handles the buffers the guest made available on queue `index`;
     /// returns true when it used any (the guest is then interrupted).
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
-    /// Why the device's state cannot be part of a snapshot now, if it
-    /// cannot (state that lives outside guest memory and the transport).
-    fn save_blocker(&self) -> Option<String> {
-        None
+    /// The device's own state for a snapshot (what lives outside guest
+    /// memory and the transport), if it has any; refused, saying why,
+    /// when it cannot be kept now.
+    fn save_state(&self) -> Result<Option<serde_json::Value>, String> {
+        Ok(None)
+    }
+    /// Takes up state [`VirtioDevice::save_state`] gave, in a restored VM.
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Err("this device keeps no state of its own".into())
     }
 }

@@ -545,32 +545,49 @@ impl Vsock {
     pub fn on_ready(&self, f: Box<dyn Fn() + Send>) {
         lock(&self.backend).on_ready = Some(f);
     }
-
-    /// Whether any connection is open (a snapshot cannot keep one).
-    pub fn has_connections(&self) -> bool {
-        !lock(&self.backend).conns.is_empty()
-    }
-
-    /// A shared view of the device's connection count, for the VM.
-    pub fn connections(&self) -> VsockConnections {
-        VsockConnections(self.backend.clone())
-    }
 }
 
-/// Lets the VM ask whether a vsock device has open connections after the
-/// device itself went into its transport.
-pub struct VsockConnections(Arc<Mutex<Backend>>);
-
-impl VsockConnections {
-    /// Open connections now.
-    pub fn count(&self) -> usize {
-        lock(&self.0).conns.len()
-    }
+/// What a snapshot keeps of the device: which connections the guest had
+/// open, so that the restored guest is told they are gone, and where the
+/// host's port numbers had got to, so that no new connection takes an
+/// old one's ports.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct VsockState {
+    /// (host port, guest port) of each open connection.
+    open: Vec<Key>,
+    next_port: u32,
 }
 
 impl VirtioDevice for Vsock {
     fn device_type(&self) -> u32 {
         TYPE_VSOCK
+    }
+
+    fn save_state(&self) -> Result<Option<serde_json::Value>, String> {
+        let backend = lock(&self.backend);
+        let mut open: Vec<Key> = backend.conns.keys().copied().collect();
+        open.sort_unstable();
+        let state = VsockState {
+            open,
+            next_port: backend.next_port,
+        };
+        Ok(Some(
+            serde_json::to_value(state).expect("plain data serializes"),
+        ))
+    }
+
+    /// The host ends of the saved connections belonged to another
+    /// process: the guest is sent a reset for each, before anything else.
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let state: VsockState = serde_json::from_value(state.clone())
+            .map_err(|e| format!("vsock: saved state: {e}"))?;
+        let mut backend = lock(&self.backend);
+        for &key in &state.open {
+            let rst = backend.hdr(key, OP_RST, 0);
+            backend.rx.push_back((rst, Vec::new()));
+        }
+        backend.next_port = backend.next_port.max(state.next_port);
+        Ok(())
     }
 
     fn queue_max_sizes(&self) -> &[u16] {

@@ -19,11 +19,13 @@
 //! before the agent mounts anything, so its share can be bound to another
 //! directory when it is restored.
 
-use std::ffi::CStr;
+pub mod session;
+
+use std::ffi::{CStr, CString};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{CreateIn, FsOptions, OpenOptions, SetattrValid, stat64};
@@ -37,7 +39,9 @@ use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
+use self::session::{Session, SessionState};
 use super::VirtioDevice;
+use crate::devices::lock;
 
 /// virtio device type of a file system device.
 pub const TYPE_FS: u32 = 26;
@@ -104,6 +108,10 @@ pub struct Confined {
     read_only: bool,
     /// Set once the guest has sent FUSE_INIT, i.e. mounted the share.
     mounted: AtomicBool,
+    /// The FUSE_INIT options the guest offered (for a restore).
+    capable: AtomicU64,
+    /// The guest's IDs and what they stand for ([`session`]).
+    session: Mutex<Session>,
 }
 
 fn erofs<T>() -> io::Result<T> {
@@ -141,11 +149,92 @@ impl Confined {
             inner,
             read_only,
             mounted: AtomicBool::new(false),
+            capable: AtomicU64::new(0),
+            session: Mutex::new(Session::new()),
         })
     }
 
     fn writable(&self) -> io::Result<()> {
         if self.read_only { erofs() } else { Ok(()) }
+    }
+
+    /// The passthrough's inode for the guest's node.
+    fn node(&self, node: u64) -> io::Result<u64> {
+        lock(&self.session).inner(node)
+    }
+
+    /// The passthrough's handle for the guest's.
+    fn handle(&self, handle: u64) -> io::Result<u64> {
+        lock(&self.session).handle(handle)
+    }
+
+    fn some_handle(&self, handle: Option<u64>) -> io::Result<Option<u64>> {
+        handle.map(|h| self.handle(h)).transpose()
+    }
+
+    /// The passthrough's entry for `name` in `parent`, as the guest gets it.
+    fn entered(&self, parent: u64, name: &CStr, mut entry: Entry) -> Entry {
+        if entry.inode != 0 {
+            entry.inode = lock(&self.session).entered(
+                parent,
+                name.to_bytes(),
+                entry.inode,
+                entry.attr.st_mode & libc::S_IFMT,
+            );
+        }
+        entry
+    }
+
+    fn forget_inner(&self, ctx: &Context, counts: Option<(u64, u64)>) {
+        if let Some((inode, count)) = counts {
+            self.inner.forget(ctx, inode, count);
+        }
+    }
+
+    fn opened(&self, node: u64, handle: Option<u64>, flags: u32, dir: bool) -> Option<u64> {
+        handle.map(|h| lock(&self.session).opened(node, h, flags, dir))
+    }
+
+    /// The session as a snapshot keeps it: none before the guest mounted
+    /// the share; refused (naming the file) when it cannot be taken up
+    /// again.
+    pub fn save(&self) -> Result<Option<SessionState>, String> {
+        if !self.mounted.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        lock(&self.session)
+            .save(self.capable.load(Ordering::SeqCst))
+            .map(Some)
+    }
+
+    /// Takes up a session saved by another VMM on this share: every name
+    /// looked up again, every file reopened.
+    pub fn restore(&self, state: &SessionState) -> Result<(), String> {
+        let capable = FsOptions::from_bits_truncate(state.capable);
+        self.inner
+            .init(capable)
+            .map_err(|e| format!("virtio-fs init: {e}"))?;
+        let ctx = Context::default();
+        let session = Session::restore(
+            state,
+            |parent, name| {
+                let e = self.inner.lookup(&ctx, parent, name).ok()?;
+                (e.inode != 0).then_some((e.inode, e.attr.st_mode & libc::S_IFMT))
+            },
+            |inode, count| self.inner.forget(&ctx, inode, count),
+            |inode, flags, dir| {
+                let handle = if dir {
+                    self.inner.opendir(&ctx, inode, flags)?.0
+                } else {
+                    self.inner.open(&ctx, inode, flags, 0)?.0
+                };
+                handle.ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))
+            },
+        )?;
+        *lock(&self.session) = session;
+        self.capable.store(state.capable, Ordering::SeqCst);
+        self.mounted.store(true, Ordering::SeqCst);
+        Ok(())
     }
 }
 
@@ -153,25 +242,35 @@ impl Confined {
 const WRITE_FLAGS: u32 =
     (libc::O_WRONLY | libc::O_RDWR | libc::O_TRUNC | libc::O_APPEND | libc::O_CREAT) as u32;
 
+/// Every method translates the guest's node IDs and handles to the
+/// passthrough's and back ([`Session`]), and refuses changes to a
+/// read-only share.
 impl FileSystem for Confined {
     type Inode = u64;
     type Handle = u64;
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        self.capable.store(capable.bits(), Ordering::SeqCst);
+        *lock(&self.session) = Session::new();
         self.mounted.store(true, Ordering::SeqCst);
         self.inner.init(capable)
     }
     fn destroy(&self) {
+        *lock(&self.session) = Session::new();
         self.inner.destroy()
     }
     fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
-        self.inner.lookup(ctx, parent, name)
+        let entry = self.inner.lookup(ctx, self.node(parent)?, name)?;
+        Ok(self.entered(parent, name, entry))
     }
     fn forget(&self, ctx: &Context, inode: u64, count: u64) {
-        self.inner.forget(ctx, inode, count)
+        let counts = lock(&self.session).forget(inode, count);
+        self.forget_inner(ctx, counts);
     }
     fn batch_forget(&self, ctx: &Context, requests: Vec<(u64, u64)>) {
-        self.inner.batch_forget(ctx, requests)
+        for (inode, count) in requests {
+            self.forget(ctx, inode, count);
+        }
     }
     fn getattr(
         &self,
@@ -179,7 +278,8 @@ impl FileSystem for Confined {
         inode: u64,
         handle: Option<u64>,
     ) -> io::Result<(stat64, Duration)> {
-        self.inner.getattr(ctx, inode, handle)
+        self.inner
+            .getattr(ctx, self.node(inode)?, self.some_handle(handle)?)
     }
     fn setattr(
         &self,
@@ -190,14 +290,21 @@ impl FileSystem for Confined {
         valid: SetattrValid,
     ) -> io::Result<(stat64, Duration)> {
         self.writable()?;
-        self.inner.setattr(ctx, inode, attr, handle, valid)
+        self.inner.setattr(
+            ctx,
+            self.node(inode)?,
+            attr,
+            self.some_handle(handle)?,
+            valid,
+        )
     }
     fn readlink(&self, ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
-        self.inner.readlink(ctx, inode)
+        self.inner.readlink(ctx, self.node(inode)?)
     }
     fn symlink(&self, ctx: &Context, link: &CStr, parent: u64, name: &CStr) -> io::Result<Entry> {
         self.writable()?;
-        self.inner.symlink(ctx, link, parent, name)
+        let entry = self.inner.symlink(ctx, link, self.node(parent)?, name)?;
+        Ok(self.entered(parent, name, entry))
     }
     fn mknod(
         &self,
@@ -209,7 +316,10 @@ impl FileSystem for Confined {
         umask: u32,
     ) -> io::Result<Entry> {
         self.writable()?;
-        self.inner.mknod(ctx, parent, name, mode, rdev, umask)
+        let entry = self
+            .inner
+            .mknod(ctx, self.node(parent)?, name, mode, rdev, umask)?;
+        Ok(self.entered(parent, name, entry))
     }
     fn mkdir(
         &self,
@@ -220,15 +330,22 @@ impl FileSystem for Confined {
         umask: u32,
     ) -> io::Result<Entry> {
         self.writable()?;
-        self.inner.mkdir(ctx, parent, name, mode, umask)
+        let entry = self
+            .inner
+            .mkdir(ctx, self.node(parent)?, name, mode, umask)?;
+        Ok(self.entered(parent, name, entry))
     }
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         self.writable()?;
-        self.inner.unlink(ctx, parent, name)
+        self.inner.unlink(ctx, self.node(parent)?, name)?;
+        lock(&self.session).unlinked(parent, name.to_bytes());
+        Ok(())
     }
     fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         self.writable()?;
-        self.inner.rmdir(ctx, parent, name)
+        self.inner.rmdir(ctx, self.node(parent)?, name)?;
+        lock(&self.session).unlinked(parent, name.to_bytes());
+        Ok(())
     }
     fn rename(
         &self,
@@ -240,12 +357,29 @@ impl FileSystem for Confined {
         flags: u32,
     ) -> io::Result<()> {
         self.writable()?;
-        self.inner
-            .rename(ctx, olddir, oldname, newdir, newname, flags)
+        self.inner.rename(
+            ctx,
+            self.node(olddir)?,
+            oldname,
+            self.node(newdir)?,
+            newname,
+            flags,
+        )?;
+        lock(&self.session).renamed(
+            olddir,
+            oldname.to_bytes(),
+            newdir,
+            newname.to_bytes(),
+            flags & libc::RENAME_EXCHANGE != 0,
+        );
+        Ok(())
     }
     fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
         self.writable()?;
-        self.inner.link(ctx, inode, newparent, newname)
+        let entry = self
+            .inner
+            .link(ctx, self.node(inode)?, self.node(newparent)?, newname)?;
+        Ok(self.entered(newparent, newname, entry))
     }
     fn open(
         &self,
@@ -257,7 +391,13 @@ impl FileSystem for Confined {
         if flags & WRITE_FLAGS != 0 {
             self.writable()?;
         }
-        self.inner.open(ctx, inode, flags, fuse_flags)
+        let (handle, options, passthrough) =
+            self.inner.open(ctx, self.node(inode)?, flags, fuse_flags)?;
+        Ok((
+            self.opened(inode, handle, flags, false),
+            options,
+            passthrough,
+        ))
     }
     fn create(
         &self,
@@ -267,7 +407,12 @@ impl FileSystem for Confined {
         args: CreateIn,
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
         self.writable()?;
-        self.inner.create(ctx, parent, name, args)
+        let flags = args.flags;
+        let (entry, handle, options, passthrough) =
+            self.inner.create(ctx, self.node(parent)?, name, args)?;
+        let entry = self.entered(parent, name, entry);
+        let handle = self.opened(entry.inode, handle, flags, false);
+        Ok((entry, handle, options, passthrough))
     }
     fn read(
         &self,
@@ -280,8 +425,16 @@ impl FileSystem for Confined {
         lock_owner: Option<u64>,
         flags: u32,
     ) -> io::Result<usize> {
-        self.inner
-            .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
+        self.inner.read(
+            ctx,
+            self.node(inode)?,
+            self.handle(handle)?,
+            w,
+            size,
+            offset,
+            lock_owner,
+            flags,
+        )
     }
     fn write(
         &self,
@@ -299,8 +452,8 @@ impl FileSystem for Confined {
         self.writable()?;
         self.inner.write(
             ctx,
-            inode,
-            handle,
+            self.node(inode)?,
+            self.handle(handle)?,
             r,
             size,
             offset,
@@ -311,10 +464,12 @@ impl FileSystem for Confined {
         )
     }
     fn flush(&self, ctx: &Context, inode: u64, handle: u64, lock_owner: u64) -> io::Result<()> {
-        self.inner.flush(ctx, inode, handle, lock_owner)
+        self.inner
+            .flush(ctx, self.node(inode)?, self.handle(handle)?, lock_owner)
     }
     fn fsync(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
-        self.inner.fsync(ctx, inode, datasync, handle)
+        self.inner
+            .fsync(ctx, self.node(inode)?, datasync, self.handle(handle)?)
     }
     fn fallocate(
         &self,
@@ -326,8 +481,14 @@ impl FileSystem for Confined {
         length: u64,
     ) -> io::Result<()> {
         self.writable()?;
-        self.inner
-            .fallocate(ctx, inode, handle, mode, offset, length)
+        self.inner.fallocate(
+            ctx,
+            self.node(inode)?,
+            self.handle(handle)?,
+            mode,
+            offset,
+            length,
+        )
     }
     fn release(
         &self,
@@ -339,11 +500,13 @@ impl FileSystem for Confined {
         flock_release: bool,
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
+        let inner = self.node(inode);
+        let handle = lock(&self.session).released(handle)?;
         self.inner
-            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
+            .release(ctx, inner?, flags, handle, flush, flock_release, lock_owner)
     }
     fn statfs(&self, ctx: &Context, inode: u64) -> io::Result<libc::statvfs64> {
-        let mut st = self.inner.statfs(ctx, inode)?;
+        let mut st = self.inner.statfs(ctx, self.node(inode)?)?;
         if self.read_only {
             st.f_flag |= libc::ST_RDONLY;
         }
@@ -358,7 +521,8 @@ impl FileSystem for Confined {
         flags: u32,
     ) -> io::Result<()> {
         self.writable()?;
-        self.inner.setxattr(ctx, inode, name, value, flags)
+        self.inner
+            .setxattr(ctx, self.node(inode)?, name, value, flags)
     }
     fn getxattr(
         &self,
@@ -367,14 +531,14 @@ impl FileSystem for Confined {
         name: &CStr,
         size: u32,
     ) -> io::Result<GetxattrReply> {
-        self.inner.getxattr(ctx, inode, name, size)
+        self.inner.getxattr(ctx, self.node(inode)?, name, size)
     }
     fn listxattr(&self, ctx: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
-        self.inner.listxattr(ctx, inode, size)
+        self.inner.listxattr(ctx, self.node(inode)?, size)
     }
     fn removexattr(&self, ctx: &Context, inode: u64, name: &CStr) -> io::Result<()> {
         self.writable()?;
-        self.inner.removexattr(ctx, inode, name)
+        self.inner.removexattr(ctx, self.node(inode)?, name)
     }
     fn opendir(
         &self,
@@ -382,7 +546,8 @@ impl FileSystem for Confined {
         inode: u64,
         flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
-        self.inner.opendir(ctx, inode, flags)
+        let (handle, options) = self.inner.opendir(ctx, self.node(inode)?, flags)?;
+        Ok((self.opened(inode, handle, flags, true), options))
     }
     fn readdir(
         &self,
@@ -393,8 +558,14 @@ impl FileSystem for Confined {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        self.inner
-            .readdir(ctx, inode, handle, size, offset, add_entry)
+        self.inner.readdir(
+            ctx,
+            self.node(inode)?,
+            self.handle(handle)?,
+            size,
+            offset,
+            add_entry,
+        )
     }
     fn readdirplus(
         &self,
@@ -405,20 +576,41 @@ impl FileSystem for Confined {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        self.inner
-            .readdirplus(ctx, inode, handle, size, offset, add_entry)
+        self.inner.readdirplus(
+            ctx,
+            self.node(inode)?,
+            self.handle(handle)?,
+            size,
+            offset,
+            &mut |dir_entry, entry| {
+                // The entry's name, without its NUL.
+                let name = CString::new(dir_entry.name).unwrap_or_default();
+                let entry = self.entered(inode, &name, entry);
+                let node = entry.inode;
+                let added = add_entry(dir_entry, entry)?;
+                if added == 0 && node != 0 {
+                    // Out of room: the passthrough takes its lookup back.
+                    let counts = lock(&self.session).unentered(node);
+                    self.forget_inner(ctx, counts);
+                }
+                Ok(added)
+            },
+        )
     }
     fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
-        self.inner.fsyncdir(ctx, inode, datasync, handle)
+        self.inner
+            .fsyncdir(ctx, self.node(inode)?, datasync, self.handle(handle)?)
     }
     fn releasedir(&self, ctx: &Context, inode: u64, flags: u32, handle: u64) -> io::Result<()> {
-        self.inner.releasedir(ctx, inode, flags, handle)
+        let inner = self.node(inode);
+        let handle = lock(&self.session).released(handle)?;
+        self.inner.releasedir(ctx, inner?, flags, handle)
     }
     fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
         if mask & libc::W_OK as u32 != 0 {
             self.writable()?;
         }
-        self.inner.access(ctx, inode, mask)
+        self.inner.access(ctx, self.node(inode)?, mask)
     }
     fn lseek(
         &self,
@@ -428,7 +620,8 @@ impl FileSystem for Confined {
         offset: u64,
         whence: u32,
     ) -> io::Result<u64> {
-        self.inner.lseek(ctx, inode, handle, offset, whence)
+        self.inner
+            .lseek(ctx, self.node(inode)?, self.handle(handle)?, offset, whence)
     }
 }
 
@@ -510,11 +703,20 @@ impl VirtioDevice for Fs {
         used
     }
 
-    fn save_blocker(&self) -> Option<String> {
+    fn save_state(&self) -> Result<Option<serde_json::Value>, String> {
+        let saved = self
+            .fs
+            .save()
+            .map_err(|e| format!("virtio-fs share {:?}: {e}", self.tag))?;
+        Ok(saved.map(|s| serde_json::to_value(s).expect("plain data serializes")))
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let state: SessionState = serde_json::from_value(state.clone())
+            .map_err(|e| format!("virtio-fs share {:?}: saved session: {e}", self.tag))?;
         self.fs
-            .mounted
-            .load(Ordering::SeqCst)
-            .then(|| format!("the guest has mounted virtio-fs share {:?}", self.tag))
+            .restore(&state)
+            .map_err(|e| format!("virtio-fs share {:?}: {e}", self.tag))
     }
 }
 
@@ -650,16 +852,109 @@ mod tests {
         assert_ne!(st.f_flag & libc::ST_RDONLY, 0);
         assert_eq!(std::fs::read(share.join("file")).unwrap(), b"inside");
         assert!(!share.join("new").exists());
-        // The device now counts as mounted: no snapshot can keep it.
-        let device = Fs {
-            tag: "t".into(),
-            server: Server::new(Arc::new(Confined::new(&share, true).unwrap())),
-            fs: Arc::new(fs),
-        };
+        std::fs::remove_dir_all(share.parent().unwrap()).unwrap();
+    }
+
+    /// What a guest reads through a handle, at an offset.
+    fn read_at(fs: &Confined, node: u64, handle: u64, offset: u64) -> Vec<u8> {
+        struct Sink(Vec<u8>);
+        impl ZeroCopyWriter for Sink {
+            fn write_from(
+                &mut self,
+                f: &mut dyn fuse_backend_rs::file_traits::FileReadWriteVolatile,
+                count: usize,
+                off: u64,
+            ) -> io::Result<usize> {
+                let mut buf = vec![0u8; count];
+                let n = f.read_at_volatile(
+                    // SAFETY: buf outlives the slice made of it.
+                    unsafe {
+                        fuse_backend_rs::file_buf::FileVolatileSlice::from_mut_slice(&mut buf)
+                    },
+                    off,
+                )?;
+                self.0.extend_from_slice(&buf[..n]);
+                Ok(n)
+            }
+            fn available_bytes(&self) -> usize {
+                usize::MAX
+            }
+        }
+        impl io::Write for Sink {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut sink = Sink(Vec::new());
+        fs.read(
+            &Context::default(),
+            node,
+            handle,
+            &mut sink,
+            4096,
+            offset,
+            None,
+            0,
+        )
+        .unwrap();
+        sink.0
+    }
+
+    #[test]
+    fn a_session_saved_on_one_share_is_taken_up_on_a_copy_of_it() {
+        let share = tree("session");
+        let ctx = Context::default();
+        let fs = Confined::new(&share, false).unwrap();
+        assert_eq!(fs.save().unwrap(), None, "nothing to save before a mount");
+        fs.init(FsOptions::empty()).unwrap();
+        let dir = fs.lookup(&ctx, ROOT, &name("dir")).unwrap().inode;
+        std::fs::write(share.join("dir/notes"), b"before").unwrap();
+        let notes = fs.lookup(&ctx, dir, &name("notes")).unwrap().inode;
+        let (h, _, _) = fs.open(&ctx, notes, libc::O_RDWR as u32, 0).unwrap();
+        let h = h.unwrap();
+        fs.rename(&ctx, ROOT, &name("file"), dir, &name("moved"), 0)
+            .unwrap();
+        let moved = fs.lookup(&ctx, dir, &name("moved")).unwrap().inode;
+        let saved = fs.save().unwrap().unwrap();
+
+        // Another directory with the same files: the guest's IDs reach
+        // them there.
+        let copy = share.parent().unwrap().join("copy");
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&share)
+            .arg(&copy)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::fs::write(copy.join("dir/notes"), b"in the copy").unwrap();
+        let taken = Confined::new(&copy, false).unwrap();
+        taken.restore(&saved).unwrap();
+        assert_eq!(read_at(&taken, notes, h, 0), b"in the copy");
+        assert_eq!(read_at(&taken, notes, h, 3), b"the copy");
+        let (attr, _) = taken.getattr(&ctx, moved, None).unwrap();
+        assert_eq!(attr.st_size, 6, "the renamed file, by its new name");
+        // New lookups go on from there; the old IDs still name their
+        // files.
         assert_eq!(
-            device.save_blocker().unwrap(),
-            "the guest has mounted virtio-fs share \"t\""
+            taken.lookup(&ctx, dir, &name("notes")).unwrap().inode,
+            notes
         );
+        // A handle the guest never had is refused, not mistaken for one.
+        assert!(taken.flush(&ctx, notes, h + 100, 0).is_err());
+
+        // An open file that was deleted cannot be saved.
+        taken.unlink(&ctx, dir, &name("notes")).unwrap();
+        let err = taken.save().unwrap_err();
+        assert!(err.contains("/dir/notes, which was deleted"), "{err}");
+        taken
+            .release(&ctx, notes, 0, h, false, false, None)
+            .unwrap();
+        assert!(taken.save().unwrap().is_some());
         std::fs::remove_dir_all(share.parent().unwrap()).unwrap();
     }
 
@@ -672,7 +967,7 @@ mod tests {
             read_only: true,
         })
         .unwrap();
-        assert!(device.save_blocker().is_none(), "not mounted yet");
+        assert_eq!(device.save_state().unwrap(), None, "not mounted yet");
         let mut config = [0xffu8; TAG_LEN + 4];
         device.read_config(0, &mut config);
         assert_eq!(&config[..6], b"rootfs");
