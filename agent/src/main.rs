@@ -45,6 +45,10 @@ struct Proc {
     stderr: Option<File>,
     /// The terminal's master side, for a process with a terminal.
     terminal: Option<File>,
+    /// Output read from stdout, stderr or the terminal whose host end went
+    /// away before it was delivered: the next attach of that stream gets
+    /// it first.
+    held: HashMap<Stream, Vec<u8>>,
     /// The process's own ends, made at `create`, used at `start`.
     child_stdio: Option<[File; 3]>,
     /// The status it was given when it could not be started.
@@ -811,39 +815,101 @@ fn pump(mut from: impl Read, mut to: impl Write) {
     }
 }
 
+/// Copies a process's output (`end`: a pipe, or a terminal's master) to
+/// the host connection `conn`, `pending` first. Returns true once the
+/// process's side has ended; false when the host's end went away first
+/// (its monitor ended, or this guest was restored from a checkpoint and
+/// the connection reset): `pending` then holds what was read and not
+/// delivered, and the end stays the process's for the next attach.
+fn deliver(end: &File, pending: &mut Vec<u8>, conn: &File) -> bool {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if !pending.is_empty() {
+            if (&*conn).write_all(pending).is_err() {
+                return false;
+            }
+            pending.clear();
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: end.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: conn.as_raw_fd(),
+                events: libc::POLLRDHUP,
+                revents: 0,
+            },
+        ];
+        // SAFETY: poll on two live pollfds.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            continue;
+        }
+        if fds[1].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+            return false;
+        }
+        if fds[0].revents != 0 {
+            match (&*end).read(&mut buf) {
+                Ok(0) => return true,
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // A terminal's master reads EIO once every process holding
+                // the slave has exited: the output has all been delivered.
+                Err(_) => return true,
+            }
+        }
+    }
+}
+
 fn serve_stdio(mut conn: File, agent: Arc<Agent>) {
     let Ok(attach) = read_frame::<_, StdioAttach>(&mut conn) else {
         return;
     };
     let k = key(&attach.id, &attach.exec_id);
-    let end = {
+    let (end, mut pending) = {
         let mut procs = agent.procs.lock().unwrap();
         let Some(proc) = procs.get_mut(&k) else {
             return;
         };
-        match attach.stream {
+        let end = match attach.stream {
             Stream::Stdout => proc.stdout.take(),
             Stream::Stderr => proc.stderr.take(),
             Stream::Stdin => proc.stdin.take(),
             Stream::Terminal => proc.terminal.as_ref().and_then(|t| t.try_clone().ok()),
-        }
+        };
+        (end, proc.held.remove(&attach.stream).unwrap_or_default())
     };
     let Some(end) = end else {
         return;
     };
-    match attach.stream {
-        Stream::Stdout | Stream::Stderr => pump(end, &conn),
-        Stream::Stdin => pump(&conn, end),
+    let delivered = match attach.stream {
+        Stream::Stdout | Stream::Stderr => deliver(&end, &mut pending, &conn),
+        Stream::Stdin => {
+            pump(&conn, end);
+            return;
+        }
         Stream::Terminal => {
             let (input, output) = match (conn.try_clone(), end.try_clone()) {
                 (Ok(c), Ok(e)) => (c, e),
                 _ => return,
             };
             std::thread::spawn(move || pump(input, output));
-            // The master reads EIO once every process holding the slave
-            // has exited: the output has all been delivered then.
-            pump(end, &conn);
+            deliver(&end, &mut pending, &conn)
         }
+    };
+    if !delivered {
+        // The host's end went first: the stream waits for its next attach.
+        let mut procs = agent.procs.lock().unwrap();
+        if let Some(proc) = procs.get_mut(&k) {
+            match attach.stream {
+                Stream::Stdout => proc.stdout = Some(end),
+                Stream::Stderr => proc.stderr = Some(end),
+                _ => {}
+            }
+            proc.held.insert(attach.stream, pending);
+        }
+        return;
     }
     // SAFETY: shutdown on the connection's descriptor, which conn owns.
     unsafe { libc::shutdown(conn.as_raw_fd(), libc::SHUT_WR) };

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 
 use husk_protocol::{Process, Request, Response};
+use husk_vmm::api::ApiRequest;
 use thiserror::Error;
 
 use crate::bundle::{Bundle, BundleError};
@@ -195,6 +196,8 @@ pub struct CreateOptions<'a> {
     pub console_socket: Option<&'a Path>,
     /// The monitor outlives this command (`create`, `run -d`).
     pub detach: bool,
+    /// `restore`: the checkpoint's directory; the container runs at once.
+    pub restore: Option<&'a Path>,
 }
 
 /// `create`: the container's VM restored and its process made, not
@@ -223,6 +226,14 @@ pub fn create(o: &CreateOptions) -> Result<Child, LifecycleError> {
         id: o.id.to_owned(),
         message,
     })?;
+    let restore = match o.restore {
+        Some(checkpoint) => Some(
+            crate::checkpoint::open(checkpoint, o.id)
+                .map_err(|e| LifecycleError::SetUp(format!("{e:#}")))?
+                .0,
+        ),
+        None => None,
+    };
     let containers = o.root.join("containers");
     std::fs::create_dir_all(&containers).map_err(io("create", &containers))?;
     let dir = state::dir(o.root, o.id);
@@ -254,6 +265,10 @@ pub fn create(o: &CreateOptions) -> Result<Child, LifecycleError> {
     };
     state.save(o.root).map_err(|e| cleanup(e.into()))?;
     let mut args = vec![o.id.to_owned()];
+    if let Some(at) = &restore {
+        args.push("--restore".into());
+        args.push(at.display().to_string());
+    }
     if let Some(socket) = o.console_socket {
         args.push("--console-socket".into());
         args.push(socket.display().to_string());
@@ -461,7 +476,11 @@ pub fn pause(root: &Path, id: &str, pause: bool) -> Result<(), LifecycleError> {
     }
     vmm_api(
         &state::dir(root, id),
-        if pause { "pause" } else { "resume" },
+        &if pause {
+            ApiRequest::Pause
+        } else {
+            ApiRequest::Resume
+        },
     )?;
     state.status = to;
     state.save(root)?;

@@ -543,6 +543,7 @@ pub fn run(root: &Path, o: &RunOptions) -> anyhow::Result<i32> {
         pid_file: None,
         console_socket: None,
         detach: o.detach,
+        restore: None,
     };
     if o.detach {
         let log = std::fs::OpenOptions::new()
@@ -591,6 +592,75 @@ pub fn run(root: &Path, o: &RunOptions) -> anyhow::Result<i32> {
             Err(e.into())
         }
     }
+}
+
+/// The writable layer of container `name`, if it was made from an image
+/// (what `checkpoint` copies).
+pub fn upper_dir(root: &Path, name: &str) -> Option<PathBuf> {
+    let dir = dir(root, name);
+    dir.join("container.json")
+        .exists()
+        .then(|| dir.join("upper"))
+}
+
+/// `husk restore` of a container made from an image, as docker's `start
+/// --checkpoint`: the container (stopped) is restored from `checkpoint`
+/// with the writable layer saved there in place of its own, and runs
+/// on; detached, its output goes to its log again. Returns its exit
+/// status (0 when detached).
+pub fn restore(
+    root: &Path,
+    name: &str,
+    checkpoint: &Path,
+    options: &CreateOptions,
+) -> anyhow::Result<i32> {
+    let record = Record::load(root, name)?;
+    let (at, manifest) = crate::checkpoint::open(checkpoint, name)?;
+    if !manifest.upper {
+        bail!(
+            "checkpoint {} holds no writable layer, and container {name} was made from an image",
+            at.display()
+        );
+    }
+    match runtime_status(root, name) {
+        Some(Status::Stopped) => container::delete(root, name, true)?,
+        None => {}
+        Some(status) => {
+            bail!("container {name} is {status}: stop it before restoring a checkpoint into it")
+        }
+    }
+    let store = Store::open(root)?;
+    let image = store
+        .find(&record.image_id)
+        .with_context(|| format!("the image of container {name} is gone"))?;
+    let dir = dir(root, name);
+    unmount_rootfs(&dir);
+    for sub in ["upper", "work"] {
+        let _ = std::fs::remove_dir_all(dir.join(sub));
+    }
+    crate::checkpoint::copy_tree(&at.join(crate::checkpoint::UPPER_DIR), &dir.join("upper"))?;
+    {
+        let _adding = store.adding()?;
+        mount_rootfs(&dir, &store, &image)?;
+    }
+    let options = CreateOptions {
+        root,
+        id: name,
+        bundle: &dir,
+        restore: Some(&at),
+        ..*options
+    };
+    let null = std::fs::File::open("/dev/null")?;
+    if options.detach {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("log"))?;
+        let _stdio = Stdio::replace([null.as_raw_fd(), log.as_raw_fd(), log.as_raw_fd()])?;
+        return Ok(crate::run::run(&options)?);
+    }
+    let _stdio = Stdio::replace([null.as_raw_fd(), 1, 2])?;
+    Ok(crate::run::run(&options)?)
 }
 
 /// Starts `husk _autoremove NAME`, which removes the container when it

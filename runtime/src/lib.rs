@@ -10,6 +10,7 @@ pub mod binaries;
 pub mod bundle;
 pub mod busybox;
 pub mod cgroup;
+pub mod checkpoint;
 pub mod container;
 pub mod docker;
 pub mod hooks;

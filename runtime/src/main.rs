@@ -233,26 +233,82 @@ enum Command {
         /// Container ID.
         id: String,
     },
-    /// runc's checkpoint: not supported yet (refused, naming why).
+    /// Save a running container to a directory (its whole VM and, for one
+    /// made from an image, its writable layer); it stops unless
+    /// `--leave-running` (runc's checkpoint).
     Checkpoint {
-        /// Accepted as runc takes it.
-        #[arg(long)]
-        image_path: Option<PathBuf>,
-        /// Accepted as runc takes it.
+        /// Where the checkpoint goes (made if missing; an earlier
+        /// checkpoint there is replaced).
+        #[arg(long, default_value = "checkpoint")]
+        image_path: PathBuf,
+        /// The container goes on running.
         #[arg(long)]
         leave_running: bool,
+        /// Accepted for runc compatibility (CRIU's working directory).
+        #[arg(long)]
+        work_path: Option<PathBuf>,
+        /// Accepted for runc compatibility: the VM keeps its connections.
+        #[arg(long)]
+        tcp_established: bool,
+        /// Accepted for runc compatibility.
+        #[arg(long)]
+        ext_unix_sk: bool,
+        /// Accepted for runc compatibility.
+        #[arg(long)]
+        shell_job: bool,
+        /// Accepted for runc compatibility: locks are guest memory.
+        #[arg(long)]
+        file_locks: bool,
+        /// Accepted for runc compatibility.
+        #[arg(long)]
+        manage_cgroups_mode: Option<String>,
         /// Container ID.
         id: String,
     },
-    /// runc's restore: not supported yet (refused, naming why).
+    /// Make and run a container from a checkpoint (runc's restore); it
+    /// goes on where the checkpointed one was.
     Restore {
-        /// Accepted as runc takes it.
-        #[arg(long)]
-        image_path: Option<PathBuf>,
-        /// Accepted as runc takes it.
+        /// The checkpoint.
+        #[arg(long, default_value = "checkpoint")]
+        image_path: PathBuf,
+        /// The OCI bundle (default: the current directory; for a container
+        /// made from an image, its own).
         #[arg(long, short)]
         bundle: Option<PathBuf>,
-        /// Container ID.
+        /// Return once it runs.
+        #[arg(long, short)]
+        detach: bool,
+        /// Write the PID of the process that stands for the container's.
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
+        /// Send the terminal's master here (SCM_RIGHTS).
+        #[arg(long)]
+        console_socket: Option<PathBuf>,
+        /// Accepted for runc compatibility.
+        #[arg(long)]
+        work_path: Option<PathBuf>,
+        /// Accepted for runc compatibility.
+        #[arg(long)]
+        tcp_established: bool,
+        /// Accepted for runc compatibility.
+        #[arg(long)]
+        ext_unix_sk: bool,
+        /// Accepted for runc compatibility.
+        #[arg(long)]
+        shell_job: bool,
+        /// Accepted for runc compatibility.
+        #[arg(long)]
+        file_locks: bool,
+        /// Accepted for runc compatibility.
+        #[arg(long)]
+        no_subreaper: bool,
+        /// Accepted for runc compatibility.
+        #[arg(long)]
+        no_pivot: bool,
+        /// Accepted for runc compatibility.
+        #[arg(long)]
+        manage_cgroups_mode: Option<String>,
+        /// Container ID (the checkpointed container's).
         id: String,
     },
     /// Print what this runtime supports (JSON, as `runc features`).
@@ -472,6 +528,8 @@ enum Command {
         exec: Option<String>,
         #[arg(long)]
         process: Option<PathBuf>,
+        #[arg(long, conflicts_with = "exec")]
+        restore: Option<PathBuf>,
     },
 }
 
@@ -656,6 +714,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 pid_file: pid_file.as_deref(),
                 console_socket: console_socket.as_deref(),
                 detach: true,
+                restore: None,
             })?;
             Ok(0)
         }
@@ -693,6 +752,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 pid_file: pid_file.as_deref(),
                 console_socket: console_socket.as_deref(),
                 detach,
+                restore: None,
             })?;
             Ok(status_code(status))
         }
@@ -824,12 +884,45 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 std::thread::sleep(every);
             }
         }
-        Command::Checkpoint { id, .. } | Command::Restore { id, .. } => {
-            anyhow::bail!(
-                "container {id:?}: checkpoint and restore of a running container are not supported yet: \
-                 its VM can be snapshotted, but not the open files of its root filesystem \
-                 (virtio-fs) nor its streams (docs/snapshots.md); `husk pause` keeps it in memory"
-            )
+        Command::Checkpoint {
+            image_path,
+            leave_running,
+            id,
+            ..
+        } => {
+            let upper = husk_runtime::docker::upper_dir(root, &id);
+            husk_runtime::checkpoint::checkpoint(
+                root,
+                &id,
+                &image_path,
+                leave_running,
+                upper.as_deref(),
+            )?;
+            Ok(0)
+        }
+        Command::Restore {
+            image_path,
+            bundle,
+            detach,
+            pid_file,
+            console_socket,
+            id,
+            ..
+        } => {
+            let options = CreateOptions {
+                root,
+                id: &id,
+                bundle: bundle.as_deref().unwrap_or(Path::new(".")),
+                pid_file: pid_file.as_deref(),
+                console_socket: console_socket.as_deref(),
+                detach,
+                restore: Some(&image_path),
+            };
+            let status = match (&bundle, husk_runtime::docker::upper_dir(root, &id)) {
+                (None, Some(_)) => husk_runtime::docker::restore(root, &id, &image_path, &options)?,
+                _ => husk_runtime::run::run(&options)?,
+            };
+            Ok(status_code(status))
         }
         Command::Features => {
             println!(
@@ -1122,6 +1215,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             console_socket,
             exec,
             process,
+            restore,
         } => {
             // The ready pipe must not leak into the VMM (its reader waits
             // for the end of file).
@@ -1163,7 +1257,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 }
                 _ => {
                     let bins = husk_runtime::binaries::locate(root)?;
-                    monitor::container(root, &bins, &id, &terminal)
+                    monitor::container(root, &bins, &id, &terminal, restore.as_deref())
                 }
             };
             Ok(status_code(status))

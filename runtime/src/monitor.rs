@@ -289,8 +289,16 @@ fn wait_status(control: &mut Control, id: &str, exec_id: &str) -> Result<i32, Sa
     }
 }
 
-/// Runs the monitor of container `id`; returns its exit status.
-pub fn container(root: &Path, bins: &Binaries, id: &str, terminal: &Terminal) -> i32 {
+/// Runs the monitor of container `id`; returns its exit status. With
+/// `restore`, a checkpoint's directory, its VM is restored from there and
+/// its process is already running.
+pub fn container(
+    root: &Path,
+    bins: &Binaries,
+    id: &str,
+    terminal: &Terminal,
+    restore: Option<&Path>,
+) -> i32 {
     let dir = state::dir(root, id);
     let mut phases = crate::run::Phases::new();
     let set_up = (|| -> Result<(Sandbox, Control, Outputs), String> {
@@ -311,9 +319,16 @@ pub fn container(root: &Path, bins: &Binaries, id: &str, terminal: &Terminal) ->
             .linux()
             .as_ref()
             .and_then(|l| l.resources().as_ref());
-        let shape = crate::sandbox::Shape::of(resources)?;
-        let mut sandbox =
-            Sandbox::start(root, bins, &dir, &shares, shape).map_err(|e| e.to_string())?;
+        let (shape, snapshot) = match restore {
+            Some(checkpoint) => {
+                let (at, manifest) =
+                    crate::checkpoint::open(checkpoint, id).map_err(|e| format!("{e:#}"))?;
+                (manifest.shape, Some(at.join(crate::checkpoint::VM_DIR)))
+            }
+            None => (crate::sandbox::Shape::of(resources)?, None),
+        };
+        let mut sandbox = Sandbox::start(root, bins, &dir, &shares, shape, snapshot.as_deref())
+            .map_err(|e| e.to_string())?;
         state.shape = Some(shape);
         phases.mark("vmm_started");
         let explain = |sandbox: &mut Sandbox, e: SandboxError| {
@@ -326,22 +341,26 @@ pub fn container(root: &Path, bins: &Binaries, id: &str, terminal: &Terminal) ->
         phases.mark("agent_connected");
         let mut process = bundle.process();
         process.stdin_null = !process.terminal && stdin_is_null();
+        // A restored checkpoint's process exists already: the guest only
+        // needs fresh entropy and the host's clock.
         let made = control
             .expect_ok(&Request::Clone(crate::run::clone_seed()))
-            .and_then(|()| {
-                control.expect_ok(&Request::Create {
+            .and_then(|()| match restore {
+                Some(_) => Ok(()),
+                None => control.expect_ok(&Request::Create {
                     id: id.into(),
                     spec: spec_json.clone(),
                     process: process.clone(),
-                })
+                }),
             });
         if let Err(e) = made {
             return Err(explain(&mut sandbox, e));
         }
         phases.mark("created");
         // createRuntime and prestart hooks: the VM is up and the process
-        // made; a failure fails `create`.
-        {
+        // made; a failure fails `create`. A restored container ran them
+        // when it was made.
+        if restore.is_none() {
             let mut oci = state.oci_state();
             oci["status"] = "creating".into();
             oci["pid"] = std::process::id().into();
@@ -362,7 +381,11 @@ pub fn container(root: &Path, bins: &Binaries, id: &str, terminal: &Terminal) ->
             None,
         )
         .map_err(|e| e.to_string())?;
-        state.status = Status::Created;
+        state.status = if restore.is_some() {
+            Status::Running
+        } else {
+            Status::Created
+        };
         state.monitor = HostProcess::of(std::process::id());
         state.vmm = sandbox.vmm_pid().and_then(HostProcess::of);
         // The VM is what the host accounts and limits for the container.
@@ -426,6 +449,10 @@ pub fn container(root: &Path, bins: &Binaries, id: &str, terminal: &Terminal) ->
             let _ = control.send(&Request::Shutdown);
             let _ = sandbox.finish(Duration::from_secs(10));
             status
+        }
+        Err(_) if dir.join(crate::checkpoint::CHECKPOINTED).exists() => {
+            // Ended by `checkpoint`: the container goes on from there.
+            128 + libc::SIGKILL
         }
         Err(e) => {
             error = Some(format!("{:#}", anyhow::Error::from(sandbox.explain(e))));

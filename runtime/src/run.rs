@@ -111,7 +111,12 @@ pub fn run(o: &CreateOptions) -> Result<i32, LifecycleError> {
         unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     }
     let mut monitor = container::create(o)?;
-    if let Err(e) = container::start(o.root, o.id) {
+    // A restored container is running already.
+    let started = match o.restore {
+        Some(_) => Ok(()),
+        None => container::start(o.root, o.id),
+    };
+    if let Err(e) = started {
         if let LifecycleError::NotStarted { message, status } = e {
             // As a shell reports a command it cannot run: the message,
             // and 127 or 126 as the container's status.

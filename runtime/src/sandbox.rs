@@ -15,6 +15,7 @@ use husk_protocol::{
     CONTROL_PORT, Request, Response, STDIO_PORT, StdioAttach, Stream, handshake, read_frame,
     write_frame,
 };
+use husk_vmm::api::{ApiRequest, ApiResponse};
 use husk_vmm::devices::virtio::fs::Share;
 use thiserror::Error;
 
@@ -111,23 +112,30 @@ impl Agent {
     }
 }
 
-/// Sends one request to the VMM's control socket (`pause`, `resume`).
-pub fn vmm_api(state_dir: &Path, action: &str) -> Result<(), SandboxError> {
+/// Sends one request to the VMM's control socket (pause, resume, stop,
+/// snapshot) and waits for its answer.
+pub fn vmm_api(state_dir: &Path, request: &ApiRequest) -> Result<(), SandboxError> {
     let path = state_dir.join(API_SOCKET);
     let fail = |e: std::io::Error| SandboxError::Refused(format!("the VMM's control socket: {e}"));
     let mut stream = UnixStream::connect(&path).map_err(fail)?;
-    writeln!(stream, "{{\"action\":\"{action}\"}}").map_err(fail)?;
+    let mut line = serde_json::to_vec(request).expect("requests serialize");
+    line.push(b'\n');
+    stream.write_all(&line).map_err(fail)?;
     let mut answer = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(&stream), &mut answer)
         .map_err(fail)?;
-    let v: serde_json::Value = serde_json::from_str(&answer)
+    let v: ApiResponse = serde_json::from_str(&answer)
         .map_err(|e| SandboxError::Refused(format!("the VMM answered {answer:?}: {e}")))?;
-    if v["ok"] == true {
+    if v.ok {
         Ok(())
     } else {
+        let action = serde_json::to_value(request).expect("requests serialize")["action"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         Err(SandboxError::Refused(format!(
             "the VMM refused to {action}: {}",
-            v["error"].as_str().unwrap_or("no reason given")
+            v.error.as_deref().unwrap_or("no reason given")
         )))
     }
 }
@@ -299,14 +307,20 @@ impl Sandbox {
     /// Restores a container guest in `state_dir` (its sockets and logs go
     /// there) with `shares` bound to its virtio-fs shares (the root and
     /// every volume slot).
+    /// `from`: a checkpoint's snapshot to restore instead of the warm
+    /// one.
     pub fn start(
         root: &Path,
         bins: &Binaries,
         state_dir: &Path,
         shares: &[Share],
         shape: Shape,
+        from: Option<&Path>,
     ) -> Result<Self, SandboxError> {
-        let (snapshot, _) = warm::snapshot(root, &bins.vmm, &guest_image(bins, shape))?;
+        let snapshot = match from {
+            Some(dir) => dir.to_owned(),
+            None => warm::snapshot(root, &bins.vmm, &guest_image(bins, shape))?.0,
+        };
         let socket = state_dir.join(VSOCK_SOCKET);
         let stderr_log = state_dir.join("vmm.log");
         let console = state_dir.join("console.log");

@@ -12,7 +12,8 @@
 //! Reading a snapshot never trusts it: the header, the checksum, the Husk
 //! version and the memory file's size are all checked before any VM is made.
 
-use std::io::Write;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use kvm_bindings::{
@@ -181,12 +182,39 @@ pub fn write(dir: &Path, state: &VmState, memory: &[&[u8]]) -> Result<(), Snapsh
         let path = path.to_owned();
         move |source| SnapshotError::Io { what, path, source }
     };
-    std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+    // Guest memory holds the guest's secrets: the owner's alone, whatever
+    // the process's umask (the passthrough file system clears it).
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io("create", dir))?;
+    let private = |path: &Path| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+    };
     let mem_path = dir.join(MEMORY_FILE);
-    let mut mem_file = std::fs::File::create(&mem_path).map_err(io("create", &mem_path))?;
+    let mut mem_file = private(&mem_path).map_err(io("create", &mem_path))?;
+    // Pages the guest never wrote are zero: left as holes, which read
+    // back as zeros, so a snapshot takes the disk its guest used.
+    let mut total = 0u64;
     for region in memory {
-        mem_file.write_all(region).map_err(io("write", &mem_path))?;
+        for chunk in region.chunks(64 << 10) {
+            if chunk.iter().all(|&b| b == 0) {
+                mem_file
+                    .seek(SeekFrom::Current(chunk.len() as i64))
+                    .map_err(io("write", &mem_path))?;
+            } else {
+                mem_file.write_all(chunk).map_err(io("write", &mem_path))?;
+            }
+        }
+        total += region.len() as u64;
     }
+    mem_file.set_len(total).map_err(io("write", &mem_path))?;
     let body = serde_json::to_vec(state).expect("VM state serializes");
     let header = Header {
         format: FORMAT.into(),
@@ -199,7 +227,9 @@ pub fn write(dir: &Path, state: &VmState, memory: &[&[u8]]) -> Result<(), Snapsh
     out.push(b'\n');
     out.extend_from_slice(&body);
     let state_path = dir.join(STATE_FILE);
-    std::fs::write(&state_path, out).map_err(io("write", &state_path))
+    private(&state_path)
+        .and_then(|mut f| f.write_all(&out))
+        .map_err(io("write", &state_path))
 }
 
 /// Reads and checks `dir/state`, and checks that `dir/memory` is as large
@@ -287,12 +317,22 @@ mod tests {
     #[test]
     fn round_trip() {
         let dir = scratch("rt");
-        let mem = vec![7u8; 1 << 20];
+        // Written pages around half a megabyte never written (zeros).
+        let mut mem = vec![7u8; 1 << 20];
+        mem[(256 << 10)..(768 << 10)].fill(0);
         write(&dir, &sample(), &[&mem[..4096], &mem[4096..]]).unwrap();
         let (state, mem_path) = read(&dir).unwrap();
         assert_eq!(state.cmdline, "console=ttyS0");
         assert_eq!(state.serial.line_status, 0x60);
-        assert_eq!(std::fs::read(mem_path).unwrap(), mem);
+        assert_eq!(std::fs::read(&mem_path).unwrap(), mem);
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let meta = std::fs::metadata(&mem_path).unwrap();
+        // The zeros are a hole: less on disk than the file's length.
+        assert!(meta.blocks() * 512 < meta.len(), "{} blocks", meta.blocks());
+        // Guest memory is the owner's alone.
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let dir_mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(dir_mode & 0o777, 0o700);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

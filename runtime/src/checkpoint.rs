@@ -1,0 +1,359 @@
+//! `husk checkpoint` and `husk restore`: a running container saved to a
+//! directory, and a container made from that directory that goes on where
+//! the saved one was (runc's commands of those names).
+//!
+//! A checkpoint is the container's whole VM, not a dump of its processes:
+//! the VMM snapshots it (guest memory, vCPUs, devices, and the virtio-fs
+//! session: which files the guest has looked up and opened) through its
+//! API socket, which leaves the VM paused. For a container made from an
+//! image the writable layer (`upper/` of its overlay) is copied next to it
+//! while the VM is paused; a bundle's root file system is the bundle's, and
+//! stays where it is, as with runc. Then the VM is resumed
+//! (`--leave-running`) or ended, and the container is stopped.
+//!
+//! The directory holds:
+//!
+//! - `checkpoint.json`: this format's name, the husk version that made
+//!   it, the container's ID and VM shape, and whether `upper/` is there;
+//! - `vm/`: the VM snapshot (docs/snapshots.md has its format);
+//! - `upper/`: the writable layer, for a container made from an image.
+//!
+//! `restore` starts a monitor as `create` does, but its VMM restores the
+//! checkpoint's snapshot with the container's shares bound again (the
+//! bundle's root, its volumes). The guest is told that its old vsock
+//! connections were reset; its agent keeps the container's output until
+//! the new monitor attaches, and the new monitor waits for the same
+//! process. What is not carried: the container's stdin (its old stream
+//! ends; the process reads end-of-file), and processes `exec`'d into the
+//! container keep running without their stdio.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use husk_vmm::api::ApiRequest;
+use serde::{Deserialize, Serialize};
+
+use crate::sandbox::{Shape, vmm_api};
+use crate::state::{self, ContainerState, Status};
+
+/// The description of a checkpoint, in its directory.
+pub const MANIFEST: &str = "checkpoint.json";
+/// The VM snapshot, in a checkpoint's directory.
+pub const VM_DIR: &str = "vm";
+/// The writable layer, in a checkpoint's directory.
+pub const UPPER_DIR: &str = "upper";
+/// In a container's state directory: its VM was ended by a checkpoint
+/// (the monitor then records no error).
+pub const CHECKPOINTED: &str = "checkpointed";
+const FORMAT: &str = "husk-checkpoint";
+
+/// What `checkpoint.json` says.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always "husk-checkpoint".
+    pub format: String,
+    /// The husk version that made it: only the same version restores it.
+    pub husk_version: String,
+    /// The container's ID (the agent in the guest knows it by this name).
+    pub id: String,
+    /// When it was made (RFC 3339).
+    pub created: String,
+    /// The VM's shape.
+    pub shape: Shape,
+    /// `upper/` holds the container's writable layer.
+    pub upper: bool,
+}
+
+/// Makes `dir` ready for a checkpoint: made if missing, emptied if it
+/// holds an earlier checkpoint, refused if it holds anything else.
+fn prepare(dir: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    let mut entries = std::fs::read_dir(&dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .flatten()
+        .map(|e| e.file_name())
+        .peekable();
+    if entries.peek().is_some() {
+        if !dir.join(MANIFEST).exists() {
+            bail!(
+                "{} is not empty and holds no checkpoint: give an empty or new directory",
+                dir.display()
+            );
+        }
+        clear(&dir);
+    }
+    Ok(dir)
+}
+
+/// Removes what a checkpoint wrote in `dir`.
+fn clear(dir: &Path) {
+    let _ = std::fs::remove_file(dir.join(MANIFEST));
+    let _ = std::fs::remove_dir_all(dir.join(VM_DIR));
+    let _ = std::fs::remove_dir_all(dir.join(UPPER_DIR));
+}
+
+/// Copies the directory tree `from` to `to` as it is: owners, modes,
+/// times, extended attributes (overlayfs's among them), device nodes
+/// (its whiteouts), hard links and holes. coreutils' `cp -a` does all of
+/// that; no crate does (docs/checkpoint.md).
+pub fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let out = std::process::Command::new("cp")
+        .arg("-a")
+        .arg("--sparse=always")
+        .arg("--no-target-directory")
+        .arg(from)
+        .arg(to)
+        .output()
+        .context("cannot run cp")?;
+    if !out.status.success() {
+        let _ = std::fs::remove_dir_all(to);
+        bail!(
+            "cannot copy {} to {}: {}",
+            from.display(),
+            to.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// `husk checkpoint`: saves running (or paused) container `id` to
+/// `image_path`; the container goes on running with `leave_running`, else
+/// it is stopped. `upper`: the container's writable layer, for one made
+/// from an image.
+pub fn checkpoint(
+    root: &Path,
+    id: &str,
+    image_path: &Path,
+    leave_running: bool,
+    upper: Option<&Path>,
+) -> anyhow::Result<()> {
+    let state = ContainerState::load(root, id)?;
+    let status = state.status();
+    if !matches!(status, Status::Running | Status::Paused) {
+        bail!(
+            "container {id:?} is {status}: only a running or paused container can be checkpointed"
+        );
+    }
+    let shape = state
+        .shape
+        .with_context(|| format!("container {id:?} has no VM shape recorded"))?;
+    let dir = prepare(image_path)?;
+    let state_dir = state::dir(root, id);
+    // The VMM resumes a VM whose snapshot failed; a later failure resumes
+    // it here. Either way nothing half-written stays.
+    let undo = |e: anyhow::Error| {
+        clear(&dir);
+        if status == Status::Running {
+            let _ = vmm_api(&state_dir, &ApiRequest::Resume);
+        }
+        e
+    };
+    vmm_api(
+        &state_dir,
+        &ApiRequest::Snapshot {
+            dir: dir.join(VM_DIR),
+        },
+    )
+    .map_err(|e| {
+        clear(&dir);
+        anyhow::anyhow!("cannot checkpoint container {id:?}: {e}")
+    })?;
+    if let Some(upper) = upper {
+        copy_tree(upper, &dir.join(UPPER_DIR)).map_err(undo)?;
+    }
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        husk_version: env!("CARGO_PKG_VERSION").into(),
+        id: id.into(),
+        created: state::now_rfc3339(),
+        shape,
+        upper: upper.is_some(),
+    };
+    std::fs::write(
+        dir.join(MANIFEST),
+        serde_json::to_vec_pretty(&manifest).expect("plain data serializes"),
+    )
+    .with_context(|| format!("cannot write {}", dir.join(MANIFEST).display()))
+    .map_err(undo)?;
+    if leave_running {
+        if status == Status::Running {
+            vmm_api(&state_dir, &ApiRequest::Resume)?;
+        }
+        return Ok(());
+    }
+    // The container ends here, as runc's does after a checkpoint.
+    std::fs::write(
+        state_dir.join(CHECKPOINTED),
+        dir.as_os_str().as_encoded_bytes(),
+    )?;
+    vmm_api(&state_dir, &ApiRequest::Stop)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ContainerState::load(root, id).is_ok_and(|s| s.status() != Status::Stopped) {
+        if Instant::now() > deadline {
+            bail!("container {id:?} was checkpointed but did not stop within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Reads and checks the checkpoint in `dir` for restoring container `id`:
+/// returns its directory (absolute) and description.
+pub fn open(dir: &Path, id: &str) -> anyhow::Result<(PathBuf, Manifest)> {
+    let path = dir.join(MANIFEST);
+    let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => anyhow::anyhow!(
+            "{} is not a husk checkpoint: it has no {MANIFEST}",
+            dir.display()
+        ),
+        _ => anyhow::anyhow!("cannot read {}: {e}", path.display()),
+    })?;
+    let manifest: Manifest =
+        serde_json::from_slice(&bytes).with_context(|| format!("{} is corrupt", path.display()))?;
+    if manifest.format != FORMAT {
+        bail!("{} is not a husk checkpoint", path.display());
+    }
+    let ours = env!("CARGO_PKG_VERSION");
+    if manifest.husk_version != ours {
+        bail!(
+            "checkpoint {} was made by husk {}; this is husk {ours}, which cannot restore it",
+            dir.display(),
+            manifest.husk_version
+        );
+    }
+    if manifest.id != id {
+        bail!(
+            "checkpoint {} is of container {:?}: restore it as {:?} (the guest knows it by that name)",
+            dir.display(),
+            manifest.id,
+            manifest.id
+        );
+    }
+    if manifest.upper && !dir.join(UPPER_DIR).is_dir() {
+        bail!("checkpoint {} has lost its {UPPER_DIR}/", dir.display());
+    }
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("cannot find {}", dir.display()))?;
+    Ok((dir, manifest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("husk-ckpt-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn manifest(id: &str) -> Manifest {
+        Manifest {
+            format: FORMAT.into(),
+            husk_version: env!("CARGO_PKG_VERSION").into(),
+            id: id.into(),
+            created: state::now_rfc3339(),
+            shape: Shape {
+                vcpus: 1,
+                memory_mib: 256,
+            },
+            upper: false,
+        }
+    }
+
+    #[test]
+    fn a_directory_with_other_files_is_not_written_into() {
+        let dir = temp("prepare");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("precious"), b"x").unwrap();
+        let err = prepare(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains("is not empty and holds no checkpoint"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(dir.join("precious")).unwrap(), b"x");
+        // An earlier checkpoint is replaced.
+        std::fs::remove_file(dir.join("precious")).unwrap();
+        std::fs::write(dir.join(MANIFEST), b"{}").unwrap();
+        std::fs::create_dir_all(dir.join(VM_DIR)).unwrap();
+        prepare(&dir).unwrap();
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn foreign_missing_and_mismatched_checkpoints_are_refused_by_name() {
+        let dir = temp("open");
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = open(&dir, "c").unwrap_err().to_string();
+        assert!(
+            err.contains("is not a husk checkpoint: it has no checkpoint.json"),
+            "{err}"
+        );
+        std::fs::write(dir.join(MANIFEST), b"{not json").unwrap();
+        let err = format!("{:#}", open(&dir, "c").unwrap_err());
+        assert!(err.contains("is corrupt"), "{err}");
+        let mut m = manifest("c");
+        m.husk_version = "0.0.1-other".into();
+        std::fs::write(dir.join(MANIFEST), serde_json::to_vec(&m).unwrap()).unwrap();
+        let err = open(&dir, "c").unwrap_err().to_string();
+        assert!(err.contains("was made by husk 0.0.1-other"), "{err}");
+        std::fs::write(
+            dir.join(MANIFEST),
+            serde_json::to_vec(&manifest("c")).unwrap(),
+        )
+        .unwrap();
+        let err = open(&dir, "d").unwrap_err().to_string();
+        assert!(err.contains("is of container \"c\""), "{err}");
+        let mut m = manifest("c");
+        m.upper = true;
+        std::fs::write(dir.join(MANIFEST), serde_json::to_vec(&m).unwrap()).unwrap();
+        let err = open(&dir, "c").unwrap_err().to_string();
+        assert!(err.contains("has lost its upper/"), "{err}");
+        std::fs::write(
+            dir.join(MANIFEST),
+            serde_json::to_vec(&manifest("c")).unwrap(),
+        )
+        .unwrap();
+        let (at, m) = open(&dir, "c").unwrap();
+        assert!(at.is_absolute());
+        assert_eq!(m.id, "c");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_tree_is_copied_with_its_whiteouts_and_links() {
+        let dir = temp("copy");
+        let from = dir.join("from");
+        std::fs::create_dir_all(from.join("d")).unwrap();
+        std::fs::write(from.join("d/f"), b"data").unwrap();
+        std::fs::hard_link(from.join("d/f"), from.join("link")).unwrap();
+        std::os::unix::fs::symlink("d/f", from.join("sym")).unwrap();
+        // An overlayfs whiteout: a 0/0 character device.
+        let wh = std::ffi::CString::new(from.join("gone").as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mknod of a NUL-terminated path.
+        assert_eq!(unsafe { libc::mknod(wh.as_ptr(), libc::S_IFCHR, 0) }, 0);
+        let to = dir.join("to");
+        copy_tree(&from, &to).unwrap();
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        assert_eq!(std::fs::read(to.join("d/f")).unwrap(), b"data");
+        assert_eq!(
+            std::fs::metadata(to.join("d/f")).unwrap().ino(),
+            std::fs::metadata(to.join("link")).unwrap().ino()
+        );
+        assert_eq!(
+            std::fs::read_link(to.join("sym")).unwrap(),
+            Path::new("d/f")
+        );
+        let gone = std::fs::symlink_metadata(to.join("gone")).unwrap();
+        assert!(gone.file_type().is_char_device());
+        assert_eq!(gone.rdev(), 0);
+        let err = copy_tree(&dir.join("missing"), &dir.join("t2")).unwrap_err();
+        assert!(err.to_string().contains("cannot copy"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
