@@ -1,0 +1,359 @@
+//! `husk checkpoint` and `husk restore` on real microVMs (warm starts):
+//! a container saved while it runs, with a file open and a counter in its
+//! shell's memory, goes on counting where it stopped, writing through the
+//! same open file; a container made from an image gets its writable layer
+//! back as it was at the checkpoint; and each kind of bad checkpoint or
+//! wrong request is refused by name, leaving nothing behind.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Bundle, HUSK, id, root, text};
+
+/// Runs `husk --root <root> args...` to completion (60 s at most), its
+/// stdout going to `out` (kept: a detached container's monitor writes
+/// there after husk returns), its stderr returned.
+fn husk_to(args: &[&str], out: &Path) -> Output {
+    let err = out.with_extension(format!("err{}", rand_suffix()));
+    let mut child = Command::new(HUSK)
+        .arg("--root")
+        .arg(root())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(out)
+                .unwrap(),
+        )
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("husk {args:?} did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = std::fs::read(&err).unwrap_or_default();
+    let _ = std::fs::remove_file(&err);
+    Output {
+        status,
+        stdout: Vec::new(),
+        stderr,
+    }
+}
+
+fn rand_suffix() -> u32 {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("husk-ckpt-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs husk, its output returned (60 s at most).
+fn husk(args: &[&str]) -> Output {
+    let mut cmd = Command::new(HUSK);
+    cmd.arg("--root")
+        .arg(root())
+        .args(args)
+        .stdin(Stdio::null());
+    common::output_within(
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+        Duration::from_secs(60),
+        &format!("husk {args:?}"),
+    )
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = husk(args);
+    assert!(out.status.success(), "husk {args:?}: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+fn refused(args: &[&str], says: &str) {
+    let out = husk(args);
+    assert!(!out.status.success(), "husk {args:?} should fail");
+    let err = text(&out.stderr);
+    assert!(err.contains(says), "husk {args:?}: {err}");
+}
+
+fn status(id: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(&ok(&["state", id])).unwrap();
+    v["status"].as_str().unwrap().to_owned()
+}
+
+/// The numbers in a counter file, one per line.
+fn counted(path: &Path) -> Vec<u64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// Waits (30 s at most) until the counter file holds at least `n` lines.
+fn wait_for_count(path: &Path, n: usize) -> Vec<u64> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = counted(path);
+        if got.len() >= n {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} reached {} lines, not {n}",
+            path.display(),
+            got.len()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// 1, 2, 3, ... with no number missing or repeated: one shell counted
+/// them all, from its memory.
+fn assert_one_count(got: &[u64]) {
+    let want: Vec<u64> = (1..=got.len() as u64).collect();
+    assert_eq!(got, want, "the count restarted or skipped");
+}
+
+/// A shell that counts in memory, appending each number through one file
+/// descriptor it opened once, and printing it.
+const COUNTER: &str =
+    "i=0; exec 3>>/counter; while :; do i=$((i+1)); echo $i >&3; echo tick $i; sleep 0.2; done";
+
+#[test]
+fn a_checkpointed_container_goes_on_where_it_was_with_its_open_file() {
+    let b = Bundle::new("ckpt", &["sh", "-c", COUNTER], |spec| {
+        if let Some(root) = spec.root_mut() {
+            root.set_readonly(Some(false));
+        }
+    });
+    let id = id("ckpt");
+    let bundle = b.0.to_str().unwrap();
+    let work = scratch("bundle");
+    let counter = b.rootfs().join("counter");
+    let first_out = work.join("first.out");
+    let out = husk_to(&["run", "-d", "--bundle", bundle, &id], &first_out);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_for_count(&counter, 3);
+
+    // Not into a directory that holds something else.
+    let busy = work.join("busy");
+    std::fs::create_dir_all(&busy).unwrap();
+    std::fs::write(busy.join("precious"), b"keep").unwrap();
+    refused(
+        &["checkpoint", "--image-path", busy.to_str().unwrap(), &id],
+        "is not empty and holds no checkpoint",
+    );
+    assert_eq!(std::fs::read(busy.join("precious")).unwrap(), b"keep");
+    assert_eq!(status(&id), "running");
+
+    // Left running: it goes on counting.
+    let kept = work.join("kept");
+    ok(&[
+        "checkpoint",
+        "--leave-running",
+        "--image-path",
+        kept.to_str().unwrap(),
+        &id,
+    ]);
+    assert_eq!(status(&id), "running");
+    let n = counted(&counter).len();
+    wait_for_count(&counter, n + 2);
+
+    // Checkpointed: it stops, and counts no more.
+    let image = work.join("image");
+    ok(&["checkpoint", "--image-path", image.to_str().unwrap(), &id]);
+    assert_eq!(status(&id), "stopped");
+    let at_checkpoint = counted(&counter);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        counted(&counter),
+        at_checkpoint,
+        "it ran on after its checkpoint"
+    );
+    assert_one_count(&at_checkpoint);
+    refused(
+        &["checkpoint", "--image-path", image.to_str().unwrap(), &id],
+        "is stopped: only a running or paused container can be checkpointed",
+    );
+    ok(&["delete", &id]);
+
+    // Refused: another container's checkpoint, a directory that is none,
+    // a corrupted snapshot. None of them leaves a container behind.
+    let other = id.replace("ckpt", "other");
+    refused(
+        &[
+            "restore",
+            "-d",
+            "--image-path",
+            image.to_str().unwrap(),
+            "--bundle",
+            bundle,
+            &other,
+        ],
+        &format!("is of container \"{id}\""),
+    );
+    refused(&["state", &other], "does not exist");
+    refused(
+        &[
+            "restore",
+            "-d",
+            "--image-path",
+            busy.to_str().unwrap(),
+            "--bundle",
+            bundle,
+            &id,
+        ],
+        "is not a husk checkpoint",
+    );
+    let broken = work.join("broken");
+    let copied = Command::new("cp")
+        .args(["-a", image.to_str().unwrap(), broken.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let state_file = broken.join("vm").join("state");
+    let mut bytes = std::fs::read(&state_file).unwrap();
+    let last = bytes.len() - 2;
+    bytes[last] ^= 1;
+    std::fs::write(&state_file, bytes).unwrap();
+    refused(
+        &[
+            "restore",
+            "-d",
+            "--image-path",
+            broken.to_str().unwrap(),
+            "--bundle",
+            bundle,
+            &id,
+        ],
+        "its checksum does not match",
+    );
+    refused(&["state", &id], "does not exist");
+
+    // Restored: the same shell goes on from its next number, through the
+    // file it had open, and its output reaches the new monitor.
+    let restored_out = work.join("restored.out");
+    let out = husk_to(
+        &[
+            "restore",
+            "-d",
+            "--image-path",
+            image.to_str().unwrap(),
+            "--bundle",
+            bundle,
+            &id,
+        ],
+        &restored_out,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(status(&id), "running");
+    let got = wait_for_count(&counter, at_checkpoint.len() + 3);
+    assert_one_count(&got);
+    let next = at_checkpoint.len() + 1;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !text(&std::fs::read(&restored_out).unwrap()).contains(&format!("tick {}\n", next + 1)) {
+        assert!(Instant::now() < deadline, "no output after the restore");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let printed = text(&std::fs::read(&restored_out).unwrap());
+    assert!(printed.contains(&format!("tick {next}\n")), "{printed}");
+    assert!(!printed.contains("tick 1\n"), "{printed}");
+    // The agent answers as before.
+    assert!(ok(&["exec", &id, "cat", "/counter"]).starts_with("1\n2\n"));
+    ok(&["kill", &id, "KILL"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(&id) != "stopped" {
+        assert!(Instant::now() < deadline, "never stopped");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ok(&["delete", &id]);
+    refused(&["state", &id], "does not exist");
+    std::fs::remove_dir_all(&work).unwrap();
+}
+
+#[test]
+fn an_image_containers_writable_layer_comes_back_from_its_checkpoint() {
+    let name = id("ckimg");
+    let work = scratch("image");
+    let image = work.join("image");
+    ok(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "husk/busybox",
+        "sh",
+        "-c",
+        "i=0; while :; do i=$((i+1)); echo $i >> /log; sleep 0.2; done",
+    ]);
+    let upper = root().join("docker").join(&name).join("upper");
+    wait_for_count(&upper.join("log"), 3);
+    ok(&["checkpoint", "--image-path", image.to_str().unwrap(), &name]);
+    let at_checkpoint = counted(&upper.join("log"));
+    assert_one_count(&at_checkpoint);
+    assert_eq!(counted(&image.join("upper").join("log")), at_checkpoint);
+    let listed = ok(&["ps", "-a"]);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.contains(&name) && l.contains("Exited")),
+        "{listed}"
+    );
+    // What happens to its layer after the checkpoint is not what the
+    // restored container sees: it gets the checkpoint's.
+    std::fs::write(upper.join("later"), b"after the checkpoint").unwrap();
+    std::fs::write(upper.join("log"), b"1\n").unwrap();
+
+    ok(&[
+        "restore",
+        "--image-path",
+        image.to_str().unwrap(),
+        "-d",
+        &name,
+    ]);
+    let listed = ok(&["ps"]);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.contains(&name) && l.contains("Up")),
+        "{listed}"
+    );
+    let got = wait_for_count(&upper.join("log"), at_checkpoint.len() + 3);
+    assert_one_count(&got);
+    let out = husk(&["exec", &name, "ls", "/later"]);
+    assert!(!out.status.success(), "the layer is not the checkpoint's");
+    // A running container is not restored over.
+    refused(
+        &[
+            "restore",
+            "--image-path",
+            image.to_str().unwrap(),
+            "-d",
+            &name,
+        ],
+        "is running: stop it before restoring a checkpoint into it",
+    );
+    ok(&["rm", "-f", &name]);
+    assert!(!root().join("docker").join(&name).exists());
+    std::fs::remove_dir_all(&work).unwrap();
+}
