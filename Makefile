@@ -83,6 +83,7 @@ bench: kernel $(TEST_INITRAMFS) $(AGENT_INITRAMFS)
 	target/release/husk-bench-fs
 	target/release/husk-bench-ctr --husk $(HUSK)
 	target/release/husk-bench-image --husk $(HUSK)
+	target/release/husk-bench-checkpoint --husk $(HUSK)
 
 clean:
 	cargo clean
