@@ -204,6 +204,14 @@ pub struct CreateOptions<'a> {
 /// started. Returns the monitor.
 pub fn create(o: &CreateOptions) -> Result<Child, LifecycleError> {
     check_id(o.id)?;
+    let restore = match o.restore {
+        Some(checkpoint) => Some(
+            crate::checkpoint::open(checkpoint, o.id)
+                .map_err(|e| LifecycleError::SetUp(format!("{e:#}")))?
+                .0,
+        ),
+        None => None,
+    };
     let bundle_dir = o
         .bundle
         .canonicalize()
@@ -226,14 +234,6 @@ pub fn create(o: &CreateOptions) -> Result<Child, LifecycleError> {
         id: o.id.to_owned(),
         message,
     })?;
-    let restore = match o.restore {
-        Some(checkpoint) => Some(
-            crate::checkpoint::open(checkpoint, o.id)
-                .map_err(|e| LifecycleError::SetUp(format!("{e:#}")))?
-                .0,
-        ),
-        None => None,
-    };
     let containers = o.root.join("containers");
     std::fs::create_dir_all(&containers).map_err(io("create", &containers))?;
     let dir = state::dir(o.root, o.id);

@@ -371,13 +371,19 @@ fn features_and_spec_are_runcs() {
     assert_eq!(spec.root().as_ref().unwrap().path(), Path::new("rootfs"));
     refused(&["spec", "--bundle", dir.to_str().unwrap()], "exists");
     std::fs::remove_dir_all(&dir).unwrap();
-    // checkpoint/restore are runc's commands that husk does not do yet:
-    // refused by name, not "unrecognized subcommand".
+    // checkpoint/restore of a container that does not exist, or from a
+    // directory that is no checkpoint: refused by name, nothing written.
+    let image = dir.with_extension("ckpt");
     refused(
-        &["checkpoint", "--image-path", "/tmp/x", "c1"],
-        "checkpoint and restore of a running container are not supported yet",
+        &["checkpoint", "--image-path", image.to_str().unwrap(), "c1"],
+        "container \"c1\" does not exist",
     );
-    refused(&["restore", "c1"], "not supported yet");
+    assert!(!image.exists());
+    refused(
+        &["restore", "--image-path", image.to_str().unwrap(), "c1"],
+        "is not a husk checkpoint",
+    );
+    refused(&["state", "c1"], "does not exist");
 }
 
 #[test]
