@@ -13,15 +13,24 @@ use std::time::{Duration, Instant};
 
 use common::{Bundle, HUSK, id, root, text};
 
+/// `args` with the tests' `--root` in front, unless they name one.
+fn with_root(args: &[&str]) -> Vec<std::ffi::OsString> {
+    let mut all: Vec<std::ffi::OsString> = Vec::new();
+    if args.first() != Some(&"--root") {
+        all.push("--root".into());
+        all.push(root().into());
+    }
+    all.extend(args.iter().map(Into::into));
+    all
+}
+
 /// Runs `husk --root <root> args...` to completion (60 s at most), its
 /// stdout going to `out` (kept: a detached container's monitor writes
 /// there after husk returns), its stderr returned.
 fn husk_to(args: &[&str], out: &Path) -> Output {
     let err = out.with_extension(format!("err{}", rand_suffix()));
     let mut child = Command::new(HUSK)
-        .arg("--root")
-        .arg(root())
-        .args(args)
+        .args(with_root(args))
         .stdin(Stdio::null())
         .stdout(
             std::fs::OpenOptions::new()
@@ -68,10 +77,7 @@ fn scratch(name: &str) -> PathBuf {
 /// Runs husk, its output returned (60 s at most).
 fn husk(args: &[&str]) -> Output {
     let mut cmd = Command::new(HUSK);
-    cmd.arg("--root")
-        .arg(root())
-        .args(args)
-        .stdin(Stdio::null());
+    cmd.args(with_root(args)).stdin(Stdio::null());
     common::output_within(
         cmd.stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -280,14 +286,56 @@ fn a_checkpointed_container_goes_on_where_it_was_with_its_open_file() {
     assert!(!printed.contains("tick 1\n"), "{printed}");
     // The agent answers as before.
     assert!(ok(&["exec", &id, "cat", "/counter"]).starts_with("1\n2\n"));
-    ok(&["kill", &id, "KILL"]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while status(&id) != "stopped" {
-        assert!(Instant::now() < deadline, "never stopped");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+
+    // Moved: checkpointed again, its bundle copied elsewhere, restored
+    // under another root. It counts on in the copy; the original's file
+    // stands still.
+    let moved_image = work.join("moved-image");
+    ok(&[
+        "checkpoint",
+        "--image-path",
+        moved_image.to_str().unwrap(),
+        &id,
+    ]);
     ok(&["delete", &id]);
-    refused(&["state", &id], "does not exist");
+    let before_move = counted(&counter);
+    assert_one_count(&before_move);
+    let elsewhere = work.join("elsewhere");
+    let copied = Command::new("cp")
+        .args(["-a", bundle, elsewhere.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let other_root = work.join("other-root");
+    let moved_out = work.join("moved.out");
+    let out = husk_to(
+        &[
+            "--root",
+            other_root.to_str().unwrap(),
+            "restore",
+            "-d",
+            "--image-path",
+            moved_image.to_str().unwrap(),
+            "--bundle",
+            elsewhere.to_str().unwrap(),
+            &id,
+        ],
+        &moved_out,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let moved_counter = elsewhere.join("rootfs").join("counter");
+    let got = wait_for_count(&moved_counter, before_move.len() + 3);
+    assert_one_count(&got);
+    assert_eq!(counted(&counter), before_move);
+    let in_other = |args: &[&str]| {
+        let mut all = vec!["--root", other_root.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let out = husk(&all);
+        assert!(out.status.success(), "husk {all:?}: {}", text(&out.stderr));
+    };
+    in_other(&["kill", &id, "KILL"]);
+    in_other(&["delete", "--force", &id]);
+    assert!(!other_root.join("containers").join(&id).exists());
     std::fs::remove_dir_all(&work).unwrap();
 }
 

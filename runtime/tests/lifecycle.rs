@@ -353,6 +353,96 @@ fn the_console_socket_receives_the_containers_terminal() {
     let _ = Path::new(&socket);
 }
 
+/// Reads the terminal until `want` appears (60 s at most).
+fn read_until(term: &mut std::fs::File, want: &str) -> String {
+    use std::io::Read;
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut buf = [0u8; 256];
+    while !seen.contains(want) {
+        assert!(
+            Instant::now() < deadline,
+            "no {want:?} on the terminal: {seen:?}"
+        );
+        match term.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+        }
+    }
+    assert!(seen.contains(want), "{seen:?}");
+    seen
+}
+
+/// Creates (or restores, `restore` naming the checkpoint) container `id`
+/// of bundle `b` with a console socket; returns the terminal's master.
+fn with_console(b: &Bundle, id: &str, restore: Option<&Path>) -> std::fs::File {
+    let socket = b.0.join(format!("console-{}.sock", restore.is_some()));
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket).unwrap();
+    let mut args: Vec<String> = match restore {
+        Some(image) => vec![
+            "restore".into(),
+            "-d".into(),
+            "--image-path".into(),
+            image.display().to_string(),
+        ],
+        None => vec!["create".into()],
+    };
+    args.extend([
+        "--bundle".into(),
+        b.0.display().to_string(),
+        "--console-socket".into(),
+        socket.display().to_string(),
+        id.to_owned(),
+    ]);
+    let making = std::thread::spawn(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        husk(&args)
+    });
+    let master = receive_fd(&listener);
+    let out = making.join().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::File::from(master)
+}
+
+#[test]
+fn a_terminal_container_restored_from_a_checkpoint_gets_a_new_terminal() {
+    let b = Bundle::new(
+        "ckpt-tty",
+        &[
+            "sh",
+            "-c",
+            "i=0; while read line; do i=$((i+1)); echo \"got $line #$i\"; done",
+        ],
+        |spec| {
+            spec.process_mut()
+                .as_mut()
+                .unwrap()
+                .set_terminal(Some(true));
+        },
+    );
+    let id = id("ckpt-tty");
+    let mut term = with_console(&b, &id, None);
+    ok(&["start", &id]);
+    use std::io::Write;
+    term.write_all(b"one\n").unwrap();
+    read_until(&mut term, "got one #1");
+    let image = b.0.join("checkpoint");
+    ok(&["checkpoint", "--image-path", image.to_str().unwrap(), &id]);
+    assert_eq!(status(&id), "stopped");
+    ok(&["delete", &id]);
+    // The shell, its count and its terminal's line go on in the restored
+    // VM; the terminal the host sees is a new one.
+    let mut term = with_console(&b, &id, Some(&image));
+    assert_eq!(status(&id), "running");
+    term.write_all(b"two\n").unwrap();
+    read_until(&mut term, "got two #2");
+    ok(&["kill", &id, "KILL"]);
+    wait_for_status(&id, "stopped");
+    ok(&["delete", &id]);
+    refused(&["state", &id], "does not exist");
+}
+
 #[test]
 fn features_and_spec_are_runcs() {
     let v: serde_json::Value = serde_json::from_str(&ok(&["features"])).unwrap();
