@@ -603,8 +603,23 @@ fn docker_form(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
     args
 }
 
+/// runc's long flags that callers pass with one dash, as Go's flag
+/// parsing allows (containerd's go-runc passes `-no-subreaper` to
+/// `restore`).
+const ONE_DASH: &[&str] = &["-no-subreaper", "-no-pivot", "-no-new-keyring"];
+
+/// `args` with [`ONE_DASH`] flags given their second dash.
+fn go_flags(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    args.into_iter()
+        .map(|a| match a.to_str() {
+            Some(flag) if ONE_DASH.contains(&flag) => format!("-{flag}").into(),
+            _ => a,
+        })
+        .collect()
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse_from(docker_form(std::env::args_os().collect()));
+    let cli = Cli::parse_from(docker_form(go_flags(std::env::args_os().collect())));
     let failed = if matches!(cli.command, Command::Run { .. } | Command::DockerRun { .. }) {
         EXIT_RUN_FAILED
     } else {
@@ -1262,5 +1277,60 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             };
             Ok(status_code(status))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        let args = args.iter().map(Into::into).collect();
+        Cli::try_parse_from(docker_form(go_flags(args))).unwrap()
+    }
+
+    #[test]
+    fn go_runcs_one_dash_flags_and_restores_arguments_parse() {
+        // As containerd's shim runs it.
+        let cli = parse(&[
+            "husk",
+            "--root",
+            "/run/r",
+            "--log",
+            "/x/log.json",
+            "--log-format",
+            "json",
+            "restore",
+            "--image-path",
+            "/tmp/ck",
+            "--work-path",
+            "/x/work",
+            "--detach",
+            "--pid-file",
+            "/x/init.pid",
+            "-no-subreaper",
+            "--bundle",
+            "/x",
+            "c3",
+        ]);
+        match cli.command {
+            Command::Restore {
+                image_path,
+                bundle,
+                detach,
+                no_subreaper,
+                id,
+                ..
+            } => {
+                assert_eq!(image_path, Path::new("/tmp/ck"));
+                assert_eq!(bundle.as_deref(), Some(Path::new("/x")));
+                assert!(detach && no_subreaper);
+                assert_eq!(id, "c3");
+            }
+            _ => panic!("not restore"),
+        }
+        // A docker-style `-it` is left alone.
+        let cli = parse(&["husk", "run", "-it", "husk/busybox", "sh"]);
+        assert!(matches!(cli.command, Command::DockerRun { .. }));
     }
 }

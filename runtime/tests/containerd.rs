@@ -229,6 +229,59 @@ fn ctr_runs_execs_signals_pauses_and_deletes_through_husk() {
     );
 }
 
+/// The numbers the counting container wrote to /log, read through `ctr
+/// task exec`.
+fn counted(ctd: &Containerd, id: &str, exec_id: &str) -> Vec<u64> {
+    ctd.ctr_ok(&["task", "exec", "--exec-id", exec_id, id, "cat", "/log"])
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+#[test]
+fn ctr_checkpoints_a_task_and_restores_it_through_husk() {
+    let ctd = Containerd::start("ckpt");
+    let id = format!("ctr-ckpt-{}", std::process::id());
+    let script = "i=0; while :; do i=$((i+1)); echo $i >> /log; sleep 0.2; done";
+    ctd.ctr_ok(&ctd.run_args(&["-d", IMAGE, &id, "sh", "-c", script]));
+    wait_status(&ctd, &id, "RUNNING");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while counted(&ctd, &id, "wait").len() < 3 {
+        assert!(Instant::now() < deadline, "it never counted");
+    }
+    // containerd's own checkpoint: husk's directory (the VM) and the
+    // container's writable layer (which containerd keeps itself), as an
+    // image in containerd's store. The task goes on.
+    let image = format!("checkpoint/{id}:1");
+    ctd.ctr_ok(&["containers", "checkpoint", "--task", "--rw", &id, &image]);
+    assert_eq!(task_status(&ctd, &id), "RUNNING");
+    ctd.ctr_ok(&["task", "kill", "-s", "KILL", &id]);
+    wait_status(&ctd, &id, "STOPPED");
+    ctd.ctr_ok(&["task", "delete", &id]);
+    ctd.ctr_ok(&["containers", "delete", &id]);
+
+    // Restored: the same shell counts on from its memory, with no number
+    // missing or repeated.
+    ctd.ctr_ok(&["containers", "restore", "--rw", "--live", &id, &image]);
+    assert_eq!(task_status(&ctd, &id), "RUNNING");
+    let first = counted(&ctd, &id, "after1");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let got = loop {
+        let got = counted(&ctd, &id, "after2");
+        if got.len() > first.len() {
+            break got;
+        }
+        assert!(Instant::now() < deadline, "it stopped counting");
+    };
+    let want: Vec<u64> = (1..=got.len() as u64).collect();
+    assert_eq!(got, want, "the count restarted or skipped");
+    ctd.ctr_ok(&["task", "kill", "-s", "KILL", &id]);
+    wait_status(&ctd, &id, "STOPPED");
+    ctd.ctr_ok(&["task", "delete", &id]);
+    ctd.ctr_ok(&["containers", "delete", &id]);
+    assert!(!husk_containers().contains(&id));
+}
+
 #[test]
 fn ten_containers_at_once_are_all_cleaned_up() {
     let ctd = Containerd::start("ten");
