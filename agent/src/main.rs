@@ -844,7 +844,11 @@ fn deliver(end: &File, pending: &mut Vec<u8>, conn: &File) -> bool {
         ];
         // SAFETY: poll on two live pollfds.
         if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
-            continue;
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            // Kept for the next attach rather than lost.
+            return false;
         }
         if fds[1].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
             return false;

@@ -185,11 +185,12 @@ pub fn checkpoint(
         return Ok(());
     }
     // The container ends here, as runc's does after a checkpoint.
-    std::fs::write(
-        state_dir.join(CHECKPOINTED),
-        dir.as_os_str().as_encoded_bytes(),
-    )?;
-    vmm_api(&state_dir, &ApiRequest::Stop)?;
+    let marker = state_dir.join(CHECKPOINTED);
+    std::fs::write(&marker, dir.as_os_str().as_encoded_bytes())?;
+    if let Err(e) = vmm_api(&state_dir, &ApiRequest::Stop) {
+        let _ = std::fs::remove_file(&marker);
+        bail!("container {id:?} was checkpointed but could not be stopped: {e}");
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     while ContainerState::load(root, id).is_ok_and(|s| s.status() != Status::Stopped) {
         if Instant::now() > deadline {

@@ -634,11 +634,16 @@ pub fn restore(
         .find(&record.image_id)
         .with_context(|| format!("the image of container {name} is gone"))?;
     let dir = dir(root, name);
+    // The checkpoint's layer is copied in full before the container's own
+    // is let go: a failed copy leaves the container as it was.
+    let incoming = dir.join("upper.restoring");
+    let _ = std::fs::remove_dir_all(&incoming);
+    crate::checkpoint::copy_tree(&at.join(crate::checkpoint::UPPER_DIR), &incoming)?;
     unmount_rootfs(&dir);
-    for sub in ["upper", "work"] {
-        let _ = std::fs::remove_dir_all(dir.join(sub));
-    }
-    crate::checkpoint::copy_tree(&at.join(crate::checkpoint::UPPER_DIR), &dir.join("upper"))?;
+    let _ = std::fs::remove_dir_all(dir.join("upper"));
+    let _ = std::fs::remove_dir_all(dir.join("work"));
+    std::fs::rename(&incoming, dir.join("upper"))
+        .with_context(|| format!("cannot put the checkpoint's layer in {}", dir.display()))?;
     {
         let _adding = store.adding()?;
         mount_rootfs(&dir, &store, &image)?;
