@@ -185,6 +185,24 @@ fn a_checkpointed_container_goes_on_where_it_was_with_its_open_file() {
     let n = counted(&counter).len();
     wait_for_count(&counter, n + 2);
 
+    // Paused, then checkpointed and left running: still paused (it counts
+    // no further) until resumed.
+    ok(&["pause", &id]);
+    let paused = work.join("paused");
+    ok(&[
+        "checkpoint",
+        "--leave-running",
+        "--image-path",
+        paused.to_str().unwrap(),
+        &id,
+    ]);
+    assert_eq!(status(&id), "paused");
+    let paused_at = counted(&counter);
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(counted(&counter), paused_at, "a paused VM ran");
+    ok(&["resume", &id]);
+    wait_for_count(&counter, paused_at.len() + 2);
+
     // Checkpointed: it stops, and counts no more.
     let image = work.join("image");
     ok(&["checkpoint", "--image-path", image.to_str().unwrap(), &id]);
@@ -403,5 +421,67 @@ fn an_image_containers_writable_layer_comes_back_from_its_checkpoint() {
     );
     ok(&["rm", "-f", &name]);
     assert!(!root().join("docker").join(&name).exists());
+    std::fs::remove_dir_all(&work).unwrap();
+}
+
+#[test]
+fn a_deleted_open_file_refuses_the_checkpoint_and_a_paused_container_stays_paused() {
+    let b = Bundle::new(
+        "ckpt-gone",
+        &[
+            "sh",
+            "-c",
+            "exec 4>/scratch; rm /scratch; i=0; while :; do i=$((i+1)); echo $i >> /counter; sleep 0.2; done",
+        ],
+        |spec| {
+            if let Some(root) = spec.root_mut() {
+                root.set_readonly(Some(false));
+            }
+        },
+    );
+    let id = id("ckpt-gone");
+    let work = scratch("gone");
+    let out = husk_to(
+        &["run", "-d", "--bundle", b.0.to_str().unwrap(), &id],
+        &work.join("out"),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let counter = b.rootfs().join("counter");
+    wait_for_count(&counter, 2);
+    // The shell holds /scratch open after deleting it: a new VM could not
+    // open it again. Refused by name; nothing written; it runs on.
+    let image = work.join("image");
+    refused(
+        &["checkpoint", "--image-path", image.to_str().unwrap(), &id],
+        "the guest holds open /scratch, which was deleted",
+    );
+    assert!(!image.join("checkpoint.json").exists());
+    assert!(!image.join("vm").exists());
+    assert_eq!(status(&id), "running");
+    let n = counted(&counter).len();
+    wait_for_count(&counter, n + 2);
+
+    // Paused, checkpointed (left running): still paused, and not counting
+    // until resumed. The refusal above needs no paused VM; this one is
+    // refused the same way, paused.
+    ok(&["pause", &id]);
+    refused(
+        &[
+            "checkpoint",
+            "--leave-running",
+            "--image-path",
+            image.to_str().unwrap(),
+            &id,
+        ],
+        "which was deleted",
+    );
+    assert_eq!(status(&id), "paused");
+    let paused_at = counted(&counter);
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(counted(&counter), paused_at, "a paused VM ran");
+    ok(&["resume", &id]);
+    wait_for_count(&counter, paused_at.len() + 2);
+    ok(&["delete", "--force", &id]);
+    refused(&["state", &id], "does not exist");
     std::fs::remove_dir_all(&work).unwrap();
 }
