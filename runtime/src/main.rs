@@ -75,6 +75,31 @@ struct Cli {
     command: Command,
 }
 
+/// runc's CRIU options of `checkpoint` and `restore`: accepted, and
+/// nothing to do here, since a checkpoint keeps the whole VM (its
+/// connections, locks and terminals included).
+#[derive(clap::Args)]
+struct CriuOptions {
+    /// Accepted for runc compatibility (CRIU's working directory).
+    #[arg(long)]
+    work_path: Option<PathBuf>,
+    /// Accepted for runc compatibility (the VM keeps its connections).
+    #[arg(long)]
+    tcp_established: bool,
+    /// Accepted for runc compatibility (CRIU's external Unix sockets).
+    #[arg(long)]
+    ext_unix_sk: bool,
+    /// Accepted for runc compatibility (CRIU's shell job).
+    #[arg(long)]
+    shell_job: bool,
+    /// Accepted for runc compatibility (locks are guest memory).
+    #[arg(long)]
+    file_locks: bool,
+    /// Accepted for runc compatibility (CRIU's cgroup mode).
+    #[arg(long)]
+    manage_cgroups_mode: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Create a container: its VM restored, its process made, not started.
@@ -244,24 +269,8 @@ enum Command {
         /// The container goes on running.
         #[arg(long)]
         leave_running: bool,
-        /// Accepted for runc compatibility (CRIU's working directory).
-        #[arg(long)]
-        work_path: Option<PathBuf>,
-        /// Accepted for runc compatibility: the VM keeps its connections.
-        #[arg(long)]
-        tcp_established: bool,
-        /// Accepted for runc compatibility.
-        #[arg(long)]
-        ext_unix_sk: bool,
-        /// Accepted for runc compatibility.
-        #[arg(long)]
-        shell_job: bool,
-        /// Accepted for runc compatibility: locks are guest memory.
-        #[arg(long)]
-        file_locks: bool,
-        /// Accepted for runc compatibility.
-        #[arg(long)]
-        manage_cgroups_mode: Option<String>,
+        #[command(flatten)]
+        criu: CriuOptions,
         /// Container ID.
         id: String,
     },
@@ -286,28 +295,12 @@ enum Command {
         console_socket: Option<PathBuf>,
         /// Accepted for runc compatibility.
         #[arg(long)]
-        work_path: Option<PathBuf>,
-        /// Accepted for runc compatibility.
-        #[arg(long)]
-        tcp_established: bool,
-        /// Accepted for runc compatibility.
-        #[arg(long)]
-        ext_unix_sk: bool,
-        /// Accepted for runc compatibility.
-        #[arg(long)]
-        shell_job: bool,
-        /// Accepted for runc compatibility.
-        #[arg(long)]
-        file_locks: bool,
-        /// Accepted for runc compatibility.
-        #[arg(long)]
         no_subreaper: bool,
         /// Accepted for runc compatibility.
         #[arg(long)]
         no_pivot: bool,
-        /// Accepted for runc compatibility.
-        #[arg(long)]
-        manage_cgroups_mode: Option<String>,
+        #[command(flatten)]
+        criu: CriuOptions,
         /// Container ID (the checkpointed container's).
         id: String,
     },
