@@ -603,6 +603,50 @@ pub fn upper_dir(root: &Path, name: &str) -> Option<PathBuf> {
         .then(|| dir.join("upper"))
 }
 
+/// Where docker's checkpoint `checkpoint` of container `name` is: under
+/// `dir` if given, else the container's own `checkpoints/` (removed with
+/// it). The container must be one made from an image, and the name a
+/// plain one.
+pub fn checkpoint_path(
+    root: &Path,
+    name: &str,
+    checkpoint: &str,
+    dir: Option<&Path>,
+) -> anyhow::Result<PathBuf> {
+    Record::load(root, name)?;
+    let mut chars = checkpoint.chars();
+    let plain = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if !plain {
+        bail!(
+            "{checkpoint:?} is not a checkpoint name: use letters, digits, '-', '_' or '.' (not first)"
+        );
+    }
+    Ok(match dir {
+        Some(dir) => dir.join(checkpoint),
+        None => self::dir(root, name).join("checkpoints").join(checkpoint),
+    })
+}
+
+/// The names of container `name`'s checkpoints (docker's `checkpoint
+/// ls`), sorted.
+pub fn checkpoints(root: &Path, name: &str, dir: Option<&Path>) -> anyhow::Result<Vec<String>> {
+    Record::load(root, name)?;
+    let dir = match dir {
+        Some(dir) => dir.to_owned(),
+        None => self::dir(root, name).join("checkpoints"),
+    };
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join(crate::checkpoint::MANIFEST).exists())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
 /// `husk restore` of a container made from an image, as docker's `start
 /// --checkpoint`: the container (stopped) is restored from `checkpoint`
 /// with the writable layer saved there in place of its own, and runs

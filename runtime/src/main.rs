@@ -75,6 +75,42 @@ struct Cli {
     command: Command,
 }
 
+/// docker's checkpoint commands, for containers made from images.
+#[derive(Subcommand)]
+enum DockerCheckpoint {
+    /// Checkpoint a running container; it stops unless `--leave-running`.
+    Create {
+        /// The container goes on running.
+        #[arg(long)]
+        leave_running: bool,
+        /// Where its checkpoints are (default: the container's own).
+        #[arg(long)]
+        checkpoint_dir: Option<PathBuf>,
+        /// The container.
+        container: String,
+        /// The checkpoint's name.
+        checkpoint: String,
+    },
+    /// List a container's checkpoints.
+    Ls {
+        /// Where its checkpoints are (default: the container's own).
+        #[arg(long)]
+        checkpoint_dir: Option<PathBuf>,
+        /// The container.
+        container: String,
+    },
+    /// Remove a checkpoint.
+    Rm {
+        /// Where its checkpoints are (default: the container's own).
+        #[arg(long)]
+        checkpoint_dir: Option<PathBuf>,
+        /// The container.
+        container: String,
+        /// The checkpoint's name.
+        checkpoint: String,
+    },
+}
+
 /// runc's CRIU options of `checkpoint` and `restore`: accepted, and
 /// nothing to do here, since a checkpoint keeps the whole VM (its
 /// connections, locks and terminals included).
@@ -127,6 +163,13 @@ enum Command {
     },
     /// Start a created container's process.
     Start {
+        /// docker's `start --checkpoint`: a stopped container made from an
+        /// image, restored from this checkpoint of its own.
+        #[arg(long)]
+        checkpoint: Option<String>,
+        /// Where its checkpoints are (with `--checkpoint`).
+        #[arg(long, requires = "checkpoint")]
+        checkpoint_dir: Option<PathBuf>,
         /// Container ID.
         id: String,
     },
@@ -410,6 +453,13 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
+    /// Docker's `checkpoint create|ls|rm` (what `husk checkpoint` followed
+    /// by one of those is).
+    #[command(name = "_docker-checkpoint", hide = true)]
+    DockerCheckpoint {
+        #[command(subcommand)]
+        action: DockerCheckpoint,
+    },
     /// Docker's `ps`: containers made from images (what `husk ps` without
     /// a container ID is).
     #[command(name = "_docker-ps", hide = true)]
@@ -553,6 +603,10 @@ const VALUED: &[&str] = &[
     "--cpus",
     "-f",
     "--format",
+    "--image-path",
+    "--work-path",
+    "--checkpoint",
+    "--checkpoint-dir",
 ];
 
 /// `husk run` and `husk ps` are runc's and docker's both: runc's `run`
@@ -574,7 +628,7 @@ fn docker_form(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
         .iter()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
-    let mut positional = false;
+    let mut positional = None;
     let mut bundle = false;
     let mut j = 0;
     while j < rest.len() {
@@ -583,14 +637,19 @@ fn docker_form(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
             bundle = true;
         }
         if !a.starts_with('-') {
-            positional = true;
+            positional = Some(a);
             break;
         }
         j += if VALUED.contains(&a) { 2 } else { 1 };
     }
-    match args[sub].to_str() {
-        Some("run") if !bundle => args[sub] = "_docker-run".into(),
-        Some("ps") if !positional => args[sub] = "_docker-ps".into(),
+    match (args[sub].to_str(), positional) {
+        (Some("run"), _) if !bundle => args[sub] = "_docker-run".into(),
+        (Some("ps"), None) => args[sub] = "_docker-ps".into(),
+        // docker's `checkpoint create|ls|rm CONTAINER ...`; runc's is
+        // `checkpoint ID` alone.
+        (Some("checkpoint"), Some("create" | "ls" | "rm")) if rest.len() > j + 1 => {
+            args[sub] = "_docker-checkpoint".into();
+        }
         _ => {}
     }
     args
@@ -726,8 +785,90 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             })?;
             Ok(0)
         }
-        Command::Start { id } => {
+        Command::Start {
+            checkpoint: Some(checkpoint),
+            checkpoint_dir,
+            id,
+        } => {
+            let at = husk_runtime::docker::checkpoint_path(
+                root,
+                &id,
+                &checkpoint,
+                checkpoint_dir.as_deref(),
+            )?;
+            let options = CreateOptions {
+                root,
+                id: &id,
+                bundle: Path::new("."),
+                pid_file: None,
+                console_socket: None,
+                detach: true,
+                restore: Some(&at),
+            };
+            husk_runtime::docker::restore(root, &id, &at, &options)?;
+            Ok(0)
+        }
+        Command::Start { id, .. } => {
             container::start(root, &id)?;
+            Ok(0)
+        }
+        Command::DockerCheckpoint { action } => {
+            use husk_runtime::docker;
+            match action {
+                DockerCheckpoint::Create {
+                    leave_running,
+                    checkpoint_dir,
+                    container,
+                    checkpoint,
+                } => {
+                    let at = docker::checkpoint_path(
+                        root,
+                        &container,
+                        &checkpoint,
+                        checkpoint_dir.as_deref(),
+                    )?;
+                    if at.join(husk_runtime::checkpoint::MANIFEST).exists() {
+                        anyhow::bail!(
+                            "container {container} already has a checkpoint named {checkpoint}"
+                        );
+                    }
+                    let upper = docker::upper_dir(root, &container);
+                    husk_runtime::checkpoint::checkpoint(
+                        root,
+                        &container,
+                        &at,
+                        leave_running,
+                        upper.as_deref(),
+                    )?;
+                    println!("{checkpoint}");
+                }
+                DockerCheckpoint::Ls {
+                    checkpoint_dir,
+                    container,
+                } => {
+                    println!("CHECKPOINT NAME");
+                    for name in docker::checkpoints(root, &container, checkpoint_dir.as_deref())? {
+                        println!("{name}");
+                    }
+                }
+                DockerCheckpoint::Rm {
+                    checkpoint_dir,
+                    container,
+                    checkpoint,
+                } => {
+                    let at = docker::checkpoint_path(
+                        root,
+                        &container,
+                        &checkpoint,
+                        checkpoint_dir.as_deref(),
+                    )?;
+                    if !at.join(husk_runtime::checkpoint::MANIFEST).exists() {
+                        anyhow::bail!("container {container} has no checkpoint named {checkpoint}");
+                    }
+                    std::fs::remove_dir_all(&at)
+                        .with_context(|| format!("cannot remove {}", at.display()))?;
+                }
+            }
             Ok(0)
         }
         Command::State { id } => {

@@ -419,6 +419,36 @@ fn an_image_containers_writable_layer_comes_back_from_its_checkpoint() {
         ],
         "is running: stop it before restoring a checkpoint into it",
     );
+
+    // docker's form: checkpoint create (it stops), ls, start --checkpoint,
+    // rm; the checkpoints are the container's own.
+    assert_eq!(ok(&["checkpoint", "create", &name, "cp1"]), "cp1\n");
+    let listed = ok(&["ps", "-a"]);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.contains(&name) && l.contains("Exited")),
+        "{listed}"
+    );
+    refused(
+        &["checkpoint", "create", &name, "cp1"],
+        "already has a checkpoint named cp1",
+    );
+    refused(
+        &["checkpoint", "create", &name, "../out"],
+        "is not a checkpoint name",
+    );
+    assert_eq!(ok(&["checkpoint", "ls", &name]), "CHECKPOINT NAME\ncp1\n");
+    let at_cp1 = counted(&upper.join("log"));
+    ok(&["start", "--checkpoint", "cp1", &name]);
+    let got = wait_for_count(&upper.join("log"), at_cp1.len() + 2);
+    assert_one_count(&got);
+    refused(
+        &["checkpoint", "rm", &name, "nope"],
+        "has no checkpoint named nope",
+    );
+    ok(&["checkpoint", "rm", &name, "cp1"]);
+    assert_eq!(ok(&["checkpoint", "ls", &name]), "CHECKPOINT NAME\n");
     ok(&["rm", "-f", &name]);
     assert!(!root().join("docker").join(&name).exists());
     std::fs::remove_dir_all(&work).unwrap();
