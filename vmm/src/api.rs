@@ -83,6 +83,7 @@ pub fn serve(path: &Path, send: impl Fn(ApiCall) + Send + 'static) -> Result<(),
     std::thread::Builder::new()
         .name("husk-api".into())
         .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::Thread::Api);
             for stream in listener.incoming().flatten() {
                 handle(stream, &send);
             }

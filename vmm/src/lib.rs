@@ -2,7 +2,9 @@
 //!
 //! The library does the work; `husk-vmm` (src/main.rs) is a thin command
 //! line over [`vm::Vm`]. The VMM never reads or writes host files other than
-//! the kernel, the initramfs and the console file it is given.
+//! the kernel, the initramfs and the console file it is given (and, for a
+//! snapshot, its directory; through virtio-fs, its shares). Each of its
+//! threads runs under a seccomp filter of its own ([`seccomp`]).
 #![deny(missing_docs)]
 
 pub mod api;
@@ -12,6 +14,7 @@ pub mod devices;
 pub mod host;
 pub mod layout;
 pub mod paths;
+pub mod seccomp;
 pub mod snapshot;
 pub mod timing;
 pub mod vcpu;

@@ -2,7 +2,8 @@
 //!
 //! Exits 0 when the guest powers off or reboots, and non-zero with one line
 //! on stderr naming what failed: a bad argument, a host without KVM, a
-//! kernel that cannot be loaded, a guest panic, a vCPU that died.
+//! kernel that cannot be loaded, a guest panic, a vCPU that died, or (5) a
+//! system call a thread's seccomp filter does not allow.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,6 +54,9 @@ struct Args {
     /// from the host's getrandom, so it has entropy at boot).
     #[arg(long)]
     no_rng: bool,
+    /// Run without the per-thread seccomp filters (for debugging only).
+    #[arg(long)]
+    no_seccomp: bool,
     /// Give the guest a vsock device (CID 3) whose host side is this Unix
     /// socket: connect, write `CONNECT <port>\n`, read `OK <n>\n`.
     #[arg(long)]
@@ -92,6 +96,12 @@ const EXIT_SETUP: u8 = 1;
 fn main() -> ExitCode {
     let clock = Arc::new(Clock::from_env());
     let args = Args::parse();
+    if !args.no_seccomp
+        && let Err(e) = husk_vmm::seccomp::prepare()
+    {
+        eprintln!("husk-vmm: cannot build the seccomp filters: {e}");
+        return ExitCode::from(EXIT_SETUP);
+    }
     let console = args.console.map_or(Console::Stdout, Console::File);
     let vm = match &args.restore {
         Some(dir) => Vm::restore(

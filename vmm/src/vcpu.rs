@@ -220,6 +220,7 @@ impl VcpuThread {
     }
 
     fn run(mut self) {
+        crate::seccomp::enter(crate::seccomp::Thread::Vcpu);
         if self.id == 0 {
             self.clock.first_kvm_run();
         }

@@ -855,7 +855,11 @@ impl Vm {
     /// The boot times come back whatever the outcome.
     pub fn run(mut self) -> (Result<GuestExit, VmError>, BootTimes) {
         let ranges = self.guest_memory_ranges();
-        let result = self.start_vcpus().and_then(|()| self.wait());
+        let result = self.start_vcpus().and_then(|()| {
+            // Every other thread runs now: the main thread's own filter.
+            crate::seccomp::enter(crate::seccomp::Thread::Main);
+            self.wait()
+        });
         lock(&self.serial).flush();
         self.clock.exit(crate::timing::rss_excluding(&ranges));
         let times = self.clock.snapshot();

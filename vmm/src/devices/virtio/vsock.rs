@@ -687,6 +687,7 @@ impl VsockHost {
     }
 
     fn run(self, transport: Arc<Mutex<MmioTransport>>) {
+        crate::seccomp::enter(crate::seccomp::Thread::Vsock);
         let epoll_fd = self.epoll_fd();
         let mut events = vec![EpollEvent::default(); 64];
         loop {

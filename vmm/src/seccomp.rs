@@ -1,0 +1,429 @@
+//! Seccomp filters, one per kind of thread: once a thread of the VMM has
+//! been set up, it may make only the system calls its work needs. A call
+//! outside its list raises SIGSYS, and the VMM exits at once with a line
+//! naming the call ([`EXIT_SECCOMP`]), as Firecracker's filters do.
+//!
+//! - **vCPU threads** run the guest and what its exits reach: KVM's ioctls
+//!   (request type 0xAE, nothing else), the virtio devices, and the
+//!   virtio-fs server, whose file system calls are all relative to
+//!   descriptors inside the share; they connect vsock streams to the
+//!   host's `<socket>_<port>` sockets.
+//! - **the vsock thread** polls its sockets, accepts, reads and writes.
+//! - **the API thread** accepts, reads and writes.
+//! - **the main thread**, once the vCPUs run, waits for events, kicks
+//!   vCPUs, makes KVM's VM-level ioctls for a snapshot and writes one.
+//!
+//! The filters are compiled once, before any thread starts
+//! ([`prepare`]); each thread installs its own when it begins its loop
+//! ([`enter`]). `husk-vmm --no-seccomp` leaves them out, for debugging.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule,
+};
+
+/// The VMM's exit status when a thread made a system call its filter does
+/// not allow, or a filter could not be installed.
+pub const EXIT_SECCOMP: i32 = 5;
+
+/// The kinds of thread, each with its own filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Thread {
+    /// A vCPU thread.
+    Vcpu,
+    /// The vsock device's host side.
+    Vsock,
+    /// The API socket's listener.
+    Api,
+    /// The main thread, once the vCPUs run.
+    Main,
+}
+
+/// What every thread needs: memory, locks, signals, time, its own end.
+const COMMON: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_close,
+    libc::SYS_fcntl,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_futex,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_mprotect,
+    libc::SYS_brk,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sigaltstack,
+    libc::SYS_tgkill,
+    libc::SYS_tkill,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_sched_yield,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_restart_syscall,
+    libc::SYS_rseq,
+    libc::SYS_set_robust_list,
+    libc::SYS_getrandom,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// A stream socket's traffic (vsock connections, the API's clients).
+const SOCKETS: &[i64] = &[
+    libc::SYS_accept,
+    libc::SYS_accept4,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_shutdown,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockopt,
+];
+
+/// The virtio-fs server (fuse-backend-rs's passthrough), the vsock device
+/// connecting guest streams, and the console.
+const VCPU: &[i64] = &[
+    libc::SYS_open,
+    libc::SYS_openat,
+    libc::SYS_newfstatat,
+    libc::SYS_fstat,
+    libc::SYS_stat,
+    libc::SYS_lstat,
+    libc::SYS_statx,
+    libc::SYS_fstatfs,
+    libc::SYS_statfs,
+    libc::SYS_readlinkat,
+    libc::SYS_getdents64,
+    libc::SYS_lseek,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_preadv2,
+    libc::SYS_pwritev2,
+    libc::SYS_fallocate,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_ftruncate,
+    libc::SYS_linkat,
+    libc::SYS_unlinkat,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_mkdirat,
+    libc::SYS_mknodat,
+    libc::SYS_symlinkat,
+    libc::SYS_fchmodat,
+    libc::SYS_fchmod,
+    libc::SYS_fchownat,
+    libc::SYS_fchown,
+    libc::SYS_utimensat,
+    libc::SYS_dup,
+    libc::SYS_dup3,
+    libc::SYS_umask,
+    // Credentials are switched per thread for a create, and CAP_FSETID
+    // dropped around a write that must clear set-uid bits.
+    libc::SYS_setresuid,
+    libc::SYS_setresgid,
+    libc::SYS_getuid,
+    libc::SYS_getgid,
+    libc::SYS_geteuid,
+    libc::SYS_getegid,
+    libc::SYS_capget,
+    libc::SYS_capset,
+    libc::SYS_prctl,
+    libc::SYS_setxattr,
+    libc::SYS_getxattr,
+    libc::SYS_listxattr,
+    libc::SYS_removexattr,
+    libc::SYS_lsetxattr,
+    libc::SYS_lgetxattr,
+    libc::SYS_llistxattr,
+    libc::SYS_lremovexattr,
+    libc::SYS_fsetxattr,
+    libc::SYS_fgetxattr,
+    libc::SYS_flistxattr,
+    libc::SYS_fremovexattr,
+    libc::SYS_name_to_handle_at,
+    libc::SYS_open_by_handle_at,
+    // A guest connecting to a host port reaches `<socket>_<port>`.
+    libc::SYS_socket,
+    libc::SYS_connect,
+    libc::SYS_epoll_ctl,
+];
+
+const VSOCK: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+];
+
+/// A snapshot's files, the timings file, the sockets removed at the end.
+const MAIN: &[i64] = &[
+    libc::SYS_open,
+    libc::SYS_openat,
+    libc::SYS_mkdir,
+    libc::SYS_mkdirat,
+    libc::SYS_lseek,
+    libc::SYS_ftruncate,
+    libc::SYS_fsync,
+    libc::SYS_pwrite64,
+    libc::SYS_newfstatat,
+    libc::SYS_fstat,
+    libc::SYS_stat,
+    libc::SYS_lstat,
+    libc::SYS_statx,
+    libc::SYS_getdents64,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_rmdir,
+];
+
+/// `ioctl` requests a thread may make: KVM's (type 0xAE), and setting a
+/// socket non-blocking or close-on-exec.
+fn ioctl_rules(kvm: bool) -> Result<Vec<SeccompRule>, seccompiler::Error> {
+    let request = |op, value| SeccompCondition::new(1, SeccompCmpArgLen::Dword, op, value);
+    let mut rules = vec![
+        SeccompRule::new(vec![request(SeccompCmpOp::Eq, libc::FIONBIO)?])?,
+        SeccompRule::new(vec![request(SeccompCmpOp::Eq, libc::FIOCLEX)?])?,
+    ];
+    if kvm {
+        rules.push(SeccompRule::new(vec![request(
+            SeccompCmpOp::MaskedEq(0xff00),
+            0xae00,
+        )?])?);
+    }
+    Ok(rules)
+}
+
+/// The filter of `thread`, compiled.
+pub fn filter(thread: Thread) -> Result<BpfProgram, seccompiler::Error> {
+    let extra: &[&[i64]] = match thread {
+        Thread::Vcpu => &[VCPU, SOCKETS],
+        Thread::Vsock => &[VSOCK, SOCKETS],
+        Thread::Api => &[SOCKETS],
+        Thread::Main => &[MAIN],
+    };
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = COMMON
+        .iter()
+        .chain(extra.iter().flat_map(|s| s.iter()))
+        .map(|&nr| (nr, Vec::new()))
+        .collect();
+    rules.insert(
+        libc::SYS_ioctl,
+        ioctl_rules(matches!(thread, Thread::Vcpu | Thread::Main))?,
+    );
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Trap,
+        SeccompAction::Allow,
+        seccompiler::TargetArch::x86_64,
+    )?;
+    filter.try_into().map_err(seccompiler::Error::Backend)
+}
+
+struct Filters {
+    vcpu: BpfProgram,
+    vsock: BpfProgram,
+    api: BpfProgram,
+    main: BpfProgram,
+}
+
+static FILTERS: OnceLock<Filters> = OnceLock::new();
+
+/// Compiles every filter and installs the SIGSYS handler; threads that
+/// start afterwards install theirs ([`enter`]). Not called: no filters.
+pub fn prepare() -> Result<(), seccompiler::Error> {
+    let filters = Filters {
+        vcpu: filter(Thread::Vcpu)?,
+        vsock: filter(Thread::Vsock)?,
+        api: filter(Thread::Api)?,
+        main: filter(Thread::Main)?,
+    };
+    install_sigsys_handler();
+    let _ = FILTERS.set(filters);
+    Ok(())
+}
+
+/// Installs the calling thread's filter, if [`prepare`] ran. A kernel that
+/// refuses it ends the VMM: it does not run unfiltered.
+pub fn enter(thread: Thread) {
+    let Some(filters) = FILTERS.get() else {
+        return;
+    };
+    let program = match thread {
+        Thread::Vcpu => &filters.vcpu,
+        Thread::Vsock => &filters.vsock,
+        Thread::Api => &filters.api,
+        Thread::Main => &filters.main,
+    };
+    if let Err(e) = seccompiler::apply_filter(program) {
+        eprintln!("husk-vmm: cannot install the {thread:?} thread's seccomp filter: {e}");
+        // SAFETY: _exit ends the process; nothing is shared with it.
+        unsafe { libc::_exit(EXIT_SECCOMP) };
+    }
+}
+
+/// Writes "husk-vmm: seccomp: system call N is not allowed on thread T"
+/// and ends the process: only async-signal-safe calls.
+extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // struct siginfo for SIGSYS: si_signo, si_errno, si_code, padding, then
+    // void *si_call_addr (offset 16) and int si_syscall (offset 24).
+    // SAFETY: the kernel passes a siginfo of at least 128 bytes.
+    let nr = unsafe { std::ptr::read_unaligned(info.cast::<u8>().add(24).cast::<i32>()) };
+    let mut line = [0u8; 96];
+    let mut len = 0;
+    let mut put = |bytes: &[u8]| {
+        for &b in bytes {
+            if len < line.len() {
+                line[len] = b;
+                len += 1;
+            }
+        }
+    };
+    put(b"husk-vmm: seccomp: system call ");
+    put(decimal(i64::from(nr)).as_slice());
+    put(b" is not allowed on thread ");
+    // SAFETY: gettid takes no arguments.
+    put(decimal(unsafe { libc::syscall(libc::SYS_gettid) }).as_slice());
+    put(b"\n");
+    // SAFETY: write of a live buffer to stderr, then _exit: both
+    // async-signal-safe and allowed by every filter.
+    unsafe {
+        libc::write(2, line.as_ptr().cast(), len);
+        libc::_exit(EXIT_SECCOMP);
+    }
+}
+
+/// The decimal digits of `n`, without allocating.
+fn decimal(mut n: i64) -> DecimalBuf {
+    let mut buf = DecimalBuf([0; 24], 0);
+    let negative = n < 0;
+    let mut digits = [0u8; 20];
+    let mut count = 0;
+    loop {
+        digits[count] = b'0' + (n % 10).unsigned_abs() as u8;
+        count += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    if negative {
+        buf.0[buf.1] = b'-';
+        buf.1 += 1;
+    }
+    for i in (0..count).rev() {
+        buf.0[buf.1] = digits[i];
+        buf.1 += 1;
+    }
+    buf
+}
+
+struct DecimalBuf([u8; 24], usize);
+
+impl DecimalBuf {
+    fn as_slice(&self) -> &[u8] {
+        &self.0[..self.1]
+    }
+}
+
+fn install_sigsys_handler() {
+    // SAFETY: a zeroed sigaction with a handler of the SA_SIGINFO shape.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_sigsys as *const () as usize;
+        action.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `f` in a forked child with `thread`'s filter installed;
+    /// returns how the child ended (its exit status, or the signal).
+    fn in_filtered_child(thread: Thread, f: fn() -> i32) -> (Option<i32>, Option<i32>) {
+        let program = filter(thread).unwrap();
+        // SAFETY: the child only installs the filter (a prctl and a
+        // seccomp call on a program built before the fork) and makes raw
+        // system calls, then _exits.
+        unsafe {
+            let pid = libc::fork();
+            assert!(pid >= 0);
+            if pid == 0 {
+                if seccompiler::apply_filter(&program).is_err() {
+                    libc::_exit(100);
+                }
+                libc::_exit(f());
+            }
+            let mut status = 0;
+            assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+            if libc::WIFSIGNALED(status) {
+                (None, Some(libc::WTERMSIG(status)))
+            } else {
+                (Some(libc::WEXITSTATUS(status)), None)
+            }
+        }
+    }
+
+    #[test]
+    fn a_call_outside_a_threads_list_is_stopped_and_one_inside_is_not() {
+        // Allowed everywhere.
+        let ok = in_filtered_child(Thread::Api, || {
+            // SAFETY: getpid takes no arguments.
+            (unsafe { libc::syscall(libc::SYS_getpid) } > 0) as i32
+        });
+        assert_eq!(ok, (Some(1), None));
+        // No thread of the VMM starts programs.
+        for thread in [Thread::Vcpu, Thread::Vsock, Thread::Api, Thread::Main] {
+            let killed = in_filtered_child(thread, || {
+                // SAFETY: execve of nothing; the filter stops it first.
+                unsafe { libc::syscall(libc::SYS_execve, 0, 0, 0) as i32 }
+            });
+            assert_eq!(killed, (None, Some(libc::SIGSYS)), "{thread:?}");
+        }
+        // Only the vCPU threads open files; the API thread does not.
+        let opened = in_filtered_child(Thread::Api, || {
+            // SAFETY: openat of a NUL-terminated path.
+            unsafe { libc::syscall(libc::SYS_openat, libc::AT_FDCWD, c"/".as_ptr(), 0) as i32 }
+        });
+        assert_eq!(opened, (None, Some(libc::SIGSYS)));
+        // ioctl: KVM's requests on a vCPU thread, not a terminal's.
+        let tty = in_filtered_child(Thread::Vcpu, || {
+            // SAFETY: TIOCGWINSZ on fd 0 with a live winsize.
+            unsafe {
+                let mut ws: libc::winsize = std::mem::zeroed();
+                libc::syscall(libc::SYS_ioctl, 0, libc::TIOCGWINSZ, &mut ws) as i32
+            }
+        });
+        assert_eq!(tty, (None, Some(libc::SIGSYS)));
+        let kvm = in_filtered_child(Thread::Vcpu, || {
+            // SAFETY: KVM_GET_API_VERSION on a bad descriptor: EBADF, but
+            // the call is made.
+            unsafe { (libc::syscall(libc::SYS_ioctl, -1, 0xae00, 0) == -1) as i32 }
+        });
+        assert_eq!(kvm, (Some(1), None));
+    }
+
+    #[test]
+    fn numbers_print_without_allocating() {
+        assert_eq!(decimal(0).as_slice(), b"0");
+        assert_eq!(decimal(59).as_slice(), b"59");
+        assert_eq!(decimal(-12).as_slice(), b"-12");
+    }
+}
