@@ -68,8 +68,10 @@ lint: deps
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-# The whole suite: unit tests, and tests that boot real microVMs.
-test: kernel test-init agent lint
+# The whole suite: unit tests, and tests that boot real microVMs. The
+# static binaries `make run` uses are built too, so that a change that
+# breaks their (musl) build fails here.
+test: kernel test-init agent build lint
 	cargo nextest run --workspace --no-fail-fast
 
 # Benchmarks (docs/benchmarks.md): boot against QEMU microvm, snapshot

@@ -191,13 +191,19 @@ const MAIN: &[i64] = &[
     libc::SYS_rmdir,
 ];
 
+/// `ioctl(FIONBIO)`: set a descriptor non-blocking (the same number on
+/// every libc; glibc's and musl's constants differ in type).
+const FIONBIO: u64 = 0x5421;
+/// `ioctl(FIOCLEX)`: set close-on-exec.
+const FIOCLEX: u64 = 0x5451;
+
 /// `ioctl` requests a thread may make: KVM's (type 0xAE), and setting a
 /// socket non-blocking or close-on-exec.
 fn ioctl_rules(kvm: bool) -> Result<Vec<SeccompRule>, seccompiler::Error> {
     let request = |op, value| SeccompCondition::new(1, SeccompCmpArgLen::Dword, op, value);
     let mut rules = vec![
-        SeccompRule::new(vec![request(SeccompCmpOp::Eq, libc::FIONBIO)?])?,
-        SeccompRule::new(vec![request(SeccompCmpOp::Eq, libc::FIOCLEX)?])?,
+        SeccompRule::new(vec![request(SeccompCmpOp::Eq, FIONBIO)?])?,
+        SeccompRule::new(vec![request(SeccompCmpOp::Eq, FIOCLEX)?])?,
     ];
     if kvm {
         rules.push(SeccompRule::new(vec![request(
