@@ -452,6 +452,11 @@ pub fn container(
         }
         Err(_) if dir.join(crate::checkpoint::CHECKPOINTED).exists() => {
             // Ended by `checkpoint`: the container goes on from there.
+            // The VMM is let finish (it removes its sockets as it exits)
+            // before the container counts as stopped, so that a restore
+            // under the same ID right after never has its new sockets
+            // removed by the old VMM.
+            let _ = sandbox.finish(Duration::from_secs(10));
             128 + libc::SIGKILL
         }
         Err(e) => {
