@@ -134,7 +134,7 @@ const VCPU: &[i64] = &[
     libc::SYS_dup3,
     libc::SYS_umask,
     // Credentials are switched per thread for a create, and CAP_FSETID
-    // dropped around a write that must clear set-uid bits.
+    // dropped around a write that must clear set-uid bits (capset).
     libc::SYS_setresuid,
     libc::SYS_setresgid,
     libc::SYS_getuid,
@@ -143,7 +143,6 @@ const VCPU: &[i64] = &[
     libc::SYS_getegid,
     libc::SYS_capget,
     libc::SYS_capset,
-    libc::SYS_prctl,
     libc::SYS_setxattr,
     libc::SYS_getxattr,
     libc::SYS_listxattr,
