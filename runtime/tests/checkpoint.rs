@@ -449,6 +449,26 @@ fn an_image_containers_writable_layer_comes_back_from_its_checkpoint() {
     );
     ok(&["checkpoint", "rm", &name, "cp1"]);
     assert_eq!(ok(&["checkpoint", "ls", &name]), "CHECKPOINT NAME\n");
+    // A checkpoint without a writable layer is not restored into a
+    // container made from an image (its layer is kept).
+    ok(&["stop", "-t", "1", &name]);
+    let manifest = image.join("checkpoint.json");
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    m["upper"] = false.into();
+    std::fs::write(&manifest, m.to_string()).unwrap();
+    let before = std::fs::read(upper.join("log")).unwrap();
+    refused(
+        &[
+            "restore",
+            "--image-path",
+            image.to_str().unwrap(),
+            "-d",
+            &name,
+        ],
+        "holds no writable layer",
+    );
+    assert_eq!(std::fs::read(upper.join("log")).unwrap(), before);
     ok(&["rm", "-f", &name]);
     assert!(!root().join("docker").join(&name).exists());
     std::fs::remove_dir_all(&work).unwrap();

@@ -426,6 +426,29 @@ mod tests {
     }
 
     #[test]
+    fn with_the_handler_a_refused_call_ends_the_vmm_with_status_5() {
+        let program = filter(Thread::Api).unwrap();
+        // SAFETY: as in_filtered_child; the handler is installed in the
+        // child only.
+        unsafe {
+            let pid = libc::fork();
+            assert!(pid >= 0);
+            if pid == 0 {
+                install_sigsys_handler();
+                if seccompiler::apply_filter(&program).is_err() {
+                    libc::_exit(100);
+                }
+                libc::syscall(libc::SYS_execve, 0, 0, 0);
+                libc::_exit(0);
+            }
+            let mut status = 0;
+            assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+            assert!(libc::WIFEXITED(status), "killed, not exited: {status:#x}");
+            assert_eq!(libc::WEXITSTATUS(status), EXIT_SECCOMP);
+        }
+    }
+
+    #[test]
     fn numbers_print_without_allocating() {
         assert_eq!(decimal(0).as_slice(), b"0");
         assert_eq!(decimal(59).as_slice(), b"59");
