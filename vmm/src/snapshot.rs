@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_pit_state2,
-    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xsave,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -26,7 +26,7 @@ use thiserror::Error;
 /// Written in every header: a file without it is not a Husk snapshot.
 pub const FORMAT: &str = "husk-vm-snapshot";
 /// Bumped whenever the state's layout changes.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The Husk version that writes snapshots; only the same version restores
 /// them (device and vCPU state are not promised to be stable across
 /// versions yet).
@@ -94,6 +94,8 @@ pub struct VcpuState {
     pub sregs: kvm_sregs,
     /// FPU, SSE and extended state.
     pub xsave: kvm_xsave,
+    /// Extended control registers (XCR0: the state user mode may use).
+    pub xcrs: kvm_xcrs,
     /// Model-specific registers KVM can save, (index, value).
     pub msrs: Vec<(u32, u64)>,
     /// Local APIC.

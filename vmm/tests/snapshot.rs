@@ -123,7 +123,10 @@ fn a_snapshot_from_another_husk_version_is_refused(scratch: &Scratch, snap: &Pat
     let (code, _, stderr) = restore(&dir);
     assert_eq!(code, 1, "{stderr}");
     assert!(
-        stderr.contains("was written by Husk 9.9.9 (snapshot format 1); this is Husk"),
+        stderr.contains(&format!(
+            "was written by Husk 9.9.9 (snapshot format {}); this is Husk",
+            husk_vmm::snapshot::VERSION
+        )),
         "{stderr}"
     );
 }
