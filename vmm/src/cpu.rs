@@ -3,7 +3,7 @@
 //! What each vCPU is told before its first KVM_RUN. Nothing here runs a vCPU
 //! or touches guest memory.
 
-use kvm_bindings::{CpuId, Msrs, kvm_cpuid_entry2, kvm_fpu, kvm_lapic_state, kvm_msr_entry};
+use kvm_bindings::{CpuId, Msrs, kvm_fpu, kvm_lapic_state, kvm_msr_entry};
 
 use crate::snapshot::VcpuState;
 use kvm_ioctls::VcpuFd;
@@ -15,9 +15,6 @@ pub enum CpuError {
     /// A vCPU ioctl failed.
     #[error("cannot {0} of vCPU {1}")]
     Ioctl(&'static str, u8, #[source] kvm_ioctls::Error),
-    /// The CPUID table could not take the XSAVE leaves.
-    #[error("cannot limit the XSAVE state offered to vCPU {1}")]
-    Cpuid(#[source] CpuidFull, u8),
     /// KVM accepted fewer MSRs than given.
     #[error("KVM set only {0} of {1} boot MSRs on vCPU {2}")]
     Msrs(usize, usize, u8),
@@ -42,14 +39,6 @@ const APIC_MODE_EXTINT: u32 = 0x7;
 
 const CPUID_HYPERVISOR: u32 = 1 << 31;
 const CPUID_HTT: u32 = 1 << 28;
-const CPUID_XSAVE: u32 = 1 << 26;
-const CPUID_OSXSAVE: u32 = 1 << 27;
-/// CPUID's leaf of XSAVE state components.
-const CPUID_XSTATE: u32 = 0xd;
-/// XCR0's x87 and SSE bits: the state FXSAVE keeps.
-pub const XCR0_X87_SSE: u32 = 0b11;
-/// The XSAVE area of x87 and SSE state: the legacy region and the header.
-const XSAVE_AREA_X87_SSE: u32 = 512 + 64;
 
 /// Adjusts the host-supported CPUID table for vCPU `id` of `count`: its APIC
 /// ID, the number of logical CPUs, and the hypervisor bit.
@@ -71,62 +60,6 @@ pub fn vcpu_cpuid(supported: &CpuId, id: u8, count: u8) -> CpuId {
         }
     }
     cpuid
-}
-
-/// Where guest kernel mode is emulated, limits what KVM will let the guest
-/// enable in XCR0 to x87 and SSE, the state a kernel booted with `noxsave`
-/// saves: leaf 1 offers XSAVE (so the guest kernel may set CR4.OSXSAVE and
-/// KVM then loads the guest's XCR0 while it runs), leaf 0xD offers only
-/// x87 and SSE, and none of XSAVEOPT, XSAVEC, XGETBV1 or XSAVES. The guest
-/// kernel (kernel-config/patches) sets XCR0 to x87|SSE, so guest user mode,
-/// which runs on the real CPU, finds AVX disabled instead of running with
-/// the host's XCR0 and losing its upper register halves at every context
-/// switch (docs/guest-kernel.md, "Vector state").
-pub fn limit_xstate_to_x87_sse(cpuid: &mut CpuId) -> Result<(), CpuidFull> {
-    let mut have_sub0 = false;
-    let mut have_sub1 = false;
-    for entry in cpuid.as_mut_slice() {
-        match (entry.function, entry.index) {
-            (1, _) => entry.ecx = (entry.ecx | CPUID_XSAVE) & !CPUID_OSXSAVE,
-            (CPUID_XSTATE, 0) => {
-                have_sub0 = true;
-                *entry = xstate_leaf(0, XCR0_X87_SSE, XSAVE_AREA_X87_SSE);
-            }
-            (CPUID_XSTATE, 1) => {
-                have_sub1 = true;
-                *entry = xstate_leaf(1, 0, 0);
-            }
-            // Components 2 and up (AVX, AVX-512, ...) are not offered.
-            (CPUID_XSTATE, _) => *entry = xstate_leaf(entry.index, 0, 0),
-            _ => {}
-        }
-    }
-    if !have_sub0 {
-        cpuid
-            .push(xstate_leaf(0, XCR0_X87_SSE, XSAVE_AREA_X87_SSE))
-            .map_err(|_| CpuidFull)?;
-    }
-    if !have_sub1 {
-        cpuid.push(xstate_leaf(1, 0, 0)).map_err(|_| CpuidFull)?;
-    }
-    Ok(())
-}
-
-/// The CPUID table has no room for another entry.
-#[derive(Debug, Error)]
-#[error("the CPUID table is full")]
-pub struct CpuidFull;
-
-fn xstate_leaf(index: u32, eax: u32, size: u32) -> kvm_cpuid_entry2 {
-    kvm_cpuid_entry2 {
-        function: CPUID_XSTATE,
-        index,
-        flags: kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
-        eax,
-        ebx: size,
-        ecx: size,
-        ..Default::default()
-    }
 }
 
 /// The MSRs a vCPU starts with (the values Linux expects from firmware).
@@ -168,20 +101,8 @@ fn with_delivery_mode(reg: u32, mode: u32) -> u32 {
 
 /// Configures vCPU `id` of `count` for boot: CPUID, MSRs, FPU, and on the
 /// local APIC LINT0 as ExtINT and LINT1 as NMI (as a PC's firmware does).
-/// `emulated`: guest kernel mode is emulated here, so the XSAVE state the
-/// guest may enable is limited ([`limit_xstate_to_x87_sse`]).
-pub fn configure_vcpu(
-    vcpu: &VcpuFd,
-    supported: &CpuId,
-    id: u8,
-    count: u8,
-    emulated: bool,
-) -> Result<(), CpuError> {
-    let mut cpuid = vcpu_cpuid(supported, id, count);
-    if emulated {
-        limit_xstate_to_x87_sse(&mut cpuid).map_err(|e| CpuError::Cpuid(e, id))?;
-    }
-    vcpu.set_cpuid2(&cpuid)
+pub fn configure_vcpu(vcpu: &VcpuFd, supported: &CpuId, id: u8, count: u8) -> Result<(), CpuError> {
+    vcpu.set_cpuid2(&vcpu_cpuid(supported, id, count))
         .map_err(|e| CpuError::Ioctl("set CPUID", id, e))?;
 
     let entries = boot_msrs();
@@ -324,56 +245,6 @@ mod tests {
         assert_eq!(cpuid.as_slice()[1].edx, 3);
         let single = vcpu_cpuid(&supported, 0, 1);
         assert_eq!(single.as_slice()[0].edx & CPUID_HTT, 0);
-    }
-
-    #[test]
-    fn xsave_state_is_limited_to_x87_and_sse() {
-        let entries = [
-            kvm_cpuid_entry2 {
-                function: 1,
-                ecx: 0x8120_2000 | CPUID_OSXSAVE,
-                ..Default::default()
-            },
-            xstate_leaf(0, 0xe7, 0x980),
-            kvm_cpuid_entry2 {
-                eax: 0xf,
-                ..xstate_leaf(1, 0, 0)
-            },
-            xstate_leaf(2, 0x100, 0x240),
-            xstate_leaf(7, 0x400, 0x580),
-        ];
-        let mut cpuid = CpuId::from_entries(&entries).unwrap();
-        limit_xstate_to_x87_sse(&mut cpuid).unwrap();
-        let leaf = |f, i| {
-            *cpuid
-                .as_slice()
-                .iter()
-                .find(|e| e.function == f && e.index == i)
-                .unwrap()
-        };
-        assert_eq!(leaf(1, 0).ecx, 0x8120_2000 | CPUID_XSAVE);
-        assert_eq!((leaf(0xd, 0).eax, leaf(0xd, 0).edx), (3, 0));
-        assert_eq!(leaf(0xd, 0).ecx, 576);
-        assert_eq!(leaf(0xd, 1).eax, 0, "XSAVEOPT/XSAVEC/XSAVES offered");
-        assert_eq!(leaf(0xd, 2).eax, 0);
-        assert_eq!(leaf(0xd, 7).eax, 0);
-    }
-
-    #[test]
-    fn xsave_leaves_are_added_when_missing() {
-        let entries = [kvm_cpuid_entry2 {
-            function: 1,
-            ..Default::default()
-        }];
-        let mut cpuid = CpuId::from_entries(&entries).unwrap();
-        limit_xstate_to_x87_sse(&mut cpuid).unwrap();
-        let xstate: Vec<_> = cpuid
-            .as_slice()
-            .iter()
-            .filter(|e| e.function == 0xd)
-            .map(|e| (e.index, e.eax))
-            .collect();
-        assert_eq!(xstate, [(0, 3), (1, 0)]);
     }
 
     #[test]

@@ -14,7 +14,10 @@
 /// variants, invpcid, pku, umip, clflushopt, clwb, rdpid). The kernel reads
 /// at most 128 characters of `clearcpuid=`, so only kernel-mode features
 /// are listed: user space runs natively and may use everything.
-pub const EMULATED_KERNEL_MODE_ARGS: &str = "noxsave clearcpuid=cx16,popcnt,smap,smep,rdrand,rdseed,fsgsbase,erms,fsrm,invpcid,pku,ospke,umip,clflushopt,clwb,rdpid";
+/// `husk_xstate=bounce` makes the Husk guest kernel save user mode's AVX and
+/// AVX-512 state across preemption, which `noxsave` leaves it unable to do
+/// itself (docs/guest-kernel.md, "Vector state").
+pub const EMULATED_KERNEL_MODE_ARGS: &str = "noxsave husk_xstate=bounce clearcpuid=cx16,popcnt,smap,smep,rdrand,rdseed,fsgsbase,erms,fsrm,invpcid,pku,ospke,umip,clflushopt,clwb,rdpid";
 
 /// True when the host CPU offers neither VMX nor SVM, so `/dev/kvm` runs
 /// guest kernel mode in an emulator. Read from CPUID (leaf 1 ECX bit 5,

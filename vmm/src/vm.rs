@@ -816,13 +816,12 @@ impl Vm {
         let supported = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmError::Kvm("read the supported CPUID", e))?;
-        let emulated = host::kernel_mode_emulated();
         let mut vcpus = Vec::with_capacity(count as usize);
         for id in 0..count {
             let vcpu = vm
                 .create_vcpu(u64::from(id))
                 .map_err(|e| VmError::Kvm("create a vCPU", e))?;
-            cpu::configure_vcpu(&vcpu, &supported, id, count, emulated)?;
+            cpu::configure_vcpu(&vcpu, &supported, id, count)?;
             vcpus.push(vcpu);
         }
         let devices = Devices {
@@ -1143,6 +1142,8 @@ mod tests {
         assert!(!plain.contains("clearcpuid"));
         let emulated = kernel_cmdline("", true);
         assert!(emulated.contains("noxsave"));
+        assert!(emulated.contains("husk_xstate=bounce"));
+        assert!(!plain.contains("husk_xstate"));
         assert!(emulated.contains("clearcpuid=cx16"));
     }
 }
