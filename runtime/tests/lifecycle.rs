@@ -637,7 +637,7 @@ fn a_container_past_its_memory_limit_is_oom_killed_and_reported() {
         .spawn()
         .unwrap();
     ok(&["start", &cid]);
-    let out = common::output_within(events, Duration::from_secs(60), "husk events");
+    let out = common::output_within(events, Duration::from_secs(180), "husk events");
     let said = text(&out.stdout);
     assert!(
         said.contains(&format!("{{\"id\":\"{cid}\",\"type\":\"oom\"}}")),
