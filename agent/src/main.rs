@@ -266,7 +266,7 @@ impl Agent {
                 {
                     proc.failed = Some(*status);
                 }
-                self.exited.notify_all();
+                self.notify_exited();
                 return Err(response);
             }
         };
@@ -276,7 +276,7 @@ impl Agent {
         if let Some(proc) = self.procs.lock().unwrap().get_mut(key) {
             proc.pid = pid;
         }
-        self.exited.notify_all();
+        self.notify_exited();
         Ok(pid)
     }
 
@@ -471,6 +471,13 @@ impl Agent {
     /// been started yet (the host waits from `create` on). One that could
     /// not be started is reported with the status it was given.
     fn wait(&self, id: &str, exec_id: &str) -> Response {
+        // The exits lock is held from the checks until the wait begins, and
+        // whoever changes a process's pid or failure notifies under it
+        // (`notify_exited`), so no wake-up falls between the two: the wait
+        // needs no timeout, and an idle guest stays idle (a 50 ms poll here
+        // cost a fifth of a host core per container where kernel mode is
+        // emulated). Lock order: exits, then procs.
+        let mut exits = self.exits.lock().unwrap();
         loop {
             let Some((pid, failed)) = self
                 .procs
@@ -486,30 +493,29 @@ impl Agent {
             if let Some(status) = failed {
                 return Response::Exited { status };
             }
-            let exits = self.exits.lock().unwrap();
             if pid > 0
                 && let Some(&status) = exits.get(&pid)
             {
                 return Response::Exited { status };
             }
-            // A start is notified without this lock held: the timeout
-            // bounds a wake-up missed between the two checks.
-            let _ = self
-                .exited
-                .wait_timeout(exits, std::time::Duration::from_millis(50))
-                .unwrap();
+            exits = self.exited.wait(exits).unwrap();
         }
+    }
+
+    /// Wakes `wait`ers after a process's pid or failure changed; called
+    /// with no procs lock held (lock order: exits, then procs).
+    fn notify_exited(&self) {
+        let _exits = self.exits.lock().unwrap();
+        self.exited.notify_all();
     }
 
     /// The guest PIDs of the container's processes.
     fn ps(&self, id: &str) -> Response {
-        let init = self
-            .containers
-            .lock()
-            .unwrap()
-            .get(id)
-            .and_then(|c| c.init)
-            .filter(|&pid| self.status_of(pid).is_none());
+        // Two statements: the containers lock is released before status_of
+        // takes the exits lock (signal holds procs, then containers; wait
+        // holds exits, then procs).
+        let init = self.containers.lock().unwrap().get(id).and_then(|c| c.init);
+        let init = init.filter(|&pid| self.status_of(pid).is_none());
         match init {
             Some(pid) => Response::Pids {
                 pids: processes_sharing_mounts(pid),
@@ -542,19 +548,20 @@ impl Agent {
                         c.plan = None;
                     }
                     drop(procs);
-                    self.exited.notify_all();
+                    self.notify_exited();
                 }
                 return Response::Ok;
             }
         }
-        let Some(pid) = self
+        // Two statements: the procs lock is released before status_of takes
+        // the exits lock (lock order: exits, then procs).
+        let pid = self
             .procs
             .lock()
             .unwrap()
             .get(&key(id, exec_id))
-            .map(|p| p.pid)
-            .filter(|&pid| pid > 0 && self.status_of(pid).is_none())
-        else {
+            .map(|p| p.pid);
+        let Some(pid) = pid.filter(|&pid| pid > 0 && self.status_of(pid).is_none()) else {
             return Response::Error {
                 message: format!("no running process {exec_id:?} in container {id:?}"),
             };
