@@ -560,6 +560,16 @@ fn run(plan: &Plan, last_cap: u32) -> Result<(), Failed> {
                 libc::chdir(p.cwd.as_ptr()),
             )?;
         }
+        // The agent blocks SIGCHLD in every thread (it reads it from a
+        // signalfd), and a signal mask survives fork and exec: the process
+        // starts with no signal blocked, as runc's does. (An inherited
+        // blocked SIGCHLD hung a shell's `wait`.)
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        check(
+            || "unblock signals".into(),
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()),
+        )?;
     }
     Ok(())
 }
