@@ -580,7 +580,19 @@ fn vector_checker() -> std::path::PathBuf {
 /// one process may crash, and the shell's `wait` for the four loops ends.
 #[test]
 fn concurrent_pipelines_and_vector_registers_survive_preemption() {
+    stress("stress", None);
+}
+
+/// The same on two vCPUs (a CPU quota of two CPUs sizes the VM): tasks
+/// also move between CPUs, and each CPU has its own save slot.
+#[test]
+fn concurrent_pipelines_and_vector_registers_survive_preemption_on_two_vcpus() {
+    stress("stress2", Some(200_000));
+}
+
+fn stress(name: &str, cpu_quota: Option<i64>) {
     let script = r#"
+echo cpus=$(grep -c ^processor /proc/cpuinfo)
 /vc 6 &
 for l in 1 2 3 4; do
   (f=0
@@ -594,14 +606,26 @@ for l in 1 2 3 4; do
 done
 wait
 "#;
-    let b = Bundle::new("stress", &["sh", "-c", script], |_| {});
+    let b = Bundle::new(name, &["sh", "-c", script], |spec| {
+        if let Some(quota) = cpu_quota {
+            let mut linux = spec.linux().clone().unwrap_or_default();
+            let r: oci_spec::runtime::LinuxResources = serde_json::from_value(
+                serde_json::json!({"cpu": {"quota": quota, "period": 100_000}}),
+            )
+            .unwrap();
+            linux.set_resources(Some(r));
+            spec.set_linux(Some(linux));
+        }
+    });
     std::fs::copy(vector_checker(), b.rootfs().join("vc")).unwrap();
-    let out = husk_run(&b.0, &id("stress"), b"");
+    let out = husk_run(&b.0, &id(name), b"");
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     let all = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
     assert_eq!(out.status.code(), Some(0), "{all}");
     assert!(!all.contains("Segmentation fault"), "{all}");
     assert!(!all.contains("Illegal instruction"), "{all}");
+    let cpus = if cpu_quota.is_some() { 2 } else { 1 };
+    assert!(stdout.lines().any(|x| x == format!("cpus={cpus}")), "{all}");
     for l in 1..=4 {
         assert!(
             stdout.lines().any(|x| x == format!("loop{l} failures=0")),
