@@ -535,3 +535,102 @@ fn a_deleted_open_file_refuses_the_checkpoint_and_a_paused_container_stays_pause
     refused(&["state", &id], "does not exist");
     std::fs::remove_dir_all(&work).unwrap();
 }
+
+/// Issue 13 through a checkpoint: a restored guest resumes with saved
+/// register state. Four concurrent loops of pipelines (results checked)
+/// beside the vector-register checker are checkpointed mid-run and
+/// restored; every loop must finish with no failure and no crash, and the
+/// checker must find its registers intact.
+#[test]
+fn pipelines_and_vector_registers_survive_a_checkpoint_and_restore() {
+    let script = r#"
+/vc 8 > /vc.out 2>&1 &
+for l in 1 2 3 4; do
+  (f=0
+   for i in 1 2 3; do
+     n=$(head -c 4096 /dev/urandom | od -An -tx1 | tr -d ' \n' | wc -c)
+     [ "$n" = 8192 ] || { f=$((f+1)); echo "loop$l: od gave $n"; }
+     s=$(seq 1 300 | awk '{ s += $1 * $1 } END { print s }' | cat | cat)
+     [ "$s" = 9045050 ] || { f=$((f+1)); echo "loop$l: awk gave $s"; }
+     echo "loop$l round $i" >> /progress
+   done
+   echo "loop$l failures=$f") >> /results 2>&1 &
+done
+wait
+echo finished >> /results
+sleep 1000
+"#;
+    let b = Bundle::new("ckvec", &["sh", "-c", script], |spec| {
+        if let Some(root) = spec.root_mut() {
+            root.set_readonly(Some(false));
+        }
+    });
+    std::fs::copy(common::vector_checker(), b.rootfs().join("vc")).unwrap();
+    let id = id("ckvec");
+    let bundle = b.0.to_str().unwrap();
+    let work = scratch("ckvec");
+    let out = husk_to(
+        &["run", "-d", "--bundle", bundle, &id],
+        &work.join("first.out"),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines = |name: &str| {
+        std::fs::read_to_string(b.rootfs().join(name))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let until = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}: {:?}", lines("results"));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    until("two rounds done", &|| lines("progress").len() >= 2);
+    let image = work.join("image");
+    ok(&["checkpoint", "--image-path", image.to_str().unwrap(), &id]);
+    let at_checkpoint = lines("progress").len();
+    ok(&["delete", &id]);
+    let out = husk_to(
+        &[
+            "restore",
+            "-d",
+            "--image-path",
+            image.to_str().unwrap(),
+            "--bundle",
+            bundle,
+            &id,
+        ],
+        &work.join("restored.out"),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    until("all loops finished", &|| {
+        lines("results").iter().any(|l| l == "finished")
+    });
+    let results = lines("results");
+    assert!(lines("progress").len() > at_checkpoint, "{results:?}");
+    for l in 1..=4 {
+        assert!(
+            results.iter().any(|x| *x == format!("loop{l} failures=0")),
+            "{results:?}"
+        );
+    }
+    let all = results.join("\n");
+    assert!(!all.contains("Segmentation fault"), "{all}");
+    assert!(!all.contains("Illegal instruction"), "{all}");
+    let vc = lines("vc.out");
+    assert!(
+        vc.iter().any(|x| x.starts_with("husk-vector-check: ok ")),
+        "{vc:?}"
+    );
+    ok(&["kill", &id, "KILL"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status(&id) != "stopped" {
+        assert!(Instant::now() < deadline, "it did not stop");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ok(&["delete", &id]);
+    let _ = std::fs::remove_dir_all(&work);
+}

@@ -556,21 +556,6 @@ fn host_directories_and_files_are_bound_in_as_the_spec_says() {
     std::fs::remove_dir_all(&base).unwrap();
 }
 
-/// The static vector-register checker (tests/test-init), built by `make
-/// test-init`.
-fn vector_checker() -> std::path::PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let path = target.join("x86_64-unknown-linux-musl/release/husk-vector-check");
-    assert!(
-        path.exists(),
-        "no husk-vector-check at {}: build it with `make test-init` (make test does)",
-        path.display()
-    );
-    path
-}
-
 /// Issue 13: guest processes crashed at random (a three-stage pipeline
 /// segfaulted one run in five) because user mode's AVX/AVX-512 register
 /// state was lost at context switches (docs/guest-kernel.md, "Vector
@@ -617,7 +602,7 @@ wait
             spec.set_linux(Some(linux));
         }
     });
-    std::fs::copy(vector_checker(), b.rootfs().join("vc")).unwrap();
+    std::fs::copy(common::vector_checker(), b.rootfs().join("vc")).unwrap();
     let out = husk_run(&b.0, &id(name), b"");
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     let all = format!("stdout:\n{stdout}\nstderr:\n{stderr}");

@@ -81,3 +81,18 @@ pub fn output_within(child: Child, limit: Duration, what: &str) -> Output {
     assert!(!watchdog.join().unwrap(), "{what} did not finish in time");
     out
 }
+
+/// The static vector-register checker (tests/test-init), built by `make
+/// test-init`.
+pub fn vector_checker() -> std::path::PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = target.join("x86_64-unknown-linux-musl/release/husk-vector-check");
+    assert!(
+        path.exists(),
+        "no husk-vector-check at {}: build it with `make test-init` (make test does)",
+        path.display()
+    );
+    path
+}
