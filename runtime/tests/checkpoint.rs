@@ -75,6 +75,24 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 /// Runs husk, its output returned (60 s at most).
+/// `husk restore -d` of the checkpoint at `image` as container `id`, its
+/// output into `out`.
+fn restore_to(image: &Path, bundle: &str, id: &str, out: &Path) -> Output {
+    let image = image.to_str().unwrap();
+    husk_to(
+        &[
+            "restore",
+            "-d",
+            "--image-path",
+            image,
+            "--bundle",
+            bundle,
+            id,
+        ],
+        out,
+    )
+}
+
 fn husk(args: &[&str]) -> Output {
     let mut cmd = Command::new(HUSK);
     cmd.args(with_root(args)).stdin(Stdio::null());
@@ -277,18 +295,7 @@ fn a_checkpointed_container_goes_on_where_it_was_with_its_open_file() {
     // Restored: the same shell goes on from its next number, through the
     // file it had open, and its output reaches the new monitor.
     let restored_out = work.join("restored.out");
-    let out = husk_to(
-        &[
-            "restore",
-            "-d",
-            "--image-path",
-            image.to_str().unwrap(),
-            "--bundle",
-            bundle,
-            &id,
-        ],
-        &restored_out,
-    );
+    let out = restore_to(&image, bundle, &id, &restored_out);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(status(&id), "running");
     let got = wait_for_count(&counter, at_checkpoint.len() + 3);
@@ -543,24 +550,15 @@ fn a_deleted_open_file_refuses_the_checkpoint_and_a_paused_container_stays_pause
 /// checker must find its registers intact.
 #[test]
 fn pipelines_and_vector_registers_survive_a_checkpoint_and_restore() {
-    let script = r#"
-/vc 8 > /vc.out 2>&1 &
-for l in 1 2 3 4; do
-  (f=0
-   for i in 1 2 3; do
-     n=$(head -c 4096 /dev/urandom | od -An -tx1 | tr -d ' \n' | wc -c)
-     [ "$n" = 8192 ] || { f=$((f+1)); echo "loop$l: od gave $n"; }
-     s=$(seq 1 300 | awk '{ s += $1 * $1 } END { print s }' | cat | cat)
-     [ "$s" = 9045050 ] || { f=$((f+1)); echo "loop$l: awk gave $s"; }
-     echo "loop$l round $i" >> /progress
-   done
-   echo "loop$l failures=$f") >> /results 2>&1 &
-done
-wait
-echo finished >> /results
-sleep 1000
-"#;
-    let b = Bundle::new("ckvec", &["sh", "-c", script], |spec| {
+    let script = format!(
+        "/vc 8 > /vc.out 2>&1 &\n{}echo finished >> /results\nsleep 1000\n",
+        common::pipeline_loops(
+            3,
+            r#"echo "loop$l round $i" >> /progress"#,
+            ">> /results 2>&1"
+        )
+    );
+    let b = Bundle::new("ckvec", &["sh", "-c", &script], |spec| {
         if let Some(root) = spec.root_mut() {
             root.set_readonly(Some(false));
         }
@@ -593,38 +591,15 @@ sleep 1000
     ok(&["checkpoint", "--image-path", image.to_str().unwrap(), &id]);
     let at_checkpoint = lines("progress").len();
     ok(&["delete", &id]);
-    let out = husk_to(
-        &[
-            "restore",
-            "-d",
-            "--image-path",
-            image.to_str().unwrap(),
-            "--bundle",
-            bundle,
-            &id,
-        ],
-        &work.join("restored.out"),
-    );
+    let out = restore_to(&image, bundle, &id, &work.join("restored.out"));
     assert!(out.status.success(), "{}", text(&out.stderr));
     until("all loops finished", &|| {
         lines("results").iter().any(|l| l == "finished")
     });
     let results = lines("results");
     assert!(lines("progress").len() > at_checkpoint, "{results:?}");
-    for l in 1..=4 {
-        assert!(
-            results.iter().any(|x| *x == format!("loop{l} failures=0")),
-            "{results:?}"
-        );
-    }
-    let all = results.join("\n");
-    assert!(!all.contains("Segmentation fault"), "{all}");
-    assert!(!all.contains("Illegal instruction"), "{all}");
-    let vc = lines("vc.out");
-    assert!(
-        vc.iter().any(|x| x.starts_with("husk-vector-check: ok ")),
-        "{vc:?}"
-    );
+    let printed = [results, lines("vc.out")].concat().join("\n");
+    common::assert_pipelines_and_vectors_ok(&printed);
     ok(&["kill", &id, "KILL"]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while status(&id) != "stopped" {

@@ -96,3 +96,44 @@ pub fn vector_checker() -> std::path::PathBuf {
     );
     path
 }
+
+/// Issue 13's stress load: four concurrent loops of `rounds` rounds of
+/// pipelines doing string, memory and floating-point work, each result
+/// checked; `after_round` runs after each round, each loop's output goes
+/// where `redirect` says, and each loop ends with `loopN failures=F`. The
+/// shell then waits for all four.
+pub fn pipeline_loops(rounds: u32, after_round: &str, redirect: &str) -> String {
+    format!(
+        r#"for l in 1 2 3 4; do
+  (f=0
+   for i in $(seq {rounds}); do
+     n=$(head -c 4096 /dev/urandom | od -An -tx1 | tr -d ' \n' | wc -c)
+     [ "$n" = 8192 ] || {{ f=$((f+1)); echo "loop$l: od gave $n"; }}
+     s=$(seq 1 300 | awk '{{ s += $1 * $1 }} END {{ print s }}' | cat | cat)
+     [ "$s" = 9045050 ] || {{ f=$((f+1)); echo "loop$l: awk gave $s"; }}
+     {after_round}
+   done
+   echo "loop$l failures=$f") {redirect} &
+done
+wait
+"#
+    )
+}
+
+/// What `pipeline_loops` and `husk-vector-check` printed: no crash, no
+/// failed pipeline in any of the four loops, and the checker's registers
+/// intact.
+pub fn assert_pipelines_and_vectors_ok(output: &str) {
+    assert!(!output.contains("Segmentation fault"), "{output}");
+    assert!(!output.contains("Illegal instruction"), "{output}");
+    for l in 1..=4 {
+        let want = format!("loop{l} failures=0");
+        assert!(output.lines().any(|x| x == want), "{output}");
+    }
+    assert!(
+        output
+            .lines()
+            .any(|x| x.starts_with("husk-vector-check: ok ")),
+        "{output}"
+    );
+}
