@@ -7,11 +7,14 @@
 //! The passthrough file system is what keeps the guest inside the share: it
 //! holds an `O_PATH` descriptor per inode and resolves every name with
 //! `openat(2)` relative to its parent and `O_NOFOLLOW`, refuses names with a
-//! `/`, answers `..` of the root with the root, and never follows a symlink
-//! on the host (the guest gets the link's text and resolves it in its own
-//! namespace). A read-only share is refused every request that would
-//! change it here, in the VMM, whatever the guest's kernel believes
-//! ([`Confined`]).
+//! `/`, and never follows a symlink on the host (the guest gets the link's
+//! text and resolves it in its own namespace). [`Confined`] answers `..`
+//! itself, from the session's record of each directory's parent with the
+//! root as a fixed point: the host's `..` of a directory moved out of the
+//! share (through another share that overlaps it) would climb the host's
+//! tree. It refuses `.` and `..` as the name of anything made, moved or
+//! removed, and refuses every request that would change a read-only share
+//! here, in the VMM, whatever the guest's kernel believes.
 //!
 //! The device's FUSE session (inode numbers, open handles) lives only in
 //! this process: a snapshot is refused once the guest has mounted the share
@@ -158,6 +161,16 @@ impl Confined {
         if self.read_only { erofs() } else { Ok(()) }
     }
 
+    /// A change to the share that names entries: refused on a read-only
+    /// share, and for `.` and `..`, which name no entry of their own.
+    fn changes(&self, names: &[&CStr]) -> io::Result<()> {
+        self.writable()?;
+        if names.iter().any(|n| matches!(n.to_bytes(), b"." | b"..")) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        Ok(())
+    }
+
     /// The passthrough's inode for the guest's node.
     fn node(&self, node: u64) -> io::Result<u64> {
         lock(&self.session).inner(node)
@@ -260,6 +273,13 @@ impl FileSystem for Confined {
         self.inner.destroy()
     }
     fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        if name.to_bytes() == b".." {
+            // The session's own record answers `..`: the host's `..` of a
+            // directory that left the share climbs the host's tree.
+            let up = lock(&self.session).parent(parent)?;
+            let entry = self.inner.lookup(ctx, self.node(up)?, c".")?;
+            return Ok(self.entered(up, c".", entry));
+        }
         let entry = self.inner.lookup(ctx, self.node(parent)?, name)?;
         Ok(self.entered(parent, name, entry))
     }
@@ -302,7 +322,7 @@ impl FileSystem for Confined {
         self.inner.readlink(ctx, self.node(inode)?)
     }
     fn symlink(&self, ctx: &Context, link: &CStr, parent: u64, name: &CStr) -> io::Result<Entry> {
-        self.writable()?;
+        self.changes(&[name])?;
         let entry = self.inner.symlink(ctx, link, self.node(parent)?, name)?;
         Ok(self.entered(parent, name, entry))
     }
@@ -315,7 +335,7 @@ impl FileSystem for Confined {
         rdev: u32,
         umask: u32,
     ) -> io::Result<Entry> {
-        self.writable()?;
+        self.changes(&[name])?;
         let entry = self
             .inner
             .mknod(ctx, self.node(parent)?, name, mode, rdev, umask)?;
@@ -329,20 +349,20 @@ impl FileSystem for Confined {
         mode: u32,
         umask: u32,
     ) -> io::Result<Entry> {
-        self.writable()?;
+        self.changes(&[name])?;
         let entry = self
             .inner
             .mkdir(ctx, self.node(parent)?, name, mode, umask)?;
         Ok(self.entered(parent, name, entry))
     }
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
-        self.writable()?;
+        self.changes(&[name])?;
         self.inner.unlink(ctx, self.node(parent)?, name)?;
         lock(&self.session).unlinked(parent, name.to_bytes());
         Ok(())
     }
     fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
-        self.writable()?;
+        self.changes(&[name])?;
         self.inner.rmdir(ctx, self.node(parent)?, name)?;
         lock(&self.session).unlinked(parent, name.to_bytes());
         Ok(())
@@ -356,7 +376,7 @@ impl FileSystem for Confined {
         newname: &CStr,
         flags: u32,
     ) -> io::Result<()> {
-        self.writable()?;
+        self.changes(&[oldname, newname])?;
         self.inner.rename(
             ctx,
             self.node(olddir)?,
@@ -375,7 +395,7 @@ impl FileSystem for Confined {
         Ok(())
     }
     fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
-        self.writable()?;
+        self.changes(&[newname])?;
         let entry = self
             .inner
             .link(ctx, self.node(inode)?, self.node(newparent)?, newname)?;
@@ -406,7 +426,7 @@ impl FileSystem for Confined {
         name: &CStr,
         args: CreateIn,
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
-        self.writable()?;
+        self.changes(&[name])?;
         let flags = args.flags;
         let (entry, handle, options, passthrough) =
             self.inner.create(ctx, self.node(parent)?, name, args)?;
@@ -817,6 +837,95 @@ mod tests {
         assert!(!share.parent().unwrap().join("moved").exists());
         assert!(share.join("file").exists());
         std::fs::remove_dir_all(share.parent().unwrap()).unwrap();
+    }
+
+    fn ino(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).unwrap().ino()
+    }
+
+    /// Issue 14: two shares that overlap on the host, one inside the
+    /// other (a volume inside the rootfs). The guest moves a directory of
+    /// the inner share out of it through the outer one, then climbs `..`
+    /// from its node in the inner share: the session's record answers,
+    /// so it stops at the inner share's root and never reaches the
+    /// outer share's directories, the host's, or `/`.
+    #[test]
+    fn dotdot_after_a_move_through_an_overlapping_share_stops_at_the_root() {
+        let outer = tree("overlap");
+        let base = outer.parent().unwrap().to_owned();
+        let inner = outer.join("dir");
+        std::fs::create_dir_all(inner.join("sub/deep")).unwrap();
+        std::fs::create_dir_all(inner.join("x")).unwrap();
+        std::fs::write(inner.join("sub/deep/f"), b"f").unwrap();
+        std::fs::create_dir_all(outer.join("y")).unwrap();
+        let x_ino = ino(&inner.join("x"));
+        let ctx = Context::default();
+        let a = Confined::new(&outer, false).unwrap();
+        let b = Confined::new(&inner, false).unwrap();
+        a.init(FsOptions::empty()).unwrap();
+        b.init(FsOptions::empty()).unwrap();
+        let sub = b.lookup(&ctx, ROOT, &name("sub")).unwrap().inode;
+        let deep = b.lookup(&ctx, sub, &name("deep")).unwrap().inode;
+        let x = b.lookup(&ctx, ROOT, &name("x")).unwrap().inode;
+        let f = b.lookup(&ctx, deep, &name("f")).unwrap().inode;
+
+        // Through the outer share: sub leaves the inner share; x and the
+        // outer share's y swap places (RENAME_EXCHANGE).
+        let a_dir = a.lookup(&ctx, ROOT, &name("dir")).unwrap().inode;
+        a.rename(&ctx, a_dir, &name("sub"), ROOT, &name("sub"), 0)
+            .unwrap();
+        a.rename(
+            &ctx,
+            a_dir,
+            &name("x"),
+            ROOT,
+            &name("y"),
+            libc::RENAME_EXCHANGE,
+        )
+        .unwrap();
+        assert!(outer.join("sub/deep/f").exists());
+        assert_eq!(ino(&outer.join("y")), x_ino);
+
+        // Every `..` chain from the moved nodes ends at the inner root.
+        let forbidden = [ino(&outer), ino(&base), ino(Path::new("/"))];
+        for start in [deep, sub, x] {
+            let mut at = start;
+            for _ in 0..8 {
+                let up = b.lookup(&ctx, at, &name("..")).unwrap();
+                assert!(
+                    !forbidden.contains(&up.attr.st_ino),
+                    "`..` from node {start} reached a directory outside the share"
+                );
+                at = up.inode;
+            }
+            assert_eq!(at, ROOT, "from node {start}");
+        }
+        assert_eq!(b.getattr(&ctx, ROOT, None).unwrap().0.st_ino, ino(&inner));
+        // From the inner root, nothing of the host is a name.
+        for gone in ["secret", "share", "overlap"] {
+            assert!(b.lookup(&ctx, ROOT, &name(gone)).is_err(), "{gone}");
+        }
+        // `..` of a file, and of a node the guest never had.
+        let err = b.lookup(&ctx, f, &name("..")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOTDIR));
+        assert!(b.lookup(&ctx, 999, &name("..")).is_err());
+        // `.` and `..` name no entry that could be made, moved or linked.
+        let einval =
+            |r: io::Result<()>| assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EINVAL));
+        einval(b.rename(&ctx, ROOT, &name("y"), sub, &name(".."), 0));
+        einval(b.rename(&ctx, sub, &name(".."), ROOT, &name("z"), 0));
+        einval(b.link(&ctx, f, sub, &name("..")).map(|_| ()));
+        einval(b.mkdir(&ctx, deep, &name(".."), 0o755, 0).map(|_| ()));
+        einval(b.symlink(&ctx, &name("/"), deep, &name(".")).map(|_| ()));
+        einval(b.unlink(&ctx, deep, &name("..")));
+        einval(b.rmdir(&ctx, deep, &name("..")));
+        // A hard link made from the stale node lands in the inner share
+        // by the name asked for, and nowhere else.
+        b.link(&ctx, f, ROOT, &name("h")).unwrap();
+        assert_eq!(std::fs::read(inner.join("h")).unwrap(), b"f");
+        assert!(!base.join("h").exists());
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

@@ -207,6 +207,26 @@ impl Session {
         id
     }
 
+    /// The parent of directory `node` as this session recorded it: the
+    /// root is its own parent. This, never the host's `..`, answers a
+    /// lookup of `..`: a directory moved out of the share behind the
+    /// session's back (through an overlapping share) still climbs only
+    /// to the session's nodes, and no further than the root
+    /// (docs/security.md).
+    pub fn parent(&self, node: u64) -> io::Result<u64> {
+        if node == ROOT {
+            return Ok(ROOT);
+        }
+        let n = self.nodes.get(&node).map_or_else(ebadf, Ok)?;
+        if n.kind != libc::S_IFDIR {
+            return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
+        }
+        match &n.name {
+            Some((parent, _)) if self.nodes.contains_key(parent) => Ok(*parent),
+            _ => Err(io::Error::from_raw_os_error(libc::ENOENT)),
+        }
+    }
+
     /// The guest forgot `count` lookups of `node`: returns the
     /// passthrough's inode and the count to forget there once the guest
     /// holds none.
