@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod boot;
+pub mod confine;
 pub mod cpu;
 pub mod devices;
 pub mod host;

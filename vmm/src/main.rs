@@ -94,6 +94,10 @@ const EXIT_VCPU_DIED: u8 = 3;
 const EXIT_SETUP: u8 = 1;
 
 fn main() -> ExitCode {
+    // Whatever the VMM makes (sockets, snapshots, timings) is its user's
+    // alone; vCPU threads take a umask of their own (confine).
+    // SAFETY: umask only sets the process's mask.
+    unsafe { libc::umask(husk_vmm::confine::PROCESS_UMASK) };
     let clock = Arc::new(Clock::from_env());
     let args = Args::parse();
     if !args.no_seccomp

@@ -5,9 +5,12 @@
 //!
 //! - **vCPU threads** run the guest and what its exits reach: KVM's ioctls
 //!   (request type 0xAE, nothing else), the virtio devices, and the
-//!   virtio-fs server, whose file system calls are all relative to
-//!   descriptors inside the share; they connect vsock streams to the
-//!   host's `<socket>_<port>` sockets.
+//!   virtio-fs server, whose file system calls must be relative to a
+//!   directory descriptor (never `AT_FDCWD`, no `open`/`stat` by path; an
+//!   `O_PATH` open, which reads nothing, is the one exception: the server
+//!   opens a share's root so) and may make no device node; they connect vsock streams to the host's
+//!   `<socket>_<port>` sockets (`socket` of `AF_UNIX` only). Landlock
+//!   holds them beneath the shares besides ([`crate::confine`]).
 //! - **the vsock thread** polls its sockets, accepts, reads and writes.
 //! - **the API thread** accepts, reads and writes.
 //! - **the main thread**, once the vCPUs run, waits for events, kicks
@@ -94,18 +97,11 @@ const SOCKETS: &[i64] = &[
 ];
 
 /// The virtio-fs server (fuse-backend-rs's passthrough), the vsock device
-/// connecting guest streams, and the console.
+/// connecting guest streams, and the console. The calls that name a file
+/// are in [`vcpu_rules`]: relative to a descriptor only.
 const VCPU: &[i64] = &[
-    libc::SYS_open,
-    libc::SYS_openat,
-    libc::SYS_newfstatat,
     libc::SYS_fstat,
-    libc::SYS_stat,
-    libc::SYS_lstat,
-    libc::SYS_statx,
     libc::SYS_fstatfs,
-    libc::SYS_statfs,
-    libc::SYS_readlinkat,
     libc::SYS_getdents64,
     libc::SYS_lseek,
     libc::SYS_pread64,
@@ -118,18 +114,8 @@ const VCPU: &[i64] = &[
     libc::SYS_fsync,
     libc::SYS_fdatasync,
     libc::SYS_ftruncate,
-    libc::SYS_linkat,
-    libc::SYS_unlinkat,
-    libc::SYS_renameat,
-    libc::SYS_renameat2,
-    libc::SYS_mkdirat,
-    libc::SYS_mknodat,
-    libc::SYS_symlinkat,
-    libc::SYS_fchmodat,
     libc::SYS_fchmod,
-    libc::SYS_fchownat,
     libc::SYS_fchown,
-    libc::SYS_utimensat,
     libc::SYS_dup,
     libc::SYS_dup3,
     libc::SYS_umask,
@@ -143,25 +129,94 @@ const VCPU: &[i64] = &[
     libc::SYS_getegid,
     libc::SYS_capget,
     libc::SYS_capset,
-    libc::SYS_setxattr,
-    libc::SYS_getxattr,
-    libc::SYS_listxattr,
-    libc::SYS_removexattr,
-    libc::SYS_lsetxattr,
-    libc::SYS_lgetxattr,
-    libc::SYS_llistxattr,
-    libc::SYS_lremovexattr,
     libc::SYS_fsetxattr,
     libc::SYS_fgetxattr,
     libc::SYS_flistxattr,
     libc::SYS_fremovexattr,
-    libc::SYS_name_to_handle_at,
-    libc::SYS_open_by_handle_at,
-    // A guest connecting to a host port reaches `<socket>_<port>`.
-    libc::SYS_socket,
+    // A guest connecting to a host port reaches `<socket>_<port>` (the
+    // socket itself: AF_UNIX only, in vcpu_rules).
     libc::SYS_connect,
     libc::SYS_epoll_ctl,
 ];
+
+/// The calls of a vCPU thread that name a file, each with the arguments
+/// (by index) that are directory descriptors: none may be `AT_FDCWD`, so
+/// every name is resolved beneath a descriptor the file server holds
+/// (docs/security.md).
+const VCPU_AT: &[(i64, &[u8])] = &[
+    (libc::SYS_newfstatat, &[0]),
+    (libc::SYS_statx, &[0]),
+    (libc::SYS_readlinkat, &[0]),
+    (libc::SYS_unlinkat, &[0]),
+    (libc::SYS_mkdirat, &[0]),
+    (libc::SYS_fchmodat, &[0]),
+    (libc::SYS_fchownat, &[0]),
+    (libc::SYS_utimensat, &[0]),
+    (libc::SYS_name_to_handle_at, &[0]),
+    (libc::SYS_open_by_handle_at, &[0]),
+    (libc::SYS_symlinkat, &[1]),
+    (libc::SYS_linkat, &[0, 2]),
+    (libc::SYS_renameat, &[0, 2]),
+    (libc::SYS_renameat2, &[0, 2]),
+];
+
+/// `AT_FDCWD` as the low 32 bits of an argument.
+const AT_FDCWD: u64 = libc::AT_FDCWD as u32 as u64;
+
+/// The vCPU threads' rules with arguments: file calls relative to a
+/// descriptor ([`VCPU_AT`]); `mknodat` of a regular file, FIFO or socket,
+/// never of a device; `socket` of `AF_UNIX` only.
+fn vcpu_rules() -> Result<Vec<(i64, Vec<SeccompRule>)>, seccompiler::Error> {
+    let not_cwd =
+        |arg: u8| SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, AT_FDCWD);
+    // openat: relative to a descriptor; by path only for an O_PATH
+    // descriptor, which reads and writes nothing: the file server opens
+    // a share's root that way when the guest mounts it (FUSE_INIT and
+    // FUSE_DESTROY import the root again), and Landlock refuses any
+    // content beyond the shares.
+    let mut rules = vec![(
+        libc::SYS_openat,
+        vec![
+            SeccompRule::new(vec![not_cwd(0)?])?,
+            SeccompRule::new(vec![SeccompCondition::new(
+                2,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::MaskedEq(libc::O_PATH as u64),
+                libc::O_PATH as u64,
+            )?])?,
+        ],
+    )];
+    for &(nr, dirfds) in VCPU_AT {
+        let conditions = dirfds
+            .iter()
+            .map(|&a| not_cwd(a))
+            .collect::<Result<_, _>>()?;
+        rules.push((nr, vec![SeccompRule::new(conditions)?]));
+    }
+    let mut mknod = Vec::new();
+    for kind in [0, libc::S_IFREG, libc::S_IFIFO, libc::S_IFSOCK] {
+        mknod.push(SeccompRule::new(vec![
+            not_cwd(0)?,
+            SeccompCondition::new(
+                2,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::MaskedEq(u64::from(libc::S_IFMT)),
+                u64::from(kind),
+            )?,
+        ])?);
+    }
+    rules.push((libc::SYS_mknodat, mknod));
+    rules.push((
+        libc::SYS_socket,
+        vec![SeccompRule::new(vec![SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            libc::AF_UNIX as u64,
+        )?])?],
+    ));
+    Ok(rules)
+}
 
 const VSOCK: &[i64] = &[
     libc::SYS_epoll_wait,
@@ -230,6 +285,9 @@ pub fn filter(thread: Thread) -> Result<BpfProgram, seccompiler::Error> {
         libc::SYS_ioctl,
         ioctl_rules(matches!(thread, Thread::Vcpu | Thread::Main))?,
     );
+    if thread == Thread::Vcpu {
+        rules.extend(vcpu_rules()?);
+    }
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Trap,
@@ -423,6 +481,197 @@ mod tests {
             unsafe { (libc::syscall(libc::SYS_ioctl, -1, 0xae00, 0) == -1) as i32 }
         });
         assert_eq!(kvm, (Some(1), None));
+    }
+
+    /// A directory descriptor the filtered children use (opened before
+    /// their filters, as the file server's are).
+    static DIR_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+    /// A system call made in a filtered child, by name.
+    type Call = (&'static str, fn() -> i32);
+
+    fn dir_fd() -> i32 {
+        DIR_FD.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Issue 14: what a guest that subverted the file server could ask a
+    /// vCPU thread for. Refused: sockets other than AF_UNIX, any file
+    /// call by absolute path or relative to the working directory, a
+    /// block or character device node. Allowed: AF_UNIX sockets, calls
+    /// relative to a directory descriptor, FIFOs.
+    #[test]
+    fn a_vcpu_thread_gets_no_network_no_cwd_paths_and_no_devices() {
+        let dir = std::env::temp_dir().join(format!("husk-seccomp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fd = std::fs::File::open(&dir).unwrap();
+        DIR_FD.store(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        let refused: [Call; 11] = [
+            ("openat(AT_FDCWD, /etc/shadow, O_RDWR)", || {
+                // SAFETY: openat of a NUL-terminated path.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_openat,
+                        libc::AT_FDCWD,
+                        c"/etc/shadow".as_ptr(),
+                        libc::O_RDWR,
+                    ) as i32
+                }
+            }),
+            ("socket(AF_INET)", || {
+                // SAFETY: socket takes no pointers.
+                unsafe {
+                    libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0) as i32
+                }
+            }),
+            ("socket(AF_NETLINK)", || {
+                // SAFETY: as above.
+                unsafe {
+                    libc::syscall(libc::SYS_socket, libc::AF_NETLINK, libc::SOCK_RAW, 0) as i32
+                }
+            }),
+            ("socket(AF_INET6)", || {
+                // SAFETY: as above.
+                unsafe {
+                    libc::syscall(libc::SYS_socket, libc::AF_INET6, libc::SOCK_DGRAM, 0) as i32
+                }
+            }),
+            ("openat(AT_FDCWD, /etc/shadow)", || {
+                // SAFETY: openat of a NUL-terminated path.
+                unsafe {
+                    libc::syscall(libc::SYS_openat, libc::AT_FDCWD, c"/etc/shadow".as_ptr(), 0)
+                        as i32
+                }
+            }),
+            ("open(/etc/shadow)", || {
+                // SAFETY: open of a NUL-terminated path.
+                unsafe { libc::syscall(libc::SYS_open, c"/etc/shadow".as_ptr(), 0) as i32 }
+            }),
+            ("newfstatat(AT_FDCWD)", || {
+                // SAFETY: a stat buffer that outlives the call.
+                unsafe {
+                    let mut st: libc::stat = std::mem::zeroed();
+                    libc::syscall(
+                        libc::SYS_newfstatat,
+                        libc::AT_FDCWD,
+                        c"/etc".as_ptr(),
+                        &mut st,
+                        0,
+                    ) as i32
+                }
+            }),
+            ("renameat2 to AT_FDCWD", || {
+                // SAFETY: NUL-terminated names.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_renameat2,
+                        dir_fd(),
+                        c"a".as_ptr(),
+                        libc::AT_FDCWD,
+                        c"/tmp/b".as_ptr(),
+                        0,
+                    ) as i32
+                }
+            }),
+            ("linkat to AT_FDCWD", || {
+                // SAFETY: NUL-terminated names.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_linkat,
+                        dir_fd(),
+                        c"a".as_ptr(),
+                        libc::AT_FDCWD,
+                        c"/tmp/b".as_ptr(),
+                        0,
+                    ) as i32
+                }
+            }),
+            ("mknodat(block device)", || {
+                // SAFETY: a NUL-terminated name.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_mknodat,
+                        dir_fd(),
+                        c"sda".as_ptr(),
+                        libc::S_IFBLK | 0o600,
+                        0x800,
+                    ) as i32
+                }
+            }),
+            ("mknodat(char device)", || {
+                // SAFETY: a NUL-terminated name.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_mknodat,
+                        dir_fd(),
+                        c"mem".as_ptr(),
+                        libc::S_IFCHR | 0o600,
+                        0x101,
+                    ) as i32
+                }
+            }),
+        ];
+        for (what, call) in refused {
+            assert_eq!(
+                in_filtered_child(Thread::Vcpu, call),
+                (None, Some(libc::SIGSYS)),
+                "{what}"
+            );
+        }
+        let allowed: [Call; 5] = [
+            ("openat(AT_FDCWD, O_PATH)", || {
+                // SAFETY: openat of a NUL-terminated path.
+                (unsafe {
+                    libc::syscall(
+                        libc::SYS_openat,
+                        libc::AT_FDCWD,
+                        c"/".as_ptr(),
+                        libc::O_PATH,
+                    )
+                } >= 0) as i32
+            }),
+            ("socket(AF_UNIX)", || {
+                // SAFETY: socket takes no pointers.
+                (unsafe { libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM, 0) }
+                    >= 0) as i32
+            }),
+            ("openat(dirfd)", || {
+                // SAFETY: openat of a NUL-terminated name.
+                (unsafe {
+                    libc::syscall(libc::SYS_openat, dir_fd(), c".".as_ptr(), libc::O_RDONLY)
+                } >= 0) as i32
+            }),
+            ("mknodat(FIFO)", || {
+                // SAFETY: a NUL-terminated name.
+                (unsafe {
+                    libc::syscall(
+                        libc::SYS_mknodat,
+                        dir_fd(),
+                        c"fifo".as_ptr(),
+                        libc::S_IFIFO | 0o600,
+                        0,
+                    )
+                } == 0) as i32
+            }),
+            ("mkdirat(dirfd)", || {
+                // SAFETY: a NUL-terminated name.
+                (unsafe { libc::syscall(libc::SYS_mkdirat, dir_fd(), c"d".as_ptr(), 0o700) } == 0)
+                    as i32
+            }),
+        ];
+        for (what, call) in allowed {
+            assert_eq!(
+                in_filtered_child(Thread::Vcpu, call),
+                (Some(1), None),
+                "{what}"
+            );
+        }
+        assert!(dir.join("fifo").exists() && dir.join("d").is_dir());
+        assert!(!dir.join("sda").exists() && !dir.join("mem").exists());
+        drop(fd);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -50,6 +50,14 @@ pub enum SnapshotError {
         #[source]
         source: std::io::Error,
     },
+    /// The snapshot's directory is not one a snapshot may be written into.
+    #[error("refused to write a snapshot into {}: {why}", .path.display())]
+    UnsafeDir {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
     /// The state file is not a Husk snapshot at all.
     #[error("{} is not a Husk snapshot", .0.display())]
     NotASnapshot(PathBuf),
@@ -196,22 +204,32 @@ pub fn write(dir: &Path, state: &VmState, memory: &[&[u8]]) -> Result<(), Snapsh
         move |source| SnapshotError::Io { what, path, source }
     };
     // Guest memory holds the guest's secrets: the owner's alone, whatever
-    // the process's umask (the passthrough file system clears it).
+    // the process's umask, and never written through a link.
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
         .map_err(io("create", dir))?;
-    let private = |path: &Path| {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path)
+    let dir_file = private_dir(dir)?;
+    let private = |path: &Path| -> Result<std::fs::File, SnapshotError> {
+        let name = path.file_name().expect("snapshot files have names");
+        let file = open_beneath(&dir_file, name).map_err(io("create", path))?;
+        let meta = file.metadata().map_err(io("create", path))?;
+        use std::os::unix::fs::MetadataExt;
+        if !meta.is_file() || meta.nlink() != 1 {
+            return Err(SnapshotError::UnsafeDir {
+                path: dir.to_owned(),
+                why: format!(
+                    "{} is not a file of its own (a link to another file?)",
+                    path.display()
+                ),
+            });
+        }
+        file.set_len(0).map_err(io("create", path))?;
+        Ok(file)
     };
     let mem_path = dir.join(MEMORY_FILE);
-    let mut mem_file = private(&mem_path).map_err(io("create", &mem_path))?;
+    let mut mem_file = private(&mem_path)?;
     // Pages the guest never wrote are zero: left as holes, which read
     // back as zeros, so a snapshot takes the disk its guest used.
     let mut total = 0u64;
@@ -240,9 +258,77 @@ pub fn write(dir: &Path, state: &VmState, memory: &[&[u8]]) -> Result<(), Snapsh
     out.push(b'\n');
     out.extend_from_slice(&body);
     let state_path = dir.join(STATE_FILE);
-    private(&state_path)
-        .and_then(|mut f| f.write_all(&out))
+    private(&state_path)?
+        .write_all(&out)
         .map_err(io("write", &state_path))
+}
+
+/// Opens the snapshot directory `dir`, refusing a symlink in its place, a
+/// directory of another user, or one others may write to (where a link
+/// could be planted).
+fn private_dir(dir: &Path) -> Result<std::fs::File, SnapshotError> {
+    use std::os::unix::fs::MetadataExt;
+    let refuse = |why: String| SnapshotError::UnsafeDir {
+        path: dir.to_owned(),
+        why,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) | Some(libc::ENOTDIR) => {
+                refuse("it is a symlink, not a directory".into())
+            }
+            _ => SnapshotError::Io {
+                what: "open",
+                path: dir.to_owned(),
+                source: e,
+            },
+        })?;
+    let meta = file.metadata().map_err(|source| SnapshotError::Io {
+        what: "open",
+        path: dir.to_owned(),
+        source,
+    })?;
+    // SAFETY: geteuid takes no arguments.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(refuse(format!(
+            "it belongs to uid {}, not {me}",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(refuse(format!(
+            "others may write to it (mode {:o})",
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(file)
+}
+
+/// Opens (making it if missing) the file `name` in the directory `dir`
+/// for writing, mode 0600, never through a symlink.
+fn open_beneath(dir: &std::fs::File, name: &std::ffi::OsStr) -> std::io::Result<std::fs::File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::ffi::OsStrExt;
+    let name = std::ffi::CString::new(name.as_bytes())?;
+    // SAFETY: openat with a live directory descriptor and a NUL-terminated
+    // name; the descriptor returned is owned by the File.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0o600,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just opened and is owned by nothing else.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
 }
 
 /// Reads and checks `dir/state`, and checks that `dir/memory` is as large
@@ -325,6 +411,73 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("husk-snap-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         dir
+    }
+
+    /// Issue 14: a snapshot is never written through a link someone
+    /// planted, nor into a directory another user owns or may write to.
+    /// The victim file keeps its bytes; the error names what was wrong.
+    #[test]
+    fn a_snapshot_is_not_written_through_links_or_into_open_directories() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = scratch("links");
+        std::fs::create_dir_all(&base).unwrap();
+        let victim = base.join("victim");
+        std::fs::write(&victim, b"root's file").unwrap();
+        let mem = vec![1u8; 4096];
+        // Other tests change the process's umask (the passthrough's
+        // import does): each directory's mode is set, not inherited.
+        let mkdir = |dir: &Path| {
+            std::fs::create_dir(dir).unwrap();
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        };
+        let refused = |dir: &Path, want: &str| {
+            let e = write(dir, &sample(), &[&mem]).unwrap_err();
+            let text = format!(
+                "{e}: {}",
+                std::error::Error::source(&e)
+                    .map(|s| s.to_string())
+                    .unwrap_or_default()
+            );
+            assert!(text.contains(want), "{}: {text}", dir.display());
+            assert_eq!(std::fs::read(&victim).unwrap(), b"root's file");
+        };
+        // The directory itself is a symlink.
+        let real = base.join("real");
+        mkdir(&real);
+        std::os::unix::fs::symlink(&real, base.join("dirlink")).unwrap();
+        refused(&base.join("dirlink"), "it is a symlink");
+        // A symlink planted where the memory file goes.
+        let planted = base.join("planted");
+        mkdir(&planted);
+        std::os::unix::fs::symlink(&victim, planted.join(MEMORY_FILE)).unwrap();
+        refused(&planted, "cannot create");
+        // A hard link planted where the state file goes.
+        let hard = base.join("hard");
+        mkdir(&hard);
+        std::fs::hard_link(&victim, hard.join(STATE_FILE)).unwrap();
+        refused(&hard, "not a file of its own");
+        // A directory anyone may write to.
+        let open = base.join("open");
+        mkdir(&open);
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        refused(&open, "others may write to it");
+        // A directory of another user.
+        let theirs = base.join("theirs");
+        mkdir(&theirs);
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+        refused(&theirs, "belongs to uid 65534");
+        // A fresh directory is made the owner's alone.
+        let fresh = base.join("fresh/snap");
+        write(&fresh, &sample(), &[&mem]).unwrap();
+        let mode = std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        let mode = std::fs::metadata(fresh.join(MEMORY_FILE))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

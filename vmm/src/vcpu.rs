@@ -209,6 +209,8 @@ pub struct VcpuThread {
     pub on_saved: Box<dyn Fn(u8, Result<VcpuState, CpuError>) + Send>,
     /// Called each time the vCPU stops for a pause.
     pub on_paused: Box<dyn Fn(u8) + Send>,
+    /// The virtio-fs shares this thread may serve (crate::confine).
+    pub shares: Arc<Vec<crate::devices::virtio::fs::Share>>,
 }
 
 impl VcpuThread {
@@ -220,6 +222,21 @@ impl VcpuThread {
     }
 
     fn run(mut self) {
+        match crate::confine::vcpu_thread(&self.shares) {
+            Ok(crate::confine::Landlocked::Fully) => {}
+            Ok(how) if self.id == 0 => {
+                eprintln!(
+                    "husk-vmm: Landlock: {how:?} enforced by this kernel; seccomp still holds"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("husk-vmm: cannot confine vCPU {}: {e}", self.id);
+                // SAFETY: _exit ends the process; it does not run the guest
+                // unconfined.
+                unsafe { libc::_exit(crate::seccomp::EXIT_SECCOMP) };
+            }
+        }
         crate::seccomp::enter(crate::seccomp::Thread::Vcpu);
         if self.id == 0 {
             self.clock.first_kvm_run();

@@ -352,6 +352,8 @@ pub struct Vm {
     memory_mib: u64,
     clock: Arc<Clock>,
     cmdline: String,
+    /// The virtio-fs shares, which bound what vCPU threads may reach.
+    shares: Arc<Vec<Share>>,
     vm: VmFd,
     memory: GuestMemoryMmap,
 }
@@ -569,6 +571,7 @@ impl Vm {
             cmdline,
             config.memory_mib,
             config.snapshot_at.clone(),
+            config.shares.clone(),
         ))
     }
 
@@ -709,6 +712,7 @@ impl Vm {
             state.cmdline,
             state.memory_mib,
             None,
+            shares.to_vec(),
         ))
     }
 
@@ -722,6 +726,7 @@ impl Vm {
         cmdline: String,
         memory_mib: u64,
         snapshot_at: Option<SnapshotAt>,
+        shares: Vec<Share>,
     ) -> Self {
         let Devices {
             pio,
@@ -750,6 +755,7 @@ impl Vm {
             memory_mib,
             clock,
             cmdline,
+            shares: Arc::new(shares),
             vm,
             memory,
         }
@@ -892,6 +898,7 @@ impl Vm {
                 on_paused: Box::new(move |id| {
                     let _ = paused_tx.send(VmEvent::VcpuPaused(id));
                 }),
+                shares: self.shares.clone(),
             };
             let handle = thread.spawn().map_err(|e| VmError::Thread(id as u8, e))?;
             self.threads.push(handle);

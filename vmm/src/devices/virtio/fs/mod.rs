@@ -147,7 +147,15 @@ impl Confined {
             ..Default::default()
         };
         let inner = PassthroughFs::new(cfg).map_err(fail)?;
-        inner.import().map_err(fail)?;
+        // import() clears the process's umask (the passthrough applies
+        // the guest's own): put it back. The threads that serve the
+        // guest take a umask of 0 of their own (crate::confine).
+        // SAFETY: umask only reads and sets the mask.
+        let umask = unsafe { libc::umask(0) };
+        let imported = inner.import();
+        // SAFETY: as above.
+        unsafe { libc::umask(umask) };
+        imported.map_err(fail)?;
         Ok(Self {
             inner,
             read_only,
