@@ -17,6 +17,7 @@ pub mod hooks;
 pub mod image;
 pub mod initramfs;
 pub mod monitor;
+pub mod private;
 pub mod run;
 pub mod sandbox;
 pub mod state;

@@ -766,6 +766,7 @@ fn interval(s: &str) -> anyhow::Result<std::time::Duration> {
 
 fn run(cli: Cli) -> anyhow::Result<u8> {
     let root = cli.root.as_path();
+    husk_runtime::private::root(root).map_err(anyhow::Error::msg)?;
     match cli.command {
         Command::Create {
             bundle,

@@ -171,6 +171,10 @@ pub fn snapshot(
 ) -> Result<(PathBuf, Origin), WarmError> {
     let dir = cache_root(root).join("snapshots");
     std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+    // Snapshots hold guest memory, and their boots' sockets: the cache
+    // may live outside husk's root, so it is closed to others itself.
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(io("create", &dir))?;
     let key = image.key()?;
     let snap = dir.join(&key);
     if snap.join(husk_vmm::snapshot::STATE_FILE).exists() {

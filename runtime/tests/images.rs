@@ -721,6 +721,173 @@ fn hostile_and_corrupt_archives_are_refused() {
     std::fs::remove_dir_all(&outside).unwrap();
 }
 
+/// What `open(path)` (or, for a socket, `connect`) gives the host user
+/// nobody (uid and gid 65534, no groups): 0, or the errno.
+fn as_nobody(path: &Path, socket: bool) -> i32 {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a sockaddr_un filled before the fork; the child makes only
+    // raw system calls and _exits.
+    unsafe {
+        let mut addr: libc::sockaddr_un = std::mem::zeroed();
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in addr.sun_path.iter_mut().zip(c.as_bytes()) {
+            *d = *s as libc::c_char;
+        }
+        let pid = libc::fork();
+        assert!(pid >= 0);
+        if pid == 0 {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(65534, 65534, 65534) != 0
+                || libc::setresuid(65534, 65534, 65534) != 0
+            {
+                libc::_exit(100);
+            }
+            let rc = if socket {
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                libc::connect(
+                    fd,
+                    (&raw const addr).cast(),
+                    std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+                )
+            } else {
+                libc::open(c.as_ptr(), libc::O_RDONLY)
+            };
+            let errno = *libc::__errno_location();
+            libc::_exit(if rc >= 0 { 0 } else { errno.min(99) });
+        }
+        let mut status = 0;
+        assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+        assert!(libc::WIFEXITED(status));
+        let code = libc::WEXITSTATUS(status);
+        assert_ne!(code, 100, "cannot become nobody");
+        code
+    }
+}
+
+/// Issue 14: an image with a set-uid-root file and a device node, a
+/// container of it running: the host user nobody reaches neither file in
+/// the image store or the container's root, nor the container's VM through
+/// its control socket. The container's root is mounted nosuid and nodev.
+#[test]
+fn host_users_reach_no_layer_container_root_or_vm_socket() {
+    let husk = Husk::new("private");
+    let layout = scratch("private-image");
+    let mut b = tar::Builder::new(Vec::new());
+    let base = busybox_layer();
+    let mut archive = tar::Archive::new(&base[..]);
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let header = entry.header().clone();
+        b.append(&header, &mut entry).unwrap();
+    }
+    // The layout's config works in /data.
+    let mut data = tar::Header::new_gnu();
+    data.set_path("data/").unwrap();
+    data.set_entry_type(tar::EntryType::Directory);
+    data.set_mode(0o755);
+    data.set_size(0);
+    data.set_cksum();
+    b.append(&data, &[][..]).unwrap();
+    let mut suid = tar::Header::new_gnu();
+    suid.set_path("bin/suid").unwrap();
+    suid.set_mode(0o4755);
+    suid.set_size(4);
+    suid.set_cksum();
+    b.append(&suid, &b"#!x\n"[..]).unwrap();
+    let mut dev = tar::Header::new_gnu();
+    dev.set_path("bin/mem").unwrap();
+    dev.set_entry_type(tar::EntryType::Char);
+    dev.set_mode(0o666);
+    dev.set_device_major(1).unwrap();
+    dev.set_device_minor(1).unwrap();
+    dev.set_size(0);
+    dev.set_cksum();
+    b.append(&dev, &[][..]).unwrap();
+    let tar = b.into_inner().unwrap();
+    oci_layout(
+        &layout,
+        "test/suid:latest",
+        &[(tar.clone(), tar, TAR)],
+        ("linux", "amd64"),
+    );
+    husk.ok(&["load", "-i", layout.to_str().unwrap()]);
+    let id = husk
+        .ok(&[
+            "run",
+            "-d",
+            "--name",
+            "held",
+            "test/suid",
+            "sh",
+            "-c",
+            "echo ready; sleep 600",
+        ])
+        .trim()
+        .to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !husk.ok(&["logs", "held"]).contains("ready") {
+        assert!(
+            Instant::now() < deadline,
+            "the container did not start: {}",
+            text(&husk.run(&["ps", "-a"]).stdout)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&husk.root).unwrap().mode() & 0o777, 0o700);
+    let layer = std::fs::read_dir(husk.root.join("images/layers"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.join("bin/suid").exists())
+        .expect("the layer is unpacked");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mount = mounts
+        .lines()
+        .find(|l| l.contains(husk.root.to_str().unwrap()) && l.contains(" overlay "))
+        .unwrap_or_else(|| panic!("no overlay mount under the root:\n{mounts}"))
+        .to_owned();
+    let rootfs = PathBuf::from(mount.split(' ').nth(4).unwrap());
+    let options = mount.split(' ').nth(5).unwrap();
+    assert!(
+        options.split(',').any(|o| o == "nosuid") && options.split(',').any(|o| o == "nodev"),
+        "{mount}"
+    );
+    // Root sees the files; nobody reaches none of them.
+    for path in [
+        layer.join("bin/suid"),
+        layer.join("bin/mem"),
+        rootfs.join("bin/suid"),
+        rootfs.join("bin/mem"),
+    ] {
+        std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!(as_nobody(&path, false), libc::EACCES, "{}", path.display());
+    }
+    let socket = std::fs::read_dir(husk.root.join("containers"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("api.sock"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("no VM socket for container {id}"));
+    // The socket is the VMM's user's alone in itself, not only through
+    // the root's mode.
+    assert_eq!(
+        std::fs::metadata(&socket).unwrap().mode() & 0o077,
+        0,
+        "{}",
+        socket.display()
+    );
+    assert_eq!(
+        as_nobody(&socket, true),
+        libc::EACCES,
+        "{}",
+        socket.display()
+    );
+    husk.ok(&["rm", "-f", "held"]);
+    std::fs::remove_dir_all(&layout).unwrap();
+}
+
 #[test]
 fn two_pulls_at_once_store_the_image_once() {
     let registry = Registry::start("race");
