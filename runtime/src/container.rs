@@ -159,6 +159,7 @@ fn start_monitor(m: MonitorStart) -> Result<Child, (String, Option<i32>)> {
             }
             libc::syscall(libc::SYS_close_range, READY_FD + 1, u32::MAX, 0);
             libc::setsid();
+            crate::child::reset_signals();
             Ok(())
         });
     }
@@ -531,6 +532,11 @@ pub fn update(
         _ => return Err(wrong(&state, "only a live container can be updated")),
     }
     let shape = state.shape.unwrap_or_default();
+    // The same checks as at create: nonsense refused by name.
+    crate::sandbox::Shape::of(Some(resources)).map_err(|message| LifecycleError::Resources {
+        id: id.into(),
+        message,
+    })?;
     if let Some(limit) = resources
         .memory()
         .as_ref()

@@ -111,6 +111,13 @@ fn run_one(name: &str, hook: &Hook, state: &str) -> Result<(), String> {
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+    // SAFETY: async-signal-safe calls in the forked child, before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            crate::child::reset_signals();
+            Ok(())
+        });
+    }
     let mut child = cmd.spawn().map_err(|e| format!("{what}: {e}"))?;
     if let Some(mut stdin) = child.stdin.take() {
         // A hook that does not read its stdin is not an error.

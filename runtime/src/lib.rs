@@ -11,6 +11,7 @@ pub mod bundle;
 pub mod busybox;
 pub mod cgroup;
 pub mod checkpoint;
+pub mod child;
 pub mod container;
 pub mod docker;
 pub mod hooks;

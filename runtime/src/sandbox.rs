@@ -183,10 +183,43 @@ impl Default for Shape {
 impl Shape {
     /// The shape `resources` need.
     pub fn of(resources: Option<&oci_spec::runtime::LinuxResources>) -> Result<Self, String> {
+        Self::on_host(resources, host_cpus())
+    }
+
+    /// The shape `resources` need on a host of `host_cpus` CPUs: limits
+    /// that make no sense, and more vCPUs than the host or husk has, are
+    /// refused by name (runc's -1 is "no limit").
+    pub fn on_host(
+        resources: Option<&oci_spec::runtime::LinuxResources>,
+        host_cpus: u64,
+    ) -> Result<Self, String> {
         let mut shape = Self::default();
         let Some(r) = resources else {
             return Ok(shape);
         };
+        if let Some(m) = r.memory() {
+            for (name, value) in [
+                ("limit", m.limit()),
+                ("reservation", m.reservation()),
+                ("swap", m.swap()),
+            ] {
+                if let Some(v) = value.filter(|&v| v < -1) {
+                    return Err(format!(
+                        "linux.resources.memory.{name} {v}: must be a number of bytes, or -1 for no limit"
+                    ));
+                }
+            }
+        }
+        if let Some(cpu) = r.cpu() {
+            if let Some(q) = cpu.quota().filter(|&q| q < -1) {
+                return Err(format!(
+                    "linux.resources.cpu.quota {q}: must be a number of microseconds, or -1 for no limit"
+                ));
+            }
+            if cpu.period() == Some(0) {
+                return Err("linux.resources.cpu.period 0: must be at least 1 microsecond".into());
+            }
+        }
         if let Some(limit) = r
             .memory()
             .as_ref()
@@ -207,7 +240,14 @@ impl Shape {
             if let Some(quota) = cpu.quota().filter(|&q| q > 0) {
                 let period = cpu.period().filter(|&p| p > 0).unwrap_or(100_000);
                 let cpus = (quota as u64).div_ceil(period);
-                shape.vcpus = cpus.clamp(1, u64::from(MAX_VCPUS)) as u8;
+                let most = host_cpus.clamp(1, u64::from(MAX_VCPUS));
+                if cpus > most {
+                    return Err(format!(
+                        "linux.resources.cpu quota {quota} per period {period} asks for {cpus} CPUs; \
+                         a VM gets at most {most} here (this host has {host_cpus}, husk's limit is {MAX_VCPUS})"
+                    ));
+                }
+                shape.vcpus = cpus.max(1) as u8;
             }
         }
         Ok(shape)
@@ -217,6 +257,13 @@ impl Shape {
     pub fn memory_limit_max(&self) -> u64 {
         (self.memory_mib - GUEST_RESERVE_MIB) << 20
     }
+}
+
+/// The host's online CPUs.
+pub fn host_cpus() -> u64 {
+    // SAFETY: sysconf takes no pointers.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    u64::try_from(n).unwrap_or(1).max(1)
 }
 
 /// The warm-start image of container guests made from `bins`.
@@ -352,10 +399,13 @@ impl Sandbox {
             .stderr(log);
         // The VMM dies with the process that runs it (the container's
         // monitor): no VM outlives the husk process responsible for it.
-        // SAFETY: prctl in the forked child, before exec.
+        // It starts with no signal blocked or ignored (SIGTERM ends it).
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: async-signal-safe calls in the forked child, before exec.
         unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                crate::child::reset_signals();
+                crate::child::die_with(parent);
                 Ok(())
             });
         }
@@ -555,13 +605,59 @@ mod tests {
         assert_eq!(Shape::of(Some(&exact)).unwrap().memory_mib, 256);
         let cpus = |quota: i64, period: u64| {
             let r = resources(serde_json::json!({"cpu": {"quota": quota, "period": period}}));
-            Shape::of(Some(&r)).unwrap().vcpus
+            Shape::on_host(Some(&r), 16).map(|s| s.vcpus)
         };
-        assert_eq!(cpus(50_000, 100_000), 1);
-        assert_eq!(cpus(150_000, 100_000), 2);
-        assert_eq!(cpus(200_000, 100_000), 2);
-        assert_eq!(cpus(-1, 100_000), 1);
-        assert_eq!(cpus(10_000_000, 100_000), MAX_VCPUS);
+        assert_eq!(cpus(50_000, 100_000), Ok(1));
+        assert_eq!(cpus(150_000, 100_000), Ok(2));
+        assert_eq!(cpus(200_000, 100_000), Ok(2));
+        assert_eq!(cpus(-1, 100_000), Ok(1));
+        assert_eq!(cpus(800_000, 100_000), Ok(MAX_VCPUS));
+        // Issue 14: more CPUs than husk or the host gives, and limits that
+        // make no sense, are refused by name, not clamped or taken.
+        let e = cpus(10_000_000, 100_000).unwrap_err();
+        assert!(
+            e.contains("asks for 100 CPUs; a VM gets at most 8 here"),
+            "{e}"
+        );
+        let r = resources(serde_json::json!({"cpu": {"quota": 300_000, "period": 100_000}}));
+        let e = Shape::on_host(Some(&r), 2).unwrap_err();
+        assert!(
+            e.contains("asks for 3 CPUs; a VM gets at most 2 here (this host has 2"),
+            "{e}"
+        );
+        for (json, want) in [
+            (
+                serde_json::json!({"memory": {"limit": -5}}),
+                "memory.limit -5: must be",
+            ),
+            (
+                serde_json::json!({"memory": {"swap": -2}}),
+                "memory.swap -2: must be",
+            ),
+            (
+                serde_json::json!({"memory": {"reservation": -9}}),
+                "memory.reservation -9",
+            ),
+            (
+                serde_json::json!({"cpu": {"quota": -100}}),
+                "cpu.quota -100: must be",
+            ),
+            (
+                serde_json::json!({"cpu": {"quota": 100, "period": 0}}),
+                "cpu.period 0",
+            ),
+        ] {
+            let e = Shape::of(Some(&resources(json.clone()))).unwrap_err();
+            assert!(e.contains(want), "{json}: {e}");
+        }
+        assert_eq!(
+            Shape::of(Some(&resources(
+                serde_json::json!({"memory": {"limit": -1}})
+            )))
+            .unwrap()
+            .memory_mib,
+            MEMORY_MIB
+        );
         let huge = resources(serde_json::json!({"memory": {"limit": 64u64 << 30}}));
         let e = Shape::of(Some(&huge)).unwrap_err();
         assert!(e.contains("more than husk gives a VM (16 GiB)"), "{e}");

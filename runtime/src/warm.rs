@@ -205,6 +205,17 @@ pub fn snapshot(
         cmd.arg("--share")
             .arg(format!("{tag}={}:ro", empty.display()));
     }
+    // The boot dies with whoever runs it (a killed monitor left it
+    // running), and starts with no signal blocked or ignored.
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: async-signal-safe calls in the forked child, before exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            crate::child::reset_signals();
+            crate::child::die_with(parent);
+            Ok(())
+        });
+    }
     let out = cmd
         .arg("--kernel")
         .arg(&image.kernel)
@@ -230,6 +241,7 @@ pub fn snapshot(
     }
     std::fs::rename(&tmp, &snap).map_err(io("store", &snap))?;
     prune(&dir, KEEP);
+    sweep(&dir);
     Ok((snap, Origin::Created))
 }
 
@@ -269,6 +281,40 @@ pub fn prune(dir: &Path, keep: usize) {
         let mut lock = path.into_os_string();
         lock.push(".lock");
         let _ = std::fs::remove_file(lock);
+    }
+}
+
+/// Removes what boots that ended without cleaning up (a killed starter)
+/// left in a cache directory: `<key>.tmp`, `<key>.vsock` and `<key>.empty`
+/// of every key whose lock nobody holds, i.e. no boot of it is under way.
+pub fn sweep(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(key) = [".tmp", ".vsock", ".empty"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+        else {
+            continue;
+        };
+        let lock = dir.join(format!("{key}.lock"));
+        let held = match File::open(&lock) {
+            // SAFETY: flock on a descriptor we own, released when it is
+            // closed.
+            Ok(f) => (unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }) != 0,
+            Err(_) => false,
+        };
+        if held {
+            continue;
+        }
+        let path = entry.path();
+        let _ = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
     }
 }
 

@@ -1159,6 +1159,11 @@ fn bad_run_flags_are_named_and_leave_nothing() {
             "neither an absolute path nor a volume name",
         ),
         (vec!["--cpus", "0"], "--cpus 0: must be more than 0"),
+        // Issue 14: refused by name, not clamped to 8 vCPUs.
+        (
+            vec!["--cpus", "1000"],
+            "asks for 1000 CPUs; a VM gets at most",
+        ),
         (vec!["--memory", "lots"], "\"lots\" is not a size"),
         (
             vec!["-w", "relative"],

@@ -195,7 +195,17 @@ fn a_missing_program_exits_127_with_a_message() {
 fn bad_bundles_and_ids_are_refused_before_any_vm_starts() {
     let b = Bundle::new("bad", &["true"], |_| {});
     let config = b.0.join("config.json");
-    let cases: [(&str, &str); 3] = [
+    let cases: [(&str, &str); 5] = [
+        // Issue 14: a negative memory limit hung the container in
+        // `created`; too many CPUs were clamped silently.
+        (
+            r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"process":{"args":["true"],"cwd":"/","user":{"uid":0,"gid":0}},"linux":{"resources":{"memory":{"limit":-5}}}}"#,
+            "linux.resources.memory.limit -5: must be a number of bytes, or -1 for no limit",
+        ),
+        (
+            r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"process":{"args":["true"],"cwd":"/","user":{"uid":0,"gid":0}},"linux":{"resources":{"cpu":{"quota":100000000,"period":100000}}}}"#,
+            "linux.resources.cpu quota 100000000 per period 100000 asks for 1000 CPUs",
+        ),
         (
             "{not json",
             "is not a valid OCI spec: key must be a string at line 1 column 2",
@@ -214,10 +224,14 @@ fn bad_bundles_and_ids_are_refused_before_any_vm_starts() {
         let out = husk_run(&b.0, &id("bad"), b"");
         assert_eq!(out.status.code(), Some(125));
         let err = text(&out.stderr);
-        assert!(
-            err.starts_with(&format!("husk: {} {why}", config.display())),
-            "{err}"
-        );
+        // Limits are named with the container; the spec's own faults
+        // with its file.
+        let named = if why.starts_with("linux.resources") {
+            err.starts_with("husk: container ") && err.contains(why)
+        } else {
+            err.starts_with(&format!("husk: {} {why}", config.display()))
+        };
+        assert!(named, "{err}");
     }
     let out = husk_run(&b.0, "../escape", b"");
     assert_eq!(out.status.code(), Some(125));
@@ -636,4 +650,165 @@ fn the_process_starts_with_no_signal_blocked_or_ignored() {
         "{stdout}"
     );
     assert!(stdout.lines().any(|l| l == "waited"), "{stdout}");
+}
+
+/// The PIDs of processes whose command line holds every one of `parts`.
+fn pids_with(parts: &[&str]) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            parts.iter().all(|p| cmdline.contains(p))
+        })
+        .collect()
+}
+
+/// Issue 14: the warm-start boot's VMM has no parent-death signal, so
+/// killing the process that ran it (the container's monitor) left it
+/// running. Now it dies with it; what the boot left in the cache is swept
+/// once nobody holds its lock.
+#[test]
+fn a_warm_boot_dies_with_its_starter_and_its_leftovers_are_swept() {
+    let cache = std::env::temp_dir().join(format!("husk-orphan-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    std::fs::create_dir_all(&cache).unwrap();
+    let b = Bundle::new("orphan", &["true"], |_| {});
+    let name = id("orphan");
+    let mut run = Command::new(HUSK)
+        .arg("--root")
+        .arg(root())
+        .arg("run")
+        .arg("--bundle")
+        .arg(&b.0)
+        .arg(&name)
+        .env(husk_runtime::warm::CACHE_ENV, &cache)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let cache_str = cache.to_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let vmm = loop {
+        if let Some(&pid) = pids_with(&["husk-vmm", "--snapshot-dir", &cache_str]).first() {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "no warm boot started");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{vmm}/stat")).unwrap();
+    let starter: i32 = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    // SAFETY: kill of the boot's starter, a process this test started.
+    assert_eq!(unsafe { libc::kill(starter, libc::SIGKILL) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Path::new(&format!("/proc/{vmm}")).exists() {
+        let state = std::fs::read_to_string(format!("/proc/{vmm}/stat")).unwrap_or_default();
+        if state
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            // SAFETY: kill of the orphan this test made, before failing.
+            unsafe { libc::kill(vmm, libc::SIGKILL) };
+            panic!("the warm boot's VMM {vmm} outlived its starter {starter}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = run.kill();
+    let _ = run.wait();
+    let _ = Command::new(HUSK)
+        .arg("--root")
+        .arg(root())
+        .args(["delete", "-f", &name])
+        .output();
+    let snapshots = cache.join("snapshots");
+    husk_runtime::warm::sweep(&snapshots);
+    let left: Vec<String> = std::fs::read_dir(&snapshots)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".lock"))
+        .collect();
+    assert!(left.is_empty(), "left in the cache: {left:?}");
+    std::fs::remove_dir_all(&cache).unwrap();
+}
+
+/// The signals a process blocks (`SigBlk`) and ignores (`SigIgn`).
+fn signal_masks(pid: i32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+            .unwrap_or(0)
+    };
+    (field("SigBlk:"), field("SigIgn:"))
+}
+
+/// Issue 14: a foreground `husk run` blocks the signals it forwards, and
+/// its monitor and VMM inherited that, and the VMM the monitor's ignored
+/// ones, so a VMM did not end on SIGTERM. Neither blocks a stop signal;
+/// the VMM ignores none (the monitor ignores them by design: only
+/// `delete --force` ends it early).
+#[test]
+fn the_monitor_and_the_vmm_neither_block_nor_ignore_stop_signals() {
+    let b = Bundle::new("masks", &["sh", "-c", "echo up; sleep 30"], |_| {});
+    let name = id("masks");
+    let mut child = Command::new(HUSK)
+        .arg("--root")
+        .arg(root())
+        .arg("run")
+        .arg("--bundle")
+        .arg(&b.0)
+        .arg(&name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut up = String::new();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    std::io::BufRead::read_line(&mut stdout, &mut up).unwrap();
+    assert_eq!(up, "up\n");
+    let monitors = pids_with(&["_monitor", &name]);
+    let vmms = pids_with(&["husk-vmm", &name]);
+    let result = std::panic::catch_unwind(|| {
+        assert_eq!(monitors.len(), 1, "monitors: {monitors:?}");
+        assert_eq!(vmms.len(), 1, "VMMs: {vmms:?}");
+        let stop = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT]
+            .iter()
+            .fold(0u64, |m, &s| m | 1 << (s - 1));
+        for pid in [monitors[0], vmms[0]] {
+            let (blocked, _) = signal_masks(pid);
+            assert_eq!(blocked & stop, 0, "pid {pid} blocks {blocked:#x}");
+        }
+        let (_, ignored) = signal_masks(vmms[0]);
+        assert_eq!(ignored & stop, 0, "the VMM ignores {ignored:#x}");
+    });
+    let _ = Command::new(HUSK)
+        .arg("--root")
+        .arg(root())
+        .args(["kill", &name, "KILL"])
+        .output();
+    let _ = output_within(child, Duration::from_secs(60), "husk run");
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
 }

@@ -17,6 +17,7 @@ pub mod layout;
 pub mod paths;
 pub mod seccomp;
 pub mod snapshot;
+pub mod stop;
 pub mod timing;
 pub mod vcpu;
 pub mod vm;

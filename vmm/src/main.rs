@@ -100,6 +100,16 @@ fn main() -> ExitCode {
     unsafe { libc::umask(husk_vmm::confine::PROCESS_UMASK) };
     let clock = Arc::new(Clock::from_env());
     let args = Args::parse();
+    // Before any thread starts: SIGTERM, SIGINT and SIGHUP remove the
+    // sockets and end the VMM, taken on the main thread only.
+    husk_vmm::stop::block(
+        &args
+            .api_socket
+            .iter()
+            .chain(&args.vsock_socket)
+            .cloned()
+            .collect::<Vec<_>>(),
+    );
     if !args.no_seccomp
         && let Err(e) = husk_vmm::seccomp::prepare()
     {

@@ -862,8 +862,10 @@ impl Vm {
     pub fn run(mut self) -> (Result<GuestExit, VmError>, BootTimes) {
         let ranges = self.guest_memory_ranges();
         let result = self.start_vcpus().and_then(|()| {
-            // Every other thread runs now: the main thread's own filter.
+            // Every other thread runs now: the main thread's own filter,
+            // and the stop signals are its to take.
             crate::seccomp::enter(crate::seccomp::Thread::Main);
+            crate::stop::unblock();
             self.wait()
         });
         lock(&self.serial).flush();

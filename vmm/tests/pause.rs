@@ -86,3 +86,70 @@ fn pause_stops_the_guest_resume_continues_it_stop_ends_it() {
     assert!(status.success(), "{status}");
     assert!(!socket.exists(), "the VMM left its socket behind");
 }
+
+/// Issue 14: a VMM whose starter blocked and ignored SIGTERM (as `husk run`
+/// did) still ends on SIGTERM, with status 0 and no socket left behind;
+/// its control socket is its user's alone while it runs.
+#[test]
+fn sigterm_ends_the_vmm_cleanly_whatever_its_starter_ignored() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let scratch = Scratch::new("sigterm");
+    let initramfs = test_initramfs(&scratch);
+    let socket = scratch.path("api.sock");
+    let mut cmd = std::process::Command::new(common::VMM);
+    cmd.arg("--kernel")
+        .arg(kernel())
+        .arg("--initramfs")
+        .arg(&initramfs)
+        .arg("--cmdline=-- ticks")
+        .arg("--api-socket")
+        .arg(&socket)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: signal and sigprocmask in the forked child, before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGTERM, libc::SIG_IGN);
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, ticks) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if line.starts_with("husk-test-init: tick ") {
+                let _ = tx.send(0);
+            }
+        }
+    });
+    assert!(
+        next_tick(&ticks, common::BOOT_TIMEOUT).is_some(),
+        "the guest never ticked"
+    );
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "socket mode {mode:o}");
+    // SAFETY: kill of our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the VMM did not end on SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    assert!(!socket.exists(), "the VMM left its socket behind");
+}
