@@ -58,6 +58,17 @@ struct Cli {
     /// Format of --log.
     #[arg(long, global = true, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// The most one image layer may unpack to (bytes, or with k/m/g);
+    /// a layer beyond it is refused (docs/security.md).
+    #[arg(long, global = true, value_name = "SIZE", default_value = "8g")]
+    max_layer_size: String,
+    /// The most entries one image layer may have.
+    #[arg(long, global = true, value_name = "N", default_value_t = husk_runtime::image::unpack::Limits::DEFAULT.max_entries)]
+    max_layer_entries: u64,
+    /// The most bytes of extended headers (PAX records, long names) one
+    /// layer entry may have.
+    #[arg(long, global = true, value_name = "SIZE", default_value = "1m")]
+    max_header_size: String,
     /// Accepted for runc compatibility (husk logs errors only).
     #[arg(long, global = true)]
     debug: bool,
@@ -767,6 +778,18 @@ fn interval(s: &str) -> anyhow::Result<std::time::Duration> {
 fn run(cli: Cli) -> anyhow::Result<u8> {
     let root = cli.root.as_path();
     husk_runtime::private::root(root).map_err(anyhow::Error::msg)?;
+    let size = |flag: &str, value: &str| -> anyhow::Result<u64> {
+        let n = husk_runtime::docker::parse_bytes(value).with_context(|| flag.to_owned())?;
+        u64::try_from(n)
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| anyhow::anyhow!("{flag} {value}: must be more than 0"))
+    };
+    husk_runtime::image::unpack::Limits::set(husk_runtime::image::unpack::Limits {
+        max_bytes: size("--max-layer-size", &cli.max_layer_size)?,
+        max_entries: cli.max_layer_entries,
+        max_header_bytes: size("--max-header-size", &cli.max_header_size)?,
+    });
     match cli.command {
         Command::Create {
             bundle,

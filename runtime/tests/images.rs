@@ -888,6 +888,177 @@ fn host_users_reach_no_layer_container_root_or_vm_socket() {
     std::fs::remove_dir_all(&layout).unwrap();
 }
 
+/// A tar stream of `entries`, then `trailing` zero bytes after its end.
+fn raw_layer(entries: &[(tar::Header, Vec<u8>)], trailing: usize) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (h, data) in entries {
+        b.append(h, &data[..]).unwrap();
+    }
+    let mut tar = b.into_inner().unwrap();
+    tar.resize(tar.len() + trailing, 0);
+    tar
+}
+
+fn file_header(name: &str, size: usize) -> tar::Header {
+    let mut h = tar::Header::new_ustar();
+    h.set_path(name).unwrap();
+    h.set_mode(0o644);
+    h.set_size(size as u64);
+    h.set_cksum();
+    h
+}
+
+/// Issue 14: image bombs, with the limits in force. A layer that expands
+/// beyond --max-layer-size (in its files, or in zeros after its end), one
+/// whose PAX header is larger than --max-header-size, and one of more
+/// entries than --max-layer-entries are refused by name, in little memory,
+/// leaving nothing in the store.
+#[test]
+fn image_bombs_are_refused_by_name_within_the_limits() {
+    let husk = Husk::new("bombs");
+    let zeros = vec![0u8; 48 << 20];
+    let many: Vec<(tar::Header, Vec<u8>)> = (0..50)
+        .map(|i| (file_header(&format!("f{i}"), 1), b"x".to_vec()))
+        .collect();
+    let mut pax = tar::Header::new_ustar();
+    pax.set_path("PaxHeaders/f").unwrap();
+    pax.set_entry_type(tar::EntryType::XHeader);
+    let big_record = {
+        let value = "v".repeat(4 << 20);
+        let body = format!(" SCHILY.xattr.user.big={value}\n");
+        let mut len = body.len() + 1;
+        while format!("{len}{body}").len() != len {
+            len += 1;
+        }
+        format!("{len}{body}").into_bytes()
+    };
+    pax.set_size(big_record.len() as u64);
+    pax.set_cksum();
+    for (name, tar, flags, says) in [
+        (
+            "files",
+            raw_layer(&[(file_header("zeros", zeros.len()), zeros.clone())], 0),
+            vec!["--max-layer-size", "16m"],
+            "layer refused: it unpacks to more than 16777216 bytes (--max-layer-size)",
+        ),
+        (
+            "trailing",
+            raw_layer(&[(file_header("small", 1), b"x".to_vec())], 48 << 20),
+            vec!["--max-layer-size", "16m"],
+            "layer refused: it unpacks to more than 16777216 bytes (--max-layer-size)",
+        ),
+        (
+            "pax",
+            raw_layer(
+                &[(pax, big_record), (file_header("f", 1), b"x".to_vec())],
+                0,
+            ),
+            vec![],
+            "layer refused: an entry's headers (PAX records, long names) take more than 1048576 bytes (--max-header-size)",
+        ),
+        (
+            "entries",
+            raw_layer(&many, 0),
+            vec!["--max-layer-entries", "10"],
+            "layer refused: it has more than 10 entries (--max-layer-entries)",
+        ),
+    ] {
+        let layout = scratch(&format!("bomb-{name}"));
+        let blob = gzip(&tar);
+        assert!(
+            blob.len() < tar.len() / 8 || name == "entries",
+            "{name} is not a bomb"
+        );
+        oci_layout(
+            &layout,
+            &format!("test/bomb-{name}:latest"),
+            &[(tar, blob, GZ)],
+            ("linux", "amd64"),
+        );
+        let mut args = flags.clone();
+        args.extend(["load", "-i", layout.to_str().unwrap()]);
+        let e = husk.fails(&args);
+        assert!(e.contains(says), "{name}: {e}");
+        assert!(!husk.ok(&["images"]).contains(name), "{name} was kept");
+        std::fs::remove_dir_all(&layout).unwrap();
+    }
+    // Nothing unpacked was kept, and no refused load left scratch.
+    for sub in ["images/layers", "images/ingest"] {
+        let left: Vec<_> = std::fs::read_dir(husk.root.join(sub))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "{sub}: {left:?}");
+    }
+    // Memory: the largest husk process of this test stayed small (the
+    // PAX header alone would have been read whole).
+    // SAFETY: getrusage fills a live struct.
+    let maxrss_kib = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage.ru_maxrss
+    };
+    assert!(
+        maxrss_kib < 256 << 10,
+        "a husk process used {maxrss_kib} KiB"
+    );
+}
+
+/// Issue 14: a truncated layer blob was taken in because a layer of the
+/// same diff ID was unpacked already (so `husk save` wrote an archive
+/// that cannot be loaded). Every blob is read in full. And the scratch a
+/// killed load leaves is removed by the next command.
+#[test]
+fn a_truncated_blob_is_refused_even_when_its_layer_exists_and_scratch_is_swept() {
+    let husk = Husk::new("truncated");
+    let tar = layer(&[Entry::File("a", &noise(256 << 10))]);
+    let blob = gzip(&tar);
+    let good = scratch("trunc-good");
+    oci_layout(
+        &good,
+        "test/good:latest",
+        &[(tar.clone(), blob.clone(), GZ)],
+        ("linux", "amd64"),
+    );
+    husk.ok(&["load", "-i", good.to_str().unwrap()]);
+    let bad = scratch("trunc-bad");
+    let cut = blob[..blob.len() / 2].to_vec();
+    oci_layout(
+        &bad,
+        "test/bad:latest",
+        &[(tar, cut, GZ)],
+        ("linux", "amd64"),
+    );
+    let e = husk.fails(&["load", "-i", bad.to_str().unwrap()]);
+    assert!(e.contains("gzip") || e.contains("diff ID"), "{e}");
+    let images = husk.ok(&["images"]);
+    assert!(
+        images.contains("test/good") && !images.contains("test/bad"),
+        "{images}"
+    );
+    // A load killed mid-way (its process gone) left scratch: the next
+    // command removes it; a running process's scratch stays.
+    let mut dead = Command::new("true").spawn().unwrap();
+    let pid = dead.id();
+    dead.wait().unwrap();
+    let ingest = husk.root.join("images/ingest");
+    let layers = husk.root.join("images/layers");
+    std::fs::create_dir_all(ingest.join(format!("load-{pid}-0/blobs"))).unwrap();
+    std::fs::write(ingest.join(format!("busybox-{pid}.tar")), b"x").unwrap();
+    std::fs::create_dir_all(layers.join(format!(".abc.tmp-{pid}-3/etc"))).unwrap();
+    let alive = ingest.join(format!("load-{}-0", std::process::id()));
+    std::fs::create_dir_all(&alive).unwrap();
+    husk.ok(&["images"]);
+    assert!(!ingest.join(format!("load-{pid}-0")).exists());
+    assert!(!ingest.join(format!("busybox-{pid}.tar")).exists());
+    assert!(!layers.join(format!(".abc.tmp-{pid}-3")).exists());
+    assert!(alive.exists(), "a live process's scratch was removed");
+    std::fs::remove_dir_all(&alive).unwrap();
+    std::fs::remove_dir_all(&good).unwrap();
+    std::fs::remove_dir_all(&bad).unwrap();
+}
+
 #[test]
 fn two_pulls_at_once_store_the_image_once() {
     let registry = Registry::start("race");

@@ -237,7 +237,47 @@ impl Store {
             let path = dir.join(sub);
             std::fs::create_dir_all(&path).map_err(io("create", &path))?;
         }
-        Ok(Self { dir })
+        let store = Self { dir };
+        store.sweep_scratch();
+        Ok(store)
+    }
+
+    /// Removes the scratch of husk processes that ended without removing
+    /// it (killed mid-load, mid-unpack): `ingest/load-PID-N`,
+    /// `ingest/busybox-PID.tar` and `.NAME.tmp-PID-N` in `blobs/sha256`
+    /// and `layers`, for every PID no longer running. Returns how many.
+    pub fn sweep_scratch(&self) -> usize {
+        fn pid_of(name: &str) -> Option<i32> {
+            let rest = name
+                .strip_prefix("load-")
+                .or_else(|| name.strip_prefix("busybox-"))
+                .or_else(|| name.split_once(".tmp-").map(|(_, r)| r))?;
+            rest.split(['-', '.']).next()?.parse().ok()
+        }
+        let mut swept = 0;
+        for sub in ["ingest", "blobs/sha256", "layers"] {
+            let Ok(entries) = std::fs::read_dir(self.dir.join(sub)) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some(pid) = pid_of(&name) else { continue };
+                // SAFETY: kill with signal 0 only checks that the PID runs.
+                let gone = unsafe { libc::kill(pid, 0) } != 0
+                    && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+                if !gone {
+                    continue;
+                }
+                let path = entry.path();
+                let removed = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                swept += usize::from(removed.is_ok());
+            }
+        }
+        swept
     }
 
     /// The store's directory.
@@ -372,14 +412,51 @@ impl Store {
     /// Unpacks a stored layer blob (once: a layer unpacked before is
     /// reused). The blob is verified against its digest as it is read,
     /// and what it unpacks to against the config's diff ID; a layer that
-    /// fails either is removed.
+    /// fails either is removed. A blob whose layer is unpacked already is
+    /// still read in full and checked against both: an image must not be
+    /// taken in on the strength of another image's layer.
     pub fn unpack(&self, layer: &Layer) -> Result<PathBuf> {
         let dest = self.layer_path(&layer.diff_id)?;
         if dest.exists() {
+            self.verify_blob(&layer.digest, &layer.diff_id)?;
             return Ok(dest);
         }
         self.unpack_blob(&layer.digest, Some(&layer.diff_id))
             .map(|(_, path)| path)
+    }
+
+    /// Reads the blob `digest` in full: refused unless it hashes to its
+    /// digest and decompresses to `diff_id`.
+    fn verify_blob(&self, digest: &str, diff_id: &str) -> Result<()> {
+        let blob = self.blob_path(digest)?;
+        let file = File::open(&blob).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => StoreError::MissingBlob(digest.to_owned()),
+            _ => io("open", &blob)(e),
+        })?;
+        let mut reader = Hashing::new(std::io::BufReader::with_capacity(1 << 20, file));
+        let actual_diff =
+            unpack::diff_id(&mut reader, unpack::Limits::current()).map_err(|source| {
+                StoreError::Unpack {
+                    blob: digest.to_owned(),
+                    source,
+                }
+            })?;
+        std::io::copy(&mut reader, &mut std::io::sink()).map_err(io("read", &blob))?;
+        let actual = reader.digest();
+        if actual != digest {
+            return Err(StoreError::DigestMismatch {
+                expected: digest.to_owned(),
+                actual,
+            });
+        }
+        if actual_diff != diff_id {
+            return Err(StoreError::DiffIdMismatch {
+                blob: digest.to_owned(),
+                expected: diff_id.to_owned(),
+                actual: actual_diff,
+            });
+        }
+        Ok(())
     }
 
     /// Unpacks a stored layer blob whose diff ID is not known yet (an
@@ -398,8 +475,8 @@ impl Store {
         std::fs::create_dir(&tmp).map_err(io("create", &tmp))?;
         let result = (|| {
             let mut reader = Hashing::new(std::io::BufReader::with_capacity(1 << 20, file));
-            let diff_id =
-                unpack::unpack_layer(&mut reader, &tmp).map_err(|source| StoreError::Unpack {
+            let diff_id = unpack::unpack_layer(&mut reader, &tmp, unpack::Limits::current())
+                .map_err(|source| StoreError::Unpack {
                     blob: digest.to_owned(),
                     source,
                 })?;
@@ -560,6 +637,28 @@ impl Store {
         };
         remove(&self.dir.join("blobs/sha256"), &blobs, &mut collected.blobs)?;
         remove(&self.dir.join("layers"), &layers, &mut collected.layers)?;
+        // Partial downloads (kept for resuming) that no pull is writing.
+        let ingest = self.dir.join("ingest");
+        for entry in std::fs::read_dir(&ingest)
+            .map_err(io("read", &ingest))?
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".lock") || hex_of(&format!("sha256:{name}")).is_err() {
+                continue;
+            }
+            let lock = ingest.join(format!("{name}.lock"));
+            let free = File::open(&lock).map_or(true, |f| {
+                // SAFETY: flock on a descriptor owned here.
+                (unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }) == 0
+            });
+            if free {
+                let _ = std::fs::remove_file(entry.path());
+                let _ = std::fs::remove_file(&lock);
+                collected.blobs += 1;
+            }
+        }
+        collected.blobs += self.sweep_scratch();
         Ok(collected)
     }
 }

@@ -78,6 +78,45 @@ const OVERLAY_OPAQUE: &CStr = c"trusted.overlay.opaque";
 /// The PAX record prefix of an extended attribute.
 const PAX_XATTR_PREFIX: &[u8] = b"SCHILY.xattr.";
 
+/// What one layer may unpack to (docs/security.md, "Limits"): an image is
+/// untrusted input, and a small compressed layer can expand without end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes of the uncompressed tar stream (file data, headers, padding).
+    pub max_bytes: u64,
+    /// Entries in the layer.
+    pub max_entries: u64,
+    /// Bytes of one entry's extended headers (PAX records, GNU long
+    /// names), which are held in memory while the entry is read.
+    pub max_header_bytes: u64,
+}
+
+impl Limits {
+    /// The defaults: 8 GiB, a million entries, 1 MiB of headers.
+    pub const DEFAULT: Self = Self {
+        max_bytes: 8 << 30,
+        max_entries: 1_000_000,
+        max_header_bytes: 1 << 20,
+    };
+
+    /// The limits in force in this process: the defaults, or what
+    /// [`Limits::set`] made them (husk's `--max-layer-*` flags).
+    pub fn current() -> Self {
+        *CURRENT.get().unwrap_or(&Self::DEFAULT)
+    }
+
+    /// Sets the limits for this process (once, at start).
+    pub fn set(limits: Self) {
+        let _ = CURRENT.set(limits);
+    }
+}
+
+static CURRENT: std::sync::OnceLock<Limits> = std::sync::OnceLock::new();
+
+/// Header blocks one entry may have before its own: GNU long name and
+/// link, PAX global and local, with room to spare.
+const HEADER_BLOCKS: u64 = 8;
+
 /// Why a layer cannot be unpacked.
 ///
 /// Each message includes the underlying I/O error, so the variants do not
@@ -108,6 +147,9 @@ pub enum UnpackError {
         /// Why it is refused.
         why: String,
     },
+    /// The layer goes beyond one of its [`Limits`].
+    #[error("layer refused: {0}")]
+    Limit(String),
     /// An entry cannot be made on the host.
     #[error("layer entry {entry:?}: cannot {what}: {error}")]
     Entry {
@@ -124,18 +166,23 @@ pub enum UnpackError {
 /// gzip, zstd or plain tar (detected by magic bytes, not by media type).
 /// Returns the layer's diff ID: "sha256:<hex>" of the uncompressed tar stream
 /// (the whole stream read to its end, including the trailing zero blocks/padding).
-pub fn unpack_layer(reader: impl Read, dest: &Path) -> Result<String, UnpackError> {
+pub fn unpack_layer(reader: impl Read, dest: &Path, limits: Limits) -> Result<String, UnpackError> {
     let root = open_destination(dest)?;
     let (compression, decompressed) = decompress(reader).map_err(|error| UnpackError::Stream {
         what: Compression::None.reading(),
         error,
     })?;
-    let mut archive = tar::Archive::new(LayerStream::new(decompressed));
-    let mut unpacker = Unpacker::new(root);
+    let stream = LayerStream::new(decompressed, limits);
+    let until = stream.until.clone();
+    let mut archive = tar::Archive::new(stream);
+    let mut unpacker = Unpacker::new(root, limits, until);
     let result = unpacker.unpack_all(&mut archive);
 
     let mut stream = archive.into_inner();
     let result = result.and_then(|archive_end| stream.finish(archive_end));
+    if let Some(why) = stream.refused.take() {
+        return Err(UnpackError::Limit(why));
+    }
     if let Err(UnpackError::Stream { .. }) = result {
         // The decompressor's errors reach the tar reader as plain I/O
         // errors: report the original, saying what failed.
@@ -148,6 +195,29 @@ pub fn unpack_layer(reader: impl Read, dest: &Path) -> Result<String, UnpackErro
     }
     result?;
     unpacker.set_directory_times()?;
+    Ok(format!("sha256:{:x}", stream.hasher.finalize()))
+}
+
+/// The diff ID of a layer blob, read in full but not unpacked (a layer
+/// already unpacked is still checked against the blob that claims it).
+pub fn diff_id(reader: impl Read, limits: Limits) -> Result<String, UnpackError> {
+    let (compression, decompressed) = decompress(reader).map_err(|error| UnpackError::Stream {
+        what: Compression::None.reading(),
+        error,
+    })?;
+    let mut stream = LayerStream::new(decompressed, limits);
+    stream.until.set(u64::MAX);
+    let copied = io::copy(&mut stream, &mut io::sink());
+    if let Some(why) = stream.refused.take() {
+        return Err(UnpackError::Limit(why));
+    }
+    copied.map_err(|_| UnpackError::Stream {
+        what: compression.reading(),
+        error: stream
+            .error
+            .take()
+            .unwrap_or_else(|| io::Error::other("read failed")),
+    })?;
     Ok(format!("sha256:{:x}", stream.hasher.finalize()))
 }
 
@@ -340,16 +410,35 @@ struct LayerStream<'a> {
     len: u64,
     /// The first error reading `inner`.
     error: Option<io::Error>,
+    limits: Limits,
+    /// Where the tar reader must have handed out the next entry: the
+    /// current entry's data, then at most `max_header_bytes` of the next
+    /// one's headers ([`Unpacker::unpack_all`] moves it on).
+    until: std::rc::Rc<std::cell::Cell<u64>>,
+    /// Which limit the stream went beyond.
+    refused: Option<String>,
 }
 
 impl<'a> LayerStream<'a> {
-    fn new(inner: Box<dyn Read + 'a>) -> Self {
+    fn new(inner: Box<dyn Read + 'a>, limits: Limits) -> Self {
+        let until = limits
+            .max_header_bytes
+            .saturating_add((HEADER_BLOCKS + 1) * BLOCK_SIZE);
         Self {
             inner,
             hasher: Sha256::new(),
             len: 0,
             error: None,
+            limits,
+            until: std::rc::Rc::new(std::cell::Cell::new(until)),
+            refused: None,
         }
+    }
+
+    fn refuse(&mut self, why: String) -> io::Error {
+        let error = io::Error::other(why.clone());
+        self.refused.get_or_insert(why);
+        error
     }
 
     /// Checks that the tar reader stopped at the end-of-archive marker, not
@@ -364,6 +453,7 @@ impl<'a> LayerStream<'a> {
                 "the stream ends before the end-of-archive marker",
             )));
         }
+        self.until.set(u64::MAX);
         io::copy(self, &mut io::sink()).map_err(tar_error)?;
         Ok(())
     }
@@ -371,6 +461,32 @@ impl<'a> LayerStream<'a> {
 
 impl Read for LayerStream<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.len >= self.limits.max_bytes {
+            // Past the limit by a byte: a stream of exactly the limit is
+            // fine, so look one byte further before refusing.
+            let mut probe = [0u8];
+            if self.inner.read(&mut probe)? == 0 {
+                return Ok(0);
+            }
+            return Err(self.refuse(format!(
+                "it unpacks to more than {} bytes (--max-layer-size)",
+                self.limits.max_bytes
+            )));
+        }
+        let room = self.until.get().saturating_sub(self.len);
+        if room == 0 {
+            return Err(self.refuse(format!(
+                "an entry's headers (PAX records, long names) take more than {} bytes (--max-header-size)",
+                self.limits.max_header_bytes
+            )));
+        }
+        let most = room
+            .min(self.limits.max_bytes - self.len)
+            .min(buf.len() as u64) as usize;
+        let buf = &mut buf[..most];
         match self.inner.read(buf) {
             Ok(len) => {
                 self.hasher.update(&buf[..len]);
@@ -692,6 +808,9 @@ fn parse_pax_time(value: &[u8]) -> Option<libc::timespec> {
 struct Unpacker {
     /// The destination directory.
     root: OwnedFd,
+    limits: Limits,
+    /// The stream's allowance ([`LayerStream::until`]).
+    until: std::rc::Rc<std::cell::Cell<u64>>,
     /// The directories made, with their modification times: set once all
     /// entries are in, since making entries inside changes them.
     directory_times: Vec<(LayerPath, libc::timespec)>,
@@ -700,9 +819,11 @@ struct Unpacker {
 }
 
 impl Unpacker {
-    fn new(root: OwnedFd) -> Self {
+    fn new(root: OwnedFd, limits: Limits, until: std::rc::Rc<std::cell::Cell<u64>>) -> Self {
         Self {
             root,
+            limits,
+            until,
             directory_times: Vec::new(),
             buf: vec![0; 64 * 1024],
         }
@@ -712,10 +833,24 @@ impl Unpacker {
     /// last entry's data ends.
     fn unpack_all<R: Read>(&mut self, archive: &mut tar::Archive<R>) -> Result<u64, UnpackError> {
         let mut archive_end = 0;
-        for entry in archive.entries().map_err(tar_error)? {
+        for (count, entry) in archive.entries().map_err(tar_error)?.enumerate() {
             let mut entry = entry.map_err(tar_error)?;
+            if count as u64 >= self.limits.max_entries {
+                return Err(UnpackError::Limit(format!(
+                    "it has more than {} entries (--max-layer-entries)",
+                    self.limits.max_entries
+                )));
+            }
             // The tar reader has checked that this does not overflow.
             archive_end = entry.raw_file_position() + entry.size().next_multiple_of(BLOCK_SIZE);
+            // This entry's data, then the next entry's headers, at most.
+            self.until.set(
+                archive_end.saturating_add(
+                    self.limits
+                        .max_header_bytes
+                        .saturating_add((HEADER_BLOCKS + 1) * BLOCK_SIZE),
+                ),
+            );
             let path = entry.path_bytes().into_owned();
             self.unpack_entry(&path, &mut entry)
                 .map_err(|e| e.naming(&path))?;
@@ -1442,7 +1577,7 @@ mod tests {
     fn unpack_in(root: &TempDir, layer: &[u8]) -> (PathBuf, Result<String, UnpackError>) {
         let dest = root.path().join("dest");
         fs::create_dir(&dest).unwrap();
-        let result = unpack_layer(layer, &dest);
+        let result = unpack_layer(layer, &dest, Limits::DEFAULT);
         (dest, result)
     }
 
@@ -1733,7 +1868,7 @@ mod tests {
         ];
         for (layer, expected) in cases {
             fs::create_dir(&dest).unwrap();
-            let message = unpack_layer(&layer.finish()[..], &dest)
+            let message = unpack_layer(&layer.finish()[..], &dest, Limits::DEFAULT)
                 .unwrap_err()
                 .to_string();
             assert_eq!(message, expected);
