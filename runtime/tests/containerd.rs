@@ -26,6 +26,7 @@ struct Containerd {
 
 impl Containerd {
     fn start(name: &str) -> Self {
+        common::reap_on_exit();
         let dir = std::env::temp_dir().join(format!("husk-ctd-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();

@@ -37,6 +37,7 @@ struct Husk {
 
 impl Husk {
     fn new(name: &str) -> Self {
+        common::reap_on_exit();
         Self {
             root: scratch(&format!("root-{name}")),
         }

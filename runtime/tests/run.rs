@@ -812,3 +812,76 @@ fn the_monitor_and_the_vmm_neither_block_nor_ignore_stop_signals() {
         std::panic::resume_unwind(e);
     }
 }
+
+/// Issue 14: a test killed by nextest's timeout left its containers' VMMs
+/// running. Every test process has a reaper ([`common::spawn_reaper`]);
+/// here one watches a stand-in for a test (a `sleep`) whose container
+/// runs, and the stand-in is killed with SIGKILL, as a timeout does: the
+/// container's monitor and VMM are gone soon after, and its state can
+/// be deleted.
+#[test]
+fn a_killed_test_leaves_no_vm_behind() {
+    let mut stand_in = Command::new("sleep").arg("600").spawn().unwrap();
+    let pid = stand_in.id();
+    let mut reaper = common::spawn_reaper(pid);
+    let name = format!("reaped-{pid}");
+    let b = Bundle::new("reaped", &["sleep", "600"], |_| {});
+    // The detached container keeps its stdio: a file, not a pipe this
+    // test would wait on.
+    let log = b.0.join("run.log");
+    let created = Command::new(HUSK)
+        .arg("--root")
+        .arg(root())
+        .args(["run", "--detach", "--bundle"])
+        .arg(&b.0)
+        .arg(&name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .status()
+        .unwrap();
+    assert!(
+        created.success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let vmms = pids_with(&["husk-vmm", &name]);
+    let monitors = pids_with(&["_monitor", &name]);
+    assert_eq!(
+        (vmms.len(), monitors.len()),
+        (1, 1),
+        "{vmms:?} {monitors:?}"
+    );
+    stand_in.kill().unwrap();
+    stand_in.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let alive = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                !s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(false)
+    };
+    while alive(vmms[0]) || alive(monitors[0]) {
+        if Instant::now() > deadline {
+            for p in [vmms[0], monitors[0]] {
+                // SAFETY: kill of processes this test started.
+                unsafe { libc::kill(p, libc::SIGKILL) };
+            }
+            panic!("the reaper left the container's VMM or monitor running");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(reaper.wait().unwrap().success());
+    let deleted = Command::new(HUSK)
+        .arg("--root")
+        .arg(root())
+        .args(["delete", "--force", &name])
+        .output()
+        .unwrap();
+    assert!(deleted.status.success(), "{}", text(&deleted.stderr));
+}

@@ -9,7 +9,7 @@ mod common;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{Scratch, VMM, agent_binary, kernel, read_line_unbuffered, wait_with_timeout};
@@ -99,7 +99,7 @@ fn a_warm_started_agent_runs_a_process_and_reports_its_output_and_status() {
     // Its guest has a vsock device: a restore without a socket for it is
     // refused before any VM starts.
     let out = common::run_with_timeout({
-        let mut cmd = Command::new(VMM);
+        let mut cmd = common::vmm_command();
         cmd.arg("--restore").arg(&snap);
         cmd
     });
@@ -114,7 +114,7 @@ fn a_warm_started_agent_runs_a_process_and_reports_its_output_and_status() {
 
     // A warm start: the restored agent is listening already.
     let socket = scratch.path("vsock.sock");
-    let child = Command::new(VMM)
+    let child = common::vmm_command()
         .arg("--restore")
         .arg(&snap)
         .arg("--vsock-socket")

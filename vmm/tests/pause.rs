@@ -97,7 +97,7 @@ fn sigterm_ends_the_vmm_cleanly_whatever_its_starter_ignored() {
     let scratch = Scratch::new("sigterm");
     let initramfs = test_initramfs(&scratch);
     let socket = scratch.path("api.sock");
-    let mut cmd = std::process::Command::new(common::VMM);
+    let mut cmd = common::vmm_command();
     cmd.arg("--kernel")
         .arg(kernel())
         .arg("--initramfs")

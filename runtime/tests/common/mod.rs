@@ -16,6 +16,7 @@ pub const HUSK: &str = env!("CARGO_BIN_EXE_husk");
 /// The tests' `--root`: under the cache, so its warm-start snapshot is
 /// made once per kernel and agent, not once per run.
 pub fn root() -> PathBuf {
+    reap_on_exit();
     husk_vmm::paths::cache_dir().join("test-root")
 }
 
@@ -52,7 +53,62 @@ impl Drop for Bundle {
 
 /// A container ID unique to this test process.
 pub fn id(name: &str) -> String {
+    reap_on_exit();
     format!("{name}-{}", std::process::id())
+}
+
+/// The reaper's script: waits for process `$1` to end, then SIGKILLs every
+/// husk, husk-vmm and containerd process whose command line holds `-$1`
+/// as a word's end (the test's IDs and directories all end so), and
+/// lazily unmounts every mount whose path does.
+const REAPER: &str = r#"
+t=$1
+while kill -0 "$t" 2>/dev/null; do sleep 1; done
+mark="-$t([^0-9]|\$)"
+for p in /proc/[0-9]*; do
+  n=${p#/proc/}
+  [ "$n" = $$ ] && continue
+  c=$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null) || continue
+  case "$c" in *husk*|*containerd*) ;; *) continue ;; esac
+  printf '%s\n' "$c" | grep -Eq -- "$mark" && kill -9 "$n" 2>/dev/null
+done
+grep -E -- "$mark" /proc/self/mountinfo | awk '{print $5}' | sort -r | while read -r m; do umount -l "$m" 2>/dev/null; done
+exit 0
+"#;
+
+/// Starts a reaper for process `pid`, in a session of its own so that
+/// whatever kills `pid` (nextest's timeout: SIGTERM, then SIGKILL to the
+/// test's process group) does not reach it: when `pid` ends, the
+/// containers, VMMs, monitors and containerds it started (named with
+/// `-PID`) are killed and their mounts let go. Issue 14: timed-out tests
+/// left VMs running for 40 minutes.
+pub fn spawn_reaper(pid: u32) -> Child {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(REAPER)
+        .arg("husk-test-reaper")
+        .arg(pid.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setsid in the forked child, before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    cmd.spawn().expect("/bin/sh for the test reaper")
+}
+
+/// Starts this test process's reaper ([`spawn_reaper`]), once.
+pub fn reap_on_exit() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Not waited for: it ends after this process does.
+        std::mem::forget(spawn_reaper(std::process::id()));
+    });
 }
 
 /// Bytes as text.

@@ -62,7 +62,7 @@ pub fn agent_binary() -> PathBuf {
 pub fn spawn_vmm(
     args: &[&std::ffi::OsStr],
 ) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
-    let mut child = Command::new(VMM)
+    let mut child = vmm_command()
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -162,8 +162,23 @@ pub fn wait_with_timeout(mut child: std::process::Child) -> Output {
 
 /// `husk-vmm` with the given arguments.
 pub fn vmm(args: &[&str]) -> Command {
-    let mut cmd = Command::new(VMM);
+    let mut cmd = vmm_command();
     cmd.args(args);
+    cmd
+}
+
+/// `husk-vmm`, killed by the kernel when the test that runs it ends, even
+/// by nextest's timeout (issue 14: timed-out tests left VMs running).
+pub fn vmm_command() -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(VMM);
+    // SAFETY: prctl in the forked child, before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            Ok(())
+        });
+    }
     cmd
 }
 
