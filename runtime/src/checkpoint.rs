@@ -65,10 +65,38 @@ pub struct Manifest {
     pub upper: bool,
 }
 
-/// Makes `dir` ready for a checkpoint: made if missing, emptied if it
-/// holds an earlier checkpoint, refused if it holds anything else.
+/// Makes `dir` ready for a checkpoint: made if missing (0700), emptied if
+/// it holds an earlier checkpoint, refused if it holds anything else, is
+/// a symlink, belongs to another user or is open to others' writes (a
+/// checkpoint holds the container's memory and files; docs/security.md).
 fn prepare(dir: &Path) -> anyhow::Result<PathBuf> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let meta =
+        std::fs::symlink_metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    // SAFETY: geteuid takes no arguments.
+    let me = unsafe { libc::geteuid() };
+    if meta.file_type().is_symlink() {
+        bail!("{} is a symlink: give the directory itself", dir.display());
+    }
+    if meta.uid() != me {
+        bail!(
+            "{} belongs to uid {}, not {me}: a checkpoint goes into a directory of husk's user",
+            dir.display(),
+            meta.uid()
+        );
+    }
+    if meta.mode() & 0o022 != 0 {
+        bail!(
+            "{} is open to others' writes (mode {:o}): a checkpoint goes into a directory only its owner writes",
+            dir.display(),
+            meta.mode() & 0o7777
+        );
+    }
     let dir = dir.canonicalize()?;
     let mut entries = std::fs::read_dir(&dir)
         .with_context(|| format!("cannot read {}", dir.display()))?
@@ -284,6 +312,35 @@ mod tests {
         prepare(&dir).unwrap();
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Issue 14: a checkpoint is not written through a planted symlink,
+    /// nor into another user's directory or one others may write to.
+    #[test]
+    fn a_checkpoint_is_not_written_through_links_or_into_open_directories() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = temp("ckpt-links");
+        std::fs::create_dir_all(&base).unwrap();
+        let target = base.join("target");
+        std::fs::create_dir(&target).unwrap();
+        std::os::unix::fs::symlink(&target, base.join("link")).unwrap();
+        let e = prepare(&base.join("link")).unwrap_err().to_string();
+        assert!(e.contains("is a symlink"), "{e}");
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = prepare(&target).unwrap_err().to_string();
+        assert!(e.contains("is open to others' writes (mode 777)"), "{e}");
+        // SAFETY: geteuid takes no arguments.
+        if unsafe { libc::geteuid() } == 0 {
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).unwrap();
+            std::os::unix::fs::chown(&target, Some(65534), Some(65534)).unwrap();
+            let e = prepare(&target).unwrap_err().to_string();
+            assert!(e.contains("belongs to uid 65534"), "{e}");
+        }
+        let fresh = base.join("fresh");
+        prepare(&fresh).unwrap();
+        let mode = std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]
