@@ -51,6 +51,13 @@ impl Members {
             .files
             .get(name)
             .ok_or_else(|| self.err(format!("has no {name}")))?;
+        let size = std::fs::metadata(&m.copy).map_or(0, |meta| meta.len());
+        if size > super::MANIFEST_LIMIT {
+            return Err(self.err(format!(
+                "{name} is {size} bytes: more than a manifest or index may be ({} bytes)",
+                super::MANIFEST_LIMIT
+            )));
+        }
         std::fs::read(&m.copy).map_err(|e| self.err(format!("{name}: {e}")))
     }
 

@@ -47,6 +47,18 @@ pub enum StoreError {
         /// Why it failed.
         source: std::io::Error,
     },
+    /// A manifest, index or config larger than any is.
+    #[error(
+        "blob {digest} is {size} bytes: more than a manifest or config may be ({limit} bytes): refused"
+    )]
+    TooLarge {
+        /// The blob.
+        digest: String,
+        /// Its size.
+        size: u64,
+        /// The most read.
+        limit: u64,
+    },
     /// Content does not have the digest it was asked for under.
     #[error("blob {expected}: content has digest {actual}: refused")]
     DigestMismatch {
@@ -303,6 +315,17 @@ impl Store {
     /// A stored blob's bytes, verified against its digest.
     pub fn read_blob(&self, digest: &str) -> Result<Vec<u8>> {
         let path = self.blob_path(digest)?;
+        // Only JSON documents are read whole: a blob an image claims as
+        // its config may be anything (issue 14: memory bounded).
+        if let Ok(meta) = std::fs::metadata(&path)
+            && meta.len() > super::MANIFEST_LIMIT
+        {
+            return Err(StoreError::TooLarge {
+                digest: digest.to_owned(),
+                size: meta.len(),
+                limit: super::MANIFEST_LIMIT,
+            });
+        }
         let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => StoreError::MissingBlob(digest.to_owned()),
             _ => io("read", &path)(e),
@@ -679,6 +702,14 @@ mod tests {
         let store = Store::open(&root).unwrap();
         let d = store.put_blob(None, b"hello").unwrap();
         assert_eq!(store.read_blob(&d).unwrap(), b"hello");
+        // Issue 14: a "config" of any size is not read whole.
+        let big = vec![b' '; (super::super::MANIFEST_LIMIT + 1) as usize];
+        let b = store.put_blob(None, &big).unwrap();
+        let e = store.read_blob(&b).unwrap_err().to_string();
+        assert!(
+            e.contains("4194305 bytes: more than a manifest or config may be"),
+            "{e}"
+        );
         let wrong = sha256(b"other");
         let e = store
             .put_blob(Some(&wrong), b"hello")
