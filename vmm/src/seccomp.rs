@@ -243,6 +243,8 @@ const MAIN: &[i64] = &[
     libc::SYS_unlink,
     libc::SYS_unlinkat,
     libc::SYS_rmdir,
+    // A snapshot's directory must be this user's (snapshot::write).
+    libc::SYS_geteuid,
 ];
 
 /// `ioctl(FIONBIO)`: set a descriptor non-blocking (the same number on
