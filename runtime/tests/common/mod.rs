@@ -134,7 +134,14 @@ pub fn output_within(child: Child, limit: Duration, what: &str) -> Output {
         true
     });
     let out = child.wait_with_output().unwrap();
-    assert!(!watchdog.join().unwrap(), "{what} did not finish in time");
+    // What it printed until then is kept: the end of a long run says
+    // what it was doing.
+    assert!(
+        !watchdog.join().unwrap(),
+        "{what} did not finish in time ({limit:?}); it printed:\n{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
     out
 }
 
