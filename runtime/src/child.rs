@@ -23,6 +23,20 @@ pub fn reset_signals() {
     }
 }
 
+/// Makes `cmd` a VMM's: it starts with a clean signal state and dies with
+/// the calling process ([`reset_signals`], [`die_with`]).
+pub fn vmm(cmd: &mut std::process::Command) {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: async-signal-safe calls in the forked child, before exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+            reset_signals();
+            die_with(parent);
+            Ok(())
+        });
+    }
+}
+
 /// Has the kernel kill this process (SIGKILL) when `parent`, its starter,
 /// ends; ends it now if `parent` already has. For `pre_exec`; `parent` is
 /// the starter's PID, read before the fork.

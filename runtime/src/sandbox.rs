@@ -400,15 +400,7 @@ impl Sandbox {
         // The VMM dies with the process that runs it (the container's
         // monitor): no VM outlives the husk process responsible for it.
         // It starts with no signal blocked or ignored (SIGTERM ends it).
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: async-signal-safe calls in the forked child, before exec.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                crate::child::reset_signals();
-                crate::child::die_with(parent);
-                Ok(())
-            });
-        }
+        crate::child::vmm(&mut cmd);
         let vmm = cmd
             .spawn()
             .map_err(|e| SandboxError::Spawn(bins.vmm.clone(), e))?;

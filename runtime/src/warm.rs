@@ -207,15 +207,7 @@ pub fn snapshot(
     }
     // The boot dies with whoever runs it (a killed monitor left it
     // running), and starts with no signal blocked or ignored.
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: async-signal-safe calls in the forked child, before exec.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-            crate::child::reset_signals();
-            crate::child::die_with(parent);
-            Ok(())
-        });
-    }
+    crate::child::vmm(&mut cmd);
     let out = cmd
         .arg("--kernel")
         .arg(&image.kernel)

@@ -1336,6 +1336,12 @@ fn bad_run_flags_are_named_and_leave_nothing() {
             vec!["--cpus", "1000"],
             "asks for 1000 CPUs; a VM gets at most",
         ),
+        // husk's own limits on images must be sizes above 0.
+        (
+            vec!["--max-layer-size", "0"],
+            "--max-layer-size 0: must be more than 0",
+        ),
+        (vec!["--max-header-size", "lots"], "--max-header-size"),
         (vec!["--memory", "lots"], "\"lots\" is not a size"),
         (
             vec!["-w", "relative"],

@@ -21,6 +21,19 @@ use common::{Bundle, HUSK, id, output_within, root, text};
 /// The longest one run may take (a first run boots the guest cold).
 const RUN_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// `husk run --bundle BUNDLE ID` with the tests' root and no stdin.
+fn run_command(bundle: &Path, id: &str) -> Command {
+    let mut cmd = Command::new(HUSK);
+    cmd.arg("--root")
+        .arg(root())
+        .arg("run")
+        .arg("--bundle")
+        .arg(bundle)
+        .arg(id)
+        .stdin(Stdio::null());
+    cmd
+}
+
 /// Runs `husk run` on `bundle` with `stdin`, within [`RUN_TIMEOUT`].
 fn husk_run(bundle: &Path, id: &str, stdin: &[u8]) -> Output {
     husk_run_within(bundle, id, stdin, RUN_TIMEOUT)
@@ -28,13 +41,7 @@ fn husk_run(bundle: &Path, id: &str, stdin: &[u8]) -> Output {
 
 /// [`husk_run`] within `limit`.
 fn husk_run_within(bundle: &Path, id: &str, stdin: &[u8], limit: Duration) -> Output {
-    let mut child = Command::new(HUSK)
-        .arg("--root")
-        .arg(root())
-        .arg("run")
-        .arg("--bundle")
-        .arg(bundle)
-        .arg(id)
+    let mut child = run_command(bundle, id)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -498,14 +505,7 @@ fn two_containers_from_one_snapshot_differ_where_they_must_and_share_memory() {
 fn a_vm_that_dies_under_a_running_container_is_reported_and_cleaned_up() {
     let b = Bundle::new("vmdeath", &["sh", "-c", "echo started; sleep 100"], |_| {});
     let container = id("vmdeath");
-    let mut child = Command::new(HUSK)
-        .arg("--root")
-        .arg(root())
-        .arg("run")
-        .arg("--bundle")
-        .arg(&b.0)
-        .arg(&container)
-        .stdin(Stdio::null())
+    let mut child = run_command(&b.0, &container)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -685,15 +685,8 @@ fn a_warm_boot_dies_with_its_starter_and_its_leftovers_are_swept() {
     std::fs::create_dir_all(&cache).unwrap();
     let b = Bundle::new("orphan", &["true"], |_| {});
     let name = id("orphan");
-    let mut run = Command::new(HUSK)
-        .arg("--root")
-        .arg(root())
-        .arg("run")
-        .arg("--bundle")
-        .arg(&b.0)
-        .arg(&name)
+    let mut run = run_command(&b.0, &name)
         .env(husk_runtime::warm::CACHE_ENV, &cache)
-        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -779,14 +772,7 @@ fn signal_masks(pid: i32) -> (u64, u64) {
 fn the_monitor_and_the_vmm_neither_block_nor_ignore_stop_signals() {
     let b = Bundle::new("masks", &["sh", "-c", "echo up; sleep 30"], |_| {});
     let name = id("masks");
-    let mut child = Command::new(HUSK)
-        .arg("--root")
-        .arg(root())
-        .arg("run")
-        .arg("--bundle")
-        .arg(&b.0)
-        .arg(&name)
-        .stdin(Stdio::null())
+    let mut child = run_command(&b.0, &name)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -837,13 +823,8 @@ fn a_killed_test_leaves_no_vm_behind() {
     // The detached container keeps its stdio: a file, not a pipe this
     // test would wait on.
     let log = b.0.join("run.log");
-    let created = Command::new(HUSK)
-        .arg("--root")
-        .arg(root())
-        .args(["run", "--detach", "--bundle"])
-        .arg(&b.0)
-        .arg(&name)
-        .stdin(Stdio::null())
+    let created = run_command(&b.0, &name)
+        .arg("--detach")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .status()

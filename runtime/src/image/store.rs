@@ -451,12 +451,7 @@ impl Store {
     /// Reads the blob `digest` in full: refused unless it hashes to its
     /// digest and decompresses to `diff_id`.
     fn verify_blob(&self, digest: &str, diff_id: &str) -> Result<()> {
-        let blob = self.blob_path(digest)?;
-        let file = File::open(&blob).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => StoreError::MissingBlob(digest.to_owned()),
-            _ => io("open", &blob)(e),
-        })?;
-        let mut reader = Hashing::new(std::io::BufReader::with_capacity(1 << 20, file));
+        let (blob, mut reader) = self.open_layer_blob(digest)?;
         let actual_diff =
             unpack::diff_id(&mut reader, unpack::Limits::current()).map_err(|source| {
                 StoreError::Unpack {
@@ -464,19 +459,46 @@ impl Store {
                     source,
                 }
             })?;
-        std::io::copy(&mut reader, &mut std::io::sink()).map_err(io("read", &blob))?;
-        let actual = reader.digest();
-        if actual != digest {
-            return Err(StoreError::DigestMismatch {
-                expected: digest.to_owned(),
-                actual,
-            });
-        }
+        Self::read_to_digest(reader, &blob, digest)?;
         if actual_diff != diff_id {
             return Err(StoreError::DiffIdMismatch {
                 blob: digest.to_owned(),
                 expected: diff_id.to_owned(),
                 actual: actual_diff,
+            });
+        }
+        Ok(())
+    }
+
+    /// The layer blob `digest`, for reading through its hash.
+    fn open_layer_blob(
+        &self,
+        digest: &str,
+    ) -> Result<(PathBuf, Hashing<std::io::BufReader<File>>)> {
+        let blob = self.blob_path(digest)?;
+        let file = File::open(&blob).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => StoreError::MissingBlob(digest.to_owned()),
+            _ => io("open", &blob)(e),
+        })?;
+        Ok((
+            blob,
+            Hashing::new(std::io::BufReader::with_capacity(1 << 20, file)),
+        ))
+    }
+
+    /// Reads the rest of `blob` through its hash: refused unless it is
+    /// `digest`.
+    fn read_to_digest(
+        mut reader: Hashing<std::io::BufReader<File>>,
+        blob: &Path,
+        digest: &str,
+    ) -> Result<()> {
+        std::io::copy(&mut reader, &mut std::io::sink()).map_err(io("read", blob))?;
+        let actual = reader.digest();
+        if actual != digest {
+            return Err(StoreError::DigestMismatch {
+                expected: digest.to_owned(),
+                actual,
             });
         }
         Ok(())
@@ -489,28 +511,16 @@ impl Store {
     }
 
     fn unpack_blob(&self, digest: &str, expected: Option<&str>) -> Result<(String, PathBuf)> {
-        let blob = self.blob_path(digest)?;
-        let file = File::open(&blob).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => StoreError::MissingBlob(digest.to_owned()),
-            _ => io("open", &blob)(e),
-        })?;
+        let (blob, mut reader) = self.open_layer_blob(digest)?;
         let tmp = self.temp_path(&self.dir.join("layers").join(hex_of(digest)?));
         std::fs::create_dir(&tmp).map_err(io("create", &tmp))?;
         let result = (|| {
-            let mut reader = Hashing::new(std::io::BufReader::with_capacity(1 << 20, file));
             let diff_id = unpack::unpack_layer(&mut reader, &tmp, unpack::Limits::current())
                 .map_err(|source| StoreError::Unpack {
                     blob: digest.to_owned(),
                     source,
                 })?;
-            std::io::copy(&mut reader, &mut std::io::sink()).map_err(io("read", &blob))?;
-            let actual = reader.digest();
-            if actual != digest {
-                return Err(StoreError::DigestMismatch {
-                    expected: digest.to_owned(),
-                    actual,
-                });
-            }
+            Self::read_to_digest(reader, &blob, digest)?;
             if let Some(expected) = expected {
                 if diff_id != expected {
                     return Err(StoreError::DiffIdMismatch {
