@@ -48,7 +48,7 @@ impl Husk<'_> {
             .arg("--root")
             .arg(self.root)
             .args(args)
-            .env(husk_runtime::warm::CACHE_ENV, self.warm_cache)
+            .env(husk_guest::warm::CACHE_ENV, self.warm_cache)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

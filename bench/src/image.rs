@@ -236,7 +236,7 @@ fn main() -> anyhow::Result<()> {
         cmd.arg("--root")
             .arg(&root)
             .args(args_)
-            .env(husk_runtime::warm::CACHE_ENV, &args.warm_cache)
+            .env(husk_guest::warm::CACHE_ENV, &args.warm_cache)
             .env("HUSK_TIMINGS", &timings);
         cmd
     };

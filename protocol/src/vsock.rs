@@ -1,6 +1,7 @@
 //! AF_VSOCK stream sockets for the guest side (the agent, test programs):
 //! listen, accept, connect. The host side reaches the guest through the
-//! VMM's Unix socket instead (docs/vsock.md).
+//! VMM's Unix socket instead, opening each connection with a
+//! [`connect_line`] (docs/vsock.md).
 
 use std::fs::File;
 use std::io;
@@ -8,6 +9,17 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// The host's CID.
 pub const HOST_CID: u32 = libc::VMADDR_CID_HOST;
+
+/// The line a host client sends first on the VMM's vsock Unix socket to
+/// reach guest port `port`. The VMM answers `OK <host port>\n`, or resets.
+pub fn connect_line(port: u32) -> String {
+    format!("CONNECT {port}\n")
+}
+
+/// The guest port a [`connect_line`] names, if it is one.
+pub fn parse_connect(line: &str) -> Option<u32> {
+    line.trim().strip_prefix("CONNECT ")?.parse().ok()
+}
 
 fn sockaddr(cid: u32, port: u32) -> libc::sockaddr_vm {
     // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
@@ -86,4 +98,14 @@ pub fn connect(cid: u32, port: u32) -> io::Result<File> {
         return Err(io::Error::last_os_error());
     }
     Ok(File::from(sock))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_connect_line_reads_back_as_its_port() {
+        assert_eq!(super::parse_connect(&super::connect_line(1024)), Some(1024));
+        assert_eq!(super::parse_connect("CONNECT x"), None);
+        assert_eq!(super::parse_connect("LISTEN 5"), None);
+    }
 }

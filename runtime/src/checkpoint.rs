@@ -31,11 +31,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use husk_vmm::api::ApiRequest;
+use husk_protocol::api::ApiRequest;
 use serde::{Deserialize, Serialize};
 
-use crate::sandbox::{Shape, vmm_api};
+use crate::sandbox::vmm_api;
 use crate::state::{self, ContainerState, Status};
+use husk_guest::shape::Shape;
 
 /// The description of a checkpoint, in its directory.
 pub const MANIFEST: &str = "checkpoint.json";

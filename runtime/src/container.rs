@@ -10,8 +10,8 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 
+use husk_protocol::api::ApiRequest;
 use husk_protocol::{Process, Request, Response};
-use husk_vmm::api::ApiRequest;
 use thiserror::Error;
 
 use crate::bundle::{Bundle, BundleError};
@@ -159,7 +159,7 @@ fn start_monitor(m: MonitorStart) -> Result<Child, (String, Option<i32>)> {
             }
             libc::syscall(libc::SYS_close_range, READY_FD + 1, u32::MAX, 0);
             libc::setsid();
-            crate::child::reset_signals();
+            husk_sys::child::reset_signals();
             Ok(())
         });
     }
@@ -224,7 +224,7 @@ pub fn create(o: &CreateOptions) -> Result<Child, LifecycleError> {
             message,
         }
     })?;
-    crate::sandbox::Shape::of(
+    husk_guest::shape::Shape::of(
         bundle
             .spec
             .linux()
@@ -533,7 +533,7 @@ pub fn update(
     }
     let shape = state.shape.unwrap_or_default();
     // The same checks as at create: nonsense refused by name.
-    crate::sandbox::Shape::of(Some(resources)).map_err(|message| LifecycleError::Resources {
+    husk_guest::shape::Shape::of(Some(resources)).map_err(|message| LifecycleError::Resources {
         id: id.into(),
         message,
     })?;

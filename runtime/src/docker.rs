@@ -730,7 +730,7 @@ fn autoremove_later(root: &Path, name: &str) -> anyhow::Result<()> {
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
             libc::setsid();
-            crate::child::reset_signals();
+            husk_sys::child::reset_signals();
             Ok(())
         });
     }

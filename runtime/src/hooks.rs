@@ -114,7 +114,7 @@ fn run_one(name: &str, hook: &Hook, state: &str) -> Result<(), String> {
     // SAFETY: async-signal-safe calls in the forked child, before exec.
     unsafe {
         cmd.pre_exec(|| {
-            crate::child::reset_signals();
+            husk_sys::child::reset_signals();
             Ok(())
         });
     }

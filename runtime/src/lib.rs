@@ -6,21 +6,17 @@
 #![deny(missing_docs)]
 
 pub mod arena;
-pub mod binaries;
 pub mod bundle;
 pub mod busybox;
 pub mod cgroup;
 pub mod checkpoint;
-pub mod child;
 pub mod container;
 pub mod docker;
 pub mod hooks;
 pub mod image;
-pub mod initramfs;
 pub mod monitor;
 pub mod private;
 pub mod run;
 pub mod sandbox;
 pub mod state;
 pub mod volumes;
-pub mod warm;

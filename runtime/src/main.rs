@@ -13,11 +13,11 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use husk_guest::initramfs::Initramfs;
 use husk_runtime::container::{self, CreateOptions, ExecOptions};
 use husk_runtime::image::reference::Reference;
 use husk_runtime::image::registry::Client;
 use husk_runtime::image::store::Store;
-use husk_runtime::initramfs::Initramfs;
 use husk_runtime::monitor;
 use husk_runtime::state::{self, ContainerState};
 
@@ -1429,7 +1429,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                     monitor::exec(root, &id, &exec_id, process, &terminal)
                 }
                 _ => {
-                    let bins = husk_runtime::binaries::locate(root)?;
+                    let bins = husk_guest::binaries::locate(root)?;
                     monitor::container(root, &bins, &id, &terminal, restore.as_deref())
                 }
             };

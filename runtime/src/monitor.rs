@@ -25,12 +25,13 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use husk_protocol::share::Share;
 use husk_protocol::{Process, Request, Response, Stream};
-use husk_vmm::devices::virtio::fs::Share;
 
 use crate::bundle::Bundle;
-use crate::sandbox::{Agent, Binaries, Control, Sandbox, SandboxError};
+use crate::sandbox::{Agent, Control, Sandbox, SandboxError};
 use crate::state::{self, ContainerState, HostProcess, Status};
+use husk_guest::binaries::Binaries;
 
 /// The descriptor on which the monitor reports readiness to its starter.
 pub const READY_FD: RawFd = 3;
@@ -325,7 +326,7 @@ pub fn container(
                     crate::checkpoint::open(checkpoint, id).map_err(|e| format!("{e:#}"))?;
                 (manifest.shape, Some(at.join(crate::checkpoint::VM_DIR)))
             }
-            None => (crate::sandbox::Shape::of(resources)?, None),
+            None => (husk_guest::shape::Shape::of(resources)?, None),
         };
         let mut sandbox = Sandbox::start(root, bins, &dir, &shares, shape, snapshot.as_deref())
             .map_err(|e| e.to_string())?;
@@ -409,7 +410,7 @@ pub fn container(
                 // limit is OOM-killed in its guest, not its VMM on the host.
                 Some(_) => crate::cgroup::limit_memory(
                     &rel,
-                    (shape.memory_mib + crate::sandbox::VMM_RESERVE_MIB) << 20,
+                    (shape.memory_mib + husk_guest::shape::VMM_RESERVE_MIB) << 20,
                 ),
                 None => Ok(()),
             });

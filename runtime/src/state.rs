@@ -116,7 +116,7 @@ pub struct ContainerState {
     pub cgroup: Option<PathBuf>,
     /// The size of its VM.
     #[serde(default)]
-    pub shape: Option<crate::sandbox::Shape>,
+    pub shape: Option<husk_guest::shape::Shape>,
     /// OOM kills in the container's guest cgroup, recorded when it ended.
     #[serde(default)]
     pub oom_kills: Option<u64>,

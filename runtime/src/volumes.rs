@@ -13,8 +13,8 @@
 
 use std::path::{Path, PathBuf};
 
+use husk_protocol::share::Share;
 use husk_protocol::{VOLUME_TAGS, VOLUMES_DIR};
-use husk_vmm::devices::virtio::fs::Share;
 
 /// Whether a spec mount (as JSON) is a bind mount.
 fn is_bind(m: &serde_json::Value) -> bool {

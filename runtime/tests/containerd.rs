@@ -43,8 +43,8 @@ impl Containerd {
             .arg("--config")
             .arg(dir.join("config.toml"))
             .env(
-                husk_runtime::warm::CACHE_ENV,
-                husk_vmm::paths::cache_dir().join("test-root"),
+                husk_guest::warm::CACHE_ENV,
+                husk_protocol::paths::cache_dir().join("test-root"),
             )
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

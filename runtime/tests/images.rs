@@ -48,7 +48,7 @@ impl Husk {
         cmd.arg("--root")
             .arg(&self.root)
             .args(args)
-            .env(husk_runtime::warm::CACHE_ENV, common::root())
+            .env(husk_guest::warm::CACHE_ENV, common::root())
             .stdin(Stdio::null());
         cmd
     }
@@ -1192,7 +1192,7 @@ fn containers_of_one_image_keep_their_writes_apart() {
             husk.root.display()
         ))
         .arg("/dev/null")
-        .env(husk_runtime::warm::CACHE_ENV, common::root())
+        .env(husk_guest::warm::CACHE_ENV, common::root())
         .stdin(Stdio::null())
         .output()
         .unwrap();

@@ -339,10 +339,9 @@ echo probed
 #[test]
 fn a_warm_snapshot_with_a_share_is_not_restored_without_one() {
     let root = root();
-    let bins =
-        husk_runtime::binaries::locate_near(&root, Path::new(HUSK).parent().unwrap()).unwrap();
-    let image = husk_runtime::sandbox::guest_image(&bins, husk_runtime::sandbox::Shape::default());
-    let (snap, _) = husk_runtime::warm::snapshot(&root, &bins.vmm, &image).unwrap();
+    let bins = husk_guest::binaries::locate_near(&root, Path::new(HUSK).parent().unwrap()).unwrap();
+    let image = husk_guest::binaries::guest_image(&bins, husk_guest::shape::Shape::default());
+    let (snap, _) = husk_guest::warm::snapshot(&root, &bins.vmm, &image).unwrap();
     let dir = std::env::temp_dir().join(format!("husk-noshare-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let out = Command::new(&bins.vmm)
@@ -393,9 +392,9 @@ fn snapshot_memory_rss_pss(pid: u32) -> (u64, u64) {
             .first()
             .is_some_and(|f| f.contains('-') && !f.ends_with(':'))
         {
-            inside = fields
-                .last()
-                .is_some_and(|p| p.ends_with(&format!("/{}", husk_vmm::snapshot::MEMORY_FILE)));
+            inside = fields.last().is_some_and(|p| {
+                p.ends_with(&format!("/{}", husk_protocol::snapshot::MEMORY_FILE))
+            });
         } else if inside && fields.len() >= 2 {
             let kib: u64 = fields[1].parse().unwrap_or(0);
             match fields[0] {
@@ -686,7 +685,7 @@ fn a_warm_boot_dies_with_its_starter_and_its_leftovers_are_swept() {
     let b = Bundle::new("orphan", &["true"], |_| {});
     let name = id("orphan");
     let mut run = run_command(&b.0, &name)
-        .env(husk_runtime::warm::CACHE_ENV, &cache)
+        .env(husk_guest::warm::CACHE_ENV, &cache)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -739,7 +738,7 @@ fn a_warm_boot_dies_with_its_starter_and_its_leftovers_are_swept() {
         .args(["delete", "-f", &name])
         .output();
     let snapshots = cache.join("snapshots");
-    husk_runtime::warm::sweep(&snapshots);
+    husk_guest::warm::sweep(&snapshots);
     let left: Vec<String> = std::fs::read_dir(&snapshots)
         .unwrap()
         .flatten()

@@ -1,9 +1,6 @@
-//! The VMM's control socket: a Unix socket where the runtime asks a running
-//! VM to pause, resume or stop.
-//!
-//! One JSON object per line each way: `{"action":"pause"}` is answered
-//! `{"ok":true}` once every vCPU has stopped, or `{"ok":false,"error":"..."}`.
-//! The transport stays here; requests reach the VM's owner as [`ApiRequest`]
+//! The VMM's side of its control socket, whose messages are
+//! [`husk_protocol::api`]'s: one JSON object per line each way. The
+//! transport is here; requests reach the VM's owner as [`ApiRequest`]
 //! values with a channel for the answer, as Firecracker's `VmmAction`s do.
 
 use std::io::{BufRead, BufReader, Write};
@@ -11,56 +8,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Sender, channel};
 
-use serde::{Deserialize, Serialize};
+pub use husk_protocol::api::{ApiRequest, ApiResponse};
 use thiserror::Error;
-
-/// What the runtime can ask.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "action", rename_all = "snake_case")]
-pub enum ApiRequest {
-    /// Stop every vCPU where it is (the guest does not notice).
-    Pause,
-    /// Let them run again.
-    Resume,
-    /// End the VM now; the VMM exits 0 and removes its socket.
-    Stop,
-    /// Stop every vCPU, write a snapshot of the whole VM to the directory
-    /// `dir` (made if missing) and stay paused: `resume` goes on, `stop`
-    /// ends the VM. Open vsock connections are recorded, not kept: a guest
-    /// restored from it is told they were reset.
-    Snapshot {
-        /// Where the snapshot goes.
-        dir: PathBuf,
-    },
-}
-
-/// The answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ApiResponse {
-    /// Whether it was done.
-    pub ok: bool,
-    /// Why not.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub error: Option<String>,
-}
-
-impl ApiResponse {
-    /// Done.
-    pub fn ok() -> Self {
-        Self {
-            ok: true,
-            error: None,
-        }
-    }
-
-    /// Not done, and why.
-    pub fn error(why: impl Into<String>) -> Self {
-        Self {
-            ok: false,
-            error: Some(why.into()),
-        }
-    }
-}
 
 /// Errors setting up the socket.
 #[derive(Debug, Error)]

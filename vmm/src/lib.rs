@@ -14,7 +14,7 @@ pub mod cpu;
 pub mod devices;
 pub mod host;
 pub mod layout;
-pub mod paths;
+pub use husk_protocol::paths;
 pub mod seccomp;
 pub mod snapshot;
 pub mod stop;

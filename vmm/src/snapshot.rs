@@ -23,18 +23,11 @@ use kvm_bindings::{
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// Written in every header: a file without it is not a Husk snapshot.
-pub const FORMAT: &str = "husk-vm-snapshot";
-/// Bumped whenever the state's layout changes.
-pub const VERSION: u32 = 2;
+pub use husk_protocol::snapshot::{FORMAT, MEMORY_FILE, STATE_FILE, VERSION};
 /// The Husk version that writes snapshots; only the same version restores
 /// them (device and vCPU state are not promised to be stable across
 /// versions yet).
 pub const HUSK_VERSION: &str = env!("CARGO_PKG_VERSION");
-/// File names inside a snapshot directory.
-pub const STATE_FILE: &str = "state";
-/// Guest memory file.
-pub const MEMORY_FILE: &str = "memory";
 
 /// Errors reading or writing a snapshot.
 #[derive(Debug, Error)]

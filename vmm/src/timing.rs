@@ -131,13 +131,13 @@ impl Clock {
         let now = Self::since_origin(&t);
         t.marks.push((value, now));
         match value {
-            crate::devices::legacy::MARK_KERNEL_START => {
+            husk_protocol::marks::MARK_KERNEL_START => {
                 t.kernel_start_us.get_or_insert(now);
             }
-            crate::devices::legacy::MARK_INIT_START => {
+            husk_protocol::marks::MARK_INIT_START => {
                 t.init_start_us.get_or_insert(now);
             }
-            crate::vm::READY_MARK => {
+            husk_protocol::marks::READY_MARK => {
                 t.ready_us.get_or_insert(now);
             }
             _ => {}

@@ -13,12 +13,12 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{Scratch, VMM, agent_binary, kernel, read_line_unbuffered, wait_with_timeout};
+use husk_guest::initramfs::Initramfs;
+use husk_guest::warm::{self, GuestImage, Origin};
 use husk_protocol::{
     CONTROL_PORT, Process, Request, Response, STDIO_PORT, StdioAttach, Stream, handshake,
     read_frame, write_frame,
 };
-use husk_runtime::initramfs::Initramfs;
-use husk_runtime::warm::{self, GuestImage, Origin};
 use husk_vmm::vm::READY_MARK;
 
 /// Connects to a guest vsock port, retrying while the agent starts.

@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{Scratch, VMM, kernel, run_with_timeout, test_initramfs, text, vmm};
-use husk_runtime::warm::{self, GuestImage, Origin};
+use husk_guest::warm::{self, GuestImage, Origin};
 
 /// The runtime's warm-start cache makes the snapshot on first use: it
 /// boots the test init on two vCPUs and snapshots it as the kernel executes

@@ -17,7 +17,7 @@ pub const HUSK: &str = env!("CARGO_BIN_EXE_husk");
 /// made once per kernel and agent, not once per run.
 pub fn root() -> PathBuf {
     reap_on_exit();
-    husk_vmm::paths::cache_dir().join("test-root")
+    husk_protocol::paths::cache_dir().join("test-root")
 }
 
 /// A busybox bundle in a temporary directory, removed when dropped.

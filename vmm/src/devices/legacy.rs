@@ -10,16 +10,9 @@ use std::sync::Arc;
 use super::BusDevice;
 use crate::timing::Clock;
 
-/// The debug port: the guest kernel (kernel-config/patches) writes one byte.
-pub const DEBUG_PORT: u64 = 0x3f0;
-/// `start_kernel()` was entered.
-pub const MARK_KERNEL_START: u8 = 0x01;
-/// The kernel executed init and is about to return to it.
-pub const MARK_INIT_START: u8 = 0x02;
-/// Orderly power-off.
-pub const EXIT_POWER_OFF: u8 = 0x10;
-/// The guest kernel panicked.
-pub const EXIT_PANIC: u8 = 0x11;
+pub use husk_protocol::marks::{
+    DEBUG_PORT, EXIT_PANIC, EXIT_POWER_OFF, MARK_INIT_START, MARK_KERNEL_START,
+};
 
 /// i8042 data and command/status ports.
 pub const I8042_DATA_PORT: u64 = 0x60;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use husk_runtime::initramfs::Initramfs;
+use husk_guest::initramfs::Initramfs;
 
 /// The VMM binary cargo built for these tests.
 pub const VMM: &str = env!("CARGO_BIN_EXE_husk-vmm");

@@ -419,8 +419,8 @@ impl Backend {
         // a second is dropped. Exactly the line is read: what the client
         // sent behind it (its first frame) is the connection's first data.
         let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-        let port = read_line_exactly(&stream)
-            .and_then(|line| line.trim().strip_prefix("CONNECT ")?.parse::<u32>().ok());
+        let port =
+            read_line_exactly(&stream).and_then(|line| husk_protocol::vsock::parse_connect(&line));
         let Some(port) = port else {
             let _ = (&stream).write_all(b"ERROR expected CONNECT <port>\n");
             return;

@@ -12,7 +12,35 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 use crate::initramfs::Initramfs;
-use crate::sandbox::Binaries;
+use crate::shape::Shape;
+use crate::warm::GuestImage;
+
+/// Where the runtime's pieces are.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    /// `husk-vmm`.
+    pub vmm: PathBuf,
+    /// The guest kernel.
+    pub kernel: PathBuf,
+    /// The agent's initramfs.
+    pub initramfs: PathBuf,
+}
+
+/// The warm-start image of container guests made from `bins`.
+pub fn guest_image(bins: &Binaries, shape: Shape) -> GuestImage {
+    GuestImage {
+        kernel: bins.kernel.clone(),
+        initramfs: bins.initramfs.clone(),
+        vcpus: shape.vcpus,
+        memory_mib: shape.memory_mib,
+        ready_mark: husk_protocol::READY_MARK,
+        vsock: true,
+        shares: std::iter::once(husk_protocol::ROOTFS_TAG)
+            .chain(husk_protocol::VOLUME_TAGS)
+            .map(str::to_owned)
+            .collect(),
+    }
+}
 
 /// A piece that cannot be found or prepared.
 #[derive(Debug, Error)]
@@ -148,7 +176,7 @@ pub fn locate_near(root: &Path, exe_dir: &Path) -> Result<Binaries, BinariesErro
     let kernel = find(
         "the guest kernel",
         "HUSK_KERNEL",
-        vec![husk_vmm::paths::default_kernel()],
+        vec![husk_protocol::paths::default_kernel()],
     )?;
     // cargo's target/<profile>/ next to target/x86_64-unknown-linux-musl/
     // (where a host build's dynamically linked husk-agent also lies).

@@ -130,7 +130,7 @@ impl GuestImage {
             self.ready_mark,
             self.vsock,
             self.shares,
-            husk_vmm::snapshot::VERSION
+            husk_protocol::snapshot::VERSION
         );
         fnv1a(&mut hash, shape.as_bytes());
         Ok(format!("{hash:016x}"))
@@ -177,12 +177,12 @@ pub fn snapshot(
         .map_err(io("create", &dir))?;
     let key = image.key()?;
     let snap = dir.join(&key);
-    if snap.join(husk_vmm::snapshot::STATE_FILE).exists() {
+    if snap.join(husk_protocol::snapshot::STATE_FILE).exists() {
         return Ok((snap, Origin::Cached));
     }
     let _lock = lock(&dir.join(format!("{key}.lock")))?;
     // Another process may have made it while we waited.
-    if snap.join(husk_vmm::snapshot::STATE_FILE).exists() {
+    if snap.join(husk_protocol::snapshot::STATE_FILE).exists() {
         return Ok((snap, Origin::Cached));
     }
     let tmp = dir.join(format!("{key}.tmp"));
@@ -207,7 +207,7 @@ pub fn snapshot(
     }
     // The boot dies with whoever runs it (a killed monitor left it
     // running), and starts with no signal blocked or ignored.
-    crate::child::vmm(&mut cmd);
+    husk_sys::child::vmm(&mut cmd);
     let out = cmd
         .arg("--kernel")
         .arg(&image.kernel)

@@ -1,0 +1,554 @@
+//! The messages between Husk's runtime on the host and its agent in the
+//! guest, and how they travel.
+//!
+//! Transport: vsock (the VMM's hybrid vsock: a Unix socket on the host,
+//! `CONNECT <port>\n`, then a byte stream). The agent listens on
+//! [`CONTROL_PORT`] for requests and on [`STDIO_PORT`] for stdio streams.
+//!
+//! Framing: every message is one frame, a 4-byte big-endian length and that
+//! many bytes of JSON. A frame longer than [`MAX_FRAME`] is refused before
+//! anything is allocated for it, so neither side can make the other buffer
+//! what it likes.
+//!
+//! Stdio is not framed: each stream of each process is its own vsock
+//! connection, opened by the host with an [`StdioAttach`] frame and then
+//! carrying raw bytes. vsock's credit-based flow control is the
+//! back-pressure: a container that writes a gigabyte to stdout blocks in
+//! its `write` until the host reads, and nothing in between grows.
+//!
+//! Versioning: the first frame each side sends on a control connection is
+//! [`Hello`]; a peer with another [`PROTOCOL_VERSION`] is refused with an
+//! error that names both versions.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Bumped whenever a message changes incompatibly.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// vsock port of the agent's control connection.
+pub const CONTROL_PORT: u32 = 1024;
+/// vsock port of the agent's stdio streams.
+pub const STDIO_PORT: u32 = 1025;
+/// Host vsock port (CID 2) the agent connects to once it listens, to say
+/// it is ready. The VMM answers with a reset and takes it as the guest's
+/// "ready" mark, where a warm-start snapshot is taken.
+pub const READY_PORT: u32 = 1026;
+/// The virtio-fs tag of the share that holds a container's root
+/// filesystem.
+pub const ROOTFS_TAG: &str = "rootfs";
+/// The virtio-fs tags of the shares that carry a container's bind mounts
+/// of host paths (each guest has them all; unused ones serve an empty
+/// directory).
+pub const VOLUME_TAGS: [&str; 4] = ["vol0", "vol1", "vol2", "vol3"];
+/// Where the agent mounts the volume shares in the guest: a bind mount's
+/// source `<VOLUMES_DIR>/<tag>/<path>` is `<path>` in share `<tag>`.
+pub const VOLUMES_DIR: &str = "/run/husk/volumes";
+/// The largest frame either side accepts (1 MiB): an OCI spec fits many
+/// times over.
+pub const MAX_FRAME: u32 = 1 << 20;
+
+/// Errors reading or writing frames.
+#[derive(Debug, Error)]
+pub enum ProtocolError {
+    /// The connection failed or closed mid-frame.
+    #[error("connection to the peer failed")]
+    Io(#[from] std::io::Error),
+    /// The peer closed the connection between frames.
+    #[error("the peer closed the connection")]
+    Closed,
+    /// A frame larger than [`MAX_FRAME`].
+    #[error("frame of {0} bytes is larger than the {MAX_FRAME} allowed")]
+    TooLarge(u32),
+    /// A frame that does not hold the expected message.
+    #[error("malformed message from the peer")]
+    Malformed(#[from] serde_json::Error),
+    /// The peer speaks another protocol version.
+    #[error("the peer speaks protocol version {peer}; this side speaks {PROTOCOL_VERSION}")]
+    Version {
+        /// The peer's version.
+        peer: u32,
+    },
+}
+
+/// Writes `msg` as one frame.
+pub fn write_frame<W: Write, T: Serialize>(out: &mut W, msg: &T) -> Result<(), ProtocolError> {
+    // One write: over vsock each write can become a packet of its own.
+    out.write_all(&frame(msg)?)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// One frame's bytes: the length, then the JSON.
+pub fn frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtocolError> {
+    let body = serde_json::to_vec(msg)?;
+    let len = u32::try_from(body.len())
+        .ok()
+        .filter(|&l| l <= MAX_FRAME)
+        .ok_or(ProtocolError::TooLarge(u32::MAX))?;
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(&body);
+    Ok(frame)
+}
+
+/// Reads one frame and decodes it as `T`.
+pub fn read_frame<R: Read, T: DeserializeOwned>(input: &mut R) -> Result<T, ProtocolError> {
+    let mut len = [0u8; 4];
+    // A clean close before a frame starts is not an error of the frame.
+    let mut got = 0;
+    while got < 4 {
+        match input.read(&mut len[got..])? {
+            0 if got == 0 => return Err(ProtocolError::Closed),
+            0 => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
+            n => got += n,
+        }
+    }
+    let len = u32::from_be_bytes(len);
+    if len > MAX_FRAME {
+        return Err(ProtocolError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len as usize];
+    input.read_exact(&mut body)?;
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// The first frame on a control connection, from each side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The sender's [`PROTOCOL_VERSION`].
+    pub version: u32,
+    /// Free text: the sender's name and version, for logs.
+    pub peer: String,
+}
+
+/// Sends our [`Hello`] and checks the peer's.
+pub fn handshake<S: Read + Write>(stream: &mut S, me: &str) -> Result<Hello, ProtocolError> {
+    greet(stream, me)?;
+    hear_greeting(stream)
+}
+
+/// The first half of [`handshake`]: says this side's hello. A peer may
+/// send its first request right after it and read the answer later with
+/// [`hear_greeting`] (one round trip fewer).
+pub fn greet<W: Write>(stream: &mut W, me: &str) -> Result<(), ProtocolError> {
+    write_frame(
+        stream,
+        &Hello {
+            version: PROTOCOL_VERSION,
+            peer: me.to_owned(),
+        },
+    )
+}
+
+/// The second half of [`handshake`]: reads the peer's hello and checks its
+/// version.
+pub fn hear_greeting<R: Read>(stream: &mut R) -> Result<Hello, ProtocolError> {
+    let theirs: Hello = read_frame(stream)?;
+    if theirs.version != PROTOCOL_VERSION {
+        return Err(ProtocolError::Version {
+            peer: theirs.version,
+        });
+    }
+    Ok(theirs)
+}
+
+/// A process to run: what the OCI spec's `process` says, resolved by the
+/// runtime.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Process {
+    /// Program and arguments.
+    pub args: Vec<String>,
+    /// Environment, `KEY=VALUE`.
+    pub env: Vec<String>,
+    /// Working directory inside the container.
+    pub cwd: String,
+    /// User, group and additional groups.
+    pub uid: u32,
+    /// Primary group.
+    pub gid: u32,
+    /// Additional groups.
+    pub additional_gids: Vec<u32>,
+    /// File mode creation mask.
+    pub umask: Option<u32>,
+    /// A terminal instead of three pipes.
+    pub terminal: bool,
+    /// Resource limits, name (`RLIMIT_NOFILE`) to (soft, hard).
+    pub rlimits: BTreeMap<String, (u64, u64)>,
+    /// `no_new_privileges`.
+    pub no_new_privileges: bool,
+    /// Capability sets; `None` keeps the agent's own (all of them).
+    #[serde(default)]
+    pub capabilities: Option<Capabilities>,
+    /// Its stdin is /dev/null in the guest and no stdin stream is attached
+    /// (the host's was /dev/null: one connection fewer per exec).
+    #[serde(default)]
+    pub stdin_null: bool,
+}
+
+/// A process's capability sets, by name (`CAP_CHOWN`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// The bounding set.
+    pub bounding: Vec<String>,
+    /// Effective.
+    pub effective: Vec<String>,
+    /// Permitted.
+    pub permitted: Vec<String>,
+    /// Inheritable.
+    pub inheritable: Vec<String>,
+    /// Ambient.
+    pub ambient: Vec<String>,
+}
+
+/// What makes a guest restored from a shared snapshot its own: the agent
+/// applies it before the container is created (docs/snapshots.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneSeed {
+    /// Host randomness, mixed into the guest's RNG, which is then reseeded
+    /// (its state is otherwise the snapshot's, the same in every clone).
+    pub entropy: Vec<u8>,
+    /// The host's CLOCK_REALTIME in nanoseconds: the guest's wall clock is
+    /// otherwise the snapshot's.
+    pub realtime_ns: u64,
+}
+
+/// A request from the runtime to the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    /// Prepare the container (root filesystem, mounts, namespaces) without
+    /// starting its process. `spec` is the OCI runtime spec, as JSON.
+    Create {
+        /// Container ID.
+        id: String,
+        /// The OCI `config.json`.
+        spec: String,
+        /// The process to start later.
+        process: Process,
+    },
+    /// Make this guest its own after a restore: sent once, before
+    /// `create`, to every guest restored from a shared snapshot.
+    Clone(CloneSeed),
+    /// Start the created container's process.
+    Start {
+        /// Container ID.
+        id: String,
+    },
+    /// Run another process in the container.
+    Exec {
+        /// Container ID.
+        id: String,
+        /// Names this process in later requests and stdio attaches.
+        exec_id: String,
+        /// What to run.
+        process: Process,
+    },
+    /// Send a signal to a process (`exec_id` empty: the container's).
+    Signal {
+        /// Container ID.
+        id: String,
+        /// The process.
+        exec_id: String,
+        /// Signal number.
+        signal: i32,
+        /// To every process of the container (`kill --all`).
+        all: bool,
+    },
+    /// Resize a process's terminal.
+    ResizeTerminal {
+        /// Container ID.
+        id: String,
+        /// The process.
+        exec_id: String,
+        /// Rows.
+        rows: u16,
+        /// Columns.
+        cols: u16,
+    },
+    /// Wait for a process to exit; answered with [`Response::Exited`].
+    Wait {
+        /// Container ID.
+        id: String,
+        /// The process.
+        exec_id: String,
+    },
+    /// The guest PIDs of the container's processes; answered with
+    /// [`Response::Pids`].
+    Ps {
+        /// Container ID.
+        id: String,
+    },
+    /// Resource usage of the container; answered with
+    /// [`Response::Stats`].
+    Stats {
+        /// Container ID.
+        id: String,
+    },
+    /// New resource limits for a running container (`husk update`).
+    Update {
+        /// Container ID.
+        id: String,
+        /// The OCI spec's `linux.resources`, as JSON: what it sets is
+        /// changed, what it leaves out is kept.
+        resources: String,
+    },
+    /// Power the guest off once every process's output is delivered.
+    Shutdown,
+}
+
+/// Which stdio stream a stdio connection carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stream {
+    /// Host to process.
+    Stdin,
+    /// Process to host.
+    Stdout,
+    /// Process to host.
+    Stderr,
+    /// Both ways, for a terminal.
+    Terminal,
+}
+
+/// The one frame that opens a stdio connection; raw bytes follow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StdioAttach {
+    /// Container ID.
+    pub id: String,
+    /// The process (empty: the container's own).
+    pub exec_id: String,
+    /// The stream.
+    pub stream: Stream,
+}
+
+/// Resource usage of a container.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// CPU time used, nanoseconds.
+    pub cpu_ns: u64,
+    /// Memory in use, bytes.
+    pub memory_bytes: u64,
+    /// Processes.
+    pub pids: u64,
+    /// Processes the guest kernel's OOM killer killed in the container.
+    #[serde(default)]
+    pub oom_kills: u64,
+    /// The container's memory limit, bytes (None: no limit).
+    #[serde(default)]
+    pub memory_limit: Option<u64>,
+}
+
+/// The agent's answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "response", rename_all = "snake_case")]
+pub enum Response {
+    /// Done.
+    Ok,
+    /// The process ended: its exit code, or 128 + the signal that killed it.
+    Exited {
+        /// Exit status as a shell reports it.
+        status: i32,
+    },
+    /// Resource usage.
+    Stats(Stats),
+    /// Processes, by their PIDs in the guest.
+    Pids {
+        /// PIDs.
+        pids: Vec<i32>,
+    },
+    /// The process could not be started: `status` is what a shell would
+    /// report (127: no such program, 126: not executable, 1: the
+    /// container's set-up failed), `message` names what failed.
+    NotStarted {
+        /// What failed.
+        message: String,
+        /// Exit status to report for it.
+        status: i32,
+    },
+    /// The request failed; the message names what failed.
+    Error {
+        /// What went wrong, for the user.
+        message: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Cursor;
+
+    use super::*;
+
+    fn round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(msg: T) {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &msg).unwrap();
+        let len = u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize;
+        assert_eq!(len, buf.len() - 4);
+        let back: T = read_frame(&mut Cursor::new(buf)).unwrap();
+        assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let process = Process {
+            args: vec!["sh".into(), "-c".into(), "exit 7".into()],
+            env: vec!["PATH=/bin".into()],
+            cwd: "/".into(),
+            uid: 1000,
+            gid: 1000,
+            additional_gids: vec![10],
+            umask: Some(0o022),
+            terminal: false,
+            rlimits: [("RLIMIT_NOFILE".to_string(), (1024, 4096))].into(),
+            no_new_privileges: true,
+            capabilities: Some(Capabilities {
+                bounding: vec!["CAP_KILL".into()],
+                ..Default::default()
+            }),
+            stdin_null: true,
+        };
+        let id = || "c1".to_string();
+        for req in [
+            Request::Create {
+                id: id(),
+                spec: "{\"ociVersion\":\"1.0.2\"}".into(),
+                process: process.clone(),
+            },
+            Request::Clone(CloneSeed {
+                entropy: vec![1, 2, 3],
+                realtime_ns: 1_700_000_000_000_000_000,
+            }),
+            Request::Start { id: id() },
+            Request::Exec {
+                id: id(),
+                exec_id: "e1".into(),
+                process,
+            },
+            Request::Signal {
+                id: id(),
+                exec_id: String::new(),
+                signal: 9,
+                all: true,
+            },
+            Request::ResizeTerminal {
+                id: id(),
+                exec_id: "e1".into(),
+                rows: 24,
+                cols: 80,
+            },
+            Request::Wait {
+                id: id(),
+                exec_id: String::new(),
+            },
+            Request::Stats { id: id() },
+            Request::Update {
+                id: id(),
+                resources: "{}".into(),
+            },
+            Request::Ps { id: id() },
+            Request::Shutdown,
+        ] {
+            round_trip(req);
+        }
+        for resp in [
+            Response::Ok,
+            Response::Exited { status: 137 },
+            Response::Pids { pids: vec![1, 7] },
+            Response::Stats(Stats {
+                cpu_ns: 1,
+                memory_bytes: 2,
+                pids: 3,
+                oom_kills: 4,
+                memory_limit: Some(5),
+            }),
+            Response::Error {
+                message: "exec /nonexistent: no such file".into(),
+            },
+            Response::NotStarted {
+                message: "exec nope: No such file or directory".into(),
+                status: 127,
+            },
+        ] {
+            round_trip(resp);
+        }
+        round_trip(StdioAttach {
+            id: id(),
+            exec_id: String::new(),
+            stream: Stream::Stdout,
+        });
+    }
+
+    #[test]
+    fn oversized_truncated_and_malformed_frames_are_refused() {
+        // A length over the limit is refused before anything is read.
+        let mut huge = (MAX_FRAME + 1).to_be_bytes().to_vec();
+        huge.extend_from_slice(b"{}");
+        let err = read_frame::<_, Response>(&mut Cursor::new(huge)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "frame of {} bytes is larger than the {MAX_FRAME} allowed",
+                MAX_FRAME + 1
+            )
+        );
+        // Cut off inside the body.
+        let mut cut = 10u32.to_be_bytes().to_vec();
+        cut.extend_from_slice(b"{\"resp");
+        assert!(matches!(
+            read_frame::<_, Response>(&mut Cursor::new(cut)),
+            Err(ProtocolError::Io(_))
+        ));
+        // Cut off inside the length.
+        assert!(matches!(
+            read_frame::<_, Response>(&mut Cursor::new(vec![0u8, 0])),
+            Err(ProtocolError::Io(_))
+        ));
+        // Closed between frames.
+        assert!(matches!(
+            read_frame::<_, Response>(&mut Cursor::new(Vec::new())),
+            Err(ProtocolError::Closed)
+        ));
+        // Not the message expected.
+        let mut wrong = Vec::new();
+        write_frame(&mut wrong, &Request::Shutdown).unwrap();
+        assert!(matches!(
+            read_frame::<_, Response>(&mut Cursor::new(wrong)),
+            Err(ProtocolError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn handshake_refuses_another_version() {
+        use std::os::unix::net::UnixStream;
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let agent = std::thread::spawn(move || {
+            let _: Hello = read_frame(&mut b).unwrap();
+            write_frame(
+                &mut b,
+                &Hello {
+                    version: PROTOCOL_VERSION + 1,
+                    peer: "husk-agent 9".into(),
+                },
+            )
+            .unwrap();
+        });
+        let err = handshake(&mut a, "husk").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "the peer speaks protocol version {}; this side speaks {PROTOCOL_VERSION}",
+                PROTOCOL_VERSION + 1
+            )
+        );
+        agent.join().unwrap();
+
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let agent = std::thread::spawn(move || handshake(&mut b, "husk-agent"));
+        let theirs = handshake(&mut a, "husk").unwrap();
+        assert_eq!(theirs.peer, "husk-agent");
+        assert_eq!(agent.join().unwrap().unwrap().peer, "husk");
+    }
+}

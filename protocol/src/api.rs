@@ -1,0 +1,78 @@
+//! The VMM's control socket: a Unix socket where the runtime asks a running
+//! VM to pause, resume, stop or write a snapshot.
+//!
+//! One JSON object per line each way: `{"action":"pause"}` is answered
+//! `{"ok":true}` once every vCPU has stopped, or `{"ok":false,"error":"..."}`.
+//! The VMM serves it (`husk_vmm::api`); the runtime is its client.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// What the runtime can ask.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum ApiRequest {
+    /// Stop every vCPU where it is (the guest does not notice).
+    Pause,
+    /// Let them run again.
+    Resume,
+    /// End the VM now; the VMM exits 0 and removes its socket.
+    Stop,
+    /// Stop every vCPU, write a snapshot of the whole VM to the directory
+    /// `dir` (made if missing) and stay paused: `resume` goes on, `stop`
+    /// ends the VM. Open vsock connections are recorded, not kept: a guest
+    /// restored from it is told they were reset.
+    Snapshot {
+        /// Where the snapshot goes.
+        dir: PathBuf,
+    },
+}
+
+/// The answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiResponse {
+    /// Whether it was done.
+    pub ok: bool,
+    /// Why not.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+}
+
+impl ApiResponse {
+    /// Done.
+    pub fn ok() -> Self {
+        Self {
+            ok: true,
+            error: None,
+        }
+    }
+
+    /// Not done, and why.
+    pub fn error(why: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            error: Some(why.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_answers_keep_their_wire_form() {
+        let json = serde_json::to_string(&ApiRequest::Snapshot { dir: "/s".into() }).unwrap();
+        assert_eq!(json, r#"{"action":"snapshot","dir":"/s"}"#);
+        assert_eq!(
+            serde_json::from_str::<ApiRequest>(r#"{"action":"pause"}"#).unwrap(),
+            ApiRequest::Pause
+        );
+        assert_eq!(
+            serde_json::to_string(&ApiResponse::ok()).unwrap(),
+            r#"{"ok":true}"#
+        );
+        assert!(serde_json::from_str::<ApiRequest>(r#"{"action":"reboot"}"#).is_err());
+    }
+}

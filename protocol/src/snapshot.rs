@@ -1,0 +1,12 @@
+//! The names and version of a VM snapshot directory, which the VMM writes
+//! and the runtime's warm-start cache and checkpoints look into
+//! (docs/snapshots.md).
+
+/// Written in every header: a file without it is not a Husk snapshot.
+pub const FORMAT: &str = "husk-vm-snapshot";
+/// Bumped whenever the state's layout changes.
+pub const VERSION: u32 = 2;
+/// The device and vCPU state (header, then JSON).
+pub const STATE_FILE: &str = "state";
+/// Guest memory file.
+pub const MEMORY_FILE: &str = "memory";
