@@ -41,7 +41,7 @@ build: deps
 	# its 350 KiB of read-only data at every start, 0.1-0.2 ms of each
 	# command (docs/benchmarks.md, husk exec). husk-vmm, the trust
 	# boundary with the guest, stays position-independent.
-	cargo rustc --release --target $(MUSL) -p husk-runtime --bin husk -- -C relocation-model=static
+	cargo rustc --release --target $(MUSL) -p husk --bin husk -- -C relocation-model=static
 
 $(TEST_INITRAMFS): test-init build
 	target/release/husk mkinitramfs --init $(TEST_INIT) --output $(TEST_INITRAMFS)

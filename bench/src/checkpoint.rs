@@ -98,9 +98,9 @@ fn main() -> anyhow::Result<()> {
     let root = work.join("root");
     let bundle = work.join("bundle");
     let script = "i=0; exec 3>>/counter; while :; do i=$((i+1)); echo $i >&3; sleep 0.2; done";
-    husk_runtime::busybox::make_bundle(&bundle, &["sh", "-c", script])
+    husk_docker::busybox::make_bundle(&bundle, &["sh", "-c", script])
         .map_err(anyhow::Error::msg)?;
-    let mut spec = husk_runtime::busybox::config(&["sh", "-c", script]);
+    let mut spec = husk_docker::busybox::config(&["sh", "-c", script]);
     if let Some(r) = spec.root_mut() {
         r.set_readonly(Some(false));
     }

@@ -5,7 +5,7 @@
 //! VMM's threads other than its vCPUs) and guest time (the vCPU threads).
 //!
 //! A containerd of its own is started in a temporary directory (the test
-//! suite's way, runtime/tests/containerd.rs); the image is the busybox one
+//! suite's way, husk/tests/containerd.rs); the image is the busybox one
 //! husk writes.
 
 use std::path::{Path, PathBuf};

@@ -71,7 +71,7 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
 fn make_image(dir: &Path) -> anyhow::Result<u64> {
     std::fs::create_dir_all(dir)?;
     let rootfs = dir.join("rootfs");
-    husk_runtime::busybox::make_rootfs(&rootfs).map_err(anyhow::Error::msg)?;
+    husk_docker::busybox::make_rootfs(&rootfs).map_err(anyhow::Error::msg)?;
     let mut b = tar::Builder::new(Vec::new());
     b.follow_symlinks(false);
     b.append_dir_all(".", &rootfs)?;
@@ -246,7 +246,7 @@ fn main() -> anyhow::Result<()> {
         Some(&timings),
     )?;
     let bundle = work.join("bundle");
-    husk_runtime::busybox::make_bundle(&bundle, &["true"]).map_err(anyhow::Error::msg)?;
+    husk_docker::busybox::make_bundle(&bundle, &["true"]).map_err(anyhow::Error::msg)?;
     let bundle = bundle.display().to_string();
     let (mut image_runs, mut bundle_runs) = (Vec::new(), Vec::new());
     for i in 0..args.runs {

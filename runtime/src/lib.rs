@@ -5,15 +5,11 @@
 //! snapshots; container lifecycle, state and images build on top of it.
 #![deny(missing_docs)]
 
-pub mod arena;
 pub mod bundle;
-pub mod busybox;
 pub mod cgroup;
 pub mod checkpoint;
 pub mod container;
-pub mod docker;
 pub mod hooks;
-pub mod image;
 pub mod monitor;
 pub mod private;
 pub mod run;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::{HUSK, text};
 
-const IMAGE: &str = husk_runtime::busybox::IMAGE_NAME;
+const IMAGE: &str = husk_docker::busybox::IMAGE_NAME;
 
 /// A containerd of the test's own, stopped (and its files removed) when
 /// dropped.

@@ -327,7 +327,7 @@ fn layer(entries: &[Entry]) -> Vec<u8> {
 fn busybox_layer() -> Vec<u8> {
     let dir = scratch("busybox-rootfs");
     let rootfs = dir.join("rootfs");
-    husk_runtime::busybox::make_rootfs(&rootfs).unwrap();
+    husk_docker::busybox::make_rootfs(&rootfs).unwrap();
     let mut b = tar::Builder::new(Vec::new());
     b.follow_symlinks(false);
     b.mode(tar::HeaderMode::Deterministic);

@@ -7,6 +7,8 @@
 //! error. Errors go to stderr, and to `--log` in `--log-format` when given
 //! (containerd's shim reads the JSON form).
 
+mod arena;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -14,17 +16,17 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use husk_guest::initramfs::Initramfs;
+use husk_image::reference::Reference;
+use husk_image::registry::Client;
+use husk_image::store::Store;
 use husk_runtime::container::{self, CreateOptions, ExecOptions};
-use husk_runtime::image::reference::Reference;
-use husk_runtime::image::registry::Client;
-use husk_runtime::image::store::Store;
 use husk_runtime::monitor;
 use husk_runtime::state::{self, ContainerState};
 
-/// First allocations from a static arena (runtime/src/arena.rs: musl's
+/// First allocations from a static arena (husk/src/arena.rs: musl's
 /// allocator maps and unmaps memory around small allocations).
 #[global_allocator]
-static ALLOCATOR: husk_runtime::arena::Arena = husk_runtime::arena::Arena;
+static ALLOCATOR: arena::Arena = arena::Arena;
 
 /// Exit status when husk itself fails to run a container.
 const EXIT_RUN_FAILED: u8 = 125;
@@ -63,7 +65,7 @@ struct Cli {
     #[arg(long, global = true, value_name = "SIZE", default_value = "8g")]
     max_layer_size: String,
     /// The most entries one image layer may have.
-    #[arg(long, global = true, value_name = "N", default_value_t = husk_runtime::image::unpack::Limits::DEFAULT.max_entries)]
+    #[arg(long, global = true, value_name = "N", default_value_t = husk_image::unpack::Limits::DEFAULT.max_entries)]
     max_layer_entries: u64,
     /// The most bytes of extended headers (PAX records, long names) one
     /// layer entry may have.
@@ -737,8 +739,8 @@ fn docker_ps(root: &Path, all: bool, quiet: bool) {
             "CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS"
         );
     }
-    for r in husk_runtime::docker::Record::all(root) {
-        let (running, status) = husk_runtime::docker::status_text(root, &r);
+    for r in husk_docker::Record::all(root) {
+        let (running, status) = husk_docker::status_text(root, &r);
         if !all && !running {
             continue;
         }
@@ -779,13 +781,13 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
     let root = cli.root.as_path();
     husk_runtime::private::root(root).map_err(anyhow::Error::msg)?;
     let size = |flag: &str, value: &str| -> anyhow::Result<u64> {
-        let n = husk_runtime::docker::parse_bytes(value).with_context(|| flag.to_owned())?;
+        let n = husk_docker::parse_bytes(value).with_context(|| flag.to_owned())?;
         u64::try_from(n)
             .ok()
             .filter(|&n| n > 0)
             .ok_or_else(|| anyhow::anyhow!("{flag} {value}: must be more than 0"))
     };
-    husk_runtime::image::unpack::Limits::set(husk_runtime::image::unpack::Limits {
+    husk_image::unpack::Limits::set(husk_image::unpack::Limits {
         max_bytes: size("--max-layer-size", &cli.max_layer_size)?,
         max_entries: cli.max_layer_entries,
         max_header_bytes: size("--max-header-size", &cli.max_header_size)?,
@@ -814,12 +816,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             checkpoint_dir,
             id,
         } => {
-            let at = husk_runtime::docker::checkpoint_path(
-                root,
-                &id,
-                &checkpoint,
-                checkpoint_dir.as_deref(),
-            )?;
+            let at =
+                husk_docker::checkpoint_path(root, &id, &checkpoint, checkpoint_dir.as_deref())?;
             let options = CreateOptions {
                 root,
                 id: &id,
@@ -829,7 +827,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 detach: true,
                 restore: Some(&at),
             };
-            husk_runtime::docker::restore(root, &id, &at, &options)?;
+            husk_docker::restore(root, &id, &at, &options)?;
             Ok(0)
         }
         Command::Start { id, .. } => {
@@ -837,7 +835,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Command::DockerCheckpoint { action } => {
-            use husk_runtime::docker;
+            use husk_docker as docker;
             match action {
                 DockerCheckpoint::Create {
                     leave_running,
@@ -1063,7 +1061,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             id,
             ..
         } => {
-            let upper = husk_runtime::docker::upper_dir(root, &id);
+            let upper = husk_docker::upper_dir(root, &id);
             husk_runtime::checkpoint::checkpoint(
                 root,
                 &id,
@@ -1091,8 +1089,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 detach,
                 restore: Some(&image_path),
             };
-            let status = match (&bundle, husk_runtime::docker::upper_dir(root, &id)) {
-                (None, Some(_)) => husk_runtime::docker::restore(root, &id, &image_path, &options)?,
+            let status = match (&bundle, husk_docker::upper_dir(root, &id)) {
+                (None, Some(_)) => husk_docker::restore(root, &id, &image_path, &options)?,
                 _ => husk_runtime::run::run(&options)?,
             };
             Ok(status_code(status))
@@ -1126,9 +1124,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 }
                 None => Default::default(),
             };
-            let bytes = |s: &str, what: &str| {
-                husk_runtime::docker::parse_bytes(s).with_context(|| what.to_owned())
-            };
+            let bytes =
+                |s: &str, what: &str| husk_docker::parse_bytes(s).with_context(|| what.to_owned());
             if memory.is_some() || memory_reservation.is_some() {
                 let mut m = (*r.memory()).unwrap_or_default();
                 if let Some(v) = &memory {
@@ -1176,12 +1173,12 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             } else {
                 cmd.iter().map(String::as_str).collect()
             };
-            husk_runtime::busybox::make_bundle(&dir, &args).map_err(anyhow::Error::msg)?;
+            husk_docker::busybox::make_bundle(&dir, &args).map_err(anyhow::Error::msg)?;
             Ok(0)
         }
         Command::BusyboxImage { output } => {
             let digest =
-                husk_runtime::busybox::write_oci_archive(&output).map_err(anyhow::Error::msg)?;
+                husk_docker::busybox::write_oci_archive(&output).map_err(anyhow::Error::msg)?;
             println!("{digest}");
             Ok(0)
         }
@@ -1210,9 +1207,9 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             image,
             command,
         } => {
-            let status = husk_runtime::docker::run(
+            let status = husk_docker::run(
                 root,
-                &husk_runtime::docker::RunOptions {
+                &husk_docker::RunOptions {
                     image,
                     command,
                     detach,
@@ -1285,7 +1282,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Rmi { force, images } => {
             let store = Store::open(root)?;
-            let containers = husk_runtime::docker::Record::all(root);
+            let containers = husk_docker::Record::all(root);
             for what in &images {
                 let image = store.find(what)?;
                 if let Some(c) = containers.iter().find(|c| c.image_id == image.config) {
@@ -1299,7 +1296,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 store.remove_name(&image.name)?;
                 println!("Untagged: {}", image.name);
             }
-            let collected = store.collect_garbage(&husk_runtime::docker::layers_in_use(root))?;
+            let collected = store.collect_garbage(&husk_docker::layers_in_use(root))?;
             println!(
                 "Deleted: {} blobs, {} layers",
                 collected.blobs, collected.layers
@@ -1309,7 +1306,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Load { input } => {
             let store = Store::open(root)?;
             let path = input.unwrap_or_else(|| PathBuf::from("-"));
-            for image in husk_runtime::image::archive::load(&store, &path)? {
+            for image in husk_image::archive::load(&store, &path)? {
                 println!("Loaded image: {}", image.name);
             }
             Ok(0)
@@ -1325,11 +1322,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                     let tmp = path.with_extension("tmp");
                     let file = std::fs::File::create(&tmp)
                         .with_context(|| format!("cannot create {}", tmp.display()))?;
-                    let saved = husk_runtime::image::archive::save(
-                        &store,
-                        &found,
-                        std::io::BufWriter::new(file),
-                    );
+                    let saved =
+                        husk_image::archive::save(&store, &found, std::io::BufWriter::new(file));
                     if let Err(e) = saved {
                         let _ = std::fs::remove_file(&tmp);
                         return Err(e.into());
@@ -1337,50 +1331,44 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                     std::fs::rename(&tmp, &path)
                         .with_context(|| format!("cannot write {}", path.display()))?;
                 }
-                None => {
-                    husk_runtime::image::archive::save(&store, &found, std::io::stdout().lock())?
-                }
+                None => husk_image::archive::save(&store, &found, std::io::stdout().lock())?,
             }
             Ok(0)
         }
         Command::Import { file, reference } => {
             let store = Store::open(root)?;
-            let image = husk_runtime::image::archive::import(
-                &store,
-                &file,
-                &Reference::parse(&reference)?,
-            )?;
+            let image = husk_image::archive::import(&store, &file, &Reference::parse(&reference)?)?;
             println!("{}", image.config);
             Ok(0)
         }
         Command::Stop { time, names } => {
             for name in names {
-                husk_runtime::docker::stop(root, &name, std::time::Duration::from_secs(time))?;
+                husk_docker::stop(root, &name, std::time::Duration::from_secs(time))?;
                 println!("{name}");
             }
             Ok(0)
         }
         Command::Rm { force, names } => {
             for name in names {
-                husk_runtime::docker::remove(root, &name, force)?;
+                husk_docker::remove(root, &name, force)?;
                 println!("{name}");
             }
             Ok(0)
         }
         Command::Logs { follow, name } => {
-            husk_runtime::docker::logs(root, &name, follow, &mut std::io::stdout().lock())?;
+            husk_docker::logs(root, &name, follow, &mut std::io::stdout().lock())?;
             Ok(0)
         }
         Command::Inspect { names } => {
             let all = names
                 .iter()
-                .map(|n| husk_runtime::docker::inspect(root, n))
+                .map(|n| husk_docker::inspect(root, n))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             println!("{}", serde_json::to_string_pretty(&all)?);
             Ok(0)
         }
         Command::Autoremove { name } => {
-            husk_runtime::docker::autoremove(root, &name)?;
+            husk_docker::autoremove(root, &name)?;
             Ok(0)
         }
         Command::Monitor {

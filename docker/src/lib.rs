@@ -18,6 +18,10 @@
 //! `run` records the exit status itself; `run -d --rm` leaves a small
 //! process (`husk _autoremove`) that removes the container when it stops.
 
+#![deny(missing_docs)]
+
+pub mod busybox;
+
 use std::collections::HashSet;
 use std::ffi::CString;
 use std::io::{Read, Write};
@@ -28,11 +32,11 @@ use anyhow::{Context, bail};
 use oci_spec::runtime::{Mount, Spec};
 use serde::{Deserialize, Serialize};
 
-use crate::container::{self, CreateOptions};
-use crate::image::reference::Reference;
-use crate::image::registry::Client;
-use crate::image::store::{Image, Store};
-use crate::state::{self, ContainerState, Status};
+use husk_image::reference::Reference;
+use husk_image::registry::Client;
+use husk_image::store::{Image, Store};
+use husk_runtime::container::{self, CreateOptions};
+use husk_runtime::state::{self, ContainerState, Status};
 
 /// What `husk run IMAGE` was asked for.
 #[derive(Default)]
@@ -148,7 +152,7 @@ pub fn image(root: &Path, what: &str) -> anyhow::Result<(Store, Image)> {
             .join("ingest")
             .join(format!("busybox-{}.tar", std::process::id()));
         let made = crate::busybox::write_oci_archive(&tar).map_err(anyhow::Error::msg);
-        let loaded = made.and_then(|_| Ok(crate::image::archive::load(&store, &tar)?));
+        let loaded = made.and_then(|_| Ok(husk_image::archive::load(&store, &tar)?));
         let _ = std::fs::remove_file(&tar);
         loaded?;
     } else {
@@ -364,7 +368,7 @@ fn spec(
         .user
         .clone()
         .or_else(|| image.user().clone().filter(|u| !u.is_empty()));
-    let mut spec: Spec = serde_json::from_str(&crate::bundle::default_spec())?;
+    let mut spec: Spec = serde_json::from_str(&husk_runtime::bundle::default_spec())?;
     let mut process = spec.process().clone().unwrap_or_default();
     process.set_args(Some(args));
     process.set_env(Some(env));
@@ -490,7 +494,7 @@ impl Drop for Stdio {
 /// detached, after printing its ID).
 pub fn run(root: &Path, o: &RunOptions) -> anyhow::Result<i32> {
     let (store, image) = image(root, &o.image)?;
-    let config = crate::image::config(&store, &image)?;
+    let config = husk_image::config(&store, &image)?;
     let id = random_hex(32);
     let name = o.name.clone().unwrap_or_else(|| id[..12].to_owned());
     container::check_id(&name)?;
@@ -554,7 +558,7 @@ pub fn run(root: &Path, o: &RunOptions) -> anyhow::Result<i32> {
             .open(dir.join("log"))?;
         let started = {
             let _stdio = Stdio::replace([null.as_raw_fd(), log.as_raw_fd(), log.as_raw_fd()])?;
-            crate::run::run(&options)
+            husk_runtime::run::run(&options)
         };
         if let Err(e) = started {
             remove(root, &name, true)?;
@@ -572,7 +576,7 @@ pub fn run(root: &Path, o: &RunOptions) -> anyhow::Result<i32> {
         } else {
             Some(Stdio::replace([null.as_raw_fd(), 1, 2])?)
         };
-        crate::run::run(&options)
+        husk_runtime::run::run(&options)
     };
     match status {
         Ok(status) => {
@@ -642,7 +646,7 @@ pub fn checkpoints(root: &Path, name: &str, dir: Option<&Path>) -> anyhow::Resul
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| e.path().join(crate::checkpoint::MANIFEST).exists())
+        .filter(|e| e.path().join(husk_runtime::checkpoint::MANIFEST).exists())
         .filter_map(|e| e.file_name().into_string().ok())
         .collect();
     names.sort();
@@ -661,7 +665,7 @@ pub fn restore(
     options: &CreateOptions,
 ) -> anyhow::Result<i32> {
     let record = Record::load(root, name)?;
-    let (at, manifest) = crate::checkpoint::open(checkpoint, name)?;
+    let (at, manifest) = husk_runtime::checkpoint::open(checkpoint, name)?;
     if !manifest.upper {
         bail!(
             "checkpoint {} holds no writable layer, and container {name} was made from an image",
@@ -684,7 +688,7 @@ pub fn restore(
     // is let go: a failed copy leaves the container as it was.
     let incoming = dir.join("upper.restoring");
     let _ = std::fs::remove_dir_all(&incoming);
-    crate::checkpoint::copy_tree(&at.join(crate::checkpoint::UPPER_DIR), &incoming)?;
+    husk_runtime::checkpoint::copy_tree(&at.join(husk_runtime::checkpoint::UPPER_DIR), &incoming)?;
     unmount_rootfs(&dir);
     let _ = std::fs::remove_dir_all(dir.join("upper"));
     let _ = std::fs::remove_dir_all(dir.join("work"));
@@ -708,10 +712,10 @@ pub fn restore(
             .append(true)
             .open(dir.join("log"))?;
         let _stdio = Stdio::replace([null.as_raw_fd(), log.as_raw_fd(), log.as_raw_fd()])?;
-        return Ok(crate::run::run(&options)?);
+        return Ok(husk_runtime::run::run(&options)?);
     }
     let _stdio = Stdio::replace([null.as_raw_fd(), 1, 2])?;
-    Ok(crate::run::run(&options)?)
+    Ok(husk_runtime::run::run(&options)?)
 }
 
 /// Starts `husk _autoremove NAME`, which removes the container when it

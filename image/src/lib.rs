@@ -6,6 +6,10 @@
 //! store, verified; [`record`] checks that the config is for linux/amd64
 //! and has a diff ID per layer, unpacks each layer once, and names the
 //! image.
+//!
+//! The crate knows nothing of containers or VMs (docs/design.md): the
+//! runtime and the docker-style layer use it.
+#![deny(missing_docs)]
 
 pub mod archive;
 pub mod reference;
@@ -194,8 +198,13 @@ pub fn record(
         manifest: manifest_digest.to_owned(),
         config: config_digest,
         layers,
-        stored: crate::state::now_rfc3339(),
+        stored: crate::now_rfc3339(),
     };
     store.add_image(image.clone())?;
     Ok(image)
+}
+
+/// Now, as RFC 3339 with nanoseconds (the `created` and `stored` times).
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string()
 }

@@ -90,7 +90,7 @@ pub const IMAGE_NAME: &str = "docker.io/husk/busybox:latest";
 /// The hex digits of a blob's sha256 (the store's digest, less its
 /// `sha256:`).
 fn sha256_hex(bytes: &[u8]) -> String {
-    crate::image::store::sha256(bytes)["sha256:".len()..].to_owned()
+    husk_image::store::sha256(bytes)["sha256:".len()..].to_owned()
 }
 
 /// Writes the busybox root filesystem as a one-layer OCI image archive

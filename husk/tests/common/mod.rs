@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Child, Output};
 use std::time::{Duration, Instant};
 
-use husk_runtime::busybox;
+use husk_docker::busybox;
 use oci_spec::runtime::Spec;
 
 /// The `husk` binary cargo built for these tests.

@@ -415,7 +415,7 @@ pub fn import(store: &Store, path: &Path, name: &Reference) -> Result<Image, Ima
         let config = serde_json::to_vec(&serde_json::json!({
             "architecture": "amd64",
             "os": "linux",
-            "created": crate::state::now_rfc3339(),
+            "created": crate::now_rfc3339(),
             "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]},
             "rootfs": {"type": "layers", "diff_ids": [diff_id]},
         }))
