@@ -15,4 +15,5 @@ pub mod private;
 pub mod run;
 pub mod sandbox;
 pub mod state;
+pub mod timings;
 pub mod volumes;

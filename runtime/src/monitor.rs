@@ -301,7 +301,7 @@ pub fn container(
     restore: Option<&Path>,
 ) -> i32 {
     let dir = state::dir(root, id);
-    let mut phases = crate::run::Phases::new();
+    let mut phases = crate::timings::Phases::new();
     let set_up = (|| -> Result<(Sandbox, Control, Outputs), String> {
         let mut state = ContainerState::load(root, id).map_err(|e| e.to_string())?;
         let bundle = Bundle::load(&state.bundle).map_err(|e| e.to_string())?;
@@ -345,7 +345,7 @@ pub fn container(
         // A restored checkpoint's process exists already: the guest only
         // needs fresh entropy and the host's clock.
         let made = control
-            .expect_ok(&Request::Clone(crate::run::clone_seed()))
+            .expect_ok(&Request::Clone(crate::sandbox::clone_seed()))
             .and_then(|()| match restore {
                 Some(_) => Ok(()),
                 None => control.expect_ok(&Request::Create {

@@ -1,83 +1,9 @@
 //! `husk run` in the foreground: `create` with this process's stdio (the
 //! monitor is this process's child), `start`, signals forwarded to the
 //! container's process, then the container deleted; husk exits with the
-//! container's exit status. Also the run timings (`HUSK_TIMINGS`) and the
-//! seed that makes a restored guest its own.
-
-use husk_protocol::CloneSeed;
+//! container's exit status.
 
 use crate::container::{self, CreateOptions, LifecycleError};
-
-/// Environment variable naming a path prefix: when set, a container's
-/// monitor writes its timings to `<prefix>.runtime.json` (phases and its
-/// own CPU time) and has the VMM write its own to `<prefix>.vmm.json`. For
-/// benchmarks and debugging.
-pub const TIMINGS_ENV: &str = "HUSK_TIMINGS";
-
-/// Wall-clock phases of a container's monitor and its own CPU time.
-pub struct Phases {
-    start: std::time::Instant,
-    marks: Vec<(&'static str, u64)>,
-}
-
-impl Default for Phases {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Phases {
-    /// Starts the clock.
-    pub fn new() -> Self {
-        Self {
-            start: std::time::Instant::now(),
-            marks: Vec::new(),
-        }
-    }
-
-    /// Records that `what` happened now.
-    pub fn mark(&mut self, what: &'static str) {
-        self.marks
-            .push((what, self.start.elapsed().as_micros() as u64));
-    }
-
-    /// Writes the phases and this process's CPU time (all its threads, no
-    /// children) where [`TIMINGS_ENV`] says.
-    pub fn write(&self) {
-        let Some(prefix) = std::env::var_os(TIMINGS_ENV) else {
-            return;
-        };
-        // SAFETY: getrusage writes into a zeroed rusage.
-        let usage = unsafe {
-            let mut u: libc::rusage = std::mem::zeroed();
-            libc::getrusage(libc::RUSAGE_SELF, &mut u);
-            u
-        };
-        let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
-        let json = serde_json::json!({
-            "phases_us": self.marks,
-            "runtime_cpu_us": us(usage.ru_utime) + us(usage.ru_stime),
-        });
-        let mut path = prefix;
-        path.push(".runtime.json");
-        let _ = std::fs::write(path, json.to_string());
-    }
-}
-
-/// Fresh host entropy and the host's wall clock for a restored guest.
-pub fn clone_seed() -> CloneSeed {
-    let mut entropy = vec![0u8; 32];
-    // SAFETY: getrandom fills the live buffer of the given length.
-    let n = unsafe { libc::getrandom(entropy.as_mut_ptr().cast(), entropy.len(), 0) };
-    entropy.truncate(n.max(0) as usize);
-    let realtime_ns = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    CloneSeed {
-        entropy,
-        realtime_ns,
-    }
-}
 
 /// Signals forwarded to the container by a foreground `run`.
 const FORWARDED: [libc::c_int; 6] = [

@@ -131,6 +131,21 @@ pub fn vmm_api(state_dir: &Path, request: &ApiRequest) -> Result<(), SandboxErro
     }
 }
 
+/// Fresh host entropy and the host's wall clock for a restored guest.
+pub fn clone_seed() -> husk_protocol::CloneSeed {
+    let mut entropy = vec![0u8; 32];
+    // SAFETY: getrandom fills the live buffer of the given length.
+    let n = unsafe { libc::getrandom(entropy.as_mut_ptr().cast(), entropy.len(), 0) };
+    entropy.truncate(n.max(0) as usize);
+    let realtime_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    husk_protocol::CloneSeed {
+        entropy,
+        realtime_ns,
+    }
+}
+
 /// A running container VM.
 pub struct Sandbox {
     vmm: Option<Child>,
@@ -225,7 +240,7 @@ impl Sandbox {
         let mut cmd = Command::new(&bins.vmm);
         // A debugging and benchmarking aid: the VMM's timings (set-up
         // steps, CPU time of guest and device work) written where asked.
-        if let Some(prefix) = std::env::var_os(crate::run::TIMINGS_ENV) {
+        if let Some(prefix) = std::env::var_os(crate::timings::TIMINGS_ENV) {
             let mut path = prefix;
             path.push(".vmm.json");
             cmd.arg("--timings").arg(path);

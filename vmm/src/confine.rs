@@ -21,7 +21,7 @@ use landlock::{
     RulesetAttr, RulesetCreatedAttr, RulesetStatus,
 };
 
-use crate::devices::virtio::fs::Share;
+use husk_protocol::share::Share;
 
 /// The umask of every thread but the vCPU threads.
 pub const PROCESS_UMASK: libc::mode_t = 0o077;

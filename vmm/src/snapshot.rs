@@ -23,6 +23,7 @@ use kvm_bindings::{
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use crate::devices::serial::SerialRegs;
 pub use husk_protocol::snapshot::{FORMAT, MEMORY_FILE, STATE_FILE, VERSION};
 /// The Husk version that writes snapshots; only the same version restores
 /// them (device and vCPU state are not promised to be stable across
@@ -107,31 +108,6 @@ pub struct VcpuState {
     pub mp_state: kvm_mp_state,
     /// Debug registers.
     pub debugregs: kvm_debugregs,
-}
-
-/// The UART's registers (vm-superio's `SerialState`).
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct SerialRegs {
-    /// Divisor latch, low byte.
-    pub baud_divisor_low: u8,
-    /// Divisor latch, high byte.
-    pub baud_divisor_high: u8,
-    /// Interrupt enable.
-    pub interrupt_enable: u8,
-    /// Interrupt identification.
-    pub interrupt_identification: u8,
-    /// Line control.
-    pub line_control: u8,
-    /// Line status.
-    pub line_status: u8,
-    /// Modem control.
-    pub modem_control: u8,
-    /// Modem status.
-    pub modem_status: u8,
-    /// Scratch.
-    pub scratch: u8,
-    /// Bytes received and not yet read by the guest.
-    pub in_buffer: Vec<u8>,
 }
 
 /// Everything but guest memory.
