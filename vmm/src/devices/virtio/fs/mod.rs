@@ -16,11 +16,12 @@
 //! removed, and refuses every request that would change a read-only share
 //! here, in the VMM, whatever the guest's kernel believes.
 //!
-//! The device's FUSE session (inode numbers, open handles) lives only in
-//! this process: a snapshot is refused once the guest has mounted the share
-//! (see [`VirtioDevice::save_blocker`]). A warm-start snapshot is taken
-//! before the agent mounts anything, so its share can be bound to another
-//! directory when it is restored.
+//! The device's FUSE session (inode numbers, open handles) is kept by
+//! [`session`] as a path per node and handle beneath the share, saved with
+//! a snapshot ([`VirtioDevice::save_state`]) and opened again, beneath the
+//! share it is bound to, when the snapshot is restored (a checkpoint). A
+//! warm-start snapshot is taken before the agent mounts anything, so its
+//! share can be bound to another directory when it is restored.
 
 pub mod session;
 
