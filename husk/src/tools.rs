@@ -1,0 +1,142 @@
+//! Husk's own commands: the busybox bundle and image, an initramfs, and
+//! the hidden container monitor (docs/runtime.md).
+
+use std::path::Path;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use husk_guest::initramfs::Initramfs;
+use husk_runtime::container;
+use husk_runtime::monitor;
+
+use crate::status_code;
+
+/// The arguments of `busybox-bundle`.
+#[derive(clap::Args)]
+pub struct BusyboxBundleArgs {
+    /// The bundle directory to create.
+    pub dir: PathBuf,
+    /// The command.
+    #[arg(last = true)]
+    pub cmd: Vec<String>,
+}
+
+/// Runs `husk busybox-bundle`.
+pub fn busybox_bundle(args: BusyboxBundleArgs) -> anyhow::Result<u8> {
+    let BusyboxBundleArgs { dir, cmd } = args;
+    let args: Vec<&str> = if cmd.is_empty() {
+        vec!["sh"]
+    } else {
+        cmd.iter().map(String::as_str).collect()
+    };
+    husk_docker::busybox::make_bundle(&dir, &args).map_err(anyhow::Error::msg)?;
+    Ok(0)
+}
+
+/// The arguments of `busybox-image`.
+#[derive(clap::Args)]
+pub struct BusyboxImageArgs {
+    /// The archive to write.
+    #[arg(long, short)]
+    pub output: PathBuf,
+}
+
+/// Runs `husk busybox-image`.
+pub fn busybox_image(args: BusyboxImageArgs) -> anyhow::Result<u8> {
+    let BusyboxImageArgs { output } = args;
+    let digest = husk_docker::busybox::write_oci_archive(&output).map_err(anyhow::Error::msg)?;
+    println!("{digest}");
+    Ok(0)
+}
+
+/// The arguments of `mkinitramfs`.
+#[derive(clap::Args)]
+pub struct MkinitramfsArgs {
+    /// Static binary to run as the guest's PID 1.
+    #[arg(long)]
+    pub init: PathBuf,
+    /// Where to write the newc cpio archive.
+    #[arg(long, short)]
+    pub output: PathBuf,
+}
+
+/// Runs `husk mkinitramfs`.
+pub fn mkinitramfs(args: MkinitramfsArgs) -> anyhow::Result<u8> {
+    let MkinitramfsArgs { init, output } = args;
+    let mut fs = Initramfs::with_base();
+    fs.host_file("init", 0o755, &init)?;
+    let file = std::fs::File::create(&output)
+        .with_context(|| format!("cannot create {}", output.display()))?;
+    fs.write_to(std::io::BufWriter::new(file))
+        .with_context(|| format!("writing {}", output.display()))?;
+    Ok(0)
+}
+
+/// The arguments of `monitor`.
+#[derive(clap::Args)]
+pub struct MonitorArgs {
+    pub id: String,
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    #[arg(long, requires = "process")]
+    pub exec: Option<String>,
+    #[arg(long)]
+    pub process: Option<PathBuf>,
+    #[arg(long, conflicts_with = "exec")]
+    pub restore: Option<PathBuf>,
+}
+
+/// Runs `husk _monitor`.
+pub fn monitor(root: &Path, args: MonitorArgs) -> anyhow::Result<u8> {
+    let MonitorArgs {
+        id,
+        console_socket,
+        exec,
+        process,
+        restore,
+    } = args;
+    // The ready pipe must not leak into the VMM (its reader waits
+    // for the end of file).
+    // SAFETY: fcntl on a descriptor number; harmless if not open.
+    unsafe { libc::fcntl(monitor::READY_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // The monitor outlives terminals and stray signals; only an
+    // explicit SIGKILL (delete --force) ends it early.
+    for sig in [
+        libc::SIGINT,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGTERM,
+        libc::SIGPIPE,
+    ] {
+        // SAFETY: ignoring a signal installs no handler code.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
+    let terminal = container::terminal(console_socket.as_deref());
+    if console_socket.is_some() {
+        // The terminal is the container's stdio: the caller's own
+        // stdio (runc's caller reads it to its end) is let go.
+        // SAFETY: open and dup2 of /dev/null over 0, 1 and 2.
+        unsafe {
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+            if null >= 0 {
+                for fd in 0..3 {
+                    libc::dup2(null, fd);
+                }
+                libc::close(null);
+            }
+        }
+    }
+    let status = match (exec, process) {
+        (Some(exec_id), Some(file)) => {
+            let json = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let process = serde_json::from_str(&json)?;
+            monitor::exec(root, &id, &exec_id, process, &terminal)
+        }
+        _ => {
+            let bins = husk_guest::binaries::locate(root)?;
+            monitor::container(root, &bins, &id, &terminal, restore.as_deref())
+        }
+    };
+    Ok(status_code(status))
+}
