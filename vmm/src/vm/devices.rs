@@ -1,0 +1,129 @@
+//! The VM's device slots: which virtio device each MMIO slot holds, and
+//! wiring a device to its transport, its interrupt and its host side.
+
+use super::*;
+
+/// A virtio-mmio device as the VM keeps it: where, on which GSI.
+pub(super) struct VirtioDevice {
+    pub(super) base: u64,
+    pub(super) gsi: u32,
+    pub(super) transport: Arc<Mutex<MmioTransport>>,
+    /// A virtio-fs device's tag.
+    pub(super) share_tag: Option<String>,
+}
+
+/// Makes the virtio device of `device_type` (the ones a snapshot may hold).
+pub(super) fn virtio_device(
+    device_type: u32,
+) -> Option<Box<dyn crate::devices::virtio::VirtioDevice>> {
+    match device_type {
+        crate::devices::virtio::rng::TYPE_RNG => Some(Box::new(Rng)),
+        _ => None,
+    }
+}
+
+/// Wires a virtio-mmio transport into the VM: its irqfd and its window.
+pub(super) fn attach_virtio(
+    vm: &VmFd,
+    mmio: &mut Bus,
+    base: u64,
+    gsi: u32,
+    make: impl FnOnce(EventFd) -> Result<MmioTransport, VmError>,
+) -> Result<VirtioDevice, VmError> {
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::EventFd("a virtio IRQ", e))?;
+    vm.register_irqfd(&irq, gsi)
+        .map_err(|e| VmError::Kvm("wire a virtio IRQ", e))?;
+    let transport = Arc::new(Mutex::new(make(irq)?));
+    mmio.insert(transport.clone(), base, layout::MMIO_DEVICE_SIZE)?;
+    Ok(VirtioDevice {
+        base,
+        gsi,
+        transport,
+        share_tag: None,
+    })
+}
+
+/// A transport for `device`: new, or in the state `restored` holds (a
+/// state that does not fit is the snapshot's error).
+pub(super) fn transport(
+    device: Box<dyn crate::devices::virtio::VirtioDevice>,
+    memory: &GuestMemoryMmap,
+    irq: EventFd,
+    restored: Option<(&crate::devices::virtio::mmio::MmioState, &Path)>,
+) -> Result<MmioTransport, VmError> {
+    match restored {
+        None => Ok(MmioTransport::new(device, memory.clone(), irq)),
+        Some((state, dir)) => {
+            MmioTransport::restore(device, memory.clone(), irq, state).map_err(|why| {
+                VmError::BadSnapshot {
+                    dir: dir.to_owned(),
+                    why,
+                }
+            })
+        }
+    }
+}
+
+/// Wires the vsock device: its transport (new, or restored from
+/// `restored`), its host thread, and its ready signal, which is recorded as
+/// the debug-port mark [`husk_protocol`]'s `READY_MARK` would be.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attach_vsock(
+    vm: &VmFd,
+    mmio: &mut Bus,
+    memory: &GuestMemoryMmap,
+    devices: &Devices,
+    clock: &Arc<Clock>,
+    path: &Path,
+    base: u64,
+    gsi: u32,
+    restored: Option<(&crate::devices::virtio::mmio::MmioState, &Path)>,
+) -> Result<VirtioDevice, VmError> {
+    let (device, host) =
+        Vsock::new(GUEST_CID, path).map_err(|e| VmError::VsockSocket(path.to_owned(), e))?;
+    {
+        let control = devices.control.clone();
+        let tx = Mutex::new(devices.events_tx.clone());
+        let clock = clock.clone();
+        device.on_ready(Box::new(move || {
+            clock.mark(READY_MARK);
+            control.mark_written(READY_MARK);
+            let _ = lock(&tx).send(VmEvent::Guest(GuestEvent::Mark(READY_MARK)));
+        }));
+    }
+    let attached = attach_virtio(vm, mmio, base, gsi, |irq| {
+        transport(Box::new(device), memory, irq, restored)
+    })?;
+    host.start(attached.transport.clone())
+        .map_err(|e| VmError::Thread(0, e))?;
+    Ok(attached)
+}
+
+/// Wires a virtio-fs device serving `share` (new, or restored from
+/// `restored`).
+pub(super) fn attach_fs(
+    vm: &VmFd,
+    mmio: &mut Bus,
+    memory: &GuestMemoryMmap,
+    share: &Share,
+    base: u64,
+    gsi: u32,
+    restored: Option<(&crate::devices::virtio::mmio::MmioState, &Path)>,
+) -> Result<VirtioDevice, VmError> {
+    let device = Fs::new(share).map_err(VmError::Share)?;
+    let mut attached = attach_virtio(vm, mmio, base, gsi, |irq| {
+        transport(Box::new(device), memory, irq, restored)
+    })?;
+    attached.share_tag = Some(share.tag.clone());
+    Ok(attached)
+}
+
+/// The devices and the channel they report on, made during set-up.
+pub(super) struct Devices {
+    pub(super) pio: Bus,
+    pub(super) serial: Arc<Mutex<SerialConsole>>,
+    pub(super) events: Receiver<VmEvent>,
+    pub(super) events_tx: Sender<VmEvent>,
+    pub(super) ended: Arc<AtomicBool>,
+    pub(super) control: Arc<VcpuControl>,
+}
