@@ -4,8 +4,9 @@
 
 /// Written in every header: a file without it is not a Husk snapshot.
 pub const FORMAT: &str = "husk-vm-snapshot";
-/// Bumped whenever the state's layout changes.
-pub const VERSION: u32 = 2;
+/// Bumped whenever the state's layout changes (3: a device's own state is
+/// tagged with its kind).
+pub const VERSION: u32 = 3;
 /// The device and vCPU state (header, then JSON).
 pub const STATE_FILE: &str = "state";
 /// Guest memory file.

@@ -57,7 +57,7 @@ pub(super) fn transport(
             MmioTransport::restore(device, memory.clone(), irq, state).map_err(|why| {
                 VmError::BadSnapshot {
                     dir: dir.to_owned(),
-                    why,
+                    why: why.to_string(),
                 }
             })
         }

@@ -16,7 +16,7 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{VIRTIO_F_VERSION_1, VirtioDevice};
+use super::{DeviceState, PersistError, VIRTIO_F_VERSION_1, VirtioDevice};
 use crate::devices::BusDevice;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -117,7 +117,7 @@ pub struct MmioState {
     interrupt_status: u32,
     /// The device's own state ([`VirtioDevice::save_state`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    device: Option<serde_json::Value>,
+    device: Option<DeviceState>,
 }
 
 /// One virtio device's register window.
@@ -159,7 +159,7 @@ impl MmioTransport {
 
     /// The registers, queues and the device's own state, for a snapshot;
     /// refused, saying why, when the device cannot be kept now.
-    pub fn save(&self) -> Result<MmioState, String> {
+    pub fn save(&self) -> Result<MmioState, PersistError> {
         Ok(MmioState {
             device_type: self.device.device_type(),
             queues: self.queues.iter().map(|q| q.state().into()).collect(),
@@ -181,28 +181,27 @@ impl MmioTransport {
         mem: GuestMemoryMmap,
         irq: EventFd,
         state: &MmioState,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, PersistError> {
         if state.device_type != device.device_type()
             || state.queues.len() != device.queue_max_sizes().len()
         {
-            return Err(format!(
-                "virtio device state of type {} does not fit a device of type {}",
-                state.device_type,
-                device.device_type()
-            ));
+            return Err(PersistError::WrongDevice {
+                saved: state.device_type,
+                device: device.device_type(),
+            });
         }
         let mut queues = Vec::with_capacity(state.queues.len());
         for (regs, &max) in state.queues.iter().zip(device.queue_max_sizes()) {
             if regs.max_size != max {
-                return Err(format!(
-                    "virtio queue of size {} where {max} is expected",
-                    regs.max_size
-                ));
+                return Err(PersistError::QueueSize {
+                    saved: regs.max_size,
+                    expected: max,
+                });
             }
             let queue = Queue::try_from(QueueState::from(regs))
-                .map_err(|e| format!("virtio queue state: {e}"))?;
+                .map_err(|e| PersistError::Queue(e.to_string()))?;
             if queue.ready() && !queue.is_valid(&mem) {
-                return Err("a ready virtio queue lies outside guest memory".into());
+                return Err(PersistError::QueueOutsideMemory);
             }
             queues.push(queue);
         }
@@ -527,7 +526,7 @@ mod tests {
         let err = MmioTransport::restore(Box::new(Rng), mem, irq3, &other)
             .err()
             .unwrap();
-        assert!(err.contains("does not fit"), "{err}");
+        assert!(err.to_string().contains("does not fit"), "{err}");
     }
 
     #[test]

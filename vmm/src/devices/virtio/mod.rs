@@ -15,6 +15,7 @@ pub mod mmio;
 pub mod rng;
 pub mod vsock;
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
@@ -42,11 +43,67 @@ pub trait VirtioDevice: Send {
     /// The device's own state for a snapshot (what lives outside guest
     /// memory and the transport), if it has any; refused, saying why,
     /// when it cannot be kept now.
-    fn save_state(&self) -> Result<Option<serde_json::Value>, String> {
+    fn save_state(&self) -> Result<Option<DeviceState>, PersistError> {
         Ok(None)
     }
     /// Takes up state [`VirtioDevice::save_state`] gave, in a restored VM.
-    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
-        Err("this device keeps no state of its own".into())
+    fn restore_state(&mut self, _state: &DeviceState) -> Result<(), PersistError> {
+        Err(PersistError::NotMine {
+            device: self.device_type(),
+        })
     }
+}
+
+/// What a device keeps outside guest memory and its transport, in a
+/// snapshot: one variant per device that has any.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceState {
+    /// vsock: the connections open when it was saved (the guest is told
+    /// they were reset) and the next host port.
+    Vsock(vsock::VsockState),
+    /// virtio-fs: the session's nodes and handles, by path beneath the
+    /// share.
+    Fs(fs::session::SessionState),
+}
+
+/// Why a device's or a transport's state cannot be saved or taken up.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    /// The saved transport is of another device.
+    #[error("virtio device state of type {saved} does not fit a device of type {device}")]
+    WrongDevice {
+        /// The saved device's type.
+        saved: u32,
+        /// This device's type.
+        device: u32,
+    },
+    /// A saved queue is not the size this device has.
+    #[error("virtio queue of size {saved} where {expected} is expected")]
+    QueueSize {
+        /// The saved size.
+        saved: u16,
+        /// This device's.
+        expected: u16,
+    },
+    /// A saved queue's registers are not a queue.
+    #[error("virtio queue state: {0}")]
+    Queue(String),
+    /// A ready queue's rings are not in guest memory.
+    #[error("a ready virtio queue lies outside guest memory")]
+    QueueOutsideMemory,
+    /// State saved for another kind of device.
+    #[error("device of type {device} was handed state that is not its own")]
+    NotMine {
+        /// This device's type.
+        device: u32,
+    },
+    /// The device itself cannot save or take up its state now.
+    #[error("{device}: {why}")]
+    Device {
+        /// Which device (a virtio-fs share names its tag).
+        device: String,
+        /// Why.
+        why: String,
+    },
 }

@@ -44,7 +44,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use self::session::{Session, SessionState};
-use super::VirtioDevice;
+use super::{DeviceState, PersistError, VirtioDevice};
 use crate::devices::lock;
 
 /// virtio device type of a file system device.
@@ -616,6 +616,14 @@ pub struct Fs {
 }
 
 impl Fs {
+    /// A save or restore of this share's session that failed, and why.
+    fn failed(&self, why: String) -> PersistError {
+        PersistError::Device {
+            device: format!("virtio-fs share {:?}", self.tag),
+            why,
+        }
+    }
+
     /// A device serving `share`.
     pub fn new(share: &Share) -> Result<Self, ShareError> {
         let fs = Arc::new(Confined::new(&share.dir, share.read_only)?);
@@ -686,20 +694,16 @@ impl VirtioDevice for Fs {
         used
     }
 
-    fn save_state(&self) -> Result<Option<serde_json::Value>, String> {
-        let saved = self
-            .fs
-            .save()
-            .map_err(|e| format!("virtio-fs share {:?}: {e}", self.tag))?;
-        Ok(saved.map(|s| serde_json::to_value(s).expect("plain data serializes")))
+    fn save_state(&self) -> Result<Option<DeviceState>, PersistError> {
+        let saved = self.fs.save().map_err(|why| self.failed(why))?;
+        Ok(saved.map(DeviceState::Fs))
     }
 
-    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
-        let state: SessionState = serde_json::from_value(state.clone())
-            .map_err(|e| format!("virtio-fs share {:?}: saved session: {e}", self.tag))?;
-        self.fs
-            .restore(&state)
-            .map_err(|e| format!("virtio-fs share {:?}: {e}", self.tag))
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), PersistError> {
+        let DeviceState::Fs(state) = state else {
+            return Err(PersistError::NotMine { device: TYPE_FS });
+        };
+        self.fs.restore(state).map_err(|why| self.failed(why))
     }
 }
 

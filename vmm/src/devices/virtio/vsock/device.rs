@@ -65,7 +65,7 @@ impl Vsock {
 /// host's port numbers had got to, so that no new connection takes an
 /// old one's ports.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub(super) struct VsockState {
+pub struct VsockState {
     /// (host port, guest port) of each open connection.
     pub(super) open: Vec<Key>,
     pub(super) next_port: u32,
@@ -76,7 +76,7 @@ impl VirtioDevice for Vsock {
         TYPE_VSOCK
     }
 
-    fn save_state(&self) -> Result<Option<serde_json::Value>, String> {
+    fn save_state(&self) -> Result<Option<DeviceState>, PersistError> {
         let backend = lock(&self.backend);
         let mut open: Vec<Key> = backend.conns.keys().copied().collect();
         open.sort_unstable();
@@ -84,16 +84,15 @@ impl VirtioDevice for Vsock {
             open,
             next_port: backend.next_port,
         };
-        Ok(Some(
-            serde_json::to_value(state).expect("plain data serializes"),
-        ))
+        Ok(Some(DeviceState::Vsock(state)))
     }
 
     /// The host ends of the saved connections belonged to another
     /// process: the guest is sent a reset for each, before anything else.
-    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
-        let state: VsockState = serde_json::from_value(state.clone())
-            .map_err(|e| format!("vsock: saved state: {e}"))?;
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), PersistError> {
+        let DeviceState::Vsock(state) = state else {
+            return Err(PersistError::NotMine { device: TYPE_VSOCK });
+        };
         let mut backend = lock(&self.backend);
         for &key in &state.open {
             let rst = backend.hdr(key, OP_RST, 0);

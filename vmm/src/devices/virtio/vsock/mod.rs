@@ -23,7 +23,7 @@ mod host;
 mod muxer;
 mod packet;
 
-pub use self::device::Vsock;
+pub use self::device::{Vsock, VsockState};
 pub use self::host::VsockHost;
 use self::muxer::*;
 use self::packet::*;
@@ -41,8 +41,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::VirtioDevice;
 use super::mmio::MmioTransport;
+use super::{DeviceState, PersistError, VirtioDevice};
 use crate::devices::lock;
 
 /// virtio device type of a socket device.
