@@ -8,7 +8,9 @@ use std::process::Command;
 /// The crates `package` links in normal (non-dev, non-build) use.
 fn normal_dependencies(package: &str) -> Vec<String> {
     let out = Command::new(env!("CARGO"))
-        .args(["tree", "--locked", "-e", "normal", "--prefix", "none", "-f", "{p}", "-p"])
+        .args([
+            "tree", "--locked", "-e", "normal", "--prefix", "none", "-f", "{p}", "-p",
+        ])
         .arg(package)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
@@ -51,7 +53,10 @@ fn the_host_libraries_link_nothing_of_the_vmm() {
     ] {
         let deps = normal_dependencies(package);
         assert!(deps.iter().any(|d| d == package), "{package}: {deps:?}");
-        let linked: Vec<_> = VMM_ONLY.iter().filter(|c| deps.iter().any(|d| d == *c)).collect();
+        let linked: Vec<_> = VMM_ONLY
+            .iter()
+            .filter(|c| deps.iter().any(|d| d == *c))
+            .collect();
         assert!(linked.is_empty(), "{package} links {linked:?}");
     }
     // The VMM does link them: the check above looks in the right place.
@@ -70,7 +75,13 @@ fn each_library_links_only_the_husk_crates_below_it() {
         ("husk-runtime", &["husk-protocol", "husk-sys", "husk-guest"]),
         (
             "husk-docker",
-            &["husk-protocol", "husk-sys", "husk-guest", "husk-image", "husk-runtime"],
+            &[
+                "husk-protocol",
+                "husk-sys",
+                "husk-guest",
+                "husk-image",
+                "husk-runtime",
+            ],
         ),
         ("husk-agent", &["husk-protocol"]),
     ];
@@ -80,6 +91,9 @@ fn each_library_links_only_the_husk_crates_below_it() {
             .filter(|d| d.starts_with("husk-") && d != package)
             .collect();
         let extra: Vec<_> = husk.iter().filter(|d| !may.contains(&d.as_str())).collect();
-        assert!(extra.is_empty(), "{package} links {extra:?}, beyond {may:?}");
+        assert!(
+            extra.is_empty(),
+            "{package} links {extra:?}, beyond {may:?}"
+        );
     }
 }

@@ -11,19 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Bundle, HUSK, id, root, text};
+use common::{Bundle, HUSK, counted, husk, id, ok, refused, root, status, text, with_root};
 
 /// `args` with the tests' `--root` in front, unless they name one.
-fn with_root(args: &[&str]) -> Vec<std::ffi::OsString> {
-    let mut all: Vec<std::ffi::OsString> = Vec::new();
-    if args.first() != Some(&"--root") {
-        all.push("--root".into());
-        all.push(root().into());
-    }
-    all.extend(args.iter().map(Into::into));
-    all
-}
-
 /// Runs `husk --root <root> args...` to completion (60 s at most), its
 /// stdout going to `out` (kept: a detached container's monitor writes
 /// there after husk returns), its stderr returned.
@@ -68,13 +58,9 @@ fn rand_suffix() -> u32 {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("husk-ckpt-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch("ckpt", name)
 }
 
-/// Runs husk, its output returned (60 s at most).
 /// `husk restore -d` of the checkpoint at `image` as container `id`, its
 /// output into `out`.
 fn restore_to(image: &Path, bundle: &str, id: &str, out: &Path) -> Output {
@@ -91,46 +77,6 @@ fn restore_to(image: &Path, bundle: &str, id: &str, out: &Path) -> Output {
         ],
         out,
     )
-}
-
-fn husk(args: &[&str]) -> Output {
-    let mut cmd = Command::new(HUSK);
-    cmd.args(with_root(args)).stdin(Stdio::null());
-    common::output_within(
-        cmd.stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-        Duration::from_secs(60),
-        &format!("husk {args:?}"),
-    )
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = husk(args);
-    assert!(out.status.success(), "husk {args:?}: {}", text(&out.stderr));
-    text(&out.stdout)
-}
-
-fn refused(args: &[&str], says: &str) {
-    let out = husk(args);
-    assert!(!out.status.success(), "husk {args:?} should fail");
-    let err = text(&out.stderr);
-    assert!(err.contains(says), "husk {args:?}: {err}");
-}
-
-fn status(id: &str) -> String {
-    let v: serde_json::Value = serde_json::from_str(&ok(&["state", id])).unwrap();
-    v["status"].as_str().unwrap().to_owned()
-}
-
-/// The numbers in a counter file, one per line.
-fn counted(path: &Path) -> Vec<u64> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
 }
 
 /// Waits (30 s at most) until the counter file holds at least `n` lines.

@@ -7,68 +7,21 @@ mod common;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use husk_runtime::state::{ContainerState, HostProcess};
 
-use common::{Bundle, HUSK, id, root, text};
-
-/// Runs `husk --root <root> args...` to completion (60 s at most). Its
-/// output goes to files, not pipes: `create` hands its stdio to the
-/// container's monitor, which keeps it open after `create` exits.
-fn husk(args: &[&str]) -> Output {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let base = std::env::temp_dir().join(format!("husk-life-out-{}-{n}", std::process::id()));
-    let (out_path, err_path) = (base.with_extension("out"), base.with_extension("err"));
-    let mut child = Command::new(HUSK)
-        .arg("--root")
-        .arg(root())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out_path).unwrap())
-        .stderr(std::fs::File::create(&err_path).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("husk {args:?} did not finish");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let out = Output {
-        status,
-        stdout: std::fs::read(&out_path).unwrap_or_default(),
-        stderr: std::fs::read(&err_path).unwrap_or_default(),
-    };
-    let _ = std::fs::remove_file(out_path);
-    let _ = std::fs::remove_file(err_path);
-    out
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = husk(args);
-    assert!(out.status.success(), "husk {args:?}: {}", text(&out.stderr));
-    text(&out.stdout)
-}
+use common::{Bundle, HUSK, husk, id, ok, root, status, text};
 
 /// Fails with exit 1 and a message containing `says`.
 fn refused(args: &[&str], says: &str) {
-    let out = husk(args);
-    assert_eq!(out.status.code(), Some(1), "husk {args:?} should fail");
-    let err = text(&out.stderr);
-    assert!(err.contains(says), "husk {args:?}: {err}");
-}
-
-fn status(id: &str) -> String {
-    let v: serde_json::Value = serde_json::from_str(&ok(&["state", id])).unwrap();
-    v["status"].as_str().unwrap().to_owned()
+    let out = common::refused(args, says);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "husk {args:?} should fail with 1"
+    );
 }
 
 fn wait_for_status(id: &str, want: &str) {

@@ -111,53 +111,92 @@ pub fn reap_on_exit() {
     });
 }
 
-/// Bytes as text.
-pub fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+// Not every test binary uses each of these.
+#[allow(unused_imports)]
+pub use husk_test_support::{output_within, scratch, text};
+
+/// `--root <root>` in front of `args`, unless they name a root.
+pub fn with_root(args: &[&str]) -> Vec<std::ffi::OsString> {
+    let mut all: Vec<std::ffi::OsString> = Vec::new();
+    if args.first() != Some(&"--root") {
+        all.push("--root".into());
+        all.push(root().into());
+    }
+    all.extend(args.iter().map(Into::into));
+    all
 }
 
-/// The child's output once it exits; killed, and the test failed, if it
-/// runs longer than `limit`.
-pub fn output_within(child: Child, limit: Duration, what: &str) -> Output {
-    let pid = child.id();
-    let watchdog = std::thread::spawn(move || {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-            // SAFETY: kill(pid, 0) only checks that the process exists.
-            if unsafe { libc::kill(pid as i32, 0) } != 0 {
-                return false;
-            }
+/// Runs `husk --root <root> args...` to completion (60 s at most). Its
+/// output goes to files, not pipes: `create` and `restore -d` hand their
+/// stdio to the container's monitor, which keeps it open after they exit.
+pub fn husk(args: &[&str]) -> Output {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let base = std::env::temp_dir().join(format!("husk-cmd-out-{}-{n}", std::process::id()));
+    let (out_path, err_path) = (base.with_extension("out"), base.with_extension("err"));
+    let mut child = std::process::Command::new(HUSK)
+        .args(with_root(args))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
         }
-        // SAFETY: kill takes no pointers.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        true
-    });
-    let out = child.wait_with_output().unwrap();
-    // What it printed until then is kept: the end of a long run says
-    // what it was doing.
-    assert!(
-        !watchdog.join().unwrap(),
-        "{what} did not finish in time ({limit:?}); it printed:\n{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("husk {args:?} did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = Output {
+        status,
+        stdout: std::fs::read(&out_path).unwrap_or_default(),
+        stderr: std::fs::read(&err_path).unwrap_or_default(),
+    };
+    let _ = std::fs::remove_file(out_path);
+    let _ = std::fs::remove_file(err_path);
     out
+}
+
+/// [`husk`], which must succeed; its stdout.
+pub fn ok(args: &[&str]) -> String {
+    let out = husk(args);
+    assert!(out.status.success(), "husk {args:?}: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// [`husk`], which must fail with a message containing `says`.
+pub fn refused(args: &[&str], says: &str) -> Output {
+    let out = husk(args);
+    assert!(!out.status.success(), "husk {args:?} should fail");
+    let err = text(&out.stderr);
+    assert!(err.contains(says), "husk {args:?}: {err}");
+    out
+}
+
+/// A container's status, as `husk state` reports it.
+pub fn status(id: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(&ok(&["state", id])).unwrap();
+    v["status"].as_str().unwrap().to_owned()
+}
+
+/// The numbers in a counter file, one per line.
+pub fn counted(path: &std::path::Path) -> Vec<u64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
 }
 
 /// The static vector-register checker (tests/test-init), built by `make
 /// test-init`.
 pub fn vector_checker() -> std::path::PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let path = target.join("x86_64-unknown-linux-musl/release/husk-vector-check");
-    assert!(
-        path.exists(),
-        "no husk-vector-check at {}: build it with `make test-init` (make test does)",
-        path.display()
-    );
-    path
+    husk_test_support::musl_binary("husk-vector-check", "test-init")
 }
 
 /// Issue 13's stress load: four concurrent loops of `rounds` rounds of

@@ -2,9 +2,9 @@
 
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use husk_guest::initramfs::Initramfs;
 
@@ -14,13 +14,6 @@ pub const VMM: &str = env!("CARGO_BIN_EXE_husk-vmm");
 /// How long any one guest may take before the test gives up on it. Boots
 /// take seconds to a minute where guest kernel mode is emulated.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
-}
 
 /// The guest kernel: `$HUSK_KERNEL`, else the cached build. A missing
 /// kernel fails the test: the setup (`make test`) builds it.
@@ -34,28 +27,14 @@ pub fn kernel() -> PathBuf {
     path
 }
 
-/// A static guest binary the Makefile builds for musl.
-fn musl_binary(name: &str, make_target: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
-    let path = target.join("x86_64-unknown-linux-musl/release").join(name);
-    assert!(
-        path.exists(),
-        "no {name} at {}: build it with `make {make_target}` (make test does)",
-        path.display()
-    );
-    path
-}
-
 /// The static test init (tests/test-init).
 pub fn test_init_binary() -> PathBuf {
-    musl_binary("husk-test-init", "test-init")
+    husk_test_support::musl_binary("husk-test-init", "test-init")
 }
 
 /// The guest agent (agent/).
 pub fn agent_binary() -> PathBuf {
-    musl_binary("husk-agent", "agent")
+    husk_test_support::musl_binary("husk-agent", "agent")
 }
 
 /// Spawns husk-vmm with `args`, its console read line by line on a thread.
@@ -127,37 +106,8 @@ pub fn run_with_timeout(mut cmd: Command) -> Output {
 
 /// Waits for a child spawned with piped stdout and stderr, killing it
 /// after `BOOT_TIMEOUT`.
-pub fn wait_with_timeout(mut child: std::process::Child) -> Output {
-    let start = Instant::now();
-    // Drain the pipes on threads so a chatty guest cannot block on them.
-    let mut stdout = child.stdout.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let out_reader = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        std::io::Read::read_to_end(&mut stdout, &mut v).unwrap();
-        v
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        std::io::Read::read_to_end(&mut stderr, &mut v).unwrap();
-        v
-    });
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if start.elapsed() > BOOT_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the VMM did not finish within {BOOT_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    Output {
-        status,
-        stdout: out_reader.join().unwrap(),
-        stderr: err_reader.join().unwrap(),
-    }
+pub fn wait_with_timeout(child: std::process::Child) -> Output {
+    husk_test_support::output_within(child, BOOT_TIMEOUT, "the VMM")
 }
 
 /// `husk-vmm` with the given arguments.
@@ -237,9 +187,9 @@ pub fn tiny_elf(code: &[u8], pvh_note: bool) -> Vec<u8> {
     elf
 }
 
-pub fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+/// Bytes as text.
+#[allow(unused_imports)]
+pub use husk_test_support::text;
 
 /// Reads one `\n`-terminated line byte by byte, so that nothing after it
 /// is taken from the stream (the hybrid vsock's `OK <port>` line may be
