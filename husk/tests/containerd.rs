@@ -103,8 +103,7 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        // SAFETY: kill takes no pointers.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        husk_test_support::kill(self.child.id(), rustix::process::Signal::TERM);
         let _ = self.child.wait();
         let _ = Command::new("umount")
             .arg("-R")

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -220,30 +220,7 @@ fn a_killed_vmm_or_monitor_leaves_nothing_after_delete() {
 /// Receives one descriptor sent over `listener` with SCM_RIGHTS.
 fn receive_fd(listener: &UnixListener) -> OwnedFd {
     let (conn, _) = listener.accept().unwrap();
-    let mut buf = [0u8; 64];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: recvmsg into a msghdr with one iovec and a control buffer
-    // large enough for one descriptor, read back through the CMSG macros.
-    unsafe {
-        let space = libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) as usize;
-        // u64s: a cmsghdr is 8-byte aligned.
-        let mut control = vec![0u64; space.div_ceil(8)];
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        assert!(libc::recvmsg(conn.as_raw_fd(), &mut msg, 0) > 0);
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        assert!(!cmsg.is_null());
-        assert_eq!((*cmsg).cmsg_type, libc::SCM_RIGHTS);
-        OwnedFd::from_raw_fd(std::ptr::read_unaligned(
-            libc::CMSG_DATA(cmsg).cast::<i32>(),
-        ))
-    }
+    husk_sys::fd::recv_fd(&conn).unwrap()
 }
 
 #[test]
@@ -274,9 +251,7 @@ fn the_console_socket_receives_the_containers_terminal() {
         ])
     });
     let master = receive_fd(&listener);
-    // SAFETY: isatty on a live descriptor.
-    let is_tty = unsafe { libc::isatty(master.as_raw_fd()) };
-    assert_eq!(is_tty, 1, "a terminal's master");
+    assert!(rustix::termios::isatty(&master), "a terminal's master");
     let out = creating.join().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     ok(&["start", &id]);

@@ -15,6 +15,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use oci_spec::runtime::LinuxNamespaceType;
+use rustix::process::Signal;
 
 use common::{Bundle, HUSK, id, output_within, root, text};
 
@@ -519,8 +520,7 @@ fn a_vm_that_dies_under_a_running_container_is_reported_and_cleaned_up() {
     assert_eq!(monitor.len(), 1, "{monitor:?}");
     let vmm = children(monitor[0]);
     assert_eq!(vmm.len(), 1, "{vmm:?}");
-    // SAFETY: kill takes no pointers.
-    unsafe { libc::kill(vmm[0] as i32, libc::SIGKILL) };
+    husk_test_support::kill(vmm[0], Signal::KILL);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(125));
     assert_eq!(
@@ -709,8 +709,7 @@ fn a_warm_boot_dies_with_its_starter_and_its_leftovers_are_swept() {
         .unwrap()
         .parse()
         .unwrap();
-    // SAFETY: kill of the boot's starter, a process this test started.
-    assert_eq!(unsafe { libc::kill(starter, libc::SIGKILL) }, 0);
+    assert!(husk_test_support::kill(starter as u32, Signal::KILL));
     let deadline = Instant::now() + Duration::from_secs(15);
     while Path::new(&format!("/proc/{vmm}")).exists() {
         let state = std::fs::read_to_string(format!("/proc/{vmm}/stat")).unwrap_or_default();
@@ -724,8 +723,7 @@ fn a_warm_boot_dies_with_its_starter_and_its_leftovers_are_swept() {
             break;
         }
         if Instant::now() > deadline {
-            // SAFETY: kill of the orphan this test made, before failing.
-            unsafe { libc::kill(vmm, libc::SIGKILL) };
+            husk_test_support::kill(vmm as u32, Signal::KILL);
             panic!("the warm boot's VMM {vmm} outlived its starter {starter}");
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -857,8 +855,7 @@ fn a_killed_test_leaves_no_vm_behind() {
     while alive(vmms[0]) || alive(monitors[0]) {
         if Instant::now() > deadline {
             for p in [vmms[0], monitors[0]] {
-                // SAFETY: kill of processes this test started.
-                unsafe { libc::kill(p, libc::SIGKILL) };
+                husk_test_support::kill(p as u32, Signal::KILL);
             }
             panic!("the reaper left the container's VMM or monitor running");
         }

@@ -92,13 +92,9 @@ pub fn spawn_reaper(pid: u32) -> Child {
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
-    // SAFETY: setsid in the forked child, before exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
+    // A process group of its own: nextest's kill of the test's group does
+    // not reach it.
+    cmd.process_group(0);
     cmd.spawn().expect("/bin/sh for the test reaper")
 }
 

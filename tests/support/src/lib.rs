@@ -41,6 +41,15 @@ pub fn output_within(child: Child, limit: Duration, what: &str) -> Output {
     out
 }
 
+/// Sends `signal` to process `pid`; false when there is no such process
+/// (or it may not be signalled).
+pub fn kill(pid: u32, signal: Signal) -> bool {
+    i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .is_some_and(|pid| rustix::process::kill_process(pid, signal).is_ok())
+}
+
 /// A fresh, empty directory `husk-<kind>-<name>-<pid>` under the temporary
 /// directory.
 pub fn scratch(kind: &str, name: &str) -> PathBuf {
