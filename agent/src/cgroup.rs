@@ -12,6 +12,7 @@ use std::path::PathBuf;
 
 use husk_protocol::Stats;
 use oci_spec::runtime::LinuxResources;
+use rustix::mount::MountFlags;
 
 /// Where the agent mounts the guest's cgroup2 hierarchy.
 pub const ROOT: &str = "/sys/fs/cgroup";
@@ -19,27 +20,18 @@ pub const ROOT: &str = "/sys/fs/cgroup";
 /// Mounts cgroup2 and enables the controllers containers are limited by.
 /// Called once at boot (before the warm-start snapshot).
 pub fn init() -> Result<(), String> {
-    let target = std::ffi::CString::new(ROOT).expect("no NUL");
-    // SAFETY: mount with NUL-terminated strings.
-    let rc = unsafe {
-        libc::mount(
-            c"cgroup2".as_ptr(),
-            target.as_ptr(),
-            c"cgroup2".as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-            // Moving a process into a cgroup otherwise waits for an RCU
-            // grace period (the threadgroup rwsem's fast path is switched
-            // off and on around it): 0.6 s of every container start on an
-            // emulated guest. favordynmods keeps it switched off.
-            c"favordynmods".as_ptr().cast(),
-        )
-    };
-    if rc < 0 {
-        return Err(format!(
-            "mount cgroup2 on {ROOT}: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
+    rustix::mount::mount(
+        c"cgroup2",
+        ROOT,
+        c"cgroup2",
+        MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+        // Moving a process into a cgroup otherwise waits for an RCU
+        // grace period (the threadgroup rwsem's fast path is switched
+        // off and on around it): 0.6 s of every container start on an
+        // emulated guest. favordynmods keeps it switched off.
+        c"favordynmods",
+    )
+    .map_err(|e| format!("mount cgroup2 on {ROOT}: {}", std::io::Error::from(e)))?;
     write(
         &PathBuf::from(ROOT),
         "cgroup.subtree_control",

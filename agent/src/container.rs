@@ -7,6 +7,10 @@ use std::path::{Component, Path};
 
 use husk_protocol::{Process, ROOTFS_TAG, VOLUME_TAGS, VOLUMES_DIR};
 use oci_spec::runtime::{LinuxDeviceType, LinuxNamespaceType, Spec};
+use rustix::fs::{FileType, Mode};
+use rustix::mount::MountFlags;
+use rustix::process::{Gid, Resource};
+use rustix::thread::UnshareFlags;
 
 use crate::setup::{CapPlan, DeviceNode, MountStep, Plan, ProcPlan, capability};
 
@@ -35,24 +39,17 @@ pub fn rootfs_of(id: &str) -> Result<String, String> {
 pub fn mount_rootfs(rootfs: &str, readonly: bool) -> Result<(), String> {
     std::fs::create_dir_all(rootfs).map_err(|e| format!("create {rootfs}: {e}"))?;
     let (source, target) = (cstring(ROOTFS_TAG, "tag")?, cstring(rootfs, "path")?);
-    let flags = if readonly { libc::MS_RDONLY } else { 0 };
-    // SAFETY: mount with valid C strings.
-    let r = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            c"virtiofs".as_ptr(),
-            flags,
-            std::ptr::null(),
-        )
+    let flags = if readonly {
+        MountFlags::RDONLY
+    } else {
+        MountFlags::empty()
     };
-    if r != 0 {
-        return Err(format!(
+    rustix::mount::mount(&source, &target, c"virtiofs", flags, None).map_err(|e| {
+        format!(
             "mount the container's root (virtio-fs {ROOTFS_TAG:?}) on {rootfs}: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(())
+            std::io::Error::from(e)
+        )
+    })
 }
 
 /// Mounts volume share `tag` at `<VOLUMES_DIR>/<tag>` once.
@@ -68,22 +65,14 @@ fn mount_volume(tag: &str) -> Result<(), String> {
     let target = format!("{VOLUMES_DIR}/{tag}");
     std::fs::create_dir_all(&target).map_err(|e| format!("create {target}: {e}"))?;
     let (source, c_target) = (cstring(tag, "tag")?, cstring(&target, "path")?);
-    // SAFETY: mount with valid C strings.
-    let r = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            c_target.as_ptr(),
-            c"virtiofs".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if r != 0 {
-        return Err(format!(
-            "mount volume share {tag:?} on {target}: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
+    rustix::mount::mount(&source, &c_target, c"virtiofs", MountFlags::empty(), None).map_err(
+        |e| {
+            format!(
+                "mount volume share {tag:?} on {target}: {}",
+                std::io::Error::from(e)
+            )
+        },
+    )?;
     mounted.push(tag.to_owned());
     Ok(())
 }
@@ -117,30 +106,30 @@ fn under(rootfs: &str, destination: &Path) -> Result<String, String> {
 }
 
 /// `MS_*` flags of a mount option; `None` for a file-system option.
-fn mount_flag(option: &str) -> Option<(bool, libc::c_ulong)> {
+fn mount_flag(option: &str) -> Option<(bool, MountFlags)> {
     Some(match option {
-        "ro" => (true, libc::MS_RDONLY),
-        "rw" => (false, libc::MS_RDONLY),
-        "nosuid" => (true, libc::MS_NOSUID),
-        "suid" => (false, libc::MS_NOSUID),
-        "nodev" => (true, libc::MS_NODEV),
-        "dev" => (false, libc::MS_NODEV),
-        "noexec" => (true, libc::MS_NOEXEC),
-        "exec" => (false, libc::MS_NOEXEC),
-        "sync" => (true, libc::MS_SYNCHRONOUS),
-        "async" => (false, libc::MS_SYNCHRONOUS),
-        "dirsync" => (true, libc::MS_DIRSYNC),
-        "noatime" => (true, libc::MS_NOATIME),
-        "atime" => (false, libc::MS_NOATIME),
-        "nodiratime" => (true, libc::MS_NODIRATIME),
-        "diratime" => (false, libc::MS_NODIRATIME),
-        "relatime" => (true, libc::MS_RELATIME),
-        "norelatime" => (false, libc::MS_RELATIME),
-        "strictatime" => (true, libc::MS_STRICTATIME),
-        "bind" => (true, libc::MS_BIND),
-        "rbind" => (true, libc::MS_BIND | libc::MS_REC),
+        "ro" => (true, MountFlags::RDONLY),
+        "rw" => (false, MountFlags::RDONLY),
+        "nosuid" => (true, MountFlags::NOSUID),
+        "suid" => (false, MountFlags::NOSUID),
+        "nodev" => (true, MountFlags::NODEV),
+        "dev" => (false, MountFlags::NODEV),
+        "noexec" => (true, MountFlags::NOEXEC),
+        "exec" => (false, MountFlags::NOEXEC),
+        "sync" => (true, MountFlags::SYNCHRONOUS),
+        "async" => (false, MountFlags::SYNCHRONOUS),
+        "dirsync" => (true, MountFlags::DIRSYNC),
+        "noatime" => (true, MountFlags::NOATIME),
+        "atime" => (false, MountFlags::NOATIME),
+        "nodiratime" => (true, MountFlags::NODIRATIME),
+        "diratime" => (false, MountFlags::NODIRATIME),
+        "relatime" => (true, MountFlags::RELATIME),
+        "norelatime" => (false, MountFlags::RELATIME),
+        "strictatime" => (true, MountFlags::STRICTATIME),
+        "bind" => (true, MountFlags::BIND),
+        "rbind" => (true, MountFlags::BIND | MountFlags::REC),
         "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave" | "unbindable"
-        | "runbindable" => (true, 0),
+        | "runbindable" => (true, MountFlags::empty()),
         _ => return None,
     })
 }
@@ -149,12 +138,12 @@ fn mount_steps(spec: &Spec, rootfs: &str) -> Result<Vec<MountStep>, String> {
     let mut steps = Vec::new();
     for m in spec.mounts().iter().flatten() {
         let destination = m.destination().display().to_string();
-        let mut flags: libc::c_ulong = 0;
+        let mut flags = MountFlags::empty();
         let mut data = Vec::new();
         for option in m.options().iter().flatten() {
             match mount_flag(option) {
                 Some((true, f)) => flags |= f,
-                Some((false, f)) => flags &= !f,
+                Some((false, f)) => flags.remove(f),
                 None => data.push(option.as_str()),
             }
         }
@@ -174,12 +163,12 @@ fn mount_steps(spec: &Spec, rootfs: &str) -> Result<Vec<MountStep>, String> {
             "devpts" => {
                 fstype = "bind".into();
                 source = "/dev/pts".into();
-                flags = libc::MS_BIND;
+                flags = MountFlags::BIND;
                 data.clear();
             }
             _ => {}
         }
-        let bind = flags & libc::MS_BIND != 0 || fstype == "bind";
+        let bind = flags.contains(MountFlags::BIND) || fstype == "bind";
         let (fstype, remount_flags, file) = if bind {
             // A host path reaches the guest through a volume share, which
             // is mounted on first use; any other source must exist in the
@@ -191,7 +180,9 @@ fn mount_steps(spec: &Spec, rootfs: &str) -> Result<Vec<MountStep>, String> {
             let meta = std::fs::metadata(&source).map_err(|e| {
                 format!("mount {destination}: bind source {source} is not in the guest: {e}")
             })?;
-            let remount = (flags & libc::MS_RDONLY != 0).then_some(flags & !libc::MS_REC);
+            let remount = flags
+                .contains(MountFlags::RDONLY)
+                .then_some(flags.difference(MountFlags::REC));
             (String::new(), remount, !meta.is_dir())
         } else {
             (fstype, None, false)
@@ -201,7 +192,11 @@ fn mount_steps(spec: &Spec, rootfs: &str) -> Result<Vec<MountStep>, String> {
             target: cstring(&under(rootfs, m.destination())?, "mount destination")?,
             destination,
             fstype: cstring(&fstype, "mount type")?,
-            flags: flags | if bind { libc::MS_BIND } else { 0 },
+            flags: if bind {
+                flags | MountFlags::BIND
+            } else {
+                flags
+            },
             remount_flags,
             data: cstring(&data.join(","), "mount options")?,
             file,
@@ -219,26 +214,26 @@ fn cap_mask(names: &[String]) -> Result<u64, String> {
 }
 
 /// Resource number of an `RLIMIT_*` name.
-fn rlimit(name: &str) -> Option<libc::c_int> {
+fn rlimit(name: &str) -> Option<Resource> {
     Some(match name {
-        "RLIMIT_CPU" => libc::RLIMIT_CPU,
-        "RLIMIT_FSIZE" => libc::RLIMIT_FSIZE,
-        "RLIMIT_DATA" => libc::RLIMIT_DATA,
-        "RLIMIT_STACK" => libc::RLIMIT_STACK,
-        "RLIMIT_CORE" => libc::RLIMIT_CORE,
-        "RLIMIT_RSS" => libc::RLIMIT_RSS,
-        "RLIMIT_NPROC" => libc::RLIMIT_NPROC,
-        "RLIMIT_NOFILE" => libc::RLIMIT_NOFILE,
-        "RLIMIT_MEMLOCK" => libc::RLIMIT_MEMLOCK,
-        "RLIMIT_AS" => libc::RLIMIT_AS,
-        "RLIMIT_LOCKS" => libc::RLIMIT_LOCKS,
-        "RLIMIT_SIGPENDING" => libc::RLIMIT_SIGPENDING,
-        "RLIMIT_MSGQUEUE" => libc::RLIMIT_MSGQUEUE,
-        "RLIMIT_NICE" => libc::RLIMIT_NICE,
-        "RLIMIT_RTPRIO" => libc::RLIMIT_RTPRIO,
-        "RLIMIT_RTTIME" => libc::RLIMIT_RTTIME,
+        "RLIMIT_CPU" => Resource::Cpu,
+        "RLIMIT_FSIZE" => Resource::Fsize,
+        "RLIMIT_DATA" => Resource::Data,
+        "RLIMIT_STACK" => Resource::Stack,
+        "RLIMIT_CORE" => Resource::Core,
+        "RLIMIT_RSS" => Resource::Rss,
+        "RLIMIT_NPROC" => Resource::Nproc,
+        "RLIMIT_NOFILE" => Resource::Nofile,
+        "RLIMIT_MEMLOCK" => Resource::Memlock,
+        "RLIMIT_AS" => Resource::As,
+        "RLIMIT_LOCKS" => Resource::Locks,
+        "RLIMIT_SIGPENDING" => Resource::Sigpending,
+        "RLIMIT_MSGQUEUE" => Resource::Msgqueue,
+        "RLIMIT_NICE" => Resource::Nice,
+        "RLIMIT_RTPRIO" => Resource::Rtprio,
+        "RLIMIT_RTTIME" => Resource::Rttime,
         _ => return None,
-    } as libc::c_int)
+    })
 }
 
 /// The identity, limits and capabilities of `process`.
@@ -271,7 +266,11 @@ pub fn process_plan(process: &Process) -> Result<ProcPlan, String> {
         cwd: cstring(cwd, "cwd")?,
         uid: process.uid,
         gid: process.gid,
-        groups: process.additional_gids.clone(),
+        groups: process
+            .additional_gids
+            .iter()
+            .map(|&gid| Gid::from_raw_unchecked(gid))
+            .collect(),
         umask: process.umask,
         rlimits,
         caps,
@@ -281,8 +280,8 @@ pub fn process_plan(process: &Process) -> Result<ProcPlan, String> {
 
 /// What the container's namespaces are: the `CLONE_NEW*` flags it gets
 /// fresh (the PID one separately), refusing what the guest cannot do.
-pub fn namespaces(spec: &Spec) -> Result<(libc::c_int, bool), String> {
-    let mut flags = 0;
+pub fn namespaces(spec: &Spec) -> Result<(UnshareFlags, bool), String> {
+    let mut flags = UnshareFlags::empty();
     let mut pid = false;
     for ns in spec
         .linux()
@@ -302,7 +301,7 @@ pub fn namespaces(spec: &Spec) -> Result<(libc::c_int, bool), String> {
                 return Err("user namespaces are not supported in the guest yet".into());
             }
             LinuxNamespaceType::Time => {}
-            other => flags |= other as libc::c_int,
+            other => flags |= UnshareFlags::from_bits_retain(other as u32),
         }
     }
     Ok((flags, pid))
@@ -319,20 +318,22 @@ pub fn create_plan(spec: &Spec, rootfs: &str, process: &Process) -> Result<Plan,
     let mut devices = Vec::new();
     for d in linux.iter().flat_map(|l| l.devices().iter().flatten()) {
         let kind = match d.typ() {
-            LinuxDeviceType::B => libc::S_IFBLK,
-            LinuxDeviceType::C | LinuxDeviceType::U => libc::S_IFCHR,
-            LinuxDeviceType::P => libc::S_IFIFO,
+            LinuxDeviceType::B => FileType::BlockDevice,
+            LinuxDeviceType::C | LinuxDeviceType::U => FileType::CharacterDevice,
+            LinuxDeviceType::P => FileType::Fifo,
             LinuxDeviceType::A => continue,
         };
+        let mode = kind.as_raw_mode() | d.file_mode().unwrap_or(0o666);
         devices.push(DeviceNode {
             path: cstring(&under(rootfs, d.path())?, "device path")?,
-            mode: kind | d.file_mode().unwrap_or(0o666),
-            dev: libc::makedev(d.major() as u32, d.minor() as u32),
+            file_type: FileType::from_raw_mode(mode),
+            mode: Mode::from_raw_mode(mode),
+            dev: rustix::fs::makedev(d.major() as u32, d.minor() as u32),
             uid: d.uid().unwrap_or(0),
             gid: d.gid().unwrap_or(0),
         });
     }
-    let uts = unshare & libc::CLONE_NEWUTS != 0;
+    let uts = unshare.contains(UnshareFlags::NEWUTS);
     let hostname = match spec.hostname() {
         Some(h) if uts => Some(cstring(h, "hostname")?),
         Some(_) => return Err("the spec sets a hostname without a UTS namespace".into()),
@@ -361,7 +362,7 @@ pub fn create_plan(spec: &Spec, rootfs: &str, process: &Process) -> Result<Plan,
     Ok(Plan {
         join: Vec::new(),
         cgroup: None,
-        unshare: unshare & !libc::CLONE_NEWPID,
+        unshare: unshare.difference(UnshareFlags::NEWPID),
         rootfs: Some(cstring(rootfs, "root")?),
         mounts,
         default_dev,

@@ -21,7 +21,8 @@ mod setup;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -32,6 +33,9 @@ use husk_protocol::{
     Stream, handshake, read_frame, vsock, write_frame,
 };
 use oci_spec::runtime::Spec;
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::io::Errno;
+use rustix::thread::{LinkNameSpaceType, UnshareFlags};
 
 use setup::Plan;
 
@@ -115,23 +119,12 @@ fn log(line: &str) {
 }
 
 fn mount(source: &str, target: &str, fstype: &str) {
-    let c = |s: &str| std::ffi::CString::new(s).unwrap();
-    let (c_source, c_target, c_fstype) = (c(source), c(target), c(fstype));
     let _ = std::fs::create_dir_all(target);
-    // SAFETY: mount with valid C strings and no data.
-    let r = unsafe {
-        libc::mount(
-            c_source.as_ptr(),
-            c_target.as_ptr(),
-            c_fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if r != 0 {
+    let flags = rustix::mount::MountFlags::empty();
+    if let Err(e) = rustix::mount::mount(source, target, fstype, flags, None) {
         log(&format!(
             "cannot mount {fstype} on {target}: {}",
-            std::io::Error::last_os_error()
+            std::io::Error::from(e)
         ));
     }
 }
@@ -153,13 +146,8 @@ fn cgroup_procs(id: &str) -> Result<OwnedFd, String> {
 }
 
 fn pipe() -> std::io::Result<(File, File)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills the two-element array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: both descriptors were just made and are owned here.
-    Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
+    let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    Ok((File::from(r), File::from(w)))
 }
 
 /// A new pseudo-terminal: (master, slave).
@@ -169,21 +157,14 @@ fn openpty() -> std::io::Result<(File, File)> {
         .write(true)
         .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
         .open("/dev/ptmx")?;
-    let mut n: libc::c_uint = 0;
-    let unlock: libc::c_int = 0;
-    // SAFETY: TIOCSPTLCK reads an int, TIOCGPTN writes an unsigned int.
-    unsafe {
-        if libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) < 0
-            || libc::ioctl(master.as_raw_fd(), libc::TIOCGPTN, &mut n) < 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
+    rustix::pty::unlockpt(&master)?;
+    // `/dev/pts/N`, from TIOCGPTN.
+    let name = rustix::pty::ptsname(&master, Vec::new())?;
     let slave = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(libc::O_NOCTTY)
-        .open(format!("/dev/pts/{n}"))?;
+        .open(std::ffi::OsStr::from_bytes(name.as_bytes()))?;
     Ok((master, slave))
 }
 
@@ -220,36 +201,35 @@ impl Agent {
             .stdout(Stdio::from(stdout))
             .stderr(Stdio::from(stderr));
         let last_cap = setup::kernel_last_cap();
-        let err_fd = err_w.as_raw_fd();
         // SAFETY: the closure runs in the forked child before exec and
         // makes only system calls (setup.rs).
         unsafe {
-            cmd.pre_exec(move || setup::apply(&plan, last_cap, err_fd));
+            cmd.pre_exec(move || setup::apply(&plan, last_cap, err_w.as_fd()));
         }
         // The PID namespace is a property of the thread that forks: a
         // short-lived thread takes it, so the agent's own threads keep the
         // guest's.
         let spawned = std::thread::scope(|s| {
             s.spawn(|| {
-                let ns = match &pid_ns {
-                    PidNs::Guest => 0,
-                    // SAFETY: unshare and setns take plain integers.
-                    PidNs::New => unsafe { libc::unshare(libc::CLONE_NEWPID) },
-                    // SAFETY: as above, on a descriptor the caller owns.
-                    PidNs::Join(fd) => unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWPID) },
-                };
-                if ns < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                match &pid_ns {
+                    PidNs::Guest => Ok(()),
+                    // SAFETY: a new PID namespace only, no CLONE_FILES: this
+                    // thread keeps the agent's descriptor table.
+                    PidNs::New => unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWPID) },
+                    PidNs::Join(fd) => rustix::thread::move_into_link_name_space(
+                        fd.as_fd(),
+                        Some(LinkNameSpaceType::ProcessID),
+                    ),
+                }?;
                 let _guard = self.spawning.lock().unwrap();
                 cmd.spawn()
             })
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("the spawning thread panicked")))
         });
-        drop(err_w);
-        // The command holds the child's stdio ends: closed here, so the
-        // agent's ends see EOF when the process is done with them.
+        // The command holds the child's stdio ends and the error pipe's
+        // write end: closed here, so the agent's ends see EOF when the
+        // process is done with them.
         drop(cmd);
         let child = match spawned {
             Ok(child) => child,
@@ -423,11 +403,11 @@ impl Agent {
             let mut join = Vec::new();
             let mut plan_result = Ok(());
             for (ns, kind) in [
-                ("ipc", libc::CLONE_NEWIPC),
-                ("uts", libc::CLONE_NEWUTS),
-                ("net", libc::CLONE_NEWNET),
-                ("cgroup", libc::CLONE_NEWCGROUP),
-                ("mnt", libc::CLONE_NEWNS),
+                ("ipc", LinkNameSpaceType::InterProcessCommunication),
+                ("uts", LinkNameSpaceType::HostNameAndNISDomainName),
+                ("net", LinkNameSpaceType::Network),
+                ("cgroup", LinkNameSpaceType::ControlGroup),
+                ("mnt", LinkNameSpaceType::Mount),
             ] {
                 match open(ns) {
                     Ok(fd) => join.push((fd, kind)),
@@ -592,19 +572,18 @@ impl Agent {
                 message: format!("process {exec_id:?} in container {id:?} has no terminal"),
             };
         };
-        let size = libc::winsize {
+        let size = rustix::termios::Winsize {
             ws_row: rows,
             ws_col: cols,
             ws_xpixel: 0,
             ws_ypixel: 0,
         };
-        // SAFETY: TIOCSWINSZ reads a winsize.
-        if unsafe { libc::ioctl(term.as_raw_fd(), libc::TIOCSWINSZ, &size) } < 0 {
-            return Response::Error {
-                message: format!("resize: {}", std::io::Error::last_os_error()),
-            };
+        match rustix::termios::tcsetwinsize(term, size) {
+            Ok(()) => Response::Ok,
+            Err(e) => Response::Error {
+                message: format!("resize: {}", std::io::Error::from(e)),
+            },
         }
-        Response::Ok
     }
 
     fn handle(&self, request: Request) -> Response {
@@ -634,13 +613,13 @@ impl Agent {
                 cols,
             } => self.resize(&id, &exec_id, rows, cols),
             Request::Shutdown => {
-                // SAFETY: sync and reboot take no pointers; PID 1 may power off.
-                unsafe {
-                    libc::sync();
-                    libc::reboot(libc::LINUX_REBOOT_CMD_POWER_OFF);
-                }
-                Response::Error {
-                    message: format!("power-off failed: {}", std::io::Error::last_os_error()),
+                rustix::fs::sync();
+                // A power-off that works does not return.
+                match rustix::system::reboot(rustix::system::RebootCommand::PowerOff) {
+                    Ok(()) => Response::Ok,
+                    Err(e) => Response::Error {
+                        message: format!("power-off failed: {}", std::io::Error::from(e)),
+                    },
                 }
             }
             Request::Ps { id } => self.ps(&id),
@@ -676,13 +655,10 @@ impl Agent {
             {
                 let _guard = self.spawning.lock().unwrap();
                 let mut reaped = Vec::new();
-                loop {
-                    let mut status = 0;
-                    // SAFETY: waitpid writes the status into a live int.
-                    let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-                    if pid <= 0 {
-                        break;
-                    }
+                while let Ok(Some((pid, status))) =
+                    rustix::process::wait(rustix::process::WaitOptions::NOHANG)
+                {
+                    let (pid, status) = (pid.as_raw_pid(), status.as_raw());
                     let code = if libc::WIFSIGNALED(status) {
                         128 + libc::WTERMSIG(status)
                     } else {
@@ -720,13 +696,12 @@ fn make_clone_unique(clone: &CloneSeed) -> Result<(), String> {
         .open("/dev/hwrng")
     {
         let mut buf = [0u8; 64];
-        let mut pfd = libc::pollfd {
-            fd: hwrng.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
+        let mut pfd = [PollFd::new(&hwrng, PollFlags::IN)];
+        let timeout = Timespec {
+            tv_sec: 0,
+            tv_nsec: 200_000_000,
         };
-        // SAFETY: poll on one live pollfd.
-        if unsafe { libc::poll(&mut pfd, 1, 200) } > 0
+        if rustix::event::poll(&mut pfd, Some(&timeout)).is_ok_and(|n| n > 0)
             && let Ok(n) = (&hwrng).read(&mut buf)
         {
             seed.extend_from_slice(&buf[..n]);
@@ -760,17 +735,12 @@ fn make_clone_unique(clone: &CloneSeed) -> Result<(), String> {
         }
     }
     if clone.realtime_ns > 0 {
-        let now = libc::timespec {
+        let now = rustix::time::Timespec {
             tv_sec: (clone.realtime_ns / 1_000_000_000) as _,
-            tv_nsec: (clone.realtime_ns % 1_000_000_000) as libc::c_long,
+            tv_nsec: (clone.realtime_ns % 1_000_000_000) as _,
         };
-        // SAFETY: clock_settime reads a live timespec.
-        if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &now) } < 0 {
-            return Err(format!(
-                "set the guest's clock: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
+        rustix::time::clock_settime(rustix::time::ClockId::Realtime, now)
+            .map_err(|e| format!("set the guest's clock: {}", std::io::Error::from(e)))?;
     }
     Ok(())
 }
@@ -838,29 +808,22 @@ fn deliver(end: &File, pending: &mut Vec<u8>, conn: &File) -> bool {
             pending.clear();
         }
         let mut fds = [
-            libc::pollfd {
-                fd: end.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: conn.as_raw_fd(),
-                events: libc::POLLRDHUP,
-                revents: 0,
-            },
+            PollFd::new(end, PollFlags::IN),
+            PollFd::new(conn, PollFlags::RDHUP),
         ];
-        // SAFETY: poll on two live pollfds.
-        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
-            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
+        match rustix::event::poll(&mut fds, None) {
+            Ok(_) => {}
+            Err(Errno::INTR) => continue,
             // Kept for the next attach rather than lost.
+            Err(_) => return false,
+        }
+        if fds[1]
+            .revents()
+            .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR)
+        {
             return false;
         }
-        if fds[1].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
-            return false;
-        }
-        if fds[0].revents != 0 {
+        if !fds[0].revents().is_empty() {
             match (&*end).read(&mut buf) {
                 Ok(0) => return true,
                 Ok(n) => pending.extend_from_slice(&buf[..n]),
@@ -922,8 +885,7 @@ fn serve_stdio(mut conn: File, agent: Arc<Agent>) {
         }
         return;
     }
-    // SAFETY: shutdown on the connection's descriptor, which conn owns.
-    unsafe { libc::shutdown(conn.as_raw_fd(), libc::SHUT_WR) };
+    let _ = rustix::net::shutdown(&conn, rustix::net::Shutdown::Write);
 }
 
 /// Tells the VMM the agent is ready: a connection to the host's ready
@@ -969,37 +931,17 @@ fn sigchld_fd() -> std::io::Result<File> {
 /// process can pivot_root into its own root and detach the guest's.
 fn leave_rootfs() -> std::io::Result<()> {
     let _ = std::fs::create_dir("/.root");
-    // SAFETY: mount, chdir and chroot with valid C strings.
-    unsafe {
-        for (r, what) in [
-            (
-                libc::mount(
-                    c"/".as_ptr(),
-                    c"/.root".as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_BIND,
-                    std::ptr::null(),
-                ),
-                "bind",
-            ),
-            (libc::chdir(c"/.root".as_ptr()), "chdir"),
-            (
-                libc::mount(
-                    c".".as_ptr(),
-                    c"/".as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_MOVE,
-                    std::ptr::null(),
-                ),
-                "move",
-            ),
-            (libc::chroot(c".".as_ptr()), "chroot"),
-            (libc::chdir(c"/".as_ptr()), "chdir"),
-        ] {
-            if r != 0 {
-                let e = std::io::Error::last_os_error();
-                return Err(std::io::Error::new(e.kind(), format!("{what}: {e}")));
-            }
+    // Every step is taken, in order, before the first failure is reported.
+    for (r, what) in [
+        (rustix::mount::mount_bind(c"/", c"/.root"), "bind"),
+        (rustix::process::chdir(c"/.root"), "chdir"),
+        (rustix::mount::mount_move(c".", c"/"), "move"),
+        (rustix::process::chroot(c"."), "chroot"),
+        (rustix::process::chdir(c"/"), "chdir"),
+    ] {
+        if let Err(e) = r {
+            let e = std::io::Error::from(e);
+            return Err(std::io::Error::new(e.kind(), format!("{what}: {e}")));
         }
     }
     Ok(())

@@ -11,7 +11,13 @@
 
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use rustix::fs::{CWD, Dev, FileType, Mode, OFlags};
+use rustix::io::Errno;
+use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
+use rustix::process::{Gid, Resource, Rlimit, Uid};
+use rustix::thread::{CapabilitySet, CapabilitySets, LinkNameSpaceType, UnshareFlags};
 
 /// One mount of the spec, resolved.
 pub struct MountStep {
@@ -24,9 +30,9 @@ pub struct MountStep {
     /// File system type (empty for a bind mount).
     pub fstype: CString,
     /// `MS_*` flags.
-    pub flags: libc::c_ulong,
+    pub flags: MountFlags,
     /// Flags applied by a second, remounting step (a read-only bind).
-    pub remount_flags: Option<libc::c_ulong>,
+    pub remount_flags: Option<MountFlags>,
     /// File-system options (`mode=755,size=65536k`).
     pub data: CString,
     /// The target is a file (a bind mount of a file): created as one.
@@ -37,10 +43,12 @@ pub struct MountStep {
 pub struct DeviceNode {
     /// Path in the container.
     pub path: CString,
-    /// `S_IFCHR` or `S_IFBLK` with the permission bits.
-    pub mode: libc::mode_t,
+    /// Character or block device (or FIFO).
+    pub file_type: FileType,
+    /// Permission bits.
+    pub mode: Mode,
     /// Major and minor.
-    pub dev: libc::dev_t,
+    pub dev: Dev,
     /// Owner.
     pub uid: u32,
     /// Group.
@@ -59,26 +67,25 @@ pub struct CapPlan {
 /// Who the process runs as, and with what.
 pub struct ProcPlan {
     pub cwd: CString,
-    pub uid: libc::uid_t,
-    pub gid: libc::gid_t,
-    pub groups: Vec<libc::gid_t>,
-    pub umask: Option<libc::mode_t>,
-    pub rlimits: Vec<(libc::c_int, u64, u64)>,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<Gid>,
+    pub umask: Option<u32>,
+    pub rlimits: Vec<(Resource, u64, u64)>,
     pub caps: Option<CapPlan>,
     pub no_new_privileges: bool,
 }
 
 /// Everything the child does before exec.
-#[derive(Default)]
 pub struct Plan {
     /// Namespaces to join (exec into a running container), with their
     /// `CLONE_NEW*` type.
-    pub join: Vec<(OwnedFd, libc::c_int)>,
+    pub join: Vec<(OwnedFd, LinkNameSpaceType)>,
     /// The container's cgroup's `cgroup.procs`: the child joins it first.
     pub cgroup: Option<OwnedFd>,
     /// Namespaces to create (the PID namespace is made by the spawning
     /// thread: a process cannot move itself into a new one).
-    pub unshare: libc::c_int,
+    pub unshare: UnshareFlags,
     /// The container's root, mounted in the guest: mounts are made under
     /// it, then it becomes `/`.
     pub rootfs: Option<CString>,
@@ -98,15 +105,36 @@ pub struct Plan {
     pub process: Option<ProcPlan>,
 }
 
+impl Default for Plan {
+    fn default() -> Self {
+        Plan {
+            join: Vec::new(),
+            cgroup: None,
+            unshare: UnshareFlags::empty(),
+            rootfs: None,
+            mounts: Vec::new(),
+            default_dev: false,
+            devices: Vec::new(),
+            hostname: None,
+            domainname: None,
+            sysctls: Vec::new(),
+            masked: Vec::new(),
+            readonly_paths: Vec::new(),
+            root_readonly: false,
+            terminal: false,
+            process: None,
+        }
+    }
+}
+
 /// A failed step: what, and the OS error.
 struct Failed(String, io::Error);
 
-fn check(what: impl FnOnce() -> String, r: libc::c_int) -> Result<(), Failed> {
-    if r < 0 {
-        Err(Failed(what(), io::Error::last_os_error()))
-    } else {
-        Ok(())
-    }
+fn check<T>(
+    what: impl FnOnce() -> String,
+    r: Result<T, impl Into<io::Error>>,
+) -> Result<T, Failed> {
+    r.map_err(|e| Failed(what(), e.into()))
 }
 
 fn cstr(s: &str) -> CString {
@@ -122,17 +150,12 @@ fn mkdir_all(path: &CStr) -> io::Result<()> {
         .filter(|&(i, &b)| b == b'/' && i > 0)
     {
         let prefix = CString::new(&bytes[..i]).unwrap_or_default();
-        // SAFETY: mkdir with a valid C string.
-        unsafe { libc::mkdir(prefix.as_ptr(), 0o755) };
+        let _ = rustix::fs::mkdir(prefix.as_c_str(), Mode::from_raw_mode(0o755));
     }
-    // SAFETY: as above.
-    if unsafe { libc::mkdir(path.as_ptr(), 0o755) } < 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EEXIST) {
-            return Err(e);
-        }
+    match rustix::fs::mkdir(path, Mode::from_raw_mode(0o755)) {
+        Err(e) if e != Errno::EXIST => Err(e.into()),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 fn make_mount_point(m: &MountStep) -> Result<(), Failed> {
@@ -146,14 +169,14 @@ fn make_mount_point(m: &MountStep) -> Result<(), Failed> {
     {
         mkdir_all(&CString::new(&bytes[..slash]).unwrap_or_default()).map_err(fail)?;
     }
-    // SAFETY: open with a valid C string; the descriptor is closed at once.
-    let fd = unsafe { libc::open(m.target.as_ptr(), libc::O_CREAT | libc::O_CLOEXEC, 0o644) };
-    if fd < 0 {
-        return Err(fail(io::Error::last_os_error()));
-    }
-    // SAFETY: fd was just opened.
-    unsafe { libc::close(fd) };
-    Ok(())
+    // The descriptor is closed at once: only the file is wanted.
+    rustix::fs::open(
+        m.target.as_c_str(),
+        OFlags::CREATE | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o644),
+    )
+    .map(drop)
+    .map_err(|e| fail(e.into()))
 }
 
 fn do_mount(m: &MountStep) -> Result<(), Failed> {
@@ -166,31 +189,28 @@ fn do_mount(m: &MountStep) -> Result<(), Failed> {
             m.destination
         )
     };
-    let data = if m.data.is_empty() {
-        std::ptr::null()
-    } else {
-        m.data.as_ptr().cast()
-    };
-    let fstype = if m.fstype.is_empty() {
-        std::ptr::null()
-    } else {
-        m.fstype.as_ptr()
-    };
-    // SAFETY: mount with valid C strings (or null where allowed).
-    check(what, unsafe {
-        libc::mount(m.source.as_ptr(), m.target.as_ptr(), fstype, m.flags, data)
-    })?;
+    let data = (!m.data.is_empty()).then_some(m.data.as_c_str());
+    // rustix passes the type as a string, never null: an empty one is
+    // ignored for a bind mount as null is, but a new mount with no type is
+    // refused here with the kernel's answer to a null type.
+    if m.fstype.is_empty() && !m.flags.contains(MountFlags::BIND) {
+        return Err(Failed(what(), Errno::INVAL.into()));
+    }
+    check(
+        what,
+        rustix::mount::mount(
+            m.source.as_c_str(),
+            m.target.as_c_str(),
+            m.fstype.as_c_str(),
+            m.flags,
+            data,
+        ),
+    )?;
     if let Some(flags) = m.remount_flags {
-        // SAFETY: as above; a remount takes no source or type.
-        check(what, unsafe {
-            libc::mount(
-                std::ptr::null(),
-                m.target.as_ptr(),
-                std::ptr::null(),
-                flags | libc::MS_REMOUNT | libc::MS_BIND,
-                std::ptr::null(),
-            )
-        })?;
+        check(
+            what,
+            rustix::mount::mount_remount(m.target.as_c_str(), flags | MountFlags::BIND, c""),
+        )?;
     }
     Ok(())
 }
@@ -207,23 +227,21 @@ fn populate_dev(rootfs: &CStr) -> Result<(), Failed> {
         ("tty", 5, 0),
     ] {
         let path = cstr(&format!("{root}/dev/{name}"));
-        // SAFETY: mknod with a valid C string.
-        let r = unsafe {
-            libc::mknod(
-                path.as_ptr(),
-                libc::S_IFCHR | 0o666,
-                libc::makedev(major, minor),
-            )
-        };
-        if r < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
-            return Err(Failed(
-                format!("create /dev/{name}"),
-                io::Error::last_os_error(),
-            ));
+        let mode = Mode::from_raw_mode(0o666);
+        match rustix::fs::mknodat(
+            CWD,
+            path.as_c_str(),
+            FileType::CharacterDevice,
+            mode,
+            rustix::fs::makedev(major, minor),
+        ) {
+            Err(e) if e != Errno::EXIST => {
+                return Err(Failed(format!("create /dev/{name}"), e.into()));
+            }
+            _ => {}
         }
         // mknod is subject to the umask.
-        // SAFETY: chmod with a valid C string.
-        unsafe { libc::chmod(path.as_ptr(), 0o666) };
+        let _ = rustix::fs::chmod(path.as_c_str(), mode);
     }
     for (link, target) in [
         ("fd", "/proc/self/fd"),
@@ -234,42 +252,35 @@ fn populate_dev(rootfs: &CStr) -> Result<(), Failed> {
         ("core", "/proc/kcore"),
     ] {
         let (path, target) = (cstr(&format!("{root}/dev/{link}")), cstr(target));
-        // SAFETY: symlink with valid C strings; an existing one is kept.
-        unsafe { libc::symlink(target.as_ptr(), path.as_ptr()) };
+        // An existing one is kept.
+        let _ = rustix::fs::symlink(target.as_c_str(), path.as_c_str());
     }
     Ok(())
 }
 
 fn pivot_into(rootfs: &CStr) -> Result<(), Failed> {
     let dot = c".";
-    // SAFETY: chdir/syscall/umount2 with valid C strings.
-    unsafe {
-        check(
-            || "enter the container's root".into(),
-            libc::chdir(rootfs.as_ptr()),
-        )?;
-        // pivot_root(".", "."): the old root ends up stacked on the new
-        // one and is detached right away, with no directory for it.
-        check(
-            || "pivot_root into the container's root".into(),
-            libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) as libc::c_int,
-        )?;
-        check(
-            || "detach the guest's root".into(),
-            libc::umount2(dot.as_ptr(), libc::MNT_DETACH),
-        )?;
-        check(|| "enter /".into(), libc::chdir(c"/".as_ptr()))?;
-    }
-    Ok(())
+    check(
+        || "enter the container's root".into(),
+        rustix::process::chdir(rootfs),
+    )?;
+    // pivot_root(".", "."): the old root ends up stacked on the new
+    // one and is detached right away, with no directory for it.
+    check(
+        || "pivot_root into the container's root".into(),
+        rustix::process::pivot_root(dot, dot),
+    )?;
+    check(
+        || "detach the guest's root".into(),
+        rustix::mount::unmount(dot, UnmountFlags::DETACH),
+    )?;
+    check(|| "enter /".into(), rustix::process::chdir(c"/"))
 }
 
 fn is_dir(path: &CStr) -> Option<bool> {
-    // SAFETY: stat into a zeroed struct with a valid C string.
-    unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        (libc::stat(path.as_ptr(), &mut st) == 0)
-            .then_some(st.st_mode & libc::S_IFMT == libc::S_IFDIR)
-    }
+    rustix::fs::stat(path)
+        .ok()
+        .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
 }
 
 fn mask(path: &CStr) -> Result<(), Failed> {
@@ -278,26 +289,14 @@ fn mask(path: &CStr) -> Result<(), Failed> {
     let Some(dir) = is_dir(path) else {
         return Ok(());
     };
-    // SAFETY: mount with valid C strings.
-    check(what, unsafe {
+    check(
+        what,
         if dir {
-            libc::mount(
-                c"tmpfs".as_ptr(),
-                path.as_ptr(),
-                c"tmpfs".as_ptr(),
-                libc::MS_RDONLY,
-                std::ptr::null(),
-            )
+            rustix::mount::mount(c"tmpfs", path, c"tmpfs", MountFlags::RDONLY, None)
         } else {
-            libc::mount(
-                c"/dev/null".as_ptr(),
-                path.as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND,
-                std::ptr::null(),
-            )
-        }
-    })
+            rustix::mount::mount_bind(c"/dev/null", path)
+        },
+    )
 }
 
 fn make_readonly(path: &CStr) -> Result<(), Failed> {
@@ -305,45 +304,15 @@ fn make_readonly(path: &CStr) -> Result<(), Failed> {
         return Ok(());
     }
     let what = || format!("make {} read-only", path.to_string_lossy());
-    // SAFETY: mount with valid C strings.
-    unsafe {
-        check(
-            what,
-            libc::mount(
-                path.as_ptr(),
-                path.as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND | libc::MS_REC,
-                std::ptr::null(),
-            ),
-        )?;
-        check(
-            what,
-            libc::mount(
-                std::ptr::null(),
-                path.as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC,
-                std::ptr::null(),
-            ),
-        )
-    }
-}
-
-const CAP_VERSION_3: u32 = 0x2008_0522;
-
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: libc::c_int,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
+    check(what, rustix::mount::mount_bind_recursive(path, path))?;
+    check(
+        what,
+        rustix::mount::mount_remount(
+            path,
+            MountFlags::BIND | MountFlags::RDONLY | MountFlags::REC,
+            c"",
+        ),
+    )
 }
 
 /// The highest capability this kernel knows.
@@ -355,232 +324,223 @@ fn last_cap() -> u32 {
 }
 
 fn set_identity(p: &ProcPlan, last_cap: u32) -> Result<(), Failed> {
-    // SAFETY: the calls below take plain integers or point at live memory
-    // of the right size.
-    unsafe {
-        if let Some(caps) = &p.caps {
-            check(
-                || "keep capabilities across setuid".into(),
-                libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0),
-            )?;
-            for cap in 0..=last_cap {
-                if caps.bounding & (1 << cap) == 0 {
-                    check(
-                        || format!("drop capability {cap} from the bounding set"),
-                        libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0),
-                    )?;
-                }
+    // One capability as a set of one.
+    let one = |cap: u32| CapabilitySet::from_bits_retain(1 << cap);
+    if let Some(caps) = &p.caps {
+        check(
+            || "keep capabilities across setuid".into(),
+            rustix::thread::set_keep_capabilities(true),
+        )?;
+        for cap in 0..=last_cap {
+            if caps.bounding & (1 << cap) == 0 {
+                check(
+                    || format!("drop capability {cap} from the bounding set"),
+                    rustix::thread::remove_capability_from_bounding_set(one(cap)),
+                )?;
             }
         }
+    }
+    // The thread's own calls: the forked child has no other thread.
+    check(
+        || {
+            let groups: Vec<u32> = p.groups.iter().map(|g| g.as_raw()).collect();
+            format!("set additional groups {groups:?}")
+        },
+        rustix::thread::set_thread_groups(&p.groups),
+    )?;
+    let gid = Gid::from_raw_unchecked(p.gid);
+    check(
+        || format!("set group {}", p.gid),
+        rustix::thread::set_thread_res_gid(gid, gid, gid),
+    )?;
+    let uid = Uid::from_raw_unchecked(p.uid);
+    check(
+        || format!("set user {}", p.uid),
+        rustix::thread::set_thread_res_uid(uid, uid, uid),
+    )?;
+    if let Some(caps) = &p.caps {
         check(
-            || format!("set additional groups {:?}", p.groups),
-            libc::setgroups(p.groups.len(), p.groups.as_ptr()),
-        )?;
-        check(
-            || format!("set group {}", p.gid),
-            libc::setresgid(p.gid, p.gid, p.gid),
-        )?;
-        check(
-            || format!("set user {}", p.uid),
-            libc::setresuid(p.uid, p.uid, p.uid),
-        )?;
-        if let Some(caps) = &p.caps {
-            let header = CapHeader {
-                version: CAP_VERSION_3,
-                pid: 0,
-            };
-            let data = [
-                CapData {
-                    effective: caps.effective as u32,
-                    permitted: caps.permitted as u32,
-                    inheritable: caps.inheritable as u32,
+            || "set capabilities".into(),
+            rustix::thread::set_capabilities(
+                None,
+                CapabilitySets {
+                    effective: CapabilitySet::from_bits_retain(caps.effective),
+                    permitted: CapabilitySet::from_bits_retain(caps.permitted),
+                    inheritable: CapabilitySet::from_bits_retain(caps.inheritable),
                 },
-                CapData {
-                    effective: (caps.effective >> 32) as u32,
-                    permitted: (caps.permitted >> 32) as u32,
-                    inheritable: (caps.inheritable >> 32) as u32,
-                },
-            ];
-            check(
-                || "set capabilities".into(),
-                libc::syscall(libc::SYS_capset, &header, data.as_ptr()) as libc::c_int,
-            )?;
-            for cap in 0..=last_cap {
-                if caps.ambient & (1 << cap) != 0 {
-                    check(
-                        || format!("raise ambient capability {cap}"),
-                        libc::prctl(
-                            libc::PR_CAP_AMBIENT,
-                            libc::PR_CAP_AMBIENT_RAISE,
-                            cap as libc::c_ulong,
-                            0,
-                            0,
-                        ),
-                    )?;
-                }
+            ),
+        )?;
+        for cap in 0..=last_cap {
+            if caps.ambient & (1 << cap) != 0 {
+                check(
+                    || format!("raise ambient capability {cap}"),
+                    rustix::thread::configure_capability_in_ambient_set(one(cap), true),
+                )?;
             }
         }
-        if p.no_new_privileges {
-            check(
-                || "set no_new_privileges".into(),
-                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
-            )?;
-        }
+    }
+    if p.no_new_privileges {
+        check(
+            || "set no_new_privileges".into(),
+            rustix::thread::set_no_new_privs(true),
+        )?;
     }
     Ok(())
 }
 
 fn run(plan: &Plan, last_cap: u32) -> Result<(), Failed> {
-    // SAFETY: each call below takes plain integers or valid C strings.
-    unsafe {
-        if let Some(procs) = &plan.cgroup {
-            // "0" is the writing process: the child joins before it makes
-            // anything the limits should count.
-            let written = libc::write(
-                std::os::fd::AsRawFd::as_raw_fd(procs),
-                c"0".as_ptr().cast(),
-                1,
-            );
-            check(
-                || "join the container's cgroup".into(),
-                written as libc::c_int,
-            )?;
-        }
-        if plan.terminal {
-            check(|| "start a session".into(), libc::setsid())?;
-            check(
-                || "take the terminal".into(),
-                libc::ioctl(0, libc::TIOCSCTTY, 0),
-            )?;
-        }
-        for (fd, kind) in &plan.join {
-            check(
-                || format!("join the container's namespace {kind:#x}"),
-                libc::setns(std::os::fd::AsRawFd::as_raw_fd(fd), *kind),
-            )?;
-        }
-        if plan.unshare != 0 {
-            check(
-                || format!("create namespaces {:#x}", plan.unshare),
-                libc::unshare(plan.unshare),
-            )?;
-        }
-        if let Some(rootfs) = &plan.rootfs {
-            check(
-                || "make the mount tree private".into(),
-                libc::mount(
-                    std::ptr::null(),
-                    c"/".as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    std::ptr::null(),
-                ),
-            )?;
-            check(
-                || "bind the container's root".into(),
-                libc::mount(
-                    rootfs.as_ptr(),
-                    rootfs.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_BIND | libc::MS_REC,
-                    std::ptr::null(),
-                ),
-            )?;
-            for m in &plan.mounts {
-                do_mount(m)?;
-            }
-            if plan.default_dev {
-                populate_dev(rootfs)?;
-            }
-            for d in &plan.devices {
-                let what = || format!("create device {}", d.path.to_string_lossy());
-                let r = libc::mknod(d.path.as_ptr(), d.mode, d.dev);
-                if r < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
-                    return Err(Failed(what(), io::Error::last_os_error()));
-                }
-                check(what, libc::chown(d.path.as_ptr(), d.uid, d.gid))?;
-            }
-            pivot_into(rootfs)?;
-        }
-        for (path, value) in &plan.sysctls {
-            let what = || format!("set sysctl {}", path.to_string_lossy());
-            let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            check(what, fd)?;
-            let n = libc::write(fd, value.as_ptr().cast(), value.len());
-            libc::close(fd);
-            check(what, n as libc::c_int)?;
-        }
-        for path in &plan.masked {
-            mask(path)?;
-        }
-        for path in &plan.readonly_paths {
-            make_readonly(path)?;
-        }
-        if plan.root_readonly {
-            check(
-                || "make the root read-only".into(),
-                libc::mount(
-                    std::ptr::null(),
-                    c"/".as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-                    std::ptr::null(),
-                ),
-            )?;
-        }
-        if let Some(name) = &plan.hostname {
-            check(
-                || format!("set hostname {}", name.to_string_lossy()),
-                libc::sethostname(name.as_ptr(), name.to_bytes().len()),
-            )?;
-        }
-        if let Some(name) = &plan.domainname {
-            check(
-                || format!("set domain name {}", name.to_string_lossy()),
-                libc::setdomainname(name.as_ptr(), name.to_bytes().len()),
-            )?;
-        }
-        if let Some(p) = &plan.process {
-            for &(resource, soft, hard) in &p.rlimits {
-                let limit = libc::rlimit {
-                    rlim_cur: soft,
-                    rlim_max: hard,
-                };
-                check(
-                    || format!("set rlimit {resource} to {soft}/{hard}"),
-                    libc::setrlimit(resource as _, &limit),
-                )?;
-            }
-            if let Some(mask) = p.umask {
-                libc::umask(mask);
-            }
-            set_identity(p, last_cap)?;
-            check(
-                || format!("enter working directory {}", p.cwd.to_string_lossy()),
-                libc::chdir(p.cwd.as_ptr()),
-            )?;
-        }
-        // The agent blocks SIGCHLD in every thread (it reads it from a
-        // signalfd), and a signal mask survives fork and exec: the process
-        // starts with no signal blocked, as runc's does. (An inherited
-        // blocked SIGCHLD hung a shell's `wait`.)
-        let mut none: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut none);
+    if let Some(procs) = &plan.cgroup {
+        // "0" is the writing process: the child joins before it makes
+        // anything the limits should count.
         check(
-            || "unblock signals".into(),
-            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()),
+            || "join the container's cgroup".into(),
+            rustix::io::write(procs, b"0"),
         )?;
     }
-    Ok(())
+    if plan.terminal {
+        check(|| "start a session".into(), rustix::process::setsid())?;
+        check(
+            || "take the terminal".into(),
+            rustix::process::ioctl_tiocsctty(rustix::stdio::stdin()),
+        )?;
+    }
+    for (fd, kind) in &plan.join {
+        check(
+            || format!("join the container's namespace {:#x}", *kind as u32),
+            rustix::thread::move_into_link_name_space(fd.as_fd(), Some(*kind)),
+        )?;
+    }
+    if !plan.unshare.is_empty() {
+        // SAFETY: the plan's flags are namespaces only
+        // (container::namespaces), never CLONE_FILES: no descriptor table
+        // is split, and the child has no other thread anyway.
+        let unshared = unsafe { rustix::thread::unshare_unsafe(plan.unshare) };
+        check(
+            || format!("create namespaces {:#x}", plan.unshare.bits()),
+            unshared,
+        )?;
+    }
+    if let Some(rootfs) = &plan.rootfs {
+        check(
+            || "make the mount tree private".into(),
+            rustix::mount::mount_change(
+                c"/",
+                MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
+            ),
+        )?;
+        check(
+            || "bind the container's root".into(),
+            rustix::mount::mount_bind_recursive(rootfs.as_c_str(), rootfs.as_c_str()),
+        )?;
+        for m in &plan.mounts {
+            do_mount(m)?;
+        }
+        if plan.default_dev {
+            populate_dev(rootfs)?;
+        }
+        for d in &plan.devices {
+            let what = || format!("create device {}", d.path.to_string_lossy());
+            match rustix::fs::mknodat(CWD, d.path.as_c_str(), d.file_type, d.mode, d.dev) {
+                Err(e) if e != Errno::EXIST => return Err(Failed(what(), e.into())),
+                _ => {}
+            }
+            check(
+                what,
+                rustix::fs::chown(
+                    d.path.as_c_str(),
+                    Some(Uid::from_raw_unchecked(d.uid)),
+                    Some(Gid::from_raw_unchecked(d.gid)),
+                ),
+            )?;
+        }
+        pivot_into(rootfs)?;
+    }
+    for (path, value) in &plan.sysctls {
+        let what = || format!("set sysctl {}", path.to_string_lossy());
+        let fd = check(
+            what,
+            rustix::fs::open(
+                path.as_c_str(),
+                OFlags::WRONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+            ),
+        )?;
+        let written = rustix::io::write(&fd, value);
+        drop(fd);
+        check(what, written)?;
+    }
+    for path in &plan.masked {
+        mask(path)?;
+    }
+    for path in &plan.readonly_paths {
+        make_readonly(path)?;
+    }
+    if plan.root_readonly {
+        check(
+            || "make the root read-only".into(),
+            rustix::mount::mount_remount(c"/", MountFlags::BIND | MountFlags::RDONLY, c""),
+        )?;
+    }
+    if let Some(name) = &plan.hostname {
+        check(
+            || format!("set hostname {}", name.to_string_lossy()),
+            rustix::system::sethostname(name.to_bytes()),
+        )?;
+    }
+    if let Some(name) = &plan.domainname {
+        check(
+            || format!("set domain name {}", name.to_string_lossy()),
+            rustix::system::setdomainname(name.to_bytes()),
+        )?;
+    }
+    if let Some(p) = &plan.process {
+        for &(resource, soft, hard) in &p.rlimits {
+            let limit = Rlimit {
+                current: Some(soft),
+                maximum: Some(hard),
+            };
+            check(
+                || format!("set rlimit {} to {soft}/{hard}", resource as u32),
+                rustix::process::setrlimit(resource, limit),
+            )?;
+        }
+        if let Some(mask) = p.umask {
+            rustix::process::umask(Mode::from_bits_retain(mask));
+        }
+        set_identity(p, last_cap)?;
+        check(
+            || format!("enter working directory {}", p.cwd.to_string_lossy()),
+            rustix::process::chdir(p.cwd.as_c_str()),
+        )?;
+    }
+    // The agent blocks SIGCHLD in every thread (it reads it from a
+    // signalfd), and a signal mask survives fork and exec: the process
+    // starts with no signal blocked, as runc's does. (An inherited
+    // blocked SIGCHLD hung a shell's `wait`.) rustix has no safe
+    // sigprocmask.
+    // SAFETY: the empty set is initialised by sigemptyset before
+    // sigprocmask reads it; no old set is asked for.
+    let unblocked = unsafe {
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut())
+    };
+    check(
+        || "unblock signals".into(),
+        if unblocked < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        },
+    )
 }
 
 /// Runs `plan` in the forked child; on failure writes what failed to
-/// `err_fd` and returns the OS error (the spawn then fails).
-pub fn apply(plan: &Plan, last_cap: u32, err_fd: RawFd) -> io::Result<()> {
+/// `err` and returns the OS error (the spawn then fails).
+pub fn apply(plan: &Plan, last_cap: u32, err: BorrowedFd<'_>) -> io::Result<()> {
     run(plan, last_cap).map_err(|Failed(what, e)| {
         let msg = format!("{what}: {e}");
-        // SAFETY: write from a live buffer to the pipe the parent reads.
-        unsafe { libc::write(err_fd, msg.as_ptr().cast(), msg.len()) };
+        let _ = rustix::io::write(err, msg.as_bytes());
         e
     })
 }
