@@ -25,9 +25,11 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use rustix::fs::FlockOperation;
+use rustix::io::Errno;
+use rustix::process::Pid;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
@@ -215,14 +217,11 @@ impl Lock {
             .open(path)
             .map_err(io("open", path))?;
         let op = if exclusive {
-            libc::LOCK_EX
+            FlockOperation::LockExclusive
         } else {
-            libc::LOCK_SH
+            FlockOperation::LockShared
         };
-        // SAFETY: flock on a descriptor this function owns.
-        if unsafe { libc::flock(file.as_raw_fd(), op) } < 0 {
-            return Err(io("lock", path)(std::io::Error::last_os_error()));
-        }
+        rustix::fs::flock(&file, op).map_err(|e| io("lock", path)(std::io::Error::from(e)))?;
         Ok(Self(file))
     }
 }
@@ -259,12 +258,18 @@ impl Store {
     /// `ingest/busybox-PID.tar` and `.NAME.tmp-PID-N` in `blobs/sha256`
     /// and `layers`, for every PID no longer running. Returns how many.
     pub fn sweep_scratch(&self) -> usize {
-        fn pid_of(name: &str) -> Option<i32> {
+        fn pid_of(name: &str) -> Option<Pid> {
             let rest = name
                 .strip_prefix("load-")
                 .or_else(|| name.strip_prefix("busybox-"))
                 .or_else(|| name.split_once(".tmp-").map(|(_, r)| r))?;
-            rest.split(['-', '.']).next()?.parse().ok()
+            // Never negative ('-' ends the number); 0, which `kill` takes
+            // for this process's group, is no scratch's PID: left alone.
+            rest.split(['-', '.'])
+                .next()?
+                .parse()
+                .ok()
+                .and_then(Pid::from_raw)
         }
         let mut swept = 0;
         for sub in ["ingest", "blobs/sha256", "layers"] {
@@ -274,9 +279,7 @@ impl Store {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 let Some(pid) = pid_of(&name) else { continue };
-                // SAFETY: kill with signal 0 only checks that the PID runs.
-                let gone = unsafe { libc::kill(pid, 0) } != 0
-                    && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+                let gone = rustix::process::test_kill_process(pid) == Err(Errno::SRCH);
                 if !gone {
                     continue;
                 }
@@ -682,8 +685,7 @@ impl Store {
             }
             let lock = ingest.join(format!("{name}.lock"));
             let free = File::open(&lock).map_or(true, |f| {
-                // SAFETY: flock on a descriptor owned here.
-                (unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }) == 0
+                rustix::fs::flock(&f, FlockOperation::NonBlockingLockExclusive).is_ok()
             });
             if free {
                 let _ = std::fs::remove_file(entry.path());

@@ -58,6 +58,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use rustix::fs::{AtFlags, Dev, FileType, Stat, Timespec};
 use ruzstd::decoding::errors::{FrameDecoderError, ReadFrameHeaderError};
 use ruzstd::decoding::{BlockDecodingStrategy, FrameDecoder};
 use sha2::{Digest, Sha256};
@@ -629,8 +630,8 @@ enum Kind {
     Symlink(CString),
     /// A hard link to this path in the layer (as in the tar stream).
     HardLink(Vec<u8>),
-    /// A device or FIFO: its file type bits (`S_IF*`) and device number.
-    Node(libc::mode_t, libc::dev_t),
+    /// A device or FIFO: its file type and device number.
+    Node(FileType, Dev),
 }
 
 impl Kind {
@@ -647,9 +648,9 @@ impl Kind {
                 })?)
             }
             EntryType::Link => Self::HardLink(link_name(entry)?),
-            EntryType::Char => Self::Node(libc::S_IFCHR, device_number(header)?),
-            EntryType::Block => Self::Node(libc::S_IFBLK, device_number(header)?),
-            EntryType::Fifo => Self::Node(libc::S_IFIFO, 0),
+            EntryType::Char => Self::Node(FileType::CharacterDevice, device_number(header)?),
+            EntryType::Block => Self::Node(FileType::BlockDevice, device_number(header)?),
+            EntryType::Fifo => Self::Node(FileType::Fifo, 0),
             // Metadata for the whole archive, not a file.
             EntryType::XGlobalHeader => return Ok(None),
             other => {
@@ -672,7 +673,7 @@ fn link_name<R: Read>(entry: &tar::Entry<'_, R>) -> Result<Vec<u8>, EntryError> 
 }
 
 /// A device entry's device number.
-fn device_number(header: &tar::Header) -> Result<libc::dev_t, EntryError> {
+fn device_number(header: &tar::Header) -> Result<Dev, EntryError> {
     let number = |field: io::Result<Option<u32>>| {
         field
             .map(Option::unwrap_or_default)
@@ -680,7 +681,7 @@ fn device_number(header: &tar::Header) -> Result<libc::dev_t, EntryError> {
     };
     let major = number(header.device_major())?;
     let minor = number(header.device_minor())?;
-    Ok(libc::makedev(major, minor))
+    Ok(rustix::fs::makedev(major, minor))
 }
 
 /// An entry type, for messages: its byte, and what it is when known.
@@ -697,11 +698,11 @@ fn type_name(kind: EntryType) -> String {
 
 /// An entry's metadata, as it is set on the host.
 struct Metadata {
-    uid: libc::uid_t,
-    gid: libc::gid_t,
+    uid: u32,
+    gid: u32,
     /// Permission bits, with setuid, setgid and sticky.
-    mode: libc::mode_t,
-    mtime: libc::timespec,
+    mode: u32,
+    mtime: Timespec,
     /// Extended attributes, from `SCHILY.xattr.*` PAX records.
     xattrs: Vec<(CString, Vec<u8>)>,
 }
@@ -721,7 +722,7 @@ impl Metadata {
         let gid = id(field(header.gid(), &old.gid)?)?;
         let mode = field(header.mode().map(u64::from), &old.mode)? as u32 & 0o7777;
         let mtime = field(header.mtime(), &old.mtime)?;
-        let mut mtime = libc::timespec {
+        let mut mtime = Timespec {
             tv_sec: i64::try_from(mtime)
                 .map_err(|_| EntryError::Refused("modification time out of range".to_string()))?,
             tv_nsec: 0,
@@ -766,7 +767,7 @@ fn id(value: u64) -> Result<u32, EntryError> {
 }
 
 /// Parses a PAX time (`[-]seconds[.fraction]`).
-fn parse_pax_time(value: &[u8]) -> Option<libc::timespec> {
+fn parse_pax_time(value: &[u8]) -> Option<Timespec> {
     let value = std::str::from_utf8(value).ok()?;
     let (negative, value) = match value.strip_prefix('-') {
         Some(rest) => (true, rest),
@@ -787,17 +788,17 @@ fn parse_pax_time(value: &[u8]) -> Option<libc::timespec> {
         .bytes()
         .chain(std::iter::repeat(b'0'))
         .take(9)
-        .fold(0, |n, digit| n * 10 + libc::c_long::from(digit - b'0'));
+        .fold(0, |n, digit| n * 10 + i64::from(digit - b'0'));
     Some(match (negative, nanos) {
-        (false, _) => libc::timespec {
+        (false, _) => Timespec {
             tv_sec: secs,
             tv_nsec: nanos,
         },
-        (true, 0) => libc::timespec {
+        (true, 0) => Timespec {
             tv_sec: -secs,
             tv_nsec: 0,
         },
-        (true, _) => libc::timespec {
+        (true, _) => Timespec {
             tv_sec: -secs - 1,
             tv_nsec: 1_000_000_000 - nanos,
         },
@@ -813,7 +814,7 @@ struct Unpacker {
     until: std::rc::Rc<std::cell::Cell<u64>>,
     /// The directories made, with their modification times: set once all
     /// entries are in, since making entries inside changes them.
-    directory_times: Vec<(LayerPath, libc::timespec)>,
+    directory_times: Vec<(LayerPath, Timespec)>,
     /// A buffer for copying file contents.
     buf: Vec<u8>,
 }
@@ -900,7 +901,7 @@ impl Unpacker {
             Kind::HardLink(target) => self.make_hard_link(parent, name, &target),
             Kind::Node(file_type, device) => {
                 remove_existing(parent, name)?;
-                sys::mknodat(parent, name, file_type | 0o600, device).map_err(failed("create"))?;
+                sys::mknodat(parent, name, file_type, 0o600, device).map_err(failed("create"))?;
                 set_metadata(parent, name, &meta, false)
             }
         }
@@ -927,7 +928,7 @@ impl Unpacker {
                 }
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
                     return Err(match sys::fstatat(dir.as_fd(), name) {
-                        Ok(st) if is_type(&st, libc::S_IFLNK) => WalkError::Symlink(shown()),
+                        Ok(st) if is_type(&st, FileType::Symlink) => WalkError::Symlink(shown()),
                         _ => WalkError::NotDirectory(shown()),
                     });
                 }
@@ -1000,7 +1001,7 @@ impl Unpacker {
             }
             Err(e) => return Err(failed(format!("inspect {shown:?}"))(e)),
         };
-        if is_type(&target_stat, libc::S_IFDIR) {
+        if is_type(&target_stat, FileType::Directory) {
             return Err(EntryError::Refused(format!(
                 "hard link to directory {shown:?}"
             )));
@@ -1039,8 +1040,14 @@ impl Unpacker {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
             Err(e) => return Err(failed("inspect the whited-out file")(e)),
         }
-        sys::mknodat(parent, &name, libc::S_IFCHR, libc::makedev(0, 0))
-            .map_err(failed("create the whiteout device"))?;
+        sys::mknodat(
+            parent,
+            &name,
+            FileType::CharacterDevice,
+            0,
+            rustix::fs::makedev(0, 0),
+        )
+        .map_err(failed("create the whiteout device"))?;
         sys::fchownat(parent, &name, meta.uid, meta.gid).map_err(failed("set the owner"))
     }
 
@@ -1078,8 +1085,8 @@ fn make_missing_dir(parent: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> 
 /// Makes the directory `name` in `parent`, unless there is one.
 fn make_directory(parent: BorrowedFd<'_>, name: &CStr) -> Result<(), EntryError> {
     match sys::fstatat(parent, name) {
-        Ok(st) if is_type(&st, libc::S_IFDIR) => return Ok(()),
-        Ok(_) => sys::unlinkat(parent, name, 0).map_err(failed("replace"))?,
+        Ok(st) if is_type(&st, FileType::Directory) => return Ok(()),
+        Ok(_) => sys::unlinkat(parent, name, AtFlags::empty()).map_err(failed("replace"))?,
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
         Err(e) => return Err(failed("inspect")(e)),
     }
@@ -1089,10 +1096,10 @@ fn make_directory(parent: BorrowedFd<'_>, name: &CStr) -> Result<(), EntryError>
 /// Removes whatever is at `name` in `parent`, so an entry can replace it.
 fn remove_existing(parent: BorrowedFd<'_>, name: &CStr) -> Result<(), EntryError> {
     match sys::fstatat(parent, name) {
-        Ok(st) if is_type(&st, libc::S_IFDIR) => {
+        Ok(st) if is_type(&st, FileType::Directory) => {
             remove_tree(parent, name).map_err(failed("replace the directory"))
         }
-        Ok(_) => sys::unlinkat(parent, name, 0).map_err(failed("replace")),
+        Ok(_) => sys::unlinkat(parent, name, AtFlags::empty()).map_err(failed("replace")),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         Err(e) => Err(failed("inspect")(e)),
     }
@@ -1103,19 +1110,19 @@ fn remove_existing(parent: BorrowedFd<'_>, name: &CStr) -> Result<(), EntryError
 fn remove_tree(parent: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
     let dir = sys::open_dir(parent, name)?;
     for child in sys::read_dir(dir.as_fd())? {
-        match sys::unlinkat(dir.as_fd(), &child, 0) {
+        match sys::unlinkat(dir.as_fd(), &child, AtFlags::empty()) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EISDIR) => remove_tree(dir.as_fd(), &child)?,
             Err(e) => return Err(e),
         }
     }
     drop(dir);
-    sys::unlinkat(parent, name, libc::AT_REMOVEDIR)
+    sys::unlinkat(parent, name, AtFlags::REMOVEDIR)
 }
 
-/// Whether `st` is of file type `file_type` (`S_IF*`).
-fn is_type(st: &libc::stat, file_type: libc::mode_t) -> bool {
-    st.st_mode & libc::S_IFMT == file_type
+/// Whether `st` is of file type `file_type`.
+fn is_type(st: &Stat, file_type: FileType) -> bool {
+    FileType::from_raw_mode(st.st_mode) == file_type
 }
 
 /// Sets all of an entry's metadata on `name` in `parent`.
@@ -1166,73 +1173,47 @@ mod sys {
     use std::ffi::{CStr, CString, OsStr};
     use std::fs::File;
     use std::io;
-    use std::mem::MaybeUninit;
-    use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+    use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
     use std::os::unix::ffi::OsStrExt;
 
-    /// Maps a -1 return to the thread's `errno`.
-    fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
-        if ret == -1 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(ret)
-        }
-    }
+    use rustix::fs::{
+        AtFlags, Dev, FileType, Mode, OFlags, Stat, Timespec, Timestamps, XattrFlags,
+    };
+    use rustix::io::Errno;
 
     /// Opens the directory `name` in `dir`; fails (`ELOOP` or `ENOTDIR`)
     /// where `name` is a symbolic link.
     pub fn open_dir(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> {
-        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-        // SAFETY: `name` is a NUL-terminated string; openat only reads it.
-        let fd = cvt(unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) })?;
-        // SAFETY: openat returned a new descriptor, owned by nothing else.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        Ok(rustix::fs::openat(dir, name, flags, Mode::empty())?)
     }
 
     /// Creates the regular file `name` in `dir` (mode 0600), for writing;
     /// fails if anything is at `name`.
     pub fn create_file(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<File> {
         let flags =
-            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-        let mode: libc::c_uint = 0o600;
-        // SAFETY: `name` is a NUL-terminated string; openat only reads it.
-        let fd = cvt(unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, mode) })?;
-        // SAFETY: openat returned a new descriptor, owned by nothing else.
-        Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = rustix::fs::openat(dir, name, flags, Mode::from_raw_mode(0o600))?;
+        Ok(File::from(fd))
     }
 
-    pub fn mkdirat(dir: BorrowedFd<'_>, name: &CStr, mode: libc::mode_t) -> io::Result<()> {
-        // SAFETY: `name` is a NUL-terminated string; mkdirat only reads it.
-        cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) }).map(drop)
+    pub fn mkdirat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
+        Ok(rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(mode))?)
     }
 
-    /// Removes `name` from `dir`: a directory (empty) with `AT_REMOVEDIR`.
-    pub fn unlinkat(dir: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> io::Result<()> {
-        // SAFETY: `name` is a NUL-terminated string; unlinkat only reads it.
-        cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) }).map(drop)
+    /// Removes `name` from `dir`: a directory (empty) with `AtFlags::REMOVEDIR`.
+    pub fn unlinkat(dir: BorrowedFd<'_>, name: &CStr, flags: AtFlags) -> io::Result<()> {
+        Ok(rustix::fs::unlinkat(dir, name, flags)?)
     }
 
     /// The status of `name` in `dir` (of the link, for a symbolic link).
-    pub fn fstatat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<libc::stat> {
-        let mut st = MaybeUninit::<libc::stat>::uninit();
-        // SAFETY: `name` is a NUL-terminated string and `st` is writable
-        // memory for one `stat`, which fstatat fills on success.
-        cvt(unsafe {
-            libc::fstatat(
-                dir.as_raw_fd(),
-                name.as_ptr(),
-                st.as_mut_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        })?;
-        // SAFETY: fstatat succeeded, so it initialised `st`.
-        Ok(unsafe { st.assume_init() })
+    pub fn fstatat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Stat> {
+        Ok(rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?)
     }
 
     /// Makes `name` in `dir` a symbolic link to `target`.
     pub fn symlinkat(target: &CStr, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
-        // SAFETY: both are NUL-terminated strings; symlinkat only reads them.
-        cvt(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) }).map(drop)
+        Ok(rustix::fs::symlinkat(target, dir, name)?)
     }
 
     /// Makes `name` in `dir` a hard link to `target` in `target_dir` (to a
@@ -1243,105 +1224,96 @@ mod sys {
         dir: BorrowedFd<'_>,
         name: &CStr,
     ) -> io::Result<()> {
-        // SAFETY: both names are NUL-terminated strings; linkat only reads them.
-        cvt(unsafe {
-            libc::linkat(
-                target_dir.as_raw_fd(),
-                target.as_ptr(),
-                dir.as_raw_fd(),
-                name.as_ptr(),
-                0,
-            )
-        })
-        .map(drop)
+        Ok(rustix::fs::linkat(
+            target_dir,
+            target,
+            dir,
+            name,
+            AtFlags::empty(),
+        )?)
     }
 
     /// Makes the device or FIFO `name` in `dir`.
     pub fn mknodat(
         dir: BorrowedFd<'_>,
         name: &CStr,
-        mode: libc::mode_t,
-        device: libc::dev_t,
+        file_type: FileType,
+        mode: u32,
+        device: Dev,
     ) -> io::Result<()> {
-        // SAFETY: `name` is a NUL-terminated string; mknodat only reads it.
-        cvt(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), mode, device) }).map(drop)
+        Ok(rustix::fs::mknodat(
+            dir,
+            name,
+            file_type,
+            Mode::from_raw_mode(mode),
+            device,
+        )?)
     }
 
-    pub fn fchownat(
-        dir: BorrowedFd<'_>,
-        name: &CStr,
-        uid: libc::uid_t,
-        gid: libc::gid_t,
-    ) -> io::Result<()> {
-        // SAFETY: `name` is a NUL-terminated string; fchownat only reads it.
-        cvt(unsafe {
-            libc::fchownat(
-                dir.as_raw_fd(),
-                name.as_ptr(),
-                uid,
-                gid,
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        })
-        .map(drop)
+    /// Sets the owner of `name` in `dir` (of the link, for a symbolic link).
+    /// Neither ID may be `u32::MAX`, which means "leave unchanged".
+    pub fn fchownat(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
+        Ok(rustix::fs::chownat(
+            dir,
+            name,
+            Some(rustix::fs::Uid::from_raw(uid)),
+            Some(rustix::fs::Gid::from_raw(gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?)
     }
 
-    /// Sets the mode of `name` in `dir`; fails where it is a symbolic link.
-    pub fn fchmodat(dir: BorrowedFd<'_>, name: &CStr, mode: libc::mode_t) -> io::Result<()> {
-        // SAFETY: `name` is a NUL-terminated string; fchmodat only reads it.
-        cvt(unsafe {
-            libc::fchmodat(
-                dir.as_raw_fd(),
-                name.as_ptr(),
-                mode,
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        })
-        .map(drop)
+    /// Sets the mode of `name` in `dir`; fails (`EOPNOTSUPP`) where it is a
+    /// symbolic link.
+    ///
+    /// Linux's `fchmodat` takes no flags, and rustix's `chmodat` refuses
+    /// `AT_SYMLINK_NOFOLLOW`, so this does what the C library does for it:
+    /// open `name` itself (`O_PATH | O_NOFOLLOW`), refuse a symbolic link,
+    /// and change the mode through the descriptor's entry in
+    /// `/proc/self/fd` (an `O_PATH` descriptor cannot be `fchmod`ed).
+    pub fn fchmodat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
+        let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = rustix::fs::openat(dir, name, flags, Mode::empty())?;
+        if FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) == FileType::Symlink {
+            return Err(Errno::OPNOTSUPP.into());
+        }
+        let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        match rustix::fs::chmod(path.as_str(), Mode::from_raw_mode(mode)) {
+            // No /proc: there is no other way to reach the file.
+            Err(Errno::NOENT) => Err(Errno::OPNOTSUPP.into()),
+            other => Ok(other?),
+        }
     }
 
-    pub fn fchmod(fd: BorrowedFd<'_>, mode: libc::mode_t) -> io::Result<()> {
-        // SAFETY: fchmod takes no pointers.
-        cvt(unsafe { libc::fchmod(fd.as_raw_fd(), mode) }).map(drop)
+    pub fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+        Ok(rustix::fs::fchmod(fd, Mode::from_raw_mode(mode))?)
     }
 
     /// Sets the access and modification times of `name` in `dir` to `mtime`.
-    pub fn utimensat(dir: BorrowedFd<'_>, name: &CStr, mtime: &libc::timespec) -> io::Result<()> {
-        let times = [*mtime, *mtime];
-        // SAFETY: `name` is a NUL-terminated string and `times` two
-        // timespecs; utimensat only reads them.
-        cvt(unsafe {
-            libc::utimensat(
-                dir.as_raw_fd(),
-                name.as_ptr(),
-                times.as_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        })
-        .map(drop)
+    pub fn utimensat(dir: BorrowedFd<'_>, name: &CStr, mtime: &Timespec) -> io::Result<()> {
+        let times = Timestamps {
+            last_access: *mtime,
+            last_modification: *mtime,
+        };
+        Ok(rustix::fs::utimensat(
+            dir,
+            name,
+            &times,
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?)
     }
 
     /// Sets the access and modification times of `fd` to `mtime`.
-    pub fn futimens(fd: BorrowedFd<'_>, mtime: &libc::timespec) -> io::Result<()> {
-        let times = [*mtime, *mtime];
-        // SAFETY: `times` is two timespecs; futimens only reads them.
-        cvt(unsafe { libc::futimens(fd.as_raw_fd(), times.as_ptr()) }).map(drop)
+    pub fn futimens(fd: BorrowedFd<'_>, mtime: &Timespec) -> io::Result<()> {
+        let times = Timestamps {
+            last_access: *mtime,
+            last_modification: *mtime,
+        };
+        Ok(rustix::fs::futimens(fd, &times)?)
     }
 
     /// Sets the extended attribute `key` of `fd`.
     pub fn fsetxattr(fd: BorrowedFd<'_>, key: &CStr, value: &[u8]) -> io::Result<()> {
-        // SAFETY: `key` is a NUL-terminated string and `value` is
-        // `value.len()` readable bytes; fsetxattr only reads them.
-        cvt(unsafe {
-            libc::fsetxattr(
-                fd.as_raw_fd(),
-                key.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                0,
-            )
-        })
-        .map(drop)
+        Ok(rustix::fs::fsetxattr(fd, key, value, XattrFlags::empty())?)
     }
 
     /// Sets the extended attribute `key` of `name` in `dir` (of the link,
@@ -1351,18 +1323,12 @@ mod sys {
         let mut path = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
         path.extend_from_slice(name.to_bytes());
         let path = CString::new(path).map_err(io::Error::other)?;
-        // SAFETY: `path` and `key` are NUL-terminated strings and `value` is
-        // `value.len()` readable bytes; lsetxattr only reads them.
-        cvt(unsafe {
-            libc::lsetxattr(
-                path.as_ptr(),
-                key.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                0,
-            )
-        })
-        .map(drop)
+        Ok(rustix::fs::lsetxattr(
+            &path,
+            key,
+            value,
+            XattrFlags::empty(),
+        )?)
     }
 
     /// The names in the directory `dir` (less `.` and `..`), read through
@@ -1555,20 +1521,8 @@ mod tests {
 
     /// An extended attribute of `path` (of the link, for a symbolic link).
     fn xattr(path: &Path, key: &str) -> Option<Vec<u8>> {
-        let path = CString::new(path.as_os_str().as_bytes()).unwrap();
-        let key = CString::new(key).unwrap();
         let mut value = vec![0u8; 256];
-        // SAFETY: the strings are NUL-terminated and `value` has
-        // `value.len()` writable bytes.
-        let len = unsafe {
-            libc::lgetxattr(
-                path.as_ptr(),
-                key.as_ptr(),
-                value.as_mut_ptr().cast(),
-                value.len(),
-            )
-        };
-        let len = usize::try_from(len).ok()?;
+        let len = rustix::fs::lgetxattr(path, key, &mut value[..]).ok()?;
         value.truncate(len);
         Some(value)
     }
@@ -1666,12 +1620,12 @@ mod tests {
 
         let null = fs::symlink_metadata(dest.join("null")).unwrap();
         assert!(null.file_type().is_char_device());
-        assert_eq!(null.rdev(), libc::makedev(1, 3));
+        assert_eq!(null.rdev(), rustix::fs::makedev(1, 3));
         assert_eq!(null.mode() & 0o7777, 0o666);
 
         let loop0 = fs::symlink_metadata(dest.join("loop0")).unwrap();
         assert!(loop0.file_type().is_block_device());
-        assert_eq!(loop0.rdev(), libc::makedev(7, 0));
+        assert_eq!(loop0.rdev(), rustix::fs::makedev(7, 0));
 
         assert!(dest.join("e").is_dir());
         assert_eq!(fs::read(dest.join("e/g")).unwrap(), b"in e");
@@ -1752,7 +1706,7 @@ mod tests {
         assert_eq!(names(&dest.join("d")), ["gone", "kept"]);
         let gone = fs::symlink_metadata(dest.join("d/gone")).unwrap();
         assert!(gone.file_type().is_char_device());
-        assert_eq!(gone.rdev(), libc::makedev(0, 0));
+        assert_eq!(gone.rdev(), rustix::fs::makedev(0, 0));
         // A file of the layer itself stays.
         assert_eq!(fs::read(dest.join("d/kept")).unwrap(), b"kept");
         let top = fs::symlink_metadata(dest.join("top")).unwrap();
