@@ -13,7 +13,6 @@
 //! Each is measured `--rounds` times; the median round is reported.
 
 use std::ffi::CString;
-use std::os::fd::AsRawFd;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -204,17 +203,8 @@ fn main() -> anyhow::Result<()> {
         let stat_all = || {
             for fd in &dir_fds {
                 for name in &cnames {
-                    // SAFETY: fstatat into a zeroed stat with a valid name.
-                    let r = unsafe {
-                        let mut st: libc::stat = std::mem::zeroed();
-                        libc::fstatat(
-                            fd.as_raw_fd(),
-                            name.as_ptr(),
-                            &mut st,
-                            libc::AT_SYMLINK_NOFOLLOW,
-                        )
-                    };
-                    assert_eq!(r, 0);
+                    rustix::fs::statat(fd, name.as_c_str(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+                        .expect("fstatat");
                 }
             }
         };
@@ -258,21 +248,13 @@ fn main() -> anyhow::Result<()> {
         let file = std::fs::File::open(&big).context("open the big file")?;
         let mut buf = vec![0u8; CHUNK as usize];
         let t = Instant::now();
-        let mut offset = 0i64;
+        let mut offset = 0u64;
         loop {
-            // SAFETY: pread into a live buffer of CHUNK bytes.
-            let got = unsafe {
-                libc::pread(
-                    file.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    CHUNK as usize,
-                    offset,
-                )
-            };
-            if got <= 0 {
+            let got = std::os::unix::fs::FileExt::read_at(&file, &mut buf, offset).unwrap_or(0);
+            if got == 0 {
                 break;
             }
-            offset += got as i64;
+            offset += got as u64;
         }
         host_read.push(offset as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64());
     }
