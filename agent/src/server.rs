@@ -1,0 +1,403 @@
+//! The control port's requests: containers (`create`, `start`, `exec`,
+//! `signal`, `ps`, `update`, ...) and their dispatch. A request is
+//! answered with one response; what runs is started through the process
+//! table (`processes.rs`).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::Mutex;
+
+use husk_protocol::{Process, Request, Response};
+use oci_spec::runtime::Spec;
+use rustix::thread::LinkNameSpaceType;
+
+use crate::processes::{PidNs, Processes, key, processes_sharing_mounts};
+use crate::setup::Plan;
+use crate::stdio::make_stdio;
+use crate::{cgroup, container, reseed};
+
+/// A created container.
+struct Container {
+    /// The plan for its process, until `start` uses it.
+    plan: Option<Plan>,
+    process: Process,
+    /// Whether it has a PID namespace of its own.
+    pid_ns: bool,
+    /// Its process, once started.
+    init: Option<i32>,
+}
+
+/// The agent's state: its containers and its processes.
+#[derive(Default)]
+pub(crate) struct Agent {
+    containers: Mutex<HashMap<String, Container>>,
+    pub(crate) processes: Processes,
+}
+
+/// The container's `cgroup.procs`, open for the child to join with.
+fn cgroup_procs(id: &str) -> Result<OwnedFd, String> {
+    let path = cgroup::dir(id).join("cgroup.procs");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&path)
+        .map(OwnedFd::from)
+        .map_err(|e| format!("open {}: {e}", path.display()))
+}
+
+impl Agent {
+    fn create(&self, id: String, spec: &str, process: Process) -> Response {
+        let error = |message: String| Response::Error { message };
+        if self.containers.lock().unwrap().contains_key(&id) {
+            return error(format!("container {id:?} exists"));
+        }
+        let spec: Spec = match serde_json::from_str(spec) {
+            Ok(spec) => spec,
+            Err(e) => return error(format!("the OCI spec is not valid: {e}")),
+        };
+        let rootfs = match container::rootfs_of(&id) {
+            Ok(r) => r,
+            Err(e) => return error(e),
+        };
+        let (pid_ns, mut plan) = match container::namespaces(&spec).and_then(|(_, pid)| {
+            container::mount_rootfs(&rootfs, false)?;
+            Ok((pid, container::create_plan(&spec, &rootfs, &process)?))
+        }) {
+            Ok(made) => made,
+            Err(e) => return error(e),
+        };
+        let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+        match cgroup::create(&id, resources).and_then(|()| cgroup_procs(&id)) {
+            Ok(fd) => plan.cgroup = Some(fd),
+            Err(e) => return error(format!("the container's resources: {e}")),
+        }
+        // The container's stdio exists from now on: the host attaches to
+        // it before `start`, as runc's `create` hands its stdio over.
+        let (mut proc, child_ends) = match make_stdio(process.terminal, process.stdin_null) {
+            Ok(made) => made,
+            Err(e) => return error(format!("the container's stdio: {e}")),
+        };
+        proc.child_stdio = Some(child_ends);
+        self.processes
+            .procs
+            .lock()
+            .unwrap()
+            .insert(key(&id, ""), proc);
+        self.containers.lock().unwrap().insert(
+            id,
+            Container {
+                plan: Some(plan),
+                process,
+                pid_ns,
+                init: None,
+            },
+        );
+        Response::Ok
+    }
+
+    fn start(&self, id: &str) -> Response {
+        let (plan, process, pid_ns) = {
+            let mut containers = self.containers.lock().unwrap();
+            let Some(c) = containers.get_mut(id) else {
+                return Response::Error {
+                    message: format!("no container {id:?}"),
+                };
+            };
+            let Some(plan) = c.plan.take() else {
+                return Response::Error {
+                    message: format!("container {id:?} has already been started"),
+                };
+            };
+            (plan, c.process.clone(), c.pid_ns)
+        };
+        let ns = if pid_ns { PidNs::New } else { PidNs::Guest };
+        let stdio = self
+            .processes
+            .procs
+            .lock()
+            .unwrap()
+            .get_mut(&key(id, ""))
+            .and_then(|p| p.child_stdio.take());
+        let Some(stdio) = stdio else {
+            return Response::Error {
+                message: format!("container {id:?} has no stdio"),
+            };
+        };
+        match self
+            .processes
+            .spawn(&key(id, ""), &process, plan, ns, stdio)
+        {
+            Ok(pid) => {
+                if let Some(c) = self.containers.lock().unwrap().get_mut(id) {
+                    c.init = Some(pid);
+                }
+                Response::Ok
+            }
+            Err(response) => response,
+        }
+    }
+
+    fn exec(&self, id: &str, exec_id: &str, process: Process) -> Response {
+        let plan_for = |process: &Process| {
+            container::process_plan(process).map_err(|message| Response::Error { message })
+        };
+        let k = key(id, exec_id);
+        if self.processes.procs.lock().unwrap().contains_key(&k) {
+            return Response::Error {
+                message: format!("process {exec_id:?} exists in container {id:?}"),
+            };
+        }
+        let stdio = |process: &Process| -> Result<[File; 3], Response> {
+            let (proc, ends) =
+                make_stdio(process.terminal, process.stdin_null).map_err(|e| Response::Error {
+                    message: format!("stdio: {e}"),
+                })?;
+            self.processes.procs.lock().unwrap().insert(k.clone(), proc);
+            Ok(ends)
+        };
+        let result = if id.is_empty() {
+            // The guest itself (the agent's own root): for the runtime's
+            // checks and the tests of the agent.
+            plan_for(&process).and_then(|p| {
+                let plan = Plan {
+                    terminal: process.terminal,
+                    process: Some(p),
+                    ..Default::default()
+                };
+                self.processes
+                    .spawn(&k, &process, plan, PidNs::Guest, stdio(&process)?)
+            })
+        } else {
+            let (init, pid_ns) = {
+                let containers = self.containers.lock().unwrap();
+                match containers.get(id) {
+                    Some(Container {
+                        init: Some(pid),
+                        pid_ns,
+                        ..
+                    }) => (*pid, *pid_ns),
+                    _ => {
+                        return Response::Error {
+                            message: format!("container {id:?} is not running"),
+                        };
+                    }
+                }
+            };
+            if self.processes.status_of(init).is_some() {
+                return Response::Error {
+                    message: format!("container {id:?} has stopped"),
+                };
+            }
+            let open = |ns: &str| {
+                File::open(format!("/proc/{init}/ns/{ns}"))
+                    .map(OwnedFd::from)
+                    .map_err(|e| Response::Error {
+                        message: format!("container {id:?}'s {ns} namespace: {e}"),
+                    })
+            };
+            let mut join = Vec::new();
+            let mut plan_result = Ok(());
+            for (ns, kind) in [
+                ("ipc", LinkNameSpaceType::InterProcessCommunication),
+                ("uts", LinkNameSpaceType::HostNameAndNISDomainName),
+                ("net", LinkNameSpaceType::Network),
+                ("cgroup", LinkNameSpaceType::ControlGroup),
+                ("mnt", LinkNameSpaceType::Mount),
+            ] {
+                match open(ns) {
+                    Ok(fd) => join.push((fd, kind)),
+                    Err(e) => {
+                        plan_result = Err(e);
+                        break;
+                    }
+                }
+            }
+            plan_result
+                .and_then(|()| {
+                    let ns = if pid_ns {
+                        PidNs::Join(open("pid")?)
+                    } else {
+                        PidNs::Guest
+                    };
+                    Ok((plan_for(&process)?, ns))
+                })
+                .and_then(|(p, ns)| {
+                    let plan = Plan {
+                        join,
+                        cgroup: cgroup_procs(id).ok(),
+                        terminal: process.terminal,
+                        process: Some(p),
+                        ..Default::default()
+                    };
+                    self.processes
+                        .spawn(&k, &process, plan, ns, stdio(&process)?)
+                })
+        };
+        match result {
+            Ok(_) => Response::Ok,
+            Err(response) => response,
+        }
+    }
+
+    /// The guest PIDs of the container's processes.
+    fn ps(&self, id: &str) -> Response {
+        // Two statements: the containers lock is released before status_of
+        // takes the exits lock (signal holds procs, then containers; wait
+        // holds exits, then procs).
+        let init = self.containers.lock().unwrap().get(id).and_then(|c| c.init);
+        let init = init.filter(|&pid| self.processes.status_of(pid).is_none());
+        match init {
+            Some(pid) => Response::Pids {
+                pids: processes_sharing_mounts(pid),
+            },
+            None => Response::Pids { pids: Vec::new() },
+        }
+    }
+
+    fn signal(&self, id: &str, exec_id: &str, signal: i32, all: bool) -> Response {
+        // A container created but never started: a signal that would end
+        // its process ends it before it runs (its waiters learn 128 + N).
+        if exec_id.is_empty() {
+            let mut procs = self.processes.procs.lock().unwrap();
+            if let Some(proc) = procs.get_mut(&key(id, exec_id))
+                && proc.pid == 0
+                && proc.failed.is_none()
+            {
+                if [
+                    libc::SIGKILL,
+                    libc::SIGTERM,
+                    libc::SIGINT,
+                    libc::SIGHUP,
+                    libc::SIGQUIT,
+                ]
+                .contains(&signal)
+                {
+                    proc.failed = Some(128 + signal);
+                    proc.child_stdio = None;
+                    if let Some(c) = self.containers.lock().unwrap().get_mut(id) {
+                        c.plan = None;
+                    }
+                    drop(procs);
+                    self.processes.notify_exited();
+                }
+                return Response::Ok;
+            }
+        }
+        // Two statements: the procs lock is released before status_of takes
+        // the exits lock (lock order: exits, then procs).
+        let pid = self
+            .processes
+            .procs
+            .lock()
+            .unwrap()
+            .get(&key(id, exec_id))
+            .map(|p| p.pid);
+        let Some(pid) = pid.filter(|&pid| pid > 0 && self.processes.status_of(pid).is_none())
+        else {
+            return Response::Error {
+                message: format!("no running process {exec_id:?} in container {id:?}"),
+            };
+        };
+        let targets = if all {
+            processes_sharing_mounts(pid)
+        } else {
+            vec![pid]
+        };
+        for target in targets {
+            // SAFETY: kill takes no pointers.
+            if unsafe { libc::kill(target, signal) } != 0 && target == pid {
+                return Response::Error {
+                    message: format!("signal {signal}: {}", std::io::Error::last_os_error()),
+                };
+            }
+        }
+        Response::Ok
+    }
+
+    fn resize(&self, id: &str, exec_id: &str, rows: u16, cols: u16) -> Response {
+        let procs = self.processes.procs.lock().unwrap();
+        let Some(term) = procs
+            .get(&key(id, exec_id))
+            .and_then(|p| p.terminal.as_ref())
+        else {
+            return Response::Error {
+                message: format!("process {exec_id:?} in container {id:?} has no terminal"),
+            };
+        };
+        let size = rustix::termios::Winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        match rustix::termios::tcsetwinsize(term, size) {
+            Ok(()) => Response::Ok,
+            Err(e) => Response::Error {
+                message: format!("resize: {}", std::io::Error::from(e)),
+            },
+        }
+    }
+
+    /// Answers one request of the control port.
+    pub(crate) fn handle(&self, request: Request) -> Response {
+        match request {
+            Request::Create { id, spec, process } => self.create(id, &spec, process),
+            Request::Clone(seed) => match reseed::make_clone_unique(&seed) {
+                Ok(()) => Response::Ok,
+                Err(message) => Response::Error { message },
+            },
+            Request::Start { id } => self.start(&id),
+            Request::Exec {
+                id,
+                exec_id,
+                process,
+            } => self.exec(&id, &exec_id, process),
+            Request::Wait { id, exec_id } => self.processes.wait(&id, &exec_id),
+            Request::Signal {
+                id,
+                exec_id,
+                signal,
+                all,
+            } => self.signal(&id, &exec_id, signal, all),
+            Request::ResizeTerminal {
+                id,
+                exec_id,
+                rows,
+                cols,
+            } => self.resize(&id, &exec_id, rows, cols),
+            Request::Shutdown => {
+                rustix::fs::sync();
+                // A power-off that works does not return.
+                match rustix::system::reboot(rustix::system::RebootCommand::PowerOff) {
+                    Ok(()) => Response::Ok,
+                    Err(e) => Response::Error {
+                        message: format!("power-off failed: {}", std::io::Error::from(e)),
+                    },
+                }
+            }
+            Request::Ps { id } => self.ps(&id),
+            Request::Stats { id } => match cgroup::stats(&id) {
+                Ok(stats) => Response::Stats(stats),
+                Err(message) => Response::Error { message },
+            },
+            Request::Update { id, resources } => {
+                if !self.containers.lock().unwrap().contains_key(&id) {
+                    return Response::Error {
+                        message: format!("no container {id:?}"),
+                    };
+                }
+                match serde_json::from_str::<oci_spec::runtime::LinuxResources>(&resources) {
+                    Ok(r) => match cgroup::apply(&id, &r) {
+                        Ok(()) => Response::Ok,
+                        Err(message) => Response::Error { message },
+                    },
+                    Err(e) => Response::Error {
+                        message: format!("the resources are not valid: {e}"),
+                    },
+                }
+            }
+        }
+    }
+}
