@@ -25,11 +25,13 @@ pub mod busybox;
 use std::collections::HashSet;
 use std::ffi::CString;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use oci_spec::runtime::{Mount, Spec};
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::mount::{MountFlags, UnmountFlags};
 use serde::{Deserialize, Serialize};
 
 use husk_image::reference::Reference;
@@ -188,27 +190,15 @@ pub fn parse_bytes(s: &str) -> anyhow::Result<i64> {
 /// (the image's symlinks resolve inside it, never to the host's files).
 fn read_in_root(rootfs: &Path, path: &str) -> Option<String> {
     let root = std::fs::File::open(rootfs).ok()?;
-    let name = CString::new(path.trim_start_matches('/')).ok()?;
-    // SAFETY: open_how is plain data; all-zero is its empty value.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
-    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
-    // SAFETY: openat2 with a live directory fd, a NUL-terminated name and
-    // an open_how of the size passed.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            root.as_raw_fd(),
-            name.as_ptr(),
-            &how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: the descriptor was just opened and is owned here.
-    let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    let fd = rustix::fs::openat2(
+        &root,
+        path.trim_start_matches('/'),
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    )
+    .ok()?;
+    let file = std::fs::File::from(fd);
     let mut text = String::new();
     file.take(1 << 20).read_to_string(&mut text).ok()?;
     Some(text)
@@ -280,33 +270,27 @@ fn mount_rootfs(dir: &Path, store: &Store, image: &Image) -> anyhow::Result<()> 
     );
     let target = CString::new(dir.join("rootfs").as_os_str().as_encoded_bytes())?;
     let data = CString::new(options)?;
-    // SAFETY: mount with NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            c"overlay".as_ptr(),
-            target.as_ptr(),
-            c"overlay".as_ptr(),
-            // The guest sees modes over virtio-fs; on the host nothing in
-            // an image is a device or raises privileges.
-            libc::MS_NOSUID | libc::MS_NODEV,
-            data.as_ptr().cast(),
-        )
-    };
-    if rc < 0 {
+    let mounted = rustix::mount::mount(
+        c"overlay",
+        target.as_c_str(),
+        c"overlay",
+        // The guest sees modes over virtio-fs; on the host nothing in an
+        // image is a device or raises privileges.
+        MountFlags::NOSUID | MountFlags::NODEV,
+        data.as_c_str(),
+    );
+    if let Err(e) = mounted {
         bail!(
             "cannot mount the container's root (overlayfs over {} layers): {}",
             image.layers.len(),
-            std::io::Error::last_os_error()
+            std::io::Error::from(e)
         );
     }
     Ok(())
 }
 
 fn unmount_rootfs(dir: &Path) {
-    if let Ok(target) = CString::new(dir.join("rootfs").as_os_str().as_encoded_bytes()) {
-        // SAFETY: umount2 of a NUL-terminated path.
-        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-    }
+    let _ = rustix::mount::unmount(dir.join("rootfs"), UnmountFlags::DETACH);
 }
 
 /// The spec of a container of `image` as `o` asks.
@@ -460,21 +444,11 @@ fn volume(root: &Path, v: &str) -> anyhow::Result<Mount> {
 struct Stdio([OwnedFd; 3]);
 
 impl Stdio {
-    fn replace(with: [i32; 3]) -> std::io::Result<Self> {
+    fn replace(with: [BorrowedFd<'_>; 3]) -> std::io::Result<Self> {
         let mut saved = Vec::new();
-        for (fd, &file) in with.iter().enumerate() {
-            // SAFETY: dup of a standard descriptor; dup2 onto it of a live
-            // file.
-            unsafe {
-                let copy = libc::fcntl(fd as i32, libc::F_DUPFD_CLOEXEC, 3);
-                if copy < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                saved.push(OwnedFd::from_raw_fd(copy));
-                if file != fd as i32 {
-                    libc::dup2(file, fd as i32);
-                }
-            }
+        for (fd, file) in with.into_iter().enumerate() {
+            saved.push(rustix::io::fcntl_dupfd_cloexec(standard(fd), 3)?);
+            let _ = put_at(fd, file);
         }
         let saved: [OwnedFd; 3] = saved.try_into().expect("three");
         Ok(Self(saved))
@@ -484,9 +458,27 @@ impl Stdio {
 impl Drop for Stdio {
     fn drop(&mut self) {
         for (fd, saved) in self.0.iter().enumerate() {
-            // SAFETY: dup2 of a saved descriptor back onto its number.
-            unsafe { libc::dup2(saved.as_raw_fd(), fd as i32) };
+            let _ = put_at(fd, saved.as_fd());
         }
+    }
+}
+
+/// Standard descriptor `fd` (0, 1 or 2).
+fn standard(fd: usize) -> BorrowedFd<'static> {
+    match fd {
+        0 => rustix::stdio::stdin(),
+        1 => rustix::stdio::stdout(),
+        _ => rustix::stdio::stderr(),
+    }
+}
+
+/// Makes standard descriptor `fd` (0, 1 or 2) a copy of `file`, unless
+/// it is `file`.
+fn put_at(fd: usize, file: BorrowedFd<'_>) -> rustix::io::Result<()> {
+    match fd {
+        0 => rustix::stdio::dup2_stdin(file),
+        1 => rustix::stdio::dup2_stdout(file),
+        _ => rustix::stdio::dup2_stderr(file),
     }
 }
 
@@ -557,7 +549,7 @@ pub fn run(root: &Path, o: &RunOptions) -> anyhow::Result<i32> {
             .append(true)
             .open(dir.join("log"))?;
         let started = {
-            let _stdio = Stdio::replace([null.as_raw_fd(), log.as_raw_fd(), log.as_raw_fd()])?;
+            let _stdio = Stdio::replace([null.as_fd(), log.as_fd(), log.as_fd()])?;
             husk_runtime::run::run(&options)
         };
         if let Err(e) = started {
@@ -574,7 +566,11 @@ pub fn run(root: &Path, o: &RunOptions) -> anyhow::Result<i32> {
         let _stdio = if o.interactive {
             None
         } else {
-            Some(Stdio::replace([null.as_raw_fd(), 1, 2])?)
+            Some(Stdio::replace([
+                null.as_fd(),
+                rustix::stdio::stdout(),
+                rustix::stdio::stderr(),
+            ])?)
         };
         husk_runtime::run::run(&options)
     };
@@ -711,10 +707,14 @@ pub fn restore(
             .create(true)
             .append(true)
             .open(dir.join("log"))?;
-        let _stdio = Stdio::replace([null.as_raw_fd(), log.as_raw_fd(), log.as_raw_fd()])?;
+        let _stdio = Stdio::replace([null.as_fd(), log.as_fd(), log.as_fd()])?;
         return Ok(husk_runtime::run::run(&options)?);
     }
-    let _stdio = Stdio::replace([null.as_raw_fd(), 1, 2])?;
+    let _stdio = Stdio::replace([
+        null.as_fd(),
+        rustix::stdio::stdout(),
+        rustix::stdio::stderr(),
+    ])?;
     Ok(husk_runtime::run::run(&options)?)
 }
 
@@ -730,14 +730,7 @@ fn autoremove_later(root: &Path, name: &str) -> anyhow::Result<()> {
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
-    // SAFETY: setsid in the forked child, before exec.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-            libc::setsid();
-            husk_sys::child::reset_signals();
-            Ok(())
-        });
-    }
+    husk_sys::child::detached(&mut cmd);
     cmd.spawn().context("cannot start husk _autoremove")?;
     Ok(())
 }

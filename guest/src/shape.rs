@@ -120,11 +120,44 @@ impl Shape {
     }
 }
 
-/// The host's online CPUs.
+/// The host's online CPUs, counted where glibc's
+/// `sysconf(_SC_NPROCESSORS_ONLN)` counts them: the kernel's list of
+/// online CPUs, else /proc/stat's `cpuN` lines, else the CPUs this
+/// process may run on. Not `available_parallelism`, which counts only the
+/// last.
 pub fn host_cpus() -> u64 {
-    // SAFETY: sysconf takes no pointers.
-    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-    u64::try_from(n).unwrap_or(1).max(1)
+    std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .ok()
+        .and_then(|list| cpu_list_len(&list))
+        .or_else(|| {
+            let stat = std::fs::read_to_string("/proc/stat").ok()?;
+            let n = stat
+                .lines()
+                .filter(|l| {
+                    l.strip_prefix("cpu")
+                        .is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit()))
+                })
+                .count();
+            (n > 0).then_some(n as u64)
+        })
+        .or_else(|| Some(rustix::thread::sched_getaffinity(None).ok()?.count().into()))
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// How many CPUs a kernel CPU list (`0-3,6`) names.
+fn cpu_list_len(list: &str) -> Option<u64> {
+    list.trim()
+        .split(',')
+        .map(|part| match part.split_once('-') {
+            Some((first, last)) => {
+                let (first, last) = (first.parse::<u64>().ok()?, last.parse::<u64>().ok()?);
+                Some(last.checked_sub(first)? + 1)
+            }
+            None => part.parse::<u64>().ok().map(|_| 1),
+        })
+        .sum::<Option<u64>>()
+        .filter(|&n| n > 0)
 }
 
 #[cfg(test)]
@@ -206,5 +239,15 @@ mod tests {
         let huge = resources(serde_json::json!({"memory": {"limit": 64u64 << 30}}));
         let e = Shape::of(Some(&huge)).unwrap_err();
         assert!(e.contains("more than husk gives a VM (16 GiB)"), "{e}");
+    }
+
+    #[test]
+    fn the_hosts_cpus_are_counted_from_the_kernels_list() {
+        assert_eq!(cpu_list_len("0\n"), Some(1));
+        assert_eq!(cpu_list_len("0-15\n"), Some(16));
+        assert_eq!(cpu_list_len("0-3,6,8-9\n"), Some(7));
+        assert_eq!(cpu_list_len(""), None);
+        assert_eq!(cpu_list_len("3-1"), None);
+        assert!(host_cpus() >= 1);
     }
 }

@@ -16,10 +16,10 @@
 //! place when complete; the other waits for the lock and finds it made.
 
 use std::fs::File;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use rustix::fs::FlockOperation;
 use thiserror::Error;
 
 /// What a warm-start snapshot is a snapshot of.
@@ -154,11 +154,9 @@ pub fn cache_root(root: &Path) -> PathBuf {
 /// Takes an exclusive lock on `path` for as long as the file is open.
 pub fn lock(path: &Path) -> Result<File, WarmError> {
     let file = File::create(path).map_err(io("create", path))?;
-    // SAFETY: flock on a descriptor we own; it is released when the file
-    // is closed.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(io("lock", path)(std::io::Error::last_os_error()));
-    }
+    // Released when the file is closed.
+    rustix::fs::flock(&file, FlockOperation::LockExclusive)
+        .map_err(|e| io("lock", path)(e.into()))?;
     Ok(file)
 }
 
@@ -293,9 +291,8 @@ pub fn sweep(dir: &Path) {
         };
         let lock = dir.join(format!("{key}.lock"));
         let held = match File::open(&lock) {
-            // SAFETY: flock on a descriptor we own, released when it is
-            // closed.
-            Ok(f) => (unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }) != 0,
+            // Released when `f` is closed.
+            Ok(f) => rustix::fs::flock(&f, FlockOperation::NonBlockingLockExclusive).is_err(),
             Err(_) => false,
         };
         if held {

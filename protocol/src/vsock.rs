@@ -5,7 +5,10 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
+
+use rustix::net::addr::{SocketAddrArg, SocketAddrLen, SocketAddrOpaque};
+use rustix::net::{AddressFamily, SocketFlags, SocketType};
 
 /// The host's CID.
 pub const HOST_CID: u32 = libc::VMADDR_CID_HOST;
@@ -21,82 +24,61 @@ pub fn parse_connect(line: &str) -> Option<u32> {
     line.trim().strip_prefix("CONNECT ")?.parse().ok()
 }
 
-fn sockaddr(cid: u32, port: u32) -> libc::sockaddr_vm {
-    // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
-    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-    addr.svm_cid = cid;
-    addr.svm_port = port;
-    addr
+/// An AF_VSOCK address, which rustix has no type for.
+struct VsockAddr(libc::sockaddr_vm);
+
+impl VsockAddr {
+    fn new(cid: u32, port: u32) -> Self {
+        Self(libc::sockaddr_vm {
+            svm_family: libc::AF_VSOCK as libc::sa_family_t,
+            svm_reserved1: 0,
+            svm_port: port,
+            svm_cid: cid,
+            svm_zero: [0; 4],
+        })
+    }
 }
 
-const ADDR_LEN: libc::socklen_t = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+// SAFETY: `f` gets a pointer to the sockaddr_vm `self` holds, which lives
+// across the call, and that struct's exact size.
+unsafe impl SocketAddrArg for VsockAddr {
+    unsafe fn with_sockaddr<R>(
+        &self,
+        f: impl FnOnce(*const SocketAddrOpaque, SocketAddrLen) -> R,
+    ) -> R {
+        f(
+            std::ptr::from_ref(&self.0).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as SocketAddrLen,
+        )
+    }
+}
 
 fn stream_socket() -> io::Result<OwnedFd> {
-    // SAFETY: socket takes no pointers; the descriptor is owned at once.
-    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    Ok(rustix::net::socket_with(
+        AddressFamily::VSOCK,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
 }
 
 /// A socket listening on `port` for any CID.
 pub fn listen(port: u32) -> io::Result<OwnedFd> {
     let sock = stream_socket()?;
-    let addr = sockaddr(libc::VMADDR_CID_ANY, port);
-    // SAFETY: bind and listen on our socket with a sockaddr_vm that lives
-    // across the call and its exact size.
-    let ok = unsafe {
-        libc::bind(
-            sock.as_raw_fd(),
-            (&addr as *const libc::sockaddr_vm).cast(),
-            ADDR_LEN,
-        ) == 0
-            && libc::listen(sock.as_raw_fd(), 16) == 0
-    };
-    if ok {
-        Ok(sock)
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    rustix::net::bind(&sock, &VsockAddr::new(libc::VMADDR_CID_ANY, port))?;
+    rustix::net::listen(&sock, 16)?;
+    Ok(sock)
 }
 
 /// Accepts one connection, as a File (a byte stream both ways).
 pub fn accept(listener: &OwnedFd) -> io::Result<File> {
-    // SAFETY: accept on our listening socket, no address wanted.
-    let fd = unsafe {
-        libc::accept4(
-            listener.as_raw_fd(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            libc::SOCK_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor nothing else owns.
-    Ok(unsafe { File::from_raw_fd(fd) })
+    Ok(rustix::net::accept_with(listener, SocketFlags::CLOEXEC)?.into())
 }
 
 /// Connects to `port` on `cid`.
 pub fn connect(cid: u32, port: u32) -> io::Result<File> {
     let sock = stream_socket()?;
-    let addr = sockaddr(cid, port);
-    // SAFETY: connect on our socket with a sockaddr_vm that lives across
-    // the call and its exact size.
-    let r = unsafe {
-        libc::connect(
-            sock.as_raw_fd(),
-            (&addr as *const libc::sockaddr_vm).cast(),
-            ADDR_LEN,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    rustix::net::connect(&sock, &VsockAddr::new(cid, port))?;
     Ok(File::from(sock))
 }
 

@@ -79,8 +79,7 @@ fn prepare(dir: &Path) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("cannot create {}", dir.display()))?;
     let meta =
         std::fs::symlink_metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
-    // SAFETY: geteuid takes no arguments.
-    let me = unsafe { libc::geteuid() };
+    let me = rustix::process::geteuid().as_raw();
     if meta.file_type().is_symlink() {
         bail!("{} is a symlink: give the directory itself", dir.display());
     }
@@ -330,8 +329,7 @@ mod tests {
         std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o777)).unwrap();
         let e = prepare(&target).unwrap_err().to_string();
         assert!(e.contains("is open to others' writes (mode 777)"), "{e}");
-        // SAFETY: geteuid takes no arguments.
-        if unsafe { libc::geteuid() } == 0 {
+        if rustix::process::geteuid().is_root() {
             std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).unwrap();
             std::os::unix::fs::chown(&target, Some(65534), Some(65534)).unwrap();
             let e = prepare(&target).unwrap_err().to_string();
@@ -393,9 +391,14 @@ mod tests {
         std::fs::hard_link(from.join("d/f"), from.join("link")).unwrap();
         std::os::unix::fs::symlink("d/f", from.join("sym")).unwrap();
         // An overlayfs whiteout: a 0/0 character device.
-        let wh = std::ffi::CString::new(from.join("gone").as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: mknod of a NUL-terminated path.
-        assert_eq!(unsafe { libc::mknod(wh.as_ptr(), libc::S_IFCHR, 0) }, 0);
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            from.join("gone"),
+            rustix::fs::FileType::CharacterDevice,
+            rustix::fs::Mode::empty(),
+            0,
+        )
+        .unwrap();
         let to = dir.join("to");
         copy_tree(&from, &to).unwrap();
         use std::os::unix::fs::{FileTypeExt, MetadataExt};

@@ -6,12 +6,12 @@
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 
 use husk_protocol::api::ApiRequest;
 use husk_protocol::{Process, Request, Response};
+use rustix::pipe::PipeFlags;
 use thiserror::Error;
 
 use crate::bundle::{Bundle, BundleError};
@@ -130,39 +130,17 @@ pub struct MonitorStart<'a> {
 fn start_monitor(m: MonitorStart) -> Result<Child, (String, Option<i32>)> {
     let exe =
         std::env::current_exe().map_err(|e| (format!("cannot find husk itself: {e}"), None))?;
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills the two-element array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err((format!("pipe: {}", std::io::Error::last_os_error()), None));
-    }
-    // SAFETY: both descriptors were just made and are owned here.
-    let (mut ready_r, ready_w) = unsafe {
-        (
-            <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]),
-            <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[1]),
-        )
-    };
+    let (ready_r, ready_w) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC)
+        .map_err(|e| (format!("pipe: {}", std::io::Error::from(e)), None))?;
+    let mut ready_r = std::fs::File::from(ready_r);
     let mut cmd = Command::new(exe);
     cmd.arg("--root").arg(m.root).arg("_monitor").args(&m.args);
-    let w = ready_w.as_raw_fd();
     // A session of its own: a terminal's signals (Ctrl-C to a foreground
     // `husk run`) and hang-ups do not reach it; it outlives its starter.
     // No descriptor of the caller's but stdio reaches it: a caller that
     // waits for a pipe's end (containerd's shim) must not wait for the
     // container's.
-    // SAFETY: dup2, close_range and setsid in the forked child, before
-    // exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(w, READY_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::syscall(libc::SYS_close_range, READY_FD + 1, u32::MAX, 0);
-            libc::setsid();
-            husk_sys::child::reset_signals();
-            Ok(())
-        });
-    }
+    husk_sys::child::detached_with_fd(&mut cmd, ready_w.as_raw_fd(), READY_FD);
     let mut child = cmd
         .spawn()
         .map_err(|e| (format!("cannot start the monitor: {e}"), None))?;

@@ -111,13 +111,7 @@ fn run_one(name: &str, hook: &Hook, state: &str) -> Result<(), String> {
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    // SAFETY: async-signal-safe calls in the forked child, before exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            husk_sys::child::reset_signals();
-            Ok(())
-        });
-    }
+    husk_sys::child::clean(&mut cmd);
     let mut child = cmd.spawn().map_err(|e| format!("{what}: {e}"))?;
     if let Some(mut stdin) = child.stdin.take() {
         // A hook that does not read its stdin is not an error.

@@ -20,10 +20,16 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use rustix::event::{PollFd, PollFlags};
+use rustix::fs::{FileType, Mode, OFlags};
+use rustix::io::Errno;
+use rustix::pty::{self, OpenptFlags};
+use rustix::termios::{self, OptionalActions, Termios};
 
 use husk_protocol::share::Share;
 use husk_protocol::{Process, Request, Response, Stream};
@@ -62,113 +68,73 @@ fn copy(mut from: impl Read, mut to: impl Write) {
 }
 
 /// The host terminal in raw mode until dropped.
-struct RawMode(RawFd, Option<libc::termios>);
+struct RawMode(BorrowedFd<'static>, Option<Termios>);
 
 impl RawMode {
-    fn enter(fd: RawFd) -> Self {
-        // SAFETY: isatty/tcgetattr/tcsetattr on fd with a live termios.
-        unsafe {
-            if libc::isatty(fd) != 1 {
-                return Self(fd, None);
-            }
-            let mut saved: libc::termios = std::mem::zeroed();
-            if libc::tcgetattr(fd, &mut saved) != 0 {
-                return Self(fd, None);
-            }
-            let mut raw = saved;
-            libc::cfmakeraw(&mut raw);
-            libc::tcsetattr(fd, libc::TCSANOW, &raw);
-            Self(fd, Some(saved))
+    fn enter(fd: BorrowedFd<'static>) -> Self {
+        if !termios::isatty(fd) {
+            return Self(fd, None);
         }
+        let Ok(saved) = termios::tcgetattr(fd) else {
+            return Self(fd, None);
+        };
+        let mut raw = saved.clone();
+        raw.make_raw();
+        let _ = termios::tcsetattr(fd, OptionalActions::Now, &raw);
+        Self(fd, Some(saved))
     }
 }
 
 impl Drop for RawMode {
     fn drop(&mut self) {
         if let Some(saved) = &self.1 {
-            // SAFETY: restores the settings read in enter().
-            unsafe { libc::tcsetattr(self.0, libc::TCSANOW, saved) };
+            let _ = termios::tcsetattr(self.0, OptionalActions::Now, saved);
         }
     }
 }
 
-fn window_size(fd: RawFd) -> Option<(u16, u16)> {
-    // SAFETY: TIOCGWINSZ writes a winsize.
-    unsafe {
-        let mut size: libc::winsize = std::mem::zeroed();
-        (libc::ioctl(fd, libc::TIOCGWINSZ, &mut size) == 0 && size.ws_row > 0)
-            .then_some((size.ws_row, size.ws_col))
-    }
+fn window_size(tty: &File) -> Option<(u16, u16)> {
+    let size = termios::tcgetwinsize(tty).ok()?;
+    (size.ws_row > 0).then_some((size.ws_row, size.ws_col))
 }
 
-/// A new host pseudo-terminal: (master, slave).
+/// A new host pseudo-terminal: (master, slave), as openpty(3) makes them.
 fn host_pty() -> std::io::Result<(File, File)> {
-    let (mut master, mut slave) = (0, 0);
-    // SAFETY: openpty writes two descriptors; no name, termios or size.
-    let r = unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
+    let flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY;
+    let master = pty::openpt(flags)?;
+    pty::grantpt(&master)?;
+    pty::unlockpt(&master)?;
+    let slave = match pty::ioctl_tiocgptpeer(&master, flags) {
+        Ok(slave) => slave,
+        // A kernel before 4.13: open the slave by name.
+        Err(_) => rustix::fs::open(
+            pty::ptsname(&master, Vec::new())?,
+            OFlags::RDWR | OFlags::NOCTTY,
+            Mode::empty(),
+        )?,
     };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: both descriptors were just made and are owned here.
-    Ok(unsafe { (File::from_raw_fd(master), File::from_raw_fd(slave)) })
+    Ok((master.into(), slave.into()))
 }
 
 /// Sends `fd` over the Unix socket at `path` (SCM_RIGHTS), as runc sends a
 /// container's terminal master to `--console-socket`.
-pub fn send_fd(path: &Path, fd: RawFd) -> std::io::Result<()> {
+pub fn send_fd(path: &Path, fd: BorrowedFd<'_>) -> std::io::Result<()> {
     let sock = UnixStream::connect(path)?;
-    let name = b"/dev/ptmx";
-    let mut iov = libc::iovec {
-        iov_base: name.as_ptr() as *mut libc::c_void,
-        iov_len: name.len(),
+    husk_sys::fd::send_fd(&sock, fd, b"/dev/ptmx")
+}
+
+/// Whether this process's stdin is /dev/null: the guest process then gets
+/// its own /dev/null and no stdin stream is attached.
+pub fn stdin_is_null() -> bool {
+    let Ok(st) = rustix::fs::fstat(rustix::stdio::stdin()) else {
+        return false;
     };
-    // SAFETY: a msghdr with one iovec and a control buffer sized by
-    // CMSG_SPACE for one descriptor, filled through the CMSG macros.
-    unsafe {
-        let space = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
-        // u64s: a cmsghdr is 8-byte aligned, which a byte buffer need not be.
-        let mut control = vec![0u64; space.div_ceil(8)];
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
-        if libc::sendmsg(sock.as_raw_fd(), &msg, 0) < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
+    FileType::from_raw_mode(st.st_mode) == FileType::CharacterDevice
+        && st.st_rdev == rustix::fs::makedev(1, 3)
 }
 
 /// Connects a process's stdio in the guest to the monitor's side; returns
 /// the threads that carry output (done when the process's output is).
-/// Whether this process's stdin is /dev/null: the guest process then gets
-/// its own /dev/null and no stdin stream is attached.
-pub fn stdin_is_null() -> bool {
-    // SAFETY: fstat of descriptor 0 into a zeroed stat.
-    let st = unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        if libc::fstat(0, &mut st) < 0 {
-            return false;
-        }
-        st
-    };
-    st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == libc::makedev(1, 3)
-}
-
 fn attach_stdio(
     agent: &Agent,
     id: &str,
@@ -176,9 +142,10 @@ fn attach_stdio(
     stdin_null: bool,
     terminal: &Terminal,
     resize: impl Fn(u16, u16) + Send + 'static,
-    inline: Option<&mut Vec<(std::os::unix::net::UnixStream, RawFd)>>,
+    inline: Option<&mut Vec<(UnixStream, File)>>,
 ) -> Result<Outputs, SandboxError> {
     let io = |e: std::io::Error| SandboxError::Refused(format!("stdio: {e}"));
+    let io_errno = |e: rustix::io::Errno| io(e.into());
     match terminal {
         Terminal::None => {
             if !stdin_null {
@@ -191,8 +158,14 @@ fn attach_stdio(
             let out = agent.attach(id, exec_id, Stream::Stdout)?;
             let err = agent.attach(id, exec_id, Stream::Stderr)?;
             if let Some(inline) = inline {
-                inline.push((out, 1));
-                inline.push((err, 2));
+                inline.push((
+                    out,
+                    File::from(rustix::stdio::stdout().try_clone_to_owned().map_err(io)?),
+                ));
+                inline.push((
+                    err,
+                    File::from(rustix::stdio::stderr().try_clone_to_owned().map_err(io)?),
+                ));
                 return Ok(Vec::new());
             }
             Ok(vec![
@@ -202,38 +175,34 @@ fn attach_stdio(
         }
         Terminal::Socket(_) | Terminal::Inherit => {
             let conn = agent.attach(id, exec_id, Stream::Terminal)?;
-            let (input, output, size_fd): (File, File, RawFd) = match terminal {
+            let (input, output): (File, File) = match terminal {
                 Terminal::Socket(path) => {
                     let (master, slave) = host_pty().map_err(io)?;
-                    send_fd(path, master.as_raw_fd()).map_err(|e| {
+                    send_fd(path, master.as_fd()).map_err(|e| {
                         SandboxError::Refused(format!(
                             "send the terminal to {}: {e}",
                             path.display()
                         ))
                     })?;
                     drop(master);
-                    let fd = slave.as_raw_fd();
-                    (slave.try_clone().map_err(io)?, slave, fd)
+                    (slave.try_clone().map_err(io)?, slave)
                 }
                 _ => {
-                    // SAFETY: dup of the monitor's own stdin and stdout.
-                    let (i, o) = unsafe { (libc::dup(0), libc::dup(1)) };
-                    if i < 0 || o < 0 {
-                        return Err(io(std::io::Error::last_os_error()));
-                    }
-                    // SAFETY: both were just duplicated and are owned here.
-                    let files = unsafe { (File::from_raw_fd(i), File::from_raw_fd(o)) };
-                    std::mem::forget(RawMode::enter(0));
-                    (files.0, files.1, 0)
+                    let i = rustix::io::dup(rustix::stdio::stdin()).map_err(io_errno)?;
+                    let o = rustix::io::dup(rustix::stdio::stdout()).map_err(io_errno)?;
+                    std::mem::forget(RawMode::enter(rustix::stdio::stdin()));
+                    (i.into(), o.into())
                 }
             };
+            // The size of the input's terminal (the host side's).
+            let tty = input.try_clone().map_err(io)?;
             let to_guest = conn.try_clone().map_err(io)?;
             std::thread::spawn(move || copy(input, to_guest));
             // Follow the host side's size.
             std::thread::spawn(move || {
                 let mut last = None;
                 loop {
-                    let now = window_size(size_fd);
+                    let now = window_size(&tty);
                     if now.is_some() && now != last {
                         if let Some((rows, cols)) = now {
                             resize(rows, cols);
@@ -568,40 +537,32 @@ fn run_exec(
     status
 }
 
-/// Copies each stream to its descriptor until every one has ended, on
-/// this thread (poll).
-fn pump(mut streams: Vec<(std::os::unix::net::UnixStream, RawFd)>) {
+/// Copies each stream to its file until every one has ended, on this
+/// thread (poll).
+fn pump(mut streams: Vec<(UnixStream, File)>) {
     let mut buf = vec![0u8; 64 * 1024];
     while !streams.is_empty() {
-        let mut fds: Vec<libc::pollfd> = streams
+        let mut fds: Vec<PollFd> = streams
             .iter()
-            .map(|(s, _)| libc::pollfd {
-                fd: s.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            })
+            .map(|(s, _)| PollFd::new(s, PollFlags::IN))
             .collect();
-        // SAFETY: poll on live pollfds, as many as given.
-        if unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) } < 0 {
-            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return;
+        match rustix::event::poll(&mut fds, None) {
+            Ok(_) => {}
+            Err(Errno::INTR) => continue,
+            Err(_) => return,
         }
+        let ready: Vec<bool> = fds.iter().map(|fd| !fd.revents().is_empty()).collect();
+        drop(fds);
         let mut i = 0;
         streams.retain_mut(|(stream, to)| {
-            let ready = fds[i].revents != 0;
+            let ready = ready[i];
             i += 1;
             if !ready {
                 return true;
             }
             match stream.read(&mut buf) {
                 Ok(0) | Err(_) => false,
-                Ok(n) => {
-                    // SAFETY: `to` is this process's stdout or stderr.
-                    let mut out = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(*to) });
-                    out.write_all(&buf[..n]).is_ok()
-                }
+                Ok(n) => to.write_all(&buf[..n]).is_ok(),
             }
         });
     }

@@ -23,8 +23,7 @@ pub fn root(dir: &Path) -> Result<(), String> {
     if !meta.is_dir() {
         return Err(format!("husk's root {} is not a directory", dir.display()));
     }
-    // SAFETY: geteuid takes no arguments.
-    let me = unsafe { libc::geteuid() };
+    let me = rustix::process::geteuid().as_raw();
     if meta.uid() != me {
         return Err(format!(
             "husk's root {} belongs to uid {}, not to husk's user ({me})",
@@ -58,8 +57,7 @@ mod tests {
         let file = base.join("file");
         std::fs::write(&file, b"").unwrap();
         assert!(root(&file).unwrap_err().contains("is not a directory"));
-        // SAFETY: geteuid takes no arguments.
-        if unsafe { libc::geteuid() } == 0 {
+        if rustix::process::geteuid().is_root() {
             let theirs = base.join("theirs");
             std::fs::create_dir(&theirs).unwrap();
             std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();

@@ -3,6 +3,8 @@
 //! container's process, then the container deleted; husk exits with the
 //! container's exit status.
 
+use husk_sys::signals::SignalSet;
+
 use crate::container::{self, CreateOptions, LifecycleError};
 
 /// Signals forwarded to the container by a foreground `run`.
@@ -21,20 +23,9 @@ pub fn run(o: &CreateOptions) -> Result<i32, LifecycleError> {
     // Forwarded signals are taken by a thread, not delivered: blocked
     // before any thread exists (the monitor unblocks nothing it inherits:
     // it is exec'd with the mask reset below).
-    let set = {
-        // SAFETY: the set is initialised before use.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            for sig in FORWARDED {
-                libc::sigaddset(&mut set, sig);
-            }
-            set
-        }
-    };
+    let set = SignalSet::of(&FORWARDED);
     if !o.detach {
-        // SAFETY: blocks the signals of a live, initialised set.
-        unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        set.block();
     }
     let mut monitor = container::create(o)?;
     // A restored container is running already.
@@ -60,12 +51,7 @@ pub fn run(o: &CreateOptions) -> Result<i32, LifecycleError> {
     }
     let (root, id) = (o.root.to_owned(), o.id.to_owned());
     std::thread::spawn(move || {
-        loop {
-            let mut sig = 0;
-            // SAFETY: sigwait on an initialised set, writing a live int.
-            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-                return;
-            }
+        while let Some(sig) = set.wait() {
             let _ = container::kill(&root, &id, sig, false);
         }
     });

@@ -17,6 +17,8 @@ use husk_protocol::{
     CONTROL_PORT, Request, Response, STDIO_PORT, StdioAttach, Stream, handshake, read_frame,
     write_frame,
 };
+use rustix::net::RecvFlags;
+use rustix::rand::GetRandomFlags;
 use thiserror::Error;
 
 use husk_guest::binaries::{Binaries, guest_image};
@@ -134,9 +136,8 @@ pub fn vmm_api(state_dir: &Path, request: &ApiRequest) -> Result<(), SandboxErro
 /// Fresh host entropy and the host's wall clock for a restored guest.
 pub fn clone_seed() -> husk_protocol::CloneSeed {
     let mut entropy = vec![0u8; 32];
-    // SAFETY: getrandom fills the live buffer of the given length.
-    let n = unsafe { libc::getrandom(entropy.as_mut_ptr().cast(), entropy.len(), 0) };
-    entropy.truncate(n.max(0) as usize);
+    let n = rustix::rand::getrandom(&mut entropy[..], GetRandomFlags::empty()).unwrap_or(0);
+    entropy.truncate(n);
     let realtime_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
@@ -174,19 +175,8 @@ pub fn connect_with(socket: &Path, port: u32, first: &[u8]) -> std::io::Result<U
     // consumed (two system calls, not one per byte). A line that arrives
     // in pieces is read byte by byte.
     let mut buf = [0u8; 64];
-    // SAFETY: recv into a live buffer of the length given.
-    let n = unsafe {
-        libc::recv(
-            std::os::fd::AsRawFd::as_raw_fd(&stream),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_PEEK,
-        )
-    };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let line = match buf[..n as usize].iter().position(|&b| b == b'\n') {
+    let (n, _) = rustix::net::recv(&stream, &mut buf[..], RecvFlags::PEEK)?;
+    let line = match buf[..n].iter().position(|&b| b == b'\n') {
         Some(end) => {
             let mut line = vec![0u8; end + 1];
             stream.read_exact(&mut line)?;

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use rustix::process::{Pid, Signal};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -76,10 +77,16 @@ impl HostProcess {
             && fields.get(19).and_then(|t| t.parse::<u64>().ok()) == Some(self.start_time)
     }
 
-    /// Sends `signal` if this very process still runs.
+    /// Sends `signal`, a named one (not a real-time signal), if this very
+    /// process still runs.
     pub fn signal(&self, signal: i32) -> bool {
-        // SAFETY: kill takes no pointers.
-        self.alive() && unsafe { libc::kill(self.pid as i32, signal) } == 0
+        let (Some(pid), Some(signal)) = (
+            i32::try_from(self.pid).ok().and_then(Pid::from_raw),
+            Signal::from_named_raw(signal),
+        ) else {
+            return false;
+        };
+        self.alive() && rustix::process::kill_process(pid, signal).is_ok()
     }
 }
 

@@ -40,16 +40,11 @@ impl Phases {
         let Some(prefix) = std::env::var_os(TIMINGS_ENV) else {
             return;
         };
-        // SAFETY: getrusage writes into a zeroed rusage.
-        let usage = unsafe {
-            let mut u: libc::rusage = std::mem::zeroed();
-            libc::getrusage(libc::RUSAGE_SELF, &mut u);
-            u
-        };
-        let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+        // User and system time together, as getrusage's RUSAGE_SELF sums.
+        let cpu = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
         let json = serde_json::json!({
             "phases_us": self.marks,
-            "runtime_cpu_us": us(usage.ru_utime) + us(usage.ru_stime),
+            "runtime_cpu_us": cpu.tv_sec as u64 * 1_000_000 + cpu.tv_nsec as u64 / 1000,
         });
         let mut path = prefix;
         path.push(".runtime.json");

@@ -1,10 +1,20 @@
 //! What every process husk starts gets in its forked child, before exec
-//! (docs/security.md): a clean signal state, and for a VMM, death with
-//! whoever started it.
+//! (docs/security.md): a clean signal state, and as each needs, a
+//! session of its own, the ready pipe at a fixed descriptor, or death
+//! with whoever started it.
 //!
 //! A process inherits its starter's blocked signals and ignored ones
 //! across exec. `husk run` blocks the signals it forwards and Rust
 //! ignores SIGPIPE; a VMM that inherited them did not end on SIGTERM.
+//!
+//! Everything here runs between fork and exec: async-signal-safe calls
+//! only, no allocation.
+
+use std::os::fd::RawFd;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use rustix::process::{Pid, Signal};
 
 /// Unblocks every signal and gives every one its default action. Only
 /// async-signal-safe calls: for `pre_exec`.
@@ -23,13 +33,59 @@ pub fn reset_signals() {
     }
 }
 
+/// Makes `cmd` start with a clean signal state ([`reset_signals`]): a
+/// hook.
+pub fn clean(cmd: &mut Command) {
+    // SAFETY: reset_signals is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            reset_signals();
+            Ok(())
+        });
+    }
+}
+
+/// Makes `cmd` start in a session of its own with a clean signal state: a
+/// terminal's signals (Ctrl-C to a foreground `husk run`) and hang-ups do
+/// not reach it, and it outlives its starter.
+pub fn detached(cmd: &mut Command) {
+    // SAFETY: setsid and reset_signals are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            let _ = rustix::process::setsid();
+            reset_signals();
+            Ok(())
+        });
+    }
+}
+
+/// [`detached`], with `fd` as its descriptor `at` and no other descriptor
+/// of the caller's above `at`: a caller that waits for a pipe's end must
+/// not wait for the child's. `fd` must stay open until `cmd` is spawned;
+/// spawning fails if it cannot be put at `at`.
+pub fn detached_with_fd(cmd: &mut Command, fd: RawFd, at: RawFd) {
+    // SAFETY: dup2, close_range, setsid and reset_signals are
+    // async-signal-safe and take no pointers; dup2 only reads `fd`.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, at) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::syscall(libc::SYS_close_range, at + 1, u32::MAX, 0);
+            let _ = rustix::process::setsid();
+            reset_signals();
+            Ok(())
+        });
+    }
+}
+
 /// Makes `cmd` a VMM's: it starts with a clean signal state and dies with
 /// the calling process ([`reset_signals`], [`die_with`]).
-pub fn vmm(cmd: &mut std::process::Command) {
+pub fn vmm(cmd: &mut Command) {
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: async-signal-safe calls in the forked child, before exec.
     unsafe {
-        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+        cmd.pre_exec(move || {
             reset_signals();
             die_with(parent);
             Ok(())
@@ -41,12 +97,8 @@ pub fn vmm(cmd: &mut std::process::Command) {
 /// ends; ends it now if `parent` already has. For `pre_exec`; `parent` is
 /// the starter's PID, read before the fork.
 pub fn die_with(parent: libc::pid_t) {
-    // SAFETY: prctl, getppid and raise are async-signal-safe and take no
-    // pointers.
-    unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-        if libc::getppid() != parent {
-            libc::raise(libc::SIGKILL);
-        }
+    let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
+    if Pid::as_raw(rustix::process::getppid()) != parent {
+        let _ = rustix::process::kill_process(rustix::process::getpid(), Signal::KILL);
     }
 }

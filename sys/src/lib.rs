@@ -1,6 +1,13 @@
 //! The system calls husk's host side makes that no well-kept crate
-//! covers, kept in one named place so the `unsafe` they need is easy to
+//! covers, or that more than one of its crates would otherwise each wrap
+//! again, kept in one named place so the `unsafe` they need is easy to
 //! find and review (docs/design.md, "unsafe").
+//!
+//! - [`child`]: what a forked child does before exec;
+//! - [`signals`]: signals blocked and taken by a thread;
+//! - [`fd`]: descriptors passed over Unix sockets.
 #![deny(missing_docs)]
 
 pub mod child;
+pub mod fd;
+pub mod signals;
