@@ -97,33 +97,28 @@ pub fn monitor(root: &Path, args: MonitorArgs) -> anyhow::Result<u8> {
     } = args;
     // The ready pipe must not leak into the VMM (its reader waits
     // for the end of file).
-    // SAFETY: fcntl on a descriptor number; harmless if not open.
-    unsafe { libc::fcntl(monitor::READY_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
+    husk_sys::fd::set_cloexec(monitor::READY_FD);
     // The monitor outlives terminals and stray signals; only an
     // explicit SIGKILL (delete --force) ends it early.
-    for sig in [
+    husk_sys::signals::ignore(&[
         libc::SIGINT,
         libc::SIGHUP,
         libc::SIGQUIT,
         libc::SIGTERM,
         libc::SIGPIPE,
-    ] {
-        // SAFETY: ignoring a signal installs no handler code.
-        unsafe { libc::signal(sig, libc::SIG_IGN) };
-    }
+    ]);
     let terminal = container::terminal(console_socket.as_deref());
     if console_socket.is_some() {
         // The terminal is the container's stdio: the caller's own
         // stdio (runc's caller reads it to its end) is let go.
-        // SAFETY: open and dup2 of /dev/null over 0, 1 and 2.
-        unsafe {
-            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
-            if null >= 0 {
-                for fd in 0..3 {
-                    libc::dup2(null, fd);
-                }
-                libc::close(null);
-            }
+        if let Ok(null) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+        {
+            let _ = rustix::stdio::dup2_stdin(&null);
+            let _ = rustix::stdio::dup2_stdout(&null);
+            let _ = rustix::stdio::dup2_stderr(&null);
         }
     }
     let status = match (exec, process) {

@@ -11,6 +11,14 @@ use rustix::net::{
     SendAncillaryMessage, SendFlags,
 };
 
+/// Marks descriptor `fd` close-on-exec if it is open (a descriptor a
+/// process was handed by number, such as a ready pipe); nothing if not.
+pub fn set_cloexec(fd: std::os::fd::RawFd) {
+    // SAFETY: fcntl on a descriptor number reads or writes no memory;
+    // on a number that is not open it fails with EBADF.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+}
+
 /// Sends `fd` on `socket`, with `data` as the message's bytes (a stream
 /// socket sends no message of none).
 pub fn send_fd(socket: impl AsFd, fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<()> {

@@ -37,3 +37,14 @@ impl SignalSet {
         (unsafe { libc::sigwait(&self.0, &mut sig) } == 0).then_some(sig)
     }
 }
+
+/// Ignores `signals` in this process from now on (and across exec: an
+/// ignored signal stays ignored), as a process that must outlive its
+/// terminal and stray signals does.
+pub fn ignore(signals: &[libc::c_int]) {
+    for &sig in signals {
+        // SAFETY: SIG_IGN installs no handler code; signal only changes
+        // the disposition.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
+}
