@@ -32,17 +32,7 @@ fn husk_to(args: &[&str], out: &Path) -> Output {
         .stderr(std::fs::File::create(&err).unwrap())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("husk {args:?} did not finish");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = common::exit_within_a_minute(&mut child, args);
     let stderr = std::fs::read(&err).unwrap_or_default();
     let _ = std::fs::remove_file(&err);
     Output {

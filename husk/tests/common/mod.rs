@@ -137,17 +137,7 @@ pub fn husk(args: &[&str]) -> Output {
         .stderr(std::fs::File::create(&err_path).unwrap())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("husk {args:?} did not finish");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_within_a_minute(&mut child, args);
     let out = Output {
         status,
         stdout: std::fs::read(&out_path).unwrap_or_default(),
@@ -156,6 +146,22 @@ pub fn husk(args: &[&str]) -> Output {
     let _ = std::fs::remove_file(out_path);
     let _ = std::fs::remove_file(err_path);
     out
+}
+
+/// The exit status of `husk args...` (`child`); killed, and the test
+/// failed, after 60 s. Output that goes to files is not waited for.
+pub fn exit_within_a_minute(child: &mut Child, args: &[&str]) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("husk {args:?} did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// [`husk`], which must succeed; its stdout.
