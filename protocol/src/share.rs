@@ -45,8 +45,11 @@ impl std::str::FromStr for Share {
 }
 
 impl std::fmt::Display for Share {
+    /// The mode is always written (`:rw` too), so that a directory whose
+    /// own name ends in `:ro` or `:rw` reads back as itself: the parser
+    /// takes off exactly one suffix.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mode = if self.read_only { ":ro" } else { "" };
+        let mode = if self.read_only { ":ro" } else { ":rw" };
         write!(f, "{}={}{mode}", self.tag, self.dir.display())
     }
 }
@@ -54,6 +57,23 @@ impl std::fmt::Display for Share {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the runtime writes, the VMM reads back as the same share,
+    /// whatever the directory's name ends in.
+    #[test]
+    fn a_share_reads_back_as_itself() {
+        for dir in ["/x/a", "/x/a:rw", "/x/a:ro", "/x/a:ro:rw", "/x/=b"] {
+            for read_only in [false, true] {
+                let share = Share {
+                    tag: "t".into(),
+                    dir: dir.into(),
+                    read_only,
+                };
+                let back: Share = share.to_string().parse().unwrap();
+                assert_eq!(back, share, "{share}");
+            }
+        }
+    }
 
     #[test]
     fn shares_parse_with_clear_errors() {
@@ -69,6 +89,7 @@ mod tests {
         assert_eq!(s.to_string(), "rootfs=/var/lib/x:ro");
         let s: Share = "data=/tmp/d".parse().unwrap();
         assert!(!s.read_only);
+        assert_eq!(s.to_string(), "data=/tmp/d:rw");
         for (bad, why) in [
             ("/tmp/d", "is not TAG=DIR"),
             ("=/tmp/d", "must be 1 to 36 bytes"),

@@ -218,6 +218,14 @@ impl Sandbox {
         shape: Shape,
         from: Option<&Path>,
     ) -> Result<Self, SandboxError> {
+        // The VMM's `--share TAG=DIR` is text: a directory whose name is
+        // not UTF-8 would reach it changed (another directory).
+        if let Some(bad) = shares.iter().find(|s| s.dir.to_str().is_none()) {
+            return Err(SandboxError::Refused(format!(
+                "cannot share {}: husk shares only directories whose paths are UTF-8",
+                bad.dir.display()
+            )));
+        }
         let snapshot = match from {
             Some(dir) => dir.to_owned(),
             None => warm::snapshot(root, &bins.vmm, &guest_image(bins, shape))?.0,
