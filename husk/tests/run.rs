@@ -55,10 +55,14 @@ fn husk_run_within(bundle: &Path, id: &str, stdin: &[u8], limit: Duration) -> Ou
     });
     let out = output_within(child, limit, "husk run");
     writer.join().unwrap();
-    // Nothing of the container is left in husk's state.
+    // Nothing of the container is left in husk's state. What the run
+    // printed comes with the failure (a run stopped from outside, such as
+    // issue 13's long one, still shows its crashes).
     assert!(
         !root().join("containers").join(id).exists(),
-        "the state directory of {id} was left behind"
+        "the state directory of {id} was left behind; the run printed:\n{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
     );
     out
 }
