@@ -113,6 +113,36 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// A vsock device handed another device's saved state refuses it by
+    /// name, and takes nothing of it up.
+    #[test]
+    fn state_of_another_device_is_refused() {
+        use crate::devices::virtio::fs::session::SessionState;
+        use crate::devices::virtio::{DeviceState, PersistError, VirtioDevice};
+        let dir = std::env::temp_dir().join(format!("husk-vsock-notmine-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (mut device, _host) = Vsock::new(3, &dir.join("v.sock")).unwrap();
+        let foreign = DeviceState::Fs(SessionState {
+            capable: 0,
+            nodes: Vec::new(),
+            handles: Vec::new(),
+            next_node: 2,
+            next_handle: 1,
+        });
+        let e = device.restore_state(&foreign).unwrap_err();
+        assert!(
+            matches!(e, PersistError::NotMine { device: TYPE_VSOCK }),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().contains("was handed state that is not its own"),
+            "{e}"
+        );
+        assert!(lock(&device.backend).rx.is_empty());
+        drop(device);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn credit_follows_what_the_guest_consumed() {
         let (a, _b) = UnixStream::pair().unwrap();
