@@ -46,16 +46,8 @@ pub struct GuestImage {
 #[derive(Debug, Error)]
 pub enum WarmError {
     /// A file cannot be read, or the cache cannot be written.
-    #[error("cannot {what} {}", .path.display())]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// The file or directory.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] husk_sys::PathError),
     /// The VMM could not boot the guest to its ready point.
     #[error("booting the guest for its snapshot failed ({status}): {stderr}")]
     Boot {
@@ -77,7 +69,7 @@ pub enum Origin {
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> WarmError {
     let path = path.to_owned();
-    move |source| WarmError::Io { what, path, source }
+    move |source| husk_sys::PathError { what, path, source }.into()
 }
 
 /// FNV-1a, 64 bits: a cache key, not a security boundary (the snapshot

@@ -40,15 +40,8 @@ use super::unpack;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// A file operation failed.
-    #[error("image store: cannot {what} {path}: {source}")]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// To what.
-        path: PathBuf,
-        /// Why it failed.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] husk_sys::PathError),
     /// A manifest, index or config larger than any is.
     #[error(
         "blob {digest} is {size} bytes: more than a manifest or config may be ({limit} bytes): refused"
@@ -112,7 +105,7 @@ type Result<T> = std::result::Result<T, StoreError>;
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
     let path = path.to_owned();
-    move |source| StoreError::Io { what, path, source }
+    move |source| husk_sys::PathError { what, path, source }.into()
 }
 
 /// `sha256:<hex>` of `bytes`.

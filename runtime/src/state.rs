@@ -136,16 +136,8 @@ pub enum StateError {
     #[error("container {0:?} does not exist")]
     NotFound(String),
     /// The state cannot be read or written.
-    #[error("cannot {what} {}", .path.display())]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] husk_sys::PathError),
     /// The state file is damaged.
     #[error("the state of container {0:?} is damaged: {1}")]
     Damaged(String, String),
@@ -168,11 +160,11 @@ impl ContainerState {
                 return Err(StateError::NotFound(id.to_owned()));
             }
             Err(source) => {
-                return Err(StateError::Io {
+                return Err(StateError::from(husk_sys::PathError {
                     what: "read",
                     path,
                     source,
-                });
+                }));
             }
         };
         serde_json::from_str(&json).map_err(|e| StateError::Damaged(id.to_owned(), e.to_string()))
@@ -185,7 +177,7 @@ impl ContainerState {
         let json = serde_json::to_string_pretty(self).unwrap_or_default();
         let io = |what, path: &Path| {
             let path = path.to_owned();
-            move |source| StateError::Io { what, path, source }
+            move |source| husk_sys::PathError { what, path, source }.into()
         };
         std::fs::write(&tmp, json).map_err(io("write", &tmp))?;
         std::fs::rename(&tmp, d.join(FILE)).map_err(io("write", &d.join(FILE)))

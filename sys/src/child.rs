@@ -64,11 +64,17 @@ pub fn detached(cmd: &mut Command) {
 /// not wait for the child's. `fd` must stay open until `cmd` is spawned;
 /// spawning fails if it cannot be put at `at`.
 pub fn detached_with_fd(cmd: &mut Command, fd: RawFd, at: RawFd) {
-    // SAFETY: dup2, close_range, setsid and reset_signals are
+    // SAFETY: dup2, fcntl, close_range, setsid and reset_signals are
     // async-signal-safe and take no pointers; dup2 only reads `fd`.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(fd, at) < 0 {
+            // dup2 onto itself keeps close-on-exec: clear it instead.
+            let placed = if fd == at {
+                libc::fcntl(fd, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, at)
+            };
+            if placed < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             libc::syscall(libc::SYS_close_range, at + 1, u32::MAX, 0);

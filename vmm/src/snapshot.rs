@@ -34,16 +34,8 @@ pub const HUSK_VERSION: &str = env!("CARGO_PKG_VERSION");
 #[derive(Debug, Error)]
 pub enum SnapshotError {
     /// A snapshot file cannot be read or written.
-    #[error("cannot {what} {}", .path.display())]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Why it failed.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] husk_sys::PathError),
     /// The snapshot's directory is not one a snapshot may be written into.
     #[error("refused to write a snapshot into {}: {why}", .path.display())]
     UnsafeDir {
@@ -170,7 +162,7 @@ fn is_zero(bytes: &[u8]) -> bool {
 pub fn write(dir: &Path, state: &VmState, memory: &[&[u8]]) -> Result<(), SnapshotError> {
     let io = |what, path: &Path| {
         let path = path.to_owned();
-        move |source| SnapshotError::Io { what, path, source }
+        move |source| husk_sys::PathError { what, path, source }.into()
     };
     // Guest memory holds the guest's secrets: the owner's alone, whatever
     // the process's umask, and never written through a link.
@@ -249,17 +241,17 @@ fn private_dir(dir: &Path) -> Result<std::fs::File, SnapshotError> {
             Some(libc::ELOOP) | Some(libc::ENOTDIR) => {
                 refuse("it is a symlink, not a directory".into())
             }
-            _ => SnapshotError::Io {
+            _ => SnapshotError::Io(husk_sys::PathError {
                 what: "open",
                 path: dir.to_owned(),
                 source: e,
-            },
+            }),
         })?;
-    let meta = file.metadata().map_err(|source| SnapshotError::Io {
+    let meta = file.metadata().map_err(|source| SnapshotError::Io(husk_sys::PathError {
         what: "open",
         path: dir.to_owned(),
         source,
-    })?;
+    }))?;
     // SAFETY: geteuid takes no arguments.
     let me = unsafe { libc::geteuid() };
     if meta.uid() != me {
@@ -304,11 +296,11 @@ fn open_beneath(dir: &std::fs::File, name: &std::ffi::OsStr) -> std::io::Result<
 /// as the state says. Returns the state and the memory file's path.
 pub fn read(dir: &Path) -> Result<(VmState, PathBuf), SnapshotError> {
     let state_path = dir.join(STATE_FILE);
-    let bytes = std::fs::read(&state_path).map_err(|source| SnapshotError::Io {
+    let bytes = std::fs::read(&state_path).map_err(|source| SnapshotError::Io(husk_sys::PathError {
         what: "read",
         path: state_path.clone(),
         source,
-    })?;
+    }))?;
     let newline = bytes
         .iter()
         .position(|&b| b == b'\n')
@@ -332,11 +324,11 @@ pub fn read(dir: &Path) -> Result<(VmState, PathBuf), SnapshotError> {
         serde_json::from_slice(body).map_err(|e| SnapshotError::Parse(state_path.clone(), e))?;
     let mem_path = dir.join(MEMORY_FILE);
     let found = std::fs::metadata(&mem_path)
-        .map_err(|source| SnapshotError::Io {
+        .map_err(|source| SnapshotError::Io(husk_sys::PathError {
             what: "read",
             path: mem_path.clone(),
             source,
-        })?
+        }))?
         .len();
     let expected = state.memory_mib << 20;
     if found != expected || header.memory_bytes != expected {

@@ -10,11 +10,11 @@ pub(super) fn map_snapshot_memory(
     memory_mib: u64,
 ) -> Result<GuestMemoryMmap, VmError> {
     let file = File::open(path).map_err(|source| {
-        VmError::Snapshot(SnapshotError::Io {
+        VmError::Snapshot(SnapshotError::Io(husk_sys::PathError {
             what: "open",
             path: path.to_owned(),
             source,
-        })
+        }))
     })?;
     let file = Arc::new(file);
     let mut offset = 0u64;
