@@ -30,12 +30,13 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
 use husk_protocol::api::ApiRequest;
+use husk_sys::PathError;
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
-use crate::sandbox::vmm_api;
-use crate::state::{self, ContainerState, Status};
+use crate::sandbox::{SandboxError, vmm_api};
+use crate::state::{self, ContainerState, StateError, Status};
 use husk_guest::shape::Shape;
 
 /// The description of a checkpoint, in its directory.
@@ -48,6 +49,80 @@ pub const UPPER_DIR: &str = "upper";
 /// (the monitor then records no error).
 pub const CHECKPOINTED: &str = "checkpointed";
 const FORMAT: &str = "husk-checkpoint";
+
+/// Why a checkpoint cannot be made or restored; each names the container
+/// or the directory.
+#[derive(Debug, Error)]
+pub enum CheckpointError {
+    /// The container's state cannot be read.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// A file operation failed.
+    #[error(transparent)]
+    Io(#[from] PathError),
+    /// The container is not running or paused.
+    #[error(
+        "container {id:?} is {status}: only a running or paused container can be checkpointed"
+    )]
+    NotRunning {
+        /// Container ID.
+        id: String,
+        /// Its status.
+        status: Status,
+    },
+    /// The container's state has no VM shape.
+    #[error("container {0:?} has no VM shape recorded")]
+    NoShape(String),
+    /// The checkpoint's directory is not one to write a checkpoint into.
+    #[error("{} {why}", .dir.display())]
+    UnsafeDir {
+        /// The directory.
+        dir: PathBuf,
+        /// Why it is refused.
+        why: String,
+    },
+    /// `cp -a` failed.
+    #[error("cannot copy {} to {}: {why}", .from.display(), .to.display())]
+    Copy {
+        /// From.
+        from: PathBuf,
+        /// To.
+        to: PathBuf,
+        /// What cp said.
+        why: String,
+    },
+    /// The VMM refused or failed the snapshot.
+    #[error("cannot checkpoint container {id:?}: {why}")]
+    Snapshot {
+        /// Container ID.
+        id: String,
+        /// What the VMM said.
+        why: SandboxError,
+    },
+    /// The VMM could not be resumed or stopped.
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    /// Saved, but the container could not be stopped.
+    #[error("container {id:?} was checkpointed but {why}")]
+    NotStopped {
+        /// Container ID.
+        id: String,
+        /// What happened.
+        why: String,
+    },
+    /// The directory holds no checkpoint of this husk's for this container.
+    #[error("{}", .0)]
+    Refused(String),
+    /// `checkpoint.json` is not JSON of the manifest's form.
+    #[error("{} is corrupt", .path.display())]
+    Corrupt {
+        /// checkpoint.json.
+        path: PathBuf,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
 
 /// What `checkpoint.json` says.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -70,45 +145,46 @@ pub struct Manifest {
 /// it holds an earlier checkpoint, refused if it holds anything else, is
 /// a symlink, belongs to another user or is open to others' writes (a
 /// checkpoint holds the container's memory and files; docs/security.md).
-fn prepare(dir: &Path) -> anyhow::Result<PathBuf> {
+fn prepare(dir: &Path) -> Result<PathBuf, CheckpointError> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .with_context(|| format!("cannot create {}", dir.display()))?;
-    let meta =
-        std::fs::symlink_metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+        .map_err(PathError::at("create", dir))?;
+    let meta = std::fs::symlink_metadata(dir).map_err(PathError::at("read", dir))?;
     let me = rustix::process::geteuid().as_raw();
+    let refuse = |why: String| CheckpointError::UnsafeDir {
+        dir: dir.to_owned(),
+        why,
+    };
     if meta.file_type().is_symlink() {
-        bail!("{} is a symlink: give the directory itself", dir.display());
+        return Err(refuse("is a symlink: give the directory itself".into()));
     }
     if meta.uid() != me {
-        bail!(
-            "{} belongs to uid {}, not {me}: a checkpoint goes into a directory of husk's user",
-            dir.display(),
+        return Err(refuse(format!(
+            "belongs to uid {}, not {me}: a checkpoint goes into a directory of husk's user",
             meta.uid()
-        );
+        )));
     }
     if meta.mode() & 0o022 != 0 {
-        bail!(
-            "{} is open to others' writes (mode {:o}): a checkpoint goes into a directory only its owner writes",
-            dir.display(),
+        return Err(refuse(format!(
+            "is open to others' writes (mode {:o}): a checkpoint goes into a directory only its owner writes",
             meta.mode() & 0o7777
-        );
+        )));
     }
-    let dir = dir.canonicalize()?;
+    let dir = dir.canonicalize().map_err(PathError::at("find", dir))?;
     let mut entries = std::fs::read_dir(&dir)
-        .with_context(|| format!("cannot read {}", dir.display()))?
+        .map_err(PathError::at("read", &dir))?
         .flatten()
         .map(|e| e.file_name())
         .peekable();
     if entries.peek().is_some() {
         if !dir.join(MANIFEST).exists() {
-            bail!(
-                "{} is not empty and holds no checkpoint: give an empty or new directory",
-                dir.display()
-            );
+            return Err(CheckpointError::UnsafeDir {
+                dir,
+                why: "is not empty and holds no checkpoint: give an empty or new directory".into(),
+            });
         }
         clear(&dir);
     }
@@ -126,7 +202,7 @@ fn clear(dir: &Path) {
 /// times, extended attributes (overlayfs's among them), device nodes
 /// (its whiteouts), hard links and holes. coreutils' `cp -a` does all of
 /// that; no crate does (docs/checkpoint.md).
-pub fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
+pub fn copy_tree(from: &Path, to: &Path) -> Result<(), CheckpointError> {
     let out = std::process::Command::new("cp")
         .arg("-a")
         .arg("--sparse=always")
@@ -134,15 +210,14 @@ pub fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
         .arg(from)
         .arg(to)
         .output()
-        .context("cannot run cp")?;
+        .map_err(PathError::at("run", Path::new("cp")))?;
     if !out.status.success() {
         let _ = std::fs::remove_dir_all(to);
-        bail!(
-            "cannot copy {} to {}: {}",
-            from.display(),
-            to.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        return Err(CheckpointError::Copy {
+            from: from.to_owned(),
+            to: to.to_owned(),
+            why: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
     }
     Ok(())
 }
@@ -157,22 +232,23 @@ pub fn checkpoint(
     image_path: &Path,
     leave_running: bool,
     upper: Option<&Path>,
-) -> anyhow::Result<()> {
+) -> Result<(), CheckpointError> {
     let state = ContainerState::load(root, id)?;
     let status = state.status();
     if !matches!(status, Status::Running | Status::Paused) {
-        bail!(
-            "container {id:?} is {status}: only a running or paused container can be checkpointed"
-        );
+        return Err(CheckpointError::NotRunning {
+            id: id.into(),
+            status,
+        });
     }
     let shape = state
         .shape
-        .with_context(|| format!("container {id:?} has no VM shape recorded"))?;
+        .ok_or_else(|| CheckpointError::NoShape(id.into()))?;
     let dir = prepare(image_path)?;
     let state_dir = state::dir(root, id);
     // The VMM resumes a VM whose snapshot failed; a later failure resumes
     // it here. Either way nothing half-written stays.
-    let undo = |e: anyhow::Error| {
+    let undo = |e: CheckpointError| {
         clear(&dir);
         if status == Status::Running {
             let _ = vmm_api(&state_dir, &ApiRequest::Resume);
@@ -185,9 +261,9 @@ pub fn checkpoint(
             dir: dir.join(VM_DIR),
         },
     )
-    .map_err(|e| {
+    .map_err(|why| {
         clear(&dir);
-        anyhow::anyhow!("cannot checkpoint container {id:?}: {e}")
+        CheckpointError::Snapshot { id: id.into(), why }
     })?;
     if let Some(upper) = upper {
         copy_tree(upper, &dir.join(UPPER_DIR)).map_err(undo)?;
@@ -204,8 +280,7 @@ pub fn checkpoint(
         dir.join(MANIFEST),
         serde_json::to_vec_pretty(&manifest).expect("plain data serializes"),
     )
-    .with_context(|| format!("cannot write {}", dir.join(MANIFEST).display()))
-    .map_err(undo)?;
+    .map_err(|e| undo(PathError::at("write", &dir.join(MANIFEST))(e).into()))?;
     if leave_running {
         if status == Status::Running {
             vmm_api(&state_dir, &ApiRequest::Resume)?;
@@ -214,15 +289,17 @@ pub fn checkpoint(
     }
     // The container ends here, as runc's does after a checkpoint.
     let marker = state_dir.join(CHECKPOINTED);
-    std::fs::write(&marker, dir.as_os_str().as_encoded_bytes())?;
+    std::fs::write(&marker, dir.as_os_str().as_encoded_bytes())
+        .map_err(PathError::at("write", &marker))?;
+    let not_stopped = |why: String| CheckpointError::NotStopped { id: id.into(), why };
     if let Err(e) = vmm_api(&state_dir, &ApiRequest::Stop) {
         let _ = std::fs::remove_file(&marker);
-        bail!("container {id:?} was checkpointed but could not be stopped: {e}");
+        return Err(not_stopped(format!("could not be stopped: {e}")));
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     while ContainerState::load(root, id).is_ok_and(|s| s.status() != Status::Stopped) {
         if Instant::now() > deadline {
-            bail!("container {id:?} was checkpointed but did not stop within 10 s");
+            return Err(not_stopped("did not stop within 10 s".into()));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -231,42 +308,51 @@ pub fn checkpoint(
 
 /// Reads and checks the checkpoint in `dir` for restoring container `id`:
 /// returns its directory (absolute) and description.
-pub fn open(dir: &Path, id: &str) -> anyhow::Result<(PathBuf, Manifest)> {
+pub fn open(dir: &Path, id: &str) -> Result<(PathBuf, Manifest), CheckpointError> {
     let path = dir.join(MANIFEST);
-    let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => anyhow::anyhow!(
-            "{} is not a husk checkpoint: it has no {MANIFEST}",
-            dir.display()
-        ),
-        _ => anyhow::anyhow!("cannot read {}: {e}", path.display()),
+    let refuse = |why: String| Err(CheckpointError::Refused(why));
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return refuse(format!(
+                "{} is not a husk checkpoint: it has no {MANIFEST}",
+                dir.display()
+            ));
+        }
+        Err(e) => return Err(PathError::at("read", &path)(e).into()),
+    };
+    let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|source| {
+        CheckpointError::Corrupt {
+            path: path.clone(),
+            source,
+        }
     })?;
-    let manifest: Manifest =
-        serde_json::from_slice(&bytes).with_context(|| format!("{} is corrupt", path.display()))?;
     if manifest.format != FORMAT {
-        bail!("{} is not a husk checkpoint", path.display());
+        return refuse(format!("{} is not a husk checkpoint", path.display()));
     }
     let ours = env!("CARGO_PKG_VERSION");
     if manifest.husk_version != ours {
-        bail!(
+        return refuse(format!(
             "checkpoint {} was made by husk {}; this is husk {ours}, which cannot restore it",
             dir.display(),
             manifest.husk_version
-        );
+        ));
     }
     if manifest.id != id {
-        bail!(
+        return refuse(format!(
             "checkpoint {} is of container {:?}: restore it as {:?} (the guest knows it by that name)",
             dir.display(),
             manifest.id,
             manifest.id
-        );
+        ));
     }
     if manifest.upper && !dir.join(UPPER_DIR).is_dir() {
-        bail!("checkpoint {} has lost its {UPPER_DIR}/", dir.display());
+        return refuse(format!(
+            "checkpoint {} has lost its {UPPER_DIR}/",
+            dir.display()
+        ));
     }
-    let dir = dir
-        .canonicalize()
-        .with_context(|| format!("cannot find {}", dir.display()))?;
+    let dir = dir.canonicalize().map_err(PathError::at("find", dir))?;
     Ok((dir, manifest))
 }
 
