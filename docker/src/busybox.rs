@@ -13,16 +13,17 @@ use std::process::Command;
 
 use oci_spec::runtime::Spec;
 
+use crate::BusyboxError;
+
 /// Where Debian's busybox-static puts busybox.
 pub const BUSYBOX: &str = "/bin/busybox";
 
-fn io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> String {
-    let what = format!("cannot {what} {}", path.display());
-    move |e| format!("{what}: {e}")
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> BusyboxError {
+    BusyboxError::at(what, path)
 }
 
 /// Writes a busybox root filesystem into `rootfs` (which must not exist).
-pub fn make_rootfs(rootfs: &Path) -> Result<(), String> {
+pub fn make_rootfs(rootfs: &Path) -> Result<(), BusyboxError> {
     std::fs::create_dir(rootfs).map_err(io("create", rootfs))?;
     for dir in [
         "bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "root", "run",
@@ -76,11 +77,11 @@ pub fn config(args: &[&str]) -> Spec {
 }
 
 /// Makes a busybox bundle in `dir` (created) that runs `args`.
-pub fn make_bundle(dir: &Path, args: &[&str]) -> Result<(), String> {
+pub fn make_bundle(dir: &Path, args: &[&str]) -> Result<(), BusyboxError> {
     std::fs::create_dir_all(dir).map_err(io("create", dir))?;
     make_rootfs(&dir.join("rootfs"))?;
     let path = dir.join("config.json");
-    let json = serde_json::to_string_pretty(&config(args)).map_err(|e| e.to_string())?;
+    let json = serde_json::to_string_pretty(&config(args)).map_err(BusyboxError::Json)?;
     std::fs::write(&path, json).map_err(io("write", &path))
 }
 
@@ -98,7 +99,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// named [`IMAGE_NAME`], that `ctr images import` and other OCI tools
 /// read. Layer entries are owned by root with a fixed time, so the same
 /// busybox gives the same digests.
-pub fn write_oci_archive(path: &Path) -> Result<String, String> {
+pub fn write_oci_archive(path: &Path) -> Result<String, BusyboxError> {
     let work = std::env::temp_dir().join(format!("husk-image-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(io("create", &work))?;
@@ -110,8 +111,8 @@ pub fn write_oci_archive(path: &Path) -> Result<String, String> {
         layer.follow_symlinks(false);
         layer
             .append_dir_all(".", &rootfs)
-            .map_err(|e| format!("cannot pack {}: {e}", rootfs.display()))?;
-        let layer = layer.into_inner().map_err(|e| e.to_string())?;
+            .map_err(io("pack", &rootfs))?;
+        let layer = layer.into_inner().map_err(io("pack", &rootfs))?;
         let layer_digest = sha256_hex(&layer);
         let config = serde_json::json!({
             "architecture": "amd64",
@@ -167,16 +168,14 @@ pub fn write_oci_archive(path: &Path) -> Result<String, String> {
             header.set_cksum();
             archive
                 .append_data(&mut header, name, bytes)
-                .map_err(|e| format!("cannot write {}: {e}", path.display()))
+                .map_err(io("write", path))
         };
         add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
         add("index.json", &index)?;
         add(&format!("blobs/sha256/{layer_digest}"), &layer)?;
         add(&format!("blobs/sha256/{config_digest}"), &config)?;
         add(&format!("blobs/sha256/{manifest_digest}"), &manifest)?;
-        archive
-            .into_inner()
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        archive.into_inner().map_err(io("write", path))?;
         Ok(format!("sha256:{manifest_digest}"))
     })();
     let _ = std::fs::remove_dir_all(&work);

@@ -21,6 +21,9 @@
 #![deny(missing_docs)]
 
 pub mod busybox;
+mod error;
+
+pub use error::{BusyboxError, DockerError};
 
 use std::collections::HashSet;
 use std::ffi::CString;
@@ -28,7 +31,6 @@ use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
 use oci_spec::runtime::{Mount, Spec};
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 use rustix::mount::{MountFlags, UnmountFlags};
@@ -39,6 +41,10 @@ use husk_image::registry::Client;
 use husk_image::store::{Image, Store};
 use husk_runtime::container::{self, CreateOptions};
 use husk_runtime::state::{self, ContainerState, Status};
+use husk_sys::PathError;
+
+/// The docker layer's results.
+type Result<T, E = DockerError> = std::result::Result<T, E>;
 
 /// What `husk run IMAGE` was asked for.
 #[derive(Default)]
@@ -103,21 +109,22 @@ fn dir(root: &Path, name: &str) -> PathBuf {
 }
 
 impl Record {
-    fn load(root: &Path, name: &str) -> anyhow::Result<Self> {
+    fn load(root: &Path, name: &str) -> Result<Self> {
         let path = dir(root, name).join("container.json");
         let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => anyhow::anyhow!("no such container: {name}"),
-            _ => anyhow::anyhow!("cannot read {}: {e}", path.display()),
+            std::io::ErrorKind::NotFound => DockerError::NoSuchContainer(name.to_owned()),
+            _ => PathError::at("read", &path)(e).into(),
         })?;
-        serde_json::from_slice(&bytes).with_context(|| format!("{} is corrupt", path.display()))
+        serde_json::from_slice(&bytes).map_err(|source| DockerError::Corrupt { path, source })
     }
 
-    fn save(&self, root: &Path) -> anyhow::Result<()> {
+    fn save(&self, root: &Path) -> Result<()> {
         let path = dir(root, &self.name).join("container.json");
         let tmp = path.with_extension("json.tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)
             .and_then(|()| std::fs::rename(&tmp, &path))
-            .with_context(|| format!("cannot write {}", path.display()))
+            .map_err(PathError::at("write", &path))?;
+        Ok(())
     }
 
     /// Every container made from an image, oldest first.
@@ -142,7 +149,7 @@ fn random_hex(bytes: usize) -> String {
 
 /// Finds an image in the store; the built-in busybox is made on first use,
 /// anything else is pulled (as docker does).
-pub fn image(root: &Path, what: &str) -> anyhow::Result<(Store, Image)> {
+pub fn image(root: &Path, what: &str) -> Result<(Store, Image)> {
     let store = Store::open(root)?;
     if let Ok(image) = store.find(what) {
         return Ok((store, image));
@@ -153,7 +160,7 @@ pub fn image(root: &Path, what: &str) -> anyhow::Result<(Store, Image)> {
             .dir()
             .join("ingest")
             .join(format!("busybox-{}.tar", std::process::id()));
-        let made = crate::busybox::write_oci_archive(&tar).map_err(anyhow::Error::msg);
+        let made = crate::busybox::write_oci_archive(&tar).map_err(DockerError::from);
         let loaded = made.and_then(|_| Ok(husk_image::archive::load(&store, &tar)?));
         let _ = std::fs::remove_file(&tar);
         loaded?;
@@ -166,22 +173,24 @@ pub fn image(root: &Path, what: &str) -> anyhow::Result<(Store, Image)> {
 }
 
 /// Bytes in `256m`, `1g`, `1048576`.
-pub fn parse_bytes(s: &str) -> anyhow::Result<i64> {
+pub fn parse_bytes(s: &str) -> Result<i64> {
     let lower = s.to_ascii_lowercase();
     let lower = lower.strip_suffix('b').unwrap_or(&lower);
     let (digits, unit) = match lower.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
         Some((i, _)) => lower.split_at(i),
         None => (lower, ""),
     };
-    let n: i64 = digits
-        .parse()
-        .with_context(|| format!("{s:?} is not a size (like 512m or 2g)"))?;
+    let bad = |source| DockerError::BadSize {
+        value: s.to_owned(),
+        source,
+    };
+    let n: i64 = digits.parse().map_err(|e| bad(Some(e)))?;
     let scale = match unit {
         "" => 1,
         "k" => 1 << 10,
         "m" => 1 << 20,
         "g" => 1 << 30,
-        _ => bail!("{s:?} is not a size (like 512m or 2g)"),
+        _ => return Err(bad(None)),
     };
     Ok(n * scale)
 }
@@ -206,7 +215,7 @@ fn read_in_root(rootfs: &Path, path: &str) -> Option<String> {
 
 /// uid, gid and additional gids of `user` (`name`, `uid`, `name:group`,
 /// `uid:gid`) in the container's /etc/passwd and /etc/group.
-fn resolve_user(rootfs: &Path, user: &str) -> anyhow::Result<(u32, u32, Vec<u32>)> {
+fn resolve_user(rootfs: &Path, user: &str) -> Result<(u32, u32, Vec<u32>)> {
     let passwd = read_in_root(rootfs, "etc/passwd").unwrap_or_default();
     let group = read_in_root(rootfs, "etc/group").unwrap_or_default();
     let (u, g) = match user.split_once(':') {
@@ -217,10 +226,11 @@ fn resolve_user(rootfs: &Path, user: &str) -> anyhow::Result<(u32, u32, Vec<u32>
         .lines()
         .map(|l| l.split(':').collect::<Vec<_>>())
         .find(|f| f.len() >= 4 && (f[0] == u || f[2] == u));
+    let number = |s: &str| s.parse::<u32>().map_err(DockerError::BadUserEntry);
     let (uid, name, mut gid) = match (u.parse::<u32>(), &entry) {
-        (_, Some(f)) => (f[2].parse()?, f[0].to_owned(), f[3].parse()?),
+        (_, Some(f)) => (number(f[2])?, f[0].to_owned(), number(f[3])?),
         (Ok(uid), None) => (uid, String::new(), 0),
-        (Err(_), None) => bail!("unable to find user {u}: no matching entries in passwd file"),
+        (Err(_), None) => return Err(DockerError::NoSuchUser(u.to_owned())),
     };
     if let Some(g) = g {
         gid = match g.parse::<u32>() {
@@ -229,11 +239,9 @@ fn resolve_user(rootfs: &Path, user: &str) -> anyhow::Result<(u32, u32, Vec<u32>
                 .lines()
                 .map(|l| l.split(':').collect::<Vec<_>>())
                 .find(|f| f.len() >= 3 && f[0] == g)
-                .map(|f| f[2].parse())
+                .map(|f| number(f[2]))
                 .transpose()?
-                .with_context(|| {
-                    format!("unable to find group {g}: no matching entries in group file")
-                })?,
+                .ok_or_else(|| DockerError::NoSuchGroup(g.to_owned()))?,
         };
     }
     let additional = group
@@ -248,7 +256,7 @@ fn resolve_user(rootfs: &Path, user: &str) -> anyhow::Result<(u32, u32, Vec<u32>
 
 /// Mounts the container's root: the image's layers under its writable
 /// layer.
-fn mount_rootfs(dir: &Path, store: &Store, image: &Image) -> anyhow::Result<()> {
+fn mount_rootfs(dir: &Path, store: &Store, image: &Image) -> Result<()> {
     let mut lower = Vec::new();
     for layer in image.layers.iter().rev() {
         lower.push(store.layer_path(&layer.diff_id)?.display().to_string());
@@ -256,11 +264,12 @@ fn mount_rootfs(dir: &Path, store: &Store, image: &Image) -> anyhow::Result<()> 
     if lower.is_empty() {
         // An image of no layers: an empty read-only lower layer.
         let empty = dir.join("empty");
-        std::fs::create_dir_all(&empty)?;
+        std::fs::create_dir_all(&empty).map_err(PathError::at("create", &empty))?;
         lower.push(empty.display().to_string());
     }
     for sub in ["rootfs", "upper", "work"] {
-        std::fs::create_dir_all(dir.join(sub))?;
+        let path = dir.join(sub);
+        std::fs::create_dir_all(&path).map_err(PathError::at("create", &path))?;
     }
     let options = format!(
         "lowerdir={},upperdir={},workdir={}",
@@ -279,14 +288,10 @@ fn mount_rootfs(dir: &Path, store: &Store, image: &Image) -> anyhow::Result<()> 
         MountFlags::NOSUID | MountFlags::NODEV,
         data.as_c_str(),
     );
-    if let Err(e) = mounted {
-        bail!(
-            "cannot mount the container's root (overlayfs over {} layers): {}",
-            image.layers.len(),
-            std::io::Error::from(e)
-        );
-    }
-    Ok(())
+    mounted.map_err(|e| DockerError::Mount {
+        layers: image.layers.len(),
+        source: e.into(),
+    })
 }
 
 fn unmount_rootfs(dir: &Path) {
@@ -300,7 +305,7 @@ fn spec(
     config: &oci_spec::image::ImageConfiguration,
     rootfs: &Path,
     id: &str,
-) -> anyhow::Result<Spec> {
+) -> Result<Spec> {
     let image = config.config().clone().unwrap_or_default();
     let mut args: Vec<String> = match &o.entrypoint {
         Some(e) if e.is_empty() => Vec::new(),
@@ -313,7 +318,9 @@ fn spec(
         args.extend(image.cmd().clone().unwrap_or_default());
     }
     if args.is_empty() {
-        bail!("{}: no command given, and the image has none", o.image);
+        return Err(DockerError::NoCommand {
+            image: o.image.clone(),
+        });
     }
     let mut env: Vec<String> = image.env().clone().unwrap_or_default();
     if !env.iter().any(|e| e.starts_with("PATH=")) {
@@ -346,7 +353,7 @@ fn spec(
         .or_else(|| image.working_dir().clone().filter(|w| !w.is_empty()))
         .unwrap_or_else(|| "/".into());
     if !cwd.starts_with('/') {
-        bail!("the working directory {cwd:?} is not an absolute path");
+        return Err(DockerError::RelativeWorkdir(cwd));
     }
     let user = o
         .user
@@ -383,12 +390,16 @@ fn spec(
         let mut resources = linux.resources().clone().unwrap_or_default();
         if let Some(m) = &o.memory {
             let mut memory = oci_spec::runtime::LinuxMemory::default();
-            memory.set_limit(Some(parse_bytes(m).context("--memory")?));
+            let limit = parse_bytes(m).map_err(|e| DockerError::BadFlag {
+                flag: "--memory",
+                source: Box::new(e),
+            })?;
+            memory.set_limit(Some(limit));
             resources.set_memory(Some(memory));
         }
         if let Some(cpus) = o.cpus {
             if cpus.is_nan() || cpus <= 0.0 {
-                bail!("--cpus {cpus}: must be more than 0");
+                return Err(DockerError::BadCpus(cpus));
             }
             let mut cpu = oci_spec::runtime::LinuxCpu::default();
             cpu.set_period(Some(100_000));
@@ -403,21 +414,27 @@ fn spec(
 
 /// A bind mount from `-v HOST:CTR[:ro]`; a HOST that is a name, not a
 /// path, is a named volume under `<root>/volumes` (made on first use).
-fn volume(root: &Path, v: &str) -> anyhow::Result<Mount> {
+fn volume(root: &Path, v: &str) -> Result<Mount> {
+    let bad = |why: String| DockerError::BadVolume {
+        spec: v.to_owned(),
+        why,
+    };
     let parts: Vec<&str> = v.split(':').collect();
     let (host, ctr, mode) = match parts.as_slice() {
         [h, c] => (*h, *c, "rw"),
         [h, c, m] if *m == "ro" || *m == "rw" => (*h, *c, *m),
-        _ => bail!("-v {v:?}: expected HOST:CONTAINER[:ro]"),
+        _ => return Err(bad("expected HOST:CONTAINER[:ro]".into())),
     };
     if !ctr.starts_with('/') {
-        bail!("-v {v:?}: the container path {ctr:?} is not absolute");
+        return Err(bad(format!("the container path {ctr:?} is not absolute")));
     }
     let source = if host.starts_with('/') {
         let p = PathBuf::from(host);
         if !p.exists() {
-            std::fs::create_dir_all(&p)
-                .with_context(|| format!("-v {v:?}: cannot create {host}"))?;
+            std::fs::create_dir_all(&p).map_err(|e| DockerError::VolumeHost {
+                spec: v.to_owned(),
+                source: PathError::at("create", &p)(e),
+            })?;
         }
         p
     } else {
@@ -426,10 +443,15 @@ fn volume(root: &Path, v: &str) -> anyhow::Result<Mount> {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
         {
-            bail!("-v {v:?}: {host:?} is neither an absolute path nor a volume name");
+            return Err(bad(format!(
+                "{host:?} is neither an absolute path nor a volume name"
+            )));
         }
         let p = root.join("volumes").join(host);
-        std::fs::create_dir_all(&p).with_context(|| format!("cannot create volume {host}"))?;
+        std::fs::create_dir_all(&p).map_err(|source| DockerError::CreateVolume {
+            name: host.to_owned(),
+            source,
+        })?;
         p
     };
     let mut m = Mount::default();
@@ -484,28 +506,31 @@ fn put_at(fd: usize, file: BorrowedFd<'_>) -> rustix::io::Result<()> {
 
 /// `husk run IMAGE`: returns the container's exit status (0 when
 /// detached, after printing its ID).
-pub fn run(root: &Path, o: &RunOptions) -> anyhow::Result<i32> {
+pub fn run(root: &Path, o: &RunOptions) -> Result<i32> {
     let (store, image) = image(root, &o.image)?;
     let config = husk_image::config(&store, &image)?;
     let id = random_hex(32);
     let name = o.name.clone().unwrap_or_else(|| id[..12].to_owned());
     container::check_id(&name)?;
     let dir = dir(root, &name);
-    std::fs::create_dir_all(root.join("docker"))?;
+    let containers = root.join("docker");
+    std::fs::create_dir_all(&containers).map_err(PathError::at("create", &containers))?;
     match std::fs::create_dir(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            bail!("the container name {name:?} is already in use")
+            return Err(DockerError::NameInUse(name));
         }
-        Err(e) => bail!("cannot create {}: {e}", dir.display()),
+        Err(e) => return Err(PathError::at("create", &dir)(e).into()),
     }
     // Held while the container's layers are not yet recorded, so that a
     // GC meanwhile keeps them.
     let adding = store.adding()?;
-    let made = (|| -> anyhow::Result<Record> {
+    let made = (|| -> Result<Record> {
         mount_rootfs(&dir, &store, &image)?;
         let spec = spec(root, o, &config, &dir.join("rootfs"), &id)?;
-        std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&spec)?)?;
+        let path = dir.join("config.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&spec)?)
+            .map_err(PathError::at("write", &path))?;
         let record = Record {
             id: id.clone(),
             name: name.clone(),
@@ -533,7 +558,7 @@ pub fn run(root: &Path, o: &RunOptions) -> anyhow::Result<i32> {
             return Err(e);
         }
     };
-    let null = std::fs::File::open("/dev/null")?;
+    let null = dev_null()?;
     let options = CreateOptions {
         root,
         id: &name,
@@ -542,14 +567,13 @@ pub fn run(root: &Path, o: &RunOptions) -> anyhow::Result<i32> {
         console_socket: None,
         detach: o.detach,
         restore: None,
+        stdio: None,
     };
     if o.detach {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("log"))?;
+        let log = open_log(&dir)?;
         let started = {
-            let _stdio = Stdio::replace([null.as_fd(), log.as_fd(), log.as_fd()])?;
+            let _stdio = Stdio::replace([null.as_fd(), log.as_fd(), log.as_fd()])
+                .map_err(DockerError::Stdio)?;
             husk_runtime::run::run(&options)
         };
         if let Err(e) = started {
@@ -566,11 +590,14 @@ pub fn run(root: &Path, o: &RunOptions) -> anyhow::Result<i32> {
         let _stdio = if o.interactive {
             None
         } else {
-            Some(Stdio::replace([
-                null.as_fd(),
-                rustix::stdio::stdout(),
-                rustix::stdio::stderr(),
-            ])?)
+            Some(
+                Stdio::replace([
+                    null.as_fd(),
+                    rustix::stdio::stdout(),
+                    rustix::stdio::stderr(),
+                ])
+                .map_err(DockerError::Stdio)?,
+            )
         };
         husk_runtime::run::run(&options)
     };
@@ -614,15 +641,13 @@ pub fn checkpoint_path(
     name: &str,
     checkpoint: &str,
     dir: Option<&Path>,
-) -> anyhow::Result<PathBuf> {
+) -> Result<PathBuf> {
     Record::load(root, name)?;
     let mut chars = checkpoint.chars();
     let plain = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
         && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
     if !plain {
-        bail!(
-            "{checkpoint:?} is not a checkpoint name: use letters, digits, '-', '_' or '.' (not first)"
-        );
+        return Err(DockerError::BadCheckpointName(checkpoint.to_owned()));
     }
     Ok(match dir {
         Some(dir) => dir.join(checkpoint),
@@ -632,7 +657,7 @@ pub fn checkpoint_path(
 
 /// The names of container `name`'s checkpoints (docker's `checkpoint
 /// ls`), sorted.
-pub fn checkpoints(root: &Path, name: &str, dir: Option<&Path>) -> anyhow::Result<Vec<String>> {
+pub fn checkpoints(root: &Path, name: &str, dir: Option<&Path>) -> Result<Vec<String>> {
     Record::load(root, name)?;
     let dir = match dir {
         Some(dir) => dir.to_owned(),
@@ -654,31 +679,33 @@ pub fn checkpoints(root: &Path, name: &str, dir: Option<&Path>) -> anyhow::Resul
 /// with the writable layer saved there in place of its own, and runs
 /// on; detached, its output goes to its log again. Returns its exit
 /// status (0 when detached).
-pub fn restore(
-    root: &Path,
-    name: &str,
-    checkpoint: &Path,
-    options: &CreateOptions,
-) -> anyhow::Result<i32> {
+pub fn restore(root: &Path, name: &str, checkpoint: &Path, options: &CreateOptions) -> Result<i32> {
     let record = Record::load(root, name)?;
     let (at, manifest) = husk_runtime::checkpoint::open(checkpoint, name)?;
     if !manifest.upper {
-        bail!(
-            "checkpoint {} holds no writable layer, and container {name} was made from an image",
-            at.display()
-        );
+        return Err(DockerError::NoWritableLayer {
+            checkpoint: at,
+            name: name.to_owned(),
+        });
     }
     match runtime_status(root, name) {
         Some(Status::Stopped) => container::delete(root, name, true)?,
         None => {}
         Some(status) => {
-            bail!("container {name} is {status}: stop it before restoring a checkpoint into it")
+            return Err(DockerError::WrongState {
+                name: name.to_owned(),
+                status,
+                why: "stop it before restoring a checkpoint into it",
+            });
         }
     }
     let store = Store::open(root)?;
     let image = store
         .find(&record.image_id)
-        .with_context(|| format!("the image of container {name} is gone"))?;
+        .map_err(|source| DockerError::ImageGone {
+            name: name.to_owned(),
+            source,
+        })?;
     let dir = dir(root, name);
     // The checkpoint's layer is copied in full before the container's own
     // is let go: a failed copy leaves the container as it was.
@@ -689,7 +716,7 @@ pub fn restore(
     let _ = std::fs::remove_dir_all(dir.join("upper"));
     let _ = std::fs::remove_dir_all(dir.join("work"));
     std::fs::rename(&incoming, dir.join("upper"))
-        .with_context(|| format!("cannot put the checkpoint's layer in {}", dir.display()))?;
+        .map_err(PathError::at("put the checkpoint's layer in", &dir))?;
     {
         let _adding = store.adding()?;
         mount_rootfs(&dir, &store, &image)?;
@@ -701,27 +728,42 @@ pub fn restore(
         restore: Some(&at),
         ..*options
     };
-    let null = std::fs::File::open("/dev/null")?;
+    let null = dev_null()?;
     if options.detach {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("log"))?;
-        let _stdio = Stdio::replace([null.as_fd(), log.as_fd(), log.as_fd()])?;
+        let log = open_log(&dir)?;
+        let _stdio =
+            Stdio::replace([null.as_fd(), log.as_fd(), log.as_fd()]).map_err(DockerError::Stdio)?;
         return Ok(husk_runtime::run::run(&options)?);
     }
     let _stdio = Stdio::replace([
         null.as_fd(),
         rustix::stdio::stdout(),
         rustix::stdio::stderr(),
-    ])?;
+    ])
+    .map_err(DockerError::Stdio)?;
     Ok(husk_runtime::run::run(&options)?)
+}
+
+/// /dev/null, for a container's stdin.
+fn dev_null() -> Result<std::fs::File> {
+    let path = Path::new("/dev/null");
+    Ok(std::fs::File::open(path).map_err(PathError::at("open", path))?)
+}
+
+/// The log of a detached container in `dir`, opened to append.
+fn open_log(dir: &Path) -> Result<std::fs::File> {
+    let path = dir.join("log");
+    Ok(std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(PathError::at("open", &path))?)
 }
 
 /// Starts `husk _autoremove NAME`, which removes the container when it
 /// stops.
-fn autoremove_later(root: &Path, name: &str) -> anyhow::Result<()> {
-    let exe = std::env::current_exe()?;
+fn autoremove_later(root: &Path, name: &str) -> Result<()> {
+    let exe = std::env::current_exe().map_err(DockerError::Autoremove)?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("--root")
         .arg(root)
@@ -731,13 +773,13 @@ fn autoremove_later(root: &Path, name: &str) -> anyhow::Result<()> {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     husk_sys::child::detached(&mut cmd);
-    cmd.spawn().context("cannot start husk _autoremove")?;
+    cmd.spawn().map_err(DockerError::Autoremove)?;
     Ok(())
 }
 
 /// `husk _autoremove NAME`: waits until the container stops, then
 /// removes it.
-pub fn autoremove(root: &Path, name: &str) -> anyhow::Result<()> {
+pub fn autoremove(root: &Path, name: &str) -> Result<()> {
     loop {
         match ContainerState::load(root, name) {
             Ok(s) if s.status() != Status::Stopped => {
@@ -760,10 +802,10 @@ fn runtime_status(root: &Path, name: &str) -> Option<Status> {
 
 /// `husk rm`: removes a container, its writable layer and its log; a
 /// running one only with `force` (killed first).
-pub fn remove(root: &Path, name: &str, force: bool) -> anyhow::Result<()> {
+pub fn remove(root: &Path, name: &str, force: bool) -> Result<()> {
     let dir = dir(root, name);
     if !dir.join("container.json").exists() && !dir.exists() {
-        bail!("no such container: {name}");
+        return Err(DockerError::NoSuchContainer(name.to_owned()));
     }
     match runtime_status(root, name) {
         Some(Status::Stopped) | None => {
@@ -774,7 +816,11 @@ pub fn remove(root: &Path, name: &str, force: bool) -> anyhow::Result<()> {
             container::delete(root, name, true)?;
         }
         Some(status) => {
-            bail!("container {name} is {status}: stop it first, or remove it with rm -f")
+            return Err(DockerError::WrongState {
+                name: name.to_owned(),
+                status,
+                why: "stop it first, or remove it with rm -f",
+            });
         }
     }
     remove_dir(&dir);
@@ -782,7 +828,7 @@ pub fn remove(root: &Path, name: &str, force: bool) -> anyhow::Result<()> {
 }
 
 /// `husk stop`: SIGTERM, then SIGKILL after `timeout`.
-pub fn stop(root: &Path, name: &str, timeout: std::time::Duration) -> anyhow::Result<()> {
+pub fn stop(root: &Path, name: &str, timeout: std::time::Duration) -> Result<()> {
     Record::load(root, name)?;
     let Some(status) = runtime_status(root, name) else {
         return Ok(());
@@ -805,7 +851,7 @@ pub fn stop(root: &Path, name: &str, timeout: std::time::Duration) -> anyhow::Re
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while runtime_status(root, name) == Some(Status::Running) {
         if std::time::Instant::now() > deadline {
-            bail!("container {name} did not stop after SIGKILL");
+            return Err(DockerError::DidNotStop(name.to_owned()));
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
@@ -814,26 +860,30 @@ pub fn stop(root: &Path, name: &str, timeout: std::time::Duration) -> anyhow::Re
 
 /// `husk logs`: what a detached container wrote; with `follow`, until it
 /// stops.
-pub fn logs(root: &Path, name: &str, follow: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+pub fn logs(root: &Path, name: &str, follow: bool, out: &mut dyn Write) -> Result<()> {
     Record::load(root, name)?;
     let path = dir(root, name).join("log");
     let mut file = match std::fs::File::open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => bail!("cannot read {}: {e}", path.display()),
+        Err(e) => return Err(PathError::at("read", &path)(e).into()),
+    };
+    let mut read = |buf: &mut [u8]| {
+        file.read(buf)
+            .map_err(|e| DockerError::from(PathError::at("read", &path)(e)))
     };
     let mut buf = vec![0u8; 64 << 10];
     loop {
-        let n = file.read(&mut buf)?;
+        let n = read(&mut buf)?;
         if n > 0 {
-            out.write_all(&buf[..n])?;
+            out.write_all(&buf[..n]).map_err(DockerError::WriteOut)?;
             continue;
         }
-        out.flush()?;
+        out.flush().map_err(DockerError::WriteOut)?;
         if !follow || runtime_status(root, name) != Some(Status::Running) {
             // One more read: what was written before it stopped.
-            let n = file.read(&mut buf)?;
-            out.write_all(&buf[..n])?;
+            let n = read(&mut buf)?;
+            out.write_all(&buf[..n]).map_err(DockerError::WriteOut)?;
             return Ok(());
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
@@ -865,7 +915,7 @@ pub fn layers_in_use(root: &Path) -> HashSet<String> {
 
 /// `husk inspect`: a container's record and runtime state, or an image's
 /// record and config.
-pub fn inspect(root: &Path, what: &str) -> anyhow::Result<serde_json::Value> {
+pub fn inspect(root: &Path, what: &str) -> Result<serde_json::Value> {
     if let Ok(r) = Record::load(root, what) {
         let state = ContainerState::load(root, what).ok().map(|s| s.oci_state());
         let (running, status) = status_text(root, &r);
@@ -887,7 +937,7 @@ pub fn inspect(root: &Path, what: &str) -> anyhow::Result<serde_json::Value> {
     let store = Store::open(root)?;
     let image = store
         .find(what)
-        .map_err(|_| anyhow::anyhow!("no such container or image: {what}"))?;
+        .map_err(|_| DockerError::NoSuchContainerOrImage(what.to_owned()))?;
     let config: serde_json::Value = serde_json::from_slice(&store.read_blob(&image.config)?)?;
     Ok(serde_json::json!({
         "Id": image.config,
@@ -955,5 +1005,94 @@ mod tests {
         assert!(resolve_user(&rootfs, "evil").is_err());
         std::fs::remove_dir_all(&rootfs).unwrap();
         std::fs::remove_file(&outside).unwrap();
+    }
+
+    /// An error and its sources, as the binary prints it (`{:#}`).
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut line = e.to_string();
+        let mut source = e.source();
+        while let Some(inner) = source {
+            line = format!("{line}: {inner}");
+            source = inner.source();
+        }
+        line
+    }
+
+    #[test]
+    fn errors_are_typed_and_keep_their_messages() {
+        let root = std::env::temp_dir().join(format!("husk-errors-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("docker/broken")).unwrap();
+        std::fs::write(root.join("docker/broken/container.json"), "{").unwrap();
+
+        let e = Record::load(&root, "gone").unwrap_err();
+        assert!(matches!(&e, DockerError::NoSuchContainer(n) if n == "gone"));
+        assert_eq!(e.to_string(), "no such container: gone");
+        let e = Record::load(&root, "broken").unwrap_err();
+        assert!(matches!(e, DockerError::Corrupt { .. }), "{e:?}");
+        let text = chain(&e);
+        assert!(
+            text.starts_with(&format!(
+                "{} is corrupt: ",
+                root.join("docker/broken/container.json").display()
+            )),
+            "{text}"
+        );
+        assert!(matches!(
+            remove(&root, "gone", false),
+            Err(DockerError::NoSuchContainer(_))
+        ));
+
+        let e = parse_bytes("lots").unwrap_err();
+        assert!(matches!(
+            e,
+            DockerError::BadSize {
+                source: Some(_),
+                ..
+            }
+        ));
+        let memory = DockerError::BadFlag {
+            flag: "--memory",
+            source: Box::new(e),
+        };
+        assert_eq!(
+            chain(&memory),
+            "--memory: \"lots\" is not a size (like 512m or 2g): cannot parse integer from empty string"
+        );
+        assert_eq!(
+            chain(&parse_bytes("5x").unwrap_err()),
+            "\"5x\" is not a size (like 512m or 2g)"
+        );
+
+        for (v, says) in [
+            (
+                "/tmp:data",
+                "-v \"/tmp:data\": the container path \"data\" is not absolute",
+            ),
+            ("a:b:c:d", "-v \"a:b:c:d\": expected HOST:CONTAINER[:ro]"),
+            (
+                "bad name!:/data",
+                "-v \"bad name!:/data\": \"bad name!\" is neither an absolute path nor a volume name",
+            ),
+        ] {
+            let e = volume(&root, v).unwrap_err();
+            assert!(matches!(e, DockerError::BadVolume { .. }), "{e:?}");
+            assert_eq!(e.to_string(), says);
+        }
+        assert!(matches!(
+            checkpoint_path(&root, "gone", "x", None),
+            Err(DockerError::NoSuchContainer(_))
+        ));
+        std::fs::remove_dir_all(&root).unwrap();
+
+        // The busybox tools' errors carry their reason in the message
+        // (callers may print them alone).
+        let e = busybox::make_rootfs(Path::new("/nonexistent/husk/rootfs")).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.starts_with("cannot create /nonexistent/husk/rootfs: "),
+            "{text}"
+        );
+        assert!(std::error::Error::source(&e).is_none());
     }
 }

@@ -182,7 +182,7 @@ pub fn inspect(root: &Path, args: InspectArgs) -> anyhow::Result<u8> {
     let all = names
         .iter()
         .map(|n| husk_docker::inspect(root, n))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>, _>>()?;
     println!("{}", serde_json::to_string_pretty(&all)?);
     Ok(0)
 }
