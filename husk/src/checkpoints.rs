@@ -89,6 +89,7 @@ pub fn restore(root: &Path, args: RestoreArgs) -> anyhow::Result<u8> {
         console_socket: console_socket.as_deref(),
         detach,
         restore: Some(&image_path),
+        stdio: None,
     };
     let status = match (&bundle, husk_docker::upper_dir(root, &id)) {
         (None, Some(_)) => husk_docker::restore(root, &id, &image_path, &options)?,

@@ -14,12 +14,6 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum ListFormat {
-    Table,
-    Json,
-}
-
 #[derive(Parser)]
 #[command(
     name = "husk",

@@ -13,8 +13,14 @@ use husk_runtime::container::ExecOptions;
 use husk_runtime::state;
 use husk_runtime::state::ContainerState;
 
-use crate::cli::ListFormat;
 use crate::status_code;
+
+/// `--format` of `ps` and `list`.
+#[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
+pub enum ListFormat {
+    Table,
+    Json,
+}
 
 /// The arguments of `create`.
 #[derive(clap::Args)]
@@ -58,6 +64,7 @@ pub fn create(root: &Path, args: CreateArgs) -> anyhow::Result<u8> {
         console_socket: console_socket.as_deref(),
         detach: true,
         restore: None,
+        stdio: None,
     })?;
     Ok(0)
 }
@@ -94,6 +101,7 @@ pub fn start(root: &Path, args: StartArgs) -> anyhow::Result<u8> {
                 console_socket: None,
                 detach: true,
                 restore: Some(&at),
+                stdio: None,
             };
             husk_docker::restore(root, &id, &at, &options)?;
             Ok(0)
@@ -202,6 +210,7 @@ pub fn run(root: &Path, args: RunArgs) -> anyhow::Result<u8> {
         console_socket: console_socket.as_deref(),
         detach,
         restore: None,
+        stdio: None,
     })?;
     Ok(status_code(status))
 }
@@ -278,6 +287,7 @@ pub fn exec(root: &Path, args: ExecArgs) -> anyhow::Result<u8> {
         detach,
         pid_file: pid_file.as_deref(),
         console_socket: console_socket.as_deref(),
+        stdio: None,
     })?;
     Ok(status_code(status))
 }

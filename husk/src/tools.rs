@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use husk_guest::initramfs::Initramfs;
 use husk_runtime::container;
+use husk_runtime::handoff::{self, Handoff};
 use husk_runtime::monitor;
 
 use crate::status_code;
@@ -72,32 +73,21 @@ pub fn mkinitramfs(args: MkinitramfsArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// The arguments of `monitor`.
+/// The arguments of `monitor`. What it is to do comes from its starter
+/// on descriptor 3 (husk_runtime::handoff).
 #[derive(clap::Args)]
 pub struct MonitorArgs {
     pub id: String,
     #[arg(long)]
     pub console_socket: Option<PathBuf>,
-    #[arg(long, requires = "process")]
-    pub exec: Option<String>,
-    #[arg(long)]
-    pub process: Option<PathBuf>,
-    #[arg(long, conflicts_with = "exec")]
-    pub restore: Option<PathBuf>,
 }
 
 /// Runs `husk _monitor`.
 pub fn monitor(root: &Path, args: MonitorArgs) -> anyhow::Result<u8> {
-    let MonitorArgs {
-        id,
-        console_socket,
-        exec,
-        process,
-        restore,
-    } = args;
-    // The ready pipe must not leak into the VMM (its reader waits
-    // for the end of file).
-    husk_sys::fd::set_cloexec(monitor::READY_FD);
+    let MonitorArgs { id, console_socket } = args;
+    // Taken first: the starter's socket must not leak into the VMM (the
+    // starter waits for its end).
+    let mut channel = handoff::Channel::take();
     // The monitor outlives terminals and stray signals; only an
     // explicit SIGKILL (delete --force) ends it early.
     husk_sys::signals::ignore(&[
@@ -121,16 +111,46 @@ pub fn monitor(root: &Path, args: MonitorArgs) -> anyhow::Result<u8> {
             let _ = rustix::stdio::dup2_stderr(&null);
         }
     }
-    let status = match (exec, process) {
-        (Some(exec_id), Some(file)) => {
-            let json = std::fs::read_to_string(&file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
-            let process = serde_json::from_str(&json)?;
-            monitor::exec(root, &id, &exec_id, process, &terminal)
+    let handoff = match channel.receive() {
+        Ok(handoff) => handoff,
+        Err(e) => {
+            channel.report(&Err(e));
+            return Ok(1);
+        }
+    };
+    let status = match handoff {
+        Handoff::Exec {
+            id: of,
+            exec_id,
+            process,
+        } if of == id => monitor::exec(root, &id, &exec_id, *process, &terminal, channel),
+        Handoff::Container {
+            state,
+            bundle,
+            restore,
+        } if state.id == id => {
+            let bins = match husk_guest::binaries::locate(root) {
+                Ok(bins) => bins,
+                Err(e) => {
+                    channel.report(&Err(husk_runtime::error_chain(&e)));
+                    return Ok(1);
+                }
+            };
+            monitor::container(
+                root,
+                &bins,
+                *state,
+                &bundle,
+                restore.as_ref(),
+                &terminal,
+                channel,
+            )
         }
         _ => {
-            let bins = husk_guest::binaries::locate(root)?;
-            monitor::container(root, &bins, &id, &terminal, restore.as_deref())
+            channel.report(&Err(format!(
+                "the monitor of {id:?} was handed another container's work"
+            )));
+            1
         }
     };
     Ok(status_code(status))

@@ -37,8 +37,9 @@ pub enum BundleError {
     },
 }
 
-/// A bundle, checked.
-#[derive(Debug, Clone)]
+/// A bundle, checked. It travels to the monitor as it is (serde), not as
+/// a path to read again.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Bundle {
     /// The bundle directory.
     pub dir: PathBuf,

@@ -4,18 +4,16 @@
 //! message naming the state when the command does not apply, changing
 //! nothing.
 
-use std::io::Read;
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::path::Path;
+use std::process::Child;
 
 use husk_protocol::api::ApiRequest;
 use husk_protocol::{Process, Request, Response};
-use rustix::pipe::PipeFlags;
 use thiserror::Error;
 
 use crate::bundle::{Bundle, BundleError};
-use crate::monitor::{READY_FD, Terminal};
+use crate::handoff::{self, Handoff, Restore, Stdio3};
+use crate::monitor::Terminal;
 use crate::sandbox::{Agent, SandboxError, vmm_api};
 use crate::state::{self, ContainerState, StateError, Status};
 
@@ -47,22 +45,17 @@ pub enum LifecycleError {
         why: &'static str,
     },
     /// A file or directory of husk's cannot be made.
-    #[error("cannot {what} {}", .path.display())]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// The path.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] husk_sys::PathError),
     /// The monitor failed to set the container up; what it said.
     #[error("{0}")]
     SetUp(String),
     /// The VM or its agent failed or refused.
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    /// A checkpoint to restore from is unusable.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
     /// The container's process could not be started: `status` is what a
     /// shell would report (127: no such program).
     #[error("{message}")]
@@ -90,7 +83,7 @@ pub enum LifecycleError {
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LifecycleError {
     let path = path.to_owned();
-    move |source| LifecycleError::Io { what, path, source }
+    move |source| husk_sys::PathError { what, path, source }.into()
 }
 
 /// Checks a container ID as runc does.
@@ -116,51 +109,6 @@ fn wrong(state: &ContainerState, why: &'static str) -> LifecycleError {
     }
 }
 
-/// How a monitor is started.
-pub struct MonitorStart<'a> {
-    /// Husk's root.
-    pub root: &'a Path,
-    /// Arguments after `husk --root R _monitor`.
-    pub args: Vec<String>,
-}
-
-/// Starts a monitor (`husk _monitor ...`) with this process's stdio and a
-/// ready pipe at fd 3; returns it once it reported ready, or what it said
-/// when it failed (with its exit status, once it exited).
-fn start_monitor(m: MonitorStart) -> Result<Child, (String, Option<i32>)> {
-    let exe =
-        std::env::current_exe().map_err(|e| (format!("cannot find husk itself: {e}"), None))?;
-    let (ready_r, ready_w) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC)
-        .map_err(|e| (format!("pipe: {}", std::io::Error::from(e)), None))?;
-    let mut ready_r = std::fs::File::from(ready_r);
-    let mut cmd = Command::new(exe);
-    cmd.arg("--root").arg(m.root).arg("_monitor").args(&m.args);
-    // A session of its own: a terminal's signals (Ctrl-C to a foreground
-    // `husk run`) and hang-ups do not reach it; it outlives its starter.
-    // No descriptor of the caller's but stdio reaches it: a caller that
-    // waits for a pipe's end (containerd's shim) must not wait for the
-    // container's.
-    husk_sys::child::detached_with_fd(&mut cmd, ready_w.as_raw_fd(), READY_FD);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| (format!("cannot start the monitor: {e}"), None))?;
-    drop(ready_w);
-    let mut said = String::new();
-    let _ = ready_r.read_to_string(&mut said);
-    if said == "ok\n" {
-        return Ok(child);
-    }
-    let status = child.wait().ok().and_then(|s| s.code());
-    Err((
-        if said.is_empty() {
-            "the monitor ended before the container was set up".into()
-        } else {
-            said
-        },
-        status,
-    ))
-}
-
 /// Options of `create` (and `run`).
 pub struct CreateOptions<'a> {
     /// Husk's root.
@@ -177,6 +125,8 @@ pub struct CreateOptions<'a> {
     pub detach: bool,
     /// `restore`: the checkpoint's directory; the container runs at once.
     pub restore: Option<&'a Path>,
+    /// The container's stdio (its monitor's); `None`: this process's.
+    pub stdio: Option<Stdio3<'a>>,
 }
 
 /// `create`: the container's VM restored and its process made, not
@@ -184,11 +134,13 @@ pub struct CreateOptions<'a> {
 pub fn create(o: &CreateOptions) -> Result<Child, LifecycleError> {
     check_id(o.id)?;
     let restore = match o.restore {
-        Some(checkpoint) => Some(
-            crate::checkpoint::open(checkpoint, o.id)
-                .map_err(|e| LifecycleError::SetUp(format!("{e:#}")))?
-                .0,
-        ),
+        Some(checkpoint) => {
+            let (at, manifest) = crate::checkpoint::open(checkpoint, o.id)?;
+            Some(Restore {
+                snapshot: at.join(crate::checkpoint::VM_DIR),
+                shape: manifest.shape,
+            })
+        }
         None => None,
     };
     let bundle_dir = o
@@ -243,16 +195,14 @@ pub fn create(o: &CreateOptions) -> Result<Child, LifecycleError> {
         oom_kills: None,
     };
     state.save(o.root).map_err(|e| cleanup(e.into()))?;
-    let mut args = vec![o.id.to_owned()];
-    if let Some(at) = &restore {
-        args.push("--restore".into());
-        args.push(at.display().to_string());
-    }
-    if let Some(socket) = o.console_socket {
-        args.push("--console-socket".into());
-        args.push(socket.display().to_string());
-    }
-    let child = start_monitor(MonitorStart { root: o.root, args })
+    // The monitor is handed the state and the checked bundle: it reads
+    // neither again.
+    let handoff = Handoff::Container {
+        state: Box::new(state),
+        bundle: Box::new(bundle),
+        restore,
+    };
+    let child = handoff::start(o.root, &monitor_args(o.id, o.console_socket), &handoff, o.stdio)
         .map_err(|(said, _)| cleanup(LifecycleError::SetUp(said)))?;
     if let Some(path) = o.pid_file {
         std::fs::write(path, child.id().to_string())
@@ -561,6 +511,19 @@ pub struct ExecOptions<'a> {
     pub pid_file: Option<&'a Path>,
     /// `--console-socket`.
     pub console_socket: Option<&'a Path>,
+    /// The process's stdio (its monitor's); `None`: this process's.
+    pub stdio: Option<Stdio3<'a>>,
+}
+
+/// The arguments of `husk _monitor`: the container, and where its
+/// terminal goes.
+fn monitor_args(id: &str, console_socket: Option<&Path>) -> Vec<String> {
+    let mut args = vec![id.to_owned()];
+    if let Some(socket) = console_socket {
+        args.push("--console-socket".into());
+        args.push(socket.display().to_string());
+    }
+    args
 }
 
 /// `exec`: another process in the running container. Detached, returns
@@ -577,7 +540,7 @@ pub fn exec(o: &ExecOptions) -> Result<i32, LifecycleError> {
     let exec_id = format!("exec-{}-{}", std::process::id(), state::now_rfc3339());
     // In the foreground with nothing to report elsewhere, this process is
     // the monitor: no second husk process on the path.
-    if !o.detach && o.pid_file.is_none() {
+    if !o.detach && o.pid_file.is_none() && o.stdio.is_none() {
         let terminal = terminal(o.console_socket);
         return Ok(crate::monitor::exec_in_process(
             o.root,
@@ -587,25 +550,17 @@ pub fn exec(o: &ExecOptions) -> Result<i32, LifecycleError> {
             &terminal,
         ));
     }
-    let process_file = state::dir(o.root, o.id).join(format!(".{exec_id}.json"));
-    std::fs::write(
-        &process_file,
-        serde_json::to_string(&o.process).unwrap_or_default(),
-    )
-    .map_err(io("write", &process_file))?;
-    let mut args = vec![
-        o.id.to_owned(),
-        "--exec".into(),
+    let handoff = Handoff::Exec {
+        id: o.id.to_owned(),
         exec_id,
-        "--process".into(),
-        process_file.display().to_string(),
-    ];
-    if let Some(socket) = o.console_socket {
-        args.push("--console-socket".into());
-        args.push(socket.display().to_string());
-    }
-    let started = start_monitor(MonitorStart { root: o.root, args });
-    let _ = std::fs::remove_file(&process_file);
+        process: Box::new(o.process.clone()),
+    };
+    let started = handoff::start(
+        o.root,
+        &monitor_args(o.id, o.console_socket),
+        &handoff,
+        o.stdio,
+    );
     let mut child = match started {
         Ok(child) => child,
         Err((said, status)) => {
