@@ -61,9 +61,7 @@ pub enum CheckpointError {
     #[error(transparent)]
     Io(#[from] PathError),
     /// The container is not running or paused.
-    #[error(
-        "container {id:?} is {status}: only a running or paused container can be checkpointed"
-    )]
+    #[error("container {id:?} is {status}: only a running or paused container can be checkpointed")]
     NotRunning {
         /// Container ID.
         id: String,
@@ -321,12 +319,11 @@ pub fn open(dir: &Path, id: &str) -> Result<(PathBuf, Manifest), CheckpointError
         }
         Err(e) => return Err(PathError::at("read", &path)(e).into()),
     };
-    let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|source| {
-        CheckpointError::Corrupt {
+    let manifest: Manifest =
+        serde_json::from_slice(&bytes).map_err(|source| CheckpointError::Corrupt {
             path: path.clone(),
             source,
-        }
-    })?;
+        })?;
     if manifest.format != FORMAT {
         return refuse(format!("{} is not a husk checkpoint", path.display()));
     }

@@ -202,8 +202,13 @@ pub fn create(o: &CreateOptions) -> Result<Child, LifecycleError> {
         bundle: Box::new(bundle),
         restore,
     };
-    let child = handoff::start(o.root, &monitor_args(o.id, o.console_socket), &handoff, o.stdio)
-        .map_err(|(said, _)| cleanup(LifecycleError::SetUp(said)))?;
+    let child = handoff::start(
+        o.root,
+        &monitor_args(o.id, o.console_socket),
+        &handoff,
+        o.stdio,
+    )
+    .map_err(|(said, _)| cleanup(LifecycleError::SetUp(said)))?;
     if let Some(path) = o.pid_file {
         std::fs::write(path, child.id().to_string())
             .map_err(io("write the pid file", path))

@@ -8,9 +8,9 @@
 
 pub mod bundle;
 pub mod cgroup;
-pub mod handoff;
 pub mod checkpoint;
 pub mod container;
+pub mod handoff;
 pub mod hooks;
 pub mod monitor;
 pub mod private;

@@ -247,11 +247,13 @@ fn private_dir(dir: &Path) -> Result<std::fs::File, SnapshotError> {
                 source: e,
             }),
         })?;
-    let meta = file.metadata().map_err(|source| SnapshotError::Io(husk_sys::PathError {
-        what: "open",
-        path: dir.to_owned(),
-        source,
-    }))?;
+    let meta = file.metadata().map_err(|source| {
+        SnapshotError::Io(husk_sys::PathError {
+            what: "open",
+            path: dir.to_owned(),
+            source,
+        })
+    })?;
     // SAFETY: geteuid takes no arguments.
     let me = unsafe { libc::geteuid() };
     if meta.uid() != me {
@@ -296,11 +298,13 @@ fn open_beneath(dir: &std::fs::File, name: &std::ffi::OsStr) -> std::io::Result<
 /// as the state says. Returns the state and the memory file's path.
 pub fn read(dir: &Path) -> Result<(VmState, PathBuf), SnapshotError> {
     let state_path = dir.join(STATE_FILE);
-    let bytes = std::fs::read(&state_path).map_err(|source| SnapshotError::Io(husk_sys::PathError {
-        what: "read",
-        path: state_path.clone(),
-        source,
-    }))?;
+    let bytes = std::fs::read(&state_path).map_err(|source| {
+        SnapshotError::Io(husk_sys::PathError {
+            what: "read",
+            path: state_path.clone(),
+            source,
+        })
+    })?;
     let newline = bytes
         .iter()
         .position(|&b| b == b'\n')
@@ -324,11 +328,13 @@ pub fn read(dir: &Path) -> Result<(VmState, PathBuf), SnapshotError> {
         serde_json::from_slice(body).map_err(|e| SnapshotError::Parse(state_path.clone(), e))?;
     let mem_path = dir.join(MEMORY_FILE);
     let found = std::fs::metadata(&mem_path)
-        .map_err(|source| SnapshotError::Io(husk_sys::PathError {
-            what: "read",
-            path: mem_path.clone(),
-            source,
-        }))?
+        .map_err(|source| {
+            SnapshotError::Io(husk_sys::PathError {
+                what: "read",
+                path: mem_path.clone(),
+                source,
+            })
+        })?
         .len();
     let expected = state.memory_mib << 20;
     if found != expected || header.memory_bytes != expected {

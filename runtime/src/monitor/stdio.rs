@@ -202,7 +202,6 @@ pub(super) fn attach_stdio(
 /// The threads that carry a process's output to the host.
 pub(super) type Outputs = Vec<std::thread::JoinHandle<()>>;
 
-
 pub(super) fn resizer(agent_dir: PathBuf, id: String, exec_id: String) -> impl Fn(u16, u16) + Send {
     move |rows, cols| {
         if let Ok(mut c) = Agent::at(&agent_dir).control() {

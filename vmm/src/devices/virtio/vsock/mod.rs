@@ -135,7 +135,8 @@ mod tests {
             "{e:?}"
         );
         assert!(
-            e.to_string().contains("was handed state that is not its own"),
+            e.to_string()
+                .contains("was handed state that is not its own"),
             "{e}"
         );
         assert!(lock(&device.backend).rx.is_empty());
