@@ -292,11 +292,13 @@ impl VcpuThread {
     /// stopped, or None to run again.
     fn run_once(&mut self) -> Option<VcpuStop> {
         let exit = self.vcpu.run();
-        let handled = std::time::Instant::now();
-        // Time in the device models counts as host-side work.
+        let handled = crate::timing::thread_cpu_ns();
+        // CPU time in the device models counts as host-side work (CPU
+        // time, not wall time: a thread the handler wakes may run on this
+        // CPU meanwhile, and its time is its own).
         let device = || {
             crate::timing::DEVICE_NS.fetch_add(
-                handled.elapsed().as_nanos() as u64,
+                crate::timing::thread_cpu_ns().saturating_sub(handled),
                 std::sync::atomic::Ordering::Relaxed,
             );
             None
