@@ -1,5 +1,6 @@
 //! The VMM's control socket: a Unix socket where the runtime asks a running
-//! VM to pause, resume, stop or write a snapshot.
+//! VM to pause, resume, stop, write a snapshot, or bind a TAP device to
+//! one of its network slots.
 //!
 //! One JSON object per line each way: `{"action":"pause"}` is answered
 //! `{"ok":true}` once every vCPU has stopped, or `{"ok":false,"error":"..."}`.
@@ -26,6 +27,21 @@ pub enum ApiRequest {
     Snapshot {
         /// Where the snapshot goes.
         dir: PathBuf,
+    },
+    /// Bind the TAP device whose descriptor comes with this request (one
+    /// SCM_RIGHTS descriptor on the same message) to the guest's network
+    /// slot `slot` (0-based: the guest's `eth<slot>` in slot order). The
+    /// TAP was opened `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`; the VMM never
+    /// opens `/dev/net/tun` itself.
+    AttachNet {
+        /// The network slot.
+        slot: u8,
+    },
+    /// Unbind network slot `slot`: its frames are dropped until a TAP is
+    /// bound again.
+    DetachNet {
+        /// The network slot.
+        slot: u8,
     },
 }
 
@@ -74,5 +90,9 @@ mod tests {
             r#"{"ok":true}"#
         );
         assert!(serde_json::from_str::<ApiRequest>(r#"{"action":"reboot"}"#).is_err());
+        assert_eq!(
+            serde_json::to_string(&ApiRequest::AttachNet { slot: 1 }).unwrap(),
+            r#"{"action":"attach_net","slot":1}"#
+        );
     }
 }

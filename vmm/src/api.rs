@@ -1,9 +1,15 @@
 //! The VMM's side of its control socket, whose messages are
 //! [`husk_protocol::api`]'s: one JSON object per line each way. The
-//! transport is here; requests reach the VM's owner as [`ApiRequest`]
-//! values with a channel for the answer, as Firecracker's `VmmAction`s do.
+//! transport is here; requests reach the VM's owner as [`ApiCall`]s with a
+//! channel for the answer, as Firecracker's `VmmAction`s do. A request may
+//! carry a descriptor (SCM_RIGHTS: a TAP for `attach_net`); the socket is
+//! read with `recvmsg`, and descriptors go, in order, to the requests that
+//! take one. One that no request takes is closed.
 
-use std::io::{BufRead, BufReader, Write};
+use std::collections::VecDeque;
+use std::io::{IoSliceMut, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Sender, channel};
@@ -22,8 +28,61 @@ pub enum ApiError {
     Thread(#[source] std::io::Error),
 }
 
-/// A request with the way back to its connection.
-pub type ApiCall = (ApiRequest, Sender<ApiResponse>);
+/// A request with the descriptor it carried, if it takes one, and the way
+/// back to its connection.
+pub struct ApiCall {
+    /// What was asked.
+    pub request: ApiRequest,
+    /// The descriptor sent with it (`attach_net`'s TAP).
+    pub fd: Option<OwnedFd>,
+    /// Where the answer goes.
+    pub reply: Sender<ApiResponse>,
+}
+
+/// The longest request line read (a path in `snapshot` is the longest).
+const MAX_LINE: usize = 64 * 1024;
+
+/// Lines and descriptors from one connection.
+struct Incoming {
+    stream: UnixStream,
+    buf: Vec<u8>,
+    fds: VecDeque<OwnedFd>,
+}
+
+impl Incoming {
+    /// The next line, or None at the end (or an error, or a line too
+    /// long to be a request).
+    fn line(&mut self) -> Option<String> {
+        loop {
+            if let Some(at) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=at).collect();
+                return Some(String::from_utf8_lossy(&line[..at]).into_owned());
+            }
+            if self.buf.len() > MAX_LINE {
+                return None;
+            }
+            let mut chunk = [0u8; 4096];
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
+            let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
+            let got = rustix::net::recvmsg(
+                &self.stream,
+                &mut [IoSliceMut::new(&mut chunk)],
+                &mut control,
+                rustix::net::RecvFlags::CMSG_CLOEXEC,
+            );
+            for message in control.drain() {
+                if let rustix::net::RecvAncillaryMessage::ScmRights(fds) = message {
+                    self.fds.extend(fds);
+                }
+            }
+            match got {
+                Ok(got) if got.bytes > 0 => self.buf.extend_from_slice(&chunk[..got.bytes]),
+                Err(rustix::io::Errno::INTR) => {}
+                _ => return None,
+            }
+        }
+    }
+}
 
 /// Listens on `path` on a thread `husk-api`, handing each request to `send`.
 /// The socket file is the caller's to remove ([`remove_socket`]).
@@ -45,8 +104,12 @@ fn handle(stream: UnixStream, send: &impl Fn(ApiCall)) {
     let Ok(mut out) = stream.try_clone() else {
         return;
     };
-    for line in BufReader::new(stream).lines() {
-        let Ok(line) = line else { return };
+    let mut incoming = Incoming {
+        stream,
+        buf: Vec::new(),
+        fds: VecDeque::new(),
+    };
+    while let Some(line) = incoming.line() {
         let response = match serde_json::from_str::<ApiRequest>(&line) {
             Err(e) => ApiResponse::error(format!("bad request: {e}")),
             Ok(ApiRequest::Stop) => {
@@ -54,12 +117,27 @@ fn handle(stream: UnixStream, send: &impl Fn(ApiCall)) {
                 // sees the request.
                 let _ = out.write_all(b"{\"ok\":true}\n");
                 let (tx, _rx) = channel();
-                send((ApiRequest::Stop, tx));
+                send(ApiCall {
+                    request: ApiRequest::Stop,
+                    fd: None,
+                    reply: tx,
+                });
                 return;
             }
+            Ok(ApiRequest::AttachNet { .. }) if incoming.fds.is_empty() => ApiResponse::error(
+                "attach_net needs the TAP's descriptor with the request (SCM_RIGHTS)",
+            ),
             Ok(request) => {
+                let fd = match request {
+                    ApiRequest::AttachNet { .. } => incoming.fds.pop_front(),
+                    _ => None,
+                };
                 let (tx, rx) = channel();
-                send((request, tx));
+                send(ApiCall {
+                    request,
+                    fd,
+                    reply: tx,
+                });
                 rx.recv()
                     .unwrap_or_else(|_| ApiResponse::error("the VM is gone"))
             }
@@ -79,15 +157,23 @@ pub fn remove_socket(path: &Path) {
 
 #[cfg(test)]
 mod tests {
+    use std::io::{BufRead, BufReader};
+
     use super::*;
 
     #[test]
     fn requests_reach_the_owner_and_answers_come_back() {
         let path = std::env::temp_dir().join(format!("husk-api-test-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
-        serve(&path, |(req, reply): ApiCall| {
-            let _ = reply.send(match req {
-                ApiRequest::Pause => ApiResponse::ok(),
+        serve(&path, |call: ApiCall| {
+            let _ = call.reply.send(match (call.request, call.fd) {
+                (ApiRequest::Pause, None) => ApiResponse::ok(),
+                (ApiRequest::AttachNet { slot: 2 }, Some(fd)) => {
+                    // The descriptor is the one sent: write through it.
+                    let mut f = std::fs::File::from(fd);
+                    let _ = f.write_all(b"tap");
+                    ApiResponse::ok()
+                }
                 _ => ApiResponse::error("not now"),
             });
         })
@@ -105,6 +191,23 @@ mod tests {
             writeln!(w, "{req}").unwrap();
             assert_eq!(lines.next().unwrap().unwrap(), want);
         }
+        // A descriptor comes with the request that takes it.
+        let (pipe_r, pipe_w) = rustix::pipe::pipe().unwrap();
+        husk_sys::fd::send_fd(
+            &w,
+            std::os::fd::AsFd::as_fd(&pipe_w),
+            b"{\"action\":\"attach_net\",\"slot\":2}\n",
+        )
+        .unwrap();
+        drop(pipe_w);
+        assert_eq!(lines.next().unwrap().unwrap(), "{\"ok\":true}");
+        let mut got = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(pipe_r), &mut got).unwrap();
+        assert_eq!(got, "tap");
+        // Without one, attach_net is refused by name.
+        writeln!(w, "{{\"action\":\"attach_net\",\"slot\":0}}").unwrap();
+        let answer = lines.next().unwrap().unwrap();
+        assert!(answer.contains("needs the TAP's descriptor"), "{answer}");
         writeln!(w, "{{\"action\":\"fly\"}}").unwrap();
         let answer = lines.next().unwrap().unwrap();
         assert!(

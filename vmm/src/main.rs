@@ -67,13 +67,24 @@ struct Args {
     /// the snapshot's share of that tag to DIR.
     #[arg(long = "share", value_name = "TAG=DIR[:ro]")]
     shares: Vec<Share>,
+    /// Give the guest this many network slots (virtio-net devices after
+    /// the shares: eth0, eth1, ...; at most 4). A slot with no TAP drops
+    /// what the guest sends until one is bound (`--net`, or the API's
+    /// `attach_net`).
+    #[arg(long, default_value_t = 0)]
+    nets: u8,
+    /// Bind network slot SLOT to the TAP open at descriptor FD (inherited;
+    /// opened IFF_TAP | IFF_NO_PI | IFF_VNET_HDR). Repeatable. With
+    /// --restore, binds the snapshot's slot.
+    #[arg(long = "net", value_name = "SLOT=FD", value_parser = parse_net)]
+    taps: Vec<(u8, i32)>,
     /// Serve the control socket (pause, resume, stop) at this path.
     #[arg(long)]
     api_socket: Option<PathBuf>,
     /// Restore the VM saved in this snapshot directory instead of booting.
     #[arg(
         long,
-        conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "snapshot_dir", "no_rng"]
+        conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "snapshot_dir", "no_rng", "nets"]
     )]
     restore: Option<PathBuf>,
 }
@@ -87,6 +98,45 @@ fn parse_mark(s: &str) -> Result<u8, String> {
 }
 
 /// Exit status when the guest kernel panicked (2 is clap's, for usage errors).
+fn parse_net(s: &str) -> Result<(u8, i32), String> {
+    let bad = || format!("--net {s:?} is not SLOT=FD (a slot number and an open descriptor)");
+    let (slot, fd) = s.split_once('=').ok_or_else(bad)?;
+    let slot: u8 = slot.parse().map_err(|_| bad())?;
+    let fd: i32 = fd.parse().map_err(|_| bad())?;
+    if fd < 3 {
+        return Err(format!("--net {s:?}: descriptor {fd} is stdio, not a TAP"));
+    }
+    Ok((slot, fd))
+}
+
+/// Takes the descriptors `--net` named; one that is not open is refused.
+fn take_taps(taps: &[(u8, i32)]) -> Result<husk_vmm::vm::Taps, String> {
+    let mut taken = husk_vmm::vm::Taps::new();
+    for &(slot, fd) in taps {
+        if taken.iter().any(|(s, _)| *s == slot) {
+            return Err(format!("--net: slot {slot} is given twice"));
+        }
+        // SAFETY: F_GETFD reads no memory; it only tells whether `fd` is
+        // open in this process.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(format!("--net {slot}={fd}: descriptor {fd} is not open"));
+        }
+        // SAFETY: `fd` is open, was inherited for this use, and nothing
+        // else in the VMM owns it (each is taken once: checked above, and
+        // a descriptor named twice is refused below by the second take).
+        let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        if taken
+            .iter()
+            .any(|(_, f)| std::os::fd::AsRawFd::as_raw_fd(f) == fd)
+        {
+            std::mem::forget(owned);
+            return Err(format!("--net: descriptor {fd} is given twice"));
+        }
+        taken.push((slot, owned));
+    }
+    Ok(taken)
+}
+
 const EXIT_GUEST_PANIC: u8 = 4;
 /// Exit status when a vCPU died (emulation failure, triple fault, ...).
 const EXIT_VCPU_DIED: u8 = 3;
@@ -117,12 +167,20 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_SETUP);
     }
     let console = args.console.map_or(Console::Stdout, Console::File);
+    let taps = match take_taps(&args.taps) {
+        Ok(taps) => taps,
+        Err(e) => {
+            eprintln!("husk-vmm: {e}");
+            return ExitCode::from(EXIT_SETUP);
+        }
+    };
     let vm = match &args.restore {
         Some(dir) => Vm::restore(
             dir,
             &console,
             args.vsock_socket.as_deref(),
             &args.shares,
+            taps,
             clock,
         ),
         None => {
@@ -140,8 +198,10 @@ fn main() -> ExitCode {
                 rng: !args.no_rng,
                 vsock: args.vsock_socket.clone(),
                 shares: args.shares.clone(),
+                nets: args.nets,
+                taps,
             };
-            Vm::new(&config, clock)
+            Vm::new(config, clock)
         }
     };
     let sockets: Vec<PathBuf> = args

@@ -12,9 +12,14 @@
 //!   `<socket>_<port>` sockets (`socket` of `AF_UNIX` only). Landlock
 //!   holds them beneath the shares besides ([`crate::confine`]).
 //! - **the vsock thread** polls its sockets, accepts, reads and writes.
+//! - **a network thread** (one per network slot) polls its TAP and reads
+//!   frames from it; the TAP's offloads are set (`TUNSETOFFLOAD`) where the
+//!   guest's driver accepts them. The vCPU threads write the guest's
+//!   frames to the TAP (`write`) and make no TAP ioctl.
 //! - **the API thread** accepts, reads and writes.
 //! - **the main thread**, once the vCPUs run, waits for events, kicks
-//!   vCPUs, makes KVM's VM-level ioctls for a snapshot and writes one.
+//!   vCPUs, makes KVM's VM-level ioctls for a snapshot and writes one, and
+//!   binds a TAP the API handed it to a network slot.
 //!
 //! The filters are compiled once, before any thread starts
 //! ([`prepare`]); each thread installs its own when it begins its loop
@@ -41,6 +46,8 @@ pub enum Thread {
     Vsock,
     /// The API socket's listener.
     Api,
+    /// The virtio-net devices' host side.
+    Net,
     /// The main thread, once the vCPUs run.
     Main,
 }
@@ -245,6 +252,10 @@ const MAIN: &[i64] = &[
     libc::SYS_rmdir,
     // A snapshot's directory must be this user's (snapshot::write).
     libc::SYS_geteuid,
+    // A TAP bound to a network slot joins the network thread's epoll set
+    // (a socket stand-in's type is read with getsockopt).
+    libc::SYS_epoll_ctl,
+    libc::SYS_getsockopt,
 ];
 
 /// `ioctl(FIONBIO)`: set a descriptor non-blocking (the same number on
@@ -252,15 +263,28 @@ const MAIN: &[i64] = &[
 const FIONBIO: u64 = 0x5421;
 /// `ioctl(FIOCLEX)`: set close-on-exec.
 const FIOCLEX: u64 = 0x5451;
+/// `ioctl(TUNSETOFFLOAD)`: a TAP's offloads, as the guest's driver
+/// accepted them.
+pub const TUNSETOFFLOAD: u64 = 0x4004_54d0;
+/// `ioctl(TUNSETVNETHDRSZ)`: the virtio-net header's size on a TAP.
+pub const TUNSETVNETHDRSZ: u64 = 0x4004_54d8;
+/// `ioctl(TUNGETIFF)`: a TAP's flags, checked when it is bound.
+pub const TUNGETIFF: u64 = 0x8004_54d2;
 
-/// `ioctl` requests a thread may make: KVM's (type 0xAE), and setting a
-/// socket non-blocking or close-on-exec.
-fn ioctl_rules(kvm: bool) -> Result<Vec<SeccompRule>, seccompiler::Error> {
+/// `ioctl` requests a thread may make: KVM's (type 0xAE) for `kvm`, a
+/// TAP's header size and offloads for `tap`, and setting a descriptor
+/// non-blocking or close-on-exec.
+fn ioctl_rules(kvm: bool, tap: bool) -> Result<Vec<SeccompRule>, seccompiler::Error> {
     let request = |op, value| SeccompCondition::new(1, SeccompCmpArgLen::Dword, op, value);
     let mut rules = vec![
         SeccompRule::new(vec![request(SeccompCmpOp::Eq, FIONBIO)?])?,
         SeccompRule::new(vec![request(SeccompCmpOp::Eq, FIOCLEX)?])?,
     ];
+    if tap {
+        for op in [TUNSETOFFLOAD, TUNSETVNETHDRSZ, TUNGETIFF] {
+            rules.push(SeccompRule::new(vec![request(SeccompCmpOp::Eq, op)?])?);
+        }
+    }
     if kvm {
         rules.push(SeccompRule::new(vec![request(
             SeccompCmpOp::MaskedEq(0xff00),
@@ -276,6 +300,7 @@ pub fn filter(thread: Thread) -> Result<BpfProgram, seccompiler::Error> {
         Thread::Vcpu => &[VCPU, SOCKETS],
         Thread::Vsock => &[VSOCK, SOCKETS],
         Thread::Api => &[SOCKETS],
+        Thread::Net => &[VSOCK],
         Thread::Main => &[MAIN],
     };
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = COMMON
@@ -285,7 +310,12 @@ pub fn filter(thread: Thread) -> Result<BpfProgram, seccompiler::Error> {
         .collect();
     rules.insert(
         libc::SYS_ioctl,
-        ioctl_rules(matches!(thread, Thread::Vcpu | Thread::Main))?,
+        ioctl_rules(
+            matches!(thread, Thread::Vcpu | Thread::Main),
+            // The main thread binds a TAP (its flags, header size and
+            // offloads); the network thread sets offloads later.
+            matches!(thread, Thread::Main | Thread::Net),
+        )?,
     );
     if thread == Thread::Vcpu {
         rules.extend(vcpu_rules()?);
@@ -303,6 +333,7 @@ struct Filters {
     vcpu: BpfProgram,
     vsock: BpfProgram,
     api: BpfProgram,
+    net: BpfProgram,
     main: BpfProgram,
 }
 
@@ -315,6 +346,7 @@ pub fn prepare() -> Result<(), seccompiler::Error> {
         vcpu: filter(Thread::Vcpu)?,
         vsock: filter(Thread::Vsock)?,
         api: filter(Thread::Api)?,
+        net: filter(Thread::Net)?,
         main: filter(Thread::Main)?,
     };
     install_sigsys_handler();
@@ -332,6 +364,7 @@ pub fn enter(thread: Thread) {
         Thread::Vcpu => &filters.vcpu,
         Thread::Vsock => &filters.vsock,
         Thread::Api => &filters.api,
+        Thread::Net => &filters.net,
         Thread::Main => &filters.main,
     };
     if let Err(e) = seccompiler::apply_filter(program) {
@@ -455,7 +488,13 @@ mod tests {
         });
         assert_eq!(ok, (Some(1), None));
         // No thread of the VMM starts programs.
-        for thread in [Thread::Vcpu, Thread::Vsock, Thread::Api, Thread::Main] {
+        for thread in [
+            Thread::Vcpu,
+            Thread::Vsock,
+            Thread::Api,
+            Thread::Net,
+            Thread::Main,
+        ] {
             let killed = in_filtered_child(thread, || {
                 // SAFETY: execve of nothing; the filter stops it first.
                 unsafe { libc::syscall(libc::SYS_execve, 0, 0, 0) as i32 }
@@ -483,6 +522,45 @@ mod tests {
             unsafe { (libc::syscall(libc::SYS_ioctl, -1, 0xae00, 0) == -1) as i32 }
         });
         assert_eq!(kvm, (Some(1), None));
+    }
+
+    /// The network thread reads its TAPs and sets their offloads; it
+    /// opens nothing, connects nowhere and makes no KVM call.
+    #[test]
+    fn the_network_thread_touches_only_its_taps() {
+        let offload = in_filtered_child(Thread::Net, || {
+            // SAFETY: TUNSETOFFLOAD on a bad descriptor: EBADF, but the
+            // call is made.
+            unsafe { (libc::syscall(libc::SYS_ioctl, -1, TUNSETOFFLOAD, 0) == -1) as i32 }
+        });
+        assert_eq!(offload, (Some(1), None));
+        let refused: [Call; 4] = [
+            ("openat", || {
+                // SAFETY: openat of a NUL-terminated path.
+                unsafe { libc::syscall(libc::SYS_openat, libc::AT_FDCWD, c"/".as_ptr(), 0) as i32 }
+            }),
+            ("socket", || {
+                // SAFETY: socket takes no pointers.
+                unsafe {
+                    libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0) as i32
+                }
+            }),
+            ("KVM ioctl", || {
+                // SAFETY: as above, on a bad descriptor.
+                unsafe { libc::syscall(libc::SYS_ioctl, -1, 0xae00, 0) as i32 }
+            }),
+            ("TUNSETIFF", || {
+                // SAFETY: as above: a TAP is never made or renamed here.
+                unsafe { libc::syscall(libc::SYS_ioctl, -1, 0x4004_54ca, 0) as i32 }
+            }),
+        ];
+        for (name, call) in refused {
+            assert_eq!(
+                in_filtered_child(Thread::Net, call),
+                (None, Some(libc::SIGSYS)),
+                "{name}"
+            );
+        }
     }
 
     /// A directory descriptor the filtered children use (opened before

@@ -135,6 +135,9 @@ pub struct VirtioSlot {
     /// A virtio-fs device's tag, which binds it to a share on restore.
     #[serde(default)]
     pub share_tag: Option<String>,
+    /// A virtio-net device's slot, which binds it to a TAP on restore.
+    #[serde(default)]
+    pub net_slot: Option<u8>,
 }
 
 #[derive(Serialize, Deserialize)]

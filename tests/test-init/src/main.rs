@@ -10,7 +10,9 @@
 //! With `idle` among its arguments (kernel command line `-- idle`) it stays
 //! up instead of powering off, for benchmarks that measure idle guests;
 //! with `ticks` it stays up printing `husk-test-init: tick N` four times a
-//! second, so a test can see whether the guest runs (pause, resume).
+//! second, so a test can see whether the guest runs (pause, resume); with
+//! `net-echo` it brings `eth0` up as 10.0.2.15/24 and echoes UDP on port 7
+//! (the virtio-net boot test).
 
 use std::ffi::CString;
 
@@ -198,6 +200,76 @@ fn vsock_echo(port: u32) -> String {
     format!("vsock echoed {total} bytes")
 }
 
+/// The guest's address in the net-echo mode (the host's TAP is .1).
+const NET_GUEST_IP: [u8; 4] = [10, 0, 2, 15];
+/// The UDP port the net-echo mode serves.
+const NET_ECHO_PORT: u16 = 7;
+
+/// One `ifreq` ioctl on `eth0`: `data` goes after the 16-byte name.
+fn ifreq(sock: i32, request: u64, data: &[u8]) -> Result<(), String> {
+    let mut req = [0u8; 40];
+    req[..4].copy_from_slice(b"eth0");
+    req[16..16 + data.len()].copy_from_slice(data);
+    // SAFETY: the ioctl reads (and may write) one 40-byte ifreq, which
+    // `req` is.
+    if unsafe { libc::ioctl(sock, request as libc::Ioctl, req.as_mut_ptr()) } < 0 {
+        return Err(format!(
+            "ioctl {request:#x} on eth0: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// A sockaddr_in of `ip` (port 0), as an ifreq's data.
+fn sockaddr_in(ip: [u8; 4]) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+    a[4..8].copy_from_slice(&ip);
+    a
+}
+
+/// Brings `eth0` up as 10.0.2.15/24 and echoes UDP datagrams on port 7
+/// until one says `end`; says how many it echoed.
+fn net_echo() -> String {
+    // SAFETY: socket takes no pointers.
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+    if sock < 0 {
+        return "net FAIL socket".into();
+    }
+    let up = ifreq(sock, libc::SIOCSIFADDR, &sockaddr_in(NET_GUEST_IP))
+        .and_then(|()| ifreq(sock, libc::SIOCSIFNETMASK, &sockaddr_in([255, 255, 255, 0])))
+        .and_then(|()| {
+            let flags = (libc::IFF_UP | libc::IFF_RUNNING) as u16;
+            ifreq(sock, libc::SIOCSIFFLAGS, &flags.to_ne_bytes())
+        });
+    // SAFETY: closes the descriptor made above.
+    unsafe { libc::close(sock) };
+    if let Err(e) = up {
+        return format!("net FAIL {e}");
+    }
+    let udp = match std::net::UdpSocket::bind(("0.0.0.0", NET_ECHO_PORT)) {
+        Ok(s) => s,
+        Err(e) => return format!("net FAIL bind: {e}"),
+    };
+    say(&format!("net listening on {NET_ECHO_PORT}"));
+    let mut buf = vec![0u8; 65536];
+    let mut echoed = 0u64;
+    loop {
+        let (n, from) = match udp.recv_from(&mut buf) {
+            Ok(got) => got,
+            Err(e) => return format!("net FAIL recv: {e}"),
+        };
+        if &buf[..n] == b"end" {
+            return format!("net echoed {echoed} datagrams");
+        }
+        if let Err(e) = udp.send_to(&buf[..n], from) {
+            return format!("net FAIL send: {e}");
+        }
+        echoed += 1;
+    }
+}
+
 fn power_off() -> ! {
     // SAFETY: sync and reboot take no pointers; as PID 1 we may power off.
     unsafe {
@@ -237,6 +309,9 @@ fn main() {
     say(&check_hwrng());
     if std::env::args().any(|a| a == "vsock-echo") {
         say(&vsock_echo(VSOCK_ECHO_PORT));
+    }
+    if std::env::args().any(|a| a == "net-echo") {
+        say(&net_echo());
     }
     if std::env::args().any(|a| a == "ticks") {
         for n in 0u64.. {

@@ -4,8 +4,9 @@ use super::*;
 
 impl Vm {
     /// Sets up a VM for `config`: everything short of running it.
-    pub fn new(config: &VmConfig, clock: Arc<Clock>) -> Result<Self, VmError> {
+    pub fn new(mut config: VmConfig, clock: Arc<Clock>) -> Result<Self, VmError> {
         check_memory(config.memory_mib, host::total_memory_mib())?;
+        check_taps(&config.taps, config.nets)?;
         // Fail on a bad console path before any KVM work.
         let console_out = open_console(&config.console)?;
         clock.setup_step("validate");
@@ -69,6 +70,19 @@ impl Vm {
             let base = layout::MMIO_START + slot * layout::MMIO_DEVICE_SIZE;
             let gsi = layout::IRQ_BASE + slot as u32;
             virtio.push(attach_fs(&vm, &mut mmio, &memory, share, base, gsi, None)?);
+            device_args.push_str(&format!(
+                " virtio_mmio.device={}K@{base:#x}:{gsi}",
+                layout::MMIO_DEVICE_SIZE >> 10
+            ));
+        }
+        for net in 0..config.nets {
+            let slot = virtio.len() as u64;
+            let base = layout::MMIO_START + slot * layout::MMIO_DEVICE_SIZE;
+            let gsi = layout::IRQ_BASE + slot as u32;
+            let tap = take_tap(&mut config.taps, net);
+            virtio.push(attach_net(
+                &vm, &mut mmio, &memory, net, tap, base, gsi, None,
+            )?);
             device_args.push_str(&format!(
                 " virtio_mmio.device={}K@{base:#x}:{gsi}",
                 layout::MMIO_DEVICE_SIZE >> 10

@@ -98,8 +98,16 @@ impl Vm {
                 }
                 // A late answer to a pause that already completed.
                 VmEvent::VcpuPaused(_) => {}
-                VmEvent::Api((request, reply)) => {
+                VmEvent::Api(crate::api::ApiCall { request, fd, reply }) => {
                     let response = match request {
+                        ApiRequest::AttachNet { slot } => self.attach_net(slot, fd),
+                        ApiRequest::DetachNet { slot } => match self.net(slot) {
+                            Ok(handle) => {
+                                handle.unbind();
+                                ApiResponse::ok()
+                            }
+                            Err(e) => e,
+                        },
                         ApiRequest::Pause => self.pause(),
                         ApiRequest::Resume => self.resume(),
                         ApiRequest::Stop => {
@@ -123,6 +131,38 @@ impl Vm {
                     };
                     let _ = reply.send(response);
                 }
+            }
+        }
+    }
+
+    /// The handle of network slot `slot`, or the answer naming why not.
+    fn net(&self, slot: u8) -> Result<&NetHandle, ApiResponse> {
+        let nets: Vec<&(u8, NetHandle)> =
+            self.virtio.iter().filter_map(|d| d.net.as_ref()).collect();
+        nets.iter()
+            .find(|(s, _)| *s == slot)
+            .map(|(_, handle)| handle)
+            .ok_or_else(|| {
+                ApiResponse::error(format!(
+                    "no network slot {slot}: this VM has {}",
+                    nets.len()
+                ))
+            })
+    }
+
+    /// Binds the TAP `fd` to network slot `slot`.
+    fn attach_net(&self, slot: u8, fd: Option<std::os::fd::OwnedFd>) -> ApiResponse {
+        let handle = match self.net(slot) {
+            Ok(handle) => handle,
+            Err(answer) => return answer,
+        };
+        let Some(fd) = fd else {
+            return ApiResponse::error("attach_net needs the TAP's descriptor");
+        };
+        match handle.bind(fd) {
+            Ok(()) => ApiResponse::ok(),
+            Err(e) => {
+                ApiResponse::error(format!("network slot {slot}: {:#}", anyhow::Error::from(e)))
             }
         }
     }

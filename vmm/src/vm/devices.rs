@@ -10,6 +10,8 @@ pub(super) struct VirtioDevice {
     pub(super) transport: Arc<Mutex<MmioTransport>>,
     /// A virtio-fs device's tag.
     pub(super) share_tag: Option<String>,
+    /// A virtio-net device's slot, and the handle that binds its TAP.
+    pub(super) net: Option<(u8, NetHandle)>,
 }
 
 /// Makes the virtio device of `device_type` (the ones a snapshot may hold).
@@ -40,6 +42,7 @@ pub(super) fn attach_virtio(
         gsi,
         transport,
         share_tag: None,
+        net: None,
     })
 }
 
@@ -116,6 +119,50 @@ pub(super) fn attach_fs(
     })?;
     attached.share_tag = Some(share.tag.clone());
     Ok(attached)
+}
+
+/// Wires network slot `slot`'s virtio-net device (new, or restored from
+/// `restored`), starts its host thread, and binds `tap` if one is given.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attach_net(
+    vm: &VmFd,
+    mmio: &mut Bus,
+    memory: &GuestMemoryMmap,
+    slot: u8,
+    tap: Option<std::os::fd::OwnedFd>,
+    base: u64,
+    gsi: u32,
+    restored: Option<(&crate::devices::virtio::mmio::MmioState, &Path)>,
+) -> Result<VirtioDevice, VmError> {
+    let (device, host) = Net::new().map_err(|e| VmError::Net(slot, NetError::from(e)))?;
+    let mut attached = attach_virtio(vm, mmio, base, gsi, |irq| {
+        transport(Box::new(device), memory, irq, restored)
+    })?;
+    let handle = host
+        .start(attached.transport.clone())
+        .map_err(|e| VmError::Net(slot, NetError::from(e)))?;
+    if let Some(tap) = tap {
+        handle.bind(tap).map_err(|e| VmError::Net(slot, e))?;
+    }
+    attached.net = Some((slot, handle));
+    Ok(attached)
+}
+
+/// Takes slot `slot`'s TAP out of `taps`, if one was given.
+pub(super) fn take_tap(taps: &mut Taps, slot: u8) -> Option<std::os::fd::OwnedFd> {
+    let at = taps.iter().position(|(s, _)| *s == slot)?;
+    Some(taps.swap_remove(at).1)
+}
+
+/// Refuses TAPs for slots the VM will not have.
+pub(super) fn check_taps(taps: &Taps, nets: u8) -> Result<(), VmError> {
+    if nets > MAX_NETS {
+        return Err(VmError::TooManyNets(nets));
+    }
+    match taps.iter().find(|(slot, _)| *slot >= nets) {
+        Some(&(slot, _)) => Err(VmError::NoSuchNet { slot, nets }),
+        None => Ok(()),
+    }
 }
 
 /// The devices and the channel they report on, made during set-up.

@@ -42,6 +42,7 @@ use crate::devices::legacy::{DEBUG_PORT, DebugPort, GuestEvent, I8042_DATA_PORT,
 use crate::devices::serial::SerialConsole;
 use crate::devices::virtio::fs::{Fs, Share, TYPE_FS};
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::{Net, NetError, NetHandle, TYPE_NET};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{TYPE_VSOCK, Vsock};
 use crate::devices::{Bus, BusError, lock};
@@ -77,7 +78,7 @@ pub enum Console {
 }
 
 /// What to boot and how big.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct VmConfig {
     /// ELF vmlinux with a PVH entry point.
     pub kernel: PathBuf,
@@ -102,7 +103,21 @@ pub struct VmConfig {
     /// Host directories shared with the guest over virtio-fs, one device
     /// each, in this order.
     pub shares: Vec<Share>,
+    /// Network slots: virtio-net devices after the shares, the guest's
+    /// `eth0`, `eth1`, ... A slot with no TAP drops what the guest sends;
+    /// a TAP is bound at start ([`Self::taps`]), at restore, or later
+    /// through the API (`attach_net`).
+    pub nets: u8,
+    /// TAPs bound at start: (slot, descriptor).
+    pub taps: Taps,
 }
+
+/// TAP descriptors for network slots: (slot, descriptor).
+pub type Taps = Vec<(u8, std::os::fd::OwnedFd)>;
+
+/// The most network slots a VM has (the GSIs left after the other
+/// devices' slots).
+pub const MAX_NETS: u8 = 4;
 
 /// The guest's vsock CID.
 pub const GUEST_CID: u64 = 3;
@@ -190,6 +205,20 @@ pub enum VmError {
     /// Saving the VM's state failed.
     #[error("cannot take the snapshot: {0}")]
     SaveFailed(String),
+    /// A network slot's device or TAP cannot be set up.
+    #[error("network slot {0}")]
+    Net(u8, #[source] NetError),
+    /// A TAP was given for a slot the VM does not have.
+    #[error("a TAP was given for network slot {slot}, but this VM has {nets} (slots 0 to {})", .nets.saturating_sub(1))]
+    NoSuchNet {
+        /// The slot asked for.
+        slot: u8,
+        /// How many the VM has.
+        nets: u8,
+    },
+    /// More network slots than the VM can have.
+    #[error("{0} network slots asked for: a VM has at most {MAX_NETS}")]
+    TooManyNets(u8),
 }
 
 /// How the guest ended when it ended well.

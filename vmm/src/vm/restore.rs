@@ -57,9 +57,12 @@ impl Vm {
         console: &Console,
         vsock: Option<&Path>,
         shares: &[Share],
+        mut taps: Taps,
         clock: Arc<Clock>,
     ) -> Result<Self, VmError> {
         let (state, mem_path) = snapshot::read(dir)?;
+        let nets = state.virtio.iter().filter(|s| s.net_slot.is_some()).count() as u8;
+        check_taps(&taps, nets)?;
         check_memory(state.memory_mib, host::total_memory_mib())?;
         let console_out = open_console(console)?;
         clock.setup_step("validate");
@@ -135,6 +138,22 @@ impl Vm {
                     &mut mmio,
                     &memory,
                     share,
+                    slot.base,
+                    slot.gsi,
+                    Some((&slot.transport, dir)),
+                )?);
+                continue;
+            }
+            if let (TYPE_NET, Some(net)) = (slot.transport.device_type, slot.net_slot) {
+                // A slot without a TAP now is no error: one may be bound
+                // through the API once the container's network is known.
+                let tap = take_tap(&mut taps, net);
+                virtio.push(attach_net(
+                    &vm,
+                    &mut mmio,
+                    &memory,
+                    net,
+                    tap,
                     slot.base,
                     slot.gsi,
                     Some((&slot.transport, dir)),

@@ -50,9 +50,14 @@ impl Vm {
                 )));
             }
         }
+        // Every transport stays locked until the memory is written: the
+        // device threads (vsock, net) write guest memory only under their
+        // transport's lock, so none can deliver between a queue's saved
+        // state and the memory that goes with it.
+        let held: Vec<_> = self.virtio.iter().map(|d| lock(&d.transport)).collect();
         let mut virtio = Vec::with_capacity(self.virtio.len());
-        for d in &self.virtio {
-            let transport = lock(&d.transport).save().map_err(|why| {
+        for (d, transport) in self.virtio.iter().zip(&held) {
+            let transport = transport.save().map_err(|why| {
                 gave_up(VmError::SaveFailed(format!(
                     "{why}; a snapshot cannot keep it"
                 )))
@@ -62,6 +67,7 @@ impl Vm {
                 gsi: d.gsi,
                 transport,
                 share_tag: d.share_tag.clone(),
+                net_slot: d.net.as_ref().map(|(slot, _)| *slot),
             });
         }
         let e = |what: &str| {
@@ -95,13 +101,16 @@ impl Vm {
             .memory
             .iter()
             .map(|r| {
-                // SAFETY: every vCPU is stopped, so nothing writes guest
-                // memory while we read it; the region is a live mapping of
-                // exactly len() bytes owned by self.memory.
+                // SAFETY: every vCPU is stopped and every device thread
+                // waits for its transport's lock (`held`), so nothing
+                // writes guest memory while we read it; the region is a
+                // live mapping of exactly len() bytes owned by self.memory.
                 unsafe { std::slice::from_raw_parts(r.as_ptr(), r.len() as usize) }
             })
             .collect();
-        snapshot::write(dir, &state, &regions).map_err(|e| gave_up(e.into()))?;
+        let written = snapshot::write(dir, &state, &regions);
+        drop(held);
+        written.map_err(|e| gave_up(e.into()))?;
         Ok(())
     }
 }

@@ -56,6 +56,13 @@ const STATUS_FAILED: u32 = 128;
 /// Interrupt status: the device used buffers.
 const INT_USED_RING: u32 = 1;
 
+/// The driver is running the device: DRIVER_OK, which the transport
+/// accepts only together with FEATURES_OK.
+fn driver_ok(status: u32) -> bool {
+    let ok = STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+    status & ok == ok
+}
+
 /// One queue's registers and ring positions, for a snapshot
 /// (virtio-queue's `QueueState`, which has no serde of its own).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -208,6 +215,9 @@ impl MmioTransport {
         if let Some(saved) = &state.device {
             device.restore_state(saved)?;
         }
+        if driver_ok(state.status) {
+            device.activate(state.driver_features);
+        }
         Ok(Self {
             device,
             mem,
@@ -262,6 +272,7 @@ impl MmioTransport {
     fn set_status(&mut self, status: u32) {
         if status == 0 {
             self.reset();
+            self.device.reset();
             return;
         }
         // FEATURES_OK only holds if the driver accepted nothing the device
@@ -279,7 +290,11 @@ impl MmioTransport {
             self.status = status | STATUS_FAILED;
             return;
         }
+        let was_ok = driver_ok(self.status);
         self.status = status;
+        if !was_ok && driver_ok(status) {
+            self.device.activate(self.driver_features);
+        }
     }
 
     /// Has the device handle queue `index` as if the guest had notified

@@ -12,6 +12,7 @@
 
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 pub mod vsock;
 
@@ -37,6 +38,13 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
+    /// The driver set DRIVER_OK, which the transport accepted, having
+    /// negotiated `acked`; also called when a transport is restored with
+    /// its driver running. The default does nothing.
+    fn activate(&mut self, _acked: u64) {}
+    /// The driver reset the device (wrote status 0). The default does
+    /// nothing.
+    fn reset(&mut self) {}
     /// Handles the buffers the guest made available on queue `index`;
     /// returns true when it used any (the guest is then interrupted).
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
