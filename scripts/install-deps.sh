@@ -23,6 +23,9 @@ pkgs=(
 	docker-registry skopeo zstd
 	# htpasswd (bcrypt) for the registry the basic-auth test starts
 	apache2-utils
+	# network tests: namespaces, TAPs and addresses (ip); the CNI plugins
+	# husk's networks are built on (issue 16)
+	iproute2 containernetworking-plugins
 )
 missing=()
 for p in "${pkgs[@]}"; do
