@@ -17,11 +17,12 @@
 //! This file is init (leaving the initramfs root, the mounts, the reaper's
 //! signal) and the accept loops. Requests are answered in `server.rs`,
 //! processes are spawned, reaped and waited for in `processes.rs`, their
-//! stdio is made and served in `stdio.rs`, and a restored guest is reseeded
-//! in `reseed.rs`.
+//! stdio is made and served in `stdio.rs`, a restored guest is reseeded
+//! in `reseed.rs`, and the guest's network is configured in `net.rs`.
 
 mod cgroup;
 mod container;
+mod net;
 mod processes;
 mod reseed;
 mod server;
@@ -120,6 +121,10 @@ fn main() {
         mount("devtmpfs", "/dev", "devtmpfs");
         mount("devpts", "/dev/pts", "devpts");
         mount("tmpfs", "/run", "tmpfs");
+        // Before the ready signal: the warm snapshot has it up.
+        if let Err(e) = net::loopback_up() {
+            log(&format!("no loopback: {e}"));
+        }
     }
     let agent = Arc::new(Agent::default());
     match processes::sigchld_fd() {

@@ -1,7 +1,8 @@
 //! The control port's requests: containers (`create`, `start`, `exec`,
-//! `signal`, `ps`, `update`, ...) and their dispatch. A request is
-//! answered with one response; what runs is started through the process
-//! table (`processes.rs`).
+//! `signal`, `ps`, `update`, ...), the guest's network (`network`, applied
+//! in `net.rs`) and their dispatch. A request is answered with one
+//! response; what runs is started through the process table
+//! (`processes.rs`).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -16,7 +17,7 @@ use rustix::thread::LinkNameSpaceType;
 use crate::processes::{PidNs, Processes, key, processes_sharing_mounts};
 use crate::setup::Plan;
 use crate::stdio::make_stdio;
-use crate::{cgroup, container, reseed};
+use crate::{cgroup, container, net, reseed};
 
 /// A created container.
 struct Container {
@@ -34,6 +35,8 @@ struct Container {
 pub(crate) struct Agent {
     containers: Mutex<HashMap<String, Container>>,
     pub(crate) processes: Processes,
+    /// The guest's network interfaces, by slot.
+    links: net::Links,
 }
 
 /// The container's `cgroup.procs`, open for the child to join with.
@@ -377,6 +380,10 @@ impl Agent {
                     },
                 }
             }
+            Request::Network { interfaces } => match self.links.configure(&interfaces) {
+                Ok(()) => Response::Ok,
+                Err(message) => Response::Error { message },
+            },
             Request::Ps { id } => self.ps(&id),
             Request::Stats { id } => match cgroup::stats(&id) {
                 Ok(stats) => Response::Stats(stats),

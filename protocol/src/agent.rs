@@ -22,6 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
+use std::net::IpAddr;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -288,6 +289,16 @@ pub enum Request {
         /// Container ID.
         id: String,
     },
+    /// Configure the guest's network interfaces; answered
+    /// [`Response::Ok`], or [`Response::Error`] naming the interface and
+    /// the step that failed. Idempotent: a restored guest is sent it again,
+    /// and the interfaces end up as described whatever they were before
+    /// (addresses not listed are removed; routes are made anew).
+    Network {
+        /// The guest's virtio-net interfaces to configure; slots not
+        /// named are left alone.
+        interfaces: Vec<NetInterface>,
+    },
     /// New resource limits for a running container (`husk update`).
     Update {
         /// Container ID.
@@ -298,6 +309,81 @@ pub enum Request {
     },
     /// Power the guest off once every process's output is delivered.
     Shutdown,
+}
+
+/// One of the guest's network interfaces, as the container should see it
+/// (the host copies it from the interface the container was given on the
+/// host, e.g. the veth of a CNI or docker network namespace).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetInterface {
+    /// The VM's virtio-net slot (`husk-vmm --net SLOT=FD`): the interface
+    /// the guest kernel named `eth<slot>` at boot.
+    pub slot: u8,
+    /// The name the container sees (the host interface's, e.g. `eth0`):
+    /// 1 to 15 bytes, as the kernel allows.
+    pub name: String,
+    /// The MAC address, on the wire as `"02:42:ac:11:00:02"`.
+    #[serde(with = "mac_text")]
+    pub mac: [u8; 6],
+    /// The MTU, bytes.
+    pub mtu: u32,
+    /// The addresses and their prefix lengths (`10.0.3.15`, 24). IPv6
+    /// ones skip duplicate address detection: the host made them unique.
+    pub addresses: Vec<(IpAddr, u8)>,
+    /// The routes through this interface (main table). A route without a
+    /// gateway that is an address's own subnet is skipped: the kernel made
+    /// it when the address was added.
+    pub routes: Vec<NetRoute>,
+}
+
+/// A route through a [`NetInterface`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetRoute {
+    /// The destination network (`0.0.0.0` or `::` with `prefix` 0: the
+    /// default route).
+    pub dst: IpAddr,
+    /// The destination's prefix length.
+    pub prefix: u8,
+    /// The next hop; `None` for a destination on the link itself. Of the
+    /// same family as `dst`.
+    pub gateway: Option<IpAddr>,
+    /// The route's metric (priority); 0 is the kernel's default for the
+    /// family (0 for IPv4, 1024 for IPv6).
+    pub metric: u32,
+}
+
+/// A MAC address as text, `aa:bb:cc:dd:ee:ff`: frames stay readable in a
+/// log.
+mod mac_text {
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(mac: &[u8; 6], s: S) -> Result<S::Ok, S::Error> {
+        let [a, b, c, d, e, f] = mac;
+        s.serialize_str(&format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 6], D::Error> {
+        let text = String::deserialize(d)?;
+        parse(&text).ok_or_else(|| {
+            D::Error::custom(format!(
+                "MAC address {text:?} is not six hex bytes like 02:42:ac:11:00:02"
+            ))
+        })
+    }
+
+    fn parse(text: &str) -> Option<[u8; 6]> {
+        let mut mac = [0u8; 6];
+        let mut parts = text.split(':');
+        for byte in &mut mac {
+            let part = parts.next()?;
+            if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
+            *byte = u8::from_str_radix(part, 16).ok()?;
+        }
+        parts.next().is_none().then_some(mac)
+    }
 }
 
 /// Which stdio stream a stdio connection carries.
@@ -449,6 +535,10 @@ mod tests {
                 resources: "{}".into(),
             },
             Request::Ps { id: id() },
+            network(),
+            Request::Network {
+                interfaces: Vec::new(),
+            },
             Request::Shutdown,
         ] {
             round_trip(req);
@@ -479,6 +569,63 @@ mod tests {
             exec_id: String::new(),
             stream: Stream::Stdout,
         });
+    }
+
+    fn network() -> Request {
+        Request::Network {
+            interfaces: vec![NetInterface {
+                slot: 0,
+                name: "eth0".into(),
+                mac: [0x02, 0x42, 0x0a, 0x00, 0x03, 0x0f],
+                mtu: 1500,
+                addresses: vec![
+                    ("10.0.3.15".parse().unwrap(), 24),
+                    ("fd00::f".parse().unwrap(), 64),
+                ],
+                routes: vec![NetRoute {
+                    dst: "0.0.0.0".parse().unwrap(),
+                    prefix: 0,
+                    gateway: Some("10.0.3.1".parse().unwrap()),
+                    metric: 0,
+                }],
+            }],
+        }
+    }
+
+    /// The runtime writes this form; the agent reads it.
+    #[test]
+    fn network_wire_form() {
+        let json = serde_json::to_string(&network()).unwrap();
+        assert_eq!(
+            json,
+            concat!(
+                r#"{"request":"network","interfaces":[{"slot":0,"name":"eth0","#,
+                r#""mac":"02:42:0a:00:03:0f","mtu":1500,"#,
+                r#""addresses":[["10.0.3.15",24],["fd00::f",64]],"#,
+                r#""routes":[{"dst":"0.0.0.0","prefix":0,"gateway":"10.0.3.1","metric":0}]}]}"#
+            )
+        );
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), network());
+        // Upper case is read too.
+        let upper = json.replace("02:42:0a:00:03:0f", "02:42:0A:00:03:0F");
+        assert_eq!(serde_json::from_str::<Request>(&upper).unwrap(), network());
+        for bad in [
+            "02:42:0a:00:03",
+            "02:42:0a:00:03:0f:00",
+            "02-42-0a-00-03-0f",
+            "02:42:0a:00:03:+f",
+            "",
+        ] {
+            let err = serde_json::from_str::<Request>(&json.replace("02:42:0a:00:03:0f", bad))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(&format!(
+                    "MAC address {bad:?} is not six hex bytes like 02:42:ac:11:00:02"
+                )),
+                "{err}"
+            );
+        }
     }
 
     #[test]

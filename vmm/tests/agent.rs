@@ -2,22 +2,28 @@
 //! boots it once and snapshots it when the agent signals it is ready; the
 //! test restores that snapshot and drives the agent over hybrid vsock with
 //! the host-agent protocol: run a process, stream its stdout and stderr,
-//! get its exit status, refuse a program that does not exist, power off.
+//! get its exit status, refuse a program that does not exist, power off;
+//! and configure the guest's network as the host describes it, a TAP in a
+//! network namespace of the test's own on the other side.
 
 mod common;
 
 use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{Scratch, VMM, agent_binary, kernel, read_line_unbuffered, wait_with_timeout};
+use common::{
+    Netns, Scratch, VMM, agent_binary, kernel, open_tap, read_line_unbuffered, wait_with_timeout,
+};
 use husk_guest::initramfs::Initramfs;
 use husk_guest::warm::{self, GuestImage, Origin};
 use husk_protocol::{
-    CONTROL_PORT, Process, Request, Response, STDIO_PORT, StdioAttach, Stream, handshake,
-    read_frame, write_frame,
+    CONTROL_PORT, NetInterface, NetRoute, Process, Request, Response, STDIO_PORT, StdioAttach,
+    Stream, handshake, read_frame, write_frame,
 };
 use husk_vmm::vm::READY_MARK;
 
@@ -71,9 +77,8 @@ fn process(args: &[&str]) -> Process {
     }
 }
 
-#[test]
-fn a_warm_started_agent_runs_a_process_and_reports_its_output_and_status() {
-    let scratch = Scratch::new("agent");
+/// An initramfs whose init is the agent, with busybox at /bin/busybox.
+fn agent_initramfs(scratch: &Scratch) -> PathBuf {
     let mut fs = Initramfs::with_base();
     fs.host_file("init", 0o755, &agent_binary()).unwrap();
     fs.dir("bin", 0o755).unwrap();
@@ -82,6 +87,13 @@ fn a_warm_started_agent_runs_a_process_and_reports_its_output_and_status() {
     let initramfs = scratch.path("initramfs.cpio");
     fs.write_to(std::fs::File::create(&initramfs).unwrap())
         .unwrap();
+    initramfs
+}
+
+#[test]
+fn a_warm_started_agent_runs_a_process_and_reports_its_output_and_status() {
+    let scratch = Scratch::new("agent");
+    let initramfs = agent_initramfs(&scratch);
 
     // Cold boot once, snapshot at the agent's ready signal.
     let image = GuestImage {
@@ -215,4 +227,179 @@ fn a_warm_started_agent_runs_a_process_and_reports_its_output_and_status() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!socket.exists());
+}
+
+/// The guest's network, configured by the agent. The warm snapshot is
+/// taken with the VM's one network slot unbound (before anyone knows the
+/// container's network); the restore binds a TAP made in a network
+/// namespace of the test's own. `network` renames eth0, sets its MAC and
+/// MTU, and addresses and routes it; a second request (as after a restore)
+/// finds it under its new name and leaves nothing of the first. A process
+/// in the guest then reaches a TCP listener in the namespace at an address
+/// beyond its subnet, i.e. through its default route.
+#[test]
+fn a_warm_started_agent_configures_the_network_the_host_describes() {
+    assert!(
+        Path::new("/dev/net/tun").exists(),
+        "this test needs /dev/net/tun (the tun module)"
+    );
+    let scratch = Scratch::new("agent-net");
+    let initramfs = agent_initramfs(&scratch);
+    let snap = scratch.path("snap");
+    let made = common::run_with_timeout(common::vmm(&[
+        "--kernel",
+        kernel().to_str().unwrap(),
+        "--initramfs",
+        initramfs.to_str().unwrap(),
+        "--vsock-socket",
+        scratch.path("boot.sock").to_str().unwrap(),
+        "--nets",
+        "1",
+        "--snapshot-dir",
+        snap.to_str().unwrap(),
+        "--snapshot-at-mark",
+        &READY_MARK.to_string(),
+    ]));
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+
+    let ns = Netns::new("agent-net");
+    let tap = ns.run(|| open_tap("tap0"));
+    ns.ip(&["addr", "add", "10.0.3.1/24", "dev", "tap0"]);
+    // Outside the guest's subnet: only its default route leads here.
+    ns.ip(&["addr", "add", "10.0.4.1/32", "dev", "tap0"]);
+    ns.ip(&["link", "set", "tap0", "up"]);
+    let listener = ns.run(|| TcpListener::bind("10.0.4.1:0").unwrap());
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut conn, peer) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut got = String::new();
+        conn.read_to_string(&mut got).unwrap();
+        conn.write_all(b"hello from the host\n").unwrap();
+        conn.shutdown(Shutdown::Write).unwrap();
+        (peer.ip().to_string(), got)
+    });
+
+    let socket = scratch.path("vsock.sock");
+    let child = common::vmm_command()
+        .arg("--restore")
+        .arg(&snap)
+        .arg("--vsock-socket")
+        .arg(&socket)
+        .arg("--net")
+        .arg(format!("0={}", tap.as_raw_fd()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The VMM holds its own copy now.
+    drop(tap);
+
+    let mut control = vsock(&socket, CONTROL_PORT);
+    handshake(&mut control, "husk-tests").unwrap();
+    let mut ask = |req: Request| -> Response {
+        write_frame(&mut control, &req).unwrap();
+        read_frame(&mut control).unwrap()
+    };
+    let mac = [0x02, 0x42, 0x0a, 0x00, 0x03, 0x0f];
+    let network = |name: &str, address: [u8; 4]| Request::Network {
+        interfaces: vec![NetInterface {
+            slot: 0,
+            name: name.into(),
+            mac,
+            mtu: 1400,
+            addresses: vec![(address.into(), 24)],
+            routes: vec![
+                // The kernel's own route for the address: skipped.
+                NetRoute {
+                    dst: [10, 0, 3, 0].into(),
+                    prefix: 24,
+                    gateway: None,
+                    metric: 0,
+                },
+                NetRoute {
+                    dst: [0, 0, 0, 0].into(),
+                    prefix: 0,
+                    gateway: Some([10, 0, 3, 1].into()),
+                    metric: 0,
+                },
+            ],
+        }],
+    };
+    assert_eq!(ask(network("net0", [10, 0, 3, 99])), Response::Ok);
+    assert_eq!(ask(network("eth0", [10, 0, 3, 15])), Response::Ok);
+    assert_eq!(ask(network("eth0", [10, 0, 3, 15])), Response::Ok);
+    // A slot the VM does not have is named.
+    let Request::Network { mut interfaces } = network("eth1", [10, 0, 3, 16]) else {
+        unreachable!()
+    };
+    interfaces[0].slot = 1;
+    assert_eq!(
+        ask(Request::Network { interfaces }),
+        Response::Error {
+            message: "network slot 1: no interface eth1 in the guest: No such device (os error 19)"
+                .into()
+        }
+    );
+
+    let script = format!(
+        "cd /sys/class/net && busybox cat eth0/address eth0/mtu lo/flags && busybox ls && \
+         echo hello from the guest | busybox nc -w 10 10.0.4.1 {port} && \
+         busybox ip -4 addr show dev eth0 && busybox ip route"
+    );
+    let mut proc = process(&["/bin/busybox", "sh", "-c", &script]);
+    proc.stdin_null = true;
+    assert_eq!(
+        ask(Request::Exec {
+            id: String::new(),
+            exec_id: "net".into(),
+            process: proc,
+        }),
+        Response::Ok
+    );
+    let mut out = String::new();
+    attach(&socket, "net", Stream::Stdout)
+        .read_to_string(&mut out)
+        .unwrap();
+    let mut err = String::new();
+    attach(&socket, "net", Stream::Stderr)
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(
+        ask(Request::Wait {
+            id: String::new(),
+            exec_id: "net".into(),
+        }),
+        Response::Exited { status: 0 },
+        "{out}{err}"
+    );
+    // MAC, MTU, lo up (IFF_UP | IFF_LOOPBACK), the interfaces, the
+    // listener's answer.
+    let want = "02:42:0a:00:03:0f\n1400\n0x9\neth0\nlo\nhello from the host\n";
+    assert!(out.starts_with(want), "{out}");
+    let (peer, got) = server.join().unwrap();
+    assert_eq!(
+        (peer.as_str(), got.as_str()),
+        ("10.0.3.15", "hello from the guest\n")
+    );
+    // The first request's address is gone; the kernel's subnet route
+    // stands, beside the default route.
+    assert!(out.contains("inet 10.0.3.15/24 "), "{out}");
+    assert!(!out.contains("10.0.3.99"), "{out}");
+    assert!(out.contains("default via 10.0.3.1 dev eth0"), "{out}");
+    assert!(out.contains("10.0.3.0/24 dev eth0"), "{out}");
+
+    write_frame(&mut control, &Request::Shutdown).unwrap();
+    let out = wait_with_timeout(child);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -10,74 +10,10 @@ use std::io::Write;
 use std::net::UdpSocket;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::process::Command;
 use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
-use common::{Scratch, kernel, spawn_vmm, test_initramfs};
-
-/// A network namespace of the test's own, removed when dropped.
-struct Netns(String);
-
-impl Netns {
-    fn new(name: &str) -> Self {
-        let name = format!("husk-{name}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        let made = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .unwrap();
-        assert!(made.success(), "ip netns add {name}");
-        Self(name)
-    }
-
-    /// Runs `f` on a thread that has entered the namespace.
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).unwrap();
-            // SAFETY: setns on this thread with a namespace descriptor.
-            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .unwrap()
-    }
-
-    fn ip(&self, args: &[&str]) {
-        let ok = Command::new("ip")
-            .args(["-n", &self.0])
-            .args(args)
-            .status()
-            .unwrap();
-        assert!(ok.success(), "ip -n {} {args:?}", self.0);
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-/// Opens a TAP `name` (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) in the calling
-/// thread's namespace; inheritable, for `--net 0=FD`.
-fn open_tap(name: &str) -> OwnedFd {
-    // SAFETY: open of a NUL-terminated path; without O_CLOEXEC on purpose.
-    let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR) };
-    assert!(fd >= 0, "/dev/net/tun: {}", std::io::Error::last_os_error());
-    // SAFETY: `fd` was just opened and is owned here alone.
-    let tap = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut req = [0u8; 40];
-    req[..name.len()].copy_from_slice(name.as_bytes());
-    let flags: u16 = 0x0002 | 0x1000 | 0x4000; // IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
-    req[16..18].copy_from_slice(&flags.to_ne_bytes());
-    // SAFETY: TUNSETIFF reads one 40-byte ifreq, which `req` is.
-    let r = unsafe { libc::ioctl(tap.as_raw_fd(), 0x4004_54ca, req.as_mut_ptr()) };
-    assert_eq!(r, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
-    tap
-}
+use common::{Netns, Scratch, kernel, open_tap, spawn_vmm, test_initramfs};
 
 /// A TAP in namespace `ns`, addressed 10.0.2.1/24 and up.
 fn tap_in(ns: &Netns) -> OwnedFd {

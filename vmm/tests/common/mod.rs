@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -185,6 +186,73 @@ pub fn tiny_elf(code: &[u8], pvh_note: bool) -> Vec<u8> {
     elf.resize(code_off, 0);
     elf.extend_from_slice(code);
     elf
+}
+
+/// A network namespace of the test's own, removed when dropped.
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn new(name: &str) -> Self {
+        let name = format!("husk-{name}-{}", std::process::id());
+        // A namespace left by an earlier run of the same PID, if any.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        let made = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap();
+        assert!(made.success(), "ip netns add {name}");
+        Self(name)
+    }
+
+    /// Runs `f` on a thread that has entered the namespace.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).unwrap();
+            // SAFETY: setns on this thread with a namespace descriptor.
+            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    pub fn ip(&self, args: &[&str]) {
+        let ok = Command::new("ip")
+            .args(["-n", &self.0])
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "ip -n {} {args:?}", self.0);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// Opens a TAP `name` (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) in the calling
+/// thread's namespace; inheritable, for `--net 0=FD`.
+pub fn open_tap(name: &str) -> OwnedFd {
+    // SAFETY: open of a NUL-terminated path; without O_CLOEXEC on purpose.
+    let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR) };
+    assert!(fd >= 0, "/dev/net/tun: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` was just opened and is owned here alone.
+    let tap = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut req = [0u8; 40];
+    req[..name.len()].copy_from_slice(name.as_bytes());
+    let flags: u16 = 0x0002 | 0x1000 | 0x4000; // IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
+    req[16..18].copy_from_slice(&flags.to_ne_bytes());
+    // SAFETY: TUNSETIFF reads one 40-byte ifreq, which `req` is.
+    let r = unsafe { libc::ioctl(tap.as_raw_fd(), 0x4004_54ca, req.as_mut_ptr()) };
+    assert_eq!(r, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+    tap
 }
 
 /// Bytes as text.
