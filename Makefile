@@ -76,7 +76,8 @@ test: kernel test-init agent build lint
 
 # Benchmarks (docs/benchmarks.md): boot against QEMU microvm, snapshot
 # restore against cold boot, husk run against crun/runc/runsc, and the
-# virtio-fs server against host system calls.
+# virtio-fs server against host system calls, the virtio-net device against
+# a raw TAP loop.
 bench: kernel $(TEST_INITRAMFS) $(AGENT_INITRAMFS)
 	target/release/husk-bench-boot --vmm $(VMM) --initramfs $(TEST_INITRAMFS)
 	target/release/husk-bench-snapshot --vmm $(VMM) --initramfs $(TEST_INITRAMFS) \
@@ -84,6 +85,7 @@ bench: kernel $(TEST_INITRAMFS) $(AGENT_INITRAMFS)
 	target/release/husk-bench-run --husk $(HUSK) --vmm $(VMM)
 	target/release/husk-bench-fs
 	target/release/husk-bench-ctr --husk $(HUSK)
+	target/release/husk-bench-net
 	target/release/husk-bench-image --husk $(HUSK)
 	target/release/husk-bench-checkpoint --husk $(HUSK)
 
