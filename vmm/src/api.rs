@@ -42,6 +42,9 @@ pub struct ApiCall {
 /// The longest request line read (a path in `snapshot` is the longest).
 const MAX_LINE: usize = 64 * 1024;
 
+/// The most descriptors kept for requests not yet read.
+const MAX_PENDING_FDS: usize = 4;
+
 /// Lines and descriptors from one connection.
 struct Incoming {
     stream: UnixStream,
@@ -74,6 +77,11 @@ impl Incoming {
                 if let rustix::net::RecvAncillaryMessage::ScmRights(fds) = message {
                     self.fds.extend(fds);
                 }
+            }
+            // Descriptors no request takes are closed, not hoarded: a
+            // client cannot fill the VMM's descriptor table through them.
+            while self.fds.len() > MAX_PENDING_FDS {
+                self.fds.pop_front();
             }
             match got {
                 Ok(got) if got.bytes > 0 => self.buf.extend_from_slice(&chunk[..got.bytes]),
@@ -208,6 +216,27 @@ mod tests {
         writeln!(w, "{{\"action\":\"attach_net\",\"slot\":0}}").unwrap();
         let answer = lines.next().unwrap().unwrap();
         assert!(answer.contains("needs the TAP's descriptor"), "{answer}");
+        // Descriptors sent with requests that take none are not hoarded:
+        // all but the last few are closed (their pipes see the end).
+        let mut readers = Vec::new();
+        for _ in 0..10 {
+            let (r, pipe_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::NONBLOCK).unwrap();
+            husk_sys::fd::send_fd(
+                &w,
+                std::os::fd::AsFd::as_fd(&pipe_w),
+                b"{\"action\":\"pause\"}\n",
+            )
+            .unwrap();
+            readers.push(r);
+        }
+        for _ in 0..10 {
+            assert_eq!(lines.next().unwrap().unwrap(), "{\"ok\":true}");
+        }
+        let ended = readers
+            .iter()
+            .filter(|r| matches!(rustix::io::read(r, &mut [0u8; 1]), Ok(0)))
+            .count();
+        assert!(ended >= 10 - MAX_PENDING_FDS, "{ended} of 10 closed");
         writeln!(w, "{{\"action\":\"fly\"}}").unwrap();
         let answer = lines.next().unwrap().unwrap();
         assert!(
