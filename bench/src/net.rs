@@ -125,18 +125,12 @@ const F_WRITE: u16 = 2;
 const RX: u32 = 0;
 const TX: u32 = 1;
 
-// virtio-mmio registers.
-const REG_DEVICE_ID: u64 = 0x008;
-const REG_DEVICE_FEATURES: u64 = 0x010;
-const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
-const REG_DRIVER_FEATURES: u64 = 0x020;
-const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
-const REG_QUEUE_SEL: u64 = 0x030;
-const REG_QUEUE_NUM: u64 = 0x038;
-const REG_QUEUE_READY: u64 = 0x044;
-const REG_QUEUE_NOTIFY: u64 = 0x050;
-const REG_STATUS: u64 = 0x070;
-const REG_QUEUE_DESC_LOW: u64 = 0x080;
+// virtio-mmio registers (the transport's own).
+use husk_vmm::devices::virtio::mmio::{
+    REG_DEVICE_FEATURES, REG_DEVICE_FEATURES_SEL, REG_DEVICE_ID, REG_DRIVER_FEATURES,
+    REG_DRIVER_FEATURES_SEL, REG_QUEUE_DESC_LOW, REG_QUEUE_NOTIFY, REG_QUEUE_NUM, REG_QUEUE_READY,
+    REG_QUEUE_SEL, REG_STATUS,
+};
 
 /// How long a frame may take before it counts as lost (and the run fails).
 const PATIENCE: Duration = Duration::from_secs(2);

@@ -24,30 +24,54 @@ const VERSION: u32 = 2;
 /// "HUSK", the vendor ID the guest sees.
 const VENDOR_ID: u32 = 0x4b53_5548;
 
-const REG_MAGIC: u64 = 0x000;
-const REG_VERSION: u64 = 0x004;
-const REG_DEVICE_ID: u64 = 0x008;
-const REG_VENDOR_ID: u64 = 0x00c;
-const REG_DEVICE_FEATURES: u64 = 0x010;
-const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
-const REG_DRIVER_FEATURES: u64 = 0x020;
-const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
-const REG_QUEUE_SEL: u64 = 0x030;
-const REG_QUEUE_NUM_MAX: u64 = 0x034;
-const REG_QUEUE_NUM: u64 = 0x038;
-const REG_QUEUE_READY: u64 = 0x044;
-const REG_QUEUE_NOTIFY: u64 = 0x050;
-const REG_INTERRUPT_STATUS: u64 = 0x060;
-const REG_INTERRUPT_ACK: u64 = 0x064;
-const REG_STATUS: u64 = 0x070;
-const REG_QUEUE_DESC_LOW: u64 = 0x080;
-const REG_QUEUE_DESC_HIGH: u64 = 0x084;
-const REG_QUEUE_AVAIL_LOW: u64 = 0x090;
-const REG_QUEUE_AVAIL_HIGH: u64 = 0x094;
-const REG_QUEUE_USED_LOW: u64 = 0x0a0;
-const REG_QUEUE_USED_HIGH: u64 = 0x0a4;
-const REG_CONFIG_GENERATION: u64 = 0x0fc;
-const REG_CONFIG: u64 = 0x100;
+/// Register offset (virtio 1.2, section 4.2.2): `MAGIC`.
+pub const REG_MAGIC: u64 = 0x000;
+/// Register offset (virtio 1.2, section 4.2.2): `VERSION`.
+pub const REG_VERSION: u64 = 0x004;
+/// Register offset (virtio 1.2, section 4.2.2): `DEVICE_ID`.
+pub const REG_DEVICE_ID: u64 = 0x008;
+/// Register offset (virtio 1.2, section 4.2.2): `VENDOR_ID`.
+pub const REG_VENDOR_ID: u64 = 0x00c;
+/// Register offset (virtio 1.2, section 4.2.2): `DEVICE_FEATURES`.
+pub const REG_DEVICE_FEATURES: u64 = 0x010;
+/// Register offset (virtio 1.2, section 4.2.2): `DEVICE_FEATURES_SEL`.
+pub const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+/// Register offset (virtio 1.2, section 4.2.2): `DRIVER_FEATURES`.
+pub const REG_DRIVER_FEATURES: u64 = 0x020;
+/// Register offset (virtio 1.2, section 4.2.2): `DRIVER_FEATURES_SEL`.
+pub const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+/// Register offset (virtio 1.2, section 4.2.2): `QUEUE_SEL`.
+pub const REG_QUEUE_SEL: u64 = 0x030;
+/// Register offset (virtio 1.2, section 4.2.2): `QUEUE_NUM_MAX`.
+pub const REG_QUEUE_NUM_MAX: u64 = 0x034;
+/// Register offset (virtio 1.2, section 4.2.2): `QUEUE_NUM`.
+pub const REG_QUEUE_NUM: u64 = 0x038;
+/// Register offset (virtio 1.2, section 4.2.2): `QUEUE_READY`.
+pub const REG_QUEUE_READY: u64 = 0x044;
+/// Register offset (virtio 1.2, section 4.2.2): `QUEUE_NOTIFY`.
+pub const REG_QUEUE_NOTIFY: u64 = 0x050;
+/// Register offset (virtio 1.2, section 4.2.2): `INTERRUPT_STATUS`.
+pub const REG_INTERRUPT_STATUS: u64 = 0x060;
+/// Register offset (virtio 1.2, section 4.2.2): `INTERRUPT_ACK`.
+pub const REG_INTERRUPT_ACK: u64 = 0x064;
+/// Register offset (virtio 1.2, section 4.2.2): `STATUS`.
+pub const REG_STATUS: u64 = 0x070;
+/// Register offset (virtio 1.2, section 4.2.2): `QUEUE_DESC_LOW`.
+pub const REG_QUEUE_DESC_LOW: u64 = 0x080;
+/// Register offset (virtio 1.2, section 4.2.2): `QUEUE_DESC_HIGH`.
+pub const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+/// Register offset (virtio 1.2, section 4.2.2): `QUEUE_AVAIL_LOW`.
+pub const REG_QUEUE_AVAIL_LOW: u64 = 0x090;
+/// Register offset (virtio 1.2, section 4.2.2): `QUEUE_AVAIL_HIGH`.
+pub const REG_QUEUE_AVAIL_HIGH: u64 = 0x094;
+/// Register offset (virtio 1.2, section 4.2.2): `QUEUE_USED_LOW`.
+pub const REG_QUEUE_USED_LOW: u64 = 0x0a0;
+/// Register offset (virtio 1.2, section 4.2.2): `QUEUE_USED_HIGH`.
+pub const REG_QUEUE_USED_HIGH: u64 = 0x0a4;
+/// Register offset (virtio 1.2, section 4.2.2): `CONFIG_GENERATION`.
+pub const REG_CONFIG_GENERATION: u64 = 0x0fc;
+/// Register offset (virtio 1.2, section 4.2.2): `CONFIG`.
+pub const REG_CONFIG: u64 = 0x100;
 
 /// Device status bits.
 const STATUS_FEATURES_OK: u32 = 8;

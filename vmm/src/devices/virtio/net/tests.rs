@@ -468,19 +468,12 @@ fn net_reset_drops_the_waiting_frame_and_stops_polling() {
     assert!(!backend.bound.as_ref().unwrap().armed);
 }
 
-// virtio-mmio registers, as a driver writes them.
-const REG_DEVICE_ID: u64 = 0x008;
-const REG_DEVICE_FEATURES: u64 = 0x010;
-const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
-const REG_DRIVER_FEATURES: u64 = 0x020;
-const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
-const REG_QUEUE_SEL: u64 = 0x030;
-const REG_QUEUE_NUM: u64 = 0x038;
-const REG_QUEUE_READY: u64 = 0x044;
-const REG_QUEUE_NOTIFY: u64 = 0x050;
-const REG_STATUS: u64 = 0x070;
-const REG_QUEUE_DESC_LOW: u64 = 0x080;
-const REG_CONFIG: u64 = 0x100;
+// virtio-mmio registers, as a driver writes them (the transport's own).
+use crate::devices::virtio::mmio::{
+    REG_CONFIG, REG_DEVICE_FEATURES, REG_DEVICE_FEATURES_SEL, REG_DEVICE_ID, REG_DRIVER_FEATURES,
+    REG_DRIVER_FEATURES_SEL, REG_QUEUE_DESC_LOW, REG_QUEUE_NOTIFY, REG_QUEUE_NUM, REG_QUEUE_READY,
+    REG_QUEUE_SEL, REG_STATUS,
+};
 
 fn reg(t: &mut MmioTransport, offset: u64) -> u32 {
     let mut b = [0u8; 4];
