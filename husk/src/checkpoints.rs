@@ -10,7 +10,7 @@ use husk_runtime::container::CreateOptions;
 
 use crate::status_code;
 
-/// The arguments of `checkpoint`.
+// The arguments of `checkpoint`.
 #[derive(clap::Args)]
 pub struct CheckpointArgs {
     /// Where the checkpoint goes (made if missing; an earlier
@@ -39,7 +39,7 @@ pub fn checkpoint(root: &Path, args: CheckpointArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// The arguments of `restore`.
+// The arguments of `restore`.
 #[derive(clap::Args)]
 pub struct RestoreArgs {
     /// The checkpoint.
@@ -98,7 +98,7 @@ pub fn restore(root: &Path, args: RestoreArgs) -> anyhow::Result<u8> {
     Ok(status_code(status))
 }
 
-/// The arguments of `docker-checkpoint`.
+// The arguments of `docker-checkpoint`.
 #[derive(clap::Args)]
 pub struct DockerCheckpointArgs {
     #[command(subcommand)]
@@ -157,7 +157,7 @@ pub fn docker_checkpoint(root: &Path, args: DockerCheckpointArgs) -> anyhow::Res
     Ok(0)
 }
 
-/// docker's checkpoint commands, for containers made from images.
+// docker's checkpoint commands, for containers made from images.
 #[derive(Subcommand)]
 pub enum DockerCheckpoint {
     /// Checkpoint a running container; it stops unless `--leave-running`.
@@ -193,9 +193,9 @@ pub enum DockerCheckpoint {
     },
 }
 
-/// runc's CRIU options of `checkpoint` and `restore`: accepted, and
-/// nothing to do here, since a checkpoint keeps the whole VM (its
-/// connections, locks and terminals included).
+// runc's CRIU options of `checkpoint` and `restore`: accepted, and
+// nothing to do here, since a checkpoint keeps the whole VM (its
+// connections, locks and terminals included).
 #[derive(clap::Args)]
 pub struct CriuOptions {
     /// Accepted for runc compatibility (CRIU's working directory).

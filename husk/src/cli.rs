@@ -60,6 +60,7 @@ pub struct Cli {
 }
 
 #[derive(Subcommand)]
+#[command(defer = true)]
 pub enum Command {
     /// Create a container: its VM restored, its process made, not started.
     Create(crate::oci::CreateArgs),
@@ -154,4 +155,51 @@ pub enum Command {
     /// (internal) The process that stands for a container's process.
     #[command(name = "_monitor", hide = true)]
     Monitor(crate::tools::MonitorArgs),
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// Subcommands are built only when used (`defer`, a third of `husk
+    /// exec`'s start-up): each one's help still opens with the line the
+    /// command list gives it, and global flags still follow it.
+    #[test]
+    fn every_deferred_command_keeps_its_description_and_the_global_flags() {
+        let cli = Cli::command();
+        let mut checked = 0;
+        for sub in cli.get_subcommands() {
+            let name = sub.get_name();
+            let about = sub.get_about().map(ToString::to_string);
+            let Some(about) = about else {
+                assert!(sub.is_hide_set(), "{name} has no description");
+                continue;
+            };
+            let err = match Cli::try_parse_from(["husk", name, "--help"]) {
+                Err(e) => e,
+                Ok(_) => panic!("{name} --help parsed as a command"),
+            };
+            assert_eq!(err.kind(), clap::error::ErrorKind::DisplayHelp, "{name}");
+            let help = err.render().to_string();
+            assert_eq!(help.lines().next(), Some(about.as_str()), "{name}");
+            checked += 1;
+        }
+        assert!(checked > 30, "only {checked} commands");
+        let cli = Cli::try_parse_from(["husk", "exec", "--root", "/r", "c1", "true"]).unwrap();
+        assert_eq!(cli.root, PathBuf::from("/r"));
+        let Command::Exec(args) = cli.command else {
+            panic!("not exec");
+        };
+        assert_eq!(
+            (args.id.as_str(), args.command.as_slice()),
+            ("c1", &["true".to_owned()][..])
+        );
+    }
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use crate::status_code;
 
-/// The arguments of `docker-run`.
+// The arguments of `docker-run`.
 #[derive(clap::Args)]
 pub struct DockerRunArgs {
     /// Return once it runs; output goes to `husk logs`.
@@ -91,7 +91,7 @@ pub fn docker_run(root: &Path, args: DockerRunArgs) -> anyhow::Result<u8> {
     Ok(status_code(status))
 }
 
-/// The arguments of `docker-ps`.
+// The arguments of `docker-ps`.
 #[derive(clap::Args)]
 pub struct DockerPsArgs {
     /// Stopped ones too.
@@ -109,7 +109,7 @@ pub fn docker_ps(root: &Path, args: DockerPsArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// The arguments of `stop`.
+// The arguments of `stop`.
 #[derive(clap::Args)]
 pub struct StopArgs {
     /// Seconds before SIGKILL.
@@ -130,7 +130,7 @@ pub fn stop(root: &Path, args: StopArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// The arguments of `rm`.
+// The arguments of `rm`.
 #[derive(clap::Args)]
 pub struct RmArgs {
     /// Running ones too (killed).
@@ -151,7 +151,7 @@ pub fn rm(root: &Path, args: RmArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// The arguments of `logs`.
+// The arguments of `logs`.
 #[derive(clap::Args)]
 pub struct LogsArgs {
     /// Keep printing until it stops.
@@ -168,7 +168,7 @@ pub fn logs(root: &Path, args: LogsArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// The arguments of `inspect`.
+// The arguments of `inspect`.
 #[derive(clap::Args)]
 pub struct InspectArgs {
     /// Containers or images.
@@ -220,7 +220,7 @@ fn print_containers(root: &Path, all: bool, quiet: bool) {
     }
 }
 
-/// The arguments of `_autoremove`.
+// The arguments of `_autoremove`.
 #[derive(clap::Args)]
 pub struct AutoremoveArgs {
     /// The container.

@@ -9,7 +9,7 @@ use husk_image::reference::Reference;
 use husk_image::registry::Client;
 use husk_image::store::Store;
 
-/// The arguments of `pull`.
+// The arguments of `pull`.
 #[derive(clap::Args)]
 pub struct PullArgs {
     /// The image (`busybox`, `127.0.0.1:5000/app:v1`).
@@ -26,7 +26,7 @@ pub fn pull(root: &Path, args: PullArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// The arguments of `push`.
+// The arguments of `push`.
 #[derive(clap::Args)]
 pub struct PushArgs {
     /// The image, named for the registry (`husk tag` names it).
@@ -44,7 +44,7 @@ pub fn push(root: &Path, args: PushArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// The arguments of `tag`.
+// The arguments of `tag`.
 #[derive(clap::Args)]
 pub struct TagArgs {
     /// The image.
@@ -63,7 +63,7 @@ pub fn tag(root: &Path, args: TagArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// The arguments of `images`.
+// The arguments of `images`.
 #[derive(clap::Args)]
 pub struct ImagesArgs {
     /// IDs only.
@@ -100,7 +100,7 @@ pub fn images(root: &Path, args: ImagesArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// The arguments of `rmi`.
+// The arguments of `rmi`.
 #[derive(clap::Args)]
 pub struct RmiArgs {
     /// Even when a container uses it.
@@ -137,7 +137,7 @@ pub fn rmi(root: &Path, args: RmiArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// The arguments of `load`.
+// The arguments of `load`.
 #[derive(clap::Args)]
 pub struct LoadArgs {
     /// The archive (tar or OCI layout directory; default stdin).
@@ -156,7 +156,7 @@ pub fn load(root: &Path, args: LoadArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// The arguments of `save`.
+// The arguments of `save`.
 #[derive(clap::Args)]
 pub struct SaveArgs {
     /// The archive (default stdout).
@@ -193,7 +193,7 @@ pub fn save(root: &Path, args: SaveArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// The arguments of `import`.
+// The arguments of `import`.
 #[derive(clap::Args)]
 pub struct ImportArgs {
     /// The tarball (plain, gzip or zstd).

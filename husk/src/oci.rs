@@ -22,7 +22,7 @@ pub enum ListFormat {
     Json,
 }
 
-/// The arguments of `create`.
+// The arguments of `create`.
 #[derive(clap::Args)]
 pub struct CreateArgs {
     /// The OCI bundle.
@@ -69,7 +69,7 @@ pub fn create(root: &Path, args: CreateArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// The arguments of `start`.
+// The arguments of `start`.
 #[derive(clap::Args)]
 pub struct StartArgs {
     /// docker's `start --checkpoint`: a stopped container made from an
@@ -113,7 +113,7 @@ pub fn start(root: &Path, args: StartArgs) -> anyhow::Result<u8> {
     }
 }
 
-/// The arguments of `state`.
+// The arguments of `state`.
 #[derive(clap::Args)]
 pub struct StateArgs {
     /// Container ID.
@@ -128,7 +128,7 @@ pub fn state(root: &Path, args: StateArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// The arguments of `kill`.
+// The arguments of `kill`.
 #[derive(clap::Args)]
 pub struct KillArgs {
     /// To every process of the container.
@@ -150,7 +150,7 @@ pub fn kill(root: &Path, args: KillArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// The arguments of `delete`.
+// The arguments of `delete`.
 #[derive(clap::Args)]
 pub struct DeleteArgs {
     /// Kill a running container first.
@@ -167,7 +167,7 @@ pub fn delete(root: &Path, args: DeleteArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// The arguments of `run`.
+// The arguments of `run`.
 #[derive(clap::Args)]
 pub struct RunArgs {
     /// The OCI bundle.
@@ -215,7 +215,7 @@ pub fn run(root: &Path, args: RunArgs) -> anyhow::Result<u8> {
     Ok(status_code(status))
 }
 
-/// The arguments of `exec`.
+// The arguments of `exec`.
 #[derive(clap::Args)]
 pub struct ExecArgs {
     /// The process, as an OCI process JSON file.
@@ -271,6 +271,8 @@ pub fn exec(root: &Path, args: ExecArgs) -> anyhow::Result<u8> {
         command,
         ..
     } = args;
+    // Loaded once: the process's defaults and the container's status.
+    let state = husk_runtime::state::ContainerState::load(root, &id)?;
     let process = container::exec_process(
         process.as_deref(),
         &command,
@@ -278,21 +280,24 @@ pub fn exec(root: &Path, args: ExecArgs) -> anyhow::Result<u8> {
         cwd.as_deref(),
         user.as_deref(),
         tty,
-        container::bundle_process(root, &id),
+        state.process.clone(),
     )?;
-    let status = container::exec(&ExecOptions {
-        root,
-        id: &id,
-        process,
-        detach,
-        pid_file: pid_file.as_deref(),
-        console_socket: console_socket.as_deref(),
-        stdio: None,
-    })?;
+    let status = container::exec(
+        &state,
+        &ExecOptions {
+            root,
+            id: &id,
+            process,
+            detach,
+            pid_file: pid_file.as_deref(),
+            console_socket: console_socket.as_deref(),
+            stdio: None,
+        },
+    )?;
     Ok(status_code(status))
 }
 
-/// The arguments of `ps`.
+// The arguments of `ps`.
 #[derive(clap::Args)]
 pub struct PsArgs {
     /// table or json.
@@ -318,7 +323,7 @@ pub fn ps(root: &Path, args: PsArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// The arguments of `list`.
+// The arguments of `list`.
 #[derive(clap::Args)]
 pub struct ListArgs {
     /// table or json.
@@ -363,7 +368,7 @@ pub fn list(root: &Path, args: ListArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// The arguments of `pause`.
+// The arguments of `pause`.
 #[derive(clap::Args)]
 pub struct PauseArgs {
     /// Container ID.
@@ -377,7 +382,7 @@ pub fn pause(root: &Path, args: PauseArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// The arguments of `resume`.
+// The arguments of `resume`.
 #[derive(clap::Args)]
 pub struct ResumeArgs {
     /// Container ID.
@@ -391,7 +396,7 @@ pub fn resume(root: &Path, args: ResumeArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// The arguments of `events`.
+// The arguments of `events`.
 #[derive(clap::Args)]
 pub struct EventsArgs {
     /// Resource usage.
@@ -460,7 +465,7 @@ pub fn features() -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// The arguments of `update`.
+// The arguments of `update`.
 #[derive(clap::Args)]
 pub struct UpdateArgs {
     /// A JSON file of linux resources (`-`: stdin), as runc takes.
@@ -545,7 +550,7 @@ pub fn update(root: &Path, args: UpdateArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// The arguments of `spec`.
+// The arguments of `spec`.
 #[derive(clap::Args)]
 pub struct SpecArgs {
     /// The bundle directory.

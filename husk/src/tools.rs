@@ -12,7 +12,7 @@ use husk_runtime::monitor;
 
 use crate::status_code;
 
-/// The arguments of `busybox-bundle`.
+// The arguments of `busybox-bundle`.
 #[derive(clap::Args)]
 pub struct BusyboxBundleArgs {
     /// The bundle directory to create.
@@ -34,7 +34,7 @@ pub fn busybox_bundle(args: BusyboxBundleArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// The arguments of `busybox-image`.
+// The arguments of `busybox-image`.
 #[derive(clap::Args)]
 pub struct BusyboxImageArgs {
     /// The archive to write.
@@ -50,7 +50,7 @@ pub fn busybox_image(args: BusyboxImageArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// The arguments of `mkinitramfs`.
+// The arguments of `mkinitramfs`.
 #[derive(clap::Args)]
 pub struct MkinitramfsArgs {
     /// Static binary to run as the guest's PID 1.
@@ -73,8 +73,8 @@ pub fn mkinitramfs(args: MkinitramfsArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// The arguments of `monitor`. What it is to do comes from its starter
-/// on descriptor 3 (husk_runtime::handoff).
+// The arguments of `monitor`. What it is to do comes from its starter
+// on descriptor 3 (husk_runtime::handoff).
 #[derive(clap::Args)]
 pub struct MonitorArgs {
     pub id: String,

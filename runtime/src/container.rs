@@ -531,14 +531,14 @@ fn monitor_args(id: &str, console_socket: Option<&Path>) -> Vec<String> {
     args
 }
 
-/// `exec`: another process in the running container. Detached, returns
-/// once it runs (its monitor is in `--pid-file`); else waits for it and
-/// returns its exit status.
-pub fn exec(o: &ExecOptions) -> Result<i32, LifecycleError> {
-    let state = ContainerState::load(o.root, o.id)?;
+/// `exec`: another process in the running container whose state
+/// (`ContainerState::load`, which the caller also takes the process's
+/// defaults from) is `state`. Detached, returns once it runs (its monitor
+/// is in `--pid-file`); else waits for it and returns its exit status.
+pub fn exec(state: &ContainerState, o: &ExecOptions) -> Result<i32, LifecycleError> {
     if state.status() != Status::Running {
         return Err(wrong(
-            &state,
+            state,
             "only a running container can run another process",
         ));
     }
@@ -631,11 +631,6 @@ pub fn exec_process(
         p.additional_gids.clear();
     }
     Ok(p)
-}
-
-/// The container's own process as its bundle said at `create`.
-pub fn bundle_process(root: &Path, id: &str) -> Option<Process> {
-    ContainerState::load(root, id).ok()?.process
 }
 
 /// Terminal mode of a monitor from its options.
