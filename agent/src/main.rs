@@ -34,7 +34,8 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use husk_protocol::{
-    CONTROL_PORT, READY_PORT, Request, STDIO_PORT, handshake, read_frame, vsock, write_frame,
+    CONTROL_PORT, READY_PORT, Request, Response, STDIO_PORT, handshake, read_frame, vsock,
+    write_frame,
 };
 
 use server::Agent;
@@ -60,8 +61,28 @@ fn serve_control(mut conn: File, agent: Arc<Agent>) {
         return;
     }
     while let Ok(request) = read_frame::<_, Request>(&mut conn) {
-        let response = agent.handle(request);
+        // An exec with no terminal and no input may have its output and
+        // exit status sent on this connection (husk_protocol's `Output`).
+        let inline = match &request {
+            Request::Exec {
+                id,
+                exec_id,
+                process,
+                inline_output: true,
+            } if !process.terminal && process.stdin_null => Some((id.clone(), exec_id.clone())),
+            _ => None,
+        };
+        let mut response = agent.handle(request);
+        let inline = inline.filter(|_| response == Response::Ok);
+        if inline.is_some() {
+            response = Response::OutputFollows;
+        }
         if write_frame(&mut conn, &response).is_err() {
+            return;
+        }
+        if let Some((id, exec_id)) = inline
+            && !stdio::send_inline(&conn, &agent.processes, &id, &exec_id)
+        {
             return;
         }
     }

@@ -352,10 +352,13 @@ impl Agent {
                 Err(message) => Response::Error { message },
             },
             Request::Start { id } => self.start(&id),
+            // `inline_output` is the connection's (main.rs), not the
+            // process's.
             Request::Exec {
                 id,
                 exec_id,
                 process,
+                inline_output: _,
             } => self.exec(&id, &exec_id, process),
             Request::Wait { id, exec_id } => self.processes.wait(&id, &exec_id),
             Request::Signal {

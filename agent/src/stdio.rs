@@ -9,7 +9,9 @@ use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 
-use husk_protocol::{StdioAttach, Stream, read_frame};
+use husk_protocol::{
+    MAX_OUTPUT_RECORD, Output, Response, StdioAttach, Stream, read_frame, write_output,
+};
 use rustix::event::{PollFd, PollFlags};
 use rustix::io::Errno;
 
@@ -117,6 +119,74 @@ fn deliver(end: &File, pending: &mut Vec<u8>, conn: &File) -> bool {
             }
         }
     }
+}
+
+/// Sends the output of process `exec_id` of container `id` (no terminal,
+/// no input) on its control connection `conn` as `Output` records, then
+/// its exit status. Returns false when the host's end went away first:
+/// the process's output ends go with this function (nobody attaches to a
+/// foreground exec's streams later), so its next write to them fails.
+pub(crate) fn send_inline(conn: &File, processes: &Processes, id: &str, exec_id: &str) -> bool {
+    let k = key(id, exec_id);
+    let mut ends: Vec<(File, bool)> = {
+        let mut procs = processes.procs.lock().unwrap();
+        let Some(proc) = procs.get_mut(&k) else {
+            return false;
+        };
+        [(proc.stdout.take(), true), (proc.stderr.take(), false)]
+            .into_iter()
+            .filter_map(|(end, out)| Some((end?, out)))
+            .collect()
+    };
+    let mut buf = vec![0u8; MAX_OUTPUT_RECORD as usize];
+    while !ends.is_empty() {
+        let mut fds: Vec<PollFd> = ends
+            .iter()
+            .map(|(end, _)| PollFd::new(end, PollFlags::IN))
+            .chain([PollFd::new(conn, PollFlags::RDHUP)])
+            .collect();
+        match rustix::event::poll(&mut fds, None) {
+            Ok(_) => {}
+            Err(Errno::INTR) => continue,
+            Err(_) => return false,
+        }
+        let ready: Vec<bool> = fds.iter().map(|fd| !fd.revents().is_empty()).collect();
+        drop(fds);
+        if ready[ends.len()] {
+            return false;
+        }
+        let mut sent = true;
+        let mut i = 0;
+        ends.retain(|(end, stdout)| {
+            let ready = ready[i];
+            i += 1;
+            if !ready || !sent {
+                return true;
+            }
+            match (&*end).read(&mut buf) {
+                Ok(0) => false,
+                Ok(n) => {
+                    let data = buf[..n].to_vec();
+                    let record = if *stdout {
+                        Output::Stdout(data)
+                    } else {
+                        Output::Stderr(data)
+                    };
+                    sent = write_output(&mut &*conn, &record).is_ok();
+                    true
+                }
+                Err(e) => e.kind() == std::io::ErrorKind::Interrupted,
+            }
+        });
+        if !sent {
+            return false;
+        }
+    }
+    let status = match processes.wait(id, exec_id) {
+        Response::Exited { status } => status,
+        _ => 128 + libc::SIGKILL,
+    };
+    write_output(&mut &*conn, &Output::Exited(status)).is_ok()
 }
 
 /// Serves one connection to the stdio port: the stream its `StdioAttach`

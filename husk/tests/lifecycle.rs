@@ -85,10 +85,36 @@ fn create_start_exec_pause_resume_kill_delete() {
     );
     assert_eq!(status(&id), "running", "a refused start changes nothing");
 
-    // exec: output and status of another process in the container.
+    // exec: output and status of another process in the container (stdin
+    // /dev/null: both sent on the control connection).
     assert_eq!(ok(&["exec", &id, "echo", "from exec"]), "from exec\n");
-    let out = husk(&["exec", "-e", "N=4", &id, "sh", "-c", "exit $N"]);
+    let out = husk(&["exec", "-e", "N=4", &id, "sh", "-c", "echo e >&2; exit $N"]);
     assert_eq!(out.status.code(), Some(4));
+    assert_eq!(text(&out.stderr), "e\n");
+    // With input, the streams are connections of their own.
+    let mut cat = Command::new(HUSK)
+        .args(common::with_root(&[
+            "exec",
+            &id,
+            "sh",
+            "-c",
+            "cat; echo x >&2; exit 3",
+        ]))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut cat.stdin.take().unwrap(), b"to the guest\n").unwrap();
+    let out = cat.wait_with_output().unwrap();
+    assert_eq!(
+        (
+            out.status.code(),
+            text(&out.stdout).as_str(),
+            text(&out.stderr).as_str()
+        ),
+        (Some(3), "to the guest\n", "x\n")
+    );
     let out = husk(&["exec", &id, "/no/such"]);
     assert_eq!(out.status.code(), Some(127));
     assert!(

@@ -16,6 +16,16 @@
 //! back-pressure: a container that writes a gigabyte to stdout blocks in
 //! its `write` until the host reads, and nothing in between grows.
 //!
+//! The one exception is a short exec whose host side has no input and no
+//! terminal (`husk exec ID cmd` in the foreground, stdin `/dev/null`): its
+//! `Exec` asks for `inline_output`, and the agent answers
+//! [`Response::OutputFollows`] and then sends the process's output and its
+//! exit status on the control connection itself, as [`Output`] records.
+//! No stdio connection is opened: two connections fewer, on the host, in
+//! the VMM and in the guest, for every such exec. An agent that does not
+//! know the field answers `Ok`, and the host attaches the streams as
+//! before.
+//!
 //! Versioning: the first frame each side sends on a control connection is
 //! [`Hello`]; a peer with another [`PROTOCOL_VERSION`] is refused with an
 //! error that names both versions.
@@ -247,6 +257,12 @@ pub enum Request {
         exec_id: String,
         /// What to run.
         process: Process,
+        /// The process's output and exit status on this connection
+        /// ([`Output`] records after [`Response::OutputFollows`]) rather
+        /// than on stdio connections. Only for a process with no terminal
+        /// and no input (`stdin_null`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        inline_output: bool,
     },
     /// Send a signal to a process (`exec_id` empty: the container's).
     Signal {
@@ -460,6 +476,87 @@ pub enum Response {
         /// What went wrong, for the user.
         message: String,
     },
+    /// The process of an `Exec` with `inline_output` started: its output
+    /// follows on this connection as [`Output`] records, the last of which
+    /// is its exit status.
+    OutputFollows,
+}
+
+/// One record of an exec's inline output (after
+/// [`Response::OutputFollows`]): a tag byte (`o` stdout, `e` stderr, `x`
+/// exit), a 4-byte big-endian length, and that many bytes (for `x`, the
+/// exit status as a 4-byte big-endian integer). Raw bytes, not JSON: a
+/// process's output is not text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Bytes the process wrote to its stdout.
+    Stdout(Vec<u8>),
+    /// Bytes the process wrote to its stderr.
+    Stderr(Vec<u8>),
+    /// The process ended with this status; nothing follows.
+    Exited(i32),
+}
+
+/// The largest output record either side accepts (64 KiB, what the agent
+/// reads from a pipe at once).
+pub const MAX_OUTPUT_RECORD: u32 = 64 << 10;
+
+/// Writes one [`Output`] record with one write (data over
+/// [`MAX_OUTPUT_RECORD`] is the caller's to split).
+pub fn write_output<W: Write>(out: &mut W, record: &Output) -> Result<(), ProtocolError> {
+    let (tag, data): (u8, &[u8]) = match record {
+        Output::Stdout(d) => (b'o', d),
+        Output::Stderr(d) => (b'e', d),
+        Output::Exited(status) => (b'x', &status.to_be_bytes()),
+    };
+    let len = u32::try_from(data.len())
+        .ok()
+        .filter(|&l| l <= MAX_OUTPUT_RECORD)
+        .ok_or(ProtocolError::TooLarge(u32::MAX))?;
+    let mut bytes = Vec::with_capacity(5 + data.len());
+    bytes.push(tag);
+    bytes.extend_from_slice(&len.to_be_bytes());
+    bytes.extend_from_slice(data);
+    out.write_all(&bytes)?;
+    Ok(())
+}
+
+/// Reads one [`Output`] record. A record longer than
+/// [`MAX_OUTPUT_RECORD`], an unknown tag, or an exit record that is not
+/// four bytes is refused before anything is allocated for it.
+pub fn read_output<R: Read>(input: &mut R) -> Result<Output, ProtocolError> {
+    let mut head = [0u8; 5];
+    match input.read(&mut head[..1])? {
+        0 => return Err(ProtocolError::Closed),
+        _ => input.read_exact(&mut head[1..])?,
+    }
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]);
+    if len > MAX_OUTPUT_RECORD {
+        return Err(ProtocolError::TooLarge(len));
+    }
+    let bad = |what: String| {
+        ProtocolError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, what))
+    };
+    match head[0] {
+        b'x' => {
+            let mut status = [0u8; 4];
+            if len != 4 {
+                return Err(bad(format!("an exit record of {len} bytes")));
+            }
+            input.read_exact(&mut status)?;
+            Ok(Output::Exited(i32::from_be_bytes(status)))
+        }
+        tag @ (b'o' | b'e') => {
+            let mut data = vec![0u8; len as usize];
+            input.read_exact(&mut data)?;
+            Ok(if tag == b'o' {
+                Output::Stdout(data)
+            } else {
+                Output::Stderr(data)
+            })
+        }
+        tag => Err(bad(format!("an output record tagged {tag:#04x}"))),
+    }
 }
 
 #[cfg(test)]
@@ -511,7 +608,14 @@ mod tests {
             Request::Exec {
                 id: id(),
                 exec_id: "e1".into(),
+                process: process.clone(),
+                inline_output: false,
+            },
+            Request::Exec {
+                id: id(),
+                exec_id: "e2".into(),
                 process,
+                inline_output: true,
             },
             Request::Signal {
                 id: id(),
@@ -561,6 +665,7 @@ mod tests {
                 message: "exec nope: No such file or directory".into(),
                 status: 127,
             },
+            Response::OutputFollows,
         ] {
             round_trip(resp);
         }
@@ -664,6 +769,58 @@ mod tests {
         assert!(matches!(
             read_frame::<_, Response>(&mut Cursor::new(wrong)),
             Err(ProtocolError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn output_records_round_trip_and_bad_ones_are_refused() {
+        let records = [
+            Output::Stdout(b"hello\n".to_vec()),
+            Output::Stderr(vec![0, 0xff, b'\n']),
+            Output::Stdout(vec![7; MAX_OUTPUT_RECORD as usize]),
+            Output::Exited(-1),
+        ];
+        let mut wire = Vec::new();
+        for r in &records {
+            write_output(&mut wire, r).unwrap();
+        }
+        let mut input = Cursor::new(wire);
+        for r in &records {
+            assert_eq!(&read_output(&mut input).unwrap(), r);
+        }
+        assert!(matches!(
+            read_output(&mut input),
+            Err(ProtocolError::Closed)
+        ));
+        // Too large to write, too large to read (refused from the length).
+        let big = Output::Stderr(vec![0; MAX_OUTPUT_RECORD as usize + 1]);
+        assert!(write_output(&mut Vec::new(), &big).is_err());
+        let mut huge = vec![b'o'];
+        huge.extend_from_slice(&(MAX_OUTPUT_RECORD + 1).to_be_bytes());
+        assert!(matches!(
+            read_output(&mut Cursor::new(huge)),
+            Err(ProtocolError::TooLarge(n)) if n == MAX_OUTPUT_RECORD + 1
+        ));
+        // An unknown tag, an exit of the wrong size, a cut-off record.
+        let mut tag = vec![b'q'];
+        tag.extend_from_slice(&0u32.to_be_bytes());
+        let e = read_output(&mut Cursor::new(tag)).unwrap_err();
+        assert!(format!("{e:?}").contains("tagged 0x71"), "{e:?}");
+        let mut exit = vec![b'x'];
+        exit.extend_from_slice(&2u32.to_be_bytes());
+        exit.extend_from_slice(&[0, 1]);
+        let e = read_output(&mut Cursor::new(exit)).unwrap_err();
+        assert!(format!("{e:?}").contains("exit record of 2 bytes"), "{e:?}");
+        let mut cut = vec![b'o'];
+        cut.extend_from_slice(&10u32.to_be_bytes());
+        cut.extend_from_slice(b"abc");
+        assert!(matches!(
+            read_output(&mut Cursor::new(cut)),
+            Err(ProtocolError::Io(_))
+        ));
+        assert!(matches!(
+            read_output(&mut Cursor::new(vec![b'o', 0])),
+            Err(ProtocolError::Io(_))
         ));
     }
 

@@ -430,6 +430,12 @@ impl Control {
         }
     }
 
+    /// The next record of an exec's output sent on this connection
+    /// (after [`Response::OutputFollows`]).
+    pub fn read_output(&mut self) -> Result<husk_protocol::Output, SandboxError> {
+        husk_protocol::read_output(&mut self.reader).map_err(SandboxError::Agent)
+    }
+
     /// Sends `request` without waiting for an answer (a shutdown).
     pub fn send(&mut self, request: &Request) -> Result<(), SandboxError> {
         write_frame(&mut self.stream, request).map_err(SandboxError::Agent)

@@ -141,6 +141,8 @@ fn a_warm_started_agent_runs_a_process_and_reports_its_output_and_status() {
     let agent = handshake(&mut control, "husk-tests").unwrap();
     assert!(agent.peer.starts_with("husk-agent "), "{agent:?}");
 
+    // Inline output is read from the control connection too.
+    let mut records = control.try_clone().unwrap();
     let mut ask = |req: Request| -> Response {
         write_frame(&mut control, &req).unwrap();
         read_frame(&mut control).unwrap()
@@ -149,6 +151,7 @@ fn a_warm_started_agent_runs_a_process_and_reports_its_output_and_status() {
         id: String::new(),
         exec_id: exec_id.into(),
         process: process(args),
+        inline_output: false,
     };
 
     // A restored guest is made its own: the host's entropy mixed in and
@@ -191,6 +194,53 @@ fn a_warm_started_agent_runs_a_process_and_reports_its_output_and_status() {
         exec_id: exec_id.into(),
     };
     assert_eq!(ask(wait("e1")), Response::Exited { status: 7 });
+
+    // Inline output: a process with no input and no terminal has its
+    // output, in order, and then its status on the control connection;
+    // the connection then takes requests again.
+    let mut quiet = process(&[
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "echo one; echo two >&2; /bin/busybox yes x | /bin/busybox head -c 200000; exit 5",
+    ]);
+    quiet.stdin_null = true;
+    assert_eq!(
+        ask(Request::Exec {
+            id: String::new(),
+            exec_id: "inline".into(),
+            process: quiet.clone(),
+            inline_output: true,
+        }),
+        Response::OutputFollows
+    );
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let status = loop {
+        match husk_protocol::read_output(&mut records).unwrap() {
+            husk_protocol::Output::Stdout(d) => out.extend(d),
+            husk_protocol::Output::Stderr(d) => err.extend(d),
+            husk_protocol::Output::Exited(status) => break status,
+        }
+    };
+    assert_eq!(status, 5);
+    assert_eq!(err, b"two\n");
+    let mut expected = b"one\n".to_vec();
+    expected.extend(b"x\n".repeat(100_000));
+    assert!(out == expected, "stdout: {} bytes", out.len());
+    // With input (or a terminal) the request's inline_output does not
+    // apply: the streams are attached as usual.
+    quiet.stdin_null = false;
+    quiet.args = vec!["/bin/busybox".into(), "true".into()];
+    assert_eq!(
+        ask(Request::Exec {
+            id: String::new(),
+            exec_id: "not-inline".into(),
+            process: quiet,
+            inline_output: true,
+        }),
+        Response::Ok
+    );
+    assert_eq!(ask(wait("not-inline")), Response::Exited { status: 0 });
 
     // A process killed by SIGKILL: 128 + 9.
     assert_eq!(
@@ -360,6 +410,7 @@ fn a_warm_started_agent_configures_the_network_the_host_describes() {
             id: String::new(),
             exec_id: "net".into(),
             process: proc,
+            inline_output: false,
         }),
         Response::Ok
     );

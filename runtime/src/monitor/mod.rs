@@ -329,7 +329,10 @@ fn run_exec(
     let agent = Agent::at(&dir);
     let mut inline = Vec::new();
     let in_process = channel.is_none();
-    let set_up = (|| -> Result<(Control, Outputs), (String, i32)> {
+    // A foreground exec with no terminal and no input has its output and
+    // exit status sent on the control connection: no stdio connection.
+    let inline_output = in_process && !process.terminal && process.stdin_null;
+    let set_up = (|| -> Result<(Control, Option<Outputs>), (String, i32)> {
         let fail = |e: SandboxError| (crate::error_chain(&e), 1);
         let mut control = agent.control_pipelined().map_err(fail)?;
         match control
@@ -337,9 +340,11 @@ fn run_exec(
                 id: id.into(),
                 exec_id: exec_id.into(),
                 process: process.clone(),
+                inline_output,
             })
             .map_err(fail)?
         {
+            Response::OutputFollows if inline_output => return Ok((control, None)),
             Response::Ok => {}
             Response::NotStarted { message, status } => return Err((message, status)),
             Response::Error { message } => return Err((message, 1)),
@@ -362,7 +367,7 @@ fn run_exec(
             in_process.then_some(&mut inline),
         )
         .map_err(fail)?;
-        Ok((control, outputs))
+        Ok((control, Some(outputs)))
     })();
     let (mut control, outputs) = match (set_up, channel) {
         (Ok(parts), channel) => {
@@ -379,6 +384,9 @@ fn run_exec(
             eprintln!("husk: {}", message.trim());
             return status;
         }
+    };
+    let Some(outputs) = outputs else {
+        return stdio::receive_inline(&mut control).unwrap_or(128 + libc::SIGKILL);
     };
     stdio::pump(inline);
     let status = wait_status(&mut control, id, exec_id).unwrap_or(128 + libc::SIGKILL);

@@ -19,9 +19,9 @@ use rustix::io::Errno;
 use rustix::pty::{self, OpenptFlags};
 use rustix::termios::{self, OptionalActions, Termios};
 
-use husk_protocol::{Request, Stream};
+use husk_protocol::{Output, Request, Stream};
 
-use crate::sandbox::{Agent, SandboxError};
+use crate::sandbox::{Agent, Control, SandboxError};
 
 /// Where the container's terminal goes.
 #[derive(Debug, Clone)]
@@ -211,6 +211,26 @@ pub(super) fn resizer(agent_dir: PathBuf, id: String, exec_id: String) -> impl F
                 rows,
                 cols,
             });
+        }
+    }
+}
+
+/// Writes an exec's output sent on its control connection to this
+/// process's stdout and stderr until its exit status comes, and returns
+/// it. Output this process cannot write (its stdout closed) is dropped,
+/// as a pipe's reader that went away drops it, and the status still
+/// comes.
+pub(super) fn receive_inline(control: &mut Control) -> Result<i32, SandboxError> {
+    let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
+    loop {
+        match control.read_output()? {
+            Output::Stdout(data) => {
+                let _ = out.write_all(&data).and_then(|()| out.flush());
+            }
+            Output::Stderr(data) => {
+                let _ = err.write_all(&data);
+            }
+            Output::Exited(status) => return Ok(status),
         }
     }
 }
