@@ -26,8 +26,9 @@ pub struct Binaries {
     pub initramfs: PathBuf,
 }
 
-/// The warm-start image of container guests made from `bins`.
-pub fn guest_image(bins: &Binaries, shape: Shape) -> GuestImage {
+/// The warm-start image of container guests made from `bins`, with `nets`
+/// network slots.
+pub fn guest_image(bins: &Binaries, shape: Shape, nets: u8) -> GuestImage {
     GuestImage {
         kernel: bins.kernel.clone(),
         initramfs: bins.initramfs.clone(),
@@ -39,6 +40,7 @@ pub fn guest_image(bins: &Binaries, shape: Shape) -> GuestImage {
             .chain(husk_protocol::VOLUME_TAGS)
             .map(str::to_owned)
             .collect(),
+        nets,
     }
 }
 

@@ -40,6 +40,9 @@ pub struct GuestImage {
     /// Tags of the virtio-fs shares the guest has; each is bound to a
     /// directory when a VM is restored (an empty one while it boots).
     pub shares: Vec<String>,
+    /// Network slots (virtio-net devices, unbound while it boots; a
+    /// restore binds a TAP to each slot the container uses).
+    pub nets: u8,
 }
 
 /// Errors making or finding a warm-start snapshot.
@@ -125,6 +128,11 @@ impl GuestImage {
             husk_protocol::snapshot::VERSION
         );
         fnv1a(&mut hash, shape.as_bytes());
+        // Added after the rest: an image without network slots keeps the
+        // key it had before they existed.
+        if self.nets > 0 {
+            fnv1a(&mut hash, format!("\0nets={}", self.nets).as_bytes());
+        }
         Ok(format!("{hash:016x}"))
     }
 }
@@ -194,6 +202,9 @@ pub fn snapshot(
     for tag in &image.shares {
         cmd.arg("--share")
             .arg(format!("{tag}={}:ro", empty.display()));
+    }
+    if image.nets > 0 {
+        cmd.args(["--nets", &image.nets.to_string()]);
     }
     // The boot dies with whoever runs it (a killed monitor left it
     // running), and starts with no signal blocked or ignored.
@@ -315,6 +326,7 @@ mod tests {
             ready_mark: 2,
             vsock: false,
             shares: Vec::new(),
+            nets: 0,
         }
     }
 
@@ -335,6 +347,9 @@ mod tests {
         assert_ne!(other.key().unwrap(), key);
         let mut other = image.clone();
         other.vsock = true;
+        assert_ne!(other.key().unwrap(), key);
+        let mut other = image.clone();
+        other.nets = 4;
         assert_ne!(other.key().unwrap(), key);
         let mut other = image.clone();
         other.shares = vec!["rootfs".into()];

@@ -345,7 +345,7 @@ echo probed
 fn a_warm_snapshot_with_a_share_is_not_restored_without_one() {
     let root = root();
     let bins = husk_guest::binaries::locate_near(&root, Path::new(HUSK).parent().unwrap()).unwrap();
-    let image = husk_guest::binaries::guest_image(&bins, husk_guest::shape::Shape::default());
+    let image = husk_guest::binaries::guest_image(&bins, husk_guest::shape::Shape::default(), 0);
     let (snap, _) = husk_guest::warm::snapshot(&root, &bins.vmm, &image).unwrap();
     let dir = std::env::temp_dir().join(format!("husk-noshare-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

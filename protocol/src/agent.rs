@@ -368,6 +368,12 @@ pub struct NetRoute {
     pub metric: u32,
 }
 
+/// A MAC address from its text form, `aa:bb:cc:dd:ee:ff` (as `ip` prints
+/// it).
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    mac_text::parse(text)
+}
+
 /// A MAC address as text, `aa:bb:cc:dd:ee:ff`: frames stay readable in a
 /// log.
 mod mac_text {
@@ -388,7 +394,7 @@ mod mac_text {
         })
     }
 
-    fn parse(text: &str) -> Option<[u8; 6]> {
+    pub(super) fn parse(text: &str) -> Option<[u8; 6]> {
         let mut mac = [0u8; 6];
         let mut parts = text.split(':');
         for byte in &mut mac {

@@ -193,6 +193,7 @@ pub fn create(o: &CreateOptions) -> Result<Child, LifecycleError> {
         cgroup: None,
         shape: None,
         oom_kills: None,
+        network: None,
     };
     state.save(o.root).map_err(|e| cleanup(e.into()))?;
     // The monitor is handed the state and the checked bundle: it reads
@@ -369,6 +370,11 @@ pub fn delete(root: &Path, id: &str, force: bool) -> Result<(), LifecycleError> 
     }
     if let Some(rel) = &state.cgroup {
         crate::cgroup::remove(rel);
+    }
+    // The monitor takes the redirection off when the VM ends; one that
+    // was killed left it.
+    if let Some(net) = &state.network {
+        crate::network::unmirror(&net.netns, &net.links);
     }
     let dir = state::dir(root, id);
     std::fs::remove_dir_all(&dir).map_err(io("remove", &dir))?;

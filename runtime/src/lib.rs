@@ -13,6 +13,7 @@ pub mod container;
 pub mod handoff;
 pub mod hooks;
 pub mod monitor;
+pub mod network;
 pub mod private;
 pub mod run;
 pub mod sandbox;

@@ -209,7 +209,8 @@ impl Sandbox {
     /// there) with `shares` bound to its virtio-fs shares (the root and
     /// every volume slot).
     /// `from`: a checkpoint's snapshot to restore instead of the warm
-    /// one.
+    /// one. `taps`: one per network slot the container uses, in slot
+    /// order (a guest with network slots is another warm snapshot).
     pub fn start(
         root: &Path,
         bins: &Binaries,
@@ -217,6 +218,7 @@ impl Sandbox {
         shares: &[Share],
         shape: Shape,
         from: Option<&Path>,
+        taps: &[std::os::fd::OwnedFd],
     ) -> Result<Self, SandboxError> {
         // The VMM's `--share TAG=DIR` is text: a directory whose name is
         // not UTF-8 would reach it changed (another directory).
@@ -228,8 +230,22 @@ impl Sandbox {
         }
         let snapshot = match from {
             Some(dir) => dir.to_owned(),
-            None => warm::snapshot(root, &bins.vmm, &guest_image(bins, shape))?.0,
+            None => {
+                let nets = if taps.is_empty() {
+                    0
+                } else {
+                    crate::network::MAX_INTERFACES as u8
+                };
+                warm::snapshot(root, &bins.vmm, &guest_image(bins, shape, nets))?.0
+            }
         };
+        // The TAPs go to the VMM as inherited descriptors (`--net
+        // SLOT=FD`); this process's duplicates close once it has started.
+        let inherited = taps
+            .iter()
+            .map(husk_sys::net::inheritable)
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| SandboxError::Spawn(bins.vmm.clone(), e))?;
         let socket = state_dir.join(VSOCK_SOCKET);
         let stderr_log = state_dir.join("vmm.log");
         let console = state_dir.join("console.log");
@@ -252,6 +268,12 @@ impl Sandbox {
                     .iter()
                     .flat_map(|s| ["--share".to_owned(), s.to_string()]),
             )
+            .args(inherited.iter().enumerate().flat_map(|(slot, fd)| {
+                [
+                    "--net".to_owned(),
+                    format!("{slot}={}", std::os::fd::AsRawFd::as_raw_fd(fd)),
+                ]
+            }))
             .arg("--console")
             .arg(&console)
             .arg("--api-socket")
@@ -266,6 +288,7 @@ impl Sandbox {
         let vmm = cmd
             .spawn()
             .map_err(|e| SandboxError::Spawn(bins.vmm.clone(), e))?;
+        drop(inherited);
         Ok(Self {
             vmm: Some(vmm),
             socket,

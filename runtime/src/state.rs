@@ -127,6 +127,19 @@ pub struct ContainerState {
     /// OOM kills in the container's guest cgroup, recorded when it ended.
     #[serde(default)]
     pub oom_kills: Option<u64>,
+    /// The network namespace whose interfaces were joined to the VM, and
+    /// those interfaces (their redirection is taken off at the end).
+    #[serde(default)]
+    pub network: Option<NetworkState>,
+}
+
+/// What [`ContainerState::network`] records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkState {
+    /// The spec's namespace path.
+    pub netns: PathBuf,
+    /// The interfaces joined to the VM's TAPs.
+    pub links: Vec<String>,
 }
 
 /// Errors reading or writing container state.
@@ -258,6 +271,7 @@ mod tests {
             cgroup: None,
             shape: None,
             oom_kills: None,
+            network: None,
         };
         assert_eq!(state.status(), Status::Running);
         assert_eq!(state.oci_state()["pid"], me.pid);
@@ -294,6 +308,7 @@ mod tests {
             cgroup: None,
             shape: None,
             oom_kills: None,
+            network: None,
         };
         state.save(&root).unwrap();
         let back = ContainerState::load(&root, "c1").unwrap();

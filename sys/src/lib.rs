@@ -6,12 +6,14 @@
 //! - [`child`]: what a forked child does before exec;
 //! - [`signals`]: signals blocked and taken by a thread;
 //! - [`fd`]: descriptors passed over Unix sockets;
+//! - [`net`]: TAP devices and network namespaces;
 //! - [`PathError`]: a failed file operation, named by what and where.
 #![deny(missing_docs)]
 
 pub mod child;
 mod error;
 pub mod fd;
+pub mod net;
 pub mod signals;
 
 pub use error::PathError;

@@ -104,6 +104,7 @@ fn a_warm_started_agent_runs_a_process_and_reports_its_output_and_status() {
         ready_mark: READY_MARK,
         vsock: true,
         shares: Vec::new(),
+        nets: 0,
     };
     let (snap, origin) = warm::snapshot(&scratch.path("root"), Path::new(VMM), &image).unwrap();
     assert_eq!(origin, Origin::Created);

@@ -25,6 +25,7 @@ fn make_snapshot(scratch: &Scratch) -> PathBuf {
         ready_mark: 2,
         vsock: false,
         shares: Vec::new(),
+        nets: 0,
     };
     let root = scratch.path("root");
     let (snap, origin) = warm::snapshot(&root, Path::new(VMM), &image).unwrap();

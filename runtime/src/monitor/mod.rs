@@ -125,6 +125,9 @@ pub fn container(
         state.exit_status = Some(status);
         state.error = error;
         state.oom_kills = oom_kills;
+        // The VM's TAPs went with it: the namespace's interfaces are the
+        // namespace's again.
+        drop(Unmirror(state.network.take()));
         let _ = state.save(root);
     }
     status
@@ -144,8 +147,20 @@ fn set_up(
 ) -> Result<Held, String> {
     let id = state.id.clone();
     let dir = state::dir(root, &id);
-    let (mut sandbox, spec_json, shape) = boot(root, bins, &dir, bundle, restore)?;
+    let (mut sandbox, spec_json, shape, network) = boot(root, bins, &dir, bundle, restore)?;
     state.shape = Some(shape);
+    let interfaces = match network {
+        Some((netns, interfaces)) => {
+            state.network = Some(crate::state::NetworkState {
+                netns,
+                links: interfaces.iter().map(|i| i.name.clone()).collect(),
+            });
+            interfaces
+        }
+        None => Vec::new(),
+    };
+    // Until the container is set up, a failure takes the redirection off.
+    let mut unmirror = Unmirror(state.network.clone());
     phases.mark("vmm_started");
     let explain = |sandbox: &mut Sandbox, e: SandboxError| crate::error_chain(&sandbox.explain(e));
     let mut control = match sandbox.control() {
@@ -159,6 +174,10 @@ fn set_up(
     // needs fresh entropy and the host's clock.
     let made = control
         .expect_ok(&Request::Clone(crate::sandbox::clone_seed()))
+        .and_then(|()| match interfaces.is_empty() {
+            true => Ok(()),
+            false => control.expect_ok(&Request::Network { interfaces }),
+        })
         .and_then(|()| match restore {
             Some(_) => Ok(()),
             None => control.expect_ok(&Request::Create {
@@ -204,6 +223,7 @@ fn set_up(
     state.vmm = sandbox.vmm_pid().and_then(HostProcess::of);
     state.cgroup = place_in_cgroup(bundle, &sandbox, shape)?;
     state.save(root).map_err(|e| e.to_string())?;
+    unmirror.0 = None;
     Ok(Held {
         sandbox,
         control,
@@ -211,16 +231,37 @@ fn set_up(
     })
 }
 
+/// Takes a mirrored network's redirection off when dropped (unless its
+/// state was taken back).
+struct Unmirror(Option<crate::state::NetworkState>);
+
+impl Drop for Unmirror {
+    fn drop(&mut self) {
+        if let Some(net) = self.0.take() {
+            crate::network::unmirror(&net.netns, &net.links);
+        }
+    }
+}
+
 /// The container's VM: its shares (the root and the volumes), its shape,
 /// started or restored. Returns it with the spec the agent gets (volumes
 /// rewritten to their shares) and the shape.
+/// A started VM: the sandbox, the spec JSON for the agent, the VM's size,
+/// and the mirrored network (the namespace and its interfaces).
+type Booted = (
+    Sandbox,
+    String,
+    Shape,
+    Option<(std::path::PathBuf, Vec<husk_protocol::NetInterface>)>,
+);
+
 fn boot(
     root: &Path,
     bins: &Binaries,
     dir: &Path,
     bundle: &Bundle,
     restore: Option<&Restore>,
-) -> Result<(Sandbox, String, Shape), String> {
+) -> Result<Booted, String> {
     let empty = dir.join("empty");
     std::fs::create_dir_all(&empty).map_err(|e| format!("create {}: {e}", empty.display()))?;
     let (spec_json, volumes) = crate::volumes::plan(&bundle.spec_json, dir, &empty)?;
@@ -235,10 +276,39 @@ fn boot(
         Some(r) => r.shape,
         None => Shape::of(resources(bundle))?,
     };
+    // The spec's network namespace, mirrored into the guest
+    // (docs/networking.md); the container then runs in the guest's own.
+    let mirror = match (crate::network::mode(&bundle.spec), restore) {
+        (crate::network::Mode::Path(path), None) => {
+            Some(crate::network::mirror(&path).map_err(|e| e.to_string())?)
+        }
+        (crate::network::Mode::Path(path), Some(_)) => {
+            return Err(format!(
+                "restoring a container whose network is a namespace path ({}) is not supported yet",
+                path.display()
+            ));
+        }
+        _ => None,
+    };
+    let spec_json = match &mirror {
+        Some(_) => crate::network::without_network_namespace(&spec_json)?,
+        None => spec_json,
+    };
     let snapshot = restore.map(|r| r.snapshot.as_path());
-    let sandbox =
-        Sandbox::start(root, bins, dir, &shares, shape, snapshot).map_err(|e| e.to_string())?;
-    Ok((sandbox, spec_json, shape))
+    let taps = mirror.as_ref().map_or(&[][..], |m| &m.taps[..]);
+    let started = Sandbox::start(root, bins, dir, &shares, shape, snapshot, taps);
+    let sandbox = match started {
+        Ok(sandbox) => sandbox,
+        Err(e) => {
+            if let Some(m) = &mirror {
+                let links: Vec<String> = m.interfaces.iter().map(|i| i.name.clone()).collect();
+                crate::network::unmirror(&m.path, &links);
+            }
+            return Err(e.to_string());
+        }
+    };
+    let network = mirror.map(|m| (m.path, m.interfaces));
+    Ok((sandbox, spec_json, shape, network))
 }
 
 fn resources(bundle: &Bundle) -> Option<&oci_spec::runtime::LinuxResources> {

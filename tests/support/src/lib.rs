@@ -82,6 +82,77 @@ pub fn musl_binary(name: &str, make_target: &str) -> PathBuf {
     path
 }
 
+/// A network namespace of the test's own (`ip netns add`), removed when
+/// dropped.
+pub struct Netns(pub String);
+
+impl Netns {
+    /// `husk-<name>-<pid>`, made afresh.
+    pub fn new(name: &str) -> Self {
+        let name = format!("husk-{name}-{}", std::process::id());
+        // A namespace left by an earlier run of the same PID, if any.
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(std::process::Stdio::null())
+            .status();
+        let made = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap();
+        assert!(made.success(), "ip netns add {name}");
+        Self(name)
+    }
+
+    /// The namespace's file, as a spec or `setns` names it.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/var/run/netns/{}", self.0))
+    }
+
+    /// Runs `f` on a thread that has entered the namespace.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = self.path();
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).unwrap();
+            rustix::thread::move_into_link_name_space(
+                std::os::fd::AsFd::as_fd(&ns),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .expect("setns");
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// `ip -n <ns> args`, which must succeed.
+    pub fn ip(&self, args: &[&str]) {
+        let ok = std::process::Command::new("ip")
+            .args(["-n", &self.0])
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "ip -n {} {args:?}", self.0);
+    }
+
+    /// What `program args` prints in the namespace (`ip netns exec`).
+    pub fn output(&self, program: &str, args: &[&str]) -> String {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.0, program])
+            .args(args)
+            .output()
+            .unwrap();
+        text(&out.stdout) + &text(&out.stderr)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::process::{Command, Stdio};

@@ -188,54 +188,9 @@ pub fn tiny_elf(code: &[u8], pvh_note: bool) -> Vec<u8> {
     elf
 }
 
-/// A network namespace of the test's own, removed when dropped.
-pub struct Netns(pub String);
-
-impl Netns {
-    pub fn new(name: &str) -> Self {
-        let name = format!("husk-{name}-{}", std::process::id());
-        // A namespace left by an earlier run of the same PID, if any.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        let made = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .unwrap();
-        assert!(made.success(), "ip netns add {name}");
-        Self(name)
-    }
-
-    /// Runs `f` on a thread that has entered the namespace.
-    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).unwrap();
-            // SAFETY: setns on this thread with a namespace descriptor.
-            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .unwrap()
-    }
-
-    pub fn ip(&self, args: &[&str]) {
-        let ok = Command::new("ip")
-            .args(["-n", &self.0])
-            .args(args)
-            .status()
-            .unwrap();
-        assert!(ok.success(), "ip -n {} {args:?}", self.0);
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
+/// A network namespace of the test's own (tests/support).
+#[allow(unused_imports)]
+pub use husk_test_support::Netns;
 
 /// Opens a TAP `name` (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) in the calling
 /// thread's namespace; inheritable, for `--net 0=FD`.

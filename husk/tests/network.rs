@@ -1,0 +1,201 @@
+//! OCI-mode networking (docs/networking.md): the spec's network namespace
+//! path is the container's network. Its interfaces are joined to TAPs of
+//! the VM by tc redirection and mirrored into the guest; the host's own
+//! namespace, files that are not network namespaces, and more interfaces
+//! than a VM takes are refused by name, with nothing left behind. Root,
+//! and namespaces of the test's own (`ip netns`), as a CNI plugin makes
+//! them.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::time::Duration;
+
+use husk_runtime::network;
+use husk_test_support::Netns;
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+
+use common::{Bundle, husk, id, text};
+
+/// `ns`'s `eth0` joined to `peer`'s `peer0` by a veth pair, `eth0` with
+/// 10.0.5.2/24 and a default route through the peer's 10.0.5.1.
+fn wire(ns: &Netns, peer: &Netns) {
+    ns.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "peer0", "netns", &peer.0,
+    ]);
+    ns.ip(&["link", "set", "eth0", "mtu", "1400", "up"]);
+    ns.ip(&["addr", "add", "10.0.5.2/24", "dev", "eth0"]);
+    ns.ip(&["route", "add", "default", "via", "10.0.5.1"]);
+    peer.ip(&["link", "set", "peer0", "mtu", "1400", "up"]);
+    peer.ip(&["addr", "add", "10.0.5.1/24", "dev", "peer0"]);
+}
+
+/// The spec's network namespace set to `path`.
+fn in_netns(spec: &mut Spec, path: &Path) {
+    let mut linux = spec.linux().clone().unwrap();
+    let mut namespaces = linux.namespaces().clone().unwrap();
+    for ns in &mut namespaces {
+        if ns.typ() == LinuxNamespaceType::Network {
+            ns.set_path(Some(path.to_owned()));
+        }
+    }
+    linux.set_namespaces(Some(namespaces));
+    spec.set_linux(Some(linux));
+}
+
+#[test]
+fn a_namespaces_interface_is_joined_to_a_tap_and_let_go() {
+    let (ns, peer) = (Netns::new("mirror"), Netns::new("mirror-peer"));
+    wire(&ns, &peer);
+    ns.ip(&["route", "add", "192.168.7.0/24", "via", "10.0.5.9"]);
+    let mirror = network::mirror(&ns.path()).unwrap();
+    assert_eq!(mirror.taps.len(), 1);
+    let eth0 = &mirror.interfaces[..];
+    assert_eq!(eth0.len(), 1, "{eth0:?}");
+    let eth0 = &eth0[0];
+    assert_eq!((eth0.slot, eth0.name.as_str(), eth0.mtu), (0, "eth0", 1400));
+    assert_eq!(eth0.addresses, [("10.0.5.2".parse().unwrap(), 24)]);
+    let dsts: Vec<String> = eth0
+        .routes
+        .iter()
+        .map(|r| format!("{}/{} via {:?}", r.dst, r.prefix, r.gateway))
+        .collect();
+    assert_eq!(
+        dsts,
+        [
+            "0.0.0.0/0 via Some(10.0.5.1)",
+            "192.168.7.0/24 via Some(10.0.5.9)"
+        ]
+    );
+    let mac = ns.output("cat", &["/sys/class/net/eth0/address"]);
+    let want: Vec<String> = eth0.mac.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(mac.trim(), want.join(":"));
+    // The TAP is up with the interface's MTU; each side's ingress goes to
+    // the other.
+    let tap = ns.output("ip", &["-o", "link", "show", "husk-tap0"]);
+    assert!(tap.contains("mtu 1400") && tap.contains(",UP"), "{tap}");
+    for (from, to) in [("eth0", "husk-tap0"), ("husk-tap0", "eth0")] {
+        let filters = ns.output("tc", &["filter", "show", "dev", from, "ingress"]);
+        assert!(
+            filters.contains(&format!("Egress Redirect to device {to}")),
+            "{from}: {filters}"
+        );
+    }
+    // Let go: the redirection is off, and the TAP goes with its last
+    // descriptor.
+    network::unmirror(&ns.path(), &["eth0".into()]);
+    let qdiscs = ns.output("tc", &["qdisc", "show", "dev", "eth0"]);
+    assert!(!qdiscs.contains("ingress"), "{qdiscs}");
+    drop(mirror);
+    let links = ns.output("ip", &["-o", "link", "show"]);
+    assert!(!links.contains("husk-tap0"), "{links}");
+}
+
+#[test]
+fn bad_network_namespaces_are_refused_by_name_and_leave_nothing() {
+    let err = |path: &Path| match network::mirror(path) {
+        Ok(_) => panic!("{} was mirrored", path.display()),
+        Err(e) => e.to_string(),
+    };
+    let host = err(Path::new("/proc/self/ns/net"));
+    assert!(
+        host.contains("is the host's own: a microVM cannot share the host's network stack"),
+        "{host}"
+    );
+    assert_eq!(
+        err(Path::new("/etc/hostname")),
+        "the network namespace /etc/hostname: is not a namespace"
+    );
+    let uts = err(Path::new("/proc/self/ns/uts"));
+    assert!(
+        uts.ends_with("is a namespace, but not a network namespace"),
+        "{uts}"
+    );
+    let missing = err(Path::new("/no/such/netns"));
+    assert!(missing.contains("No such file"), "{missing}");
+
+    // More interfaces than a VM takes: refused before any is touched.
+    let ns = Netns::new("mirror-many");
+    for i in 0..5 {
+        let (a, b) = (format!("e{i}"), format!("p{i}"));
+        ns.ip(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
+    }
+    let many = err(&ns.path());
+    assert!(
+        many.contains("10 Ethernet interfaces; a container's VM takes at most 4"),
+        "{many}"
+    );
+    let links = ns.output("ip", &["-o", "link", "show"]);
+    assert!(!links.contains("husk-tap"), "{links}");
+    let qdiscs = ns.output("tc", &["qdisc", "show"]);
+    assert!(!qdiscs.contains("ingress"), "{qdiscs}");
+
+    // Through husk: `run` with the host's namespace fails with the reason
+    // and leaves no container.
+    let bundle = Bundle::new("net-host", &["true"], |spec| {
+        in_netns(spec, Path::new("/proc/self/ns/net"))
+    });
+    let name = id("net-host");
+    let out = husk(&["run", "--bundle", bundle.0.to_str().unwrap(), &name]);
+    assert_eq!(out.status.code(), Some(125), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("a microVM cannot share the host's network stack"),
+        "{}",
+        text(&out.stderr)
+    );
+    let list = husk(&["list", "-q"]);
+    assert!(
+        !text(&list.stdout).contains(&name),
+        "{}",
+        text(&list.stdout)
+    );
+}
+
+/// A container whose spec names a namespace (as CNI leaves it) talks TCP
+/// to a peer through the namespace's veth: the guest's eth0 has the
+/// namespace's address and MAC, its default route, and frames cross the
+/// TAP's redirection both ways. After the container, the namespace's
+/// interface is its own again.
+#[test]
+fn a_container_in_a_namespace_path_talks_to_its_peer() {
+    let (ns, peer) = (Netns::new("ctr-net"), Netns::new("ctr-net-peer"));
+    wire(&ns, &peer);
+    let listener = peer.run(|| TcpListener::bind("10.0.5.1:0").unwrap());
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (conn, from) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(120)))
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(&conn).read_line(&mut line).unwrap();
+        (&conn).write_all(b"hello from the peer\n").unwrap();
+        (from.ip().to_string(), line)
+    });
+    let script = format!(
+        "cat /sys/class/net/eth0/address; ip -o -4 addr show dev eth0 | grep -o 'inet [0-9./]*'; \
+         echo hello from the container | nc 10.0.5.1 {port}"
+    );
+    let bundle = Bundle::new("net-ctr", &["sh", "-c", &script], |spec| {
+        in_netns(spec, &ns.path())
+    });
+    let name = id("net-ctr");
+    let out = husk(&["run", "--bundle", bundle.0.to_str().unwrap(), &name]);
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    let mac = ns.output("cat", &["/sys/class/net/eth0/address"]);
+    let lines: Vec<&str> = said.lines().collect();
+    assert_eq!(
+        lines,
+        [mac.trim(), "inet 10.0.5.2/24", "hello from the peer"],
+        "{said}"
+    );
+    let (from, got) = server.join().unwrap();
+    assert_eq!(
+        (from.as_str(), got.as_str()),
+        ("10.0.5.2", "hello from the container\n")
+    );
+    let qdiscs = ns.output("tc", &["qdisc", "show", "dev", "eth0"]);
+    assert!(!qdiscs.contains("ingress"), "{qdiscs}");
+}

@@ -1,0 +1,433 @@
+//! A container's network in OCI mode (docs/networking.md): the spec names
+//! a network namespace made by its client (podman, CRI, CNI, `ip netns`);
+//! each Ethernet interface found there is joined to a TAP of the VM's in
+//! the same namespace by traffic-control redirection both ways (an ingress
+//! qdisc and a match-all u32 filter whose action is `mirred egress
+//! redirect`, Kata's "tcfilter" model), and the guest's interface takes
+//! the interface's name, MAC, MTU, addresses and routes.
+//!
+//! The namespace's interfaces are read and the filters set with iproute2's
+//! `ip` and `tc` run inside the namespace (`setns` between fork and exec):
+//! the JSON `ip -j` prints is a stable interface, and `tc`'s u32 and
+//! mirred encodings are what the kernel's own tools write. The TAPs are
+//! opened by a short-lived thread that enters the namespace, so the
+//! runtime's other threads stay where they are.
+
+use std::net::IpAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use husk_protocol::{NetInterface, NetRoute};
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use rustix::thread::LinkNameSpaceType;
+use serde_json::Value;
+use thiserror::Error;
+
+/// The most interfaces a container's VM takes (the VM's network slots).
+pub const MAX_INTERFACES: usize = 4;
+/// Names of the TAPs husk makes in a container's namespace: `husk-tap<N>`
+/// for slot N. An interface of that name is never mirrored itself.
+pub const TAP_PREFIX: &str = "husk-tap";
+
+/// Errors setting up a container's network.
+#[derive(Debug, Error)]
+pub enum NetworkError {
+    /// The spec's network namespace cannot be used.
+    #[error("the network namespace {}: {why}", .path.display())]
+    Namespace {
+        /// The spec's path.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A step of joining an interface to the VM failed.
+    #[error("the network namespace {}: {step}: {why}", .path.display())]
+    Step {
+        /// The spec's path.
+        path: PathBuf,
+        /// What was being done (names the interface).
+        step: String,
+        /// What failed.
+        why: String,
+    },
+}
+
+/// How the spec asks for the container's network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// No network namespace: the host's network, which a VM cannot share.
+    /// The container gets the guest's loopback only (docs/networking.md).
+    Host,
+    /// A new, empty namespace: loopback only.
+    New,
+    /// The namespace at this path, made by the client: its interfaces are
+    /// mirrored into the guest.
+    Path(PathBuf),
+}
+
+/// The spec's network mode.
+pub fn mode(spec: &Spec) -> Mode {
+    let ns = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|n| n.iter().find(|ns| ns.typ() == LinuxNamespaceType::Network));
+    match ns {
+        None => Mode::Host,
+        Some(ns) => match ns.path() {
+            Some(p) if !p.as_os_str().is_empty() => Mode::Path(p.clone()),
+            _ => Mode::New,
+        },
+    }
+}
+
+/// The spec's JSON with its network namespace taken out: the container
+/// runs in the guest's own namespace, which holds the mirrored
+/// interfaces (the agent refuses a namespace path, which names a host
+/// file).
+pub fn without_network_namespace(spec_json: &str) -> Result<String, String> {
+    let mut spec: Value = serde_json::from_str(spec_json).map_err(|e| format!("the spec: {e}"))?;
+    if let Some(list) = spec
+        .pointer_mut("/linux/namespaces")
+        .and_then(Value::as_array_mut)
+    {
+        list.retain(|ns| ns.get("type").and_then(Value::as_str) != Some("network"));
+    }
+    serde_json::to_string(&spec).map_err(|e| format!("the spec: {e}"))
+}
+
+/// A namespace's interfaces joined to TAPs for the VM.
+pub struct Mirror {
+    /// The namespace's path (the spec's).
+    pub path: PathBuf,
+    /// One TAP per interface, in slot order, for `husk-vmm --net SLOT=FD`.
+    pub taps: Vec<OwnedFd>,
+    /// What the guest's interfaces take, for the agent's `network`.
+    pub interfaces: Vec<NetInterface>,
+}
+
+/// Opens the namespace at `path`, refusing what is not a network
+/// namespace and the host's own.
+pub fn open(path: &Path) -> Result<OwnedFd, NetworkError> {
+    let bad = |why: String| NetworkError::Namespace {
+        path: path.to_owned(),
+        why,
+    };
+    let ns = husk_sys::net::open_netns(path).map_err(|e| bad(e.to_string()))?;
+    if husk_sys::net::is_hosts_netns(&ns).map_err(|e| bad(e.to_string()))? {
+        return Err(bad(
+            "is the host's own: a microVM cannot share the host's network stack (host networking is not supported)"
+                .into(),
+        ));
+    }
+    Ok(ns)
+}
+
+/// Mirrors the Ethernet interfaces of the namespace at `path` (at most
+/// [`MAX_INTERFACES`]): for each, a TAP `husk-tap<slot>` in the namespace,
+/// up, with the interface's MTU, and redirection both ways. A namespace
+/// with no such interface gives an empty mirror (loopback only).
+pub fn mirror(path: &Path) -> Result<Mirror, NetworkError> {
+    let ns = open(path)?;
+    let step = |step: &str, why: String| NetworkError::Step {
+        path: path.to_owned(),
+        step: step.to_owned(),
+        why,
+    };
+    let links = in_netns_json(&ns, "ip", &["-j", "-d", "address", "show"])
+        .map_err(|e| step("list its interfaces", e))?;
+    let mut routes = in_netns_json(&ns, "ip", &["-j", "-4", "route", "show", "table", "main"])
+        .map_err(|e| step("list its IPv4 routes", e))?;
+    routes.extend(
+        in_netns_json(&ns, "ip", &["-j", "-6", "route", "show", "table", "main"])
+            .map_err(|e| step("list its IPv6 routes", e))?,
+    );
+    let found = interfaces(&links, &routes).map_err(|e| step("read its interfaces", e))?;
+    if found.len() > MAX_INTERFACES {
+        return Err(step(
+            "count its interfaces",
+            format!(
+                "{} Ethernet interfaces; a container's VM takes at most {MAX_INTERFACES}",
+                found.len()
+            ),
+        ));
+    }
+    let mut taps = Vec::new();
+    let mut joined = Vec::new();
+    let undo = |joined: &[String]| {
+        for link in joined {
+            let _ = unjoin(&ns, link);
+        }
+    };
+    for iface in &found {
+        let tap_name = format!("{TAP_PREFIX}{}", iface.slot);
+        let tap = open_tap_in(&ns, &tap_name)
+            .map_err(|e| step(&format!("open TAP {tap_name}"), e.to_string()));
+        let tap = match tap.and_then(|tap| {
+            join(&ns, &iface.name, &tap_name, iface.mtu)
+                .map_err(|e| step(&format!("join {} to {tap_name}", iface.name), e))?;
+            Ok(tap)
+        }) {
+            Ok(tap) => tap,
+            Err(e) => {
+                undo(&joined);
+                let _ = unjoin(&ns, &iface.name);
+                return Err(e);
+            }
+        };
+        joined.push(iface.name.clone());
+        taps.push(tap);
+    }
+    Ok(Mirror {
+        path: path.to_owned(),
+        taps,
+        interfaces: found,
+    })
+}
+
+/// Takes the redirection off the interfaces `links` of the namespace at
+/// `path` (the TAPs go with the VMM's descriptors). A namespace that no
+/// longer exists has nothing left to undo.
+pub fn unmirror(path: &Path, links: &[String]) {
+    let Ok(ns) = husk_sys::net::open_netns(path) else {
+        return;
+    };
+    for link in links {
+        let _ = unjoin(&ns, link);
+    }
+}
+
+/// The guest interfaces for the namespace's Ethernet interfaces (`ip -j
+/// address` output) and routes (`ip -j route`), in the order listed.
+fn interfaces(links: &[Value], routes: &[Value]) -> Result<Vec<NetInterface>, String> {
+    let mut out = Vec::new();
+    for link in links {
+        let name = link["ifname"].as_str().unwrap_or_default();
+        let tun = link.pointer("/linkinfo/info_kind").and_then(Value::as_str) == Some("tun");
+        if link["link_type"].as_str() != Some("ether") || tun || name.starts_with(TAP_PREFIX) {
+            continue;
+        }
+        let mac = link["address"]
+            .as_str()
+            .and_then(husk_protocol::parse_mac)
+            .ok_or_else(|| format!("{name} has no MAC address"))?;
+        let mtu = link["mtu"].as_u64().unwrap_or(1500) as u32;
+        let addresses = link["addr_info"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|a| a["scope"].as_str() == Some("global"))
+            .filter_map(|a| {
+                let ip: IpAddr = a["local"].as_str()?.parse().ok()?;
+                Some((ip, a["prefixlen"].as_u64()? as u8))
+            })
+            .collect();
+        let routes = routes
+            .iter()
+            .filter(|r| r["dev"].as_str() == Some(name))
+            .filter(|r| r["protocol"].as_str() != Some("kernel"))
+            .filter_map(route)
+            .collect();
+        out.push(NetInterface {
+            slot: out.len() as u8,
+            name: name.to_owned(),
+            mac,
+            mtu,
+            addresses,
+            routes,
+        });
+    }
+    Ok(out)
+}
+
+/// One `ip -j route` entry as the agent takes it.
+fn route(r: &Value) -> Option<NetRoute> {
+    let gateway: Option<IpAddr> = match r["gateway"].as_str() {
+        Some(g) => Some(g.parse().ok()?),
+        None => None,
+    };
+    let six =
+        gateway.is_some_and(|g| g.is_ipv6()) || r["dst"].as_str().is_some_and(|d| d.contains(':'));
+    let (dst, prefix) = match r["dst"].as_str()? {
+        "default" if six => ("::".parse().ok()?, 0),
+        "default" => ("0.0.0.0".parse().ok()?, 0),
+        d => match d.split_once('/') {
+            Some((ip, len)) => (ip.parse().ok()?, len.parse().ok()?),
+            None => {
+                let ip: IpAddr = d.parse().ok()?;
+                (ip, if ip.is_ipv6() { 128 } else { 32 })
+            }
+        },
+    };
+    Some(NetRoute {
+        dst,
+        prefix,
+        gateway,
+        metric: r["metric"].as_u64().unwrap_or(0) as u32,
+    })
+}
+
+/// Redirects everything `link` receives to `tap` and back, and brings
+/// the TAP up with the link's MTU.
+fn join(ns: &OwnedFd, link: &str, tap: &str, mtu: u32) -> Result<(), String> {
+    let mtu = mtu.to_string();
+    in_netns(ns, "ip", &["link", "set", "dev", tap, "mtu", &mtu, "up"])?;
+    for (from, to) in [(link, tap), (tap, link)] {
+        in_netns(ns, "tc", &["qdisc", "add", "dev", from, "ingress"])?;
+        in_netns(
+            ns,
+            "tc",
+            &[
+                "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32", "match",
+                "u8", "0", "0", "action", "mirred", "egress", "redirect", "dev", to,
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// Takes the ingress qdisc (and with it the redirection) off `link`.
+fn unjoin(ns: &OwnedFd, link: &str) -> Result<(), String> {
+    in_netns(ns, "tc", &["qdisc", "del", "dev", link, "ingress"]).map(|_| ())
+}
+
+/// Opens TAP `name` in the namespace `ns`, from a thread that enters it.
+fn open_tap_in(ns: &OwnedFd, name: &str) -> std::io::Result<OwnedFd> {
+    let ns = ns.as_fd();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            rustix::thread::move_into_link_name_space(ns, Some(LinkNameSpaceType::Network))?;
+            husk_sys::net::open_tap(name)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the TAP thread panicked")))
+    })
+}
+
+/// Runs `program args` in the namespace `ns`; its stdout, or what it said
+/// when it failed.
+fn in_netns(ns: &OwnedFd, program: &str, args: &[&str]) -> Result<String, String> {
+    let raw = ns.as_raw_fd();
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: setns is one system call, async-signal-safe; `raw` stays open
+    // in the parent for the child's life and is inherited until exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let ns = BorrowedFd::borrow_raw(raw);
+            rustix::thread::move_into_link_name_space(ns, Some(LinkNameSpaceType::Network))
+                .map_err(std::io::Error::from)
+        });
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("{program} {}: {e}", args.join(" ")))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// [`in_netns`] for `ip -j`: its JSON array.
+fn in_netns_json(ns: &OwnedFd, program: &str, args: &[&str]) -> Result<Vec<Value>, String> {
+    let out = in_netns(ns, program, args)?;
+    if out.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    serde_json::from_str(&out).map_err(|e| format!("{program} {}: {e}", args.join(" ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_specs_namespace_decides_the_mode() {
+        let spec = |ns: &str| -> Spec {
+            serde_json::from_str(&format!(
+                r#"{{"ociVersion":"1.0.2","linux":{{"namespaces":[{{"type":"pid"}}{ns}]}}}}"#
+            ))
+            .unwrap()
+        };
+        assert_eq!(mode(&spec("")), Mode::Host);
+        assert_eq!(mode(&spec(r#",{"type":"network"}"#)), Mode::New);
+        assert_eq!(
+            mode(&spec(r#",{"type":"network","path":"/var/run/netns/x"}"#)),
+            Mode::Path("/var/run/netns/x".into())
+        );
+        let no_linux: Spec = serde_json::from_str(r#"{"ociVersion":"1.0.2"}"#).unwrap();
+        assert_eq!(mode(&no_linux), Mode::Host);
+        let out = without_network_namespace(
+            r#"{"linux":{"namespaces":[{"type":"pid"},{"type":"network","path":"/x"}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(out, r#"{"linux":{"namespaces":[{"type":"pid"}]}}"#);
+    }
+
+    #[test]
+    fn ethernet_interfaces_and_their_routes_are_read_from_ip_json() {
+        let links: Vec<Value> = serde_json::from_str(
+            r#"[{"ifname":"lo","link_type":"loopback","address":"00:00:00:00:00:00","mtu":65536,
+                  "addr_info":[{"family":"inet","local":"127.0.0.1","prefixlen":8,"scope":"host"}]},
+                 {"ifname":"eth0","link_type":"ether","address":"02:42:0a:00:05:02","mtu":1450,
+                  "linkinfo":{"info_kind":"veth"},
+                  "addr_info":[{"family":"inet","local":"10.0.5.2","prefixlen":24,"scope":"global"},
+                               {"family":"inet6","local":"fd05::2","prefixlen":64,"scope":"global"},
+                               {"family":"inet6","local":"fe80::42:aff:fe00:502","prefixlen":64,"scope":"link"}]},
+                 {"ifname":"husk-tap0","link_type":"ether","address":"02:00:00:00:00:01","mtu":1500,
+                  "linkinfo":{"info_kind":"tun"},"addr_info":[]}]"#,
+        )
+        .unwrap();
+        let routes: Vec<Value> = serde_json::from_str(
+            r#"[{"dst":"default","gateway":"10.0.5.1","dev":"eth0","flags":[]},
+                 {"dst":"10.0.5.0/24","dev":"eth0","protocol":"kernel","scope":"link","prefsrc":"10.0.5.2"},
+                 {"dst":"192.168.7.0/24","gateway":"10.0.5.9","dev":"eth0","metric":100},
+                 {"dst":"default","gateway":"fd05::1","dev":"eth0","metric":1024},
+                 {"dst":"10.9.9.9","dev":"eth0","scope":"link"}]"#,
+        )
+        .unwrap();
+        let found = interfaces(&links, &routes).unwrap();
+        assert_eq!(found.len(), 1);
+        let eth0 = &found[0];
+        assert_eq!((eth0.slot, eth0.name.as_str(), eth0.mtu), (0, "eth0", 1450));
+        assert_eq!(eth0.mac, [0x02, 0x42, 0x0a, 0x00, 0x05, 0x02]);
+        assert_eq!(
+            eth0.addresses,
+            [
+                ("10.0.5.2".parse().unwrap(), 24),
+                ("fd05::2".parse().unwrap(), 64)
+            ]
+        );
+        let r = |dst: &str, prefix, gw: Option<&str>, metric| NetRoute {
+            dst: dst.parse().unwrap(),
+            prefix,
+            gateway: gw.map(|g| g.parse().unwrap()),
+            metric,
+        };
+        assert_eq!(
+            eth0.routes,
+            [
+                r("0.0.0.0", 0, Some("10.0.5.1"), 0),
+                r("192.168.7.0", 24, Some("10.0.5.9"), 100),
+                r("::", 0, Some("fd05::1"), 1024),
+                r("10.9.9.9", 32, None, 0),
+            ]
+        );
+        let bad: Vec<Value> =
+            serde_json::from_str(r#"[{"ifname":"eth1","link_type":"ether","address":"zz"}]"#)
+                .unwrap();
+        assert_eq!(
+            interfaces(&bad, &[]).unwrap_err(),
+            "eth1 has no MAC address"
+        );
+    }
+}
