@@ -199,3 +199,75 @@ fn a_container_in_a_namespace_path_talks_to_its_peer() {
     let qdiscs = ns.output("tc", &["qdisc", "show", "dev", "eth0"]);
     assert!(!qdiscs.contains("ingress"), "{qdiscs}");
 }
+
+/// A spec without a namespace path (runc's and docker's default): husk
+/// makes a namespace for the container, the state's `pid` is in it, and
+/// what a `prestart` hook puts there (as docker's `libnetwork-setkey`
+/// does: a veth, addressed and routed) reaches the guest before the
+/// process starts. The host's own namespace gains nothing.
+#[test]
+fn what_a_prestart_hook_puts_in_the_new_namespace_reaches_the_container() {
+    let peer = Netns::new("hook-peer");
+    let host_links = text(
+        &std::process::Command::new("ip")
+            .args(["-o", "link", "show"])
+            .output()
+            .unwrap()
+            .stdout,
+    );
+    let listener = peer.run(|| TcpListener::bind("10.0.6.1:0").unwrap());
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (conn, from) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(120)))
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(&conn).read_line(&mut line).unwrap();
+        (&conn).write_all(b"hello from the bridge\n").unwrap();
+        (from.ip().to_string(), line)
+    });
+    // The hook reads the state on stdin: its pid names the namespace.
+    let hook_script = format!(
+        "pid=$(tr -d ' \\n' | sed -n 's/.*\"pid\":\\([0-9]*\\).*/\\1/p'); \
+         ip -n {peer} link add peer0 type veth peer name eth0 netns $pid && \
+         ip -n {peer} addr add 10.0.6.1/24 dev peer0 && ip -n {peer} link set peer0 up && \
+         nsenter --net=/proc/$pid/ns/net sh -c \
+           'ip link set eth0 up && ip addr add 10.0.6.2/24 dev eth0 && ip route add default via 10.0.6.1'",
+        peer = peer.0
+    );
+    let hooks = serde_json::json!({
+        "prestart": [{"path": "/bin/sh", "args": ["sh", "-c", hook_script]}],
+    });
+    let script = format!(
+        "ip -o -4 addr show dev eth0 | grep -o 'inet [0-9./]*'; \
+         echo hello from the container | nc 10.0.6.1 {port}"
+    );
+    let bundle = Bundle::new("net-hook", &["sh", "-c", &script], |spec| {
+        spec.set_hooks(Some(serde_json::from_value(hooks.clone()).unwrap()));
+    });
+    let name = id("net-hook");
+    let out = husk(&["run", "--bundle", bundle.0.to_str().unwrap(), &name]);
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert_eq!(
+        said.lines().collect::<Vec<_>>(),
+        ["inet 10.0.6.2/24", "hello from the bridge"],
+        "{said}"
+    );
+    let (from, got) = server.join().unwrap();
+    assert_eq!(
+        (from.as_str(), got.as_str()),
+        ("10.0.6.2", "hello from the container\n")
+    );
+    let now = text(
+        &std::process::Command::new("ip")
+            .args(["-o", "link", "show"])
+            .output()
+            .unwrap()
+            .stdout,
+    );
+    assert_eq!(now.lines().count(), host_links.lines().count(), "{now}");
+    // The namespace went with the container, and the veth with it.
+    let left = peer.output("ip", &["-o", "link", "show"]);
+    assert!(!left.contains("peer0"), "{left}");
+}

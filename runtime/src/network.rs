@@ -131,6 +131,35 @@ pub fn open(path: &Path) -> Result<OwnedFd, NetworkError> {
 /// with no such interface gives an empty mirror (loopback only).
 pub fn mirror(path: &Path) -> Result<Mirror, NetworkError> {
     let ns = open(path)?;
+    mirror_in(ns, path)
+}
+
+/// Moves this thread (the monitor's main thread, before it starts
+/// anything) into a new, empty network namespace: the namespace a spec
+/// without a path asks for, where clients put the container's interfaces
+/// after `create` (docker's prestart hook, `ctr run --cni`) through
+/// `/proc/<state pid>/ns/net`. The VMM, started from this thread, is in it
+/// too.
+pub fn unshare() -> std::io::Result<()> {
+    // SAFETY: CLONE_NEWNET only: no descriptor table or filesystem state
+    // is unshared under the feet of the process's other threads.
+    unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNET) }
+        .map_err(Into::into)
+}
+
+/// [`mirror`] of this thread's own namespace (one [`unshare`] made: not
+/// the host's), named `path` in errors and in the state.
+pub fn mirror_own(path: &Path) -> Result<Mirror, NetworkError> {
+    let ns = husk_sys::net::open_netns(Path::new("/proc/thread-self/ns/net")).map_err(|e| {
+        NetworkError::Namespace {
+            path: path.to_owned(),
+            why: e.to_string(),
+        }
+    })?;
+    mirror_in(ns, path)
+}
+
+fn mirror_in(ns: OwnedFd, path: &Path) -> Result<Mirror, NetworkError> {
     let step = |step: &str, why: String| NetworkError::Step {
         path: path.to_owned(),
         step: step.to_owned(),

@@ -108,12 +108,24 @@ impl Agent {
 /// Sends one request to the VMM's control socket (pause, resume, stop,
 /// snapshot) and waits for its answer.
 pub fn vmm_api(state_dir: &Path, request: &ApiRequest) -> Result<(), SandboxError> {
+    vmm_api_with(state_dir, request, None)
+}
+
+/// [`vmm_api`] with a descriptor on the same message (`attach_net`'s TAP).
+pub fn vmm_api_with(
+    state_dir: &Path,
+    request: &ApiRequest,
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
+) -> Result<(), SandboxError> {
     let path = state_dir.join(API_SOCKET);
     let fail = |e: std::io::Error| SandboxError::Refused(format!("the VMM's control socket: {e}"));
     let mut stream = UnixStream::connect(&path).map_err(fail)?;
     let mut line = serde_json::to_vec(request).expect("requests serialize");
     line.push(b'\n');
-    stream.write_all(&line).map_err(fail)?;
+    match fd {
+        Some(fd) => husk_sys::fd::send_fd(&stream, fd, &line).map_err(fail)?,
+        None => stream.write_all(&line).map_err(fail)?,
+    }
     let mut answer = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(&stream), &mut answer)
         .map_err(fail)?;
@@ -145,6 +157,17 @@ pub fn clone_seed() -> husk_protocol::CloneSeed {
         entropy,
         realtime_ns,
     }
+}
+
+/// A VM's network slots.
+#[derive(Clone, Copy, Default)]
+pub struct Nets<'a> {
+    /// TAPs bound to the first slots, in order.
+    pub taps: &'a [std::os::fd::OwnedFd],
+    /// The guest's slots (a guest with slots is another warm snapshot;
+    /// slots left unbound are bound later with [`vmm_api_with`]'s
+    /// `attach_net`).
+    pub slots: u8,
 }
 
 /// A running container VM.
@@ -209,8 +232,8 @@ impl Sandbox {
     /// there) with `shares` bound to its virtio-fs shares (the root and
     /// every volume slot).
     /// `from`: a checkpoint's snapshot to restore instead of the warm
-    /// one. `taps`: one per network slot the container uses, in slot
-    /// order (a guest with network slots is another warm snapshot).
+    /// one. `nets`: the guest's network slots and the TAPs bound to the
+    /// first of them.
     pub fn start(
         root: &Path,
         bins: &Binaries,
@@ -218,8 +241,9 @@ impl Sandbox {
         shares: &[Share],
         shape: Shape,
         from: Option<&Path>,
-        taps: &[std::os::fd::OwnedFd],
+        nets: Nets<'_>,
     ) -> Result<Self, SandboxError> {
+        let Nets { taps, slots: nets } = nets;
         // The VMM's `--share TAG=DIR` is text: a directory whose name is
         // not UTF-8 would reach it changed (another directory).
         if let Some(bad) = shares.iter().find(|s| s.dir.to_str().is_none()) {
@@ -230,14 +254,7 @@ impl Sandbox {
         }
         let snapshot = match from {
             Some(dir) => dir.to_owned(),
-            None => {
-                let nets = if taps.is_empty() {
-                    0
-                } else {
-                    crate::network::MAX_INTERFACES as u8
-                };
-                warm::snapshot(root, &bins.vmm, &guest_image(bins, shape, nets))?.0
-            }
+            None => warm::snapshot(root, &bins.vmm, &guest_image(bins, shape, nets))?.0,
         };
         // The TAPs go to the VMM as inherited descriptors (`--net
         // SLOT=FD`); this process's duplicates close once it has started.

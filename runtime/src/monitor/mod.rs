@@ -147,6 +147,11 @@ fn set_up(
 ) -> Result<Held, String> {
     let id = state.id.clone();
     let dir = state::dir(root, &id);
+    let new_netns = crate::network::mode(&bundle.spec) == crate::network::Mode::New;
+    if new_netns {
+        crate::network::unshare()
+            .map_err(|e| format!("a network namespace for the container: {e}"))?;
+    }
     let (mut sandbox, spec_json, shape, network) = boot(root, bins, &dir, bundle, restore)?;
     state.shape = Some(shape);
     let interfaces = match network {
@@ -198,6 +203,13 @@ fn set_up(
         oci["status"] = "creating".into();
         oci["pid"] = std::process::id().into();
         crate::hooks::run(&bundle.spec, crate::hooks::Point::Create, &oci.to_string())?;
+        // What the hooks put in the container's new namespace (docker's
+        // veth) goes to the guest now.
+        if new_netns {
+            let late = mirror_late(&dir, &mut control)?;
+            unmirror.0.clone_from(&late);
+            state.network = late;
+        }
     }
     let terminal = if process.terminal {
         terminal.clone()
@@ -229,6 +241,41 @@ fn set_up(
         control,
         outputs,
     })
+}
+
+/// Mirrors the interfaces found in this monitor's own (new) network
+/// namespace into its running VM: each TAP bound to a free slot through
+/// the VMM's API, then the agent's `network`. None when there are none.
+fn mirror_late(
+    dir: &Path,
+    control: &mut Control,
+) -> Result<Option<crate::state::NetworkState>, String> {
+    let path = std::path::PathBuf::from(format!("/proc/{}/ns/net", std::process::id()));
+    let mirror = crate::network::mirror_own(&path).map_err(|e| e.to_string())?;
+    if mirror.interfaces.is_empty() {
+        return Ok(None);
+    }
+    let links: Vec<String> = mirror.interfaces.iter().map(|i| i.name.clone()).collect();
+    let attached = mirror.taps.iter().enumerate().try_for_each(|(slot, tap)| {
+        crate::sandbox::vmm_api_with(
+            dir,
+            &husk_protocol::api::ApiRequest::AttachNet { slot: slot as u8 },
+            Some(std::os::fd::AsFd::as_fd(tap)),
+        )
+    });
+    let configured = attached.and_then(|()| {
+        control.expect_ok(&Request::Network {
+            interfaces: mirror.interfaces.clone(),
+        })
+    });
+    if let Err(e) = configured {
+        crate::network::unmirror(&path, &links);
+        return Err(format!(
+            "the container's network: {}",
+            crate::error_chain(&e)
+        ));
+    }
+    Ok(Some(crate::state::NetworkState { netns: path, links }))
 }
 
 /// Takes a mirrored network's redirection off when dropped (unless its
@@ -278,9 +325,10 @@ fn boot(
     };
     // The spec's network namespace, mirrored into the guest
     // (docs/networking.md); the container then runs in the guest's own.
-    let mirror = match (crate::network::mode(&bundle.spec), restore) {
+    let mode = crate::network::mode(&bundle.spec);
+    let mirror = match (&mode, restore) {
         (crate::network::Mode::Path(path), None) => {
-            Some(crate::network::mirror(&path).map_err(|e| e.to_string())?)
+            Some(crate::network::mirror(path).map_err(|e| e.to_string())?)
         }
         (crate::network::Mode::Path(path), Some(_)) => {
             return Err(format!(
@@ -290,13 +338,22 @@ fn boot(
         }
         _ => None,
     };
-    let spec_json = match &mirror {
-        Some(_) => crate::network::without_network_namespace(&spec_json)?,
-        None => spec_json,
+    // A new namespace's interfaces come later (after the hooks, or before
+    // `start`): its guest has every slot, unbound for now.
+    let nets = match (&mode, &mirror) {
+        (crate::network::Mode::New, _) if restore.is_none() => NEW_NAMESPACE_SLOTS,
+        (_, Some(m)) if !m.taps.is_empty() => crate::network::MAX_INTERFACES as u8,
+        _ => 0,
+    };
+    let spec_json = match mode {
+        crate::network::Mode::Host => spec_json,
+        _ if restore.is_some() => spec_json,
+        _ => crate::network::without_network_namespace(&spec_json)?,
     };
     let snapshot = restore.map(|r| r.snapshot.as_path());
     let taps = mirror.as_ref().map_or(&[][..], |m| &m.taps[..]);
-    let started = Sandbox::start(root, bins, dir, &shares, shape, snapshot, taps);
+    let nets = crate::sandbox::Nets { taps, slots: nets };
+    let started = Sandbox::start(root, bins, dir, &shares, shape, snapshot, nets);
     let sandbox = match started {
         Ok(sandbox) => sandbox,
         Err(e) => {
@@ -310,6 +367,10 @@ fn boot(
     let network = mirror.map(|m| (m.path, m.interfaces));
     Ok((sandbox, spec_json, shape, network))
 }
+
+/// Network slots of the guest of a container whose spec asks for a new
+/// network namespace (docs/networking.md, "A new namespace").
+const NEW_NAMESPACE_SLOTS: u8 = crate::network::MAX_INTERFACES as u8;
 
 fn resources(bundle: &Bundle) -> Option<&oci_spec::runtime::LinuxResources> {
     bundle
