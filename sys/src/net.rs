@@ -10,9 +10,9 @@ use rustix::fs::{Mode, OFlags};
 /// carry the virtio-net header (the VMM's offloads).
 const TAP_FLAGS: u16 = 0x0002 | 0x1000 | 0x4000;
 /// `TUNSETIFF`.
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETIFF: libc::Ioctl = 0x4004_54ca_u32 as libc::Ioctl;
 /// `NS_GET_NSTYPE` (linux/nsfs.h).
-const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+const NS_GET_NSTYPE: libc::Ioctl = 0xb703;
 /// The longest interface name (IFNAMSIZ less its NUL).
 pub const MAX_IFNAME: usize = 15;
 
