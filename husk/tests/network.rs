@@ -267,7 +267,15 @@ fn what_a_prestart_hook_puts_in_the_new_namespace_reaches_the_container() {
             .stdout,
     );
     assert_eq!(now.lines().count(), host_links.lines().count(), "{now}");
-    // The namespace went with the container, and the veth with it.
-    let left = peer.output("ip", &["-o", "link", "show"]);
-    assert!(!left.contains("peer0"), "{left}");
+    // The namespace went with the container, and the veth with it (the
+    // kernel tears a namespace down in the background).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = peer.output("ip", &["-o", "link", "show"]);
+        if !left.contains("peer0") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{left}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

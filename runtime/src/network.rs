@@ -131,7 +131,7 @@ pub fn open(path: &Path) -> Result<OwnedFd, NetworkError> {
 /// with no such interface gives an empty mirror (loopback only).
 pub fn mirror(path: &Path) -> Result<Mirror, NetworkError> {
     let ns = open(path)?;
-    mirror_in(ns, path)
+    mirror_in(ns, path, MAX_INTERFACES)
 }
 
 /// Moves this thread (the monitor's main thread, before it starts
@@ -148,18 +148,29 @@ pub fn unshare() -> std::io::Result<()> {
 }
 
 /// [`mirror`] of this thread's own namespace (one [`unshare`] made: not
-/// the host's), named `path` in errors and in the state.
-pub fn mirror_own(path: &Path) -> Result<Mirror, NetworkError> {
+/// the host's), named `path` in errors and in the state, into a VM with
+/// `slots` network slots.
+pub fn mirror_own(path: &Path, slots: usize) -> Result<Mirror, NetworkError> {
+    // Most containers get no interface: the kernel's list of this
+    // thread's interfaces says so without running `ip` (three processes).
+    let listed = std::fs::read_to_string("/proc/thread-self/net/dev").unwrap_or_default();
+    if only_loopback(&listed) {
+        return Ok(Mirror {
+            path: path.to_owned(),
+            taps: Vec::new(),
+            interfaces: Vec::new(),
+        });
+    }
     let ns = husk_sys::net::open_netns(Path::new("/proc/thread-self/ns/net")).map_err(|e| {
         NetworkError::Namespace {
             path: path.to_owned(),
             why: e.to_string(),
         }
     })?;
-    mirror_in(ns, path)
+    mirror_in(ns, path, slots)
 }
 
-fn mirror_in(ns: OwnedFd, path: &Path) -> Result<Mirror, NetworkError> {
+fn mirror_in(ns: OwnedFd, path: &Path, slots: usize) -> Result<Mirror, NetworkError> {
     let step = |step: &str, why: String| NetworkError::Step {
         path: path.to_owned(),
         step: step.to_owned(),
@@ -174,13 +185,17 @@ fn mirror_in(ns: OwnedFd, path: &Path) -> Result<Mirror, NetworkError> {
             .map_err(|e| step("list its IPv6 routes", e))?,
     );
     let found = interfaces(&links, &routes).map_err(|e| step("read its interfaces", e))?;
-    if found.len() > MAX_INTERFACES {
+    if found.len() > slots {
+        let why = if slots == MAX_INTERFACES {
+            format!("a container's VM takes at most {MAX_INTERFACES}")
+        } else {
+            format!(
+                "a container whose namespace husk made takes {slots} (its VM was started before they were known)"
+            )
+        };
         return Err(step(
             "count its interfaces",
-            format!(
-                "{} Ethernet interfaces; a container's VM takes at most {MAX_INTERFACES}",
-                found.len()
-            ),
+            format!("{} Ethernet interfaces; {why}", found.len()),
         ));
     }
     let mut taps = Vec::new();
@@ -226,6 +241,16 @@ pub fn unmirror(path: &Path, links: &[String]) {
     for link in links {
         let _ = unjoin(&ns, link);
     }
+}
+
+/// Whether `/proc/net/dev` text lists no interface but `lo` (text that is
+/// not that list is not taken for it).
+fn only_loopback(dev: &str) -> bool {
+    let mut names = dev
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split_once(':').map(|(name, _)| name.trim()));
+    dev.lines().count() > 2 && names.all(|n| n == "lo")
 }
 
 /// The guest interfaces for the namespace's Ethernet interfaces (`ip -j
@@ -400,6 +425,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out, r#"{"linux":{"namespaces":[{"type":"pid"}]}}"#);
+    }
+
+    #[test]
+    fn a_namespace_with_loopback_only_is_seen_from_proc_net_dev() {
+        let head = "Inter-|   Receive |  Transmit\n face |bytes    packets\n";
+        assert!(only_loopback(&format!("{head}    lo:       0       0\n")));
+        assert!(!only_loopback(&format!(
+            "{head}    lo:       0       0\n  eth0: 1 2\n"
+        )));
+        assert!(!only_loopback(""));
+        assert!(!only_loopback("garbage"));
     }
 
     #[test]

@@ -251,7 +251,8 @@ fn mirror_late(
     control: &mut Control,
 ) -> Result<Option<crate::state::NetworkState>, String> {
     let path = std::path::PathBuf::from(format!("/proc/{}/ns/net", std::process::id()));
-    let mirror = crate::network::mirror_own(&path).map_err(|e| e.to_string())?;
+    let mirror = crate::network::mirror_own(&path, NEW_NAMESPACE_SLOTS as usize)
+        .map_err(|e| e.to_string())?;
     if mirror.interfaces.is_empty() {
         return Ok(None);
     }
@@ -342,7 +343,9 @@ fn boot(
     // `start`): its guest has every slot, unbound for now.
     let nets = match (&mode, &mirror) {
         (crate::network::Mode::New, _) if restore.is_none() => NEW_NAMESPACE_SLOTS,
-        (_, Some(m)) if !m.taps.is_empty() => crate::network::MAX_INTERFACES as u8,
+        // One warm snapshot per count: one interface, the common case,
+        // shares the new namespace's.
+        (_, Some(m)) => m.taps.len() as u8,
         _ => 0,
     };
     let spec_json = match mode {
@@ -369,8 +372,9 @@ fn boot(
 }
 
 /// Network slots of the guest of a container whose spec asks for a new
-/// network namespace (docs/networking.md, "A new namespace").
-const NEW_NAMESPACE_SLOTS: u8 = crate::network::MAX_INTERFACES as u8;
+/// network namespace: one, as docker's bridge and `ctr run --cni` give
+/// (each slot costs every such start a device, docs/networking.md).
+const NEW_NAMESPACE_SLOTS: u8 = 1;
 
 fn resources(bundle: &Bundle) -> Option<&oci_spec::runtime::LinuxResources> {
     bundle
