@@ -246,19 +246,11 @@ fn main() -> anyhow::Result<()> {
         let (vcpu0, other0) = (thread_cpu_ms(vmm, true), thread_cpu_ms(vmm, false));
         let start = Instant::now();
         let child = husk_cmd(&["exec", "exec-bench", "true"]).spawn()?;
-        let mut status = 0;
-        // SAFETY: wait4 writes the status and a zeroed rusage.
-        let usage = unsafe {
-            let mut u: libc::rusage = std::mem::zeroed();
-            libc::wait4(child.id() as i32, &mut status, 0, &mut u);
-            u
-        };
+        let (code, husk_ms) = husk_bench::wait_rusage(child.id())?;
         let ms = start.elapsed().as_secs_f64() * 1000.0;
-        let cpu = |t: libc::timeval| t.tv_sec as f64 * 1000.0 + t.tv_usec as f64 / 1000.0;
-        let husk_ms = cpu(usage.ru_utime) + cpu(usage.ru_stime);
         let (vcpu1, other1) = (thread_cpu_ms(vmm, true), thread_cpu_ms(vmm, false));
-        if libc::WEXITSTATUS(status) != 0 {
-            bail!("husk exec exited {}", libc::WEXITSTATUS(status));
+        if code != 0 {
+            bail!("husk exec exited {code}");
         }
         if i > 0 {
             wall.push(ms);

@@ -30,7 +30,7 @@
 //! header; CPU time is the whole process's (the device's thread
 //! included) per frame.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::process::Command;
@@ -722,33 +722,11 @@ impl Rig {
 }
 
 /// `struct ifreq` with a name and flags.
-#[repr(C)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _rest: [u8; 22],
-}
-
 /// Makes TAP `name` in the calling thread's network namespace; it goes
 /// with its descriptor.
 fn open_tap(name: &str) -> anyhow::Result<File> {
-    let tun = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")
-        .context("open /dev/net/tun")?;
-    let mut req = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
-        _rest: [0; 22],
-    };
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: TUNSETIFF reads and writes one struct ifreq, which `req` is.
-    let r = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut IfReq) };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error()).context(format!("TUNSETIFF {name}"));
-    }
-    Ok(tun)
+    let tap = husk_sys::net::open_tap(name).with_context(|| format!("TAP {name}"))?;
+    Ok(File::from(tap))
 }
 
 /// What the device does to its TAP, done to the bench's own: the 12-byte

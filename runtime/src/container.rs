@@ -677,7 +677,8 @@ pub fn features() -> serde_json::Value {
             "selinux": {"enabled": false}
         },
         "annotations": {
-            "io.husk.vm": "every container runs in its own KVM microVM"
+            "io.husk.vm": "every container runs in its own KVM microVM",
+            "io.husk.network": "the spec's network namespace is mirrored into the VM (a path: its interfaces; none given: a new one, whose interfaces the hooks or the client add before start); host networking cannot be shared by a VM: a spec without a network namespace gets loopback only, and a path to the host's own namespace is refused"
         }
     })
 }

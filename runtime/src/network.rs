@@ -7,15 +7,15 @@
 //! the interface's name, MAC, MTU, addresses and routes.
 //!
 //! The namespace's interfaces are read and the filters set with iproute2's
-//! `ip` and `tc` run inside the namespace (`setns` between fork and exec):
+//! `ip` and `tc` run inside the namespace (started from a thread that
+//! entered it):
 //! the JSON `ip -j` prints is a stable interface, and `tc`'s u32 and
 //! mirred encodings are what the kernel's own tools write. The TAPs are
 //! opened by a short-lived thread that enters the namespace, so the
 //! runtime's other threads stay where they are.
 
 use std::net::IpAddr;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -360,27 +360,25 @@ fn open_tap_in(ns: &OwnedFd, name: &str) -> std::io::Result<OwnedFd> {
     })
 }
 
-/// Runs `program args` in the namespace `ns`; its stdout, or what it said
-/// when it failed.
+/// Runs `program args` in the namespace `ns` (started from a thread that
+/// entered it: a child is born in its parent thread's namespace); its
+/// stdout, or what it said when it failed.
 fn in_netns(ns: &OwnedFd, program: &str, args: &[&str]) -> Result<String, String> {
-    let raw = ns.as_raw_fd();
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: setns is one system call, async-signal-safe; `raw` stays open
-    // in the parent for the child's life and is inherited until exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            let ns = BorrowedFd::borrow_raw(raw);
-            rustix::thread::move_into_link_name_space(ns, Some(LinkNameSpaceType::Network))
-                .map_err(std::io::Error::from)
-        });
-    }
-    let out = cmd
-        .output()
-        .map_err(|e| format!("{program} {}: {e}", args.join(" ")))?;
+    let ns = ns.as_fd();
+    let out = std::thread::scope(|s| {
+        s.spawn(|| {
+            rustix::thread::move_into_link_name_space(ns, Some(LinkNameSpaceType::Network))?;
+            Command::new(program)
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .output()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the thread panicked")))
+    })
+    .map_err(|e| format!("{program} {}: {e}", args.join(" ")))?;
     if !out.status.success() {
         return Err(format!(
             "{program} {}: {}",

@@ -1,18 +1,19 @@
 //! TAP devices and network namespaces, as the runtime needs them to join a
 //! container's network namespace to its VM (docs/networking.md).
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 
 use rustix::fs::{Mode, OFlags};
+use rustix::thread::LinkNameSpaceType;
 
 /// `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`: an Ethernet device whose frames
 /// carry the virtio-net header (the VMM's offloads).
 const TAP_FLAGS: u16 = 0x0002 | 0x1000 | 0x4000;
 /// `TUNSETIFF`.
 const TUNSETIFF: libc::Ioctl = 0x4004_54ca_u32 as libc::Ioctl;
-/// `NS_GET_NSTYPE` (linux/nsfs.h).
-const NS_GET_NSTYPE: libc::Ioctl = 0xb703;
+/// `NSFS_MAGIC` (linux/magic.h): the file system of namespace files.
+const NSFS_MAGIC: u64 = 0x6e73_6673;
 /// The longest interface name (IFNAMSIZ less its NUL).
 pub const MAX_IFNAME: usize = 15;
 
@@ -51,13 +52,24 @@ pub fn open_tap(name: &str) -> std::io::Result<OwnedFd> {
 pub fn open_netns(path: &Path) -> std::io::Result<OwnedFd> {
     let fd = rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
     let invalid = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, why.to_owned());
-    // SAFETY: NS_GET_NSTYPE takes no argument and returns the type of the
-    // namespace the descriptor refers to, or fails for another file.
-    let kind = unsafe { libc::ioctl(fd.as_raw_fd(), NS_GET_NSTYPE) };
-    match kind {
-        k if k == libc::CLONE_NEWNET => Ok(fd),
-        k if k >= 0 => Err(invalid("is a namespace, but not a network namespace")),
-        _ => Err(invalid("is not a namespace")),
+    if rustix::fs::fstatfs(&fd)?.f_type as u64 != NSFS_MAGIC {
+        return Err(invalid("is not a namespace"));
+    }
+    // Entering it as a network namespace, on a thread that ends at once,
+    // is the kernel's own check of its type (EINVAL for another type).
+    let entered = std::thread::scope(|s| {
+        s.spawn(|| {
+            rustix::thread::move_into_link_name_space(fd.as_fd(), Some(LinkNameSpaceType::Network))
+        })
+        .join()
+    });
+    match entered {
+        Ok(Ok(())) => Ok(fd),
+        Ok(Err(rustix::io::Errno::INVAL)) => {
+            Err(invalid("is a namespace, but not a network namespace"))
+        }
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(std::io::Error::other("the namespace check's thread panicked")),
     }
 }
 
@@ -73,15 +85,9 @@ pub fn is_hosts_netns(ns: impl AsFd) -> std::io::Result<bool> {
 }
 
 /// A descriptor of `fd`'s file that survives `exec` (for a child's
-/// command line, `--net SLOT=FD`): a duplicate without close-on-exec.
+/// command line, `--net SLOT=FD`): `dup` does not copy close-on-exec.
 pub fn inheritable(fd: impl AsFd) -> std::io::Result<OwnedFd> {
-    // SAFETY: dup of a valid descriptor; the new one is owned here alone.
-    let raw = unsafe { libc::dup(fd.as_fd().as_raw_fd()) };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `raw` was just returned by dup.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    Ok(rustix::io::dup(fd)?)
 }
 
 #[cfg(test)]
