@@ -33,22 +33,24 @@ fn say(line: &str) {
     let text = format!("husk-test-init: {line}\n");
     let mut rest = text.as_bytes();
     while !rest.is_empty() {
-        // SAFETY: writes from a live buffer of the given length to fd 1.
-        let n = unsafe { libc::write(1, rest.as_ptr().cast(), rest.len()) };
-        if n <= 0 {
-            return;
+        match rustix::io::write(rustix::stdio::stdout(), rest) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => rest = &rest[n..],
         }
-        rest = &rest[n as usize..];
     }
 }
 
 fn wait_status(pid: libc::pid_t) -> Result<i32, String> {
-    let mut status = 0;
-    // SAFETY: waitpid writes the status into our local.
-    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-    if r != pid {
-        return Err(format!("waitpid returned {r}"));
-    }
+    let waited = rustix::process::Pid::from_raw(pid)
+        .ok_or_else(|| format!("no process {pid}"))
+        .and_then(|p| {
+            rustix::process::waitpid(Some(p), rustix::process::WaitOptions::empty())
+                .map_err(|e| format!("waitpid: {e}"))
+        })?;
+    let status = match waited {
+        Some((p, status)) if p.as_raw_nonzero().get() == pid => status.as_raw(),
+        other => return Err(format!("waitpid returned {other:?}")),
+    };
     if libc::WIFEXITED(status) {
         Ok(libc::WEXITSTATUS(status))
     } else {
@@ -117,43 +119,19 @@ fn check_signal() -> Result<(), String> {
 }
 
 fn cpus() -> usize {
-    // SAFETY: sched_getaffinity fills the zeroed set we own.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return 0;
-        }
-        libc::CPU_COUNT(&set) as usize
-    }
+    rustix::thread::sched_getaffinity(None).map_or(0, |set| set.count() as usize)
 }
 
 fn mem_mib() -> u64 {
-    // SAFETY: sysinfo fills the zeroed struct we own.
-    unsafe {
-        let mut info: libc::sysinfo = std::mem::zeroed();
-        if libc::sysinfo(&mut info) != 0 {
-            return 0;
-        }
-        info.totalram as u64 * info.mem_unit as u64 / (1 << 20)
-    }
+    let info = rustix::system::sysinfo();
+    info.totalram as u64 * info.mem_unit as u64 / (1 << 20)
 }
 
 /// Reads from the virtio-rng device if the guest has one: mounts devtmpfs
 /// on /dev (the kernel made /dev/hwrng there) and reads 32 bytes.
 fn check_hwrng() -> String {
-    let devtmpfs = CString::new("devtmpfs").unwrap();
-    let dev = CString::new("/dev").unwrap();
-    // SAFETY: mount with valid C strings and no data.
-    let mounted = unsafe {
-        libc::mount(
-            devtmpfs.as_ptr(),
-            dev.as_ptr(),
-            devtmpfs.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    } == 0;
-    if !mounted {
+    let flags = rustix::mount::MountFlags::empty();
+    if rustix::mount::mount("devtmpfs", "/dev", "devtmpfs", flags, None).is_err() {
         return "hwrng unknown (devtmpfs)".into();
     }
     let mut buf = [0u8; 32];
@@ -232,19 +210,22 @@ fn sockaddr_in(ip: [u8; 4]) -> [u8; 16] {
 /// Brings `eth0` up as 10.0.2.15/24 and echoes UDP datagrams on port 7
 /// until one says `end`; says how many it echoed.
 fn net_echo() -> String {
-    // SAFETY: socket takes no pointers.
-    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
-    if sock < 0 {
+    use std::os::fd::AsRawFd;
+    let Ok(owned) = rustix::net::socket(
+        rustix::net::AddressFamily::INET,
+        rustix::net::SocketType::DGRAM,
+        None,
+    ) else {
         return "net FAIL socket".into();
-    }
+    };
+    let sock = owned.as_raw_fd();
     let up = ifreq(sock, libc::SIOCSIFADDR, &sockaddr_in(NET_GUEST_IP))
         .and_then(|()| ifreq(sock, libc::SIOCSIFNETMASK, &sockaddr_in([255, 255, 255, 0])))
         .and_then(|()| {
             let flags = (libc::IFF_UP | libc::IFF_RUNNING) as u16;
             ifreq(sock, libc::SIOCSIFFLAGS, &flags.to_ne_bytes())
         });
-    // SAFETY: closes the descriptor made above.
-    unsafe { libc::close(sock) };
+    drop(owned);
     if let Err(e) = up {
         return format!("net FAIL {e}");
     }
@@ -271,15 +252,11 @@ fn net_echo() -> String {
 }
 
 fn power_off() -> ! {
-    // SAFETY: sync and reboot take no pointers; as PID 1 we may power off.
-    unsafe {
-        libc::sync();
-        libc::reboot(libc::LINUX_REBOOT_CMD_POWER_OFF);
-    }
+    rustix::fs::sync();
+    let _ = rustix::system::reboot(rustix::system::RebootCommand::PowerOff);
     say("FAIL power-off returned");
     loop {
-        // SAFETY: pause takes no arguments.
-        unsafe { libc::pause() };
+        std::thread::park();
     }
 }
 
@@ -322,8 +299,7 @@ fn main() {
     if std::env::args().any(|a| a == "idle") {
         say("idle");
         loop {
-            // SAFETY: pause takes no arguments.
-            unsafe { libc::pause() };
+            std::thread::park();
         }
     }
     power_off();
