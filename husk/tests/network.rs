@@ -279,3 +279,61 @@ fn what_a_prestart_hook_puts_in_the_new_namespace_reaches_the_container() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// `ctr run --cni`'s order: `create`, then the client wires the
+/// namespace named by the state's `pid`, then `start`. The interface that
+/// arrived between the two reaches the guest before the process starts.
+#[test]
+fn an_interface_added_between_create_and_start_reaches_the_container() {
+    let peer = Netns::new("start-peer");
+    let listener = peer.run(|| TcpListener::bind("10.0.7.1:0").unwrap());
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (conn, from) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(120)))
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(&conn).read_line(&mut line).unwrap();
+        (&conn).write_all(b"hello from cni\n").unwrap();
+        (from.ip().to_string(), line)
+    });
+    let script = format!(
+        "ip -o -4 addr show dev eth0 | grep -q 'inet 10.0.7.2/24' && \
+         echo hello from the container | nc 10.0.7.1 {port} | grep -q 'hello from cni'"
+    );
+    let bundle = Bundle::new("net-start", &["sh", "-c", &script], |_| {});
+    let name = id("net-start");
+    common::ok(&["create", "--bundle", bundle.0.to_str().unwrap(), &name]);
+    let state: serde_json::Value = serde_json::from_str(&common::ok(&["state", &name])).unwrap();
+    let pid = state["pid"].as_u64().unwrap().to_string();
+    peer.ip(&[
+        "link", "add", "peer0", "type", "veth", "peer", "name", "eth0", "netns", &pid,
+    ]);
+    peer.ip(&["addr", "add", "10.0.7.1/24", "dev", "peer0"]);
+    peer.ip(&["link", "set", "peer0", "up"]);
+    let netns = format!("--net=/proc/{pid}/ns/net");
+    let wired = std::process::Command::new("nsenter")
+        .args([
+            &netns,
+            "sh",
+            "-c",
+            "ip link set eth0 up && ip addr add 10.0.7.2/24 dev eth0",
+        ])
+        .status()
+        .unwrap();
+    assert!(wired.success());
+    common::ok(&["start", &name]);
+    let (from, got) = server.join().unwrap();
+    assert_eq!(
+        (from.as_str(), got.as_str()),
+        ("10.0.7.2", "hello from the container\n")
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while common::status(&name) != "stopped" {
+        assert!(std::time::Instant::now() < deadline, "{name} never stopped");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let state = husk_runtime::state::ContainerState::load(&common::root(), &name).unwrap();
+    assert_eq!(state.exit_status, Some(0), "{:?}", state.error);
+    common::ok(&["delete", &name]);
+}

@@ -227,7 +227,24 @@ pub fn start(root: &Path, id: &str) -> Result<(), LifecycleError> {
     if state.status() != Status::Created {
         return Err(wrong(&state, "only a created container can be started"));
     }
-    let mut control = Agent::at(&state::dir(root, id)).control()?;
+    let dir = state::dir(root, id);
+    let mut control = Agent::at(&dir).control()?;
+    // A namespace husk made, empty after the hooks: what the client put
+    // there since (`ctr run --cni`) goes to the guest before the process
+    // starts.
+    let monitor = state.monitor.as_ref().map(|m| m.pid);
+    if let (Some(net), Some(pid)) = (&state.network, monitor)
+        && net.links.is_empty()
+        && net.netns == crate::network::netns_of(pid)
+    {
+        let slots = crate::monitor::NEW_NAMESPACE_SLOTS;
+        if let Some(found) = crate::network::into_vm(&dir, &mut control, pid, slots)
+            .map_err(SandboxError::Refused)?
+        {
+            state.network = Some(found);
+            state.save(root)?;
+        }
+    }
     match control.ask(&Request::Start { id: id.into() })? {
         Response::Ok => {
             state.status = Status::Running;

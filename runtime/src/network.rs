@@ -147,27 +147,73 @@ pub fn unshare() -> std::io::Result<()> {
         .map_err(Into::into)
 }
 
-/// [`mirror`] of this thread's own namespace (one [`unshare`] made: not
-/// the host's), named `path` in errors and in the state, into a VM with
-/// `slots` network slots.
-pub fn mirror_own(path: &Path, slots: usize) -> Result<Mirror, NetworkError> {
-    // Most containers get no interface: the kernel's list of this
-    // thread's interfaces says so without running `ip` (three processes).
-    let listed = std::fs::read_to_string("/proc/thread-self/net/dev").unwrap_or_default();
+/// The network namespace file of process `pid`.
+pub fn netns_of(pid: u32) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/ns/net"))
+}
+
+/// [`mirror`] of the namespace husk made for a container (process
+/// `pid`'s, after [`unshare`]: not the host's), into a VM with `slots`
+/// network slots.
+pub fn mirror_made(pid: u32, slots: usize) -> Result<Mirror, NetworkError> {
+    let path = netns_of(pid);
+    // Most containers get no interface: the kernel's list of the
+    // namespace's interfaces says so without running `ip` (three
+    // processes).
+    let listed = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).unwrap_or_default();
     if only_loopback(&listed) {
         return Ok(Mirror {
-            path: path.to_owned(),
+            path,
             taps: Vec::new(),
             interfaces: Vec::new(),
         });
     }
-    let ns = husk_sys::net::open_netns(Path::new("/proc/thread-self/ns/net")).map_err(|e| {
-        NetworkError::Namespace {
-            path: path.to_owned(),
-            why: e.to_string(),
-        }
+    let ns = husk_sys::net::open_netns(&path).map_err(|e| NetworkError::Namespace {
+        path: path.clone(),
+        why: e.to_string(),
     })?;
-    mirror_in(ns, path, slots)
+    mirror_in(ns, &path, slots)
+}
+
+/// Mirrors what is in the namespace husk made for the container whose
+/// monitor is `pid` into its running VM (state directory `dir`): each TAP
+/// bound to a slot through the VMM's API, then the agent's `network`
+/// over `control`. None when the namespace has only loopback; on a
+/// failure, nothing is left joined.
+pub fn into_vm(
+    dir: &Path,
+    control: &mut crate::sandbox::Control,
+    pid: u32,
+    slots: u8,
+) -> Result<Option<crate::state::NetworkState>, String> {
+    let mirror = mirror_made(pid, slots as usize).map_err(|e| e.to_string())?;
+    if mirror.interfaces.is_empty() {
+        return Ok(None);
+    }
+    let links: Vec<String> = mirror.interfaces.iter().map(|i| i.name.clone()).collect();
+    let attached = mirror.taps.iter().enumerate().try_for_each(|(slot, tap)| {
+        crate::sandbox::vmm_api_with(
+            dir,
+            &husk_protocol::api::ApiRequest::AttachNet { slot: slot as u8 },
+            Some(tap.as_fd()),
+        )
+    });
+    let configured = attached.and_then(|()| {
+        control.expect_ok(&husk_protocol::Request::Network {
+            interfaces: mirror.interfaces.clone(),
+        })
+    });
+    if let Err(e) = configured {
+        unmirror(&mirror.path, &links);
+        return Err(format!(
+            "the container's network: {}",
+            crate::error_chain(&e)
+        ));
+    }
+    Ok(Some(crate::state::NetworkState {
+        netns: mirror.path,
+        links,
+    }))
 }
 
 fn mirror_in(ns: OwnedFd, path: &Path, slots: usize) -> Result<Mirror, NetworkError> {

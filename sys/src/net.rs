@@ -69,7 +69,9 @@ pub fn open_netns(path: &Path) -> std::io::Result<OwnedFd> {
             Err(invalid("is a namespace, but not a network namespace"))
         }
         Ok(Err(e)) => Err(e.into()),
-        Err(_) => Err(std::io::Error::other("the namespace check's thread panicked")),
+        Err(_) => Err(std::io::Error::other(
+            "the namespace check's thread panicked",
+        )),
     }
 }
 

@@ -206,9 +206,14 @@ fn set_up(
         // What the hooks put in the container's new namespace (docker's
         // veth) goes to the guest now.
         if new_netns {
-            let late = mirror_late(&dir, &mut control)?;
+            let pid = std::process::id();
+            let late = crate::network::into_vm(&dir, &mut control, pid, NEW_NAMESPACE_SLOTS)?;
             unmirror.0.clone_from(&late);
-            state.network = late;
+            // Nothing there yet: `start` looks again (`ctr run --cni`).
+            state.network = Some(late.unwrap_or_else(|| crate::state::NetworkState {
+                netns: crate::network::netns_of(pid),
+                links: Vec::new(),
+            }));
         }
     }
     let terminal = if process.terminal {
@@ -241,42 +246,6 @@ fn set_up(
         control,
         outputs,
     })
-}
-
-/// Mirrors the interfaces found in this monitor's own (new) network
-/// namespace into its running VM: each TAP bound to a free slot through
-/// the VMM's API, then the agent's `network`. None when there are none.
-fn mirror_late(
-    dir: &Path,
-    control: &mut Control,
-) -> Result<Option<crate::state::NetworkState>, String> {
-    let path = std::path::PathBuf::from(format!("/proc/{}/ns/net", std::process::id()));
-    let mirror = crate::network::mirror_own(&path, NEW_NAMESPACE_SLOTS as usize)
-        .map_err(|e| e.to_string())?;
-    if mirror.interfaces.is_empty() {
-        return Ok(None);
-    }
-    let links: Vec<String> = mirror.interfaces.iter().map(|i| i.name.clone()).collect();
-    let attached = mirror.taps.iter().enumerate().try_for_each(|(slot, tap)| {
-        crate::sandbox::vmm_api_with(
-            dir,
-            &husk_protocol::api::ApiRequest::AttachNet { slot: slot as u8 },
-            Some(std::os::fd::AsFd::as_fd(tap)),
-        )
-    });
-    let configured = attached.and_then(|()| {
-        control.expect_ok(&Request::Network {
-            interfaces: mirror.interfaces.clone(),
-        })
-    });
-    if let Err(e) = configured {
-        crate::network::unmirror(&path, &links);
-        return Err(format!(
-            "the container's network: {}",
-            crate::error_chain(&e)
-        ));
-    }
-    Ok(Some(crate::state::NetworkState { netns: path, links }))
 }
 
 /// Takes a mirrored network's redirection off when dropped (unless its
@@ -374,7 +343,7 @@ fn boot(
 /// Network slots of the guest of a container whose spec asks for a new
 /// network namespace: one, as docker's bridge and `ctr run --cni` give
 /// (each slot costs every such start a device, docs/networking.md).
-const NEW_NAMESPACE_SLOTS: u8 = 1;
+pub(crate) const NEW_NAMESPACE_SLOTS: u8 = 1;
 
 fn resources(bundle: &Bundle) -> Option<&oci_spec::runtime::LinuxResources> {
     bundle
