@@ -337,3 +337,78 @@ fn an_interface_added_between_create_and_start_reaches_the_container() {
     assert_eq!(state.exit_status, Some(0), "{:?}", state.error);
     common::ok(&["delete", &name]);
 }
+
+/// The guest's frames reach the namespace's interface only from its own
+/// MAC and addresses: a container (with CAP_NET_ADMIN and CAP_NET_RAW)
+/// that takes another address, or another MAC, gets no datagram to a peer
+/// (not even its ARP request through); back on its own address, its
+/// datagram arrives (so what stopped the others was the filter).
+#[test]
+fn a_guest_that_takes_another_address_or_mac_reaches_nobody() {
+    let (ns, peer) = (Netns::new("spoof"), Netns::new("spoof-peer"));
+    wire(&ns, &peer);
+    // busybox's nc has no UDP; its nslookup sends the name asked for in a
+    // UDP datagram to the server given (port 53), which is all this needs.
+    let udp = peer.run(|| std::net::UdpSocket::bind("10.0.5.1:53").unwrap());
+    let send = |what: &str| format!("timeout 3 nslookup {what} 10.0.5.1 >/dev/null 2>&1");
+    let mac = ns.output("cat", &["/sys/class/net/eth0/address"]);
+    let script = format!(
+        "ip addr del 10.0.5.2/24 dev eth0; ip addr add 10.0.5.77/24 dev eth0; \
+         ip route add default via 10.0.5.1; {}; \
+         ip addr del 10.0.5.77/24 dev eth0; ip addr add 10.0.5.2/24 dev eth0; \
+         ip link set eth0 down; ip link set eth0 address 02:00:00:00:00:99 || echo no-mac-change; \
+         ip link set eth0 up; ip route add default via 10.0.5.1; {}; \
+         ip link set eth0 down; ip link set eth0 address {} || echo no-mac-change; \
+         ip link set eth0 up; ip route add default via 10.0.5.1; {}; echo done",
+        send("from-another-address"),
+        send("from-another-mac"),
+        mac.trim(),
+        send("from-the-guest-itself"),
+    );
+    let bundle = Bundle::new("net-spoof", &["sh", "-c", &script], |spec| {
+        in_netns(spec, &ns.path());
+        let mut process = spec.process().clone().unwrap();
+        let mut caps = process.capabilities().clone().unwrap_or_default();
+        let add = |set: Option<oci_spec::runtime::Capabilities>| {
+            let mut set = set.unwrap_or_default();
+            set.insert(oci_spec::runtime::Capability::NetAdmin);
+            // busybox's `ip link set address` opens a packet socket.
+            set.insert(oci_spec::runtime::Capability::NetRaw);
+            Some(set)
+        };
+        caps.set_bounding(add(caps.bounding().clone()));
+        caps.set_effective(add(caps.effective().clone()));
+        caps.set_permitted(add(caps.permitted().clone()));
+        process.set_capabilities(Some(caps));
+        spec.set_process(Some(process));
+    });
+    let name = id("net-spoof");
+    let out = husk(&["run", "--bundle", bundle.0.to_str().unwrap(), &name]);
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(text(&out.stdout), "done\n", "{said}");
+    // Only the guest's own datagram arrived.
+    udp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 512];
+    let mut got = Vec::new();
+    while let Ok((n, from)) = udp.recv_from(&mut buf) {
+        let asked = [
+            "from-another-address",
+            "from-another-mac",
+            "from-the-guest-itself",
+        ]
+        .into_iter()
+        .find(|name| buf[..n].windows(name.len()).any(|w| w == name.as_bytes()));
+        got.push((from.ip().to_string(), asked.unwrap_or("?")));
+        udp.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+    }
+    assert!(
+        !got.is_empty(),
+        "the guest's own query never arrived: {said}"
+    );
+    assert!(
+        got.iter()
+            .all(|g| *g == ("10.0.5.2".to_owned(), "from-the-guest-itself")),
+        "{got:?}: {said}"
+    );
+}

@@ -256,7 +256,7 @@ fn mirror_in(ns: OwnedFd, path: &Path, slots: usize) -> Result<Mirror, NetworkEr
         let tap = open_tap_in(&ns, &tap_name)
             .map_err(|e| step(&format!("open TAP {tap_name}"), e.to_string()));
         let tap = match tap.and_then(|tap| {
-            join(&ns, &iface.name, &tap_name, iface.mtu)
+            join(&ns, iface, &tap_name)
                 .map_err(|e| step(&format!("join {} to {tap_name}", iface.name), e))?;
             Ok(tap)
         }) {
@@ -369,28 +369,106 @@ fn route(r: &Value) -> Option<NetRoute> {
     })
 }
 
-/// Redirects everything `link` receives to `tap` and back, and brings
-/// the TAP up with the link's MTU.
-fn join(ns: &OwnedFd, link: &str, tap: &str, mtu: u32) -> Result<(), String> {
-    let mtu = mtu.to_string();
-    in_netns(ns, "ip", &["link", "set", "dev", tap, "mtu", &mtu, "up"])?;
-    for (from, to) in [(link, tap), (tap, link)] {
-        in_netns(ns, "tc", &["qdisc", "add", "dev", from, "ingress"])?;
-        in_netns(
-            ns,
-            "tc",
-            &[
-                "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32", "match",
-                "u8", "0", "0", "action", "mirred", "egress", "redirect", "dev", to,
-            ],
-        )?;
+/// Redirects everything `iface` receives to `tap`, and what `tap`
+/// receives (the guest's frames) to `iface` only when it is the guest's
+/// own: its MAC, and for IPv4 and ARP one of its addresses, for IPv6 one
+/// of its addresses, a link-local one or the unspecified one (duplicate
+/// address detection). A frame that matches no filter is not redirected:
+/// it goes up the TAP's side of the namespace's stack, where the TAP has
+/// no address, IPv6 is off, ARP answers nothing and nothing received on
+/// it is forwarded, and dies there (this kernel has no `gact` action to
+/// drop it outright). Brings the TAP up
+/// with the interface's MTU. Two processes: `ip`, and `tc` in batch mode.
+fn join(ns: &OwnedFd, iface: &NetInterface, tap: &str) -> Result<(), String> {
+    let mtu = iface.mtu.to_string();
+    in_netns(
+        ns,
+        "ip",
+        &["link", "set", "dev", tap, "mtu", &mtu, "up"],
+        None,
+    )?;
+    // What no filter passes goes up the TAP's side of the stack: it must
+    // die there. A new namespace inherits the host's IPv4 settings, and a
+    // host that forwards would forward it (seen in the spoofing test).
+    for (key, value) in [
+        (format!("ipv6/conf/{tap}/disable_ipv6"), "1"),
+        (format!("ipv4/conf/{tap}/forwarding"), "0"),
+        (format!("ipv4/conf/{tap}/rp_filter"), "1"),
+        (format!("ipv4/conf/{tap}/arp_ignore"), "8"),
+    ] {
+        sysctl_in(ns, &key, value).map_err(|e| format!("net.{key}: {e}"))?;
     }
+    in_netns(ns, "tc", &["-batch", "-"], Some(&filters(iface, tap)))?;
     Ok(())
+}
+
+/// The `tc -batch` lines of [`join`].
+fn filters(iface: &NetInterface, tap: &str) -> String {
+    let link = iface.name.as_str();
+    let redirect = |to: &str| format!("action mirred egress redirect dev {to}");
+    let m = iface.mac;
+    // The Ethernet source, before the network header: bytes -8 to -3
+    // (u32 keys are whole aligned words: -8..-4, then half of -4..0).
+    let from_mac = format!(
+        "match u32 0x{:02x}{:02x}{:02x}{:02x} 0xffffffff at -8 match u16 0x{:02x}{:02x} 0xffff at -4",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    );
+    let mut lines = vec![
+        format!("qdisc add dev {link} ingress"),
+        format!(
+            "filter add dev {link} parent ffff: protocol all prio 1 u32 match u8 0 0 {}",
+            redirect(tap)
+        ),
+        format!("qdisc add dev {tap} ingress"),
+    ];
+    let guest = |protocol: &str, prio: u8, matches: String| {
+        format!(
+            "filter add dev {tap} parent ffff: protocol {protocol} prio {prio} u32 {from_mac} {matches} {}",
+            redirect(link)
+        )
+    };
+    let mut v6 = vec!["fe80::/10".to_owned(), "::/128".to_owned()];
+    for (ip, _) in &iface.addresses {
+        match ip {
+            IpAddr::V4(v4) => {
+                let [a, b, c, d] = v4.octets();
+                // ARP's sender protocol address is bytes 14 to 17 (two
+                // halves: keys do not cross an aligned word).
+                lines.push(guest(
+                    "arp",
+                    2,
+                    format!(
+                        "match u16 0x{a:02x}{b:02x} 0xffff at 14 match u16 0x{c:02x}{d:02x} 0xffff at 16"
+                    ),
+                ));
+                lines.push(guest("ip", 3, format!("match ip src {v4}/32")));
+            }
+            IpAddr::V6(v6addr) => v6.push(format!("{v6addr}/128")),
+        }
+    }
+    for src in v6 {
+        lines.push(guest("ipv6", 4, format!("match ip6 src {src}")));
+    }
+    lines.join("\n") + "\n"
+}
+
+/// Writes `value` to `/proc/sys/net/<key>` of the namespace `ns` (from a
+/// thread that entered it: /proc/sys/net is the opener's namespace's).
+fn sysctl_in(ns: &OwnedFd, key: &str, value: &str) -> std::io::Result<()> {
+    let ns = ns.as_fd();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            rustix::thread::move_into_link_name_space(ns, Some(LinkNameSpaceType::Network))?;
+            std::fs::write(format!("/proc/sys/net/{key}"), value)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the thread panicked")))
+    })
 }
 
 /// Takes the ingress qdisc (and with it the redirection) off `link`.
 fn unjoin(ns: &OwnedFd, link: &str) -> Result<(), String> {
-    in_netns(ns, "tc", &["qdisc", "del", "dev", link, "ingress"]).map(|_| ())
+    in_netns(ns, "tc", &["qdisc", "del", "dev", link, "ingress"], None).map(|_| ())
 }
 
 /// Opens TAP `name` in the namespace `ns`, from a thread that enters it.
@@ -409,17 +487,30 @@ fn open_tap_in(ns: &OwnedFd, name: &str) -> std::io::Result<OwnedFd> {
 /// Runs `program args` in the namespace `ns` (started from a thread that
 /// entered it: a child is born in its parent thread's namespace); its
 /// stdout, or what it said when it failed.
-fn in_netns(ns: &OwnedFd, program: &str, args: &[&str]) -> Result<String, String> {
+fn in_netns(
+    ns: &OwnedFd,
+    program: &str,
+    args: &[&str],
+    input: Option<&str>,
+) -> Result<String, String> {
     let ns = ns.as_fd();
     let out = std::thread::scope(|s| {
         s.spawn(|| {
             rustix::thread::move_into_link_name_space(ns, Some(LinkNameSpaceType::Network))?;
-            Command::new(program)
+            let mut child = Command::new(program)
                 .args(args)
-                .stdin(Stdio::null())
+                .stdin(if input.is_some() {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
-                .output()
+                .spawn()?;
+            if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+                std::io::Write::write_all(&mut stdin, text.as_bytes())?;
+            }
+            child.wait_with_output()
         })
         .join()
         .unwrap_or_else(|_| Err(std::io::Error::other("the thread panicked")))
@@ -437,7 +528,7 @@ fn in_netns(ns: &OwnedFd, program: &str, args: &[&str]) -> Result<String, String
 
 /// [`in_netns`] for `ip -j`: its JSON array.
 fn in_netns_json(ns: &OwnedFd, program: &str, args: &[&str]) -> Result<Vec<Value>, String> {
-    let out = in_netns(ns, program, args)?;
+    let out = in_netns(ns, program, args, None)?;
     if out.trim().is_empty() {
         return Ok(Vec::new());
     }
@@ -480,6 +571,35 @@ mod tests {
         )));
         assert!(!only_loopback(""));
         assert!(!only_loopback("garbage"));
+    }
+
+    #[test]
+    fn the_guests_frames_pass_only_from_its_mac_and_addresses() {
+        let iface = NetInterface {
+            slot: 0,
+            name: "eth0".into(),
+            mac: [0x02, 0x42, 0x0a, 0x00, 0x05, 0x02],
+            mtu: 1500,
+            addresses: vec![
+                ("10.0.5.2".parse().unwrap(), 24),
+                ("fd05::2".parse().unwrap(), 64),
+            ],
+            routes: Vec::new(),
+        };
+        let text = filters(&iface, "husk-tap0");
+        let mac = "match u32 0x02420a00 0xffffffff at -8 match u16 0x0502 0xffff at -4";
+        let to_eth0 = "action mirred egress redirect dev eth0";
+        let want = [
+            "qdisc add dev eth0 ingress".to_owned(),
+            "filter add dev eth0 parent ffff: protocol all prio 1 u32 match u8 0 0 action mirred egress redirect dev husk-tap0".to_owned(),
+            "qdisc add dev husk-tap0 ingress".to_owned(),
+            format!("filter add dev husk-tap0 parent ffff: protocol arp prio 2 u32 {mac} match u16 0x0a00 0xffff at 14 match u16 0x0502 0xffff at 16 {to_eth0}"),
+            format!("filter add dev husk-tap0 parent ffff: protocol ip prio 3 u32 {mac} match ip src 10.0.5.2/32 {to_eth0}"),
+            format!("filter add dev husk-tap0 parent ffff: protocol ipv6 prio 4 u32 {mac} match ip6 src fe80::/10 {to_eth0}"),
+            format!("filter add dev husk-tap0 parent ffff: protocol ipv6 prio 4 u32 {mac} match ip6 src ::/128 {to_eth0}"),
+            format!("filter add dev husk-tap0 parent ffff: protocol ipv6 prio 4 u32 {mac} match ip6 src fd05::2/128 {to_eth0}"),
+        ];
+        assert_eq!(text.lines().collect::<Vec<_>>(), want);
     }
 
     #[test]
