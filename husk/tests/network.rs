@@ -412,3 +412,63 @@ fn a_guest_that_takes_another_address_or_mac_reaches_nobody() {
         "{got:?}: {said}"
     );
 }
+
+/// A checkpoint of a container whose spec names a namespace is restored
+/// into that namespace: new TAPs, the same interface, and the process
+/// goes on talking to its peer.
+#[test]
+fn a_restored_checkpoint_is_joined_to_its_namespace_again() {
+    let (ns, peer) = (Netns::new("ckpt-net"), Netns::new("ckpt-net-peer"));
+    wire(&ns, &peer);
+    let listener = peer.run(|| TcpListener::bind("10.0.5.1:0").unwrap());
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let mut line = String::new();
+            let _ = BufReader::new(&conn).read_line(&mut line);
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let script =
+        format!("i=0; while true; do i=$((i+1)); echo n$i | nc 10.0.5.1 {port}; sleep 1; done");
+    let bundle = Bundle::new("net-ckpt", &["sh", "-c", &script], |spec| {
+        in_netns(spec, &ns.path())
+    });
+    let b = bundle.0.to_str().unwrap();
+    let name = id("net-ckpt");
+    common::ok(&["run", "-d", "--bundle", b, &name]);
+    let first = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("a first line");
+    assert!(first.starts_with('n'), "{first:?}");
+    let image = std::env::temp_dir().join(format!("husk-net-ckpt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&image);
+    common::ok(&["checkpoint", "--image-path", image.to_str().unwrap(), &name]);
+    common::ok(&["delete", &name]);
+    // Stopped: its redirection is gone with its TAP.
+    let qdiscs = ns.output("tc", &["qdisc", "show", "dev", "eth0"]);
+    assert!(!qdiscs.contains("ingress"), "{qdiscs}");
+    while rx.try_recv().is_ok() {}
+    common::ok(&[
+        "restore",
+        "-d",
+        "--image-path",
+        image.to_str().unwrap(),
+        "--bundle",
+        b,
+        &name,
+    ]);
+    let again = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("a line after the restore");
+    let n = |line: &str| line.trim().trim_start_matches('n').parse::<u64>().unwrap();
+    assert!(n(&again) > n(&first), "{first:?} then {again:?}");
+    common::ok(&["delete", "--force", &name]);
+    let _ = std::fs::remove_dir_all(&image);
+    let qdiscs = ns.output("tc", &["qdisc", "show", "dev", "eth0"]);
+    assert!(!qdiscs.contains("ingress"), "{qdiscs}");
+}

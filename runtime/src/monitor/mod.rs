@@ -296,15 +296,12 @@ fn boot(
     // The spec's network namespace, mirrored into the guest
     // (docs/networking.md); the container then runs in the guest's own.
     let mode = crate::network::mode(&bundle.spec);
-    let mirror = match (&mode, restore) {
-        (crate::network::Mode::Path(path), None) => {
+    // A restored checkpoint's guest has its interfaces configured already
+    // and as many slots as it was made with; its TAPs are made again (the
+    // old ones went with the old VMM) and the agent is told again.
+    let mirror = match &mode {
+        crate::network::Mode::Path(path) => {
             Some(crate::network::mirror(path).map_err(|e| e.to_string())?)
-        }
-        (crate::network::Mode::Path(path), Some(_)) => {
-            return Err(format!(
-                "restoring a container whose network is a namespace path ({}) is not supported yet",
-                path.display()
-            ));
         }
         _ => None,
     };
