@@ -24,8 +24,10 @@ pkgs=(
 	# htpasswd (bcrypt) for the registry the basic-auth test starts
 	apache2-utils
 	# network tests: namespaces, TAPs and addresses (ip); the CNI plugins
-	# husk's networks are built on (issue 16)
-	iproute2 containernetworking-plugins
+	# husk's networks are built on (issue 16); podman driving husk on a
+	# CNI network of its own, whose portmap and bridge plugins need
+	# iptables
+	iproute2 containernetworking-plugins podman iptables
 )
 missing=()
 for p in "${pkgs[@]}"; do
