@@ -41,9 +41,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use clap::Parser;
 use husk_bench::percentile;
+use husk_vmm::devices::lock;
 use husk_vmm::devices::virtio::mmio::MmioTransport;
 use husk_vmm::devices::virtio::net::{Net, NetHandle};
-use husk_vmm::devices::{BusDevice, lock};
 use rustix::event::{PollFd, PollFlags};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -317,6 +317,29 @@ struct Count {
     cpu_ns: u64,
 }
 
+/// Runs `round` (one batch each way; it returns the frames it moved)
+/// until `until` has passed, or once when `check`: the frames, and the
+/// wall and CPU time they took.
+fn timed(
+    until: Duration,
+    check: bool,
+    mut round: impl FnMut() -> anyhow::Result<u64>,
+) -> anyhow::Result<Count> {
+    let (t, cpu) = (Instant::now(), cpu_now());
+    let mut frames = 0;
+    loop {
+        frames += round()?;
+        if check || t.elapsed() >= until {
+            break;
+        }
+    }
+    Ok(Count {
+        frames,
+        secs: t.elapsed().as_secs_f64(),
+        cpu_ns: cpu_now() - cpu,
+    })
+}
+
 fn cpu_now() -> u64 {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
@@ -355,16 +378,6 @@ struct Rig {
     strays: u64,
 }
 
-fn reg(t: &mut MmioTransport, offset: u64) -> u32 {
-    let mut b = [0u8; 4];
-    t.read(offset, &mut b);
-    u32::from_le_bytes(b)
-}
-
-fn set(t: &mut MmioTransport, offset: u64, value: u32) {
-    t.write(offset, &value.to_le_bytes());
-}
-
 impl Rig {
     /// The device with t0 bound, its driver up with every feature it
     /// offers accepted, its thread running; t1 for the bench.
@@ -379,31 +392,31 @@ impl Rig {
         )));
         {
             let mut t = lock(&transport);
-            ensure!(reg(&mut t, REG_DEVICE_ID) == 1, "not a network device");
-            set(&mut t, REG_STATUS, 1 | 2);
+            ensure!(t.read_u32(REG_DEVICE_ID) == 1, "not a network device");
+            t.write_u32(REG_STATUS, 1 | 2);
             for sel in 0..2 {
-                set(&mut t, REG_DEVICE_FEATURES_SEL, sel);
-                let offered = reg(&mut t, REG_DEVICE_FEATURES);
-                set(&mut t, REG_DRIVER_FEATURES_SEL, sel);
-                set(&mut t, REG_DRIVER_FEATURES, offered);
+                t.write_u32(REG_DEVICE_FEATURES_SEL, sel);
+                let offered = t.read_u32(REG_DEVICE_FEATURES);
+                t.write_u32(REG_DRIVER_FEATURES_SEL, sel);
+                t.write_u32(REG_DRIVER_FEATURES, offered);
             }
-            set(&mut t, REG_STATUS, 1 | 2 | 8);
-            ensure!(reg(&mut t, REG_STATUS) & 8 != 0, "features refused");
+            t.write_u32(REG_STATUS, 1 | 2 | 8);
+            ensure!(t.read_u32(REG_STATUS) & 8 != 0, "features refused");
             for (q, addrs) in [
                 (RX, [RX_DESC, RX_AVAIL, RX_USED]),
                 (TX, [TX_DESC, TX_AVAIL, TX_USED]),
             ] {
-                set(&mut t, REG_QUEUE_SEL, q);
-                set(&mut t, REG_QUEUE_NUM, u32::from(QSIZE));
+                t.write_u32(REG_QUEUE_SEL, q);
+                t.write_u32(REG_QUEUE_NUM, u32::from(QSIZE));
                 for (j, a) in addrs.iter().enumerate() {
                     let at = REG_QUEUE_DESC_LOW + 0x10 * j as u64;
-                    set(&mut t, at, *a as u32);
-                    set(&mut t, at + 4, (*a >> 32) as u32);
+                    t.write_u32(at, *a as u32);
+                    t.write_u32(at + 4, (*a >> 32) as u32);
                 }
-                set(&mut t, REG_QUEUE_READY, 1);
-                ensure!(reg(&mut t, REG_QUEUE_READY) == 1, "queue {q} not ready");
+                t.write_u32(REG_QUEUE_READY, 1);
+                ensure!(t.read_u32(REG_QUEUE_READY) == 1, "queue {q} not ready");
             }
-            set(&mut t, REG_STATUS, 1 | 2 | 8 | 4);
+            t.write_u32(REG_STATUS, 1 | 2 | 8 | 4);
         }
         let handle = host.start(transport.clone())?;
         handle
@@ -430,7 +443,7 @@ impl Rig {
     }
 
     fn notify(&self, queue: u32) {
-        set(&mut lock(&self.transport), REG_QUEUE_NOTIFY, queue);
+        lock(&self.transport).write_u32(REG_QUEUE_NOTIFY, queue);
     }
 
     /// Lays out `case`: the rx buffers' length, the tx chains and their
@@ -504,22 +517,12 @@ impl Rig {
 
     /// The baseline: `batch` frames written to t0, then read from t1.
     fn raw(&mut self, case: &Case, until: Duration, check: bool) -> anyhow::Result<Count> {
-        let (t, cpu) = (Instant::now(), cpu_now());
-        let mut frames = 0;
-        loop {
+        timed(until, check, || {
             for _ in 0..case.batch {
                 Self::write_tap(&self.t0, &case.frame)?;
             }
             self.read_t1(case, case.batch, check)?;
-            frames += case.batch as u64;
-            if check || t.elapsed() >= until {
-                break;
-            }
-        }
-        Ok(Count {
-            frames,
-            secs: t.elapsed().as_secs_f64(),
-            cpu_ns: cpu_now() - cpu,
+            Ok(case.batch as u64)
         })
     }
 
@@ -608,9 +611,7 @@ impl Rig {
     /// and queued again.
     fn device_tx(&mut self, case: &Case, until: Duration, check: bool) -> anyhow::Result<Count> {
         let n = case.pieces.len() as u16;
-        let (t, cpu) = (Instant::now(), cpu_now());
-        let mut frames = 0;
-        loop {
+        timed(until, check, || {
             for k in 0..case.batch as u16 {
                 self.tx.offer(&self.mem, k * n)?;
             }
@@ -626,15 +627,7 @@ impl Rig {
             );
             self.tx.next_used = used;
             self.read_t1(case, case.batch, check)?;
-            frames += case.batch as u64;
-            if check || t.elapsed() >= until {
-                break;
-            }
-        }
-        Ok(Count {
-            frames,
-            secs: t.elapsed().as_secs_f64(),
-            cpu_ns: cpu_now() - cpu,
+            Ok(case.batch as u64)
         })
     }
 
@@ -643,13 +636,11 @@ impl Rig {
     /// takes each frame (its `num_buffers` buffers) and, once the batch
     /// is in, gives the buffers back and notifies.
     fn device_rx(&mut self, case: &Case, until: Duration, check: bool) -> anyhow::Result<Count> {
-        let (t, cpu) = (Instant::now(), cpu_now());
-        let mut frames = 0;
         // Buffers of the frame being taken: left to come, and its bytes.
         let mut left = 0u16;
         let mut len = 0usize;
         let mut assembled = Vec::new();
-        loop {
+        timed(until, check, || {
             for _ in 0..case.batch {
                 Self::write_tap(&self.t1, &case.frame)?;
             }
@@ -699,7 +690,6 @@ impl Rig {
             }
             self.rx.publish(&self.mem)?;
             self.notify(RX);
-            frames += case.batch as u64;
             if check {
                 ensure!(
                     assembled.len() == case.frame.len()
@@ -707,21 +697,12 @@ impl Rig {
                     "{}: the frame in the rx buffers is not the one sent",
                     case.name
                 );
-                break;
             }
-            if t.elapsed() >= until {
-                break;
-            }
-        }
-        Ok(Count {
-            frames,
-            secs: t.elapsed().as_secs_f64(),
-            cpu_ns: cpu_now() - cpu,
+            Ok(case.batch as u64)
         })
     }
 }
 
-/// `struct ifreq` with a name and flags.
 /// Makes TAP `name` in the calling thread's network namespace; it goes
 /// with its descriptor.
 fn open_tap(name: &str) -> anyhow::Result<File> {

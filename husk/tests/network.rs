@@ -32,6 +32,28 @@ fn wire(ns: &Netns, peer: &Netns) {
     peer.ip(&["addr", "add", "10.0.5.1/24", "dev", "peer0"]);
 }
 
+/// A TCP listener at `ip` in `peer` that takes one connection, reads a
+/// line and answers `reply`: its port, and the thread that gives the
+/// connection's source address and the line read.
+fn serve_once(
+    peer: &Netns,
+    ip: &'static str,
+    reply: &'static [u8],
+) -> (u16, std::thread::JoinHandle<(String, String)>) {
+    let listener = peer.run(move || TcpListener::bind((ip, 0)).unwrap());
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (conn, from) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(120)))
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(&conn).read_line(&mut line).unwrap();
+        (&conn).write_all(reply).unwrap();
+        (from.ip().to_string(), line)
+    });
+    (port, server)
+}
+
 /// The spec's network namespace set to `path`.
 fn in_netns(spec: &mut Spec, path: &Path) {
     let mut linux = spec.linux().clone().unwrap();
@@ -76,6 +98,16 @@ fn a_namespaces_interface_is_joined_to_a_tap_and_let_go() {
     // the other.
     let tap = ns.output("ip", &["-o", "link", "show", "husk-tap0"]);
     assert!(tap.contains("mtu 1400") && tap.contains(",UP"), "{tap}");
+    // What no filter passes dies on the TAP's side of the stack.
+    for (key, want) in [
+        ("ipv6/conf/husk-tap0/disable_ipv6", "1"),
+        ("ipv4/conf/husk-tap0/forwarding", "0"),
+        ("ipv4/conf/husk-tap0/rp_filter", "1"),
+        ("ipv4/conf/husk-tap0/arp_ignore", "8"),
+    ] {
+        let got = ns.output("cat", &[&format!("/proc/sys/net/{key}")]);
+        assert_eq!(got.trim(), want, "{key}");
+    }
     for (from, to) in [("eth0", "husk-tap0"), ("husk-tap0", "eth0")] {
         let filters = ns.output("tc", &["filter", "show", "dev", from, "ingress"]);
         assert!(
@@ -132,6 +164,35 @@ fn bad_network_namespaces_are_refused_by_name_and_leave_nothing() {
     let qdiscs = ns.output("tc", &["qdisc", "show"]);
     assert!(!qdiscs.contains("ingress"), "{qdiscs}");
 
+    // A namespace husk made (named by a process in it) takes as many
+    // interfaces as the VM started before them has slots; with only
+    // loopback there, nothing is done.
+    let in_ns = |ns: &Netns| {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &ns.0, "sleep", "60"])
+            .spawn()
+            .unwrap()
+    };
+    let mut sleeper = in_ns(&ns);
+    std::thread::sleep(Duration::from_millis(300));
+    let two = match network::mirror_made(sleeper.id(), 1) {
+        Ok(_) => panic!("ten interfaces went into one slot"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        two.contains("10 Ethernet interfaces; a container whose namespace husk made takes 1"),
+        "{two}"
+    );
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    let empty = Netns::new("mirror-empty");
+    let mut sleeper = in_ns(&empty);
+    std::thread::sleep(Duration::from_millis(300));
+    let none = network::mirror_made(sleeper.id(), 1).unwrap();
+    assert!(none.taps.is_empty() && none.interfaces.is_empty());
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+
     // Through husk: `run` with the host's namespace fails with the reason
     // and leaves no container.
     let bundle = Bundle::new("net-host", &["true"], |spec| {
@@ -162,17 +223,7 @@ fn bad_network_namespaces_are_refused_by_name_and_leave_nothing() {
 fn a_container_in_a_namespace_path_talks_to_its_peer() {
     let (ns, peer) = (Netns::new("ctr-net"), Netns::new("ctr-net-peer"));
     wire(&ns, &peer);
-    let listener = peer.run(|| TcpListener::bind("10.0.5.1:0").unwrap());
-    let port = listener.local_addr().unwrap().port();
-    let server = std::thread::spawn(move || {
-        let (conn, from) = listener.accept().unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(120)))
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(&conn).read_line(&mut line).unwrap();
-        (&conn).write_all(b"hello from the peer\n").unwrap();
-        (from.ip().to_string(), line)
-    });
+    let (port, server) = serve_once(&peer, "10.0.5.1", b"hello from the peer\n");
     let script = format!(
         "cat /sys/class/net/eth0/address; ip -o -4 addr show dev eth0 | grep -o 'inet [0-9./]*'; \
          echo hello from the container | nc 10.0.5.1 {port}"
@@ -208,17 +259,7 @@ fn a_container_in_a_namespace_path_talks_to_its_peer() {
 #[test]
 fn what_a_prestart_hook_puts_in_the_new_namespace_reaches_the_container() {
     let peer = Netns::new("hook-peer");
-    let listener = peer.run(|| TcpListener::bind("10.0.6.1:0").unwrap());
-    let port = listener.local_addr().unwrap().port();
-    let server = std::thread::spawn(move || {
-        let (conn, from) = listener.accept().unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(120)))
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(&conn).read_line(&mut line).unwrap();
-        (&conn).write_all(b"hello from the bridge\n").unwrap();
-        (from.ip().to_string(), line)
-    });
+    let (port, server) = serve_once(&peer, "10.0.6.1", b"hello from the bridge\n");
     // The hook reads the state on stdin: its pid names the namespace.
     let hook_script = format!(
         "pid=$(tr -d ' \\n' | sed -n 's/.*\"pid\":\\([0-9]*\\).*/\\1/p'); \
@@ -281,17 +322,7 @@ fn what_a_prestart_hook_puts_in_the_new_namespace_reaches_the_container() {
 #[test]
 fn an_interface_added_between_create_and_start_reaches_the_container() {
     let peer = Netns::new("start-peer");
-    let listener = peer.run(|| TcpListener::bind("10.0.7.1:0").unwrap());
-    let port = listener.local_addr().unwrap().port();
-    let server = std::thread::spawn(move || {
-        let (conn, from) = listener.accept().unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(120)))
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(&conn).read_line(&mut line).unwrap();
-        (&conn).write_all(b"hello from cni\n").unwrap();
-        (from.ip().to_string(), line)
-    });
+    let (port, server) = serve_once(&peer, "10.0.7.1", b"hello from cni\n");
     let script = format!(
         "ip -o -4 addr show dev eth0 | grep -q 'inet 10.0.7.2/24' && \
          echo hello from the container | nc 10.0.7.1 {port} | grep -q 'hello from cni'"
@@ -466,4 +497,35 @@ fn a_restored_checkpoint_is_joined_to_its_namespace_again() {
     let _ = std::fs::remove_dir_all(&image);
     let qdiscs = ns.output("tc", &["qdisc", "show", "dev", "eth0"]);
     assert!(!qdiscs.contains("ingress"), "{qdiscs}");
+}
+
+/// A spec without a network namespace asks for the host's network, which a
+/// VM cannot share: the container gets loopback only (as `husk features`
+/// says), working, and nothing of the host's.
+#[test]
+fn a_spec_without_a_network_namespace_gets_loopback_only() {
+    let bundle = Bundle::new(
+        "net-none",
+        &[
+            "sh",
+            "-c",
+            "ls /sys/class/net; httpd -p 127.0.0.1:8080 -h /etc && \
+             wget -q -O - http://127.0.0.1:8080/group | grep -q root && echo lo-ok",
+        ],
+        |spec| {
+            let mut linux = spec.linux().clone().unwrap();
+            let mut namespaces = linux.namespaces().clone().unwrap();
+            namespaces.retain(|ns| ns.typ() != LinuxNamespaceType::Network);
+            linux.set_namespaces(Some(namespaces));
+            spec.set_linux(Some(linux));
+        },
+    );
+    let name = id("net-none");
+    let out = husk(&["run", "--bundle", bundle.0.to_str().unwrap(), &name]);
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert_eq!(text(&out.stdout), "lo\nlo-ok\n", "{said}");
+    let features: serde_json::Value = serde_json::from_str(&common::ok(&["features"])).unwrap();
+    let says = features["annotations"]["io.husk.network"].as_str().unwrap();
+    assert!(says.contains("loopback only"), "{says}");
 }

@@ -13,7 +13,6 @@ use virtio_queue::mock::MockSplitQueue;
 
 use super::device::publish;
 use super::*;
-use crate::devices::BusDevice;
 use crate::devices::virtio::VIRTIO_F_VERSION_1;
 
 const F_NEXT: u16 = 1;
@@ -475,44 +474,34 @@ use crate::devices::virtio::mmio::{
     REG_QUEUE_SEL, REG_STATUS,
 };
 
-fn reg(t: &mut MmioTransport, offset: u64) -> u32 {
-    let mut b = [0u8; 4];
-    t.read(offset, &mut b);
-    u32::from_le_bytes(b)
-}
-
-fn set(t: &mut MmioTransport, offset: u64, value: u32) {
-    t.write(offset, &value.to_le_bytes());
-}
-
 /// Brings the device up as Linux's virtio_mmio and virtio_net drivers do,
 /// accepting `features`.
 fn bring_up(t: &mut MmioTransport, queues: &[&MockSplitQueue<'_, GuestMemoryMmap>], features: u64) {
-    assert_eq!(reg(t, REG_DEVICE_ID), TYPE_NET);
-    set(t, REG_STATUS, 1 | 2);
-    set(t, REG_DEVICE_FEATURES_SEL, 0);
+    assert_eq!(t.read_u32(REG_DEVICE_ID), TYPE_NET);
+    t.write_u32(REG_STATUS, 1 | 2);
+    t.write_u32(REG_DEVICE_FEATURES_SEL, 0);
     assert_eq!(
-        u64::from(reg(t, REG_DEVICE_FEATURES)),
+        u64::from(t.read_u32(REG_DEVICE_FEATURES)),
         FEATURES & 0xffff_ffff
     );
     for sel in 0..2 {
-        set(t, REG_DRIVER_FEATURES_SEL, sel);
-        set(t, REG_DRIVER_FEATURES, (features >> (32 * sel)) as u32);
+        t.write_u32(REG_DRIVER_FEATURES_SEL, sel);
+        t.write_u32(REG_DRIVER_FEATURES, (features >> (32 * sel)) as u32);
     }
-    set(t, REG_STATUS, 1 | 2 | 8);
+    t.write_u32(REG_STATUS, 1 | 2 | 8);
     for (i, q) in queues.iter().enumerate() {
-        set(t, REG_QUEUE_SEL, i as u32);
-        set(t, REG_QUEUE_NUM, 256);
+        t.write_u32(REG_QUEUE_SEL, i as u32);
+        t.write_u32(REG_QUEUE_NUM, 256);
         let addrs = [q.desc_table_addr(), q.avail_addr(), q.used_addr()];
         for (j, a) in addrs.iter().enumerate() {
             let at = REG_QUEUE_DESC_LOW + 0x10 * j as u64;
-            set(t, at, a.0 as u32);
-            set(t, at + 4, (a.0 >> 32) as u32);
+            t.write_u32(at, a.0 as u32);
+            t.write_u32(at + 4, (a.0 >> 32) as u32);
         }
-        set(t, REG_QUEUE_READY, 1);
-        assert_eq!(reg(t, REG_QUEUE_READY), 1);
+        t.write_u32(REG_QUEUE_READY, 1);
+        assert_eq!(t.read_u32(REG_QUEUE_READY), 1);
     }
-    set(t, REG_STATUS, 1 | 2 | 8 | 4);
+    t.write_u32(REG_STATUS, 1 | 2 | 8 | 4);
 }
 
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
@@ -538,7 +527,7 @@ fn net_transport_activates_and_resets_the_device() {
     bring_up(&mut t, &[&rx, &tx], acked);
     assert!(lock(&backend).active);
     assert_eq!(lock(&backend).acked, acked);
-    assert_eq!(reg(&mut t, REG_CONFIG), 0);
+    assert_eq!(t.read_u32(REG_CONFIG), 0);
 
     let state = t.save().unwrap();
     let (net2, _host2) = Net::new().unwrap();
@@ -548,7 +537,7 @@ fn net_transport_activates_and_resets_the_device() {
     assert!(lock(&backend2).active, "restored running");
     assert_eq!(lock(&backend2).acked, acked);
 
-    set(&mut t, REG_STATUS, 0);
+    t.write_u32(REG_STATUS, 0);
     assert!(!lock(&backend).active);
     let state = t.save().unwrap();
     let (net3, _host3) = Net::new().unwrap();
@@ -596,7 +585,7 @@ fn net_thread_delivers_from_the_tap_through_the_transport() {
     });
     assert_eq!(rx.used().idx().load(), 1);
     add_buffers(&rx, 1, &[(0x20_0000, 2048)]);
-    set(&mut lock(&transport), REG_QUEUE_NOTIFY, RX as u32);
+    lock(&transport).write_u32(REG_QUEUE_NOTIFY, RX as u32);
     wait_for("the waiting frame", || rx.used().idx().load() == 2);
     assert_eq!(read(&mem, 0x20_0000, g.len()), with_buffers(&g, 1));
     wait_for("the TAP to be polled again", || {
@@ -608,7 +597,7 @@ fn net_thread_delivers_from_the_tap_through_the_transport() {
     mem.write_slice(&h, GuestAddress(0x30_0000)).unwrap();
     tx.add_desc_chains(&[desc(0x30_0000, h.len() as u32, 0, 0)], 0)
         .unwrap();
-    set(&mut lock(&transport), REG_QUEUE_NOTIFY, TX as u32);
+    lock(&transport).write_u32(REG_QUEUE_NOTIFY, TX as u32);
     assert_eq!(try_recv(peer.as_raw_fd()).unwrap(), h);
     assert_eq!(tx.used().idx().load(), 1);
 
