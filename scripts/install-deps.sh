@@ -28,6 +28,9 @@ pkgs=(
 	# CNI network of its own, whose portmap and bridge plugins need
 	# iptables
 	iproute2 containernetworking-plugins podman iptables
+	# dockerd driving husk (its own daemon per test); iperf3 for the
+	# network benchmark
+	docker.io iperf3
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -28,6 +28,9 @@ pub enum DockerError {
     /// An image reference does not parse.
     #[error(transparent)]
     Reference(#[from] husk_image::reference::ReferenceError),
+    /// A network operation failed (`--network`, `-p`, `husk network`).
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
     /// The built-in busybox image cannot be made.
     #[error(transparent)]
     Busybox(#[from] BusyboxError),
@@ -74,6 +77,9 @@ pub enum DockerError {
         #[source]
         source: Box<DockerError>,
     },
+    /// `--hostname` that is not a host name.
+    #[error("--hostname {0:?}: not a host name (letters, digits, '-', '.', at most 63)")]
+    BadHostname(String),
     /// `--cpus` of 0 or less.
     #[error("--cpus {0}: must be more than 0")]
     BadCpus(f64),

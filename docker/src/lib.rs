@@ -21,7 +21,9 @@
 #![deny(missing_docs)]
 
 pub mod busybox;
+pub mod cni;
 mod error;
+pub mod network;
 
 pub use error::{BusyboxError, DockerError};
 
@@ -77,6 +79,20 @@ pub struct RunOptions {
     pub memory: Option<String>,
     /// `--cpus`.
     pub cpus: Option<f64>,
+    /// `--network`: a husk network's name, or `none` (default: the
+    /// `bridge` network, made on first use).
+    pub network: Option<String>,
+    /// `-p [IP:][HOST_PORT:]CONTAINER_PORT[/PROTOCOL]`.
+    pub publish: Vec<String>,
+    /// `-P`: the image's exposed ports, each on a host port the kernel
+    /// picks.
+    pub publish_all: bool,
+    /// `--hostname` (default: the first 12 digits of its ID).
+    pub hostname: Option<String>,
+    /// `--add-host HOST:IP`.
+    pub add_hosts: Vec<String>,
+    /// `--dns IP`.
+    pub dns: Vec<String>,
 }
 
 /// What `ps` and `inspect` show of a container made from an image.
@@ -329,7 +345,8 @@ fn spec(
             "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
         );
     }
-    env.push(format!("HOSTNAME={}", &id[..12]));
+    let hostname = o.hostname.clone().unwrap_or_else(|| id[..12].to_owned());
+    env.push(format!("HOSTNAME={hostname}"));
     if o.tty && !o.detach {
         env.push("TERM=xterm".into());
     }
@@ -374,7 +391,7 @@ fn spec(
         process.set_user(u);
     }
     spec.set_process(Some(process));
-    spec.set_hostname(Some(id[..12].to_owned()));
+    spec.set_hostname(Some(hostname));
     if let Some(r) = spec.root().clone() {
         let mut r = r;
         r.set_readonly(Some(false));
@@ -512,6 +529,8 @@ pub fn run(root: &Path, o: &RunOptions) -> Result<i32> {
     let id = random_hex(32);
     let name = o.name.clone().unwrap_or_else(|| id[..12].to_owned());
     container::check_id(&name)?;
+    // Every flag is checked before anything is made.
+    let (net, ports, names) = plan_network(root, o, &config, &id)?;
     let dir = dir(root, &name);
     let containers = root.join("docker");
     std::fs::create_dir_all(&containers).map_err(PathError::at("create", &containers))?;
@@ -527,7 +546,20 @@ pub fn run(root: &Path, o: &RunOptions) -> Result<i32> {
     let adding = store.adding()?;
     let made = (|| -> Result<Record> {
         mount_rootfs(&dir, &store, &image)?;
-        let spec = spec(root, o, &config, &dir.join("rootfs"), &id)?;
+        let mut spec = spec(root, o, &config, &dir.join("rootfs"), &id)?;
+        if let Some(n) = &net {
+            let mut aliases = vec![name.clone()];
+            aliases.push(names.hostname.clone());
+            aliases.dedup();
+            let a = network::attach(root, &name, &id, n, ports, aliases)?;
+            set_netns(&mut spec, &a.netns);
+        }
+        if net.is_none() {
+            // --network none: no network namespace in the spec, which
+            // husk gives loopback only (no network device in the VM).
+            drop_netns(&mut spec);
+        }
+        network::write_names(root, &name, &dir.join("rootfs"), &names)?;
         let path = dir.join("config.json");
         std::fs::write(&path, serde_json::to_vec_pretty(&spec)?)
             .map_err(PathError::at("write", &path))?;
@@ -554,7 +586,7 @@ pub fn run(root: &Path, o: &RunOptions) -> Result<i32> {
     let mut record = match made {
         Ok(r) => r,
         Err(e) => {
-            remove_dir(&dir);
+            remove_dir(root, &name);
             return Err(e);
         }
     };
@@ -790,9 +822,109 @@ pub fn autoremove(root: &Path, name: &str) -> Result<()> {
     }
 }
 
-fn remove_dir(dir: &Path) {
-    unmount_rootfs(dir);
-    let _ = std::fs::remove_dir_all(dir);
+/// Removes container `name`'s directory, after taking it off its network.
+fn remove_dir(root: &Path, name: &str) {
+    if let Err(e) = network::detach(root, name) {
+        // The rest goes anyway: a plugin that fails DEL once would fail it
+        // at every later try too.
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            text += &format!(": {s}");
+            source = s.source();
+        }
+        eprintln!("husk: warning: container {name}: {text}");
+    }
+    let dir = dir(root, name);
+    unmount_rootfs(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The network a container of `o` joins (None for `none`), its published
+/// ports and its names, from the flags (checked here, before anything is
+/// made).
+fn plan_network(
+    root: &Path,
+    o: &RunOptions,
+    config: &oci_spec::image::ImageConfiguration,
+    id: &str,
+) -> Result<(Option<network::Network>, Vec<network::Port>, network::Names)> {
+    let mut ports = o
+        .publish
+        .iter()
+        .map(|p| network::parse_publish(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    if o.publish_all {
+        let exposed = config
+            .config()
+            .as_ref()
+            .and_then(|c| c.exposed_ports().clone())
+            .unwrap_or_default();
+        for e in exposed {
+            let p = network::parse_publish(&e)?;
+            if !ports
+                .iter()
+                .any(|q| q.container_port == p.container_port && q.protocol == p.protocol)
+            {
+                ports.push(p);
+            }
+        }
+    }
+    let names = network::Names {
+        hostname: o.hostname.clone().unwrap_or_else(|| id[..12].to_owned()),
+        extra_hosts: o
+            .add_hosts
+            .iter()
+            .map(|h| network::parse_add_host(h))
+            .collect::<Result<_, _>>()?,
+        dns: o
+            .dns
+            .iter()
+            .map(|d| network::parse_dns(d))
+            .collect::<Result<_, _>>()?,
+    };
+    if let Some(h) = &o.hostname {
+        let ok = !h.is_empty()
+            && h.len() <= 63
+            && h.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+        if !ok {
+            return Err(DockerError::BadHostname(h.clone()));
+        }
+    }
+    let net = match o.network.as_deref().unwrap_or(network::DEFAULT_NETWORK) {
+        "none" => {
+            if !ports.is_empty() {
+                return Err(network::NetworkError::PublishWithoutNetwork.into());
+            }
+            None
+        }
+        "host" => return Err(network::NetworkError::HostNetwork.into()),
+        name => Some(network::get_or_default(root, name)?),
+    };
+    Ok((net, ports, names))
+}
+
+/// Takes the network namespace out of the spec.
+fn drop_netns(spec: &mut Spec) {
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+    namespaces.retain(|n| n.typ() != oci_spec::runtime::LinuxNamespaceType::Network);
+    linux.set_namespaces(Some(namespaces));
+    spec.set_linux(Some(linux));
+}
+
+/// Names the namespace at `netns` as the spec's network namespace.
+fn set_netns(spec: &mut Spec, netns: &Path) {
+    drop_netns(spec);
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+    let mut ns = oci_spec::runtime::LinuxNamespace::default();
+    ns.set_typ(oci_spec::runtime::LinuxNamespaceType::Network);
+    ns.set_path(Some(netns.to_owned()));
+    namespaces.push(ns);
+    linux.set_namespaces(Some(namespaces));
+    spec.set_linux(Some(linux));
 }
 
 /// The runtime status of a container (None once the runtime forgot it).
@@ -823,7 +955,7 @@ pub fn remove(root: &Path, name: &str, force: bool) -> Result<()> {
             });
         }
     }
-    remove_dir(&dir);
+    remove_dir(root, name);
     Ok(())
 }
 
@@ -905,6 +1037,34 @@ pub fn status_text(root: &Path, r: &Record) -> (bool, String) {
     }
 }
 
+/// docker's `NetworkSettings` of container `name`.
+fn network_settings(root: &Path, name: &str) -> serde_json::Value {
+    let Ok(Some(a)) = network::attachment(root, name) else {
+        return serde_json::json!({"Networks": {}, "IPAddress": "", "Ports": {}});
+    };
+    let ip = a.ip().map(|ip| ip.to_string()).unwrap_or_default();
+    let gateway = network::get(root, &a.network)
+        .map(|n| n.gateway)
+        .unwrap_or_default();
+    let mut ports = serde_json::Map::new();
+    for p in &a.ports {
+        ports.insert(
+            format!("{}/{}", p.container_port, p.protocol),
+            serde_json::json!([{
+                "HostIp": p.host_ip.map(|i| i.to_string()).unwrap_or_else(|| "0.0.0.0".into()),
+                "HostPort": p.host_port.to_string(),
+            }]),
+        );
+    }
+    serde_json::json!({
+        "IPAddress": ip,
+        "Gateway": gateway,
+        "SandboxKey": a.netns,
+        "Ports": ports,
+        "Networks": {a.network.clone(): {"IPAddress": ip, "Gateway": gateway, "Aliases": a.names}},
+    })
+}
+
 /// Diff IDs every container still uses (kept by GC).
 pub fn layers_in_use(root: &Path) -> HashSet<String> {
     Record::all(root)
@@ -928,6 +1088,7 @@ pub fn inspect(root: &Path, what: &str) -> Result<serde_json::Value> {
             "State": {"Status": status, "Running": running, "ExitCode": r.exit_status, "Runtime": state},
             "Mounts": r.volumes,
             "HostConfig": {"AutoRemove": r.auto_remove},
+            "NetworkSettings": network_settings(root, &r.name),
             "GraphDriver": {"Name": "overlay", "Data": {
                 "MergedDir": dir(root, &r.name).join("rootfs"),
                 "UpperDir": dir(root, &r.name).join("upper"),

@@ -149,6 +149,9 @@ pub enum Command {
     Logs(crate::docker::LogsArgs),
     /// Print a container's or an image's details (JSON).
     Inspect(crate::docker::InspectArgs),
+    /// Make, list, inspect and remove networks (bridges the CNI plugins
+    /// make) that `husk run --network` joins.
+    Network(crate::networks::NetworkArgs),
     /// (internal) Removes a `run -d --rm` container when it stops.
     #[command(name = "_autoremove", hide = true)]
     Autoremove(crate::docker::AutoremoveArgs),

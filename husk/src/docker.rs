@@ -44,6 +44,28 @@ pub struct DockerRunArgs {
     /// CPUs (1.5).
     #[arg(long)]
     pub cpus: Option<f64>,
+    /// The network to join: a husk network's name, or none (loopback
+    /// only). Default: bridge (made on first use).
+    #[arg(long, alias = "net")]
+    pub network: Option<String>,
+    /// Publish a port: [IP:][HOST_PORT:]CONTAINER_PORT[/tcp|udp]
+    /// (repeatable).
+    #[arg(long, short = 'p')]
+    pub publish: Vec<String>,
+    /// Publish every port the image exposes, each on a free host port.
+    #[arg(long, short = 'P')]
+    pub publish_all: bool,
+    /// The container's host name (default: the first 12 digits of its
+    /// ID).
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// An /etc/hosts entry, HOST:IP (repeatable).
+    #[arg(long)]
+    pub add_host: Vec<String>,
+    /// A nameserver for /etc/resolv.conf (repeatable; default: the
+    /// host's, less loopback ones).
+    #[arg(long)]
+    pub dns: Vec<String>,
     /// The image.
     pub image: String,
     /// The command (default: the image's).
@@ -66,6 +88,12 @@ pub fn docker_run(root: &Path, args: DockerRunArgs) -> anyhow::Result<u8> {
         entrypoint,
         memory,
         cpus,
+        network,
+        publish,
+        publish_all,
+        hostname,
+        add_host,
+        dns,
         image,
         command,
     } = args;
@@ -86,6 +114,12 @@ pub fn docker_run(root: &Path, args: DockerRunArgs) -> anyhow::Result<u8> {
             entrypoint,
             memory,
             cpus,
+            network,
+            publish,
+            publish_all,
+            hostname,
+            add_hosts: add_host,
+            dns,
         },
     )?;
     Ok(status_code(status))

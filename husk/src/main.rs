@@ -13,6 +13,7 @@ mod checkpoints;
 mod cli;
 mod docker;
 mod images;
+mod networks;
 mod oci;
 mod tools;
 
@@ -131,6 +132,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Rm(args) => docker::rm(root, args),
         Command::Logs(args) => docker::logs(root, args),
         Command::Inspect(args) => docker::inspect(root, args),
+        Command::Network(args) => networks::network(root, args),
         Command::Autoremove(args) => docker::autoremove(root, args),
         Command::Monitor(args) => tools::monitor(root, args),
     }

@@ -12,11 +12,11 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{HUSK, text};
+use common::{HUSK, Husk, text};
 use sha2::Digest as _;
 
 fn sha256(bytes: &[u8]) -> String {
@@ -25,73 +25,6 @@ fn sha256(bytes: &[u8]) -> String {
 
 fn scratch(name: &str) -> PathBuf {
     common::scratch("img", name)
-}
-
-/// husk with a root (and image store) of the test's own.
-struct Husk {
-    root: PathBuf,
-}
-
-impl Husk {
-    fn new(name: &str) -> Self {
-        common::reap_on_exit();
-        Self {
-            root: scratch(&format!("root-{name}")),
-        }
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(HUSK);
-        cmd.arg("--root")
-            .arg(&self.root)
-            .args(args)
-            .env(husk_guest::warm::CACHE_ENV, common::root())
-            .stdin(Stdio::null());
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let child = self
-            .cmd(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        common::output_within(child, Duration::from_secs(180), &format!("husk {args:?}"))
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "husk {args:?}: {}{}",
-            text(&out.stdout),
-            text(&out.stderr)
-        );
-        text(&out.stdout)
-    }
-
-    fn fails(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            !out.status.success(),
-            "husk {args:?} succeeded: {}",
-            text(&out.stdout)
-        );
-        text(&out.stderr)
-    }
-}
-
-impl Drop for Husk {
-    fn drop(&mut self) {
-        // Containers left by a failed test: removed with their mounts.
-        let docker = self.root.join("docker");
-        for entry in std::fs::read_dir(&docker).into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let _ = self.run(&["rm", "-f", &name]);
-        }
-        let _ = std::fs::remove_dir_all(&self.root);
-    }
 }
 
 fn free_port() -> u16 {

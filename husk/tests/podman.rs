@@ -8,11 +8,9 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{HUSK, text};
 
@@ -121,27 +119,6 @@ impl Drop for Podman {
     }
 }
 
-/// GET / from `addr`, retried for up to 60 s (the server starts in its VM).
-fn get(addr: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let got = TcpStream::connect(addr).and_then(|mut s| {
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
-            let mut body = String::new();
-            s.read_to_string(&mut body)?;
-            Ok(body)
-        });
-        match got {
-            Ok(body) if body.contains("200") => return body,
-            other => {
-                assert!(Instant::now() < deadline, "GET {addr}: {other:?}");
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        }
-    }
-}
-
 #[test]
 fn podman_runs_husk_containers_on_its_network_with_published_ports() {
     let podman = Podman::new("web");
@@ -210,8 +187,14 @@ fn podman_runs_husk_containers_on_its_network_with_published_ports() {
         .trim()
         .to_owned();
     assert!(ip.starts_with(&subnet), "{ip}");
-    assert!(get(&format!("{ip}:80")).contains("hello from a husk VM under podman"));
-    assert!(get(&format!("127.0.0.1:{port}")).contains("hello from a husk VM under podman"));
+    assert!(
+        husk_test_support::http_get(&format!("{ip}:80"), Duration::from_secs(60))
+            .contains("hello from a husk VM under podman")
+    );
+    assert!(
+        husk_test_support::http_get(&format!("127.0.0.1:{port}"), Duration::from_secs(60))
+            .contains("hello from a husk VM under podman")
+    );
     podman.ok(&["rm", "-f", "web"]);
     let left = podman.ok(&["ps", "-a", "-q"]);
     assert_eq!(left.trim(), "", "{left}");

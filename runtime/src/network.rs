@@ -420,6 +420,14 @@ fn filters(iface: &NetInterface, tap: &str) -> String {
             redirect(tap)
         ),
         format!("qdisc add dev {tap} ingress"),
+        // Loopback destinations first: a match with no action ends the
+        // classification unredirected (the TAP's dead end), so no frame
+        // of the guest reaches a 127.0.0.0/8 or ::1 service through the
+        // namespace, whatever a later filter would pass.
+        format!(
+            "filter add dev {tap} parent ffff: protocol ip prio 1 u32 match ip dst 127.0.0.0/8"
+        ),
+        format!("filter add dev {tap} parent ffff: protocol ipv6 prio 2 u32 match ip6 dst ::1/128"),
     ];
     let guest = |protocol: &str, prio: u8, matches: String| {
         format!(
@@ -436,18 +444,18 @@ fn filters(iface: &NetInterface, tap: &str) -> String {
                 // halves: keys do not cross an aligned word).
                 lines.push(guest(
                     "arp",
-                    2,
+                    3,
                     format!(
                         "match u16 0x{a:02x}{b:02x} 0xffff at 14 match u16 0x{c:02x}{d:02x} 0xffff at 16"
                     ),
                 ));
-                lines.push(guest("ip", 3, format!("match ip src {v4}/32")));
+                lines.push(guest("ip", 4, format!("match ip src {v4}/32")));
             }
             IpAddr::V6(v6addr) => v6.push(format!("{v6addr}/128")),
         }
     }
     for src in v6 {
-        lines.push(guest("ipv6", 4, format!("match ip6 src {src}")));
+        lines.push(guest("ipv6", 5, format!("match ip6 src {src}")));
     }
     lines.join("\n") + "\n"
 }
@@ -593,11 +601,13 @@ mod tests {
             "qdisc add dev eth0 ingress".to_owned(),
             "filter add dev eth0 parent ffff: protocol all prio 1 u32 match u8 0 0 action mirred egress redirect dev husk-tap0".to_owned(),
             "qdisc add dev husk-tap0 ingress".to_owned(),
-            format!("filter add dev husk-tap0 parent ffff: protocol arp prio 2 u32 {mac} match u16 0x0a00 0xffff at 14 match u16 0x0502 0xffff at 16 {to_eth0}"),
-            format!("filter add dev husk-tap0 parent ffff: protocol ip prio 3 u32 {mac} match ip src 10.0.5.2/32 {to_eth0}"),
-            format!("filter add dev husk-tap0 parent ffff: protocol ipv6 prio 4 u32 {mac} match ip6 src fe80::/10 {to_eth0}"),
-            format!("filter add dev husk-tap0 parent ffff: protocol ipv6 prio 4 u32 {mac} match ip6 src ::/128 {to_eth0}"),
-            format!("filter add dev husk-tap0 parent ffff: protocol ipv6 prio 4 u32 {mac} match ip6 src fd05::2/128 {to_eth0}"),
+            "filter add dev husk-tap0 parent ffff: protocol ip prio 1 u32 match ip dst 127.0.0.0/8".to_owned(),
+            "filter add dev husk-tap0 parent ffff: protocol ipv6 prio 2 u32 match ip6 dst ::1/128".to_owned(),
+            format!("filter add dev husk-tap0 parent ffff: protocol arp prio 3 u32 {mac} match u16 0x0a00 0xffff at 14 match u16 0x0502 0xffff at 16 {to_eth0}"),
+            format!("filter add dev husk-tap0 parent ffff: protocol ip prio 4 u32 {mac} match ip src 10.0.5.2/32 {to_eth0}"),
+            format!("filter add dev husk-tap0 parent ffff: protocol ipv6 prio 5 u32 {mac} match ip6 src fe80::/10 {to_eth0}"),
+            format!("filter add dev husk-tap0 parent ffff: protocol ipv6 prio 5 u32 {mac} match ip6 src ::/128 {to_eth0}"),
+            format!("filter add dev husk-tap0 parent ffff: protocol ipv6 prio 5 u32 {mac} match ip6 src fd05::2/128 {to_eth0}"),
         ];
         assert_eq!(text.lines().collect::<Vec<_>>(), want);
     }

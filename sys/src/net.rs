@@ -92,6 +92,48 @@ pub fn inheritable(fd: impl AsFd) -> std::io::Result<OwnedFd> {
     Ok(rustix::io::dup(fd)?)
 }
 
+/// Makes a new, empty network namespace and keeps it by a bind mount on
+/// `path` (a new file), as `ip netns add` does under /run/netns: it lives
+/// until [`remove_netns`], with no process in it. The namespace is made
+/// on a thread of its own, which ends at once.
+pub fn make_netns(path: &Path) -> std::io::Result<()> {
+    drop(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)?,
+    );
+    let made = std::thread::scope(|s| {
+        s.spawn(|| -> std::io::Result<()> {
+            // SAFETY: CLONE_NEWNET only, on this thread: no descriptor table
+            // or filesystem state is unshared under other threads' feet.
+            unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNET) }?;
+            rustix::mount::mount_bind("/proc/thread-self/ns/net", path)?;
+            Ok(())
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the namespace's thread panicked")))
+    });
+    if made.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    made
+}
+
+/// Lets go of a namespace [`make_netns`] kept at `path` (it ends when
+/// nothing else holds it) and removes the file. A path that is not there
+/// is no error.
+pub fn remove_netns(path: &Path) -> std::io::Result<()> {
+    match rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH) {
+        Ok(()) | Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOENT) => {}
+        Err(e) => return Err(e.into()),
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::process::{Child, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use husk_docker::busybox;
@@ -240,4 +240,83 @@ pub fn assert_pipelines_and_vectors_ok(output: &str) {
             .any(|x| x.starts_with("husk-vector-check: ok ")),
         "{output}"
     );
+}
+
+/// husk with a root (and image store) of the test's own.
+pub struct Husk {
+    /// Its `--root`.
+    pub root: PathBuf,
+}
+
+impl Husk {
+    /// With a new root under the scratch directory.
+    pub fn new(name: &str) -> Self {
+        reap_on_exit();
+        Self {
+            root: scratch("img", &format!("root-{name}")),
+        }
+    }
+
+    /// `husk --root <its root> args`, stdin from /dev/null.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(HUSK);
+        cmd.arg("--root")
+            .arg(&self.root)
+            .args(args)
+            .env(husk_guest::warm::CACHE_ENV, root())
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// [`Husk::cmd`] to completion (180 s at most).
+    pub fn run(&self, args: &[&str]) -> Output {
+        let child = self
+            .cmd(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        output_within(child, Duration::from_secs(180), &format!("husk {args:?}"))
+    }
+
+    /// [`Husk::run`], which must succeed; its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "husk {args:?}: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+
+    /// [`Husk::run`], which must fail; its stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "husk {args:?} succeeded: {}",
+            text(&out.stdout)
+        );
+        text(&out.stderr)
+    }
+}
+
+impl Drop for Husk {
+    fn drop(&mut self) {
+        // Containers left by a failed test: removed with their mounts.
+        let docker = self.root.join("docker");
+        for entry in std::fs::read_dir(&docker).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let _ = self.run(&["rm", "-f", &name]);
+        }
+        // Its networks (the default one, made on first use): their
+        // bridges and the subnets they claim go too.
+        let listed = self.run(&["network", "ls", "-q"]);
+        for name in text(&listed.stdout).lines() {
+            let _ = self.run(&["network", "rm", name]);
+        }
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
 }

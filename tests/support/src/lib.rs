@@ -153,6 +153,32 @@ impl Drop for Netns {
     }
 }
 
+/// `GET /` over HTTP/1.0 from `addr` (`IP:PORT`), tried again until it
+/// answers 200 (a server in a VM takes a while to listen): the whole
+/// response. Panics after `within`.
+pub fn http_get(addr: &str, within: Duration) -> String {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + within;
+    loop {
+        let got =
+            std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5))
+                .and_then(|mut s| {
+                    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                    s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+                    let mut body = String::new();
+                    s.read_to_string(&mut body)?;
+                    Ok(body)
+                });
+        match got {
+            Ok(body) if body.contains("200") => return body,
+            other => {
+                assert!(Instant::now() < deadline, "GET {addr}: {other:?}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::process::{Command, Stdio};
