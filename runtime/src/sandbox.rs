@@ -119,7 +119,7 @@ pub fn vmm_api_with(
 ) -> Result<(), SandboxError> {
     let path = state_dir.join(API_SOCKET);
     let fail = |e: std::io::Error| SandboxError::Refused(format!("the VMM's control socket: {e}"));
-    let mut stream = UnixStream::connect(&path).map_err(fail)?;
+    let mut stream = husk_sys::unix::connect(&path).map_err(fail)?;
     let mut line = serde_json::to_vec(request).expect("requests serialize");
     line.push(b'\n');
     match fd {
@@ -186,7 +186,7 @@ pub fn connect(socket: &Path, port: u32) -> std::io::Result<UnixStream> {
 /// reads exactly the line and forwards the rest once the guest accepted,
 /// so a first frame costs no round trip of its own.
 pub fn connect_with(socket: &Path, port: u32, first: &[u8]) -> std::io::Result<UnixStream> {
-    let mut stream = UnixStream::connect(socket)?;
+    let mut stream = husk_sys::unix::connect(socket)?;
     // A guest that does not answer the connection within 5 s is an error,
     // not a hang (Sandbox::control tries again: see docs/vsock.md).
     stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;

@@ -15,5 +15,6 @@ mod error;
 pub mod fd;
 pub mod net;
 pub mod signals;
+pub mod unix;
 
 pub use error::PathError;

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::io::{IoSliceMut, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::OwnedFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Sender, channel};
 
@@ -95,7 +95,7 @@ impl Incoming {
 /// Listens on `path` on a thread `husk-api`, handing each request to `send`.
 /// The socket file is the caller's to remove ([`remove_socket`]).
 pub fn serve(path: &Path, send: impl Fn(ApiCall) + Send + 'static) -> Result<(), ApiError> {
-    let listener = UnixListener::bind(path).map_err(|e| ApiError::Bind(path.to_owned(), e))?;
+    let listener = husk_sys::unix::bind(path).map_err(|e| ApiError::Bind(path.to_owned(), e))?;
     std::thread::Builder::new()
         .name("husk-api".into())
         .spawn(move || {

@@ -101,7 +101,7 @@ fn host_pty() -> std::io::Result<(File, File)> {
 /// Sends `fd` over the Unix socket at `path` (SCM_RIGHTS), as runc sends a
 /// container's terminal master to `--console-socket`.
 pub fn send_fd(path: &Path, fd: BorrowedFd<'_>) -> std::io::Result<()> {
-    let sock = UnixStream::connect(path)?;
+    let sock = husk_sys::unix::connect(path)?;
     husk_sys::fd::send_fd(&sock, fd, b"/dev/ptmx")
 }
 

@@ -13,7 +13,7 @@ impl Vsock {
     /// A device for guest CID `guest_cid` whose host side listens on
     /// `uds_path`. The socket is bound now; [`start`] runs its thread.
     pub fn new(guest_cid: u64, uds_path: &Path) -> std::io::Result<(Self, VsockHost)> {
-        let listener = UnixListener::bind(uds_path)?;
+        let listener = husk_sys::unix::bind(uds_path)?;
         listener.set_nonblocking(true)?;
         let epoll = Epoll::new()?;
         let kick = EventFd::new(libc::EFD_NONBLOCK)?;
