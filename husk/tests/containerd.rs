@@ -323,3 +323,120 @@ fn husk_vmm_of(id: &str) -> bool {
             c.contains("husk-vmm") && c.contains(&format!("/{id}/"))
         })
 }
+
+/// A network namespace wired by Debian's CNI bridge plugin (as a CRI
+/// plugin or `ctr run --cni` would wire one), removed with CNI DEL when
+/// dropped.
+struct CniNetns {
+    path: PathBuf,
+    list: serde_json::Value,
+    ip: String,
+}
+
+impl CniNetns {
+    fn new(name: &str) -> Self {
+        let n = std::process::id() % 200 + 20;
+        let bridge = format!("huskcd{n}");
+        let ns = format!("husk-cni-{name}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        let out = Command::new("ip")
+            .args(["netns", "add", &ns])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let path = PathBuf::from("/run/netns").join(&ns);
+        let list = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": bridge,
+            "plugins": [{
+                "type": "bridge",
+                "bridge": bridge,
+                "isGateway": true,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": format!("10.98.{n}.0/24")}]],
+                    "dataDir": std::env::temp_dir().join(format!("husk-cni-ipam-{}", std::process::id())),
+                }
+            }]
+        });
+        let result = husk_docker::cni::add(&list, &Self::invocation(&path)).unwrap();
+        let ip = husk_docker::cni::ipv4(&result).unwrap().to_string();
+        Self { path, list, ip }
+    }
+
+    fn invocation(path: &std::path::Path) -> husk_docker::cni::Invocation<'_> {
+        husk_docker::cni::Invocation {
+            container_id: "husk-containerd-cni-test",
+            netns: path,
+            ifname: "eth0",
+            runtime_config: &serde_json::Value::Null,
+        }
+    }
+}
+
+impl Drop for CniNetns {
+    fn drop(&mut self) {
+        let _ = husk_docker::cni::del(&self.list, &Self::invocation(&self.path), None);
+        let ns = self.path.file_name().unwrap().to_str().unwrap();
+        let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        let bridge = self.list["name"].as_str().unwrap();
+        let _ = Command::new("ip").args(["link", "del", bridge]).output();
+        let _ = std::fs::remove_dir_all(
+            std::env::temp_dir().join(format!("husk-cni-ipam-{}", std::process::id())),
+        );
+    }
+}
+
+#[test]
+fn a_task_in_a_namespace_cni_wired_is_reached_at_its_cni_address() {
+    let ctd = Containerd::start("cni");
+    let net = CniNetns::new("ctd");
+    let id = format!("ctr-cni-{}", std::process::id());
+    let with_ns = format!("network:{}", net.path.display());
+    ctd.ctr_ok(&ctd.run_args(&[
+        "-d",
+        "--with-ns",
+        &with_ns,
+        IMAGE,
+        &id,
+        "sh",
+        "-c",
+        "mkdir -p /www && echo hello over CNI > /www/index.html && exec httpd -f -p 80 -h /www",
+    ]));
+    wait_status(&ctd, &id, "RUNNING");
+    let page = husk_test_support::http_get(&format!("{}:80", net.ip), Duration::from_secs(60));
+    assert!(page.contains("hello over CNI"), "{page}");
+    let addr = ctd.ctr_ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "ip",
+        &id,
+        "ip",
+        "-4",
+        "-o",
+        "addr",
+        "show",
+        "eth0",
+    ]);
+    assert!(addr.contains(&format!("inet {}/24", net.ip)), "{addr}");
+    ctd.ctr_ok(&["task", "kill", "--signal", "SIGKILL", &id]);
+    wait_status(&ctd, &id, "STOPPED");
+    ctd.ctr_ok(&["task", "delete", &id]);
+    ctd.ctr_ok(&["container", "rm", &id]);
+    // The namespace's interface is let go: no TAP, no ingress qdisc.
+    let links = Command::new("ip")
+        .args([
+            "-n",
+            net.path.file_name().unwrap().to_str().unwrap(),
+            "-o",
+            "link",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !text(&links.stdout).contains("husk-tap"),
+        "{}",
+        text(&links.stdout)
+    );
+}
