@@ -462,3 +462,49 @@ fn bad_network_input_is_named_and_leaves_nothing() {
     husk.ok(&["network", "rm", "twice"]);
     other.ok(&["network", "create", "--subnet", &subnet, "mine"]);
 }
+
+#[test]
+fn no_tun_device_is_named_and_leaves_nothing() {
+    let husk = Husk::new("net-notun");
+    husk.ok(&["network", "create", "n"]);
+    // /dev/net hidden under an empty tmpfs, in a mount namespace of this
+    // run's own.
+    let line = format!(
+        "mount -t tmpfs none /dev/net && exec {} --root {} run --rm --network n husk/busybox true",
+        common::HUSK,
+        husk.root.display()
+    );
+    let child = std::process::Command::new("unshare")
+        .args(["-m", "sh", "-c", &line])
+        .env(husk_guest::warm::CACHE_ENV, common::root())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = common::output_within(
+        child,
+        Duration::from_secs(120),
+        "husk run without /dev/net/tun",
+    );
+    assert_eq!(out.status.code(), Some(125), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("open TAP husk-tap0: /dev/net/tun: No such file"),
+        "{err}"
+    );
+    nothing_left(&husk, &husk.root);
+    assert!(
+        inspect_network(&husk, "n")["Containers"]
+            .as_object()
+            .unwrap()
+            .is_empty()
+    );
+    let leases = std::fs::read_dir(husk.root.join("networks/ipam/n"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("10."))
+        .count();
+    assert_eq!(leases, 0, "the address stayed leased");
+}

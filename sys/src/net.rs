@@ -31,7 +31,8 @@ pub fn open_tap(name: &str) -> std::io::Result<OwnedFd> {
         "/dev/net/tun",
         OFlags::RDWR | OFlags::CLOEXEC,
         Mode::empty(),
-    )?;
+    )
+    .map_err(|e| std::io::Error::new(e.kind(), format!("/dev/net/tun: {e}")))?;
     // struct ifreq: the name (16 bytes, NUL-terminated), then the flags.
     let mut req = [0u8; 40];
     req[..name.len()].copy_from_slice(name.as_bytes());
