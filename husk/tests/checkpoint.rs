@@ -349,6 +349,31 @@ fn an_image_containers_writable_layer_comes_back_from_its_checkpoint() {
     );
     let got = wait_for_count(&upper.join("log"), at_checkpoint.len() + 3);
     assert_one_count(&got);
+    // Its network (the root's default one) came back with it: the
+    // restored guest reaches a server on the host through the gateway.
+    let inspect: serde_json::Value = serde_json::from_str(&ok(&["inspect", &name])).unwrap();
+    let gateway = inspect[0]["NetworkSettings"]["Gateway"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let listener = std::net::TcpListener::bind((gateway.as_str(), 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(&conn), &mut line).unwrap();
+        line
+    });
+    ok(&[
+        "exec",
+        &name,
+        "sh",
+        "-c",
+        &format!("echo from the restored guest | timeout 30 nc {gateway} {port}"),
+    ]);
+    assert_eq!(server.join().unwrap(), "from the restored guest\n");
     let out = husk(&["exec", &name, "ls", "/later"]);
     assert!(!out.status.success(), "the layer is not the checkpoint's");
     // A running container is not restored over.
