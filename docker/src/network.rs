@@ -835,6 +835,12 @@ pub fn attach(
     names: Vec<String>,
 ) -> Result<Attachment> {
     claim_ports(root, &mut ports)?;
+    // Claims live under /run: after a reboot the network claims its
+    // subnet again before it puts a bridge on it.
+    let subnet = Subnet::parse(&network.subnet)?;
+    if !claim_path(&subnet).exists() {
+        claim(root, &network.name, &subnet)?;
+    }
     let netns = netns_path(root, container);
     let nsdir = root.join("netns");
     std::fs::create_dir_all(&nsdir).map_err(PathError::at("create", &nsdir))?;
@@ -1182,6 +1188,8 @@ mod tests {
         let names: Vec<String> = list(&root).into_iter().map(|n| n.name).collect();
         assert_eq!(names, ["a", "c"]);
         remove(&root, "a").unwrap();
+        assert!(!claim_path(&Subnet::parse("10.77.0.0/24").unwrap()).exists());
+        remove(&root, "c").unwrap();
         assert!(matches!(
             get(&root, "a"),
             Err(NetworkError::NoSuchNetwork(_))
