@@ -183,6 +183,20 @@ impl Links {
             }
         }
 
+        // IPv6 only where the interface has an IPv6 address: bringing a
+        // link up otherwise starts IPv6's own work (a link-local address
+        // and its duplicate detection, router solicitations, multicast
+        // reports), timers and packets a container with no IPv6 address
+        // does not use and the guest pays for (docs/networking.md).
+        for iface in interfaces {
+            let v6 = iface.addresses.iter().any(|(ip, _)| ip.is_ipv6());
+            let path = format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", iface.name);
+            if std::path::Path::new(&path).exists() {
+                std::fs::write(&path, if v6 { "0" } else { "1" })
+                    .map_err(|e| failed(iface)(format!("write {path}"), e))?;
+            }
+        }
+
         // Up and addressed.
         for (iface, link) in interfaces.iter().zip(&links) {
             let fail = failed(iface);
@@ -199,6 +213,13 @@ impl Links {
             for (iface, link) in interfaces.iter().zip(&links) {
                 for route in &iface.routes {
                     if route.gateway.is_some() != via_gateway || made_by_kernel(iface, route) {
+                        continue;
+                    }
+                    // IPv6 is off on an interface with no IPv6 address
+                    // (above): its IPv6 routes (the namespace's fe80::/64)
+                    // have nothing to carry.
+                    let v6 = iface.addresses.iter().any(|(ip, _)| ip.is_ipv6());
+                    if route.dst.is_ipv6() && !v6 {
                         continue;
                     }
                     nl.ack(add_route(link.index, route))

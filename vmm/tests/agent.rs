@@ -402,7 +402,8 @@ fn a_warm_started_agent_configures_the_network_the_host_describes() {
     let script = format!(
         "cd /sys/class/net && busybox cat eth0/address eth0/mtu lo/flags && busybox ls && \
          echo hello from the guest | busybox nc -w 10 10.0.4.1 {port} && \
-         busybox ip -4 addr show dev eth0 && busybox ip route"
+         busybox ip -4 addr show dev eth0 && busybox ip route && \
+         echo ipv6 off: $(busybox cat /proc/sys/net/ipv6/conf/eth0/disable_ipv6)"
     );
     let mut proc = process(&["/bin/busybox", "sh", "-c", &script]);
     proc.stdin_null = true;
@@ -446,6 +447,8 @@ fn a_warm_started_agent_configures_the_network_the_host_describes() {
     assert!(!out.contains("10.0.3.99"), "{out}");
     assert!(out.contains("default via 10.0.3.1 dev eth0"), "{out}");
     assert!(out.contains("10.0.3.0/24 dev eth0"), "{out}");
+    // No IPv6 address given: IPv6 is off on the interface.
+    assert!(out.contains("ipv6 off: 1\n"), "{out}");
 
     write_frame(&mut control, &Request::Shutdown).unwrap();
     let out = wait_with_timeout(child);
