@@ -43,6 +43,22 @@ fn main() -> ExitCode {
     } else {
         1
     };
+    // Commands that only print what they read end on SIGPIPE when their
+    // reader goes away (`husk inspect x | head`); the ones that carry a
+    // container's stdio keep Rust's ignored SIGPIPE.
+    if matches!(
+        cli.command,
+        Command::Inspect(_)
+            | Command::DockerPs(_)
+            | Command::Images(_)
+            | Command::List(_)
+            | Command::State(_)
+            | Command::Features
+            | Command::Network(_)
+            | Command::Ps(_)
+    ) {
+        husk_sys::signals::default_action(&[libc::SIGPIPE]);
+    }
     let (log, format) = (cli.log.clone(), cli.log_format);
     match run(cli) {
         Ok(code) => ExitCode::from(code),

@@ -681,3 +681,25 @@ fn hooks_run_on_the_host_at_their_points() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_listing_ends_quietly_when_its_reader_goes_away() {
+    use std::os::unix::process::ExitStatusExt;
+    // The pipe's reader is gone before husk writes a byte.
+    let (reader, writer) = rustix::pipe::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(HUSK)
+        .arg("features")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+}

@@ -48,3 +48,15 @@ pub fn ignore(signals: &[libc::c_int]) {
         unsafe { libc::signal(sig, libc::SIG_IGN) };
     }
 }
+
+/// Gives `signals` their default action in this process from now on: a
+/// command that prints a listing ends quietly on SIGPIPE when its reader
+/// goes away (`husk ps | head`), as other command-line tools do, instead
+/// of failing on the write.
+pub fn default_action(signals: &[libc::c_int]) {
+    for &sig in signals {
+        // SAFETY: SIG_DFL installs no handler code; signal only changes
+        // the disposition.
+        unsafe { libc::signal(sig, libc::SIG_DFL) };
+    }
+}
