@@ -38,6 +38,9 @@ pub(crate) struct Proc {
     pub(crate) child_stdio: Option<[File; 3]>,
     /// The status it was given when it could not be started.
     pub(crate) failed: Option<i32>,
+    /// When it was spawned, on the table's clock ([`Processes`]): an exit
+    /// of its PID reaped before then is an earlier process's.
+    pub(crate) spawned: u64,
 }
 
 /// How a process's PID namespace is set.
@@ -55,8 +58,13 @@ pub(crate) enum PidNs {
 pub(crate) struct Processes {
     /// By [`key`].
     pub(crate) procs: Mutex<HashMap<String, Proc>>,
-    /// Exit statuses by PID, from the reaper.
-    exits: Mutex<HashMap<i32, i32>>,
+    /// Exit statuses by PID, from the reaper, each with when it was
+    /// reaped. PIDs come round again: a status counts for a process only
+    /// when it was reaped after the process was spawned. (At most one
+    /// entry per PID the kernel can give.)
+    exits: Mutex<HashMap<i32, (i32, u64)>>,
+    /// The clock of spawns and reaps, moved under `spawning`.
+    clock: std::sync::atomic::AtomicU64,
     exited: Condvar,
     /// Held while a process is spawned, so the reaper does not collect a
     /// child whose exec failed before std's own waitpid does.
@@ -126,7 +134,7 @@ impl Processes {
                     ),
                 }?;
                 let _guard = self.spawning.lock().unwrap();
-                cmd.spawn()
+                cmd.spawn().map(|child| (child, self.tick()))
             })
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("the spawning thread panicked")))
@@ -135,8 +143,8 @@ impl Processes {
         // write end: closed here, so the agent's ends see EOF when the
         // process is done with them.
         drop(cmd);
-        let child = match spawned {
-            Ok(child) => child,
+        let (child, spawned) = match spawned {
+            Ok(spawned) => spawned,
             Err(e) => {
                 let mut why = String::new();
                 let _ = err_r.read_to_string(&mut why);
@@ -159,13 +167,34 @@ impl Processes {
         drop(child);
         if let Some(proc) = self.procs.lock().unwrap().get_mut(key) {
             proc.pid = pid;
+            proc.spawned = spawned;
         }
         self.notify_exited();
         Ok(pid)
     }
 
-    pub(crate) fn status_of(&self, pid: i32) -> Option<i32> {
-        self.exits.lock().unwrap().get(&pid).copied()
+    /// The next tick of the table's clock (called under `spawning`).
+    fn tick(&self) -> u64 {
+        self.clock
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1
+    }
+
+    /// The exit status of `proc`, if its own process was reaped.
+    fn exit_of(exits: &HashMap<i32, (i32, u64)>, proc: &Proc) -> Option<i32> {
+        match exits.get(&proc.pid) {
+            Some(&(status, reaped)) if proc.pid > 0 && reaped > proc.spawned => Some(status),
+            _ => None,
+        }
+    }
+
+    /// The PID of process `key` while it runs (started, not reaped).
+    pub(crate) fn running_pid(&self, key: &str) -> Option<i32> {
+        // Lock order: exits, then procs.
+        let exits = self.exits.lock().unwrap();
+        let procs = self.procs.lock().unwrap();
+        let proc = procs.get(key)?;
+        (proc.pid > 0 && Self::exit_of(&exits, proc).is_none()).then_some(proc.pid)
     }
 
     /// Waits for a process to exit; a container's own process may not have
@@ -180,23 +209,18 @@ impl Processes {
         // emulated). Lock order: exits, then procs.
         let mut exits = self.exits.lock().unwrap();
         loop {
-            let Some((pid, failed)) = self
+            let Some(status) = self
                 .procs
                 .lock()
                 .unwrap()
                 .get(&key(id, exec_id))
-                .map(|p| (p.pid, p.failed))
+                .map(|p| p.failed.or_else(|| Self::exit_of(&exits, p)))
             else {
                 return Response::Error {
                     message: format!("no process {exec_id:?} in container {id:?}"),
                 };
             };
-            if let Some(status) = failed {
-                return Response::Exited { status };
-            }
-            if pid > 0
-                && let Some(&status) = exits.get(&pid)
-            {
+            if let Some(status) = status {
                 return Response::Exited { status };
             }
             exits = self.exited.wait(exits).unwrap();
@@ -228,7 +252,7 @@ impl Processes {
                     } else {
                         libc::WEXITSTATUS(status)
                     };
-                    reaped.push((pid, code));
+                    reaped.push((pid, (code, self.tick())));
                 }
                 if !reaped.is_empty() {
                     self.exits.lock().unwrap().extend(reaped);
@@ -277,5 +301,43 @@ pub(crate) fn sigchld_fd() -> std::io::Result<File> {
             return Err(std::io::Error::last_os_error());
         }
         Ok(File::from_raw_fd(fd))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pid_that_comes_round_again_is_not_taken_for_exited() {
+        let table = Processes::default();
+        let k = key("c", "e2");
+        // An earlier process had PID 42 and was reaped at tick 2; the new
+        // one got 42 at tick 5.
+        table.exits.lock().unwrap().insert(42, (3, 2));
+        table.procs.lock().unwrap().insert(
+            k.clone(),
+            Proc {
+                pid: 42,
+                spawned: 5,
+                ..Default::default()
+            },
+        );
+        assert_eq!(table.running_pid(&k), Some(42));
+        // Its own exit, reaped at tick 9, counts.
+        table.exits.lock().unwrap().insert(42, (7, 9));
+        assert_eq!(table.running_pid(&k), None);
+        assert_eq!(table.wait("c", "e2"), Response::Exited { status: 7 });
+        assert!(matches!(table.wait("c", "none"), Response::Error { .. }));
+        // One that could not start is reported with its status.
+        table.procs.lock().unwrap().insert(
+            key("c", "bad"),
+            Proc {
+                failed: Some(127),
+                ..Default::default()
+            },
+        );
+        assert_eq!(table.wait("c", "bad"), Response::Exited { status: 127 });
+        assert_eq!(table.running_pid(&key("c", "bad")), None);
     }
 }

@@ -188,7 +188,7 @@ impl Agent {
                     }
                 }
             };
-            if self.processes.status_of(init).is_some() {
+            if self.processes.running_pid(&key(id, "")) != Some(init) {
                 return Response::Error {
                     message: format!("container {id:?} has stopped"),
                 };
@@ -246,11 +246,11 @@ impl Agent {
 
     /// The guest PIDs of the container's processes.
     fn ps(&self, id: &str) -> Response {
-        // Two statements: the containers lock is released before status_of
-        // takes the exits lock (signal holds procs, then containers; wait
-        // holds exits, then procs).
+        // Two statements: the containers lock is released before
+        // running_pid takes the exits lock (signal holds procs, then
+        // containers; wait holds exits, then procs).
         let init = self.containers.lock().unwrap().get(id).and_then(|c| c.init);
-        let init = init.filter(|&pid| self.processes.status_of(pid).is_none());
+        let init = init.filter(|&pid| self.processes.running_pid(&key(id, "")) == Some(pid));
         match init {
             Some(pid) => Response::Pids {
                 pids: processes_sharing_mounts(pid),
@@ -288,17 +288,9 @@ impl Agent {
                 return Response::Ok;
             }
         }
-        // Two statements: the procs lock is released before status_of takes
-        // the exits lock (lock order: exits, then procs).
-        let pid = self
-            .processes
-            .procs
-            .lock()
-            .unwrap()
-            .get(&key(id, exec_id))
-            .map(|p| p.pid);
-        let Some(pid) = pid.filter(|&pid| pid > 0 && self.processes.status_of(pid).is_none())
-        else {
+        // No procs lock is held here: running_pid takes exits, then procs
+        // (the lock order).
+        let Some(pid) = self.processes.running_pid(&key(id, exec_id)) else {
             return Response::Error {
                 message: format!("no running process {exec_id:?} in container {id:?}"),
             };
