@@ -65,11 +65,20 @@ pub(crate) struct Processes {
     exits: Mutex<HashMap<i32, (i32, u64)>>,
     /// The clock of spawns and reaps, moved under `spawning`.
     clock: std::sync::atomic::AtomicU64,
+    /// Execs whose exit a `wait` reported, oldest first: past
+    /// [`FINISHED_KEPT`] the oldest leave the table, so a container that
+    /// is exec'd into for ever (a liveness probe) does not grow it for
+    /// ever. Lock order: exits, finished, procs.
+    finished: Mutex<std::collections::VecDeque<String>>,
     exited: Condvar,
     /// Held while a process is spawned, so the reaper does not collect a
     /// child whose exec failed before std's own waitpid does.
     spawning: Mutex<()>,
 }
+
+/// How many finished execs the table keeps (a `wait` sent again, as after
+/// a lost answer, still finds a recent one).
+const FINISHED_KEPT: usize = 256;
 
 /// A process's name in the table: its container's ID and its exec ID
 /// (empty for the container's own process).
@@ -221,9 +230,29 @@ impl Processes {
                 };
             };
             if let Some(status) = status {
+                if !exec_id.is_empty() {
+                    self.finish(key(id, exec_id));
+                }
                 return Response::Exited { status };
             }
             exits = self.exited.wait(exits).unwrap();
+        }
+    }
+
+    /// Records that exec `key`'s exit was reported; the oldest finished
+    /// execs past [`FINISHED_KEPT`] leave the table (called with the
+    /// exits lock held, no other).
+    fn finish(&self, key: String) {
+        let mut finished = self.finished.lock().unwrap();
+        if finished.back() != Some(&key) {
+            finished.push_back(key);
+        }
+        while finished.len() > FINISHED_KEPT {
+            if let Some(old) = finished.pop_front()
+                && !finished.contains(&old)
+            {
+                self.procs.lock().unwrap().remove(&old);
+            }
         }
     }
 
@@ -339,5 +368,38 @@ mod tests {
         );
         assert_eq!(table.wait("c", "bad"), Response::Exited { status: 127 });
         assert_eq!(table.running_pid(&key("c", "bad")), None);
+    }
+
+    #[test]
+    fn finished_execs_leave_the_table_past_the_last_few() {
+        let table = Processes::default();
+        let n = FINISHED_KEPT + 50;
+        for i in 0..n {
+            let exec = format!("probe-{i}");
+            table.procs.lock().unwrap().insert(
+                key("c", &exec),
+                Proc {
+                    failed: Some(0),
+                    ..Default::default()
+                },
+            );
+            assert_eq!(table.wait("c", &exec), Response::Exited { status: 0 });
+            // Asked again (a lost answer): still there.
+            assert_eq!(table.wait("c", &exec), Response::Exited { status: 0 });
+        }
+        // The container's own process is never dropped.
+        table.procs.lock().unwrap().insert(
+            key("c", ""),
+            Proc {
+                failed: Some(1),
+                ..Default::default()
+            },
+        );
+        assert_eq!(table.wait("c", ""), Response::Exited { status: 1 });
+        let procs = table.procs.lock().unwrap();
+        assert_eq!(procs.len(), FINISHED_KEPT + 1);
+        assert!(procs.contains_key(&key("c", &format!("probe-{}", n - 1))));
+        assert!(!procs.contains_key(&key("c", "probe-0")));
+        assert!(procs.contains_key(&key("c", "")));
     }
 }
