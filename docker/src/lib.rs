@@ -855,20 +855,7 @@ fn plan_network(
         .map(|p| network::parse_publish(p))
         .collect::<Result<Vec<_>, _>>()?;
     if o.publish_all {
-        let exposed = config
-            .config()
-            .as_ref()
-            .and_then(|c| c.exposed_ports().clone())
-            .unwrap_or_default();
-        for e in exposed {
-            let p = network::parse_publish(&e)?;
-            if !ports
-                .iter()
-                .any(|q| q.container_port == p.container_port && q.protocol == p.protocol)
-            {
-                ports.push(p);
-            }
-        }
+        publish_exposed(&mut ports, config)?;
     }
     let names = network::Names {
         hostname: o.hostname.clone().unwrap_or_else(|| id[..12].to_owned()),
@@ -903,6 +890,29 @@ fn plan_network(
         name => Some(network::get_or_default(root, name)?),
     };
     Ok((net, ports, names))
+}
+
+/// `-P`: every port the image exposes that `-p` did not publish, on a
+/// host port the kernel picks.
+fn publish_exposed(
+    ports: &mut Vec<network::Port>,
+    config: &oci_spec::image::ImageConfiguration,
+) -> Result<()> {
+    let exposed = config
+        .config()
+        .as_ref()
+        .and_then(|c| c.exposed_ports().clone())
+        .unwrap_or_default();
+    for e in exposed {
+        let p = network::parse_publish(&e)?;
+        if !ports
+            .iter()
+            .any(|q| q.container_port == p.container_port && q.protocol == p.protocol)
+        {
+            ports.push(p);
+        }
+    }
+    Ok(())
 }
 
 /// Takes the network namespace out of the spec.
@@ -1115,6 +1125,25 @@ pub fn inspect(root: &Path, what: &str) -> Result<serde_json::Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn publish_all_adds_the_images_exposed_ports_not_published_already() {
+        let config: oci_spec::image::ImageConfiguration =
+            serde_json::from_value(serde_json::json!({
+                "architecture": "amd64", "os": "linux",
+                "rootfs": {"type": "layers", "diff_ids": []},
+                "config": {"ExposedPorts": {"80/tcp": {}, "53/udp": {}, "8080/tcp": {}}}
+            }))
+            .unwrap();
+        let mut ports = vec![network::parse_publish("127.0.0.1:9000:8080").unwrap()];
+        publish_exposed(&mut ports, &config).unwrap();
+        let mut got: Vec<(u16, u16, &str)> = ports
+            .iter()
+            .map(|p| (p.host_port, p.container_port, p.protocol.as_str()))
+            .collect();
+        got.sort();
+        assert_eq!(got, [(0, 53, "udp"), (0, 80, "tcp"), (9000, 8080, "tcp")]);
+    }
 
     #[test]
     fn sizes() {

@@ -25,7 +25,6 @@
 //! the network when one joins or leaves (a new file put in place with a
 //! rename, so a reader sees the old or the new one).
 
-use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
@@ -1071,14 +1070,6 @@ fn write_in_root(rootfs: &Path, file: &str, text: &str) -> Result<()> {
     drop(f);
     rustix::fs::renameat(&etc, &tmp, &etc, file).map_err(err)?;
     Ok(())
-}
-
-/// The names a container answers to on its network, read back.
-pub fn names_of(root: &Path, container: &str) -> Option<Names> {
-    let mut f = std::fs::File::open(root.join("docker").join(container).join("names.json")).ok()?;
-    let mut text = String::new();
-    f.read_to_string(&mut text).ok()?;
-    serde_json::from_str(&text).ok()
 }
 
 #[cfg(test)]

@@ -190,11 +190,7 @@ fn dockerd_runs_husk_containers_with_published_ports_exec_and_logs() {
         text(&out.stdout)
     );
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = husk_test_support::free_port();
     let id = docker.ok(&[
         "run", "-d", "--runtime", "husk", "--name", "web", "-p", &format!("127.0.0.1:{port}:80"),
         husk_docker::busybox::IMAGE_NAME, "sh", "-c",

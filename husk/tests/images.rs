@@ -27,14 +27,6 @@ fn scratch(name: &str) -> PathBuf {
     common::scratch("img", name)
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Debian's docker-registry on 127.0.0.1, its storage in a temporary
 /// directory; stopped and removed when dropped.
 struct Registry {
@@ -52,7 +44,7 @@ impl Registry {
     /// apache2-utils' htpasswd, bcrypt as the registry wants).
     fn start_with(name: &str, basic: Option<(&str, &str)>) -> Self {
         let dir = scratch(&format!("registry-{name}"));
-        let port = free_port();
+        let port = husk_test_support::free_port();
         let mut config = format!(
             "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
             dir.join("storage").display()
@@ -522,7 +514,7 @@ fn broken_registries_and_names_are_named() {
     let husk = Husk::new("errors");
     let e = husk.fails(&["pull", &format!("{}/nothing/here:latest", registry.host())]);
     assert!(e.contains("nothing/here") && e.contains("404"), "{e}");
-    let down = format!("127.0.0.1:{}", free_port());
+    let down = format!("127.0.0.1:{}", husk_test_support::free_port());
     let e = husk.fails(&["pull", &format!("{down}/x:latest")]);
     assert!(e.contains(&format!("cannot reach registry {down}")), "{e}");
     let e = husk.fails(&["pull", "Bad_Name"]);

@@ -179,6 +179,15 @@ pub fn http_get(addr: &str, within: Duration) -> String {
     }
 }
 
+/// A TCP port on 127.0.0.1 that was free a moment ago (the kernel's
+/// pick).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a TCP port on 127.0.0.1")
+        .port()
+}
+
 #[cfg(test)]
 mod tests {
     use std::process::{Command, Stdio};
