@@ -1,9 +1,13 @@
-//! husk as containerd's runc: Debian's containerd, started by the test
-//! with its own config, root, state and socket in a temporary directory,
-//! the busybox image husk makes imported into it, and `ctr` driving
-//! containers through the runc v2 shim with `--runc-binary <husk>`.
+//! husk behind containerd: Debian's containerd, started by the test with
+//! its own config, root, state and socket in a temporary directory, the
+//! busybox image husk makes imported into it, and `ctr` driving
+//! containers two ways: through containerd's runc v2 shim with
+//! `--runc-binary <husk>` (husk as runc), and through husk's own shim,
+//! `containerd-shim-husk-v2` (`--runtime io.containerd.husk.v2`), found
+//! on containerd's `PATH` next to the husk binary.
 //!
-//! The shim gives husk a `--root` under /run/containerd per namespace;
+//! The runc shim gives husk a `--root` under /run/containerd per
+//! namespace; husk's shim keeps a task's state in its bundle.
 //! `HUSK_WARM_CACHE` points husk's warm-start cache at the suite's, so no
 //! guest is booted cold here.
 
@@ -22,10 +26,35 @@ const IMAGE: &str = husk_docker::busybox::IMAGE_NAME;
 struct Containerd {
     dir: PathBuf,
     child: Child,
+    runtime: Runtime,
+}
+
+/// How containerd runs husk.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Runtime {
+    /// containerd's runc v2 shim, with husk as its runc binary.
+    RuncShim,
+    /// husk's own shim.
+    HuskShim,
+}
+
+/// husk's shim, built next to husk (the workspace's binaries).
+fn husk_shim() -> PathBuf {
+    let shim = std::path::Path::new(HUSK).with_file_name("containerd-shim-husk-v2");
+    assert!(
+        shim.exists(),
+        "{} is missing: build the workspace (cargo build -p husk-shim)",
+        shim.display()
+    );
+    shim
 }
 
 impl Containerd {
     fn start(name: &str) -> Self {
+        Self::start_with(name, Runtime::RuncShim)
+    }
+
+    fn start_with(name: &str, runtime: Runtime) -> Self {
         common::reap_on_exit();
         let dir = std::env::temp_dir().join(format!("husk-ctd-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -39,9 +68,15 @@ impl Containerd {
         );
         std::fs::write(dir.join("config.toml"), config).unwrap();
         let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+        let path = format!(
+            "{}:{}",
+            husk_shim().parent().unwrap().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
         let child = Command::new("containerd")
             .arg("--config")
             .arg(dir.join("config.toml"))
+            .env("PATH", path)
             .env(
                 husk_guest::warm::CACHE_ENV,
                 husk_protocol::paths::cache_dir().join("test-root"),
@@ -51,7 +86,11 @@ impl Containerd {
             .stderr(log)
             .spawn()
             .expect("containerd (Debian's containerd package; make test installs it)");
-        let me = Self { dir, child };
+        let me = Self {
+            dir,
+            child,
+            runtime,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !me.socket().exists() {
             assert!(Instant::now() < deadline, "containerd did not start");
@@ -87,17 +126,53 @@ impl Containerd {
         text(&out.stdout)
     }
 
-    /// `ctr run --runtime io.containerd.runc.v2 --runc-binary <husk>`.
+    /// `ctr run --runtime io.containerd.runc.v2 --runc-binary <husk>`, or
+    /// `ctr run --runtime io.containerd.husk.v2`.
     fn run_args<'a>(&self, extra: &[&'a str]) -> Vec<&'a str> {
-        let mut args = vec![
-            "run",
-            "--runtime",
-            "io.containerd.runc.v2",
-            "--runc-binary",
-            HUSK,
-        ];
+        let mut args = match self.runtime {
+            Runtime::RuncShim => vec![
+                "run",
+                "--runtime",
+                "io.containerd.runc.v2",
+                "--runc-binary",
+                HUSK,
+            ],
+            Runtime::HuskShim => vec!["run", "--runtime", "io.containerd.husk.v2"],
+        };
         args.extend_from_slice(extra);
         args
+    }
+
+    /// The task bundles containerd holds in namespace `default`.
+    fn bundles(&self) -> Vec<String> {
+        std::fs::read_dir(self.dir.join("state/io.containerd.runtime.v2.task/default"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect()
+    }
+
+    /// What of task `id` is left: husk state, a bundle, a VMM, a shim
+    /// serving this containerd.
+    fn leftovers_of(&self, id: &str) -> Vec<String> {
+        let mut left = Vec::new();
+        if husk_containers().iter().any(|c| c == id) {
+            left.push(format!("husk state of {id}"));
+        }
+        if self.bundles().iter().any(|b| b == id) {
+            left.push(format!("bundle of {id}"));
+        }
+        if husk_vmm_of(id) {
+            left.push(format!("husk-vmm of {id}"));
+        }
+        left
+    }
+
+    /// PIDs of husk shims serving this containerd.
+    fn husk_shims(&self) -> Vec<u32> {
+        let address = self.socket().display().to_string();
+        processes_with(&["containerd-shim-husk-v2", &address])
     }
 }
 
@@ -151,7 +226,16 @@ fn wait_status(ctd: &Containerd, id: &str, want: &str) {
 
 #[test]
 fn ctr_runs_execs_signals_pauses_and_deletes_through_husk() {
-    let ctd = Containerd::start("life");
+    lifecycle(Runtime::RuncShim);
+}
+
+#[test]
+fn ctr_runs_execs_signals_pauses_and_deletes_through_the_husk_shim() {
+    lifecycle(Runtime::HuskShim);
+}
+
+fn lifecycle(runtime: Runtime) {
+    let ctd = Containerd::start_with(&format!("life{runtime:?}"), runtime);
     let id = format!("ctr-{}", std::process::id());
 
     // Output and exit status of a foreground run.
@@ -222,11 +306,20 @@ fn ctr_runs_execs_signals_pauses_and_deletes_through_husk() {
     wait_status(&ctd, &id, "STOPPED");
     ctd.ctr_ok(&["task", "delete", &id]);
     ctd.ctr_ok(&["container", "rm", &id]);
-    assert!(
-        !husk_containers().iter().any(|c| c.starts_with(&id)),
-        "{:?}",
-        husk_containers()
-    );
+    for id in [id.clone(), format!("{id}-echo"), format!("{id}-tty")] {
+        let left = ctd.leftovers_of(&id);
+        assert!(left.is_empty(), "{left:?}");
+    }
+    // Each shim ended with its last task.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ctd.husk_shims().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "shims left: {:?}",
+            ctd.husk_shims()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The numbers the counting container wrote to /log, read through `ctr
@@ -313,15 +406,22 @@ fn ten_containers_at_once_are_all_cleaned_up() {
 
 /// Whether a husk-vmm of container `id` still runs.
 fn husk_vmm_of(id: &str) -> bool {
+    !processes_with(&["husk-vmm", &format!("/{id}/")]).is_empty()
+}
+
+/// PIDs of the processes whose command lines hold every one of `words`.
+fn processes_with(words: &[&str]) -> Vec<u32> {
     std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .any(|c| {
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse().ok()?;
+            let c = std::fs::read(e.path().join("cmdline")).ok()?;
             let c = String::from_utf8_lossy(&c);
-            c.contains("husk-vmm") && c.contains(&format!("/{id}/"))
+            words.iter().all(|w| c.contains(w)).then_some(pid)
         })
+        .collect()
 }
 
 /// A network namespace wired by Debian's CNI bridge plugin (as a CRI

@@ -320,6 +320,18 @@ pub fn parse_signal(s: &str) -> Result<i32, LifecycleError> {
 /// A created container that was never started is stopped by any signal
 /// that would end it, as its process would have been.
 pub fn kill(root: &Path, id: &str, signal: i32, all: bool) -> Result<(), LifecycleError> {
+    kill_process(root, id, "", signal, all)
+}
+
+/// A signal to process `exec_id` of container `id` (`""`: its own
+/// process), as containerd's task API names processes.
+pub fn kill_process(
+    root: &Path,
+    id: &str,
+    exec_id: &str,
+    signal: i32,
+    all: bool,
+) -> Result<(), LifecycleError> {
     let state = ContainerState::load(root, id)?;
     match state.status() {
         Status::Created | Status::Running | Status::Paused => {}
@@ -333,7 +345,7 @@ pub fn kill(root: &Path, id: &str, signal: i32, all: bool) -> Result<(), Lifecyc
     let mut control = Agent::at(&state::dir(root, id)).control()?;
     control.expect_ok(&Request::Signal {
         id: id.into(),
-        exec_id: String::new(),
+        exec_id: exec_id.into(),
         signal,
         all,
     })?;
@@ -578,15 +590,12 @@ pub fn exec(state: &ContainerState, o: &ExecOptions) -> Result<i32, LifecycleErr
             &terminal,
         ));
     }
-    let handoff = Handoff::Exec {
-        id: o.id.to_owned(),
-        exec_id,
-        process: Box::new(o.process.clone()),
-    };
-    let started = handoff::start(
+    let started = start_exec(
         o.root,
-        &monitor_args(o.id, o.console_socket),
-        &handoff,
+        o.id,
+        &exec_id,
+        o.process.clone(),
+        o.console_socket,
         o.stdio,
     );
     let mut child = match started {
@@ -606,6 +615,26 @@ pub fn exec(state: &ContainerState, o: &ExecOptions) -> Result<i32, LifecycleErr
         .wait()
         .map_err(io("wait for", Path::new("the exec monitor")))?;
     Ok(status.code().unwrap_or(128 + libc::SIGKILL))
+}
+
+/// Starts process `exec_id` in running container `id` under a monitor of
+/// its own (with `stdio`, or this process's), and returns the monitor
+/// once the process runs; its exit status is the monitor's. Else what
+/// the monitor said, with its exit status once it ended.
+pub fn start_exec(
+    root: &Path,
+    id: &str,
+    exec_id: &str,
+    process: Process,
+    console_socket: Option<&Path>,
+    stdio: Option<Stdio3<'_>>,
+) -> Result<Child, (String, Option<i32>)> {
+    let handoff = Handoff::Exec {
+        id: id.to_owned(),
+        exec_id: exec_id.to_owned(),
+        process: Box::new(process),
+    };
+    handoff::start(root, &monitor_args(id, console_socket), &handoff, stdio)
 }
 
 /// The process of an exec: the runc `--process` file (an OCI process), or

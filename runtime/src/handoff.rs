@@ -71,6 +71,16 @@ pub struct Stdio3<'a> {
     pub stderr: BorrowedFd<'a>,
 }
 
+/// The `husk` binary monitors run as, where the calling program is not
+/// husk itself (containerd's shim); unset: this program.
+static HUSK: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Monitors are started from the `husk` binary at `path` from now on
+/// (once per process; a second call changes nothing).
+pub fn use_husk_at(path: PathBuf) {
+    let _ = HUSK.set(path);
+}
+
 fn dup(fd: BorrowedFd<'_>) -> Result<Stdio, String> {
     fd.try_clone_to_owned()
         .map(Stdio::from)
@@ -87,8 +97,12 @@ pub fn start(
     handoff: &Handoff,
     stdio: Option<Stdio3<'_>>,
 ) -> Result<Child, (String, Option<i32>)> {
-    let exe =
-        std::env::current_exe().map_err(|e| (format!("cannot find husk itself: {e}"), None))?;
+    let exe = match HUSK.get() {
+        Some(husk) => husk.clone(),
+        None => {
+            std::env::current_exe().map_err(|e| (format!("cannot find husk itself: {e}"), None))?
+        }
+    };
     let (mut ours, theirs) =
         UnixStream::pair().map_err(|e| (format!("cannot make a socket pair: {e}"), None))?;
     let mut cmd = Command::new(exe);
