@@ -68,6 +68,8 @@ impl Containerd {
         );
         std::fs::write(dir.join("config.toml"), config).unwrap();
         let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+        let tmp = dir.join("tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
         let path = format!(
             "{}:{}",
             husk_shim().parent().unwrap().display(),
@@ -77,6 +79,9 @@ impl Containerd {
             .arg("--config")
             .arg(dir.join("config.toml"))
             .env("PATH", path)
+            // containerd's checkpoint work directories (which 1.6 leaves
+            // behind) go with the test's.
+            .env("TMPDIR", &tmp)
             .env(
                 husk_guest::warm::CACHE_ENV,
                 husk_protocol::paths::cache_dir().join("test-root"),
@@ -333,7 +338,16 @@ fn counted(ctd: &Containerd, id: &str, exec_id: &str) -> Vec<u64> {
 
 #[test]
 fn ctr_checkpoints_a_task_and_restores_it_through_husk() {
-    let ctd = Containerd::start("ckpt");
+    checkpoint_and_restore(Runtime::RuncShim);
+}
+
+#[test]
+fn ctr_checkpoints_a_task_and_restores_it_through_the_husk_shim() {
+    checkpoint_and_restore(Runtime::HuskShim);
+}
+
+fn checkpoint_and_restore(runtime: Runtime) {
+    let ctd = Containerd::start_with(&format!("ckpt{runtime:?}"), runtime);
     let id = format!("ctr-ckpt-{}", std::process::id());
     let script = "i=0; while :; do i=$((i+1)); echo $i >> /log; sleep 0.2; done";
     ctd.ctr_ok(&ctd.run_args(&["-d", IMAGE, &id, "sh", "-c", script]));
@@ -372,12 +386,22 @@ fn ctr_checkpoints_a_task_and_restores_it_through_husk() {
     wait_status(&ctd, &id, "STOPPED");
     ctd.ctr_ok(&["task", "delete", &id]);
     ctd.ctr_ok(&["containers", "delete", &id]);
-    assert!(!husk_containers().contains(&id));
+    let left = ctd.leftovers_of(&id);
+    assert!(left.is_empty(), "{left:?}");
 }
 
 #[test]
 fn ten_containers_at_once_are_all_cleaned_up() {
-    let ctd = Containerd::start("ten");
+    ten_at_once(Runtime::RuncShim);
+}
+
+#[test]
+fn ten_containers_at_once_through_the_husk_shim_are_all_cleaned_up() {
+    ten_at_once(Runtime::HuskShim);
+}
+
+fn ten_at_once(runtime: Runtime) {
+    let ctd = Containerd::start_with(&format!("ten{runtime:?}"), runtime);
     let ids: Vec<String> = (0..10)
         .map(|i| format!("ten-{i}-{}", std::process::id()))
         .collect();
@@ -395,13 +419,8 @@ fn ten_containers_at_once_are_all_cleaned_up() {
         ctd.ctr_ok(&["task", "delete", id]);
         ctd.ctr_ok(&["container", "rm", id]);
     }
-    let left: Vec<String> = husk_containers()
-        .into_iter()
-        .filter(|c| ids.contains(c))
-        .collect();
+    let left: Vec<String> = ids.iter().flat_map(|id| ctd.leftovers_of(id)).collect();
     assert!(left.is_empty(), "{left:?}");
-    // No VMM of these containers runs.
-    assert!(!ids.iter().any(|id| husk_vmm_of(id)), "VMMs left running");
 }
 
 /// Whether a husk-vmm of container `id` still runs.
@@ -539,4 +558,94 @@ fn a_task_in_a_namespace_cni_wired_is_reached_at_its_cni_address() {
         "{}",
         text(&links.stdout)
     );
+}
+
+/// `ctr run` arguments of a task of pod `pod` as CRI annotates it:
+/// `kind` is `sandbox` or `container`.
+fn pod_annotations(kind: &str, pod: &str) -> [String; 4] {
+    [
+        "--annotation".into(),
+        format!("io.kubernetes.cri.container-type={kind}"),
+        "--annotation".into(),
+        format!("io.kubernetes.cri.sandbox-id={pod}"),
+    ]
+}
+
+#[test]
+fn the_husk_shim_serves_a_pod_once_reports_metrics_and_cleans_up_after_faults() {
+    let ctd = Containerd::start_with("faults", Runtime::HuskShim);
+    let pod = format!("pod-{}", std::process::id());
+    let member = format!("{pod}-c");
+    let run = |kind: &str, id: &str| {
+        let annotations = pod_annotations(kind, &pod);
+        let mut args: Vec<&str> = annotations.iter().map(String::as_str).collect();
+        args.extend(["-d", IMAGE, id, "sleep", "1000"]);
+        ctd.ctr(&ctd.run_args(&args))
+    };
+
+    // The pod's sandbox and a container of it: one shim for both.
+    let out = run("sandbox", &pod);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = run("container", &member);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_status(&ctd, &pod, "RUNNING");
+    wait_status(&ctd, &member, "RUNNING");
+    assert_eq!(ctd.husk_shims().len(), 1, "one shim per pod");
+
+    // A container of a pod that has no sandbox: refused by name, nothing
+    // left of it.
+    let orphan = format!("{pod}-orphan");
+    let annotations = pod_annotations("container", "no-such-pod");
+    let mut args: Vec<&str> = annotations.iter().map(String::as_str).collect();
+    args.extend(["-d", IMAGE, &orphan, "true"]);
+    let out = ctd.ctr(&ctd.run_args(&args));
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("pod no-such-pod has no running sandbox"),
+        "{}",
+        text(&out.stderr)
+    );
+    let _ = ctd.ctr(&["container", "rm", &orphan]);
+    assert!(ctd.leftovers_of(&orphan).is_empty());
+
+    // Metrics from the guest's cgroup.
+    let metrics = ctd.ctr_ok(&["task", "metrics", "--format", "json", &pod]);
+    let m: serde_json::Value = serde_json::from_str(&metrics).unwrap();
+    assert!(
+        m["memory"]["usage"].as_u64().unwrap_or(0) > 0,
+        "no memory use in {metrics}"
+    );
+    assert!(m["pids"]["current"].as_u64().unwrap_or(0) >= 1, "{metrics}");
+
+    // A VM killed under its task: the task exits (SIGKILL's status).
+    let vmm = processes_with(&["husk-vmm", &format!("/{member}/")]);
+    assert_eq!(vmm.len(), 1, "{vmm:?}");
+    husk_test_support::kill(vmm[0], rustix::process::Signal::KILL);
+    wait_status(&ctd, &member, "STOPPED");
+    let state = ctd.ctr_ok(&["task", "ls"]);
+    assert!(state.contains(&member), "{state}");
+
+    // The shim killed: containerd cleans up after it, and nothing of the
+    // pod is left running.
+    let shim = ctd.husk_shims();
+    husk_test_support::kill(shim[0], rustix::process::Signal::KILL);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let running = processes_with(&["husk", &format!("/{pod}")]);
+        if running.is_empty() && ctd.bundles().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left after the shim was killed: processes {running:?}, bundles {:?}",
+            ctd.bundles()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for id in [&pod, &member] {
+        let _ = ctd.ctr(&["task", "delete", id]);
+        ctd.ctr_ok(&["container", "rm", id]);
+        let left = ctd.leftovers_of(id);
+        assert!(left.is_empty(), "{left:?}");
+    }
 }

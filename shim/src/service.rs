@@ -167,6 +167,10 @@ struct Proc {
     console: Option<Console>,
     /// An exec's process, kept from `Exec` until `Start`.
     process: Option<husk_protocol::Process>,
+    /// Its ID in the guest: containerd's exec ID with a number of the
+    /// shim's, as containerd lets a deleted exec's ID be used again but
+    /// the agent keeps finished processes for a while.
+    guest_id: String,
 }
 
 impl Proc {
@@ -181,6 +185,7 @@ impl Proc {
             pump: None,
             console: None,
             process: None,
+            guest_id: String::new(),
         }
     }
 }
@@ -199,8 +204,8 @@ struct Task {
 #[derive(Default)]
 struct Tasks {
     tasks: HashMap<String, Task>,
-    /// Console sockets made, for unique names.
-    consoles: u64,
+    /// Console sockets and execs made, for unique names.
+    made: u64,
 }
 
 struct Inner {
@@ -275,8 +280,8 @@ impl Service {
 
     fn console_socket(&self, root: &Path) -> PathBuf {
         let mut tasks = self.lock();
-        tasks.consoles += 1;
-        root.join(format!("console-{}.sock", tasks.consoles))
+        tasks.made += 1;
+        root.join(format!("console-{}.sock", tasks.made))
     }
 
     /// A thread waits for `monitor`, the monitor of process `exec_id` of
@@ -469,7 +474,7 @@ impl Service {
     }
 
     fn start_exec(&self, id: &str, exec_id: &str) -> TtrpcResult<u32> {
-        let (root, process, paths) = self.with_proc(id, exec_id, |task, proc| {
+        let (root, process, paths, guest_id) = self.with_proc(id, exec_id, |task, proc| {
             if proc.life != Life::Created {
                 return Err(status_error(
                     Code::FAILED_PRECONDITION,
@@ -481,7 +486,12 @@ impl Service {
                 .take()
                 .ok_or_else(|| status_error(Code::FAILED_PRECONDITION, "exec has no process"))?;
             proc.starting = true;
-            Ok((task.root.clone(), process, proc.stdio.clone()))
+            Ok((
+                task.root.clone(),
+                process,
+                proc.stdio.clone(),
+                proc.guest_id.clone(),
+            ))
         })?;
         let socket = self.console_socket(&root);
         let started = stdio::open(&paths, &socket).and_then(|opened| {
@@ -489,7 +499,7 @@ impl Service {
             let monitor = container::start_exec(
                 &root,
                 id,
-                exec_id,
+                &guest_id,
                 process,
                 console_path.as_deref(),
                 Some(opened.monitor_stdio()),
@@ -827,14 +837,15 @@ impl containerd_shim::Task for Service {
     }
 
     fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> TtrpcResult<Empty> {
-        let root = self.with_proc(&req.id, &req.exec_id, |task, proc| match proc.life {
-            Life::Stopped => Err(status_error(Code::NOT_FOUND, "process already finished")),
-            Life::Created if !req.exec_id.is_empty() => Err(status_error(
-                Code::FAILED_PRECONDITION,
-                format!("exec {} was not started", req.exec_id),
-            )),
-            _ => Ok(task.root.clone()),
-        })?;
+        let (root, guest_id) =
+            self.with_proc(&req.id, &req.exec_id, |task, proc| match proc.life {
+                Life::Stopped => Err(status_error(Code::NOT_FOUND, "process already finished")),
+                Life::Created if !req.exec_id.is_empty() => Err(status_error(
+                    Code::FAILED_PRECONDITION,
+                    format!("exec {} was not started", req.exec_id),
+                )),
+                _ => Ok((task.root.clone(), proc.guest_id.clone())),
+            })?;
         let signal = i32::try_from(req.signal)
             .ok()
             .filter(|s| (1..=64).contains(s))
@@ -844,7 +855,7 @@ impl containerd_shim::Task for Service {
                     format!("{} is not a signal", req.signal),
                 )
             })?;
-        match container::kill_process(&root, &req.id, &req.exec_id, signal, req.all) {
+        match container::kill_process(&root, &req.id, &guest_id, signal, req.all) {
             Ok(()) => Ok(Empty::new()),
             // It ended while the signal was on its way.
             Err(e) if self.has_stopped(&req.id, &req.exec_id) => Err(status_error(
@@ -889,6 +900,9 @@ impl containerd_shim::Task for Service {
                 terminal: req.terminal,
             });
             proc.process = Some(process);
+            tasks.made += 1;
+            proc.guest_id = format!("{}.{}", req.exec_id, tasks.made);
+            let task = tasks.tasks.get_mut(&req.id).expect("looked up above");
             task.procs.insert(req.exec_id.clone(), proc);
         }
         self.publish(
