@@ -628,6 +628,12 @@ fn the_husk_shim_serves_a_pod_once_reports_metrics_and_cleans_up_after_faults() 
     // The shim killed: containerd cleans up after it, and nothing of the
     // pod is left running.
     let shim = ctd.husk_shims();
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", shim[0])).unwrap();
+    let socket = text(&cmdline)
+        .split('\0')
+        .find_map(|a| a.strip_prefix("unix://").map(PathBuf::from))
+        .expect("the shim's -socket");
+    assert!(socket.exists());
     husk_test_support::kill(shim[0], rustix::process::Signal::KILL);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -642,6 +648,7 @@ fn the_husk_shim_serves_a_pod_once_reports_metrics_and_cleans_up_after_faults() 
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    assert!(!socket.exists(), "the dead shim's socket is left");
     for id in [&pod, &member] {
         let _ = ctd.ctr(&["task", "delete", id]);
         ctd.ctr_ok(&["container", "rm", id]);

@@ -94,6 +94,14 @@ pub fn clean_up(bundle: &Path, id: &str) {
         let _ = std::fs::remove_dir_all(&root);
     }
     let _ = rustix::mount::unmount(bundle.join("rootfs"), rustix::mount::UnmountFlags::DETACH);
+    // The dead shim's socket, unless another shim listens on it.
+    if let Ok(address) = std::fs::read_to_string(bundle.join("address")) {
+        let path = Path::new(address.trim().trim_start_matches("unix://"));
+        if path.starts_with(containerd_shim::SOCKET_ROOT) && husk_sys::unix::connect(path).is_err()
+        {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// Mounts the root filesystem containerd prepared (an overlay of the
