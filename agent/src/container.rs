@@ -52,6 +52,24 @@ pub fn mount_rootfs(rootfs: &str, readonly: bool) -> Result<(), String> {
     })
 }
 
+/// Binds a pod container's root, `from` (a directory under a volume
+/// share, `<VOLUMES_DIR>/<tag>/...`), at its place in the guest.
+pub fn bind_rootfs(from: &str, rootfs: &str) -> Result<(), String> {
+    let rest = from
+        .strip_prefix(&format!("{VOLUMES_DIR}/"))
+        .filter(|rest| !rest.split('/').any(|c| c == ".." || c == "."))
+        .ok_or_else(|| format!("the container's root {from:?} is not under a volume share"))?;
+    mount_volume(rest.split('/').next().unwrap_or_default())?;
+    std::fs::create_dir_all(rootfs).map_err(|e| format!("create {rootfs}: {e}"))?;
+    let (source, target) = (cstring(from, "path")?, cstring(rootfs, "path")?);
+    rustix::mount::mount_bind(&source, &target).map_err(|e| {
+        format!(
+            "bind the container's root {from} on {rootfs}: {}",
+            std::io::Error::from(e)
+        )
+    })
+}
+
 /// Mounts volume share `tag` at `<VOLUMES_DIR>/<tag>` once.
 fn mount_volume(tag: &str) -> Result<(), String> {
     static MOUNTED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
@@ -307,8 +325,15 @@ pub fn namespaces(spec: &Spec) -> Result<(UnshareFlags, bool), String> {
     Ok((flags, pid))
 }
 
-/// The plan that starts the container's own process.
-pub fn create_plan(spec: &Spec, rootfs: &str, process: &Process) -> Result<Plan, String> {
+/// The plan that starts the container's own process; `joined`: the
+/// namespaces it takes from its pod's sandbox (its spec's hostname is
+/// then the sandbox's, and not set again).
+pub fn create_plan(
+    spec: &Spec,
+    rootfs: &str,
+    process: &Process,
+    joined: &[String],
+) -> Result<Plan, String> {
     let (unshare, _) = namespaces(spec)?;
     let mounts = mount_steps(spec, rootfs)?;
     let default_dev = mounts
@@ -334,13 +359,15 @@ pub fn create_plan(spec: &Spec, rootfs: &str, process: &Process) -> Result<Plan,
         });
     }
     let uts = unshare.contains(UnshareFlags::NEWUTS);
+    let uts_joined = joined.iter().any(|n| n == "uts");
     let hostname = match spec.hostname() {
+        Some(_) if uts_joined => None,
         Some(h) if uts => Some(cstring(h, "hostname")?),
         Some(_) => return Err("the spec sets a hostname without a UTS namespace".into()),
         None => None,
     };
     let domainname = match spec.domainname() {
-        Some(d) if uts => Some(cstring(d, "domainname")?),
+        Some(d) if uts && !uts_joined => Some(cstring(d, "domainname")?),
         _ => None,
     };
     let mut sysctls = Vec::new();

@@ -256,6 +256,20 @@ impl Processes {
         }
     }
 
+    /// Forgets every process of container `id` (it was removed).
+    pub(crate) fn forget(&self, id: &str) {
+        let prefix = key(id, "");
+        self.finished
+            .lock()
+            .unwrap()
+            .retain(|k| !k.starts_with(&prefix));
+        self.procs
+            .lock()
+            .unwrap()
+            .retain(|k, _| !k.starts_with(&prefix));
+        self.notify_exited();
+    }
+
     /// Wakes `wait`ers after a process's pid or failure changed; called
     /// with no procs lock held (lock order: exits, then procs).
     pub(crate) fn notify_exited(&self) {

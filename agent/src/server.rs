@@ -10,7 +10,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Mutex;
 
-use husk_protocol::{Process, Request, Response};
+use husk_protocol::{Join, Process, Request, Response};
 use oci_spec::runtime::Spec;
 use rustix::thread::LinkNameSpaceType;
 
@@ -24,8 +24,10 @@ struct Container {
     /// The plan for its process, until `start` uses it.
     plan: Option<Plan>,
     process: Process,
-    /// Whether it has a PID namespace of its own.
+    /// Whether it has a PID namespace of its own (or its pod's).
     pid_ns: bool,
+    /// The PID namespace it joins (its pod sandbox's), until `start`.
+    pid_join: Option<OwnedFd>,
     /// Its process, once started.
     init: Option<i32>,
 }
@@ -51,7 +53,47 @@ fn cgroup_procs(id: &str) -> Result<OwnedFd, String> {
 }
 
 impl Agent {
-    fn create(&self, id: String, spec: &str, process: Process) -> Response {
+    /// The namespaces of running container `join.container` that a new
+    /// container joins, opened; and its PID namespace where that is one.
+    fn joined(&self, join: &Join) -> Result<(Plan, Option<OwnedFd>), String> {
+        let init = self
+            .containers
+            .lock()
+            .unwrap()
+            .get(&join.container)
+            .and_then(|c| c.init)
+            .filter(|&pid| self.processes.running_pid(&key(&join.container, "")) == Some(pid))
+            .ok_or_else(|| format!("container {:?} is not running", join.container))?;
+        let open = |ns: &str| {
+            File::open(format!("/proc/{init}/ns/{ns}"))
+                .map(OwnedFd::from)
+                .map_err(|e| format!("container {:?}'s {ns} namespace: {e}", join.container))
+        };
+        let mut plan = Plan::default();
+        let mut pid = None;
+        for ns in &join.namespaces {
+            match ns.as_str() {
+                "ipc" => plan
+                    .join
+                    .push((open(ns)?, LinkNameSpaceType::InterProcessCommunication)),
+                "uts" => plan
+                    .join
+                    .push((open(ns)?, LinkNameSpaceType::HostNameAndNISDomainName)),
+                "pid" => pid = Some(open(ns)?),
+                other => return Err(format!("the {other} namespace cannot be shared")),
+            }
+        }
+        Ok((plan, pid))
+    }
+
+    fn create(
+        &self,
+        id: String,
+        spec: &str,
+        process: Process,
+        root: Option<String>,
+        join: Option<Join>,
+    ) -> Response {
         let error = |message: String| Response::Error { message };
         if self.containers.lock().unwrap().contains_key(&id) {
             return error(format!("container {id:?} exists"));
@@ -64,13 +106,26 @@ impl Agent {
             Ok(r) => r,
             Err(e) => return error(e),
         };
+        let (joined, pid_join) = match join.as_ref().map(|j| self.joined(j)).transpose() {
+            Ok(Some((plan, pid))) => (plan.join, pid),
+            Ok(None) => (Vec::new(), None),
+            Err(e) => return error(e),
+        };
+        let joined_names = join.map(|j| j.namespaces).unwrap_or_default();
         let (pid_ns, mut plan) = match container::namespaces(&spec).and_then(|(_, pid)| {
-            container::mount_rootfs(&rootfs, false)?;
-            Ok((pid, container::create_plan(&spec, &rootfs, &process)?))
+            match &root {
+                Some(from) => container::bind_rootfs(from, &rootfs)?,
+                None => container::mount_rootfs(&rootfs, false)?,
+            }
+            Ok((
+                pid || pid_join.is_some(),
+                container::create_plan(&spec, &rootfs, &process, &joined_names)?,
+            ))
         }) {
             Ok(made) => made,
             Err(e) => return error(e),
         };
+        plan.join = joined;
         let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
         match cgroup::create(&id, resources).and_then(|()| cgroup_procs(&id)) {
             Ok(fd) => plan.cgroup = Some(fd),
@@ -94,9 +149,41 @@ impl Agent {
                 plan: Some(plan),
                 process,
                 pid_ns,
+                pid_join,
                 init: None,
             },
         );
+        Response::Ok
+    }
+
+    /// Container `id`'s end in a guest that goes on: its processes
+    /// killed, its root unmounted, its cgroup and table entries removed.
+    fn remove(&self, id: &str) -> Response {
+        let Some(c) = self.containers.lock().unwrap().remove(id) else {
+            return Response::Error {
+                message: format!("no container {id:?}"),
+            };
+        };
+        if let Some(init) = c.init {
+            for pid in processes_sharing_mounts(init) {
+                // SAFETY: kill takes no pointers.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        // What the container's processes left in its cgroup (an exec's).
+        let _ = std::fs::write(cgroup::dir(id).join("cgroup.kill"), "1");
+        for _ in 0..100 {
+            if std::fs::remove_dir(cgroup::dir(id)).is_ok() || !cgroup::dir(id).exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        if let Ok(rootfs) = container::rootfs_of(id) {
+            let _ = rustix::mount::unmount(rootfs.as_str(), rustix::mount::UnmountFlags::DETACH);
+            let _ = std::fs::remove_dir(&rootfs);
+            let _ = std::fs::remove_dir(format!("/run/husk/{id}"));
+        }
+        self.processes.forget(id);
         Response::Ok
     }
 
@@ -113,9 +200,13 @@ impl Agent {
                     message: format!("container {id:?} has already been started"),
                 };
             };
-            (plan, c.process.clone(), c.pid_ns)
+            (plan, c.process.clone(), (c.pid_join.take(), c.pid_ns))
         };
-        let ns = if pid_ns { PidNs::New } else { PidNs::Guest };
+        let ns = match pid_ns {
+            (Some(fd), _) => PidNs::Join(fd),
+            (None, true) => PidNs::New,
+            (None, false) => PidNs::Guest,
+        };
         let stdio = self
             .processes
             .procs
@@ -338,7 +429,14 @@ impl Agent {
     /// Answers one request of the control port.
     pub(crate) fn handle(&self, request: Request) -> Response {
         match request {
-            Request::Create { id, spec, process } => self.create(id, &spec, process),
+            Request::Create {
+                id,
+                spec,
+                process,
+                root,
+                join,
+            } => self.create(id, &spec, process, root, join),
+            Request::Remove { id } => self.remove(&id),
             Request::Clone(seed) => match reseed::make_clone_unique(&seed) {
                 Ok(()) => Response::Ok,
                 Err(message) => Response::Error { message },

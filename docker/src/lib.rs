@@ -600,6 +600,7 @@ pub fn run(root: &Path, o: &RunOptions) -> Result<i32> {
         detach: o.detach,
         restore: None,
         stdio: None,
+        pod: None,
     };
     if o.detach {
         let log = open_log(&dir)?;
@@ -758,6 +759,7 @@ pub fn restore(root: &Path, name: &str, checkpoint: &Path, options: &CreateOptio
         id: name,
         bundle: &dir,
         restore: Some(&at),
+        pod: None,
         ..*options
     };
     let null = dev_null()?;

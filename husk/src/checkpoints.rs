@@ -90,6 +90,7 @@ pub fn restore(root: &Path, args: RestoreArgs) -> anyhow::Result<u8> {
         detach,
         restore: Some(&image_path),
         stdio: None,
+        pod: None,
     };
     let status = match (&bundle, husk_docker::upper_dir(root, &id)) {
         (None, Some(_)) => husk_docker::restore(root, &id, &image_path, &options)?,

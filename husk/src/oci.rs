@@ -65,6 +65,7 @@ pub fn create(root: &Path, args: CreateArgs) -> anyhow::Result<u8> {
         detach: true,
         restore: None,
         stdio: None,
+        pod: None,
     })?;
     Ok(0)
 }
@@ -102,6 +103,7 @@ pub fn start(root: &Path, args: StartArgs) -> anyhow::Result<u8> {
                 detach: true,
                 restore: Some(&at),
                 stdio: None,
+                pod: None,
             };
             husk_docker::restore(root, &id, &at, &options)?;
             Ok(0)
@@ -211,6 +213,7 @@ pub fn run(root: &Path, args: RunArgs) -> anyhow::Result<u8> {
         detach,
         restore: None,
         stdio: None,
+        pod: None,
     })?;
     Ok(status_code(status))
 }

@@ -571,8 +571,166 @@ fn pod_annotations(kind: &str, pod: &str) -> [String; 4] {
     ]
 }
 
+/// The PID containerd reports for task `id`.
+fn task_pid(ctd: &Containerd, id: &str) -> u32 {
+    ctd.ctr_ok(&["task", "ls"])
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or_else(|| panic!("task {id} has no PID"))
+}
+
+/// Mounts under containerd's directory (its bundles' roots, husk's pod
+/// shares).
+fn mounts_under(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(&dir.display().to_string()))
+        .map(str::to_owned)
+        .collect()
+}
+
 #[test]
-fn the_husk_shim_serves_a_pod_once_reports_metrics_and_cleans_up_after_faults() {
+fn a_pod_is_one_vm_sharing_localhost_and_volumes_through_the_husk_shim() {
+    let ctd = Containerd::start_with("pod", Runtime::HuskShim);
+    let pod = format!("pod-{}", std::process::id());
+    let (c1, c2) = (format!("{pod}-c1"), format!("{pod}-c2"));
+    let shared = ctd.dir.join("emptydir");
+    std::fs::create_dir_all(&shared).unwrap();
+    let volume = format!(
+        "type=bind,src={},dst=/data,options=rbind:rw",
+        shared.display()
+    );
+    let run = |kind: &str, id: &str, extra: &[&str], cmd: &[&str]| {
+        let annotations = pod_annotations(kind, &pod);
+        let mut args: Vec<&str> = annotations.iter().map(String::as_str).collect();
+        args.extend(extra);
+        args.extend(["-d", IMAGE, id]);
+        args.extend(cmd);
+        ctd.ctr_ok(&ctd.run_args(&args));
+    };
+    let exec = |id: &str, exec_id: &str, cmd: &[&str]| {
+        let mut args = vec!["task", "exec", "--exec-id", exec_id, id];
+        args.extend(cmd);
+        ctd.ctr_ok(&args)
+    };
+
+    // The sandbox serves on the pod's localhost.
+    run(
+        "sandbox",
+        &pod,
+        &[],
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /www && echo hello-from-the-sandbox > /www/index.html && exec httpd -f -p 8080 -h /www",
+        ],
+    );
+    wait_status(&ctd, &pod, "RUNNING");
+    let ipc = format!("ipc:/proc/{}/ns/ipc", task_pid(&ctd, &pod));
+    run(
+        "container",
+        &c1,
+        &["--with-ns", &ipc, "--mount", &volume],
+        &["sleep", "1000"],
+    );
+    run("container", &c2, &["--mount", &volume], &["sleep", "1000"]);
+    wait_status(&ctd, &c1, "RUNNING");
+    wait_status(&ctd, &c2, "RUNNING");
+
+    // One shim and one VM for the pod.
+    assert_eq!(ctd.husk_shims().len(), 1);
+    assert_eq!(
+        processes_with(&["husk-vmm", &format!("/{pod}/")]).len(),
+        1,
+        "the pod's VM"
+    );
+    assert!(!husk_vmm_of(&c1) && !husk_vmm_of(&c2), "a VM per container");
+
+    // localhost is the pod's.
+    let page = exec(
+        &c1,
+        "web",
+        &["wget", "-q", "-O", "-", "http://127.0.0.1:8080/"],
+    );
+    assert!(page.contains("hello-from-the-sandbox"), "{page}");
+
+    // c1 joined the sandbox's IPC namespace (by the path CRI would give);
+    // c2 did not; each has a PID namespace of its own.
+    let ns = |id: &str, kind: &str| {
+        exec(
+            id,
+            &format!("ns-{kind}"),
+            &["readlink", &format!("/proc/self/ns/{kind}")],
+        )
+    };
+    assert_eq!(ns(&c1, "ipc"), ns(&pod, "ipc"));
+    assert_ne!(ns(&c2, "ipc"), ns(&pod, "ipc"));
+    assert_ne!(ns(&c1, "pid"), ns(&pod, "pid"));
+    assert_ne!(ns(&c1, "pid"), ns(&c2, "pid"));
+
+    // An emptyDir-style volume: one directory, seen by both and the host.
+    exec(&c1, "write", &["sh", "-c", "echo written-by-c1 > /data/f"]);
+    assert_eq!(exec(&c2, "read", &["cat", "/data/f"]), "written-by-c1\n");
+    assert_eq!(
+        std::fs::read_to_string(shared.join("f")).unwrap(),
+        "written-by-c1\n"
+    );
+
+    // A container's metrics are its own cgroup's.
+    let metrics = ctd.ctr_ok(&["task", "metrics", "--format", "json", &c2]);
+    let m: serde_json::Value = serde_json::from_str(&metrics).unwrap();
+    assert!(m["pids"]["current"].as_u64().unwrap_or(0) >= 1, "{metrics}");
+
+    // One container ends; the pod goes on, and nothing of it is left in
+    // the pod share.
+    ctd.ctr_ok(&["task", "kill", "--signal", "SIGKILL", &c1]);
+    wait_status(&ctd, &c1, "STOPPED");
+    assert_eq!(task_status(&ctd, &pod), "RUNNING");
+    ctd.ctr_ok(&["task", "delete", &c1]);
+    ctd.ctr_ok(&["container", "rm", &c1]);
+    assert!(
+        !mounts_under(&ctd.dir)
+            .iter()
+            .any(|m| m.contains(&format!("c-{c1}"))),
+        "{:?}",
+        mounts_under(&ctd.dir)
+    );
+    let page = exec(
+        &c2,
+        "web2",
+        &["wget", "-q", "-O", "-", "http://127.0.0.1:8080/"],
+    );
+    assert!(page.contains("hello-from-the-sandbox"), "{page}");
+
+    // The pod's VM killed: every container of it exits.
+    let vmm = processes_with(&["husk-vmm", &format!("/{pod}/")]);
+    husk_test_support::kill(vmm[0], rustix::process::Signal::KILL);
+    wait_status(&ctd, &pod, "STOPPED");
+    wait_status(&ctd, &c2, "STOPPED");
+    for id in [&c2, &pod] {
+        ctd.ctr_ok(&["task", "delete", id]);
+        ctd.ctr_ok(&["container", "rm", id]);
+        let left = ctd.leftovers_of(id);
+        assert!(left.is_empty(), "{left:?}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(shared.join("f")).unwrap(),
+        "written-by-c1\n",
+        "the volume's files"
+    );
+    let root = ctd.dir.join("root");
+    let mounts: Vec<String> = mounts_under(&ctd.dir)
+        .into_iter()
+        .filter(|m| !m.starts_with(&root.display().to_string()))
+        .collect();
+    assert!(mounts.is_empty(), "{mounts:?}");
+}
+
+#[test]
+fn the_husk_shim_refuses_a_podless_container_and_cleans_up_after_a_killed_shim() {
     let ctd = Containerd::start_with("faults", Runtime::HuskShim);
     let pod = format!("pod-{}", std::process::id());
     let member = format!("{pod}-c");
@@ -582,15 +740,12 @@ fn the_husk_shim_serves_a_pod_once_reports_metrics_and_cleans_up_after_faults() 
         args.extend(["-d", IMAGE, id, "sleep", "1000"]);
         ctd.ctr(&ctd.run_args(&args))
     };
-
-    // The pod's sandbox and a container of it: one shim for both.
     let out = run("sandbox", &pod);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let out = run("container", &member);
     assert!(out.status.success(), "{}", text(&out.stderr));
     wait_status(&ctd, &pod, "RUNNING");
     wait_status(&ctd, &member, "RUNNING");
-    assert_eq!(ctd.husk_shims().len(), 1, "one shim per pod");
 
     // A container of a pod that has no sandbox: refused by name, nothing
     // left of it.
@@ -608,6 +763,17 @@ fn the_husk_shim_serves_a_pod_once_reports_metrics_and_cleans_up_after_faults() 
     let _ = ctd.ctr(&["container", "rm", &orphan]);
     assert!(ctd.leftovers_of(&orphan).is_empty());
 
+    // A checkpoint of one container of a pod (containerd pauses it
+    // first): refused, naming the pod, and the pod runs on.
+    let out = ctd.ctr(&["task", "checkpoint", &member]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("a container of a pod shares its VM"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(task_status(&ctd, &member), "RUNNING");
+
     // Metrics from the guest's cgroup.
     let metrics = ctd.ctr_ok(&["task", "metrics", "--format", "json", &pod]);
     let m: serde_json::Value = serde_json::from_str(&metrics).unwrap();
@@ -615,15 +781,6 @@ fn the_husk_shim_serves_a_pod_once_reports_metrics_and_cleans_up_after_faults() 
         m["memory"]["usage"].as_u64().unwrap_or(0) > 0,
         "no memory use in {metrics}"
     );
-    assert!(m["pids"]["current"].as_u64().unwrap_or(0) >= 1, "{metrics}");
-
-    // A VM killed under its task: the task exits (SIGKILL's status).
-    let vmm = processes_with(&["husk-vmm", &format!("/{member}/")]);
-    assert_eq!(vmm.len(), 1, "{vmm:?}");
-    husk_test_support::kill(vmm[0], rustix::process::Signal::KILL);
-    wait_status(&ctd, &member, "STOPPED");
-    let state = ctd.ctr_ok(&["task", "ls"]);
-    assert!(state.contains(&member), "{state}");
 
     // The shim killed: containerd cleans up after it, and nothing of the
     // pod is left running.
@@ -655,4 +812,10 @@ fn the_husk_shim_serves_a_pod_once_reports_metrics_and_cleans_up_after_faults() 
         let left = ctd.leftovers_of(id);
         assert!(left.is_empty(), "{left:?}");
     }
+    let root = ctd.dir.join("root");
+    let mounts: Vec<String> = mounts_under(&ctd.dir)
+        .into_iter()
+        .filter(|m| !m.starts_with(&root.display().to_string()))
+        .collect();
+    assert!(mounts.is_empty(), "{mounts:?}");
 }

@@ -227,6 +227,15 @@ pub struct CloneSeed {
     pub realtime_ns: u64,
 }
 
+/// Namespaces a container takes from another container of its guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Join {
+    /// The container whose namespaces it joins.
+    pub container: String,
+    /// Which: any of `ipc`, `uts`, `pid`.
+    pub namespaces: Vec<String>,
+}
+
 /// A request from the runtime to the agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "snake_case")]
@@ -240,6 +249,15 @@ pub enum Request {
         spec: String,
         /// The process to start later.
         process: Process,
+        /// Where its root is in the guest, for a container of a pod: a
+        /// directory under a volume share (`<VOLUMES_DIR>/<tag>/...`).
+        /// `None`: the root share ([`ROOTFS_TAG`]), a VM's own container.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        root: Option<String>,
+        /// The namespaces it shares with another container of the guest
+        /// (its pod's sandbox), where its spec named them by path.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        join: Option<Join>,
     },
     /// Make this guest its own after a restore: sent once, before
     /// `create`, to every guest restored from a shared snapshot.
@@ -292,6 +310,13 @@ pub enum Request {
         id: String,
         /// The process.
         exec_id: String,
+    },
+    /// A container's end in a guest that goes on (a pod's): whatever of
+    /// it still runs is killed, its root and cgroup are removed, and its
+    /// processes are forgotten.
+    Remove {
+        /// Container ID.
+        id: String,
     },
     /// The guest PIDs of the container's processes; answered with
     /// [`Response::Pids`].
@@ -605,7 +630,20 @@ mod tests {
                 id: id(),
                 spec: "{\"ociVersion\":\"1.0.2\"}".into(),
                 process: process.clone(),
+                root: None,
+                join: None,
             },
+            Request::Create {
+                id: id(),
+                spec: "{}".into(),
+                process: process.clone(),
+                root: Some("/run/husk/volumes/vol3/c-x/rootfs".into()),
+                join: Some(Join {
+                    container: "pod".into(),
+                    namespaces: vec!["ipc".into(), "uts".into()],
+                }),
+            },
+            Request::Remove { id: id() },
             Request::Clone(CloneSeed {
                 entropy: vec![1, 2, 3],
                 realtime_ns: 1_700_000_000_000_000_000,

@@ -68,6 +68,12 @@ pub enum CheckpointError {
         /// Its status.
         status: Status,
     },
+    /// The container is part of a pod, whose VM holds its other
+    /// containers too.
+    #[error(
+        "container {0:?} is part of a pod: a pod's VM holds all its containers, so one cannot be checkpointed alone"
+    )]
+    Pod(String),
     /// The container's state has no VM shape.
     #[error("container {0:?} has no VM shape recorded")]
     NoShape(String),
@@ -238,6 +244,9 @@ pub fn checkpoint(
             id: id.into(),
             status,
         });
+    }
+    if state.pod.is_some() {
+        return Err(CheckpointError::Pod(id.into()));
     }
     let shape = state
         .shape

@@ -127,6 +127,8 @@ pub struct CreateOptions<'a> {
     pub restore: Option<&'a Path>,
     /// The container's stdio (its monitor's); `None`: this process's.
     pub stdio: Option<Stdio3<'a>>,
+    /// Its place in a pod (containerd's shim); `None`: a VM of its own.
+    pub pod: Option<crate::pod::Pod>,
 }
 
 /// `create`: the container's VM restored and its process made, not
@@ -194,6 +196,7 @@ pub fn create(o: &CreateOptions) -> Result<Child, LifecycleError> {
         shape: None,
         oom_kills: None,
         network: None,
+        pod: o.pod.clone(),
     };
     state.save(o.root).map_err(|e| cleanup(e.into()))?;
     // The monitor is handed the state and the checked bundle: it reads
@@ -397,6 +400,31 @@ pub fn delete(root: &Path, id: &str, force: bool) -> Result<(), LifecycleError> 
             return Err(wrong(&state, "stop it first, or delete it with --force"));
         }
     }
+    // A pod's container: out of its sandbox's guest and pod share (its
+    // monitor does so at its end; one that was killed did not).
+    if let Some(crate::pod::Pod::Member {
+        root: pod_root,
+        sandbox,
+    }) = &state.pod
+    {
+        let sandbox_dir = state::dir(pod_root, sandbox);
+        if let Ok(mut control) = Agent::at(&sandbox_dir).control() {
+            let _ = control.ask(&Request::Remove { id: id.into() });
+        }
+        crate::pod::remove_member(&crate::pod::dir(&sandbox_dir), id);
+    }
+    // A pod's sandbox: the pod share's binds, before anything under the
+    // state directory is removed (they hold containers' roots).
+    let pod_dir = crate::pod::dir(&state::dir(root, id));
+    if state.pod == Some(crate::pod::Pod::Sandbox) || pod_dir.exists() {
+        crate::pod::remove(&pod_dir);
+        if pod_dir.exists() {
+            return Err(LifecycleError::SetUp(format!(
+                "cannot remove the pod directory {}: something is still mounted under it",
+                pod_dir.display()
+            )));
+        }
+    }
     if let Some(rel) = &state.cgroup {
         crate::cgroup::remove(rel);
     }
@@ -442,6 +470,12 @@ pub fn pause(root: &Path, id: &str, pause: bool) -> Result<(), LifecycleError> {
     };
     if state.status() != from {
         return Err(wrong(&state, why));
+    }
+    if matches!(state.pod, Some(crate::pod::Pod::Member { .. })) {
+        return Err(wrong(
+            &state,
+            "a container of a pod shares its VM: pause the pod's sandbox, which pauses the VM",
+        ));
     }
     vmm_api(
         &state::dir(root, id),

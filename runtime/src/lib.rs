@@ -14,6 +14,7 @@ pub mod handoff;
 pub mod hooks;
 pub mod monitor;
 pub mod network;
+pub mod pod;
 pub mod private;
 pub mod run;
 pub mod sandbox;

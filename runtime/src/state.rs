@@ -131,6 +131,10 @@ pub struct ContainerState {
     /// those interfaces (their redirection is taken off at the end).
     #[serde(default)]
     pub network: Option<NetworkState>,
+    /// Its place in a pod (containerd's shim): a sandbox, whose VM is the
+    /// pod's, or a container made in its sandbox's VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<crate::pod::Pod>,
 }
 
 /// What [`ContainerState::network`] records.
@@ -272,6 +276,7 @@ mod tests {
             shape: None,
             oom_kills: None,
             network: None,
+            pod: None,
         };
         assert_eq!(state.status(), Status::Running);
         assert_eq!(state.oci_state()["pid"], me.pid);
@@ -309,6 +314,7 @@ mod tests {
             shape: None,
             oom_kills: None,
             network: None,
+            pod: None,
         };
         state.save(&root).unwrap();
         let back = ContainerState::load(&root, "c1").unwrap();

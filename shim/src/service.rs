@@ -33,6 +33,7 @@ use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Context, ExitSignal, TtrpcContext, TtrpcResult};
 use husk_runtime::container;
 use husk_runtime::container::LifecycleError;
+use husk_runtime::pod::Pod;
 
 use crate::stdio::{self, Console, Paths, Pump};
 
@@ -50,9 +51,34 @@ pub struct Grouping {
     pub joins: bool,
 }
 
+/// What a task is to its pod, as CRI's annotations say.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A pod's sandbox: it starts the pod's VM.
+    Sandbox,
+    /// A container of pod (sandbox) `0`, made in its VM.
+    Member(String),
+    /// No pod: a VM of its own (`ctr run`).
+    Alone,
+}
+
 /// The group of task `id` whose bundle is `bundle`: one shim per pod, as
 /// CRI's annotations say; a task without them is a group of its own.
 pub fn grouping(bundle: &Path, id: &str) -> Result<Grouping, String> {
+    Ok(match role(bundle, id)? {
+        Role::Member(sandbox) => Grouping {
+            group: sandbox,
+            joins: true,
+        },
+        Role::Sandbox | Role::Alone => Grouping {
+            group: id.to_owned(),
+            joins: false,
+        },
+    })
+}
+
+/// What task `id` whose bundle is `bundle` is to its pod.
+pub fn role(bundle: &Path, id: &str) -> Result<Role, String> {
     let path = bundle.join("config.json");
     let json = std::fs::read_to_string(&path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -70,18 +96,13 @@ pub fn grouping(bundle: &Path, id: &str) -> Result<Grouping, String> {
     ) {
         (Some("container"), Some(sandbox)) if !sandbox.is_empty() && sandbox != id => {
             container::check_id(&sandbox).map_err(|e| e.to_string())?;
-            Ok(Grouping {
-                group: sandbox,
-                joins: true,
-            })
+            Ok(Role::Member(sandbox))
         }
         (Some("container"), _) => Err(format!(
             "container {id} names no pod: its {SANDBOX_ID} annotation is missing"
         )),
-        _ => Ok(Grouping {
-            group: id.to_owned(),
-            joins: false,
-        }),
+        (Some("sandbox"), _) => Ok(Role::Sandbox),
+        _ => Ok(Role::Alone),
     }
 }
 
@@ -204,6 +225,8 @@ struct Task {
     root: PathBuf,
     /// containerd mounted nothing: the bundle's rootfs is its own.
     mounted_rootfs: bool,
+    /// A pod's sandbox: its VM holds the pod's other tasks.
+    sandbox: bool,
     paused: bool,
     /// Its own process and its execs, by exec ID (`""`: its own).
     procs: HashMap<String, Proc>,
@@ -380,6 +403,8 @@ impl Service {
             ));
         }
         let bundle = PathBuf::from(&req.bundle);
+        let pod = self.pod_of(&bundle, &req.id)?;
+        let sandbox = pod == Some(Pod::Sandbox);
         let rootfs = bundle.join("rootfs");
         let mut mounted_rootfs = false;
         if req.rootfs.len() > 1 {
@@ -403,7 +428,7 @@ impl Service {
         };
         let root = crate::husk_root(&bundle);
         let made = husk_runtime::private::root(&root).and_then(|()| {
-            self.start_init(req, &bundle, &root)
+            self.start_init(req, &bundle, &root, pod)
                 .map_err(|e| e.to_string())
         });
         match made {
@@ -416,6 +441,7 @@ impl Service {
                         bundle,
                         root,
                         mounted_rootfs,
+                        sandbox,
                         paused: false,
                         procs,
                     },
@@ -432,11 +458,44 @@ impl Service {
     }
 
     /// The task's VM and monitor, with its stdio.
+    /// Task `id`'s place in its pod: a container of a pod is made in the
+    /// VM of its sandbox, which this shim must hold.
+    fn pod_of(&self, bundle: &Path, id: &str) -> TtrpcResult<Option<Pod>> {
+        let role = role(bundle, id).map_err(|e| status_error(Code::INVALID_ARGUMENT, e))?;
+        let tasks = self.lock();
+        let sandbox_held = tasks
+            .tasks
+            .iter()
+            .find(|(_, t)| t.sandbox)
+            .map(|(k, _)| k.clone());
+        match role {
+            Role::Alone => Ok(None),
+            Role::Sandbox => match sandbox_held {
+                Some(other) => Err(status_error(
+                    Code::FAILED_PRECONDITION,
+                    format!("this shim serves pod {other}: sandbox {id} needs a shim of its own"),
+                )),
+                None => Ok(Some(Pod::Sandbox)),
+            },
+            Role::Member(sandbox) => match tasks.tasks.get(&sandbox) {
+                Some(t) if t.sandbox => Ok(Some(Pod::Member {
+                    root: t.root.clone(),
+                    sandbox,
+                })),
+                _ => Err(status_error(
+                    Code::NOT_FOUND,
+                    format!("pod {sandbox} has no sandbox in this shim"),
+                )),
+            },
+        }
+    }
+
     fn start_init(
         &self,
         req: &CreateTaskRequest,
         bundle: &Path,
         root: &Path,
+        pod: Option<Pod>,
     ) -> Result<(u32, Child, Proc), ttrpc::Error> {
         let paths = Paths {
             stdin: req.stdin.clone(),
@@ -457,6 +516,7 @@ impl Service {
             detach: true,
             restore: checkpoint.as_deref(),
             stdio: Some(opened.monitor_stdio()),
+            pod,
         })
         .map_err(lifecycle)?;
         let mut proc = Proc::new(paths);

@@ -68,6 +68,15 @@ pub fn container(
 ) -> i32 {
     let id = state.id.clone();
     let dir = state::dir(root, &id);
+    if let Some(crate::pod::Pod::Member {
+        root: pod_root,
+        sandbox,
+    }) = state.pod.clone()
+    {
+        return member(root, state, bundle, &pod_root, &sandbox, terminal, channel);
+    }
+    // A pod's sandbox: its VM is the pod's, and so is the pod share.
+    let pod_dir = (state.pod == Some(crate::pod::Pod::Sandbox)).then(|| crate::pod::dir(&dir));
     let mut phases = Phases::new();
     let held = match set_up(root, bins, state, bundle, restore, terminal, &mut phases) {
         Ok(held) => {
@@ -75,6 +84,9 @@ pub fn container(
             held
         }
         Err(e) => {
+            if let Some(pod) = &pod_dir {
+                crate::pod::remove(pod);
+            }
             channel.report(&Err(e));
             return 1;
         }
@@ -119,6 +131,9 @@ pub fn container(
     };
     phases.mark("vm_ended");
     phases.write();
+    if let Some(pod) = &pod_dir {
+        crate::pod::remove(pod);
+    }
     // Reread: `start`, `pause` and `resume` changed it meanwhile.
     if let Ok(mut state) = ContainerState::load(root, &id) {
         state.status = Status::Stopped;
@@ -152,7 +167,8 @@ fn set_up(
         crate::network::unshare()
             .map_err(|e| format!("a network namespace for the container: {e}"))?;
     }
-    let (mut sandbox, spec_json, shape, network) = boot(root, bins, &dir, bundle, restore)?;
+    let pod = state.pod == Some(crate::pod::Pod::Sandbox);
+    let (mut sandbox, spec_json, shape, network) = boot(root, bins, &dir, bundle, restore, pod)?;
     state.shape = Some(shape);
     let interfaces = match network {
         Some((netns, interfaces)) => {
@@ -189,6 +205,8 @@ fn set_up(
                 id: id.clone(),
                 spec: spec_json,
                 process: process.clone(),
+                root: None,
+                join: None,
             }),
         });
     if let Err(e) = made {
@@ -278,10 +296,26 @@ fn boot(
     dir: &Path,
     bundle: &Bundle,
     restore: Option<&Restore>,
+    pod: bool,
 ) -> Result<Booted, String> {
     let empty = dir.join("empty");
     std::fs::create_dir_all(&empty).map_err(|e| format!("create {}: {e}", empty.display()))?;
-    let (spec_json, volumes) = crate::volumes::plan(&bundle.spec_json, dir, &empty)?;
+    let (spec_json, mut volumes) = crate::volumes::plan(&bundle.spec_json, dir, &empty)?;
+    if pod {
+        // The last volume share carries the pod's containers.
+        let share = volumes
+            .iter_mut()
+            .find(|s| s.tag == crate::pod::POD_TAG)
+            .filter(|s| s.dir == empty)
+            .ok_or_else(|| {
+                format!(
+                    "a pod's sandbox binds at most {} host directories: the last volume share is the pod's",
+                    husk_protocol::VOLUME_TAGS.len() - 1
+                )
+            })?;
+        share.dir = crate::pod::make(&crate::pod::dir(dir))?;
+        share.read_only = false;
+    }
     crate::volumes::make_mount_points(&bundle.spec, &bundle.rootfs);
     let mut shares = vec![Share {
         tag: husk_protocol::ROOTFS_TAG.into(),
@@ -335,6 +369,195 @@ fn boot(
     };
     let network = mirror.map(|m| (m.path, m.interfaces));
     Ok((sandbox, spec_json, shape, network))
+}
+
+/// The spec a container of a pod is made with in its sandbox's guest,
+/// and the namespaces it joins there: its network is the guest's (the
+/// pod's), and the IPC, UTS and PID namespaces its spec names by path
+/// must be its sandbox's (`/proc/<sandbox's PID>/ns/<type>`, as CRI names
+/// them), which it joins in the guest.
+fn member_spec(
+    spec_json: &str,
+    sandbox: &str,
+    sandbox_pid: Option<u32>,
+) -> Result<(String, Option<husk_protocol::Join>), String> {
+    let mut spec: serde_json::Value =
+        serde_json::from_str(spec_json).map_err(|e| format!("the spec: {e}"))?;
+    let mut joined = Vec::new();
+    if let Some(list) = spec["linux"]["namespaces"].as_array_mut() {
+        let mut kept = Vec::new();
+        for ns in list.drain(..) {
+            let kind = ns["type"].as_str().unwrap_or_default().to_owned();
+            let path = ns["path"].as_str().filter(|p| !p.is_empty());
+            match (kind.as_str(), path) {
+                ("network", _) => {}
+                ("ipc" | "uts" | "pid", Some(path)) => {
+                    let want = sandbox_pid.map(|pid| format!("/proc/{pid}/ns/{kind}"));
+                    if want.as_deref() != Some(path) {
+                        return Err(format!(
+                            "joining the {kind} namespace at {path} is not possible: a container of pod {sandbox} can join only its sandbox's ({})",
+                            want.unwrap_or_else(|| "not running".into())
+                        ));
+                    }
+                    joined.push(kind);
+                }
+                (_, Some(path)) => {
+                    return Err(format!(
+                        "joining the {kind} namespace at {path} is not possible: a container of a pod joins only its sandbox's ipc, uts and pid namespaces"
+                    ));
+                }
+                _ => kept.push(ns),
+            }
+        }
+        *list = kept;
+    }
+    let json = serde_json::to_string(&spec).map_err(|e| e.to_string())?;
+    let join = (!joined.is_empty()).then(|| husk_protocol::Join {
+        container: sandbox.to_owned(),
+        namespaces: joined,
+    });
+    Ok((json, join))
+}
+
+/// Runs the monitor of a container made in the VM of its pod's sandbox
+/// `sandbox` (whose state is under `pod_root`): as [`container`] does,
+/// without a VM of its own; at its end the container is removed from the
+/// guest and its binds from the pod share.
+fn member(
+    root: &Path,
+    mut state: ContainerState,
+    bundle: &Bundle,
+    pod_root: &Path,
+    sandbox: &str,
+    terminal: &Terminal,
+    channel: Channel,
+) -> i32 {
+    let id = state.id.clone();
+    let sandbox_dir = state::dir(pod_root, sandbox);
+    let pod_dir = crate::pod::dir(&sandbox_dir);
+    let (mut control, outputs) =
+        match member_set_up(root, &mut state, bundle, pod_root, sandbox, terminal) {
+            Ok(held) => {
+                channel.report(&Ok(()));
+                held
+            }
+            Err(e) => {
+                crate::pod::remove_member(&pod_dir, &id);
+                channel.report(&Err(e));
+                return 1;
+            }
+        };
+    let (status, error) = match wait_status(&mut control, &id, "") {
+        Ok(status) => {
+            for output in outputs {
+                let _ = output.join();
+            }
+            (status, None)
+        }
+        // The pod's VM ended under it: killed.
+        Err(e) => (128 + libc::SIGKILL, Some(crate::error_chain(&e))),
+    };
+    let mut oom_kills = None;
+    if let Ok(Response::Stats(stats)) = control.ask(&Request::Stats { id: id.clone() }) {
+        oom_kills = Some(stats.oom_kills);
+    }
+    let _ = control.ask(&Request::Remove { id: id.clone() });
+    crate::pod::remove_member(&pod_dir, &id);
+    if let Ok(mut state) = ContainerState::load(root, &id) {
+        state.status = Status::Stopped;
+        state.exit_status = Some(status);
+        state.error = error;
+        state.oom_kills = oom_kills;
+        let _ = state.save(root);
+    }
+    status
+}
+
+fn member_set_up(
+    root: &Path,
+    state: &mut ContainerState,
+    bundle: &Bundle,
+    pod_root: &Path,
+    sandbox: &str,
+    terminal: &Terminal,
+) -> Result<(Control, stdio::Outputs), String> {
+    let id = state.id.clone();
+    let dir = state::dir(root, &id);
+    let pod_state = ContainerState::load(pod_root, sandbox)
+        .map_err(|e| format!("pod sandbox {sandbox}: {e}"))?;
+    if pod_state.pod != Some(crate::pod::Pod::Sandbox)
+        || !matches!(pod_state.status(), Status::Created | Status::Running)
+    {
+        return Err(format!(
+            "{sandbox} is not a running pod sandbox (it is {})",
+            pod_state.status()
+        ));
+    }
+    let sandbox_dir = state::dir(pod_root, sandbox);
+    // Requests for this container (start, kill, exec) go to the pod's
+    // agent.
+    std::os::unix::fs::symlink(
+        sandbox_dir.join(crate::sandbox::VSOCK_SOCKET),
+        dir.join(crate::sandbox::VSOCK_SOCKET),
+    )
+    .map_err(|e| format!("link the pod's agent socket: {e}"))?;
+    let (spec_json, join) =
+        member_spec(&bundle.spec_json, sandbox, pod_state.monitor.map(|m| m.pid))?;
+    crate::volumes::make_mount_points(&bundle.spec, &bundle.rootfs);
+    let (guest_root, spec_json) = crate::pod::add_member(
+        &crate::pod::dir(&sandbox_dir),
+        &id,
+        &bundle.rootfs,
+        bundle.readonly,
+        &spec_json,
+    )?;
+    let agent = Agent::at(&sandbox_dir);
+    let mut control = agent.control().map_err(|e| crate::error_chain(&e))?;
+    let mut process = bundle.process();
+    process.stdin_null = !process.terminal && stdin_is_null();
+    control
+        .expect_ok(&Request::Create {
+            id: id.clone(),
+            spec: spec_json,
+            process: process.clone(),
+            root: Some(guest_root),
+            join,
+        })
+        .map_err(|e| crate::error_chain(&e))?;
+    let made = (|| {
+        let mut oci = state.oci_state();
+        oci["status"] = "creating".into();
+        oci["pid"] = std::process::id().into();
+        crate::hooks::run(&bundle.spec, crate::hooks::Point::Create, &oci.to_string())?;
+        let terminal = if process.terminal {
+            terminal.clone()
+        } else {
+            Terminal::None
+        };
+        let outputs = stdio::attach_stdio(
+            &agent,
+            &id,
+            "",
+            process.stdin_null,
+            &terminal,
+            stdio::resizer(sandbox_dir.clone(), id.clone(), String::new()),
+            None,
+        )
+        .map_err(|e| e.to_string())?;
+        state.status = Status::Created;
+        state.monitor = HostProcess::of(std::process::id());
+        state.vmm = None;
+        state.shape = pod_state.shape;
+        state.save(root).map_err(|e| e.to_string())?;
+        Ok(outputs)
+    })();
+    match made {
+        Ok(outputs) => Ok((control, outputs)),
+        Err(e) => {
+            let _ = control.ask(&Request::Remove { id });
+            Err(e)
+        }
+    }
 }
 
 /// Network slots of the guest of a container whose spec asks for a new
