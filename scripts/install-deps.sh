@@ -31,6 +31,8 @@ pkgs=(
 	# dockerd driving husk (its own daemon per test); iperf3 for the
 	# network benchmark
 	docker.io iperf3
+	# the Kubernetes tests' CRI client (k8s-cri) compiles CRI's protos
+	protobuf-compiler
 )
 missing=()
 for p in "${pkgs[@]}"; do

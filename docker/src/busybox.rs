@@ -100,6 +100,11 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// read. Layer entries are owned by root with a fixed time, so the same
 /// busybox gives the same digests.
 pub fn write_oci_archive(path: &Path) -> Result<String, BusyboxError> {
+    write_oci_archive_as(path, IMAGE_NAME, &["sh"])
+}
+
+/// [`write_oci_archive`] with the image named `name` and running `cmd`.
+pub fn write_oci_archive_as(path: &Path, name: &str, cmd: &[&str]) -> Result<String, BusyboxError> {
     let work = std::env::temp_dir().join(format!("husk-image-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(io("create", &work))?;
@@ -119,7 +124,7 @@ pub fn write_oci_archive(path: &Path) -> Result<String, BusyboxError> {
             "os": "linux",
             "config": {
                 "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-                "Cmd": ["sh"],
+                "Cmd": cmd,
             },
             "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_digest}")]},
         })
@@ -150,8 +155,12 @@ pub fn write_oci_archive(path: &Path) -> Result<String, BusyboxError> {
                 "digest": format!("sha256:{manifest_digest}"),
                 "size": manifest.len(),
                 "annotations": {
-                    "io.containerd.image.name": IMAGE_NAME,
-                    "org.opencontainers.image.ref.name": "latest",
+                    "io.containerd.image.name": name,
+                    "org.opencontainers.image.ref.name": name
+                        .rsplit('/')
+                        .next()
+                        .and_then(|last| last.rsplit_once(':'))
+                        .map_or("latest", |(_, tag)| tag),
                 },
                 "platform": {"architecture": "amd64", "os": "linux"},
             }],

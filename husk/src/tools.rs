@@ -40,12 +40,26 @@ pub struct BusyboxImageArgs {
     /// The archive to write.
     #[arg(long, short)]
     pub output: PathBuf,
+    /// The image's name in the archive.
+    #[arg(long, default_value = husk_docker::busybox::IMAGE_NAME)]
+    pub name: String,
+    /// The image's command, one argument per flag (default `sh`): e.g.
+    /// `--cmd sleep --cmd inf` makes a pod sandbox (pause) image for a
+    /// containerd with no registry.
+    #[arg(long = "cmd")]
+    pub cmd: Vec<String>,
 }
 
 /// Runs `husk busybox-image`.
 pub fn busybox_image(args: BusyboxImageArgs) -> anyhow::Result<u8> {
-    let BusyboxImageArgs { output } = args;
-    let digest = husk_docker::busybox::write_oci_archive(&output).map_err(anyhow::Error::msg)?;
+    let BusyboxImageArgs { output, name, cmd } = args;
+    let cmd: Vec<&str> = if cmd.is_empty() {
+        vec!["sh"]
+    } else {
+        cmd.iter().map(String::as_str).collect()
+    };
+    let digest = husk_docker::busybox::write_oci_archive_as(&output, &name, &cmd)
+        .map_err(anyhow::Error::msg)?;
     println!("{digest}");
     Ok(0)
 }

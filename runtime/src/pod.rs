@@ -47,6 +47,53 @@ pub enum Pod {
     },
 }
 
+/// The CRI annotation with the pod's memory limit, bytes.
+pub const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+/// The CRI annotation with the pod's CPU quota, microseconds per period.
+pub const SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+/// The CRI annotation with the pod's CPU period, microseconds.
+pub const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+
+/// The pod's limits as containerd's CRI passes them to the sandbox (its
+/// annotations, from the pod's resources and overhead), that size the
+/// pod's VM; `None` where it passes none (the VM then has the default
+/// size, docs/kubernetes.md).
+pub fn sandbox_resources(
+    annotations: &std::collections::HashMap<String, String>,
+) -> Result<Option<oci_spec::runtime::LinuxResources>, String> {
+    let number = |key: &str| -> Result<Option<i64>, String> {
+        annotations
+            .get(key)
+            .map(|v| {
+                v.trim()
+                    .parse::<i64>()
+                    .map_err(|_| format!("annotation {key}={v:?} is not a number"))
+            })
+            .transpose()
+    };
+    let (memory, quota, period) = (
+        number(SANDBOX_MEMORY)?.filter(|&m| m > 0),
+        number(SANDBOX_CPU_QUOTA)?.filter(|&q| q > 0),
+        number(SANDBOX_CPU_PERIOD)?.filter(|&p| p > 0),
+    );
+    if memory.is_none() && quota.is_none() {
+        return Ok(None);
+    }
+    let mut r = oci_spec::runtime::LinuxResources::default();
+    if let Some(limit) = memory {
+        let mut m = oci_spec::runtime::LinuxMemory::default();
+        m.set_limit(Some(limit));
+        r.set_memory(Some(m));
+    }
+    if let Some(quota) = quota {
+        let mut cpu = oci_spec::runtime::LinuxCpu::default();
+        cpu.set_quota(Some(quota));
+        cpu.set_period(period.map(|p| p as u64));
+        r.set_cpu(Some(cpu));
+    }
+    Ok(Some(r))
+}
+
 /// The pod directory of the sandbox whose state directory is `state_dir`.
 pub fn dir(state_dir: &Path) -> PathBuf {
     state_dir.join("pod")
@@ -265,6 +312,21 @@ mod tests {
             name_of(Path::new("/var/lib/kubelet/pods/x/volumes/cache"), true)
         );
         assert!(a.starts_with("v-") && a.len() == 18, "{a}");
+    }
+
+    #[test]
+    fn the_pods_annotations_size_its_vm() {
+        let mut a = std::collections::HashMap::new();
+        assert_eq!(sandbox_resources(&a).unwrap(), None);
+        a.insert(SANDBOX_MEMORY.to_owned(), "1073741824".to_owned());
+        a.insert(SANDBOX_CPU_QUOTA.to_owned(), "200000".to_owned());
+        a.insert(SANDBOX_CPU_PERIOD.to_owned(), "100000".to_owned());
+        let r = sandbox_resources(&a).unwrap().unwrap();
+        let shape = husk_guest::shape::Shape::on_host(Some(&r), 4).unwrap();
+        assert_eq!((shape.vcpus, shape.memory_mib), (2, 1280));
+        a.insert(SANDBOX_MEMORY.to_owned(), "lots".to_owned());
+        let e = sandbox_resources(&a).unwrap_err();
+        assert!(e.contains(SANDBOX_MEMORY) && e.contains("lots"), "{e}");
     }
 
     #[test]

@@ -323,9 +323,20 @@ fn boot(
         read_only: bundle.readonly,
     }];
     shares.extend(volumes);
+    // A pod's VM holds all its containers: sized for the pod's limits.
+    let pod_resources = match pod {
+        true => crate::pod::sandbox_resources(
+            bundle
+                .spec
+                .annotations()
+                .as_ref()
+                .unwrap_or(&Default::default()),
+        )?,
+        false => None,
+    };
     let shape = match restore {
         Some(r) => r.shape,
-        None => Shape::of(resources(bundle))?,
+        None => Shape::of(pod_resources.as_ref().or(resources(bundle)))?,
     };
     // The spec's network namespace, mirrored into the guest
     // (docs/networking.md); the container then runs in the guest's own.
@@ -501,6 +512,21 @@ fn member_set_up(
         dir.join(crate::sandbox::VSOCK_SOCKET),
     )
     .map_err(|e| format!("link the pod's agent socket: {e}"))?;
+    // Its limits are enforced in its guest cgroup; the pod's VM must hold
+    // them.
+    let shape = pod_state.shape.unwrap_or_default();
+    if let Some(limit) = resources(bundle)
+        .and_then(|r| r.memory().as_ref())
+        .and_then(|m| m.limit())
+        .filter(|&l| l > 0)
+        && limit as u64 > shape.memory_limit_max()
+    {
+        return Err(format!(
+            "container {id}'s memory limit of {limit} bytes does not fit pod {sandbox}'s VM: it has {} MiB, so at most {} bytes for a container (size the pod with its resources)",
+            shape.memory_mib,
+            shape.memory_limit_max()
+        ));
+    }
     let (spec_json, join) =
         member_spec(&bundle.spec_json, sandbox, pod_state.monitor.map(|m| m.pid))?;
     crate::volumes::make_mount_points(&bundle.spec, &bundle.rootfs);
