@@ -67,7 +67,33 @@ impl Containerd {
             d = dir.display()
         );
         std::fs::write(dir.join("config.toml"), config).unwrap();
-        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+        let child = Self::spawn(&dir);
+        let me = Self {
+            dir,
+            child,
+            runtime,
+        };
+        me.wait_socket();
+        let archive = me.dir.join("busybox.tar");
+        let made = Command::new(HUSK)
+            .arg("busybox-image")
+            .arg("--output")
+            .arg(&archive)
+            .output()
+            .unwrap();
+        assert!(made.status.success(), "{}", text(&made.stderr));
+        let out = me.ctr(&["images", "import", archive.to_str().unwrap()]);
+        assert!(out.status.success(), "import: {}", text(&out.stderr));
+        me
+    }
+
+    /// containerd on the config in `dir`, its log appended to.
+    fn spawn(dir: &std::path::Path) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("containerd.log"))
+            .unwrap();
         let tmp = dir.join("tmp");
         std::fs::create_dir_all(&tmp).unwrap();
         let path = format!(
@@ -75,7 +101,7 @@ impl Containerd {
             husk_shim().parent().unwrap().display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        let child = Command::new("containerd")
+        Command::new("containerd")
             .arg("--config")
             .arg(dir.join("config.toml"))
             .env("PATH", path)
@@ -90,28 +116,25 @@ impl Containerd {
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .expect("containerd (Debian's containerd package; make test installs it)");
-        let me = Self {
-            dir,
-            child,
-            runtime,
-        };
+            .expect("containerd (Debian's containerd package; make test installs it)")
+    }
+
+    fn wait_socket(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !me.socket().exists() {
+        while !self.socket().exists() {
             assert!(Instant::now() < deadline, "containerd did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
-        let archive = me.dir.join("busybox.tar");
-        let made = Command::new(HUSK)
-            .arg("busybox-image")
-            .arg("--output")
-            .arg(&archive)
-            .output()
-            .unwrap();
-        assert!(made.status.success(), "{}", text(&made.stderr));
-        let out = me.ctr(&["images", "import", archive.to_str().unwrap()]);
-        assert!(out.status.success(), "import: {}", text(&out.stderr));
-        me
+    }
+
+    /// containerd stopped and started again on the same root and state:
+    /// its shims live on, and it reconnects to them.
+    fn restart(&mut self) {
+        husk_test_support::kill(self.child.id(), rustix::process::Signal::TERM);
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(self.socket());
+        self.child = Self::spawn(&self.dir);
+        self.wait_socket();
     }
 
     fn socket(&self) -> PathBuf {
@@ -818,4 +841,34 @@ fn the_husk_shim_refuses_a_podless_container_and_cleans_up_after_a_killed_shim()
         .filter(|m| !m.starts_with(&root.display().to_string()))
         .collect();
     assert!(mounts.is_empty(), "{mounts:?}");
+}
+
+#[test]
+fn containerd_restarted_finds_the_husk_shims_tasks_still_running() {
+    let mut ctd = Containerd::start_with("restart", Runtime::HuskShim);
+    let id = format!("ctr-restart-{}", std::process::id());
+    ctd.ctr_ok(&ctd.run_args(&["-d", IMAGE, &id, "sleep", "1000"]));
+    wait_status(&ctd, &id, "RUNNING");
+    let shims = ctd.husk_shims();
+    ctd.restart();
+    // The same shim and task: containerd reconnected (Connect), and the
+    // task answers as before.
+    wait_status(&ctd, &id, "RUNNING");
+    assert_eq!(ctd.husk_shims(), shims);
+    let out = ctd.ctr_ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "after",
+        &id,
+        "echo",
+        "still here",
+    ]);
+    assert_eq!(out, "still here\n");
+    ctd.ctr_ok(&["task", "kill", "--signal", "SIGKILL", &id]);
+    wait_status(&ctd, &id, "STOPPED");
+    ctd.ctr_ok(&["task", "delete", &id]);
+    ctd.ctr_ok(&["container", "rm", &id]);
+    let left = ctd.leftovers_of(&id);
+    assert!(left.is_empty(), "{left:?}");
 }

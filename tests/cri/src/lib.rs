@@ -51,6 +51,23 @@ impl Containerd {
     /// Starts one named `name` (unique per test), its CNI bridge numbered
     /// `n` (its subnet 10.95.n.0/24).
     pub async fn start(name: &str, n: u8) -> Self {
+        let cache = std::env::var_os("HUSK_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/cache/husk"))
+            .join("test-root");
+        let husk = binary("husk");
+        Self::start_in(name, n, husk.parent().unwrap(), &cache).await
+    }
+
+    /// [`Containerd::start`] with husk and its shim from `bin_dir` and
+    /// husk's warm-start cache at `warm_cache`.
+    pub async fn start_in(name: &str, n: u8, bin_dir: &Path, warm_cache: &Path) -> Self {
+        let husk = bin_dir.join("husk");
+        assert!(
+            bin_dir.join("containerd-shim-husk-v2").exists(),
+            "no containerd-shim-husk-v2 in {}",
+            bin_dir.display()
+        );
         let dir = husk_test_support::scratch("cri", name);
         let bridge = format!("huskcri{n}");
         let _ = Command::new("ip").args(["link", "del", &bridge]).output();
@@ -104,10 +121,9 @@ state = "{d}/state"
         let tmp = dir.join("tmp");
         std::fs::create_dir_all(&tmp).unwrap();
         let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        let husk = binary("husk");
         let path = format!(
             "{}:{}",
-            husk.parent().unwrap().display(),
+            bin_dir.display(),
             std::env::var("PATH").unwrap_or_default()
         );
         let child = Command::new("containerd")
@@ -115,13 +131,7 @@ state = "{d}/state"
             .arg(dir.join("config.toml"))
             .env("PATH", path)
             .env("TMPDIR", &tmp)
-            .env(
-                "HUSK_WARM_CACHE",
-                std::env::var_os("HUSK_CACHE")
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| PathBuf::from("/var/cache/husk"))
-                    .join("test-root"),
-            )
+            .env("HUSK_WARM_CACHE", warm_cache)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
