@@ -208,10 +208,12 @@ impl Drop for Containerd {
     fn drop(&mut self) {
         husk_test_support::kill(self.child.id(), rustix::process::Signal::TERM);
         let _ = self.child.wait();
-        let _ = Command::new("umount")
-            .arg("-R")
-            .arg(self.dir.join("root"))
-            .output();
+        // A failed test's shims and their VMs; then whatever they left
+        // mounted (a killed monitor's pod share).
+        for pid in processes_with(&[&self.dir.display().to_string()]) {
+            husk_test_support::kill(pid, rustix::process::Signal::KILL);
+        }
+        husk_test_support::unmount_under(&self.dir);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -104,6 +104,9 @@ state = "{d}/state"
   sandbox_image = "{PAUSE}"
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
+  # A pod's sandbox asks for oom_score_adj -998, which this machine's
+  # root may not set (runc fails on it); capped at containerd's own.
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     default_runtime_name = "runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.husk]

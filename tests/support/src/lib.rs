@@ -50,6 +50,23 @@ pub fn kill(pid: u32, signal: Signal) -> bool {
         .is_some_and(|pid| rustix::process::kill_process(pid, signal).is_ok())
 }
 
+/// Detaches every mount under `dir` (deepest first): what a test's
+/// daemon left mounted when it was killed.
+pub fn unmount_under(dir: &Path) {
+    let dir = dir.display().to_string();
+    let mut points: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(&dir))
+        .map(str::to_owned)
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        let _ = rustix::mount::unmount(p.as_str(), rustix::mount::UnmountFlags::DETACH);
+    }
+}
+
 /// A fresh, empty directory `husk-<kind>-<name>-<pid>` under the temporary
 /// directory.
 pub fn scratch(kind: &str, name: &str) -> PathBuf {
