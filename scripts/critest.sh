@@ -26,12 +26,22 @@ port=5123
 bridge=huskcrit
 rm -rf "$d"
 mkdir -p "$d"/{cni,tmp,reports,storage}
+netns_before=$(ip netns list | awk '{print $1}' | sort)
+sockets_before=$(ls /run/containerd/s 2>/dev/null | sort)
 cleanup() {
 	set +e
 	[ -n "${ctd:-}" ] && kill "$ctd" && wait "$ctd"
 	[ -n "${reg:-}" ] && kill "$reg" && wait "$reg"
 	pkill -KILL -f "$d/" 2>/dev/null
-	umount -R "$d/root" "$d/state" 2>/dev/null
+	sleep 1
+	# Whatever the killed shims left: mounts (deepest first), CRI's
+	# network namespaces and the shims' sockets made since the start.
+	grep " $d/" /proc/self/mountinfo | awk '{print length($5), $5}' | sort -rn |
+		while read -r _ m; do umount -l "$m"; done
+	comm -13 <(echo "$netns_before") <(ip netns list | awk '{print $1}' | sort) |
+		while read -r n; do [ -n "$n" ] && ip netns del "$n"; done
+	comm -13 <(echo "$sockets_before") <(ls /run/containerd/s 2>/dev/null | sort) |
+		while read -r s; do [ -n "$s" ] && rm -f "/run/containerd/s/$s"; done
 	ip link del "$bridge" 2>/dev/null
 	rm -rf "$d"
 }
@@ -54,7 +64,7 @@ image() { # NAME [CMD...]: husk's busybox as NAME in the local registry
 	local name=$1
 	shift
 	local args=()
-	for a in "$@"; do args+=(--cmd "$a"); done
+	for a in "$@"; do args+=("--cmd=$a"); done
 	"$bin/husk" busybox-image --output "$d/image.tar" --name "$name" "${args[@]}" >/dev/null
 	skopeo copy -q --dest-tls-verify=false "oci-archive:$d/image.tar" "docker://127.0.0.1:$port/${name#*/}"
 }

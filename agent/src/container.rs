@@ -349,8 +349,19 @@ pub fn create_plan(
             LinuxDeviceType::A => continue,
         };
         let mode = kind.as_raw_mode() | d.file_mode().unwrap_or(0o666);
+        let path = under(rootfs, d.path())?;
+        // Made before the fork: the child allocates nothing.
+        let mut parents = Vec::new();
+        let mut at = Path::new(&path).parent();
+        while let Some(dir) = at.filter(|dir| dir.starts_with(rootfs) && *dir != Path::new(rootfs))
+        {
+            parents.push(cstring(&dir.to_string_lossy(), "device directory")?);
+            at = dir.parent();
+        }
+        parents.reverse();
         devices.push(DeviceNode {
-            path: cstring(&under(rootfs, d.path())?, "device path")?,
+            path: cstring(&path, "device path")?,
+            parents,
             file_type: FileType::from_raw_mode(mode),
             mode: Mode::from_raw_mode(mode),
             dev: rustix::fs::makedev(d.major() as u32, d.minor() as u32),
@@ -422,6 +433,34 @@ mod tests {
             under("/r", Path::new("dev"))
                 .unwrap_err()
                 .contains("not absolute")
+        );
+    }
+
+    #[test]
+    fn a_device_deep_in_dev_has_its_directories_made_first() {
+        let spec: Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "root": {"path": "rootfs"},
+            "linux": {"devices": [
+                {"path": "/dev/cpu/0/cpuid", "type": "c", "major": 203, "minor": 0},
+                {"path": "/dev/null", "type": "c", "major": 1, "minor": 3}
+            ]}
+        }))
+        .unwrap();
+        let plan = create_plan(&spec, "/r", &Process::default(), &[]).unwrap();
+        let parents: Vec<Vec<String>> = plan
+            .devices
+            .iter()
+            .map(|d| {
+                d.parents
+                    .iter()
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            parents,
+            [vec!["/r/dev", "/r/dev/cpu", "/r/dev/cpu/0"], vec!["/r/dev"]]
         );
     }
 

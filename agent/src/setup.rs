@@ -53,6 +53,9 @@ pub struct DeviceNode {
     pub uid: u32,
     /// Group.
     pub gid: u32,
+    /// The directories above it in the container's root, outermost
+    /// first, made if missing (a privileged container's `/dev/cpu/0/`).
+    pub parents: Vec<CString>,
 }
 
 /// Capability sets as bit masks.
@@ -440,6 +443,12 @@ fn run(plan: &Plan, last_cap: u32) -> Result<(), Failed> {
         }
         for d in &plan.devices {
             let what = || format!("create device {}", d.path.to_string_lossy());
+            for dir in &d.parents {
+                match rustix::fs::mkdirat(CWD, dir.as_c_str(), Mode::from_raw_mode(0o755)) {
+                    Err(e) if e != Errno::EXIST => return Err(Failed(what(), e.into())),
+                    _ => {}
+                }
+            }
             match rustix::fs::mknodat(CWD, d.path.as_c_str(), d.file_type, d.mode, d.dev) {
                 Err(e) if e != Errno::EXIST => return Err(Failed(what(), e.into())),
                 _ => {}
