@@ -397,6 +397,15 @@ impl Drop for Containerd {
         // CRI takes their network namespaces down. (On a thread of its
         // own with a connection of its own: the test's runtime, which the
         // test's connection runs on, may be this thread's.)
+        // Every VM and shim of the test's first (a guest that stopped
+        // answering would hold CRI's StopPodSandbox for ever), then its
+        // pods through CRI.
+        let dir = self.dir.display().to_string();
+        for pid in processes_with(&[&dir]) {
+            if pid != self.child.id() {
+                husk_test_support::kill(pid, rustix::process::Signal::KILL);
+            }
+        }
         let socket = self.dir.join("containerd.sock");
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -435,18 +444,19 @@ impl Drop for Containerd {
         for pid in processes_with(&[&self.dir.display().to_string()]) {
             husk_test_support::kill(pid, rustix::process::Signal::KILL);
         }
-        let _ = Command::new("umount")
-            .arg("-R")
-            .arg(self.dir.join("root"))
-            .output();
-        let _ = Command::new("umount")
-            .arg("-R")
-            .arg(self.dir.join("state"))
-            .output();
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge])
             .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // What containerd and the killed shims left mounted; again if a
+        // cleanup of theirs still ran the first time.
+        for _ in 0..5 {
+            husk_test_support::unmount_under(&self.dir);
+            let _ = std::fs::remove_dir_all(&self.dir);
+            if !self.dir.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 }
 
