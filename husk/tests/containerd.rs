@@ -874,3 +874,23 @@ fn containerd_restarted_finds_the_husk_shims_tasks_still_running() {
     let left = ctd.leftovers_of(&id);
     assert!(left.is_empty(), "{left:?}");
 }
+
+#[test]
+fn a_sigkill_the_guest_cannot_take_kills_the_vm_through_the_husk_shim() {
+    let ctd = Containerd::start_with("frozen", Runtime::HuskShim);
+    let id = format!("ctr-frozen-{}", std::process::id());
+    ctd.ctr_ok(&ctd.run_args(&["-d", IMAGE, &id, "sleep", "1000"]));
+    wait_status(&ctd, &id, "RUNNING");
+    // The guest stops answering: its VMM stopped.
+    let vmm = processes_with(&["husk-vmm", &format!("/{id}/")]);
+    assert_eq!(vmm.len(), 1);
+    husk_test_support::kill(vmm[0], rustix::process::Signal::STOP);
+    // SIGKILL still ends the task: the shim kills the VM.
+    ctd.ctr_ok(&["task", "kill", "--signal", "SIGKILL", &id]);
+    wait_status(&ctd, &id, "STOPPED");
+    assert!(processes_with(&["husk-vmm", &format!("/{id}/")]).is_empty());
+    ctd.ctr_ok(&["task", "delete", &id]);
+    ctd.ctr_ok(&["container", "rm", &id]);
+    let left = ctd.leftovers_of(&id);
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -355,8 +355,9 @@ pub fn kill_process(
     Ok(())
 }
 
-/// Kills the container's VM and monitor outright.
-fn kill_vm(root: &Path, id: &str) -> Result<(), LifecycleError> {
+/// Kills the container's VM and monitor outright (a container of a pod:
+/// its monitor; the pod's VM is its sandbox's).
+pub fn kill_vm(root: &Path, id: &str) -> Result<(), LifecycleError> {
     let state = ContainerState::load(root, id)?;
     for p in [state.monitor, state.vmm].into_iter().flatten() {
         p.signal(libc::SIGKILL);

@@ -924,7 +924,23 @@ impl containerd_shim::Task for Service {
                 )
             })?;
         match container::kill_process(&root, &req.id, &guest_id, signal, req.all) {
-            Ok(()) => Ok(Empty::new()),
+            Ok(()) => {
+                if signal == libc::SIGKILL && req.exec_id.is_empty() {
+                    self.watch_kill(root, req.id.clone());
+                }
+                Ok(Empty::new())
+            }
+            // SIGKILL is final: a guest that does not answer has its VM
+            // killed (and a container of a pod, its monitor).
+            Err(e) if signal == libc::SIGKILL && req.exec_id.is_empty() => {
+                log::warn!(
+                    "task {}'s guest did not take SIGKILL ({}): its VM is killed",
+                    req.id,
+                    husk_runtime::error_chain(&e)
+                );
+                container::kill_vm(&root, &req.id).map_err(lifecycle)?;
+                Ok(Empty::new())
+            }
             // It ended while the signal was on its way.
             Err(e) if self.has_stopped(&req.id, &req.exec_id) => Err(status_error(
                 Code::NOT_FOUND,
@@ -1082,7 +1098,42 @@ impl containerd_shim::Task for Service {
     }
 }
 
+/// How long a SIGKILLed task's process may take to be reported gone
+/// before its VM (or, for a container of a pod, its monitor) is killed.
+const KILL_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Service {
+    /// A SIGKILL is final: a task whose guest does not report its end
+    /// within [`KILL_GRACE`] (a guest that stopped answering) has its VM
+    /// killed, so that its exit comes and containerd's wait ends.
+    fn watch_kill(&self, root: PathBuf, id: String) {
+        let this = self.clone();
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + KILL_GRACE;
+            let mut tasks = this.lock();
+            while !tasks
+                .tasks
+                .get(&id)
+                .and_then(|t| t.procs.get(""))
+                .is_none_or(|p| p.life == Life::Stopped)
+            {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    drop(tasks);
+                    log::warn!("task {id} outlived SIGKILL by {KILL_GRACE:?}: its VM is killed");
+                    let _ = container::kill_vm(&root, &id);
+                    return;
+                }
+                tasks = this
+                    .0
+                    .changed
+                    .wait_timeout(tasks, left)
+                    .expect("task table lock")
+                    .0;
+            }
+        });
+    }
+
     fn has_stopped(&self, id: &str, exec_id: &str) -> bool {
         self.lock()
             .tasks
