@@ -18,6 +18,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{HUSK, text};
+use husk_test_support::processes_with;
 
 const IMAGE: &str = husk_docker::busybox::IMAGE_NAME;
 
@@ -451,21 +452,6 @@ fn ten_at_once(runtime: Runtime) {
 /// Whether a husk-vmm of container `id` still runs.
 fn husk_vmm_of(id: &str) -> bool {
     !processes_with(&["husk-vmm", &format!("/{id}/")]).is_empty()
-}
-
-/// PIDs of the processes whose command lines hold every one of `words`.
-fn processes_with(words: &[&str]) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let pid = e.file_name().to_str()?.parse().ok()?;
-            let c = std::fs::read(e.path().join("cmdline")).ok()?;
-            let c = String::from_utf8_lossy(&c);
-            words.iter().all(|w| c.contains(w)).then_some(pid)
-        })
-        .collect()
 }
 
 /// A network namespace wired by Debian's CNI bridge plugin (as a CRI

@@ -115,7 +115,7 @@ pub fn make(pod: &Path) -> Result<PathBuf, String> {
         rustix::mount::mount_change(&rw, MountPropagationFlags::SHARED)
             .map_err(errno(format!("make {} shared", rw.display())))?;
         rustix::mount::mount_bind(&rw, &ro).map_err(errno(format!("bind {}", ro.display())))?;
-        read_only(&ro)?;
+        remount_read_only(&ro)?;
         rustix::mount::mount_change(&ro, MountPropagationFlags::DOWNSTREAM)
             .map_err(errno(format!("make {} a slave", ro.display())))
     })();
@@ -126,7 +126,7 @@ pub fn make(pod: &Path) -> Result<PathBuf, String> {
     Ok(ro)
 }
 
-fn read_only(path: &Path) -> Result<(), String> {
+fn remount_read_only(path: &Path) -> Result<(), String> {
     rustix::mount::mount_remount(
         path,
         rustix::mount::MountFlags::BIND | rustix::mount::MountFlags::RDONLY,
@@ -197,17 +197,10 @@ fn bind(pod: &Path, rel: &str, source: &Path, read_only_bind: bool) -> Result<()
         target.display()
     )))?;
     if read_only_bind {
-        read_only(&target)?;
-        read_only(&pod.join("ro").join(rel))?;
+        remount_read_only(&target)?;
+        remount_read_only(&pod.join("ro").join(rel))?;
     }
     Ok(())
-}
-
-fn is_bind(m: &serde_json::Value) -> bool {
-    m["type"] == "bind"
-        || m["options"]
-            .as_array()
-            .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
 }
 
 /// A container of the pod at `pod`: its root (`rootfs`, read-only with
@@ -232,13 +225,11 @@ pub fn add_member(
             serde_json::from_str(spec_json).map_err(|e| format!("the spec: {e}"))?;
         let mut files = 0;
         if let Some(mounts) = spec["mounts"].as_array_mut() {
-            for m in mounts.iter_mut().filter(|m| is_bind(m)) {
+            for m in mounts.iter_mut().filter(|m| crate::volumes::is_bind(m)) {
                 let Some(source) = m["source"].as_str().map(PathBuf::from) else {
                     continue;
                 };
-                let ro = m["options"]
-                    .as_array()
-                    .is_some_and(|o| o.iter().any(|x| x == "ro"));
+                let ro = crate::volumes::read_only(m);
                 let destination = m["destination"].as_str().unwrap_or("?").to_owned();
                 let meta = std::fs::metadata(&source).map_err(|e| {
                     format!(

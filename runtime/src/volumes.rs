@@ -17,14 +17,14 @@ use husk_protocol::share::Share;
 use husk_protocol::{VOLUME_TAGS, VOLUMES_DIR};
 
 /// Whether a spec mount (as JSON) is a bind mount.
-fn is_bind(m: &serde_json::Value) -> bool {
+pub(crate) fn is_bind(m: &serde_json::Value) -> bool {
     m["type"] == "bind"
         || m["options"]
             .as_array()
             .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
 }
 
-fn read_only(m: &serde_json::Value) -> bool {
+pub(crate) fn read_only(m: &serde_json::Value) -> bool {
     m["options"]
         .as_array()
         .is_some_and(|o| o.iter().any(|x| x == "ro"))

@@ -15,7 +15,7 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-pub use husk_test_support::text;
+pub use husk_test_support::{processes_with, text};
 
 /// The image containers run.
 pub const BUSYBOX: &str = "docker.io/husk/busybox:latest";
@@ -474,20 +474,4 @@ async fn connect(socket: &Path) -> Channel {
         }))
         .await
         .expect("connect to containerd's CRI")
-}
-
-/// PIDs of the processes whose command lines hold every one of `words`.
-pub fn processes_with(words: &[&str]) -> Vec<u32> {
-    let me = std::process::id();
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let c = std::fs::read(e.path().join("cmdline")).ok()?;
-            let c = String::from_utf8_lossy(&c);
-            (pid != me && words.iter().all(|w| c.contains(w))).then_some(pid)
-        })
-        .collect()
 }

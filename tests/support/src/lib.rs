@@ -205,6 +205,23 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// PIDs of the processes (other than this one) whose command lines hold
+/// every one of `words`.
+pub fn processes_with(words: &[&str]) -> Vec<u32> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let c = std::fs::read(e.path().join("cmdline")).ok()?;
+            let c = String::from_utf8_lossy(&c);
+            (pid != me && words.iter().all(|w| c.contains(w))).then_some(pid)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use std::process::{Command, Stdio};
