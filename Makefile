@@ -71,7 +71,10 @@ lint: deps
 # The whole suite: unit tests, and tests that boot real microVMs. The
 # static binaries `make run` uses are built too, so that a change that
 # breaks their (musl) build fails here.
+# The tests that drive containerd find its shim next to the debug husk:
+# no test target builds that binary, so it is built here.
 test: kernel test-init agent build lint
+	cargo build -p husk-shim
 	cargo nextest run --workspace --no-fail-fast
 
 # Benchmarks (docs/benchmarks.md): boot against QEMU microvm, snapshot
