@@ -4,6 +4,7 @@
 
 use std::ffi::CString;
 use std::path::{Component, Path};
+use std::sync::Arc;
 
 use husk_protocol::{Process, ROOTFS_TAG, VOLUME_TAGS, VOLUMES_DIR};
 use oci_spec::runtime::{LinuxDeviceType, LinuxNamespaceType, Spec};
@@ -12,6 +13,7 @@ use rustix::mount::MountFlags;
 use rustix::process::{Gid, Resource};
 use rustix::thread::UnshareFlags;
 
+use crate::seccomp;
 use crate::setup::{CapPlan, DeviceNode, MountStep, Plan, ProcPlan, capability};
 
 /// Where the agent mounts container roots.
@@ -413,6 +415,12 @@ pub fn create_plan(
         root_readonly: spec.root().as_ref().and_then(|r| r.readonly()) == Some(true),
         terminal: process.terminal,
         process: Some(process_plan(process)?),
+        seccomp: match linux.and_then(|l| l.seccomp().as_ref()) {
+            Some(profile) => Some(Arc::new(
+                seccomp::compile(profile).map_err(|e| format!("linux.seccomp: {e}"))?,
+            )),
+            None => None,
+        },
     })
 }
 

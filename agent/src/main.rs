@@ -25,6 +25,7 @@ mod container;
 mod net;
 mod processes;
 mod reseed;
+mod seccomp;
 mod server;
 mod setup;
 mod stdio;

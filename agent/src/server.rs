@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use husk_protocol::{Join, Process, Request, Response};
 use oci_spec::runtime::Spec;
@@ -17,7 +17,7 @@ use rustix::thread::LinkNameSpaceType;
 use crate::processes::{PidNs, Processes, key, processes_sharing_mounts};
 use crate::setup::Plan;
 use crate::stdio::make_stdio;
-use crate::{cgroup, container, net, reseed};
+use crate::{cgroup, container, net, reseed, seccomp};
 
 /// A created container.
 struct Container {
@@ -30,6 +30,8 @@ struct Container {
     pid_join: Option<OwnedFd>,
     /// Its process, once started.
     init: Option<i32>,
+    /// Its seccomp program, for the processes exec'd in it too (as runc's).
+    seccomp: Option<Arc<seccomp::Program>>,
 }
 
 /// The agent's state: its containers and its processes.
@@ -146,6 +148,7 @@ impl Agent {
         self.containers.lock().unwrap().insert(
             id,
             Container {
+                seccomp: plan.seccomp.clone(),
                 plan: Some(plan),
                 process,
                 pid_ns,
@@ -264,14 +267,15 @@ impl Agent {
                     .spawn(&k, &process, plan, PidNs::Guest, stdio(&process)?)
             })
         } else {
-            let (init, pid_ns) = {
+            let (init, pid_ns, seccomp) = {
                 let containers = self.containers.lock().unwrap();
                 match containers.get(id) {
                     Some(Container {
                         init: Some(pid),
                         pid_ns,
+                        seccomp,
                         ..
-                    }) => (*pid, *pid_ns),
+                    }) => (*pid, *pid_ns, seccomp.clone()),
                     _ => {
                         return Response::Error {
                             message: format!("container {id:?} is not running"),
@@ -323,6 +327,7 @@ impl Agent {
                         cgroup: cgroup_procs(id).ok(),
                         terminal: process.terminal,
                         process: Some(p),
+                        seccomp,
                         ..Default::default()
                     };
                     self.processes

@@ -12,12 +12,15 @@
 use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 
 use rustix::fs::{CWD, Dev, FileType, Mode, OFlags};
 use rustix::io::Errno;
 use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
 use rustix::process::{Gid, Resource, Rlimit, Uid};
 use rustix::thread::{CapabilitySet, CapabilitySets, LinkNameSpaceType, UnshareFlags};
+
+use crate::seccomp;
 
 /// One mount of the spec, resolved.
 pub struct MountStep {
@@ -106,6 +109,8 @@ pub struct Plan {
     /// A terminal: the child makes fd 0 its controlling terminal.
     pub terminal: bool,
     pub process: Option<ProcPlan>,
+    /// The container's seccomp program, loaded last.
+    pub seccomp: Option<Arc<seccomp::Program>>,
 }
 
 impl Default for Plan {
@@ -126,6 +131,7 @@ impl Default for Plan {
             root_readonly: false,
             terminal: false,
             process: None,
+            seccomp: None,
         }
     }
 }
@@ -516,6 +522,12 @@ fn run(plan: &Plan, last_cap: u32) -> Result<(), Failed> {
         if let Some(mask) = p.umask {
             rustix::process::umask(Mode::from_bits_retain(mask));
         }
+        // Without no_new_privs, loading a filter takes CAP_SYS_ADMIN:
+        // loaded before the identity drops it, as runc does (the filter
+        // then sees the few calls that set the identity).
+        if !p.no_new_privileges {
+            load_seccomp(plan)?;
+        }
         set_identity(p, last_cap)?;
         check(
             || format!("enter working directory {}", p.cwd.to_string_lossy()),
@@ -541,7 +553,20 @@ fn run(plan: &Plan, last_cap: u32) -> Result<(), Failed> {
         } else {
             Ok(())
         },
-    )
+    )?;
+    // With no_new_privs: as late as can be, so that the filter sees only
+    // the process's own calls (and the exec).
+    match &plan.process {
+        Some(p) if p.no_new_privileges => load_seccomp(plan),
+        _ => Ok(()),
+    }
+}
+
+fn load_seccomp(plan: &Plan) -> Result<(), Failed> {
+    match &plan.seccomp {
+        Some(program) => check(|| "load the seccomp profile".into(), seccomp::load(program)),
+        None => Ok(()),
+    }
 }
 
 /// Runs `plan` in the forked child; on failure writes what failed to

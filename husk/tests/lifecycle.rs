@@ -172,6 +172,67 @@ fn create_start_exec_pause_resume_kill_delete() {
 }
 
 #[test]
+fn the_specs_seccomp_profile_holds_for_its_process_and_its_execs() {
+    // Without no_new_privileges (loaded before the identity is set), a
+    // profile that refuses sethostname with EPERM and chmod with ENOSYS.
+    let with_profile = |profile: serde_json::Value| {
+        move |spec: &mut oci_spec::runtime::Spec| {
+            spec.process_mut()
+                .as_mut()
+                .unwrap()
+                .set_no_new_privileges(Some(false));
+            spec.linux_mut()
+                .as_mut()
+                .unwrap()
+                .set_seccomp(Some(serde_json::from_value(profile).unwrap()));
+        }
+    };
+    let b = Bundle::new(
+        "seccomp",
+        &["sleep", "1000"],
+        with_profile(serde_json::json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [
+                {"names": ["sethostname"], "action": "SCMP_ACT_ERRNO"},
+                {"names": ["chmod", "fchmodat", "fchmodat2"], "action": "SCMP_ACT_ERRNO",
+                 "errnoRet": 38}
+            ]
+        })),
+    );
+    let id = id("seccomp");
+    ok(&["create", "--bundle", b.0.to_str().unwrap(), &id]);
+    ok(&["start", &id]);
+    let out = ok(&[
+        "exec",
+        &id,
+        "sh",
+        "-c",
+        "grep Seccomp /proc/1/status; hostname other 2>&1; echo $?; \
+         chmod 700 /tmp 2>&1; echo $?; ls / >/dev/null && echo allowed",
+    ]);
+    assert_eq!(
+        out,
+        "Seccomp:\t2\nSeccomp_filters:\t1\n\
+         hostname: sethostname: Operation not permitted\n1\n\
+         chmod: /tmp: Function not implemented\n1\nallowed\n"
+    );
+    ok(&["delete", "--force", &id]);
+
+    // A profile the guest cannot honour: refused by name, nothing left.
+    let bad = Bundle::new(
+        "seccomp-bad",
+        &["true"],
+        with_profile(serde_json::json!({"defaultAction": "SCMP_ACT_NOTIFY"})),
+    );
+    let bad_id = common::id("seccomp-bad");
+    refused(
+        &["create", "--bundle", bad.0.to_str().unwrap(), &bad_id],
+        "linux.seccomp: seccomp action SCMP_ACT_NOTIFY is not supported",
+    );
+    nothing_left(&bad_id, &[]);
+}
+
+#[test]
 fn a_created_container_is_deleted_and_run_detached_writes_its_pid() {
     let b = Bundle::new("created", &["sleep", "1000"], |_| {});
     let bundle = b.0.to_str().unwrap();
@@ -400,6 +461,9 @@ fn a_terminal_container_restored_from_a_checkpoint_gets_a_new_terminal() {
 #[test]
 fn features_and_spec_are_runcs() {
     let v: serde_json::Value = serde_json::from_str(&ok(&["features"])).unwrap();
+    // Seccomp is applied in the guest, with what the agent compiles.
+    assert_eq!(v["linux"]["seccomp"]["enabled"], true);
+    assert_eq!(v["linux"]["seccomp"]["archs"], serde_json::json!(["SCMP_ARCH_X86_64"]));
     assert_eq!(v["ociVersionMin"], "1.0.0");
     assert!(
         v["linux"]["namespaces"]
