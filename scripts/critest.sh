@@ -11,6 +11,7 @@
 #   cd /tmp/cri-tools && GOFLAGS=-mod=vendor GOPROXY=off \
 #     /usr/lib/go-1.23/bin/go test -c -o /tmp/critest ./cmd/critest
 # BIN_DIR: where husk and containerd-shim-husk-v2 are (target/release).
+# HANDLERS: which to run (default: "runc husk").
 #
 # There is no registry on the internet here: the images critest pulls are
 # busybox images husk makes, pushed to a docker-registry of the script's
@@ -83,14 +84,19 @@ cat >"$d/cni/10-husk.conflist" <<EOF
  "ipam":{"type":"host-local","ranges":[[{"subnet":"10.94.0.0/16"}]],"dataDir":"$d/ipam"}},
  {"type":"portmap","capabilities":{"portMappings":true}}]}
 EOF
-cat >"$d/config.toml" <<EOF
+# One containerd per handler, each with a root of its own: the image
+# specs count the images a store holds.
+start_containerd() { # HANDLER
+	local c=$d/$1
+	mkdir -p "$c"
+	cat >"$c/config.toml" <<EOF
 version = 2
-root = "$d/root"
-state = "$d/state"
+root = "$c/root"
+state = "$c/state"
 [grpc]
-  address = "$d/containerd.sock"
+  address = "$c/containerd.sock"
 [ttrpc]
-  address = "$d/containerd.sock.ttrpc"
+  address = "$c/containerd.sock.ttrpc"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "docker.io/husk/pause:critest"
   restrict_oom_score_adj = true
@@ -108,22 +114,26 @@ state = "$d/state"
   [plugins."io.containerd.grpc.v1.cri".registry.mirrors."gcr.io"]
     endpoint = ["http://127.0.0.1:$port"]
 EOF
-PATH="$bin:$PATH" TMPDIR="$d/tmp" HUSK_WARM_CACHE=/var/lib/husk \
-	containerd --config "$d/config.toml" >"$d/containerd.log" 2>&1 &
-ctd=$!
-for _ in $(seq 100); do [ -S "$d/containerd.sock" ] && break; sleep 0.1; done
+	PATH="$bin:$PATH" TMPDIR="$d/tmp" HUSK_WARM_CACHE=/var/lib/husk \
+		containerd --config "$c/config.toml" >"$c/containerd.log" 2>&1 &
+	ctd=$!
+	for _ in $(seq 100); do [ -S "$c/containerd.sock" ] && break; sleep 0.1; done
+	ctr --address "$c/containerd.sock" -n k8s.io images import "$d/pause.tar" >/dev/null
+}
 "$bin/husk" busybox-image --output "$d/pause.tar" --name docker.io/husk/pause:critest \
 	--cmd sleep --cmd inf >/dev/null
-ctr --address "$d/containerd.sock" -n k8s.io images import "$d/pause.tar" >/dev/null
 
-for handler in runc husk; do
+for handler in ${HANDLERS:-runc husk}; do
 	echo "== critest, handler $handler"
-	"$critest" --runtime-endpoint "unix://$d/containerd.sock" \
-		--image-endpoint "unix://$d/containerd.sock" \
+	start_containerd "$handler"
+	"$critest" --runtime-endpoint "unix://$d/$handler/containerd.sock" \
+		--image-endpoint "unix://$d/$handler/containerd.sock" \
 		--runtime-handler "$handler" --ginkgo.no-color \
 		--report-dir "$d/reports" --report-prefix "$handler" \
 		>"$d/critest-$handler.log" 2>&1 || true
 	grep -E "^(Ran|PASS|FAIL|SUCCESS)|Passed|Failed" "$d/critest-$handler.log" | tail -3
 	grep -E "^\s*\[FAIL\]" "$d/critest-$handler.log" | sort -u >"/tmp/critest-$handler-failures.txt" || true
 	cp "$d/critest-$handler.log" "/tmp/critest-$handler.log"
+	kill "$ctd" && wait "$ctd" || true
+	ctd=
 done

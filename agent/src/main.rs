@@ -22,6 +22,7 @@
 
 mod cgroup;
 mod container;
+mod forward;
 mod net;
 mod processes;
 mod reseed;
@@ -35,8 +36,8 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use husk_protocol::{
-    CONTROL_PORT, READY_PORT, Request, Response, STDIO_PORT, handshake, read_frame, vsock,
-    write_frame,
+    CONTROL_PORT, FORWARD_PORT, READY_PORT, Request, Response, STDIO_PORT, handshake, read_frame,
+    vsock, write_frame,
 };
 
 use server::Agent;
@@ -156,13 +157,26 @@ fn main() {
         }
         Err(e) => log(&format!("cannot watch for exited processes: {e}")),
     }
-    let (control, stdio) = match (vsock::listen(CONTROL_PORT), vsock::listen(STDIO_PORT)) {
-        (Ok(c), Ok(s)) => (c, s),
-        (Err(e), _) | (_, Err(e)) => {
+    let listening = (
+        vsock::listen(CONTROL_PORT),
+        vsock::listen(STDIO_PORT),
+        vsock::listen(FORWARD_PORT),
+    );
+    let (control, stdio, forwards) = match listening {
+        (Ok(c), Ok(s), Ok(f)) => (c, s, f),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
             log(&format!("cannot listen on vsock: {e}"));
             return;
         }
     };
+    {
+        let agent = agent.clone();
+        std::thread::spawn(move || {
+            listen_forever(forwards, FORWARD_PORT, agent, |conn, _| {
+                forward::serve(conn)
+            })
+        });
+    }
     let stdio = {
         let agent = agent.clone();
         std::thread::spawn(move || {
@@ -172,7 +186,7 @@ fn main() {
         })
     };
     log(&format!(
-        "listening on vsock ports {CONTROL_PORT} and {STDIO_PORT}"
+        "listening on vsock ports {CONTROL_PORT}, {STDIO_PORT} and {FORWARD_PORT}"
     ));
     signal_ready();
     listen_forever(control, CONTROL_PORT, agent, serve_control);

@@ -338,17 +338,27 @@ mod tests {
         assert_eq!(run(&p, libc::SYS_open as u32, none), errno(libc::EPERM));
         assert_eq!(run(&p, 0, none), ALLOW, "read is 0");
         assert_eq!(run(&p, 1000, none), errno(libc::EPERM));
-        assert_eq!(run(&p, libc::SYS_personality as u32, [8, 0, 0, 0, 0, 0]), ALLOW);
+        assert_eq!(
+            run(&p, libc::SYS_personality as u32, [8, 0, 0, 0, 0, 0]),
+            ALLOW
+        );
         assert_eq!(
             run(&p, libc::SYS_personality as u32, [9, 0, 0, 0, 0, 0]),
             errno(libc::EPERM)
         );
         // A 64-bit comparison: the high word counts.
         assert_eq!(
-            run(&p, libc::SYS_personality as u32, [8 | 1 << 32, 0, 0, 0, 0, 0]),
+            run(
+                &p,
+                libc::SYS_personality as u32,
+                [8 | 1 << 32, 0, 0, 0, 0, 0]
+            ),
             errno(libc::EPERM)
         );
-        assert_eq!(run(&p, libc::SYS_clone as u32, [0x11, 0, 0, 0, 0, 0]), ALLOW);
+        assert_eq!(
+            run(&p, libc::SYS_clone as u32, [0x11, 0, 0, 0, 0, 0]),
+            ALLOW
+        );
         assert_eq!(
             run(&p, libc::SYS_clone as u32, [0x2000_0000, 0, 0, 0, 0, 0]),
             errno(libc::EPERM),
@@ -447,7 +457,11 @@ mod tests {
         // SAFETY: waits for the child forked above.
         assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
         assert!(libc::WIFEXITED(status), "status {status:#x}");
-        assert_eq!(libc::WEXITSTATUS(status), 0, "10: not loaded, 11: wrong errno, 12: allowed");
+        assert_eq!(
+            libc::WEXITSTATUS(status),
+            0,
+            "10: not loaded, 11: wrong errno, 12: allowed"
+        );
     }
 
     #[test]
@@ -464,7 +478,8 @@ mod tests {
     fn what_cannot_be_honoured_is_refused_by_name() {
         let err = |json| compile(&profile(json)).err().unwrap();
         assert!(
-            err(serde_json::json!({"defaultAction": "SCMP_ACT_NOTIFY"})).contains("SCMP_ACT_NOTIFY")
+            err(serde_json::json!({"defaultAction": "SCMP_ACT_NOTIFY"}))
+                .contains("SCMP_ACT_NOTIFY")
         );
         assert!(
             err(serde_json::json!({"defaultAction": "SCMP_ACT_ALLOW",

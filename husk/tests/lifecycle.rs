@@ -463,7 +463,10 @@ fn features_and_spec_are_runcs() {
     let v: serde_json::Value = serde_json::from_str(&ok(&["features"])).unwrap();
     // Seccomp is applied in the guest, with what the agent compiles.
     assert_eq!(v["linux"]["seccomp"]["enabled"], true);
-    assert_eq!(v["linux"]["seccomp"]["archs"], serde_json::json!(["SCMP_ARCH_X86_64"]));
+    assert_eq!(
+        v["linux"]["seccomp"]["archs"],
+        serde_json::json!(["SCMP_ARCH_X86_64"])
+    );
     assert_eq!(v["ociVersionMin"], "1.0.0");
     assert!(
         v["linux"]["namespaces"]

@@ -48,6 +48,11 @@ pub const STDIO_PORT: u32 = 1025;
 /// it is ready. The VMM answers with a reset and takes it as the guest's
 /// "ready" mark, where a warm-start snapshot is taken.
 pub const READY_PORT: u32 = 1026;
+/// vsock port of the agent's TCP forwards: a connection opened with a
+/// [`Forward`] frame is answered with a [`Response`] frame (`Ok` once the
+/// agent reached the guest's port, or `Error`), then carries raw bytes
+/// both ways (a pod's port forwarding, docs/kubernetes.md).
+pub const FORWARD_PORT: u32 = 1027;
 /// The virtio-fs tag of the share that holds a container's root
 /// filesystem.
 pub const ROOTFS_TAG: &str = "rootfs";
@@ -456,6 +461,14 @@ pub struct StdioAttach {
     pub exec_id: String,
     /// The stream.
     pub stream: Stream,
+}
+
+/// The one frame that opens a forward connection: the guest's TCP port
+/// on its loopback (127.0.0.1, else ::1) to reach.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forward {
+    /// The TCP port.
+    pub port: u16,
 }
 
 /// Resource usage of a container.

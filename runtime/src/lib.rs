@@ -15,6 +15,7 @@ pub mod hooks;
 pub mod monitor;
 pub mod network;
 pub mod pod;
+pub mod portforward;
 pub mod private;
 pub mod run;
 pub mod sandbox;

@@ -495,7 +495,7 @@ fn open_tap_in(ns: &OwnedFd, name: &str) -> std::io::Result<OwnedFd> {
 /// Runs `program args` in the namespace `ns` (started from a thread that
 /// entered it: a child is born in its parent thread's namespace); its
 /// stdout, or what it said when it failed.
-fn in_netns(
+pub(crate) fn in_netns(
     ns: &OwnedFd,
     program: &str,
     args: &[&str],

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use husk_protocol::api::{ApiRequest, ApiResponse};
 use husk_protocol::share::Share;
 use husk_protocol::{
-    CONTROL_PORT, Request, Response, STDIO_PORT, StdioAttach, Stream, handshake, read_frame,
-    write_frame,
+    CONTROL_PORT, FORWARD_PORT, Forward, Request, Response, STDIO_PORT, StdioAttach, Stream,
+    handshake, read_frame, write_frame,
 };
 use rustix::net::RecvFlags;
 use rustix::rand::GetRandomFlags;
@@ -53,6 +53,7 @@ pub const API_SOCKET: &str = "api.sock";
 
 /// The agent of a running container VM, reached through its vsock socket
 /// by any husk process (`start`, `kill`, `exec`, ...).
+#[derive(Clone)]
 pub struct Agent {
     socket: PathBuf,
 }
@@ -102,6 +103,21 @@ impl Agent {
         })
         .map_err(SandboxError::Agent)?;
         connect_with(&self.socket, STDIO_PORT, &attach).map_err(|e| SandboxError::Agent(e.into()))
+    }
+
+    /// A byte stream to TCP `port` on the guest's loopback (port
+    /// forwarding), or what the agent said when it could not reach it.
+    pub fn forward(&self, port: u16) -> Result<UnixStream, SandboxError> {
+        let open = husk_protocol::frame(&Forward { port }).map_err(SandboxError::Agent)?;
+        let mut stream = connect_with(&self.socket, FORWARD_PORT, &open)
+            .map_err(|e| SandboxError::Agent(e.into()))?;
+        match read_frame::<_, Response>(&mut stream).map_err(SandboxError::Agent)? {
+            Response::Ok => Ok(stream),
+            Response::Error { message } => Err(SandboxError::Refused(message)),
+            other => Err(SandboxError::Refused(format!(
+                "unexpected answer to a forward: {other:?}"
+            ))),
+        }
     }
 }
 

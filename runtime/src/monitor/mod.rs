@@ -213,6 +213,11 @@ fn set_up(
         return Err(explain(&mut sandbox, e));
     }
     phases.mark("created");
+    // A pod's port forwarding: CRI dials the port in the pod's namespace
+    // on the host, and the forwarder there takes it to the guest.
+    if pod && let Some(net) = &state.network {
+        crate::portforward::start(&net.netns, Agent::at(&dir))?;
+    }
     // createRuntime and prestart hooks: the VM is up and the process
     // made; a failure fails `create`. A restored container ran them when
     // it was made.

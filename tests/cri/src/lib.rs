@@ -34,6 +34,30 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// What containerd's port forwarding does: from inside the network
+/// namespace at `netns`, connects to 127.0.0.1:`port`, sends `request`,
+/// half-closes and returns everything read back.
+pub fn dial_in_netns(netns: &Path, port: u16, request: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Write};
+    let ns = std::fs::File::open(netns)?;
+    let request = request.to_vec();
+    std::thread::spawn(move || {
+        rustix::thread::move_into_link_name_space(
+            std::os::fd::AsFd::as_fd(&ns),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )?;
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+        conn.write_all(&request)?;
+        conn.shutdown(std::net::Shutdown::Write)?;
+        let mut answer = Vec::new();
+        conn.read_to_end(&mut answer)?;
+        Ok(answer)
+    })
+    .join()
+    .unwrap()
+}
+
 /// A containerd with CRI, stopped and removed when dropped.
 pub struct Containerd {
     /// Its directory (config, root, state, sockets, CNI, logs).
@@ -310,6 +334,29 @@ state = "{d}/state"
             .unwrap_or_else(|e| panic!("ExecSync {cmd:?}: {e}"))
             .into_inner();
         (r.exit_code, text(&r.stdout), text(&r.stderr))
+    }
+
+    /// The pod's network namespace on the host (the sandbox's spec, in
+    /// containerd's verbose PodSandboxStatus).
+    pub async fn pod_netns(&mut self, pod: &str) -> PathBuf {
+        let status = self
+            .runtime
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: pod.into(),
+                verbose: true,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("PodSandboxStatus: {e}"))
+            .into_inner();
+        let info: serde_json::Value =
+            serde_json::from_str(status.info.get("info").expect("verbose info")).unwrap();
+        let namespaces = info["runtimeSpec"]["linux"]["namespaces"].as_array();
+        let path = namespaces
+            .into_iter()
+            .flatten()
+            .find(|ns| ns["type"] == "network")
+            .and_then(|ns| ns["path"].as_str());
+        PathBuf::from(path.unwrap_or_else(|| panic!("no network namespace in {info}")))
     }
 
     /// ContainerStatus.

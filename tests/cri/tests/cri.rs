@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use husk_cri_tests::{Containerd, cri, processes_with};
+use husk_cri_tests::{Containerd, cri, dial_in_netns, processes_with};
 
 /// The husk VMMs of pod `pod`.
 fn vmms_of(pod: &str) -> Vec<u32> {
@@ -58,6 +58,17 @@ async fn a_pod_of_two_containers_is_one_vm_through_cri() {
         (0, "hello-from-the-server\n"),
         "{err}"
     );
+    // Port forwarding as containerd does it: a connection to localhost
+    // in the pod's namespace on the host reaches the guest's port; a port
+    // nobody listens on in the guest ends at once.
+    let netns = ctd.pod_netns(&pod).await;
+    let answer = dial_in_netns(&netns, 8080, b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.") && answer.ends_with("hello-from-the-server\n"),
+        "{answer}"
+    );
+    assert_eq!(dial_in_netns(&netns, 8081, b"").unwrap(), b"");
     let (code, _, _) = ctd
         .exec(&web, &["sh", "-c", "echo shared > /data/f; exit 3"])
         .await;
