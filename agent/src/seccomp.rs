@@ -23,8 +23,9 @@ use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule,
 };
 
-// Classic BPF, as <linux/bpf_common.h> numbers it.
-const LD_W_ABS: u16 = 0x00 | 0x00 | 0x20;
+// Classic BPF, as <linux/bpf_common.h> numbers it (BPF_LD | BPF_W |
+// BPF_ABS is 0x00 | 0x00 | 0x20).
+const LD_W_ABS: u16 = 0x20;
 const JMP_JA: u16 = 0x05;
 const JMP_JEQ_K: u16 = 0x05 | 0x10;
 const JMP_JGE_K: u16 = 0x05 | 0x30;
