@@ -67,6 +67,9 @@ pub enum BinariesError {
     /// The agent cannot be read.
     #[error(transparent)]
     Identity(crate::warm::WarmError),
+    /// A binary cannot be read.
+    #[error("cannot read {}", .0.display())]
+    Unreadable(PathBuf, #[source] std::io::Error),
     /// The agent cannot be packed.
     #[error("cannot pack the agent into an initramfs")]
     Pack(#[from] crate::initramfs::InitramfsError),
@@ -170,6 +173,28 @@ pub fn locate(root: &Path) -> Result<Binaries, BinariesError> {
 
 /// As [`locate`], looking next to a `husk` installed in `exe_dir`.
 pub fn locate_near(root: &Path, exe_dir: &Path) -> Result<Binaries, BinariesError> {
+    let found = find_near(exe_dir)?;
+    Ok(Binaries {
+        vmm: found.vmm,
+        kernel: found.kernel,
+        initramfs: agent_initramfs(root, &found.agent)?,
+    })
+}
+
+/// Where the VMM, the kernel and the agent are, found as [`locate_near`]
+/// finds them, with nothing written (`husk doctor`).
+pub struct Found {
+    /// `husk-vmm`.
+    pub vmm: PathBuf,
+    /// The guest kernel.
+    pub kernel: PathBuf,
+    /// The agent (static), not yet packed.
+    pub agent: PathBuf,
+}
+
+/// Finds the VMM, kernel and agent for a `husk` in `exe_dir`; the agent
+/// must be a static executable.
+pub fn find_near(exe_dir: &Path) -> Result<Found, BinariesError> {
     let vmm = find(
         "the VMM (husk-vmm)",
         "HUSK_VMM",
@@ -188,11 +213,15 @@ pub fn locate_near(root: &Path, exe_dir: &Path) -> Result<Binaries, BinariesErro
     }
     agents.push(exe_dir.join("husk-agent"));
     let agent = find("the guest agent (husk-agent)", "HUSK_AGENT", agents)?;
-    Ok(Binaries {
-        vmm,
-        kernel,
-        initramfs: agent_initramfs(root, &agent)?,
-    })
+    let mut head = vec![0u8; 4096];
+    let read = std::fs::File::open(&agent)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+        .map_err(|e| BinariesError::Unreadable(agent.clone(), e))?;
+    head.truncate(read);
+    if !is_static_elf(&head) {
+        return Err(BinariesError::NotStatic(agent));
+    }
+    Ok(Found { vmm, kernel, agent })
 }
 
 #[cfg(test)]

@@ -99,6 +99,10 @@ pub enum Command {
     Restore(crate::checkpoints::RestoreArgs),
     /// Print what this runtime supports (JSON, as `runc features`).
     Features,
+    /// Check this host for what husk needs (KVM, seccomp, husk's builds,
+    /// cgroups, overlayfs, tun, CNI, iptables, containerd) and name each
+    /// lack with its fix; exit status 1 when husk cannot run here.
+    Doctor,
     /// Change a running container's resources (applied in its guest; its
     /// VM keeps its size).
     Update(crate::oci::UpdateArgs),

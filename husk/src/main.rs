@@ -12,6 +12,7 @@ mod argv;
 mod checkpoints;
 mod cli;
 mod docker;
+mod doctor;
 mod images;
 mod networks;
 mod oci;
@@ -54,6 +55,7 @@ fn main() -> ExitCode {
             | Command::List(_)
             | Command::State(_)
             | Command::Features
+            | Command::Doctor
             | Command::Network(_)
             | Command::Ps(_)
     ) {
@@ -128,6 +130,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Checkpoint(args) => checkpoints::checkpoint(root, args),
         Command::Restore(args) => checkpoints::restore(root, args),
         Command::Features => oci::features(),
+        Command::Doctor => doctor::doctor(),
         Command::Update(args) => oci::update(root, args),
         Command::Spec(args) => oci::spec(args),
         Command::BusyboxBundle(args) => tools::busybox_bundle(args),

@@ -459,6 +459,50 @@ fn a_terminal_container_restored_from_a_checkpoint_gets_a_new_terminal() {
 }
 
 #[test]
+fn doctor_names_what_this_host_has_and_what_is_missing() {
+    // This host runs husk: every check printed, none failed.
+    let out = husk(&["doctor"]);
+    let report = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    for name in [
+        "kvm:",
+        "hardware virtualization:",
+        "seccomp:",
+        "husk's builds:",
+        "cgroups:",
+        "overlayfs:",
+        "tun:",
+        "CNI plugins:",
+        "iptables:",
+        "containerd:",
+    ] {
+        assert!(report.contains(name), "{name} missing from\n{report}");
+    }
+    assert!(report.contains("ok   kvm: /dev/kvm (API 12)"), "{report}");
+    assert!(report.ends_with("husk can run containers on this host\n"));
+    // Without its VMM, it cannot, and says what to do.
+    let out = Command::new(HUSK)
+        .arg("doctor")
+        .env("HUSK_VMM", "/nonexistent/husk-vmm")
+        .output()
+        .unwrap();
+    let report = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(
+        report.contains("FAIL husk's builds: ") && report.contains("HUSK_VMM"),
+        "{report}"
+    );
+    assert!(
+        report.contains("fix: `make kernel agent build`"),
+        "{report}"
+    );
+    assert!(
+        report.ends_with("husk cannot run containers on this host: husk's builds\n"),
+        "{report}"
+    );
+}
+
+#[test]
 fn features_and_spec_are_runcs() {
     let v: serde_json::Value = serde_json::from_str(&ok(&["features"])).unwrap();
     // Seccomp is applied in the guest, with what the agent compiles.
