@@ -72,11 +72,15 @@ image() { # NAME [CMD...]: husk's busybox as NAME in the local registry
 sleep 1
 image registry.k8s.io/e2e-test-images/busybox:1.29-2
 image registry.k8s.io/e2e-test-images/nginx:1.14-2 sh -c 'mkdir -p /www && echo ok >/www/index.html && exec httpd -f -p 80 -h /www'
+# The multi-container specs look for apache's start line in its log.
+image registry.k8s.io/e2e-test-images/httpd:2.4.39-4 sh -c 'echo "httpd -D FOREGROUND"; mkdir -p /www && echo ok >/www/index.html && exec httpd -f -p 80 -h /www'
 for i in test-image-latest:latest test-image-tag:test test-image-tag:all test-image-1:latest \
 	test-image-2:latest test-image-3:latest test-image-user-uid:latest \
 	test-image-user-username:latest test-image-user-uid-group:latest \
 	test-image-user-username-group:latest test-image-predefined-group:latest; do
-	image "gcr.io/k8s-staging-cri-tools/$i"
+	# Each a different image (its command names it): the image specs
+	# count images and their tags.
+	image "gcr.io/k8s-staging-cri-tools/$i" echo "$i"
 done
 
 cat >"$d/cni/10-husk.conflist" <<EOF
