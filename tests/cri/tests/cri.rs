@@ -40,6 +40,24 @@ async fn a_pod_of_two_containers_is_one_vm_through_cri() {
         &["sh", "-c", "echo client started; exec sleep 1000"],
     );
     client.mounts.push(volume);
+    // A read-only host directory, and the termination log: a host file
+    // the kubelet binds at /dev/termination-log.
+    let config_dir = ctd.dir.join("config-dir");
+    std::fs::create_dir_all(&config_dir).unwrap();
+    std::fs::write(config_dir.join("setting"), "on\n").unwrap();
+    client.mounts.push(cri::Mount {
+        container_path: "/config".into(),
+        host_path: config_dir.display().to_string(),
+        readonly: true,
+        ..Default::default()
+    });
+    let termination_log = ctd.dir.join("termination-log");
+    std::fs::write(&termination_log, "").unwrap();
+    client.mounts.push(cri::Mount {
+        container_path: "/dev/termination-log".into(),
+        host_path: termination_log.display().to_string(),
+        ..Default::default()
+    });
     let client = ctd.start_container(&pod, &config, client).await;
 
     // One VM for the pod, none for its containers.
@@ -58,6 +76,23 @@ async fn a_pod_of_two_containers_is_one_vm_through_cri() {
         (0, "hello-from-the-server\n"),
         "{err}"
     );
+    // The read-only directory reads and refuses writes; what the
+    // container writes to its termination log is on the host.
+    let (code, out, err) = ctd
+        .exec(
+            &client,
+            &[
+                "sh",
+                "-c",
+                "cat /config/setting; echo bye > /dev/termination-log; touch /config/new",
+            ],
+        )
+        .await;
+    assert_eq!((code, out.as_str()), (1, "on\n"), "{err}");
+    assert!(err.contains("Read-only file system"), "{err}");
+    assert!(!config_dir.join("new").exists());
+    assert_eq!(std::fs::read_to_string(&termination_log).unwrap(), "bye\n");
+
     // Port forwarding as containerd does it: a connection to localhost
     // in the pod's namespace on the host reaches the guest's port; a port
     // nobody listens on in the guest ends at once.
