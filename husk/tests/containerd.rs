@@ -57,6 +57,9 @@ impl Containerd {
 
     fn start_with(name: &str, runtime: Runtime) -> Self {
         common::reap_on_exit();
+        // Checked before anything is made: a test that fails here leaves
+        // no directory behind.
+        husk_shim();
         let dir = std::env::temp_dir().join(format!("husk-ctd-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
