@@ -39,6 +39,10 @@ struct Args {
     /// Write the guest console here instead of to stdout.
     #[arg(long)]
     console: Option<PathBuf>,
+    /// The most bytes the `--console` file holds: past it, its older half
+    /// is dropped (at least 4096).
+    #[arg(long, default_value_t = husk_vmm::devices::console_log::DEFAULT_LIMIT)]
+    console_limit: u64,
     /// Write boot timings (JSON) here when the VM ends.
     #[arg(long)]
     timings: Option<PathBuf>,
@@ -166,7 +170,9 @@ fn main() -> ExitCode {
         eprintln!("husk-vmm: cannot build the seccomp filters: {e}");
         return ExitCode::from(EXIT_SETUP);
     }
-    let console = args.console.map_or(Console::Stdout, Console::File);
+    let console = args.console.map_or(Console::Stdout, |path| {
+        Console::File(path, args.console_limit)
+    });
     let taps = match take_taps(&args.taps) {
         Ok(taps) => taps,
         Err(e) => {

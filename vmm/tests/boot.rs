@@ -148,3 +148,46 @@ fn guest_panic_is_reported_and_the_vmm_exits_non_zero() {
     left.sort();
     assert_eq!(left, ["initramfs.cpio"]);
 }
+
+#[test]
+fn a_guest_flooding_its_console_fills_no_more_than_the_limit() {
+    // The test init writes 3000 numbered lines (~300 KB) to its console;
+    // the file keeps the newest 64 KiB at most, whole lines, in order.
+    let scratch = Scratch::new("console-flood");
+    let console = scratch.path("console.log");
+    let (_, stderr, _) = boot(
+        &scratch,
+        1,
+        128,
+        &[
+            "--console",
+            console.to_str().unwrap(),
+            "--console-limit",
+            "65536",
+            "--cmdline=-- flood",
+        ],
+    );
+    let kept = std::fs::read_to_string(&console).unwrap();
+    assert!(kept.len() <= 65536, "{} bytes kept", kept.len());
+    assert!(kept.len() >= 16384, "only {} bytes kept", kept.len());
+    assert!(
+        kept.contains("husk-test-init: flood 2999 ") && kept.contains("husk-test-init: flood done"),
+        "{stderr}\n{}",
+        &kept[kept.len().saturating_sub(500)..]
+    );
+    assert!(!kept.contains("flood 0000 "), "the oldest lines were kept");
+    // The newest lines, each whole and in order.
+    let numbers: Vec<u32> = kept
+        .lines()
+        .filter_map(|l| l.strip_prefix("husk-test-init: flood "))
+        .filter_map(|l| l.split(' ').next()?.parse().ok())
+        .collect();
+    assert!(numbers.windows(2).all(|w| w[1] == w[0] + 1), "{numbers:?}");
+    assert_eq!(numbers.last(), Some(&2999));
+    // Cut at a line's start.
+    assert!(
+        kept.starts_with("husk-test-init: flood "),
+        "{}",
+        &kept[..80]
+    );
+}

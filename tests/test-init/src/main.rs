@@ -290,6 +290,13 @@ fn main() {
     if std::env::args().any(|a| a == "net-echo") {
         say(&net_echo());
     }
+    if std::env::args().any(|a| a == "flood") {
+        // A guest flooding its console: 3000 numbered lines, ~300 KB.
+        for n in 0..3000 {
+            say(&format!("flood {n:04} {}", "=".repeat(80)));
+        }
+        say("flood done");
+    }
     if std::env::args().any(|a| a == "ticks") {
         for n in 0u64.. {
             say(&format!("tick {n}"));

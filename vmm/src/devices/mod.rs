@@ -6,6 +6,7 @@
 //! The port-I/O bus holds the legacy PC devices; the MMIO bus is where
 //! virtio-mmio transports are registered.
 
+pub mod console_log;
 pub mod legacy;
 pub mod serial;
 pub mod virtio;

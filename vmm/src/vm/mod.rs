@@ -73,8 +73,9 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 io_delay=none
 pub enum Console {
     /// The VMM's standard output.
     Stdout,
-    /// A file, created or truncated.
-    File(PathBuf),
+    /// A file, created or truncated, that keeps its newest `limit` bytes
+    /// (devices/console_log.rs).
+    File(PathBuf, u64),
 }
 
 /// What to boot and how big.
@@ -308,9 +309,11 @@ fn check_memory(memory_mib: u64, host_mib: Option<u64>) -> Result<(), VmError> {
 fn open_console(console: &Console) -> Result<Box<dyn Write + Send>, VmError> {
     Ok(match console {
         Console::Stdout => Box::new(std::io::stdout()),
-        Console::File(path) => {
-            Box::new(File::create(path).map_err(|e| VmError::ConsoleFile(path.clone(), e))?)
-        }
+        Console::File(path, limit) => Box::new(crate::devices::console_log::CappedLog::new(
+            crate::devices::console_log::create(path)
+                .map_err(|e| VmError::ConsoleFile(path.clone(), e))?,
+            *limit,
+        )),
     })
 }
 
