@@ -99,10 +99,19 @@ impl Write for CappedLog {
 mod tests {
     use super::*;
 
-    fn scratch(name: &str) -> (std::path::PathBuf, File) {
+    /// A scratch file, removed when dropped (a failed test's too).
+    struct Scratch(std::path::PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn scratch(name: &str) -> (Scratch, File) {
         let path = std::env::temp_dir().join(format!("husk-console-{name}-{}", std::process::id()));
         let file = create(&path).unwrap();
-        (path, file)
+        (Scratch(path), file)
     }
 
     #[test]
@@ -117,11 +126,10 @@ mod tests {
                 log.write_all(&[b]).unwrap();
             }
             all.push_str(&line);
-            let len = std::fs::metadata(&path).unwrap().len();
+            let len = std::fs::metadata(&path.0).unwrap().len();
             assert!(len <= 8192, "{len} bytes after line {n}");
         }
-        let kept = std::fs::read_to_string(&path).unwrap();
-        std::fs::remove_file(&path).unwrap();
+        let kept = std::fs::read_to_string(&path.0).unwrap();
         assert!(kept.len() >= 4096 - 64, "only {} bytes kept", kept.len());
         // Whole lines, the newest, in order: a suffix of everything written.
         assert!(all.ends_with(&kept), "not the newest output in order");
@@ -135,16 +143,14 @@ mod tests {
         let mut log = CappedLog::new(file, 4096);
         let big: Vec<u8> = (0..100_000u32).map(|i| b'a' + (i % 26) as u8).collect();
         assert_eq!(log.write(&big).unwrap(), big.len());
-        let kept = std::fs::read(&path).unwrap();
-        std::fs::remove_file(&path).unwrap();
+        let kept = std::fs::read(&path.0).unwrap();
         assert_eq!(kept, big[big.len() - 2048..]);
     }
 
     #[test]
     fn a_limit_below_the_minimum_is_raised() {
-        let (path, file) = scratch("min");
+        let (_path, file) = scratch("min");
         let log = CappedLog::new(file, 10);
-        std::fs::remove_file(&path).unwrap();
         assert_eq!(log.limit, MIN_LIMIT);
     }
 }
