@@ -5,15 +5,9 @@
 //! or what failed, and copies bytes both ways until both have ended.
 
 use std::fs::File;
-use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, TcpStream};
 
 use husk_protocol::{Forward, Response, read_frame, write_frame};
-
-/// Copies `from` to `to` until `from` ends or `to` fails.
-fn copy(mut from: impl Read, mut to: impl Write) {
-    let _ = std::io::copy(&mut from, &mut to);
-}
 
 /// Serves one forward connection.
 pub(crate) fn serve(mut conn: File) {
@@ -40,10 +34,10 @@ pub(crate) fn serve(mut conn: File) {
     // passed on as a half-close, so a client that shuts its side still
     // gets the answer.
     let inbound = std::thread::spawn(move || {
-        copy(host_in, &tcp_out);
+        let _ = std::io::copy(&mut &host_in, &mut &tcp_out);
         let _ = tcp_out.shutdown(Shutdown::Write);
     });
-    copy(&tcp, &conn);
+    let _ = std::io::copy(&mut &tcp, &mut &conn);
     let _ = rustix::net::shutdown(&conn, rustix::net::Shutdown::Write);
     let _ = inbound.join();
 }

@@ -491,5 +491,11 @@ mod tests {
             "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ERRNO",
                 "args": [{"index": 6, "value": 0, "op": "SCMP_CMP_EQ"}]}]}));
         assert!(e.contains("argument 6") && e.contains("read"), "{e}");
+        let thirteen: Vec<_> = (0..13)
+            .map(|v| serde_json::json!({"index": 0, "value": v, "op": "SCMP_CMP_NE"}))
+            .collect();
+        let e = err(serde_json::json!({"defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["write"], "action": "SCMP_ACT_ERRNO", "args": thirteen}]}));
+        assert!(e.contains("13 argument conditions, more than 12"), "{e}");
     }
 }

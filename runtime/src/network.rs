@@ -460,18 +460,28 @@ fn filters(iface: &NetInterface, tap: &str) -> String {
     lines.join("\n") + "\n"
 }
 
-/// Writes `value` to `/proc/sys/net/<key>` of the namespace `ns` (from a
-/// thread that entered it: /proc/sys/net is the opener's namespace's).
-fn sysctl_in(ns: &OwnedFd, key: &str, value: &str) -> std::io::Result<()> {
+/// Runs `work` on a short-lived thread that entered the network
+/// namespace `ns`, so no other thread leaves its own (what it opens or
+/// starts there stays in `ns`).
+pub(crate) fn on_thread_in<T: Send>(
+    ns: &OwnedFd,
+    work: impl FnOnce() -> std::io::Result<T> + Send,
+) -> std::io::Result<T> {
     let ns = ns.as_fd();
     std::thread::scope(|s| {
         s.spawn(|| {
             rustix::thread::move_into_link_name_space(ns, Some(LinkNameSpaceType::Network))?;
-            std::fs::write(format!("/proc/sys/net/{key}"), value)
+            work()
         })
         .join()
         .unwrap_or_else(|_| Err(std::io::Error::other("the thread panicked")))
     })
+}
+
+/// Writes `value` to `/proc/sys/net/<key>` of the namespace `ns` (from a
+/// thread that entered it: /proc/sys/net is the opener's namespace's).
+fn sysctl_in(ns: &OwnedFd, key: &str, value: &str) -> std::io::Result<()> {
+    on_thread_in(ns, || std::fs::write(format!("/proc/sys/net/{key}"), value))
 }
 
 /// Takes the ingress qdisc (and with it the redirection) off `link`.
@@ -481,15 +491,7 @@ fn unjoin(ns: &OwnedFd, link: &str) -> Result<(), String> {
 
 /// Opens TAP `name` in the namespace `ns`, from a thread that enters it.
 fn open_tap_in(ns: &OwnedFd, name: &str) -> std::io::Result<OwnedFd> {
-    let ns = ns.as_fd();
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            rustix::thread::move_into_link_name_space(ns, Some(LinkNameSpaceType::Network))?;
-            husk_sys::net::open_tap(name)
-        })
-        .join()
-        .unwrap_or_else(|_| Err(std::io::Error::other("the TAP thread panicked")))
-    })
+    on_thread_in(ns, || husk_sys::net::open_tap(name))
 }
 
 /// Runs `program args` in the namespace `ns` (started from a thread that
@@ -501,27 +503,21 @@ pub(crate) fn in_netns(
     args: &[&str],
     input: Option<&str>,
 ) -> Result<String, String> {
-    let ns = ns.as_fd();
-    let out = std::thread::scope(|s| {
-        s.spawn(|| {
-            rustix::thread::move_into_link_name_space(ns, Some(LinkNameSpaceType::Network))?;
-            let mut child = Command::new(program)
-                .args(args)
-                .stdin(if input.is_some() {
-                    Stdio::piped()
-                } else {
-                    Stdio::null()
-                })
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()?;
-            if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
-                std::io::Write::write_all(&mut stdin, text.as_bytes())?;
-            }
-            child.wait_with_output()
-        })
-        .join()
-        .unwrap_or_else(|_| Err(std::io::Error::other("the thread panicked")))
+    let out = on_thread_in(ns, || {
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+            std::io::Write::write_all(&mut stdin, text.as_bytes())?;
+        }
+        child.wait_with_output()
     })
     .map_err(|e| format!("{program} {}: {e}", args.join(" ")))?;
     if !out.status.success() {

@@ -15,12 +15,8 @@
 //! connect would. The rule lives in the pod's namespace and goes with
 //! it.
 
-use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
-use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
-
-use rustix::thread::LinkNameSpaceType;
 
 use crate::sandbox::Agent;
 
@@ -31,8 +27,10 @@ use crate::sandbox::Agent;
 pub fn start(netns: &Path, agent: Agent) -> Result<u16, String> {
     let ns = husk_sys::net::open_netns(netns)
         .map_err(|e| format!("port forwarding: {}: {e}", netns.display()))?;
-    let listener = listen_in(&ns)
-        .map_err(|e| format!("port forwarding: a listener in {}: {e}", netns.display()))?;
+    // Made from a thread in the namespace: the socket stays there.
+    let listener =
+        crate::network::on_thread_in(&ns, || TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
+            .map_err(|e| format!("port forwarding: a listener in {}: {e}", netns.display()))?;
     let port = listener
         .local_addr()
         .map_err(|e| format!("port forwarding: {e}"))?
@@ -73,20 +71,6 @@ pub fn start(netns: &Path, agent: Agent) -> Result<u16, String> {
     Ok(port)
 }
 
-/// A TCP listener on 127.0.0.1 (any port) in the namespace `ns`, made
-/// from a thread that entered it: the socket stays in that namespace.
-fn listen_in(ns: &OwnedFd) -> std::io::Result<TcpListener> {
-    let ns = ns.as_fd();
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            rustix::thread::move_into_link_name_space(ns, Some(LinkNameSpaceType::Network))?;
-            TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        })
-        .join()
-        .unwrap_or_else(|_| Err(std::io::Error::other("the thread panicked")))
-    })
-}
-
 /// One redirected connection: to the port it was made to, in the guest.
 fn serve(conn: TcpStream, own: u16, agent: &Agent) {
     let Ok(dialled) = rustix::net::sockopt::ip_original_dst(&conn) else {
@@ -103,14 +87,10 @@ fn serve(conn: TcpStream, own: u16, agent: &Agent) {
         return;
     };
     let inbound = std::thread::spawn(move || {
-        copy(&conn_in, &guest_out);
+        let _ = std::io::copy(&mut &conn_in, &mut &guest_out);
         let _ = guest_out.shutdown(Shutdown::Write);
     });
-    copy(&guest, &conn);
+    let _ = std::io::copy(&mut &guest, &mut &conn);
     let _ = conn.shutdown(Shutdown::Write);
     let _ = inbound.join();
-}
-
-fn copy(mut from: impl Read, mut to: impl Write) {
-    let _ = std::io::copy(&mut from, &mut to);
 }
