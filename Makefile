@@ -10,7 +10,7 @@ VMM := target/$(MUSL)/release/husk-vmm
 TEST_INITRAMFS := target/test-init.cpio
 AGENT_INITRAMFS := target/agent.cpio
 
-.PHONY: all deps kernel test-init agent build run boot test lint bench clean
+.PHONY: all deps kernel test-init agent build run boot test lint bench fuzz clean
 
 all: build
 
@@ -76,6 +76,8 @@ lint: deps
 test: kernel test-init agent build lint
 	cargo build -p husk-shim
 	cargo nextest run --workspace --no-fail-fast
+	# Every fuzz target briefly (docs/fuzzing.md); `make fuzz` runs longer.
+	scripts/fuzz.sh 5
 
 # Benchmarks (docs/benchmarks.md): boot against QEMU microvm, snapshot
 # restore against cold boot, husk run against crun/runc/runsc, and the
@@ -91,6 +93,11 @@ bench: kernel $(TEST_INITRAMFS) $(AGENT_INITRAMFS)
 	target/release/husk-bench-net
 	target/release/husk-bench-image --husk $(HUSK)
 	target/release/husk-bench-checkpoint --husk $(HUSK)
+
+# Every fuzz target for FUZZ_SECONDS seconds each (docs/fuzzing.md).
+FUZZ_SECONDS ?= 300
+fuzz:
+	scripts/fuzz.sh $(FUZZ_SECONDS)
 
 clean:
 	cargo clean

@@ -389,3 +389,50 @@ impl std::ops::DerefMut for FrameBuf {
         &mut self.bytes[self.start..self.start + MAX_FRAME]
     }
 }
+
+impl NetHost {
+    /// The handle that binds the device's TAP, for a caller that takes
+    /// the thread's turns itself ([`NetHost::turn`]) instead of starting
+    /// it: the fuzz targets (fuzz/, docs/fuzzing.md).
+    pub fn handle(&self) -> NetHandle {
+        NetHandle {
+            backend: self.backend.clone(),
+        }
+    }
+
+    /// One turn of the device's thread, on the caller's thread: the events
+    /// epoll reports within `timeout_ms`, the TAP's offloads brought up to
+    /// date, and the frames the TAP has delivered to the guest. The steps
+    /// of the thread's loop ([`NetHost::start`]), for the fuzz targets,
+    /// which drive the device without its thread so that a run depends on
+    /// its input alone.
+    pub fn turn(&self, transport: &Mutex<MmioTransport>, timeout_ms: i32) {
+        let mut events = [EpollEvent::default(); 4];
+        let n = self.epoll.wait(timeout_ms, &mut events).unwrap_or(0);
+        let mut transport = lock(transport);
+        let mut backend = lock(&self.backend);
+        for event in &events[..n] {
+            if event.data() == EV_KICK {
+                let _ = backend.kick.read();
+            } else if let Some(bound) = &mut backend.bound
+                && bound.token == event.data()
+                && event
+                    .event_set()
+                    .intersects(EventSet::ERROR | EventSet::HANG_UP)
+            {
+                bound.hung_up = true;
+            }
+        }
+        backend.update_offloads();
+        if backend.can_receive() {
+            backend.host_turn = true;
+            drop(backend);
+            transport.notify_device(RX as u32);
+            backend = lock(&self.backend);
+            if std::mem::take(&mut backend.host_turn) {
+                backend.rx_unreachable = true;
+            }
+        }
+        backend.watch();
+    }
+}

@@ -177,3 +177,46 @@ impl VirtioDevice for Vsock {
         used
     }
 }
+
+impl VsockHost {
+    /// One turn of the host side's thread, on the caller's thread: the
+    /// events epoll reports within `timeout_ms` (host clients connecting,
+    /// host streams readable, writable or hung up) handled, then what
+    /// waits for the guest delivered through `transport`. The steps of the
+    /// thread's loop ([`VsockHost::start`]), for the fuzz targets (fuzz/,
+    /// docs/fuzzing.md), which drive the device without its thread so that
+    /// a run depends on its input alone.
+    pub fn turn(&self, transport: &Mutex<MmioTransport>, timeout_ms: i32) {
+        let mut events = [EpollEvent::default(); 64];
+        let n = {
+            let backend = lock(&self.backend);
+            backend.epoll.wait(timeout_ms, &mut events).unwrap_or(0)
+        };
+        for ev in &events[..n] {
+            let mut backend = lock(&self.backend);
+            match ev.data() {
+                EV_LISTENER => {
+                    while let Ok((stream, _)) = self.listener.accept() {
+                        backend.host_connects(stream);
+                    }
+                }
+                EV_KICK => {
+                    let _ = backend.kick.read();
+                }
+                data => {
+                    let key = ((data >> 32) as u32, data as u32);
+                    let set = ev.event_set();
+                    if set.contains(EventSet::OUT) {
+                        backend.flush(key);
+                    }
+                    if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
+                        backend.host_readable(key);
+                    }
+                }
+            }
+        }
+        if !lock(&self.backend).rx.is_empty() {
+            lock(transport).notify_device(RX as u32);
+        }
+    }
+}
