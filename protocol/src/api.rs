@@ -23,9 +23,12 @@ pub enum ApiRequest {
     /// Stop every vCPU, write a snapshot of the whole VM to the directory
     /// `dir` (made if missing) and stay paused: `resume` goes on, `stop`
     /// ends the VM. Open vsock connections are recorded, not kept: a guest
-    /// restored from it is told they were reset.
+    /// restored from it is told they were reset. With two descriptors on
+    /// the same message (SCM_RIGHTS: `dir/state`, then `dir/memory`, made
+    /// by the sender), the VMM writes into them instead: a VMM in its jail
+    /// sees no directory but its own (docs/security.md).
     Snapshot {
-        /// Where the snapshot goes.
+        /// Where the snapshot goes (with descriptors: what names them).
         dir: PathBuf,
     },
     /// Bind the TAP device whose descriptor comes with this request (one

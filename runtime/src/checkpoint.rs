@@ -262,16 +262,36 @@ pub fn checkpoint(
         }
         e
     };
-    vmm_api(
+    // The VMM sees no directory of ours from its jail: the snapshot's two
+    // files are made here, private, and handed over with the request.
+    let vm_dir = dir.join(VM_DIR);
+    let files = husk_sys::private::create_files(
+        &vm_dir,
+        &[
+            husk_protocol::snapshot::STATE_FILE,
+            husk_protocol::snapshot::MEMORY_FILE,
+        ],
+    )
+    .map_err(|e| {
+        clear(&dir);
+        CheckpointError::Snapshot {
+            id: id.into(),
+            why: crate::sandbox::SandboxError::Refused(e.to_string()),
+        }
+    })?;
+    let fds: Vec<_> = files.iter().map(std::os::fd::AsFd::as_fd).collect();
+    crate::sandbox::vmm_api_with_fds(
         &state_dir,
         &ApiRequest::Snapshot {
-            dir: dir.join(VM_DIR),
+            dir: vm_dir.clone(),
         },
+        &fds,
     )
     .map_err(|why| {
         clear(&dir);
         CheckpointError::Snapshot { id: id.into(), why }
     })?;
+    drop(files);
     if let Some(upper) = upper {
         copy_tree(upper, &dir.join(UPPER_DIR)).map_err(undo)?;
     }

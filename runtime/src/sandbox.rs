@@ -133,14 +133,24 @@ pub fn vmm_api_with(
     request: &ApiRequest,
     fd: Option<std::os::fd::BorrowedFd<'_>>,
 ) -> Result<(), SandboxError> {
+    vmm_api_with_fds(state_dir, request, fd.as_slice())
+}
+
+/// [`vmm_api`] with descriptors on the same message (`snapshot`'s files).
+pub fn vmm_api_with_fds(
+    state_dir: &Path,
+    request: &ApiRequest,
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> Result<(), SandboxError> {
     let path = state_dir.join(API_SOCKET);
     let fail = |e: std::io::Error| SandboxError::Refused(format!("the VMM's control socket: {e}"));
     let mut stream = husk_sys::unix::connect(&path).map_err(fail)?;
     let mut line = serde_json::to_vec(request).expect("requests serialize");
     line.push(b'\n');
-    match fd {
-        Some(fd) => husk_sys::fd::send_fd(&stream, fd, &line).map_err(fail)?,
-        None => stream.write_all(&line).map_err(fail)?,
+    if fds.is_empty() {
+        stream.write_all(&line).map_err(fail)?;
+    } else {
+        husk_sys::fd::send_fds(&stream, fds, &line).map_err(fail)?;
     }
     let mut answer = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(&stream), &mut answer)

@@ -22,10 +22,21 @@ pub fn set_cloexec(fd: std::os::fd::RawFd) {
 /// Sends `fd` on `socket`, with `data` as the message's bytes (a stream
 /// socket sends no message of none).
 pub fn send_fd(socket: impl AsFd, fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<()> {
-    let fds = [fd];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    send_fds(socket, &[fd], data)
+}
+
+/// Sends `data` on `socket` with the descriptors `fds` (at most 4) on the
+/// same message.
+pub fn send_fds(socket: impl AsFd, fds: &[BorrowedFd<'_>], data: &[u8]) -> io::Result<()> {
+    if fds.len() > 4 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "at most 4 descriptors on one message",
+        ));
+    }
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
     let mut control = SendAncillaryBuffer::new(&mut space);
-    control.push(SendAncillaryMessage::ScmRights(&fds));
+    control.push(SendAncillaryMessage::ScmRights(fds));
     rustix::net::sendmsg(
         socket,
         &[io::IoSlice::new(data)],

@@ -7,6 +7,7 @@
 //! - [`signals`]: signals blocked and taken by a thread;
 //! - [`fd`]: descriptors passed over Unix sockets;
 //! - [`net`]: TAP devices and network namespaces;
+//! - [`private`]: files for one user's eyes only (snapshots);
 //! - [`PathError`]: a failed file operation, named by what and where.
 #![deny(missing_docs)]
 
@@ -14,6 +15,7 @@ pub mod child;
 mod error;
 pub mod fd;
 pub mod net;
+pub mod private;
 pub mod signals;
 pub mod unix;
 

@@ -33,8 +33,9 @@ pub enum ApiError {
 pub struct ApiCall {
     /// What was asked.
     pub request: ApiRequest,
-    /// The descriptor sent with it (`attach_net`'s TAP).
-    pub fd: Option<OwnedFd>,
+    /// The descriptors sent with it: `attach_net`'s TAP; `snapshot`'s
+    /// state and memory files, in that order.
+    pub fds: Vec<OwnedFd>,
     /// Where the answer goes.
     pub reply: Sender<ApiResponse>,
 }
@@ -99,7 +100,7 @@ pub fn serve(path: &Path, send: impl Fn(ApiCall) + Send + 'static) -> Result<(),
     std::thread::Builder::new()
         .name("husk-api".into())
         .spawn(move || {
-            crate::seccomp::enter(crate::seccomp::Thread::Api);
+            crate::confine::enter(crate::seccomp::Thread::Api);
             for stream in listener.incoming().flatten() {
                 handle(stream, &send);
             }
@@ -127,7 +128,7 @@ fn handle(stream: UnixStream, send: &impl Fn(ApiCall)) {
                 let (tx, _rx) = channel();
                 send(ApiCall {
                     request: ApiRequest::Stop,
-                    fd: None,
+                    fds: Vec::new(),
                     reply: tx,
                 });
                 return;
@@ -135,15 +136,22 @@ fn handle(stream: UnixStream, send: &impl Fn(ApiCall)) {
             Ok(ApiRequest::AttachNet { .. }) if incoming.fds.is_empty() => ApiResponse::error(
                 "attach_net needs the TAP's descriptor with the request (SCM_RIGHTS)",
             ),
+            Ok(ApiRequest::Snapshot { .. }) if incoming.fds.len() == 1 => ApiResponse::error(
+                "snapshot takes two descriptors (state, memory) with the request, or none",
+            ),
             Ok(request) => {
-                let fd = match request {
-                    ApiRequest::AttachNet { .. } => incoming.fds.pop_front(),
-                    _ => None,
+                let wanted = match request {
+                    ApiRequest::AttachNet { .. } => 1,
+                    ApiRequest::Snapshot { .. } => 2.min(incoming.fds.len()),
+                    _ => 0,
                 };
+                let fds = (0..wanted)
+                    .filter_map(|_| incoming.fds.pop_front())
+                    .collect();
                 let (tx, rx) = channel();
                 send(ApiCall {
                     request,
-                    fd,
+                    fds,
                     reply: tx,
                 });
                 rx.recv()
@@ -174,16 +182,18 @@ mod tests {
         let path = std::env::temp_dir().join(format!("husk-api-test-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
         serve(&path, |call: ApiCall| {
-            let _ = call.reply.send(match (call.request, call.fd) {
-                (ApiRequest::Pause, None) => ApiResponse::ok(),
-                (ApiRequest::AttachNet { slot: 2 }, Some(fd)) => {
-                    // The descriptor is the one sent: write through it.
-                    let mut f = std::fs::File::from(fd);
-                    let _ = f.write_all(b"tap");
-                    ApiResponse::ok()
-                }
-                _ => ApiResponse::error("not now"),
-            });
+            let _ = call
+                .reply
+                .send(match (call.request, call.fds.into_iter().next()) {
+                    (ApiRequest::Pause, None) => ApiResponse::ok(),
+                    (ApiRequest::AttachNet { slot: 2 }, Some(fd)) => {
+                        // The descriptor is the one sent: write through it.
+                        let mut f = std::fs::File::from(fd);
+                        let _ = f.write_all(b"tap");
+                        ApiResponse::ok()
+                    }
+                    _ => ApiResponse::error("not now"),
+                });
         })
         .unwrap();
         let stream = UnixStream::connect(&path).unwrap();

@@ -13,8 +13,26 @@
 //!   (read-only access beneath a read-only share), and no TCP bind or
 //!   connect at all. A kernel without Landlock runs without this layer,
 //!   which the VMM says once on stderr; seccomp still holds.
+//!
+//! Every thread, vCPU or not, also gives up what it does not need before
+//! its seccomp filter goes on ([`enter`]): each capability but the few
+//! its kind keeps ([`kept`]), from its effective, permitted, inheritable,
+//! ambient and bounding sets, with the securebits that stop any of them
+//! coming back locked; `no_new_privs` is set. The process as a whole,
+//! before any thread starts ([`process`]), closes every descriptor it
+//! inherited but the TAPs it was given, sets its rlimits (no core dumps,
+//! a bound on open files and on the size of any file it writes), stops
+//! being dumpable (no other process of its user may ptrace it or read its
+//! memory), and moves into IPC, UTS and network namespaces of its own: no
+//! System V object, host name or network interface of the host is in its
+//! reach.
 
 use std::io;
+use std::os::fd::RawFd;
+
+use rustix::thread::{CapabilitySet, CapabilitySets};
+
+use crate::seccomp::Thread;
 
 use landlock::{
     ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset,
@@ -88,6 +106,215 @@ pub fn landlock(shares: &[Share]) -> Result<Landlocked, String> {
 pub fn vcpu_thread(shares: &[Share]) -> Result<Landlocked, String> {
     own_umask(0).map_err(|e| format!("unshare(CLONE_FS): {e}"))?;
     landlock(shares)
+}
+
+/// The capabilities a thread of kind `thread` keeps. A vCPU thread serves
+/// virtio-fs: it gives new files the guest's owners (CAP_CHOWN), reaches
+/// every file of its shares whatever their modes (CAP_DAC_OVERRIDE,
+/// CAP_FOWNER), keeps set-uid bits the guest sets (CAP_FSETID, dropped by
+/// the file server around a write that must clear them), and takes the
+/// guest's uid and gid around a create (CAP_SETUID, CAP_SETGID). No other
+/// thread keeps any.
+pub fn kept(thread: Thread) -> CapabilitySet {
+    match thread {
+        Thread::Vcpu => {
+            CapabilitySet::CHOWN
+                | CapabilitySet::DAC_OVERRIDE
+                | CapabilitySet::FOWNER
+                | CapabilitySet::FSETID
+                | CapabilitySet::SETUID
+                | CapabilitySet::SETGID
+        }
+        Thread::Vsock | Thread::Api | Thread::Net | Thread::Main => CapabilitySet::empty(),
+    }
+}
+
+/// The securebits every thread locks: no capabilities from uid 0 at an
+/// exec, none kept across a uid change by request, no ambient raise.
+const SECUREBITS: u32 = (1 << 0) // SECBIT_NOROOT
+    | (1 << 1) // SECBIT_NOROOT_LOCKED
+    | (1 << 3) // SECBIT_NO_SETUID_FIXUP_LOCKED (off: a uid change drops the effective set)
+    | (1 << 5) // SECBIT_KEEP_CAPS_LOCKED (off)
+    | (1 << 6) // SECBIT_NO_CAP_AMBIENT_RAISE
+    | (1 << 7); // SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED
+
+/// Narrows the calling thread's capabilities to [`kept`]`(thread)`: the
+/// bounding set first (that needs CAP_SETPCAP), the securebits, the
+/// ambient set, then the effective, permitted and inheritable sets. A
+/// thread started by one that already narrowed its own inherits them:
+/// then only the check that nothing beyond `kept` is left is made.
+pub fn narrow_capabilities(thread: Thread) -> Result<(), String> {
+    let keep = kept(thread);
+    let now = rustix::thread::capabilities(None).map_err(|e| format!("capget: {e}"))?;
+    if now.effective.contains(CapabilitySet::SETPCAP) {
+        for cap in 0..64u64 {
+            if keep.bits() & (1 << cap) != 0 {
+                continue;
+            }
+            // SAFETY: PR_CAPBSET_DROP of one capability number; no memory
+            // is passed. The kernel answers EINVAL past the last one.
+            let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+            if r != 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EINVAL) {
+                    break;
+                }
+                return Err(format!(
+                    "dropping capability {cap} from the bounding set: {e}"
+                ));
+            }
+        }
+        // SAFETY: PR_SET_SECUREBITS with a constant; no memory is passed.
+        if unsafe {
+            libc::prctl(
+                libc::PR_SET_SECUREBITS,
+                SECUREBITS as libc::c_ulong,
+                0,
+                0,
+                0,
+            )
+        } != 0
+        {
+            return Err(format!("securebits: {}", io::Error::last_os_error()));
+        }
+    }
+    rustix::thread::clear_ambient_capability_set()
+        .map_err(|e| format!("clearing the ambient capabilities: {e}"))?;
+    rustix::thread::set_capabilities(
+        None,
+        CapabilitySets {
+            effective: now.effective & keep,
+            permitted: now.permitted & keep,
+            inheritable: CapabilitySet::empty(),
+        },
+    )
+    .map_err(|e| format!("capset: {e}"))?;
+    let after = rustix::thread::capabilities(None).map_err(|e| format!("capget: {e}"))?;
+    if !keep.contains(after.permitted) {
+        return Err(format!(
+            "capabilities {:#x} are left beyond the {:#x} kept",
+            after.permitted.bits(),
+            keep.bits()
+        ));
+    }
+    Ok(())
+}
+
+/// Everything the calling thread gives up before it does the work of its
+/// kind: its capabilities but [`kept`], then `no_new_privs`, then its
+/// seccomp filter (if the filters were prepared), always last. A thread
+/// that cannot ends the VMM: it does not run with more than it needs.
+pub fn enter(thread: Thread) {
+    let narrowed = narrow_capabilities(thread).and_then(|()| {
+        rustix::thread::set_no_new_privs(true).map_err(|e| format!("no_new_privs: {e}"))
+    });
+    if let Err(e) = narrowed {
+        eprintln!("husk-vmm: cannot confine the {thread:?} thread: {e}");
+        // SAFETY: _exit ends the process; nothing is shared with it.
+        unsafe { libc::_exit(crate::seccomp::EXIT_SECCOMP) };
+    }
+    crate::seccomp::enter(thread);
+}
+
+/// The most descriptors the VMM may hold (fewer if it inherited a lower
+/// hard limit): the virtio-fs server holds one
+/// per inode the guest keeps looked up, and a guest past this bound gets
+/// EMFILE (ENFILE to its own system calls), never the host's table.
+pub const MAX_OPEN_FILES: u64 = 65_536;
+
+/// The largest file the VMM may write (a guest's file in a share, a
+/// snapshot's memory) unless the guest's memory is larger: past it the
+/// guest's write gets EFBIG.
+pub const MAX_FILE_SIZE: u64 = 256 << 30;
+
+/// What the whole process takes on before any thread starts (docs/
+/// security.md, "The VMM process"): every inherited descriptor above
+/// stderr is closed but those in `keep` (the TAPs it was handed); core
+/// dumps off; at most [`MAX_OPEN_FILES`] descriptors (or the inherited hard
+/// limit) and files of at most
+/// `max_file_size` bytes (SIGXFSZ ignored, so an oversized write fails
+/// with EFBIG instead of killing the VMM); not dumpable; and, when started
+/// with CAP_SYS_ADMIN (by husk, as root), IPC, UTS and network namespaces
+/// of its own. Must run while the process has one thread.
+pub fn process(keep: &[RawFd], max_file_size: u64) -> Result<(), String> {
+    close_inherited(keep)?;
+    let limit = |resource, value: u64, what: &str| {
+        rustix::process::setrlimit(
+            resource,
+            rustix::process::Rlimit {
+                current: Some(value),
+                maximum: Some(value),
+            },
+        )
+        .map_err(|e| format!("setrlimit({what}, {value}): {e}"))
+    };
+    limit(rustix::process::Resource::Core, 0, "RLIMIT_CORE")?;
+    // Raising the hard limit needs CAP_SYS_RESOURCE, which a starter may
+    // lack: never above what was inherited.
+    let inherited = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .maximum
+        .unwrap_or(u64::MAX);
+    limit(
+        rustix::process::Resource::Nofile,
+        MAX_OPEN_FILES.min(inherited),
+        "RLIMIT_NOFILE",
+    )?;
+    limit(
+        rustix::process::Resource::Fsize,
+        max_file_size,
+        "RLIMIT_FSIZE",
+    )?;
+    // SAFETY: SIG_IGN for SIGXFSZ; no handler runs.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+        .map_err(|e| format!("PR_SET_DUMPABLE: {e}"))?;
+    // A VMM a user of the kvm group starts, without CAP_SYS_ADMIN, cannot
+    // make namespaces; it holds no capability that reaches the host's
+    // either, and stays in its starter's (docs/security.md).
+    if !may_make_namespaces() {
+        return Ok(());
+    }
+    use rustix::thread::UnshareFlags;
+    // SAFETY: the process has one thread (the caller's contract), so no
+    // other thread sees its namespaces change; no descriptor table or
+    // file-system state is unshared.
+    unsafe {
+        rustix::thread::unshare_unsafe(
+            UnshareFlags::NEWIPC | UnshareFlags::NEWUTS | UnshareFlags::NEWNET,
+        )
+    }
+    .map_err(|e| format!("unshare(CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET): {e}"))?;
+    Ok(())
+}
+
+/// Whether this process may make namespaces (CAP_SYS_ADMIN): husk starts
+/// its VMMs as root; a user of the kvm group cannot.
+pub fn may_make_namespaces() -> bool {
+    rustix::thread::capabilities(None)
+        .is_ok_and(|caps| caps.effective.contains(CapabilitySet::SYS_ADMIN))
+}
+
+/// Closes every descriptor above stderr but those in `keep`.
+fn close_inherited(keep: &[RawFd]) -> Result<(), String> {
+    let mut keep: Vec<RawFd> = keep.iter().copied().filter(|&fd| fd > 2).collect();
+    keep.sort_unstable();
+    keep.dedup();
+    let mut from: u32 = 3;
+    for fd in keep.into_iter().map(|fd| fd as u32).chain([u32::MAX]) {
+        if fd > from {
+            let to = if fd == u32::MAX { u32::MAX } else { fd - 1 };
+            // SAFETY: close_range of descriptors nothing in this process
+            // owns yet (it runs before any is opened); no memory passed.
+            if unsafe { libc::syscall(libc::SYS_close_range, from, to, 0) } != 0 {
+                return Err(format!(
+                    "closing inherited descriptors {from}-{to}: {}",
+                    io::Error::last_os_error()
+                ));
+            }
+        }
+        from = fd.saturating_add(1);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

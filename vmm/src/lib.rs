@@ -13,6 +13,7 @@ pub mod confine;
 pub mod cpu;
 pub mod devices;
 pub mod host;
+pub mod jail;
 pub mod layout;
 pub use husk_protocol::paths;
 pub mod seccomp;

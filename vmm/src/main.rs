@@ -85,6 +85,10 @@ struct Args {
     /// Serve the control socket (pause, resume, stop) at this path.
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// Run in the host's mount namespace instead of a root of its own that
+    /// holds only this VM's files (for debugging only).
+    #[arg(long)]
+    no_jail: bool,
     /// Restore the VM saved in this snapshot directory instead of booting.
     #[arg(
         long,
@@ -154,6 +158,21 @@ fn main() -> ExitCode {
     unsafe { libc::umask(husk_vmm::confine::PROCESS_UMASK) };
     let clock = Arc::new(Clock::from_env());
     let args = Args::parse();
+    // Still one thread: close what was inherited, set the rlimits, leave
+    // the host's IPC, UTS and network namespaces (confine::process).
+    let taps: Vec<i32> = args.taps.iter().map(|&(_, fd)| fd).collect();
+    let max_file_size = husk_vmm::confine::MAX_FILE_SIZE.max(args.memory << 20);
+    if let Err(e) = husk_vmm::confine::process(&taps, max_file_size) {
+        eprintln!("husk-vmm: cannot confine the process: {e}");
+        return ExitCode::from(EXIT_SETUP);
+    }
+    if !args.no_jail
+        && husk_vmm::confine::may_make_namespaces()
+        && let Err(e) = husk_vmm::jail::enter(&jail_binds(&args))
+    {
+        eprintln!("husk-vmm: cannot enter the jail: {e}");
+        return ExitCode::from(EXIT_SETUP);
+    }
     // Before any thread starts: SIGTERM, SIGINT and SIGHUP remove the
     // sockets and end the VMM, taken on the main thread only.
     husk_vmm::stop::block(
@@ -260,6 +279,52 @@ fn main() -> ExitCode {
             })
         }
     }
+}
+
+/// What this VM's jail holds (vmm/src/jail.rs): the files and
+/// directories named by its arguments, each at its own path. The files
+/// it will write (console, timings) and a new snapshot's directory are
+/// made first, so that the jail can hold them.
+fn jail_binds(args: &Args) -> Vec<husk_vmm::jail::Bind> {
+    use husk_vmm::jail::{self, Bind};
+    let mut binds = vec![
+        Bind {
+            devices: true,
+            ..Bind::rw("/dev/kvm")
+        },
+        jail::own_proc(),
+    ];
+    if args.restore.is_none() {
+        let kernel = args.kernel.clone().unwrap_or_else(paths::default_kernel);
+        binds.push(Bind::ro(jail::absolute(&kernel)));
+    }
+    binds.extend(args.initramfs.iter().map(|p| Bind::ro(jail::absolute(p))));
+    binds.extend(args.restore.iter().map(|p| Bind::ro(jail::absolute(p))));
+    if let Some(dir) = &args.snapshot_dir {
+        use std::os::unix::fs::DirBuilderExt;
+        let _ = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir);
+        binds.push(Bind::rw(jail::absolute(dir)));
+    }
+    for file in args.console.iter().chain(&args.timings) {
+        jail::touch(file);
+        binds.push(Bind::rw(jail::absolute(file)));
+    }
+    for socket in args.api_socket.iter().chain(&args.vsock_socket) {
+        let dir = jail::socket_dir(socket);
+        if !binds.iter().any(|b| b.path == dir) {
+            binds.push(Bind::rw(dir));
+        }
+    }
+    for share in &args.shares {
+        binds.push(Bind {
+            read_only: share.read_only,
+            ..Bind::rw(jail::absolute(&share.dir))
+        });
+    }
+    binds
 }
 
 /// The error and its sources on one line.

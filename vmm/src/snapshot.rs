@@ -13,7 +13,6 @@
 //! version and the memory file's size are all checked before any VM is made.
 
 use std::io::{Seek, SeekFrom, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use kvm_bindings::{
@@ -161,39 +160,61 @@ fn is_zero(bytes: &[u8]) -> bool {
 }
 
 /// Writes `state` to `dir/state` and guest memory (given as host slices,
-/// in guest address order) to `dir/memory`.
+/// in guest address order) to `dir/memory`, both made private
+/// ([`husk_sys::private::create_files`]).
 pub fn write(dir: &Path, state: &VmState, memory: &[&[u8]]) -> Result<(), SnapshotError> {
+    let files = create_files(dir)?;
+    write_files(files, dir, state, memory)
+}
+
+/// The snapshot files `dir/state` and `dir/memory`, made empty and
+/// private: the owner's alone, whatever the process's umask, and never
+/// through a link.
+pub fn create_files(dir: &Path) -> Result<SnapshotFiles, SnapshotError> {
+    let mut files =
+        husk_sys::private::create_files(dir, &[STATE_FILE, MEMORY_FILE]).map_err(|e| match e {
+            husk_sys::private::PrivateError::Io(e) => SnapshotError::Io(e),
+            husk_sys::private::PrivateError::Unsafe { path, why } => {
+                SnapshotError::UnsafeDir { path, why }
+            }
+        })?;
+    let memory = files.pop().expect("two files made");
+    let state = files.pop().expect("two files made");
+    Ok(SnapshotFiles { state, memory })
+}
+
+/// A snapshot's two files, open for writing: made by [`create_files`], or
+/// by the runtime and handed over with the API's `snapshot` request (a
+/// jailed VMM cannot see a checkpoint's directory).
+#[derive(Debug)]
+pub struct SnapshotFiles {
+    /// Where the VM's state goes.
+    pub state: std::fs::File,
+    /// Where guest memory goes.
+    pub memory: std::fs::File,
+}
+
+/// Writes `state` and guest memory into `files`; `dir` names them in
+/// errors. Each file is emptied first.
+pub fn write_files(
+    files: SnapshotFiles,
+    dir: &Path,
+    state: &VmState,
+    memory: &[&[u8]],
+) -> Result<(), SnapshotError> {
     let io = |what, path: &Path| {
         let path = path.to_owned();
         move |source| husk_sys::PathError { what, path, source }.into()
     };
-    // Guest memory holds the guest's secrets: the owner's alone, whatever
-    // the process's umask, and never written through a link.
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io("create", dir))?;
-    let dir_file = private_dir(dir)?;
-    let private = |path: &Path| -> Result<std::fs::File, SnapshotError> {
-        let name = path.file_name().expect("snapshot files have names");
-        let file = open_beneath(&dir_file, name).map_err(io("create", path))?;
-        let meta = file.metadata().map_err(io("create", path))?;
-        use std::os::unix::fs::MetadataExt;
-        if !meta.is_file() || meta.nlink() != 1 {
-            return Err(SnapshotError::UnsafeDir {
-                path: dir.to_owned(),
-                why: format!(
-                    "{} is not a file of its own (a link to another file?)",
-                    path.display()
-                ),
-            });
-        }
-        file.set_len(0).map_err(io("create", path))?;
-        Ok(file)
-    };
+    let SnapshotFiles {
+        state: mut state_file,
+        memory: mut mem_file,
+    } = files;
     let mem_path = dir.join(MEMORY_FILE);
-    let mut mem_file = private(&mem_path)?;
+    mem_file.set_len(0).map_err(io("write", &mem_path))?;
+    mem_file
+        .seek(SeekFrom::Start(0))
+        .map_err(io("write", &mem_path))?;
     // Pages the guest never wrote are zero: left as holes, which read
     // back as zeros, so a snapshot takes the disk its guest used.
     let mut total = 0u64;
@@ -222,79 +243,11 @@ pub fn write(dir: &Path, state: &VmState, memory: &[&[u8]]) -> Result<(), Snapsh
     out.push(b'\n');
     out.extend_from_slice(&body);
     let state_path = dir.join(STATE_FILE);
-    private(&state_path)?
-        .write_all(&out)
-        .map_err(io("write", &state_path))
-}
-
-/// Opens the snapshot directory `dir`, refusing a symlink in its place, a
-/// directory of another user, or one others may write to (where a link
-/// could be planted).
-fn private_dir(dir: &Path) -> Result<std::fs::File, SnapshotError> {
-    use std::os::unix::fs::MetadataExt;
-    let refuse = |why: String| SnapshotError::UnsafeDir {
-        path: dir.to_owned(),
-        why,
-    };
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
-        .open(dir)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) | Some(libc::ENOTDIR) => {
-                refuse("it is a symlink, not a directory".into())
-            }
-            _ => SnapshotError::Io(husk_sys::PathError {
-                what: "open",
-                path: dir.to_owned(),
-                source: e,
-            }),
-        })?;
-    let meta = file.metadata().map_err(|source| {
-        SnapshotError::Io(husk_sys::PathError {
-            what: "open",
-            path: dir.to_owned(),
-            source,
-        })
-    })?;
-    // SAFETY: geteuid takes no arguments.
-    let me = unsafe { libc::geteuid() };
-    if meta.uid() != me {
-        return Err(refuse(format!(
-            "it belongs to uid {}, not {me}",
-            meta.uid()
-        )));
-    }
-    if meta.mode() & 0o022 != 0 {
-        return Err(refuse(format!(
-            "others may write to it (mode {:o})",
-            meta.mode() & 0o7777
-        )));
-    }
-    Ok(file)
-}
-
-/// Opens (making it if missing) the file `name` in the directory `dir`
-/// for writing, mode 0600, never through a symlink.
-fn open_beneath(dir: &std::fs::File, name: &std::ffi::OsStr) -> std::io::Result<std::fs::File> {
-    use std::os::fd::{AsRawFd, FromRawFd};
-    use std::os::unix::ffi::OsStrExt;
-    let name = std::ffi::CString::new(name.as_bytes())?;
-    // SAFETY: openat with a live directory descriptor and a NUL-terminated
-    // name; the descriptor returned is owned by the File.
-    let fd = unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            0o600,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd was just opened and is owned by nothing else.
-    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+    state_file.set_len(0).map_err(io("write", &state_path))?;
+    state_file
+        .seek(SeekFrom::Start(0))
+        .map_err(io("write", &state_path))?;
+    state_file.write_all(&out).map_err(io("write", &state_path))
 }
 
 /// Reads and checks `dir/state`, and checks that `dir/memory` is as large

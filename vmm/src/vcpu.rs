@@ -237,7 +237,7 @@ impl VcpuThread {
                 unsafe { libc::_exit(crate::seccomp::EXIT_SECCOMP) };
             }
         }
-        crate::seccomp::enter(crate::seccomp::Thread::Vcpu);
+        crate::confine::enter(crate::seccomp::Thread::Vcpu);
         if self.id == 0 {
             self.clock.first_kvm_run();
         }

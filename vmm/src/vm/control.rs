@@ -13,7 +13,7 @@ impl Vm {
         let result = self.start_vcpus().and_then(|()| {
             // Every other thread runs now: the main thread's own filter,
             // and the stop signals are its to take.
-            crate::seccomp::enter(crate::seccomp::Thread::Main);
+            crate::confine::enter(crate::seccomp::Thread::Main);
             crate::stop::unblock();
             self.wait()
         });
@@ -86,7 +86,7 @@ impl Vm {
                     {
                         // The vCPUs were asked to save when the mark was
                         // written.
-                        self.take_snapshot(&at.dir, false)?;
+                        self.take_snapshot(&at.dir, None, false)?;
                         return Ok(GuestExit::Snapshotted);
                     }
                 }
@@ -98,9 +98,14 @@ impl Vm {
                 }
                 // A late answer to a pause that already completed.
                 VmEvent::VcpuPaused(_) => {}
-                VmEvent::Api(crate::api::ApiCall { request, fd, reply }) => {
+                VmEvent::Api(crate::api::ApiCall {
+                    request,
+                    fds,
+                    reply,
+                }) => {
+                    let mut fds = fds.into_iter();
                     let response = match request {
-                        ApiRequest::AttachNet { slot } => self.attach_net(slot, fd),
+                        ApiRequest::AttachNet { slot } => self.attach_net(slot, fds.next()),
                         ApiRequest::DetachNet { slot } => match self.net(slot) {
                             Ok(handle) => {
                                 handle.unbind();
@@ -114,20 +119,34 @@ impl Vm {
                             let _ = reply.send(ApiResponse::ok());
                             return Ok(GuestExit::Stopped);
                         }
-                        ApiRequest::Snapshot { dir } => match self.take_snapshot(&dir, true) {
-                            Ok(()) => ApiResponse::ok(),
-                            Err(VmError::VcpuDied(id, stop)) => {
-                                let _ = reply
-                                    .send(ApiResponse::error(format!("vCPU {id} stopped: {stop}")));
-                                return Err(VmError::VcpuDied(id, stop));
+                        ApiRequest::Snapshot { dir } => {
+                            // Files handed over are the sender's to remove
+                            // on failure; a directory made here is ours.
+                            let files = fds.next().zip(fds.next()).map(|(state, memory)| {
+                                crate::snapshot::SnapshotFiles {
+                                    state: state.into(),
+                                    memory: memory.into(),
+                                }
+                            });
+                            let handed = files.is_some();
+                            match self.take_snapshot(&dir, files, true) {
+                                Ok(()) => ApiResponse::ok(),
+                                Err(VmError::VcpuDied(id, stop)) => {
+                                    let _ = reply.send(ApiResponse::error(format!(
+                                        "vCPU {id} stopped: {stop}"
+                                    )));
+                                    return Err(VmError::VcpuDied(id, stop));
+                                }
+                                Err(e) => {
+                                    // Nothing half-written stays; the VM goes on
+                                    // as it was (paused if it was).
+                                    if !handed {
+                                        let _ = std::fs::remove_dir_all(&dir);
+                                    }
+                                    ApiResponse::error(format!("{:#}", anyhow::Error::from(e)))
+                                }
                             }
-                            Err(e) => {
-                                // Nothing half-written stays; the VM goes on
-                                // as it was (paused if it was).
-                                let _ = std::fs::remove_dir_all(&dir);
-                                ApiResponse::error(format!("{:#}", anyhow::Error::from(e)))
-                            }
-                        },
+                        }
                     };
                     let _ = reply.send(response);
                 }

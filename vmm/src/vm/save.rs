@@ -6,7 +6,14 @@ impl Vm {
     /// Stops every vCPU where it is, collects their state, and writes the
     /// snapshot. The vCPUs stay stopped (paused) afterwards. `ask`: the
     /// vCPUs are asked to save now (else they were, by the guest's mark).
-    pub(super) fn take_snapshot(&self, dir: &Path, ask: bool) -> Result<(), VmError> {
+    /// Snapshots the VM into `dir`, or into `files` where the caller made
+    /// them (then `dir` only names them in errors).
+    pub(super) fn take_snapshot(
+        &self,
+        dir: &Path,
+        files: Option<snapshot::SnapshotFiles>,
+        ask: bool,
+    ) -> Result<(), VmError> {
         let was_paused = self.control.paused();
         if ask {
             self.control.request_save();
@@ -108,7 +115,10 @@ impl Vm {
                 unsafe { std::slice::from_raw_parts(r.as_ptr(), r.len() as usize) }
             })
             .collect();
-        let written = snapshot::write(dir, &state, &regions);
+        let written = match files {
+            Some(files) => snapshot::write_files(files, dir, &state, &regions),
+            None => snapshot::write(dir, &state, &regions),
+        };
         drop(held);
         written.map_err(|e| gave_up(e.into()))?;
         Ok(())

@@ -34,7 +34,7 @@ impl NetHost {
     }
 
     fn run(self, transport: Arc<Mutex<MmioTransport>>) {
-        crate::seccomp::enter(crate::seccomp::Thread::Net);
+        crate::confine::enter(crate::seccomp::Thread::Net);
         let mut events = [EpollEvent::default(); 4];
         loop {
             let n = match self.epoll.wait(-1, &mut events) {

@@ -23,7 +23,7 @@ impl VsockHost {
     }
 
     pub(super) fn run(self, transport: Arc<Mutex<MmioTransport>>) {
-        crate::seccomp::enter(crate::seccomp::Thread::Vsock);
+        crate::confine::enter(crate::seccomp::Thread::Vsock);
         let epoll_fd = self.epoll_fd();
         let mut events = vec![EpollEvent::default(); 64];
         loop {

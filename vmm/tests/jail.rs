@@ -1,0 +1,229 @@
+//! Issue 18: what a running VMM holds, read from the host as an operator
+//! (or an attacker on the host) would: `/proc/<vmm>/task/*/status`, its
+//! rlimits, its namespaces, its descriptors and its root (its jail).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{Scratch, kernel, test_initramfs};
+
+/// CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_FSETID, CAP_SETGID and
+/// CAP_SETUID: what a vCPU thread (the virtio-fs server) keeps.
+const VCPU_CAPS: u64 = 0xdb;
+
+/// The `Name:\tvalue` fields of a status file.
+fn field<'a>(status: &'a str, name: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {name} in\n{status}"))
+        .trim()
+}
+
+fn hex(value: &str) -> u64 {
+    u64::from_str_radix(value, 16).unwrap()
+}
+
+#[test]
+fn every_thread_of_a_running_vmm_holds_only_what_its_kind_needs() {
+    use std::os::unix::process::CommandExt;
+    let scratch = Scratch::new("jail-threads");
+    let initramfs = test_initramfs(&scratch);
+    let api = scratch.path("api.sock");
+    let vsock = scratch.path("vsock.sock");
+    let mut cmd = common::vmm_command();
+    cmd.arg("--kernel")
+        .arg(kernel())
+        .arg("--initramfs")
+        .arg(&initramfs)
+        .arg("--cmdline=-- ticks")
+        .args(["--cpus", "2", "--nets", "1"])
+        .arg("--api-socket")
+        .arg(&api)
+        .arg("--vsock-socket")
+        .arg(&vsock)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    // A descriptor the VMM inherits without asking for it (as a careless
+    // starter would leave one): it must be closed in the VMM.
+    // SAFETY: open and dup2 in the forked child, before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let fd = libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY);
+            if fd >= 0 {
+                libc::dup2(fd, 57);
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, ticks) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if line.starts_with("husk-test-init: tick ") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    assert!(
+        ticks.recv_timeout(common::BOOT_TIMEOUT).is_ok(),
+        "the guest never ticked"
+    );
+    let pid = child.id();
+    let proc = std::path::PathBuf::from(format!("/proc/{pid}"));
+
+    // Every thread: its capabilities, no_new_privs, its filter.
+    let mut kinds = Vec::new();
+    for task in std::fs::read_dir(proc.join("task")).unwrap() {
+        let task = task.unwrap().path();
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        let name = field(&status, "Name").to_owned();
+        if name.starts_with("kvm-") {
+            // KVM's own worker (kvm-nx-lpage-recovery), made by the kernel
+            // in the VMM's process: it runs no user code.
+            continue;
+        }
+        let keep = if name.starts_with("husk-vcpu") {
+            VCPU_CAPS
+        } else {
+            0
+        };
+        let permitted = hex(field(&status, "CapPrm"));
+        let effective = hex(field(&status, "CapEff"));
+        assert_eq!(permitted, keep, "{name}: CapPrm");
+        // The file server drops its effective set while it acts as the
+        // guest's user: never more than permitted.
+        assert_eq!(effective & !keep, 0, "{name}: CapEff {effective:#x}");
+        assert_eq!(hex(field(&status, "CapBnd")), keep, "{name}: CapBnd");
+        assert_eq!(hex(field(&status, "CapInh")), 0, "{name}: CapInh");
+        assert_eq!(hex(field(&status, "CapAmb")), 0, "{name}: CapAmb");
+        assert_eq!(field(&status, "NoNewPrivs"), "1", "{name}: NoNewPrivs");
+        assert_eq!(field(&status, "Seccomp"), "2", "{name}: Seccomp");
+        kinds.push(name);
+    }
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            "husk-api",
+            "husk-net",
+            "husk-vcpu0",
+            "husk-vcpu1",
+            "husk-vmm",
+            "husk-vsock"
+        ],
+        "the VMM's threads"
+    );
+
+    // Its rlimits.
+    let limits = std::fs::read_to_string(proc.join("limits")).unwrap();
+    let limit = |name: &str| -> Vec<String> {
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in\n{limits}"));
+        line[name.len()..]
+            .split_whitespace()
+            .take(2)
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(limit("Max core file size"), ["0", "0"]);
+    // 65536, or the hard limit it inherited if lower (raising it needs
+    // CAP_SYS_RESOURCE): soft and hard alike.
+    let files = limit("Max open files");
+    assert_eq!(files[0], files[1], "{files:?}");
+    assert!(files[0].parse::<u64>().unwrap() <= 65536, "{files:?}");
+    let fsize = (256u64 << 30).to_string();
+    assert_eq!(limit("Max file size"), [fsize.as_str(), fsize.as_str()]);
+
+    // Its namespaces: IPC, UTS and network its own.
+    for ns in ["ipc", "uts", "net"] {
+        let its = std::fs::read_link(proc.join("ns").join(ns)).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(its, ours, "the VMM is in the host's {ns} namespace");
+    }
+    // Not dumpable: its /proc files are root's whoever it runs as, and no
+    // process of its user may ptrace it.
+    let status = std::fs::read_to_string(proc.join("status")).unwrap();
+    assert_eq!(field(&status, "Uid").split_whitespace().next(), Some("0"));
+
+    // The inherited descriptor is gone; each one left is the VMM's own.
+    for fd in std::fs::read_dir(proc.join("fd")).unwrap() {
+        let fd = fd.unwrap();
+        let target = std::fs::read_link(fd.path()).unwrap();
+        assert_ne!(
+            target,
+            std::path::Path::new("/etc/hostname"),
+            "descriptor {:?} was inherited and kept",
+            fd.file_name()
+        );
+    }
+
+    // Its root is its jail: a read-only tmpfs holding, at their own paths,
+    // /dev/kvm, its own /proc/<pid> as /proc/self, the kernel, the
+    // initramfs and its sockets' directory; nothing else of the host.
+    let root = proc.join("root");
+    let names = |dir: &str| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(root.join(dir))
+            .unwrap_or_else(|e| panic!("{dir} in the jail: {e}"))
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(names("dev"), ["kvm"]);
+    assert_eq!(names("proc"), ["self"]);
+    assert!(!root.join("etc").exists(), "the host's /etc is in the jail");
+    assert!(!root.join("usr").exists(), "the host's /usr is in the jail");
+    let mountinfo = std::fs::read_to_string(proc.join("mountinfo")).unwrap();
+    let mut points: Vec<&str> = mountinfo
+        .lines()
+        .map(|l| l.split(' ').nth(4).unwrap())
+        .collect();
+    points.sort();
+    let scratch_dir = scratch.0.to_str().unwrap();
+    let kernel_path = kernel();
+    let mut expected = vec![
+        "/",
+        "/dev/kvm",
+        "/proc/self",
+        kernel_path.to_str().unwrap(),
+        scratch_dir,
+    ];
+    let initramfs_at = initramfs.to_str().unwrap();
+    expected.push(initramfs_at);
+    expected.sort();
+    assert_eq!(points, expected, "the jail's mounts:\n{mountinfo}");
+    let root_line = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some("/"))
+        .unwrap();
+    assert!(
+        root_line.contains(" ro,") && root_line.contains(" - tmpfs "),
+        "{root_line}"
+    );
+    let initramfs_size = std::fs::metadata(&initramfs).unwrap().len();
+
+    let mut stream = UnixStream::connect(&api).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    writeln!(stream, r#"{{"action":"stop"}}"#).unwrap();
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer).unwrap();
+    assert_eq!(answer.trim(), r#"{"ok":true}"#);
+    assert!(child.wait().unwrap().success());
+    // Making the jail wrote nothing on the host: the initramfs beside the
+    // sockets is as it was.
+    assert_eq!(std::fs::metadata(&initramfs).unwrap().len(), initramfs_size);
+    assert!(initramfs_size > 0);
+    assert!(!api.exists(), "the VMM left its socket behind");
+}
