@@ -259,8 +259,11 @@ fn main() -> anyhow::Result<()> {
     }
     let snap_arg = snap.to_str().unwrap().to_string();
 
-    // Restores, one after the other.
+    // Restores, one after the other; each beside one with `--no-jail`
+    // (the baseline: the VMM in the host's mount namespace), so that the
+    // jail's cost is measured in the same run.
     let (mut restore_kvm_run, mut restore_ready, mut restore_exit) = (vec![], vec![], vec![]);
+    let mut unjailed_kvm_run = vec![];
     for _ in 0..args.restore_runs {
         let (mut child, start, rx) = spawn(&vmm, &["--restore", &snap_arg], Some(&timings))?;
         let ready = wait_line(&rx, READY_LINE)?;
@@ -270,6 +273,13 @@ fn main() -> anyhow::Result<()> {
         restore_ready.push(Some((ready - start).as_secs_f64() * 1e3));
         restore_kvm_run.push(timings_ms(&timings, "first_kvm_run_us")?);
         restore_exit.push(timings_ms(&timings, "exit_us")?);
+        let (mut child, _, rx) =
+            spawn(&vmm, &["--restore", &snap_arg, "--no-jail"], Some(&timings))?;
+        wait_line(&rx, READY_LINE)?;
+        if !child.wait()?.success() {
+            bail!("restore without the jail failed");
+        }
+        unjailed_kvm_run.push(timings_ms(&timings, "first_kvm_run_us")?);
     }
 
     // Memory: one idle restored VM alone, then `idle_vms` together.
@@ -310,6 +320,11 @@ fn main() -> anyhow::Result<()> {
     );
     println!("|---|---|---|---|---|---|");
     row("first KVM_RUN (host-side restore)", &restore_kvm_run, &[]);
+    row(
+        "first KVM_RUN, --no-jail (baseline)",
+        &unjailed_kvm_run,
+        &[],
+    );
     row("init's first console line (ready)", &restore_ready, &cold);
     row("VMM exit after power-off", &restore_exit, &[]);
     println!(

@@ -31,7 +31,7 @@ pub enum PrivateError {
 
 /// Makes `dir` (mode 0700, with its parents) if missing, and in it each
 /// of `names`, opened for writing, empty, mode 0600. Refused: `dir` a
-/// symlink, another user's, or writable by others (where a link could be
+/// symlink, another user's (not this one's or root's), or writable by others (where a link could be
 /// planted); a name that is a symlink, or a file with another link.
 pub fn create_files(dir: &Path, names: &[&str]) -> Result<Vec<File>, PrivateError> {
     std::fs::DirBuilder::new()
@@ -62,7 +62,8 @@ pub fn create_files(dir: &Path, names: &[&str]) -> Result<Vec<File>, PrivateErro
 }
 
 /// Opens the directory `dir`, refusing a symlink in its place, a
-/// directory of another user, or one others may write to.
+/// directory of another user than this one or root, or one others may
+/// write to.
 fn private_dir(dir: &Path) -> Result<File, PrivateError> {
     let refuse = |why: String| PrivateError::Unsafe {
         path: dir.to_owned(),
@@ -79,8 +80,10 @@ fn private_dir(dir: &Path) -> Result<File, PrivateError> {
             _ => PathError::at("open", dir)(e).into(),
         })?;
     let meta = file.metadata().map_err(PathError::at("open", dir))?;
+    // Root's directory, or this user's (a jailed VMM runs as a uid of its
+    // own and writes into the directory husk, as root, made for it).
     let me = rustix::process::geteuid().as_raw();
-    if meta.uid() != me {
+    if meta.uid() != me && meta.uid() != 0 {
         return Err(refuse(format!(
             "it belongs to uid {}, not {me}",
             meta.uid()

@@ -111,22 +111,127 @@ pub fn vcpu_thread(shares: &[Share]) -> Result<Landlocked, String> {
 /// The capabilities a thread of kind `thread` keeps. A vCPU thread serves
 /// virtio-fs: it gives new files the guest's owners (CAP_CHOWN), reaches
 /// every file of its shares whatever their modes (CAP_DAC_OVERRIDE,
-/// CAP_FOWNER), keeps set-uid bits the guest sets (CAP_FSETID, dropped by
-/// the file server around a write that must clear them), and takes the
-/// guest's uid and gid around a create (CAP_SETUID, CAP_SETGID). No other
-/// thread keeps any.
+/// CAP_FOWNER), and keeps set-uid bits the guest sets (CAP_FSETID, dropped
+/// by the file server around a write that must clear them). The main
+/// thread keeps CAP_DAC_OVERRIDE; the others none.
 pub fn kept(thread: Thread) -> CapabilitySet {
     match thread {
-        Thread::Vcpu => {
-            CapabilitySet::CHOWN
-                | CapabilitySet::DAC_OVERRIDE
-                | CapabilitySet::FOWNER
-                | CapabilitySet::FSETID
-                | CapabilitySet::SETUID
-                | CapabilitySet::SETGID
-        }
-        Thread::Vsock | Thread::Api | Thread::Net | Thread::Main => CapabilitySet::empty(),
+        Thread::Vcpu => FILE_SERVER,
+        // Its sockets, timings and a warm snapshot are in root's
+        // directories: it removes and writes them at the end.
+        Thread::Main => CapabilitySet::DAC_OVERRIDE,
+        Thread::Vsock | Thread::Api | Thread::Net => CapabilitySet::empty(),
     }
+}
+
+/// What the file server needs (a vCPU thread's): every thread's set is
+/// part of it, and so is what the set-up does before the threads start.
+pub const FILE_SERVER: CapabilitySet = CapabilitySet::CHOWN
+    .union(CapabilitySet::DAC_OVERRIDE)
+    .union(CapabilitySet::FOWNER)
+    .union(CapabilitySet::FSETID);
+
+/// The first of the uids (and gids) husk's VMMs run as: the VMM whose
+/// process ID is P runs as `ID_BASE + P`. Process IDs are unique among
+/// live processes and at most 2^22 (`pid_max`), so no two running VMMs
+/// share an id, and no id is reused while one runs; files and processes
+/// of that uid end with the VMM (its sockets are removed, the files it
+/// makes for the guest are the guest's). The range
+/// 0x7000_0000..0x7040_0000 is far above what distributions give users
+/// (`husk doctor` checks /etc/passwd and /etc/subuid).
+pub const ID_BASE: u32 = 0x7000_0000;
+
+/// The largest process ID Linux hands out (`PID_MAX_LIMIT` on 64-bit).
+pub const PID_LIMIT: u32 = 1 << 22;
+
+/// The uid and gid of the VMM with process ID `pid`.
+pub fn vmm_id(pid: u32) -> u32 {
+    ID_BASE + pid.min(PID_LIMIT - 1)
+}
+
+/// Moves the process (which must have one thread, and all of root's
+/// capabilities) to the uid and gid `id`, with no supplementary groups,
+/// keeping only [`FILE_SERVER`]'s capabilities: the bounding set is cut
+/// to them first, and the securebits that stop any other coming back
+/// (`NOROOT`, no ambient raise, `KEEP_CAPS` off) are set and locked.
+pub fn become_own_user(id: u32) -> Result<(), String> {
+    // A uid change clears the parent-death signal its starter set (husk's
+    // monitor and the tests end their VMM so when they die): read it now,
+    // set it again after, and check that the parent did not die between.
+    let death_signal = rustix::process::parent_process_death_signal()
+        .map_err(|e| format!("PR_GET_PDEATHSIG: {e}"))?;
+    let parent = rustix::process::getppid();
+    for cap in 0..64u64 {
+        if FILE_SERVER.bits() & (1 << cap) != 0 {
+            continue;
+        }
+        // SAFETY: PR_CAPBSET_DROP of one capability number; no memory.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                break;
+            }
+            return Err(format!(
+                "dropping capability {cap} from the bounding set: {e}"
+            ));
+        }
+    }
+    const KEEP_CAPS: u32 = 1 << 4;
+    // SAFETY: PR_SET_SECUREBITS with a constant; no memory is passed.
+    let set_bits =
+        |bits: u32| unsafe { libc::prctl(libc::PR_SET_SECUREBITS, bits as libc::c_ulong, 0, 0, 0) };
+    if set_bits((SECUREBITS & !(1 << 5)) | KEEP_CAPS) != 0 {
+        return Err(format!("securebits: {}", io::Error::last_os_error()));
+    }
+    rustix::thread::set_thread_groups(&[]).map_err(|e| format!("setgroups: {e}"))?;
+    let gid = rustix::process::Gid::from_raw(id);
+    let uid = rustix::process::Uid::from_raw(id);
+    rustix::thread::set_thread_res_gid(gid, gid, gid)
+        .map_err(|e| format!("setresgid({id}): {e}"))?;
+    rustix::thread::set_thread_res_uid(uid, uid, uid)
+        .map_err(|e| format!("setresuid({id}): {e}"))?;
+    // The uid change emptied the effective set; the permitted set was kept
+    // (KEEP_CAPS) for the next two steps, then cut to FILE_SERVER.
+    let now = rustix::thread::capabilities(None).map_err(|e| format!("capget: {e}"))?;
+    rustix::thread::set_capabilities(
+        None,
+        CapabilitySets {
+            effective: now.permitted,
+            permitted: now.permitted,
+            inheritable: CapabilitySet::empty(),
+        },
+    )
+    .map_err(|e| format!("capset: {e}"))?;
+    if set_bits(SECUREBITS) != 0 {
+        return Err(format!("securebits: {}", io::Error::last_os_error()));
+    }
+    rustix::thread::clear_ambient_capability_set()
+        .map_err(|e| format!("clearing the ambient capabilities: {e}"))?;
+    rustix::thread::set_capabilities(
+        None,
+        CapabilitySets {
+            effective: FILE_SERVER,
+            permitted: FILE_SERVER,
+            inheritable: CapabilitySet::empty(),
+        },
+    )
+    .map_err(|e| format!("capset: {e}"))?;
+    if death_signal.is_some() {
+        rustix::process::set_parent_process_death_signal(death_signal)
+            .map_err(|e| format!("PR_SET_PDEATHSIG: {e}"))?;
+        if rustix::process::getppid() != parent {
+            return Err("its parent ended while it was being jailed".into());
+        }
+    }
+    let after = rustix::thread::capabilities(None).map_err(|e| format!("capget: {e}"))?;
+    if after.permitted != FILE_SERVER || rustix::process::geteuid() != uid {
+        return Err(format!(
+            "uid {} with capabilities {:#x} after the drop",
+            rustix::process::geteuid().as_raw(),
+            after.permitted.bits()
+        ));
+    }
+    Ok(())
 }
 
 /// The securebits every thread locks: no capabilities from uid 0 at an

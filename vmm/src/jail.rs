@@ -170,6 +170,10 @@ pub fn enter(binds: &[Bind]) -> Result<(), String> {
     )
     .map_err(|e| format!("mounting the jail's root: {e}"))?;
     let root = Path::new(STAGING);
+    // The jail's own directories are searchable by the VMM's own uid (made
+    // 0755 whatever the process's umask; an error ends the VMM).
+    // SAFETY: umask only sets the process's mask (one thread).
+    let umask = unsafe { libc::umask(0o022) };
     let mut mounted: Vec<PathBuf> = Vec::new();
     for (at, is_dir, tree) in &clones {
         let inside = beneath(root, at)?;
@@ -223,6 +227,8 @@ pub fn enter(binds: &[Bind]) -> Result<(), String> {
                     && std::fs::create_dir_all(inside).is_ok())
         })
         .and(cwd);
+    // SAFETY: as above.
+    unsafe { libc::umask(umask) };
     drop(clones);
 
     rustix::process::chdir(root).map_err(|e| format!("chdir to the jail: {e}"))?;

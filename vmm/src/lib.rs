@@ -17,6 +17,7 @@ pub mod jail;
 pub mod layout;
 pub use husk_protocol::paths;
 pub mod seccomp;
+pub mod self_test;
 pub mod snapshot;
 pub mod stop;
 pub mod timing;

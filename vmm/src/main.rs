@@ -89,6 +89,20 @@ struct Args {
     /// holds only this VM's files (for debugging only).
     #[arg(long)]
     no_jail: bool,
+    /// Jail this process as for a VM, then try, from a thread set up as a
+    /// vCPU thread is, what a guest that took over the VMM would (tests
+    /// only): one JSON line per attempt, exit 0 if all were refused.
+    #[arg(long, hide = true)]
+    self_test: bool,
+    /// For --self-test: another VMM's process ID.
+    #[arg(long, hide = true, requires = "self_test")]
+    self_test_pid: Option<u32>,
+    /// For --self-test: a file outside this VM's shares.
+    #[arg(long, hide = true, requires = "self_test")]
+    self_test_file: Option<PathBuf>,
+    /// For --self-test: a TCP port listening on the host's 127.0.0.1.
+    #[arg(long, hide = true, requires = "self_test")]
+    self_test_port: Option<u16>,
     /// Restore the VM saved in this snapshot directory instead of booting.
     #[arg(
         long,
@@ -166,12 +180,16 @@ fn main() -> ExitCode {
         eprintln!("husk-vmm: cannot confine the process: {e}");
         return ExitCode::from(EXIT_SETUP);
     }
-    if !args.no_jail
-        && husk_vmm::confine::may_make_namespaces()
-        && let Err(e) = husk_vmm::jail::enter(&jail_binds(&args))
-    {
-        eprintln!("husk-vmm: cannot enter the jail: {e}");
-        return ExitCode::from(EXIT_SETUP);
+    // Then its jail: a root of its own and a uid of its own
+    // (docs/security.md, "The VMM process").
+    if !args.no_jail && husk_vmm::confine::may_make_namespaces() {
+        let id = husk_vmm::confine::vmm_id(std::process::id());
+        if let Err(e) = husk_vmm::jail::enter(&jail_binds(&args))
+            .and_then(|()| husk_vmm::confine::become_own_user(id))
+        {
+            eprintln!("husk-vmm: cannot enter the jail: {e}");
+            return ExitCode::from(EXIT_SETUP);
+        }
     }
     // Before any thread starts: SIGTERM, SIGINT and SIGHUP remove the
     // sockets and end the VMM, taken on the main thread only.
@@ -188,6 +206,23 @@ fn main() -> ExitCode {
     {
         eprintln!("husk-vmm: cannot build the seccomp filters: {e}");
         return ExitCode::from(EXIT_SETUP);
+    }
+    if args.self_test {
+        let targets = husk_vmm::self_test::Targets {
+            pid: args.self_test_pid,
+            file: args.self_test_file.clone(),
+            port: args.self_test_port,
+            read_only: args
+                .kernel
+                .clone()
+                .or_else(|| args.restore.is_none().then(paths::default_kernel)),
+            shares: args.shares.clone(),
+        };
+        return if husk_vmm::self_test::run(&targets) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(EXIT_SETUP)
+        };
     }
     let console = args.console.map_or(Console::Stdout, |path| {
         Console::File(path, args.console_limit)

@@ -126,10 +126,9 @@ const VCPU: &[i64] = &[
     libc::SYS_dup,
     libc::SYS_dup3,
     libc::SYS_umask,
-    // Credentials are switched per thread for a create, and CAP_FSETID
-    // dropped around a write that must clear set-uid bits (capset).
-    libc::SYS_setresuid,
-    libc::SYS_setresgid,
+    // CAP_FSETID is dropped around a write that must clear set-uid bits
+    // (capset). The file server never switches its uid (Confined makes
+    // files as the VMM and gives them the guest's owners): no setresuid.
     libc::SYS_getuid,
     libc::SYS_getgid,
     libc::SYS_geteuid,
@@ -294,8 +293,17 @@ fn ioctl_rules(kvm: bool, tap: bool) -> Result<Vec<SeccompRule>, seccompiler::Er
     Ok(rules)
 }
 
-/// The filter of `thread`, compiled.
+/// The filter of `thread`, compiled: a call outside it raises SIGSYS.
 pub fn filter(thread: Thread) -> Result<BpfProgram, seccompiler::Error> {
+    filter_with(thread, SeccompAction::Trap)
+}
+
+/// The filter of `thread` with `refused` for a call outside it (the jail's
+/// self-test uses `Errno(EPERM)`, to go on after each refusal).
+pub fn filter_with(
+    thread: Thread,
+    refused: SeccompAction,
+) -> Result<BpfProgram, seccompiler::Error> {
     let extra: &[&[i64]] = match thread {
         Thread::Vcpu => &[VCPU, SOCKETS],
         Thread::Vsock => &[VSOCK, SOCKETS],
@@ -322,7 +330,7 @@ pub fn filter(thread: Thread) -> Result<BpfProgram, seccompiler::Error> {
     }
     let filter = SeccompFilter::new(
         rules,
-        SeccompAction::Trap,
+        refused,
         SeccompAction::Allow,
         seccompiler::TargetArch::x86_64,
     )?;

@@ -11,9 +11,12 @@ use std::time::Duration;
 
 use common::{Scratch, kernel, test_initramfs};
 
-/// CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_FSETID, CAP_SETGID and
-/// CAP_SETUID: what a vCPU thread (the virtio-fs server) keeps.
-const VCPU_CAPS: u64 = 0xdb;
+/// CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER and CAP_FSETID: what a vCPU
+/// thread (the virtio-fs server) keeps, and what bounds every thread.
+const VCPU_CAPS: u64 = 0x1b;
+/// CAP_DAC_OVERRIDE: the main thread's (it removes its sockets and writes
+/// its timings in root's directories).
+const MAIN_CAPS: u64 = 0x2;
 
 /// The `Name:\tvalue` fields of a status file.
 fn field<'a>(status: &'a str, name: &str) -> &'a str {
@@ -92,6 +95,8 @@ fn every_thread_of_a_running_vmm_holds_only_what_its_kind_needs() {
         }
         let keep = if name.starts_with("husk-vcpu") {
             VCPU_CAPS
+        } else if name == "husk-vmm" {
+            MAIN_CAPS
         } else {
             0
         };
@@ -101,7 +106,14 @@ fn every_thread_of_a_running_vmm_holds_only_what_its_kind_needs() {
         // The file server drops its effective set while it acts as the
         // guest's user: never more than permitted.
         assert_eq!(effective & !keep, 0, "{name}: CapEff {effective:#x}");
-        assert_eq!(hex(field(&status, "CapBnd")), keep, "{name}: CapBnd");
+        assert_eq!(hex(field(&status, "CapBnd")), VCPU_CAPS, "{name}: CapBnd");
+        // Its own uid and gid, every one of real, effective, saved and fs.
+        let id = (0x7000_0000u32 + pid).to_string();
+        for ids in ["Uid", "Gid"] {
+            let all: Vec<&str> = field(&status, ids).split_whitespace().collect();
+            assert_eq!(all, [id.as_str(); 4], "{name}: {ids}");
+        }
+        assert_eq!(field(&status, "Groups"), "", "{name}: Groups");
         assert_eq!(hex(field(&status, "CapInh")), 0, "{name}: CapInh");
         assert_eq!(hex(field(&status, "CapAmb")), 0, "{name}: CapAmb");
         assert_eq!(field(&status, "NoNewPrivs"), "1", "{name}: NoNewPrivs");
@@ -150,10 +162,6 @@ fn every_thread_of_a_running_vmm_holds_only_what_its_kind_needs() {
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
         assert_ne!(its, ours, "the VMM is in the host's {ns} namespace");
     }
-    // Not dumpable: its /proc files are root's whoever it runs as, and no
-    // process of its user may ptrace it.
-    let status = std::fs::read_to_string(proc.join("status")).unwrap();
-    assert_eq!(field(&status, "Uid").split_whitespace().next(), Some("0"));
 
     // The inherited descriptor is gone; each one left is the VMM's own.
     for fd in std::fs::read_dir(proc.join("fd")).unwrap() {
@@ -226,4 +234,136 @@ fn every_thread_of_a_running_vmm_holds_only_what_its_kind_needs() {
     assert_eq!(std::fs::metadata(&initramfs).unwrap().len(), initramfs_size);
     assert!(initramfs_size > 0);
     assert!(!api.exists(), "the VMM left its socket behind");
+}
+
+/// The jail tried from inside (`husk-vmm --self-test`): with a real VMM
+/// running beside it, a file of "another container", and a TCP listener on
+/// the host, every attempt to get out is refused, by the jail alone and
+/// with Landlock and seccomp on top, while its own share still serves.
+#[test]
+fn the_self_test_finds_every_escape_refused() {
+    let scratch = Scratch::new("jail-self-test");
+    let initramfs = test_initramfs(&scratch);
+    let (mut other, lines) = common::spawn_vmm(&[
+        "--kernel".as_ref(),
+        kernel().as_os_str(),
+        "--initramfs".as_ref(),
+        initramfs.as_os_str(),
+        "--cmdline=-- ticks".as_ref(),
+    ]);
+    // Running (jailed, with its own uid) before the probes aim at it.
+    let ticked = lines
+        .iter()
+        .any(|l: String| l.starts_with("husk-test-init: tick "));
+    assert!(ticked, "the other VMM never ticked");
+    let secret = scratch.path("other-container/secret");
+    std::fs::create_dir_all(secret.parent().unwrap()).unwrap();
+    std::fs::write(&secret, b"not yours").unwrap();
+    let share = scratch.path("share");
+    std::fs::create_dir_all(&share).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let out = common::run_with_timeout({
+        let mut cmd = common::vmm(&[]);
+        cmd.arg("--self-test")
+            .arg("--kernel")
+            .arg(kernel())
+            .arg("--share")
+            .arg(format!("s={}", share.display()))
+            .arg("--self-test-pid")
+            .arg(other.id().to_string())
+            .arg("--self-test-file")
+            .arg(&secret)
+            .arg("--self-test-port")
+            .arg(port.to_string());
+        cmd
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mut layers = std::collections::BTreeMap::<String, usize>::new();
+    for line in stdout.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["as_it_must_be"], true, "{line}");
+        let control = v["control"].as_bool().unwrap();
+        assert_eq!(v["refused"].as_bool().unwrap(), !control, "{line}");
+        *layers
+            .entry(v["layer"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    // Every probe ran in both layers (23 probes and 1 control each).
+    assert_eq!(
+        layers.values().copied().collect::<Vec<_>>(),
+        [24, 24],
+        "{layers:?}\n{stdout}{stderr}"
+    );
+    assert!(out.status.success(), "{}\n{stdout}{stderr}", out.status);
+    assert!(stdout.contains(r#""probe":"kill another VMM""#), "{stdout}");
+    // Nothing reached the host, and the other VMM still runs.
+    assert_eq!(std::fs::read(&secret).unwrap(), b"not yours");
+    assert!(std::fs::read_dir(&share).unwrap().next().is_none());
+    assert!(other.try_wait().unwrap().is_none(), "the other VMM ended");
+    let _ = other.kill();
+    let _ = other.wait();
+}
+
+/// A uid change clears the parent-death signal: the jail sets it again, so
+/// a jailed VMM still dies with the process that started it (husk's
+/// monitor, a test), here a shell killed with SIGKILL.
+#[test]
+fn a_jailed_vmm_still_dies_with_its_parent() {
+    let scratch = Scratch::new("jail-pdeath");
+    let initramfs = test_initramfs(&scratch);
+    let mut shell = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "setpriv --pdeathsig KILL {} --kernel {} --initramfs {} '--cmdline=-- ticks' \
+             > /dev/null 2>&1 & echo $!; wait",
+            common::VMM,
+            kernel().display(),
+            initramfs.display()
+        ))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(shell.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let vmm: u32 = line.trim().parse().unwrap();
+    // Jailed: its own uid.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).unwrap();
+        let uid = field(&status, "Uid")
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned();
+        if uid != "0" {
+            assert_eq!(uid, (0x7000_0000u32 + vmm).to_string());
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never jailed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    shell.kill().unwrap();
+    shell.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{vmm}")).exists() {
+        let stat = std::fs::read_to_string(format!("/proc/{vmm}/stat")).unwrap_or_default();
+        if stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+        {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            husk_test_support::kill(vmm, rustix::process::Signal::KILL);
+            panic!("the VMM outlived its parent");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

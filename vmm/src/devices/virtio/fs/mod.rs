@@ -161,6 +161,85 @@ impl Confined {
         entry
     }
 
+    /// Gives `entry`, just made beneath `parent` (the passthrough's inode)
+    /// by the VMM's own uid, the owners the guest asked for: `ctx`'s uid,
+    /// and `ctx`'s gid unless `parent` is set-gid (then the parent's group,
+    /// which the kernel gave it). The set-uid and set-gid bits a chown
+    /// clears from a file are set again. `entry.attr` becomes what the
+    /// file is now.
+    ///
+    /// fuse-backend-rs makes files as the guest's user by switching the
+    /// thread's effective uid and back to 0 (`set_creds`): a VMM that runs
+    /// as a uid of its own with CAP_SETUID would end each such request as
+    /// uid 0. Confined hands it uid 0 and gid 0, which it leaves alone, and
+    /// sets the owners here (CAP_CHOWN; docs/security.md).
+    fn give_owners(&self, ctx: &Context, parent: u64, entry: &mut Entry) -> io::Result<()> {
+        let as_vmm = Context::default();
+        let made = entry.attr;
+        let uid = ctx.uid;
+        let gid = {
+            let (dir, _) = self.inner.getattr(&as_vmm, parent, None)?;
+            if dir.st_mode & libc::S_ISGID != 0 {
+                made.st_gid
+            } else {
+                ctx.gid
+            }
+        };
+        if made.st_uid == uid && made.st_gid == gid {
+            return Ok(());
+        }
+        // SAFETY: stat64 is plain data; all zeroes is a valid value.
+        let mut attr: stat64 = unsafe { std::mem::zeroed() };
+        attr.st_uid = uid;
+        attr.st_gid = gid;
+        let (mut now, _) = self.inner.setattr(
+            &as_vmm,
+            entry.inode,
+            attr,
+            None,
+            SetattrValid::UID | SetattrValid::GID,
+        )?;
+        let special = made.st_mode & (libc::S_ISUID | libc::S_ISGID);
+        let is_dir = made.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        let is_link = made.st_mode & libc::S_IFMT == libc::S_IFLNK;
+        if special != 0 && !is_dir && !is_link && now.st_mode & special != special {
+            attr.st_mode = made.st_mode & 0o7777;
+            now = self
+                .inner
+                .setattr(&as_vmm, entry.inode, attr, None, SetattrValid::MODE)?
+                .0;
+        }
+        entry.attr = now;
+        Ok(())
+    }
+
+    /// Runs `make` (a create beneath `parent`) as the VMM, then gives what
+    /// it made the guest's owners; on failure to, the entry is removed
+    /// again and the guest gets the error.
+    fn made_as_guest<T>(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        make: impl FnOnce(&Context) -> io::Result<T>,
+        entry_of: impl Fn(&mut T) -> &mut Entry,
+    ) -> io::Result<T> {
+        let as_vmm = Context::default();
+        let mut made = make(&as_vmm)?;
+        let entry = entry_of(&mut made);
+        if let Err(e) = self.give_owners(ctx, parent, entry) {
+            let is_dir = entry.attr.st_mode & libc::S_IFMT == libc::S_IFDIR;
+            let _ = if is_dir {
+                self.inner.rmdir(&as_vmm, parent, name)
+            } else {
+                self.inner.unlink(&as_vmm, parent, name)
+            };
+            self.inner.forget(&as_vmm, entry.inode, 1);
+            return Err(e);
+        }
+        Ok(made)
+    }
+
     fn forget_inner(&self, ctx: &Context, counts: Option<(u64, u64)>) {
         if let Some((inode, count)) = counts {
             self.inner.forget(ctx, inode, count);
@@ -286,7 +365,14 @@ impl FileSystem for Confined {
     }
     fn symlink(&self, ctx: &Context, link: &CStr, parent: u64, name: &CStr) -> io::Result<Entry> {
         self.changes(&[name])?;
-        let entry = self.inner.symlink(ctx, link, self.node(parent)?, name)?;
+        let dir = self.node(parent)?;
+        let entry = self.made_as_guest(
+            ctx,
+            dir,
+            name,
+            |as_vmm| self.inner.symlink(as_vmm, link, dir, name),
+            |e| e,
+        )?;
         Ok(self.entered(parent, name, entry))
     }
     fn mknod(
@@ -299,9 +385,14 @@ impl FileSystem for Confined {
         umask: u32,
     ) -> io::Result<Entry> {
         self.changes(&[name])?;
-        let entry = self
-            .inner
-            .mknod(ctx, self.node(parent)?, name, mode, rdev, umask)?;
+        let dir = self.node(parent)?;
+        let entry = self.made_as_guest(
+            ctx,
+            dir,
+            name,
+            |as_vmm| self.inner.mknod(as_vmm, dir, name, mode, rdev, umask),
+            |e| e,
+        )?;
         Ok(self.entered(parent, name, entry))
     }
     fn mkdir(
@@ -313,9 +404,14 @@ impl FileSystem for Confined {
         umask: u32,
     ) -> io::Result<Entry> {
         self.changes(&[name])?;
-        let entry = self
-            .inner
-            .mkdir(ctx, self.node(parent)?, name, mode, umask)?;
+        let dir = self.node(parent)?;
+        let entry = self.made_as_guest(
+            ctx,
+            dir,
+            name,
+            |as_vmm| self.inner.mkdir(as_vmm, dir, name, mode, umask),
+            |e| e,
+        )?;
         Ok(self.entered(parent, name, entry))
     }
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
@@ -391,8 +487,41 @@ impl FileSystem for Confined {
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
         self.changes(&[name])?;
         let flags = args.flags;
-        let (entry, handle, options, passthrough) =
-            self.inner.create(ctx, self.node(parent)?, name, args)?;
+        let dir = self.node(parent)?;
+        let as_vmm = Context::default();
+        // A create of a file that is there opens it, owners untouched; one
+        // that is not makes it exclusively, for the guest's owners (a file
+        // made meanwhile by another request is then opened as it is).
+        let existed = match self.inner.lookup(&as_vmm, dir, name) {
+            Ok(there) => {
+                self.inner.forget(&as_vmm, there.inode, 1);
+                true
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => false,
+            Err(e) => return Err(e),
+        };
+        let made = if existed {
+            Err(io::Error::from_raw_os_error(libc::EEXIST))
+        } else {
+            let mut exclusive = args;
+            exclusive.flags |= libc::O_EXCL as u32;
+            self.made_as_guest(
+                ctx,
+                dir,
+                name,
+                |as_vmm| self.inner.create(as_vmm, dir, name, exclusive),
+                |made| &mut made.0,
+            )
+        };
+        let (entry, handle, options, passthrough) = match made {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EEXIST)
+                    && args.flags & libc::O_EXCL as u32 == 0 =>
+            {
+                self.inner.create(&as_vmm, dir, name, args)?
+            }
+            made => made?,
+        };
         let entry = self.entered(parent, name, entry);
         let handle = self.opened(entry.inode, handle, flags, false);
         Ok((entry, handle, options, passthrough))
@@ -777,6 +906,78 @@ mod tests {
         assert!(!share.parent().unwrap().join("stolen").exists());
         assert!(!share.parent().unwrap().join("moved").exists());
         assert!(share.join("file").exists());
+        std::fs::remove_dir_all(share.parent().unwrap()).unwrap();
+    }
+
+    /// Issue 18: what the guest makes gets the guest's owners, made by the
+    /// VMM's own uid and chowned (the passthrough's uid switch is never
+    /// used): files, directories, FIFOs, symlinks; the parent's group in a
+    /// set-gid directory; set-uid bits kept; a create of a file that is
+    /// there leaves its owners alone.
+    #[test]
+    fn files_the_guest_makes_get_its_owners() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let share = tree("owners");
+        let sgid = share.join("sgid");
+        std::fs::create_dir(&sgid).unwrap();
+        std::os::unix::fs::chown(&sgid, None, Some(2000)).unwrap();
+        std::fs::set_permissions(&sgid, std::fs::Permissions::from_mode(0o2777)).unwrap();
+        let fs = Confined::new(&share, false).unwrap();
+        fs.init(FsOptions::empty()).unwrap();
+        let guest = Context {
+            uid: 1000,
+            gid: 1001,
+            pid: 1,
+        };
+        let owners = |p: &str| {
+            let m = std::fs::symlink_metadata(share.join(p)).unwrap();
+            (m.uid(), m.gid())
+        };
+        let args = |mode: u32, flags: i32| CreateIn {
+            flags: flags as u32,
+            mode: libc::S_IFREG | mode,
+            umask: 0,
+            fuse_flags: 0,
+        };
+        let (made, _, _, _) = fs
+            .create(&guest, ROOT, &name("new"), args(0o644, libc::O_RDWR))
+            .unwrap();
+        assert_eq!((made.attr.st_uid, made.attr.st_gid), (1000, 1001));
+        assert_eq!(owners("new"), (1000, 1001));
+        fs.mkdir(&guest, ROOT, &name("d"), 0o755, 0).unwrap();
+        assert_eq!(owners("d"), (1000, 1001));
+        fs.mknod(&guest, ROOT, &name("fifo"), libc::S_IFIFO | 0o600, 0, 0)
+            .unwrap();
+        assert_eq!(owners("fifo"), (1000, 1001));
+        fs.symlink(&guest, &name("target"), ROOT, &name("link"))
+            .unwrap();
+        assert_eq!(owners("link"), (1000, 1001));
+        // A set-gid directory gives its group.
+        let dir = fs.lookup(&guest, ROOT, &name("sgid")).unwrap().inode;
+        fs.create(&guest, dir, &name("f"), args(0o644, libc::O_RDWR))
+            .unwrap();
+        assert_eq!(owners("sgid/f"), (1000, 2000));
+        // Set-uid and set-gid bits survive the chown.
+        fs.create(&guest, ROOT, &name("suid"), args(0o6755, libc::O_RDWR))
+            .unwrap();
+        let mode = std::fs::metadata(share.join("suid")).unwrap().mode();
+        assert_eq!(mode & 0o7777, 0o6755, "{mode:o}");
+        // Root's file, opened with O_CREAT by the guest's user: untouched.
+        let (there, _, _, _) = fs
+            .create(&guest, ROOT, &name("file"), args(0o644, libc::O_RDWR))
+            .unwrap();
+        assert_eq!(there.attr.st_uid, 0);
+        assert_eq!(owners("file"), (0, 0));
+        // O_EXCL on a file that is there: EEXIST, as on any file system.
+        let err = fs
+            .create(
+                &guest,
+                ROOT,
+                &name("file"),
+                args(0o644, libc::O_RDWR | libc::O_EXCL),
+            )
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EEXIST));
         std::fs::remove_dir_all(share.parent().unwrap()).unwrap();
     }
 
