@@ -56,7 +56,9 @@ impl VirtioDevice for Rng {
                 if !getrandom(&mut buf) || mem.write_slice(&buf, desc.addr()).is_err() {
                     break;
                 }
-                written += len as u32;
+                // Saturating: a chain of 255 descriptors and an indirect
+                // table of 65,535, each 64 KiB, adds up past u32::MAX.
+                written = written.saturating_add(len as u32);
             }
             // A used element even for a bad buffer: the guest must get its
             // descriptor back.
