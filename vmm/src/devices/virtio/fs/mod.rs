@@ -266,9 +266,15 @@ impl Confined {
     /// looked up again, every file reopened.
     pub fn restore(&self, state: &SessionState) -> Result<(), String> {
         let capable = FsOptions::from_bits_truncate(state.capable);
-        self.inner
-            .init(capable)
-            .map_err(|e| format!("virtio-fs init: {e}"))?;
+        // init() imports the share again, which clears the calling
+        // thread's umask, as in `new`: a restore runs on the main thread,
+        // whose umask is the process's (the API socket is bound after).
+        // SAFETY: umask only reads and sets the mask.
+        let umask = unsafe { libc::umask(0) };
+        let initialised = self.inner.init(capable);
+        // SAFETY: as above.
+        unsafe { libc::umask(umask) };
+        initialised.map_err(|e| format!("virtio-fs init: {e}"))?;
         let ctx = Context::default();
         let session = Session::restore(
             state,
@@ -1184,7 +1190,12 @@ mod tests {
         assert!(status.success());
         std::fs::write(copy.join("dir/notes"), b"in the copy").unwrap();
         let taken = Confined::new(&copy, false).unwrap();
+        // SAFETY: umask only reads and sets the mask.
+        let before = unsafe { libc::umask(0o077) };
         taken.restore(&saved).unwrap();
+        // SAFETY: as above.
+        let after = unsafe { libc::umask(before) };
+        assert_eq!(after, 0o077, "a restore leaves the umask as it was");
         assert_eq!(read_at(&taken, notes, h, 0), b"in the copy");
         assert_eq!(read_at(&taken, notes, h, 3), b"the copy");
         let (attr, _) = taken.getattr(&ctx, moved, None).unwrap();
