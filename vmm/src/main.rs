@@ -180,6 +180,7 @@ fn main() -> ExitCode {
         eprintln!("husk-vmm: cannot confine the process: {e}");
         return ExitCode::from(EXIT_SETUP);
     }
+    clock.setup_step("confine");
     // Then its jail: a root of its own and a uid of its own
     // (docs/security.md, "The VMM process").
     if !args.no_jail && husk_vmm::confine::may_make_namespaces() {
@@ -190,6 +191,7 @@ fn main() -> ExitCode {
             eprintln!("husk-vmm: cannot enter the jail: {e}");
             return ExitCode::from(EXIT_SETUP);
         }
+        clock.setup_step("jail");
     }
     // Before any thread starts: SIGTERM, SIGINT and SIGHUP remove the
     // sockets and end the VMM, taken on the main thread only.
