@@ -30,6 +30,8 @@ use self::packet::*;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
+#[cfg(test)]
+use std::os::fd::OwnedFd;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -142,6 +144,102 @@ mod tests {
         assert!(lock(&device.backend).rx.is_empty());
         drop(device);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A guest's connection request, from guest port `port` to host port
+    /// 5000.
+    fn request(port: u32) -> Hdr {
+        Hdr {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port: port,
+            dst_port: 5000,
+            len: 0,
+            type_: TYPE_STREAM,
+            op: OP_REQUEST,
+            flags: 0,
+            buf_alloc: BUF_ALLOC,
+            fwd_cnt: 0,
+        }
+    }
+
+    /// A listener at `<dir>/v.sock_5000` with room for `backlog` waiting
+    /// connections, and the device whose socket is `<dir>/v.sock`.
+    fn device_with_listener(name: &str, backlog: i32) -> (PathBuf, OwnedFd, Vsock, VsockHost) {
+        use rustix::net::{AddressFamily, SocketAddrUnix, SocketType};
+        let dir = std::env::temp_dir().join(format!("husk-vsock-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let listener = rustix::net::socket(AddressFamily::UNIX, SocketType::STREAM, None).unwrap();
+        let at = SocketAddrUnix::new(dir.join("v.sock_5000")).unwrap();
+        rustix::net::bind(&listener, &at).unwrap();
+        rustix::net::listen(&listener, backlog).unwrap();
+        let (device, host) = Vsock::new(3, &dir.join("v.sock")).unwrap();
+        (dir, listener, device, host)
+    }
+
+    /// The ops of the packets waiting for the guest, counted by op.
+    fn answers(b: &mut Backend) -> HashMap<u16, usize> {
+        let mut ops = HashMap::new();
+        for (hdr, _) in b.rx.drain(..) {
+            *ops.entry(hdr.op).or_default() += 1;
+        }
+        ops
+    }
+
+    #[test]
+    fn a_host_listener_that_never_accepts_resets_the_guest_instead_of_blocking() {
+        // Linux queues backlog + 1 connections; the next connect would
+        // wait for an accept that never comes, on the vCPU thread.
+        let (dir, _listener, device, _host) = device_with_listener("backlog", 1);
+        let mut b = lock(&device.backend);
+        for port in 0..5 {
+            b.guest_packet(request(1024 + port), Vec::new());
+        }
+        let ops = answers(&mut b);
+        assert_eq!(ops.get(&OP_RESPONSE), Some(&2), "{ops:?}");
+        assert_eq!(ops.get(&OP_RST), Some(&3), "{ops:?}");
+        assert_eq!(b.conns.len(), 2);
+        drop(b);
+        drop(device);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_guest_opens_no_more_than_max_conns() {
+        let (dir, _listener, device, _host) = device_with_listener("max", 4096);
+        let mut b = lock(&device.backend);
+        let tries = MAX_CONNS as u32 + 20;
+        for port in 0..tries {
+            b.guest_packet(request(1024 + port), Vec::new());
+        }
+        let ops = answers(&mut b);
+        assert_eq!(ops.get(&OP_RESPONSE), Some(&MAX_CONNS), "{ops:?}");
+        assert_eq!(ops.get(&OP_RST), Some(&20), "{ops:?}");
+        assert_eq!(b.conns.len(), MAX_CONNS);
+        // A reset one frees its place.
+        b.guest_packet(
+            Hdr {
+                op: OP_RST,
+                ..request(1024)
+            },
+            Vec::new(),
+        );
+        b.guest_packet(request(1024 + tries), Vec::new());
+        assert_eq!(answers(&mut b).get(&OP_RESPONSE), Some(&1));
+        drop(b);
+        drop(device);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn credit_is_capped_whatever_the_guest_advertises() {
+        // The credit is what the host side may read into the rx queue for
+        // a guest that posts no buffers: a guest's huge buf_alloc must not
+        // make it huge.
+        let (a, _b) = UnixStream::pair().unwrap();
+        let c = Conn::new(a, false, u32::MAX, 0);
+        assert_eq!(c.credit(), BUF_ALLOC);
     }
 
     #[test]

@@ -56,8 +56,13 @@ impl Conn {
         }
     }
 
+    /// What the guest takes now: its buffer (at most [`BUF_ALLOC`],
+    /// whatever it advertises) less what is on its way to it. Bytes in
+    /// flight wait in the rx queue while the guest posts no buffers, so
+    /// this also bounds what the VMM holds for the guest per connection.
     pub(super) fn credit(&self) -> u32 {
         self.peer_buf_alloc
+            .min(BUF_ALLOC)
             .saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
     }
 }
@@ -84,6 +89,27 @@ pub(super) struct Backend {
     /// that a read does not allocate (and free) a packet's worth, which
     /// musl's allocator maps and unmaps each time.
     pub(super) scratch: Vec<u8>,
+}
+
+/// The most connections open at once past which the guest may open no
+/// more (host clients' connections count, and are never refused; the
+/// muxer of Firecracker's vsock has 1023). Each holds a host descriptor and up to [`BUF_ALLOC`] of the
+/// guest's bytes while its host reader does not read: at most 64 MiB.
+pub(super) const MAX_CONNS: usize = 256;
+
+/// Connects to the Unix socket at `path` without blocking: a listener
+/// whose backlog is full (one that does not accept) is an error
+/// (`EAGAIN`), not a wait.
+pub(super) fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let sock = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::net::connect(&sock, &SocketAddrUnix::new(path)?)?;
+    Ok(UnixStream::from(sock))
 }
 
 /// Reads one line of at most 64 bytes from `stream`, and nothing after it:
@@ -282,7 +308,10 @@ impl Backend {
         }
     }
 
-    /// The guest connects to host port P: forwarded to `<path>_P`.
+    /// The guest connects to host port P: forwarded to `<path>_P`. At most
+    /// [`MAX_CONNS`] connections are open; past that, and when the host
+    /// listener's backlog is full (it does not accept), the guest is reset
+    /// at once: the connect never blocks the vCPU thread.
     pub(super) fn guest_connects(&mut self, hdr: Hdr) {
         let key = (hdr.dst_port, hdr.src_port);
         if hdr.dst_port == READY_PORT {
@@ -294,7 +323,13 @@ impl Backend {
             return;
         }
         let path = PathBuf::from(format!("{}_{}", self.uds_path.display(), hdr.dst_port));
-        match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
+        let full = self.conns.len() >= MAX_CONNS && !self.conns.contains_key(&key);
+        let stream = if full {
+            Err(ErrorKind::Other.into())
+        } else {
+            connect_nonblocking(&path)
+        };
+        match stream {
             Ok(stream) => {
                 self.conns
                     .insert(key, Conn::new(stream, false, hdr.buf_alloc, hdr.fwd_cnt));
