@@ -13,6 +13,15 @@
 //! second, so a test can see whether the guest runs (pause, resume); with
 //! `net-echo` it brings `eth0` up as 10.0.2.15/24 and echoes UDP on port 7
 //! (the virtio-net boot test).
+//!
+//! The flood modes (issue 18's DoS bounds, vmm/tests/flood.rs,
+//! scripts/bench-vsock-flood.sh, scripts/bench-fs-flood.sh) do their
+//! flood, print one line of counts, then tick as `ticks` does:
+//! `vsock-flood` opens up to 300 connections to host port 5000 and fills
+//! each with as much as its credit takes; `vsock-sink` accepts every
+//! connection to its port 1235 and never reads; `fs-flood` mounts the
+//! virtio-fs tag `flood` and creates and holds open files until an open
+//! fails, drops its caches, then writes a 16 MiB file.
 
 use std::ffi::CString;
 
@@ -251,6 +260,125 @@ fn net_echo() -> String {
     }
 }
 
+/// The host port `vsock-flood` connects to (the host listens on
+/// `<socket>_5000`).
+const VSOCK_FLOOD_PORT: u32 = 5000;
+/// How many connections `vsock-flood` tries.
+const VSOCK_FLOOD_CONNS: usize = 300;
+/// The guest port `vsock-sink` listens on.
+const VSOCK_SINK_PORT: u32 = 1235;
+
+/// Raises this process's open-file limit as far as the kernel lets it.
+fn raise_nofile() {
+    let most = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1 << 20);
+    let limit = rustix::process::Rlimit {
+        current: Some(most),
+        maximum: Some(most),
+    };
+    let _ = rustix::process::setrlimit(rustix::process::Resource::Nofile, limit);
+}
+
+fn mount_proc() {
+    let _ = std::fs::create_dir_all("/proc");
+    let flags = rustix::mount::MountFlags::empty();
+    let _ = rustix::mount::mount("proc", "/proc", "proc", flags, None);
+}
+
+/// Opens connections to the host and writes into each until its credit
+/// is spent (a host listener that never reads); keeps them open.
+fn vsock_flood() -> (String, Vec<std::fs::File>) {
+    use std::io::Write;
+    let chunk = vec![0x5au8; 64 * 1024];
+    let (mut conns, mut refused, mut bytes) = (Vec::new(), 0, 0u64);
+    let mut first_error = String::from("none");
+    for _ in 0..VSOCK_FLOOD_CONNS {
+        let mut conn = match vsock::connect(vsock::HOST_CID, VSOCK_FLOOD_PORT) {
+            Ok(c) => c,
+            Err(e) => {
+                if refused == 0 {
+                    first_error = e.to_string().replace(' ', "_");
+                }
+                refused += 1;
+                continue;
+            }
+        };
+        let _ = rustix::io::ioctl_fionbio(&conn, true);
+        while let Ok(n) = conn.write(&chunk) {
+            if n == 0 {
+                break;
+            }
+            bytes += n as u64;
+        }
+        conns.push(conn);
+    }
+    let line = format!(
+        "vsock-flood conns={} refused={refused} bytes={bytes} first_error={first_error}",
+        conns.len()
+    );
+    (line, conns)
+}
+
+/// Accepts every connection to [`VSOCK_SINK_PORT`] and never reads, on a
+/// thread of its own.
+fn vsock_sink() {
+    let listener = match vsock::listen(VSOCK_SINK_PORT) {
+        Ok(l) => l,
+        Err(e) => return say(&format!("vsock-sink FAIL listen: {e}")),
+    };
+    say(&format!("vsock-sink listening on {VSOCK_SINK_PORT}"));
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        while let Ok(conn) = vsock::accept(&listener) {
+            held.push(conn);
+        }
+    });
+}
+
+/// Creates files on the virtio-fs share `flood` and holds them open until
+/// an open fails; closes them and drops the guest's caches (the VMM then
+/// forgets their inodes); writes a 16 MiB file.
+fn fs_flood() -> String {
+    use std::io::Write;
+    let _ = std::fs::create_dir_all("/flood");
+    let flags = rustix::mount::MountFlags::empty();
+    if let Err(e) = rustix::mount::mount("flood", "/flood", "virtiofs", flags, None) {
+        return format!("fs-flood FAIL mount: {e}");
+    }
+    let mut held = Vec::new();
+    let mut error = String::from("none");
+    for n in 0..200_000 {
+        match std::fs::File::create(format!("/flood/f{n:06}")) {
+            Ok(f) => held.push(f),
+            Err(e) => {
+                error = e.to_string().replace(' ', "_");
+                break;
+            }
+        }
+    }
+    let opened = held.len();
+    say(&format!("fs-flood open={opened} error={error}"));
+    // Held a while, for a test to see the VMM answer meanwhile.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    drop(held);
+    rustix::fs::sync();
+    let dropped = std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok();
+    let chunk = vec![0xa5u8; 1 << 20];
+    let written = std::fs::File::create("/flood/big").and_then(|mut f| {
+        for _ in 0..16 {
+            f.write_all(&chunk)?;
+        }
+        f.sync_all()
+    });
+    let after = match written {
+        Ok(()) => "ok".to_string(),
+        Err(e) => e.to_string().replace(' ', "_"),
+    };
+    format!("fs-flood open={opened} error={error} caches_dropped={dropped} big_write={after}")
+}
+
 fn power_off() -> ! {
     rustix::fs::sync();
     let _ = rustix::system::reboot(rustix::system::RebootCommand::PowerOff);
@@ -297,12 +425,30 @@ fn main() {
         }
         say("flood done");
     }
-    if std::env::args().any(|a| a == "ticks") {
+    let mut kept = Vec::new();
+    if std::env::args().any(|a| a.ends_with("-flood") || a == "vsock-sink") {
+        mount_proc();
+        raise_nofile();
+    }
+    if std::env::args().any(|a| a == "vsock-flood") {
+        let (line, conns) = vsock_flood();
+        say(&line);
+        kept = conns;
+    }
+    if std::env::args().any(|a| a == "vsock-sink") {
+        vsock_sink();
+    }
+    if std::env::args().any(|a| a == "fs-flood") {
+        say(&fs_flood());
+    }
+    let flooding = std::env::args().any(|a| a.ends_with("-flood") || a == "vsock-sink");
+    if flooding || std::env::args().any(|a| a == "ticks") {
         for n in 0u64.. {
             say(&format!("tick {n}"));
             std::thread::sleep(std::time::Duration::from_millis(250));
         }
     }
+    drop(kept);
     if std::env::args().any(|a| a == "idle") {
         say("idle");
         loop {
