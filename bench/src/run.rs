@@ -26,6 +26,11 @@ struct Args {
     /// Measured runs per runtime.
     #[arg(long, default_value_t = 10)]
     runs: usize,
+    /// Another husk-vmm binary (say, an earlier build) run right after
+    /// `--vmm`, in the same run: its row is the baseline of a change to the
+    /// VMM.
+    #[arg(long)]
+    baseline_vmm: Option<PathBuf>,
     /// husk's root (its warm-start cache lives there).
     #[arg(long, default_value = "/var/lib/husk")]
     root: PathBuf,
@@ -55,7 +60,17 @@ fn main() -> anyhow::Result<()> {
         "| runtime | runs | wall p50 ms | wall p90 ms | host-side p50 ms | host-side p90 ms | guest p50 ms | guest p90 ms |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    for runtime in ["husk", "crun", "runc", "runsc"] {
+    let mut runtimes = vec![("husk", args.vmm.clone())];
+    if let Some(baseline) = &args.baseline_vmm {
+        runtimes.push(("husk (baseline VMM)", Some(baseline.clone())));
+    }
+    runtimes.extend(["crun", "runc", "runsc"].map(|r| (r, None)));
+    for (label, vmm) in runtimes {
+        let runtime = if label.starts_with("husk") {
+            "husk"
+        } else {
+            label
+        };
         let binary = if runtime == "husk" {
             args.husk.clone()
         } else {
@@ -91,7 +106,7 @@ fn main() -> anyhow::Result<()> {
             let timings = work.join(format!("t-{i}"));
             if runtime == "husk" {
                 cmd.env("HUSK_TIMINGS", &timings);
-                if let Some(vmm) = &args.vmm {
+                if let Some(vmm) = &vmm {
                     cmd.env("HUSK_VMM", vmm);
                 }
             }
@@ -106,7 +121,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
         if let Some(e) = failure {
-            println!("| {runtime} | failed: {e:#} | | | | | | |");
+            println!("| {label} | failed: {e:#} | | | | | | |");
             continue;
         }
         let wall: Vec<f64> = samples.iter().map(|s| s.wall_ms).collect();
@@ -124,7 +139,7 @@ fn main() -> anyhow::Result<()> {
         let (h50, h90) = cell(&host);
         let (g50, g90) = cell(&guest);
         println!(
-            "| {runtime} | {} | {w50:.1} | {w90:.1} | {h50} | {h90} | {g50} | {g90} |",
+            "| {label} | {} | {w50:.1} | {w90:.1} | {h50} | {h90} | {g50} | {g90} |",
             samples.len()
         );
     }

@@ -292,8 +292,10 @@ pub fn read(dir: &Path) -> Result<(VmState, PathBuf), SnapshotError> {
             })
         })?
         .len();
-    let expected = state.memory_mib << 20;
-    if found != expected || header.memory_bytes != expected {
+    // A guest of more MiB than bytes fit in 64 bits (a forged state) must
+    // not wrap to a size that matches a small file.
+    let expected = state.memory_mib.checked_mul(1 << 20).unwrap_or(u64::MAX);
+    if state.memory_mib >= 1 << 44 || found != expected || header.memory_bytes != expected {
         return Err(SnapshotError::MemorySize {
             path: mem_path,
             found,
@@ -422,6 +424,25 @@ mod tests {
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         let dir_mode = std::fs::metadata(&dir).unwrap().permissions().mode();
         assert_eq!(dir_mode & 0o777, 0o700);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Found by reading the code for the fuzz harness: a forged state
+    /// whose guest has 2^44 + 2 MiB wrapped to 2 MiB and matched a 2 MiB
+    /// memory file. A valid header and checksum are written, so only the
+    /// size check stands in the way.
+    #[test]
+    fn a_guest_size_that_wraps_is_refused() {
+        let dir = scratch("wrap");
+        let mut state = sample();
+        state.memory_mib = (1 << 44) + 2;
+        let mem = vec![0u8; 2 << 20];
+        write(&dir, &state, &[&mem]).unwrap();
+        // write() records the bytes it was given: forge the header's too.
+        let state_path = dir.join(STATE_FILE);
+        let text = std::fs::read_to_string(&state_path).unwrap();
+        assert!(text.contains(&format!("\"memory_bytes\":{}", 2u64 << 20)));
+        assert!(matches!(read_err(&dir), SnapshotError::MemorySize { .. }));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
