@@ -294,7 +294,7 @@ pub fn read(dir: &Path) -> Result<(VmState, PathBuf), SnapshotError> {
         .len();
     // A guest of more MiB than bytes fit in 64 bits (a forged state) must
     // not wrap to a size that matches a small file.
-    let expected = state.memory_mib.checked_mul(1 << 20).unwrap_or(u64::MAX);
+    let expected = state.memory_mib.saturating_mul(1 << 20);
     if state.memory_mib >= 1 << 44 || found != expected || header.memory_bytes != expected {
         return Err(SnapshotError::MemorySize {
             path: mem_path,
