@@ -339,6 +339,54 @@ fn iptables(host: &Host) -> Check {
     }
 }
 
+/// The uids and gids husk's VMMs run as must be no user's or group's of
+/// the host, nor in a range /etc/subuid or /etc/subgid gives a user for
+/// its user namespaces: a VMM could act as that user on its files.
+fn vmm_ids(host: &Host) -> Check {
+    use husk_protocol::ids::{VMM_ID_BASE, VMM_ID_COUNT, overlaps};
+    const NAME: &str = "VMM ids";
+    let end = u64::from(VMM_ID_BASE) + u64::from(VMM_ID_COUNT) - 1;
+    let mut clashes = Vec::new();
+    for (file, id_field) in [("/etc/passwd", 2), ("/etc/group", 2)] {
+        for line in host.read(file).unwrap_or_default().lines() {
+            let fields: Vec<&str> = line.split(':').collect();
+            if let Some(id) = fields.get(id_field).and_then(|f| f.parse::<u64>().ok())
+                && overlaps(id, 1)
+            {
+                clashes.push(format!("{file}: {} ({id})", fields[0]));
+            }
+        }
+    }
+    for file in ["/etc/subuid", "/etc/subgid"] {
+        for line in host.read(file).unwrap_or_default().lines() {
+            let fields: Vec<&str> = line.split(':').collect();
+            let start = fields.get(1).and_then(|f| f.parse::<u64>().ok());
+            let count = fields.get(2).and_then(|f| f.parse::<u64>().ok());
+            if let (Some(start), Some(count)) = (start, count)
+                && overlaps(start, count)
+            {
+                clashes.push(format!("{file}: {} ({start}, {count} ids)", fields[0]));
+            }
+        }
+    }
+    if clashes.is_empty() {
+        Check::ok(
+            NAME,
+            format!("{VMM_ID_BASE}-{end} are no user's or group's, and no subordinate range's"),
+        )
+    } else {
+        Check::bad(
+            NAME,
+            Level::Warn,
+            format!(
+                "husk-vmm runs as ids {VMM_ID_BASE}-{end} (one per VM); these are in that range: {}",
+                clashes.join("; ")
+            ),
+            "give those users, groups and ranges ids outside 1879048192-1883242495",
+        )
+    }
+}
+
 /// Every check, in the order they are printed.
 pub fn checks(host: &Host) -> Vec<Check> {
     vec![
@@ -346,6 +394,7 @@ pub fn checks(host: &Host) -> Vec<Check> {
         virtualization(host),
         seccomp(host),
         binaries(host),
+        vmm_ids(host),
         cgroups(host),
         overlay(host),
         tun(host),
@@ -430,6 +479,12 @@ mod tests {
             write("bin/containerd", "");
             write("bin/containerd-shim-husk-v2", "");
             write("bin/iptables", "");
+            write(
+                "etc/passwd",
+                "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n",
+            );
+            write("etc/group", "root:x:0:\n");
+            write("etc/subuid", "alice:100000:65536\n");
             Self { dir }
         }
 
@@ -473,6 +528,7 @@ mod tests {
             cni(&host),
             iptables(&host),
             containerd(&host),
+            vmm_ids(&host),
         ] {
             assert_eq!(check.level, Level::Ok, "{check:?}");
         }
@@ -551,6 +607,23 @@ mod tests {
         .unwrap();
         let (l, detail, _) = level(seccomp(&host));
         assert!(l == Level::Fail && detail.contains("seccomp"), "{detail}");
+
+        // A user, and a subordinate range, among the VMMs' ids.
+        std::fs::write(
+            fake.dir.join("etc/passwd"),
+            "root:x:0:0::/:/bin/sh\nvm7:x:1879048199:1:::\n",
+        )
+        .unwrap();
+        std::fs::write(fake.dir.join("etc/subgid"), "bob:1879000000:100000\n").unwrap();
+        let (l, detail, fix) = level(vmm_ids(&host));
+        assert!(
+            l == Level::Warn
+                && detail.contains("/etc/passwd: vm7 (1879048199)")
+                && detail.contains("/etc/subgid: bob")
+                && !detail.contains("alice")
+                && fix,
+            "{detail}"
+        );
 
         fake.remove("usr/lib/cni/bridge");
         let (l, detail, _) = level(cni(&host));

@@ -17,6 +17,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod ids;
 pub mod marks;
 pub mod paths;
 pub mod share;

@@ -131,23 +131,16 @@ pub const FILE_SERVER: CapabilitySet = CapabilitySet::CHOWN
     .union(CapabilitySet::FOWNER)
     .union(CapabilitySet::FSETID);
 
-/// The first of the uids (and gids) husk's VMMs run as: the VMM whose
-/// process ID is P runs as `ID_BASE + P`. Process IDs are unique among
-/// live processes and at most 2^22 (`pid_max`), so no two running VMMs
-/// share an id, and no id is reused while one runs; files and processes
-/// of that uid end with the VMM (its sockets are removed, the files it
-/// makes for the guest are the guest's). The range
+/// The uids (and gids) husk's VMMs run as: the VMM whose process ID is P
+/// runs as `ID_BASE + P` ([`husk_protocol::ids`]). Process IDs are unique
+/// among live processes and below 2^22 (`pid_max`), so no two running
+/// VMMs share an id, and no id is reused while one runs; files and
+/// processes of that uid end with the VMM (its sockets are removed, the
+/// files it makes for the guest are the guest's). The range
 /// 0x7000_0000..0x7040_0000 is far above what distributions give users
-/// (`husk doctor` checks /etc/passwd and /etc/subuid).
-pub const ID_BASE: u32 = 0x7000_0000;
-
-/// The largest process ID Linux hands out (`PID_MAX_LIMIT` on 64-bit).
-pub const PID_LIMIT: u32 = 1 << 22;
-
-/// The uid and gid of the VMM with process ID `pid`.
-pub fn vmm_id(pid: u32) -> u32 {
-    ID_BASE + pid.min(PID_LIMIT - 1)
-}
+/// (`husk doctor` checks /etc/passwd, /etc/group, /etc/subuid and
+/// /etc/subgid).
+pub use husk_protocol::ids::{VMM_ID_BASE as ID_BASE, vmm_id};
 
 /// Moves the process (which must have one thread, and all of root's
 /// capabilities) to the uid and gid `id`, with no supplementary groups,
