@@ -40,6 +40,10 @@ pub struct ApiCall {
     pub reply: Sender<ApiResponse>,
 }
 
+/// How long the API and vsock threads wait before they accept again
+/// after an accept failed (the VMM out of descriptors).
+pub const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// The longest request line read (a path in `snapshot` is the longest).
 const MAX_LINE: usize = 64 * 1024;
 
@@ -101,8 +105,14 @@ pub fn serve(path: &Path, send: impl Fn(ApiCall) + Send + 'static) -> Result<(),
         .name("husk-api".into())
         .spawn(move || {
             crate::confine::enter(crate::seccomp::Thread::Api);
-            for stream in listener.incoming().flatten() {
-                handle(stream, &send);
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(stream) => handle(stream, &send),
+                    // Out of descriptors (a guest holding them all through
+                    // virtio-fs): the client waits in the backlog; try
+                    // again shortly instead of spinning on accept.
+                    Err(_) => std::thread::sleep(ACCEPT_RETRY),
+                }
             }
         })
         .map_err(ApiError::Thread)?;
@@ -258,5 +268,82 @@ mod tests {
         assert!(err.starts_with("cannot listen on API socket"), "{err}");
         remove_socket(&path);
         assert!(!path.exists());
+    }
+
+    /// Issue 18 (guest floods): a VMM out of descriptors (a guest holding
+    /// them all through virtio-fs) does not spin on the API socket's
+    /// accept; the client waits in the backlog and is answered once
+    /// descriptors come back.
+    #[test]
+    fn out_of_descriptors_the_api_waits_instead_of_spinning() {
+        let path =
+            std::env::temp_dir().join(format!("husk-api-emfile-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        // SAFETY: the child only sets a limit, serves, opens and closes
+        // files and sleeps, then _exits.
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            let limit = rustix::process::Rlimit {
+                current: Some(64),
+                maximum: rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum,
+            };
+            let _ = rustix::process::setrlimit(rustix::process::Resource::Nofile, limit);
+            let served = serve(&path, |call: ApiCall| {
+                let _ = call.reply.send(ApiResponse::ok());
+            });
+            let mut hog = Vec::new();
+            while let Ok(f) = std::fs::File::open("/dev/null") {
+                hog.push(f);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+            drop(hog);
+            std::thread::sleep(std::time::Duration::from_secs(5));
+            // SAFETY: ends the child.
+            unsafe { libc::_exit(i32::from(served.is_err())) };
+        }
+        // The child ends with the test, failed or not.
+        struct Reap(libc::pid_t);
+        impl Drop for Reap {
+            fn drop(&mut self) {
+                // SAFETY: ends and reaps the forked child.
+                unsafe {
+                    libc::kill(self.0, libc::SIGKILL);
+                    libc::waitpid(self.0, std::ptr::null_mut(), 0);
+                }
+            }
+        }
+        let _reap = Reap(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let stream = loop {
+            if let Ok(s) = UnixStream::connect(&path) {
+                break s;
+            }
+            assert!(std::time::Instant::now() < deadline, "never listened");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        (&stream).write_all(b"{\"action\":\"pause\"}\n").unwrap();
+        let cpu = || -> u64 {
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap();
+            let fields: Vec<&str> = stat
+                .rsplit(')')
+                .next()
+                .unwrap()
+                .split_whitespace()
+                .collect();
+            fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+        };
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let before = cpu();
+        std::thread::sleep(std::time::Duration::from_millis(600));
+        let spent = cpu() - before;
+        // Clock ticks (1/100 s): a spinning accept would take ~60.
+        assert!(spent <= 10, "the API thread spun: {spent} ticks in 0.6 s");
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut answer = String::new();
+        BufReader::new(&stream).read_line(&mut answer).unwrap();
+        assert_eq!(answer.trim(), r#"{"ok":true}"#);
+        let _ = std::fs::remove_file(&path);
     }
 }
