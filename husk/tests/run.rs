@@ -845,17 +845,7 @@ fn a_killed_test_leaves_no_vm_behind() {
     stand_in.kill().unwrap();
     stand_in.wait().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    let alive = |pid: i32| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| {
-                !s.rsplit(')')
-                    .next()
-                    .unwrap_or("")
-                    .trim_start()
-                    .starts_with('Z')
-            })
-            .unwrap_or(false)
-    };
+    let alive = |pid: i32| husk_test_support::alive(pid as u32);
     while alive(vmms[0]) || alive(monitors[0]) {
         if Instant::now() > deadline {
             for p in [vmms[0], monitors[0]] {

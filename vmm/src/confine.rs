@@ -154,28 +154,9 @@ pub fn become_own_user(id: u32) -> Result<(), String> {
     let death_signal = rustix::process::parent_process_death_signal()
         .map_err(|e| format!("PR_GET_PDEATHSIG: {e}"))?;
     let parent = rustix::process::getppid();
-    for cap in 0..64u64 {
-        if FILE_SERVER.bits() & (1 << cap) != 0 {
-            continue;
-        }
-        // SAFETY: PR_CAPBSET_DROP of one capability number; no memory.
-        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) } != 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EINVAL) {
-                break;
-            }
-            return Err(format!(
-                "dropping capability {cap} from the bounding set: {e}"
-            ));
-        }
-    }
+    drop_from_bounding_set(FILE_SERVER)?;
     const KEEP_CAPS: u32 = 1 << 4;
-    // SAFETY: PR_SET_SECUREBITS with a constant; no memory is passed.
-    let set_bits =
-        |bits: u32| unsafe { libc::prctl(libc::PR_SET_SECUREBITS, bits as libc::c_ulong, 0, 0, 0) };
-    if set_bits((SECUREBITS & !(1 << 5)) | KEEP_CAPS) != 0 {
-        return Err(format!("securebits: {}", io::Error::last_os_error()));
-    }
+    set_securebits((SECUREBITS & !(1 << 5)) | KEEP_CAPS)?;
     rustix::thread::set_thread_groups(&[]).map_err(|e| format!("setgroups: {e}"))?;
     let gid = rustix::process::Gid::from_raw(id);
     let uid = rustix::process::Uid::from_raw(id);
@@ -186,29 +167,11 @@ pub fn become_own_user(id: u32) -> Result<(), String> {
     // The uid change emptied the effective set; the permitted set was kept
     // (KEEP_CAPS) for the next two steps, then cut to FILE_SERVER.
     let now = rustix::thread::capabilities(None).map_err(|e| format!("capget: {e}"))?;
-    rustix::thread::set_capabilities(
-        None,
-        CapabilitySets {
-            effective: now.permitted,
-            permitted: now.permitted,
-            inheritable: CapabilitySet::empty(),
-        },
-    )
-    .map_err(|e| format!("capset: {e}"))?;
-    if set_bits(SECUREBITS) != 0 {
-        return Err(format!("securebits: {}", io::Error::last_os_error()));
-    }
+    set_capabilities(now.permitted, now.permitted)?;
+    set_securebits(SECUREBITS)?;
     rustix::thread::clear_ambient_capability_set()
         .map_err(|e| format!("clearing the ambient capabilities: {e}"))?;
-    rustix::thread::set_capabilities(
-        None,
-        CapabilitySets {
-            effective: FILE_SERVER,
-            permitted: FILE_SERVER,
-            inheritable: CapabilitySet::empty(),
-        },
-    )
-    .map_err(|e| format!("capset: {e}"))?;
+    set_capabilities(FILE_SERVER, FILE_SERVER)?;
     if death_signal.is_some() {
         rustix::process::set_parent_process_death_signal(death_signal)
             .map_err(|e| format!("PR_SET_PDEATHSIG: {e}"))?;
@@ -236,57 +199,67 @@ const SECUREBITS: u32 = (1 << 0) // SECBIT_NOROOT
     | (1 << 6) // SECBIT_NO_CAP_AMBIENT_RAISE
     | (1 << 7); // SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED
 
+/// Drops every capability but `keep` from the calling thread's bounding
+/// set (needs CAP_SETPCAP).
+fn drop_from_bounding_set(keep: CapabilitySet) -> Result<(), String> {
+    for cap in 0..64u64 {
+        if keep.bits() & (1 << cap) != 0 {
+            continue;
+        }
+        // SAFETY: PR_CAPBSET_DROP of one capability number; no memory is
+        // passed. The kernel answers EINVAL past the last one.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                break;
+            }
+            return Err(format!(
+                "dropping capability {cap} from the bounding set: {e}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Sets the calling thread's securebits (needs CAP_SETPCAP).
+fn set_securebits(bits: u32) -> Result<(), String> {
+    // SAFETY: PR_SET_SECUREBITS with a value; no memory is passed.
+    if unsafe { libc::prctl(libc::PR_SET_SECUREBITS, bits as libc::c_ulong, 0, 0, 0) } != 0 {
+        return Err(format!("securebits: {}", io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Sets the calling thread's effective and permitted sets; the
+/// inheritable set is emptied.
+fn set_capabilities(effective: CapabilitySet, permitted: CapabilitySet) -> Result<(), String> {
+    rustix::thread::set_capabilities(
+        None,
+        CapabilitySets {
+            effective,
+            permitted,
+            inheritable: CapabilitySet::empty(),
+        },
+    )
+    .map_err(|e| format!("capset: {e}"))
+}
+
 /// Narrows the calling thread's capabilities to [`kept`]`(thread)`: the
 /// bounding set first (that needs CAP_SETPCAP), the securebits, the
 /// ambient set, then the effective, permitted and inheritable sets. A
-/// thread started by one that already narrowed its own inherits them:
-/// then only the check that nothing beyond `kept` is left is made.
+/// thread started by one that already narrowed its own (or by a VMM that
+/// took its own uid) inherits them: then only the effective and permitted
+/// sets are cut, and checked.
 pub fn narrow_capabilities(thread: Thread) -> Result<(), String> {
     let keep = kept(thread);
     let now = rustix::thread::capabilities(None).map_err(|e| format!("capget: {e}"))?;
     if now.effective.contains(CapabilitySet::SETPCAP) {
-        for cap in 0..64u64 {
-            if keep.bits() & (1 << cap) != 0 {
-                continue;
-            }
-            // SAFETY: PR_CAPBSET_DROP of one capability number; no memory
-            // is passed. The kernel answers EINVAL past the last one.
-            let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
-            if r != 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::EINVAL) {
-                    break;
-                }
-                return Err(format!(
-                    "dropping capability {cap} from the bounding set: {e}"
-                ));
-            }
-        }
-        // SAFETY: PR_SET_SECUREBITS with a constant; no memory is passed.
-        if unsafe {
-            libc::prctl(
-                libc::PR_SET_SECUREBITS,
-                SECUREBITS as libc::c_ulong,
-                0,
-                0,
-                0,
-            )
-        } != 0
-        {
-            return Err(format!("securebits: {}", io::Error::last_os_error()));
-        }
+        drop_from_bounding_set(keep)?;
+        set_securebits(SECUREBITS)?;
     }
     rustix::thread::clear_ambient_capability_set()
         .map_err(|e| format!("clearing the ambient capabilities: {e}"))?;
-    rustix::thread::set_capabilities(
-        None,
-        CapabilitySets {
-            effective: now.effective & keep,
-            permitted: now.permitted & keep,
-            inheritable: CapabilitySet::empty(),
-        },
-    )
-    .map_err(|e| format!("capset: {e}"))?;
+    set_capabilities(now.effective & keep, now.permitted & keep)?;
     let after = rustix::thread::capabilities(None).map_err(|e| format!("capget: {e}"))?;
     if !keep.contains(after.permitted) {
         return Err(format!(

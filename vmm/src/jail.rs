@@ -270,10 +270,25 @@ fn beneath(root: &Path, path: &Path) -> Result<PathBuf, String> {
     Ok(inside)
 }
 
-/// `path` made absolute against the working directory, without resolving
-/// links (the jail holds it at the name the VMM will use).
+/// `path` made absolute against the working directory, its `..` taken
+/// away by name, without resolving links: the jail holds it at the name
+/// the VMM will use. The working directory is a resolved path (getcwd), so
+/// a relative `../x` names on the host the same file it names in the jail,
+/// where the working directory is made again (and the jail's own
+/// directories hold no links).
 pub fn absolute(path: &Path) -> PathBuf {
-    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+    let whole = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    let mut out = PathBuf::from("/");
+    for part in whole.components() {
+        match part {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(name) => out.push(name),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    out
 }
 
 /// The directory a socket at `path` is made in.
@@ -301,5 +316,24 @@ pub fn own_proc() -> Bind {
         at: Some(PathBuf::from("/proc/self")),
         read_only: true,
         devices: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_held_at_their_absolute_names_without_dotdot() {
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(absolute(Path::new("/a/b/../c/./d")), Path::new("/a/c/d"));
+        assert_eq!(absolute(Path::new("/../x")), Path::new("/x"));
+        assert_eq!(
+            absolute(Path::new("../x")),
+            cwd.parent().unwrap_or(Path::new("/")).join("x")
+        );
+        assert_eq!(absolute(Path::new("y")), cwd.join("y"));
+        assert!(beneath(Path::new("/proc"), &absolute(Path::new("../x"))).is_ok());
+        assert!(beneath(Path::new("/proc"), Path::new("/a/../b")).is_err());
     }
 }

@@ -349,17 +349,7 @@ fn a_jailed_vmm_still_dies_with_its_parent() {
     shell.kill().unwrap();
     shell.wait().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::path::Path::new(&format!("/proc/{vmm}")).exists() {
-        let stat = std::fs::read_to_string(format!("/proc/{vmm}/stat")).unwrap_or_default();
-        if stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z')
-        {
-            break;
-        }
+    while husk_test_support::alive(vmm) {
         if std::time::Instant::now() > deadline {
             husk_test_support::kill(vmm, rustix::process::Signal::KILL);
             panic!("the VMM outlived its parent");

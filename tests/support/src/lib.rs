@@ -41,6 +41,19 @@ pub fn output_within(child: Child, limit: Duration, what: &str) -> Output {
     out
 }
 
+/// Whether process `pid` is there and not a zombie.
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
 /// Sends `signal` to process `pid`; false when there is no such process
 /// (or it may not be signalled).
 pub fn kill(pid: u32, signal: Signal) -> bool {

@@ -409,9 +409,17 @@ impl NetHost {
     pub fn turn(&self, transport: &Mutex<MmioTransport>, timeout_ms: i32) {
         let mut events = [EpollEvent::default(); 4];
         let n = self.epoll.wait(timeout_ms, &mut events).unwrap_or(0);
+        self.serve(transport, &events[..n]);
+    }
+
+    /// Handles what epoll reported (the thread's loop and [`Self::turn`]
+    /// alike): the TAP's offloads brought up to date, and the frames the
+    /// TAP has delivered to the guest.
+    pub(super) fn serve(&self, transport: &Mutex<MmioTransport>, events: &[EpollEvent]) {
+        // Transport, then backend: the vCPU threads' order.
         let mut transport = lock(transport);
         let mut backend = lock(&self.backend);
-        for event in &events[..n] {
+        for event in events {
             if event.data() == EV_KICK {
                 let _ = backend.kick.read();
             } else if let Some(bound) = &mut backend.bound
@@ -430,6 +438,8 @@ impl NetHost {
             transport.notify_device(RX as u32);
             backend = lock(&self.backend);
             if std::mem::take(&mut backend.host_turn) {
+                // The transport did not call the device: its driver has no
+                // rx queue ready.
                 backend.rx_unreachable = true;
             }
         }

@@ -4,7 +4,7 @@
 use std::io::ErrorKind;
 use std::os::fd::OwnedFd;
 
-use super::device::{Backend, Bound, EV_KICK};
+use super::device::{Backend, Bound};
 use super::*;
 
 /// The host side of a network device, before its thread starts.
@@ -45,34 +45,7 @@ impl NetHost {
                     return;
                 }
             };
-            // Transport, then backend: the vCPU threads' order.
-            let mut transport = lock(&transport);
-            let mut backend = lock(&self.backend);
-            for event in &events[..n] {
-                if event.data() == EV_KICK {
-                    let _ = backend.kick.read();
-                } else if let Some(bound) = &mut backend.bound
-                    && bound.token == event.data()
-                    && event
-                        .event_set()
-                        .intersects(EventSet::ERROR | EventSet::HANG_UP)
-                {
-                    bound.hung_up = true;
-                }
-            }
-            backend.update_offloads();
-            if backend.can_receive() {
-                backend.host_turn = true;
-                drop(backend);
-                transport.notify_device(RX as u32);
-                backend = lock(&self.backend);
-                if std::mem::take(&mut backend.host_turn) {
-                    // The transport did not call the device: its driver
-                    // has no rx queue ready.
-                    backend.rx_unreachable = true;
-                }
-            }
-            backend.watch();
+            self.serve(&transport, &events[..n]);
         }
     }
 }

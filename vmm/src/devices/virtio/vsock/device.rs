@@ -192,14 +192,25 @@ impl VsockHost {
             let backend = lock(&self.backend);
             backend.epoll.wait(timeout_ms, &mut events).unwrap_or(0)
         };
-        for ev in &events[..n] {
+        self.serve(transport, &events[..n]);
+    }
+
+    /// Handles what epoll reported (the thread's loop and [`Self::turn`]
+    /// alike), then delivers what waits for the guest through `transport`.
+    pub(super) fn serve(&self, transport: &Mutex<MmioTransport>, events: &[EpollEvent]) {
+        let mut starved = false;
+        for ev in events {
             let mut backend = lock(&self.backend);
             match ev.data() {
-                EV_LISTENER => {
-                    while let Ok((stream, _)) = self.listener.accept() {
-                        backend.host_connects(stream);
+                EV_LISTENER => loop {
+                    match self.listener.accept() {
+                        Ok((stream, _)) => backend.host_connects(stream),
+                        Err(e) => {
+                            starved = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+                            break;
+                        }
                     }
-                }
+                },
                 EV_KICK => {
                     let _ = backend.kick.read();
                 }
@@ -215,8 +226,15 @@ impl VsockHost {
                 }
             }
         }
+        // Transport, then backend: the lock order of the vCPU threads too.
         if !lock(&self.backend).rx.is_empty() {
             lock(transport).notify_device(RX as u32);
+        }
+        // Out of descriptors (a guest holding them all through virtio-fs):
+        // the listener stays readable and the client waits in its backlog;
+        // wait a little instead of spinning on it.
+        if starved {
+            std::thread::sleep(crate::api::ACCEPT_RETRY);
         }
     }
 }

@@ -43,46 +43,7 @@ impl VsockHost {
                 }
                 return;
             }
-            let mut starved = false;
-            for ev in &events[..n as usize] {
-                let mut backend = lock(&self.backend);
-                match ev.data() {
-                    EV_LISTENER => loop {
-                        match self.listener.accept() {
-                            Ok((stream, _)) => backend.host_connects(stream),
-                            Err(e) => {
-                                starved =
-                                    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
-                                break;
-                            }
-                        }
-                    },
-                    EV_KICK => {
-                        let _ = backend.kick.read();
-                    }
-                    data => {
-                        let key = ((data >> 32) as u32, data as u32);
-                        let set = ev.event_set();
-                        if set.contains(EventSet::OUT) {
-                            backend.flush(key);
-                        }
-                        if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
-                            backend.host_readable(key);
-                        }
-                    }
-                }
-            }
-            // Deliver what is waiting for the guest (transport, then
-            // backend: the lock order of the vCPU threads too).
-            if !lock(&self.backend).rx.is_empty() {
-                lock(&transport).notify_device(RX as u32);
-            }
-            // Out of descriptors (a guest holding them all through
-            // virtio-fs): the listener stays readable and the client waits
-            // in its backlog; wait a little instead of spinning on it.
-            if starved {
-                std::thread::sleep(crate::api::ACCEPT_RETRY);
-            }
+            self.serve(&transport, &events[..n as usize]);
         }
     }
 }
