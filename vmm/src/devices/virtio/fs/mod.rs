@@ -473,6 +473,7 @@ impl FileSystem for Confined {
         flags: u32,
         fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+        let flags = session::open_flags(flags)?;
         if flags & WRITE_FLAGS != 0 {
             self.writable()?;
         }
@@ -492,7 +493,10 @@ impl FileSystem for Confined {
         args: CreateIn,
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
         self.changes(&[name])?;
-        let flags = args.flags;
+        let args = CreateIn {
+            flags: session::open_flags(args.flags)?,
+            ..args
+        };
         let dir = self.node(parent)?;
         let as_vmm = Context::default();
         // A create of a file that is there opens it, owners untouched; one
@@ -506,11 +510,13 @@ impl FileSystem for Confined {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => false,
             Err(e) => return Err(e),
         };
+        let exclusive = CreateIn {
+            flags: args.flags | libc::O_EXCL as u32,
+            ..args
+        };
         let made = if existed {
             Err(io::Error::from_raw_os_error(libc::EEXIST))
         } else {
-            let mut exclusive = args;
-            exclusive.flags |= libc::O_EXCL as u32;
             self.made_as_guest(
                 ctx,
                 dir,
@@ -519,15 +525,17 @@ impl FileSystem for Confined {
                 |made| &mut made.0,
             )
         };
-        let (entry, handle, options, passthrough) = match made {
+        // The flags the passthrough's handle holds (see `read`).
+        let (made, flags) = match made {
             Err(e)
                 if e.raw_os_error() == Some(libc::EEXIST)
                     && args.flags & libc::O_EXCL as u32 == 0 =>
             {
-                self.inner.create(&as_vmm, dir, name, args)?
+                (self.inner.create(&as_vmm, dir, name, args)?, args.flags)
             }
-            made => made?,
+            made => (made?, exclusive.flags),
         };
+        let (entry, handle, options, passthrough) = made;
         let entry = self.entered(parent, name, entry);
         let handle = self.opened(entry.inode, handle, flags, false);
         Ok((entry, handle, options, passthrough))
@@ -541,12 +549,15 @@ impl FileSystem for Confined {
         size: u32,
         offset: u64,
         lock_owner: Option<u64>,
-        flags: u32,
+        _flags: u32,
     ) -> io::Result<usize> {
+        // The flags the handle was opened with, never the request's
+        // ([`session::open_flags`]).
+        let (handle, flags) = lock(&self.session).open_file(handle)?;
         self.inner.read(
             ctx,
             self.node(inode)?,
-            self.handle(handle)?,
+            handle,
             w,
             size,
             offset,
@@ -564,14 +575,16 @@ impl FileSystem for Confined {
         offset: u64,
         lock_owner: Option<u64>,
         delayed_write: bool,
-        flags: u32,
+        _flags: u32,
         fuse_flags: u32,
     ) -> io::Result<usize> {
         self.writable()?;
+        // As in `read`.
+        let (handle, flags) = lock(&self.session).open_file(handle)?;
         self.inner.write(
             ctx,
             self.node(inode)?,
-            self.handle(handle)?,
+            handle,
             r,
             size,
             offset,
@@ -664,6 +677,7 @@ impl FileSystem for Confined {
         inode: u64,
         flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
+        let flags = session::open_flags(flags)?;
         let (handle, options) = self.inner.opendir(ctx, self.node(inode)?, flags)?;
         Ok((self.opened(inode, handle, flags, true), options))
     }
@@ -1114,6 +1128,17 @@ mod tests {
 
     /// What a guest reads through a handle, at an offset.
     fn read_at(fs: &Confined, node: u64, handle: u64, offset: u64) -> Vec<u8> {
+        read_with(fs, node, handle, offset, 0).unwrap()
+    }
+
+    /// `read_at`, with the request's open flags.
+    fn read_with(
+        fs: &Confined,
+        node: u64,
+        handle: u64,
+        offset: u64,
+        flags: u32,
+    ) -> io::Result<Vec<u8>> {
         struct Sink(Vec<u8>);
         impl ZeroCopyWriter for Sink {
             fn write_from(
@@ -1155,10 +1180,116 @@ mod tests {
             4096,
             offset,
             None,
-            0,
-        )
-        .unwrap();
-        sink.0
+            flags,
+        )?;
+        Ok(sink.0)
+    }
+
+    /// The fuzzer's find (fuzz/corpus/virtio_fs): a read whose request
+    /// carried open flags the handle's descriptor refuses made
+    /// fuse-backend-rs close that descriptor while the handle kept it, so
+    /// the handle's release closed it again (whatever had reused the
+    /// number). A read or write now passes its handle's own flags, and
+    /// open flags no guest kernel sends are refused at the open.
+    #[test]
+    fn request_flags_cannot_close_a_handles_descriptor() {
+        // tmpfs, which refuses O_DIRECT.
+        let base = Path::new("/dev/shm").join(format!("husk-fs-flags-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(base.join("dir")).unwrap();
+        std::fs::write(base.join("file"), b"inside").unwrap();
+        let fs = Confined::new(&base, false).unwrap();
+        fs.init(FsOptions::empty()).unwrap();
+        let ctx = Context::default();
+        let file = fs.lookup(&ctx, ROOT, &name("file")).unwrap().inode;
+        let dir = fs.lookup(&ctx, ROOT, &name("dir")).unwrap().inode;
+        // An append-only file, opened for appending: the host refuses to
+        // take O_APPEND off its descriptor, even for root.
+        let append_only = |on: bool| {
+            const FS_IOC_SETFLAGS: libc::c_ulong = 0x4008_6602;
+            const FS_APPEND_FL: libc::c_long = 0x20;
+            let f = std::fs::File::open(base.join("file")).unwrap();
+            let attr: libc::c_long = if on { FS_APPEND_FL } else { 0 };
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+            // SAFETY: the ioctl reads one long from a live local.
+            let rc = unsafe { libc::ioctl(fd, FS_IOC_SETFLAGS, &attr) };
+            assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        };
+        append_only(true);
+        let appending = (libc::O_RDWR | libc::O_APPEND) as u32;
+        let (handle, _, _) = fs.open(&ctx, file, appending, 0).unwrap();
+        let handle = handle.unwrap();
+        let mut reads: Vec<_> = [libc::O_RDWR, libc::O_RDWR | libc::O_DIRECT, libc::O_PATH]
+            .into_iter()
+            .map(|flags| (flags, read_with(&fs, file, handle, 0, flags as u32)))
+            .collect();
+        // The descriptor is still the handle's.
+        reads.push((-1, read_with(&fs, file, handle, 2, 0)));
+        let released = fs.release(&ctx, file, 0, handle, false, false, None);
+        // Off before any assertion, so that a failure leaves nothing
+        // undeletable behind.
+        append_only(false);
+        for (flags, read) in reads {
+            let want: &[u8] = if flags == -1 { b"side" } else { b"inside" };
+            assert_eq!(read.unwrap(), want, "{flags:o}");
+        }
+        released.unwrap();
+        // O_PATH and O_TMPFILE are refused; O_DIRECT is dropped.
+        let tmpfile = (libc::O_TMPFILE | libc::O_RDWR) as u32;
+        for (node, flags) in [(file, libc::O_PATH as u32), (dir, tmpfile)] {
+            let err = fs.open(&ctx, node, flags, 0).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{flags:o}");
+        }
+        let err = fs.opendir(&ctx, dir, tmpfile).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+        let direct = (libc::O_RDONLY | libc::O_DIRECT) as u32;
+        let (handle, _, _) = fs.open(&ctx, file, direct, 0).unwrap();
+        assert_eq!(read_at(&fs, file, handle.unwrap(), 0), b"inside");
+        let args = CreateIn {
+            flags: (libc::O_RDWR | libc::O_DIRECT) as u32,
+            mode: libc::S_IFREG | 0o644,
+            umask: 0,
+            fuse_flags: 0,
+        };
+        let (made, handle, _, _) = fs.create(&ctx, ROOT, &name("new"), args).unwrap();
+        assert_eq!(read_at(&fs, made.inode, handle.unwrap(), 0), b"");
+        // Nothing but the file made by name is in the share.
+        let mut names: Vec<_> = std::fs::read_dir(&base)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["dir", "file", "new"]);
+        assert_eq!(std::fs::read_dir(base.join("dir")).unwrap().count(), 0);
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    /// Opening a FIFO, socket or device node in a share is refused at
+    /// once (the passthrough opens only files and directories): no vCPU
+    /// thread waits for a writer that may never come.
+    #[test]
+    fn only_files_and_directories_open() {
+        let share = tree("fifo");
+        let fs = Confined::new(&share, false).unwrap();
+        fs.init(FsOptions::empty()).unwrap();
+        let ctx = Context::default();
+        fs.mknod(&ctx, ROOT, &name("fifo"), libc::S_IFIFO | 0o666, 0, 0)
+            .unwrap();
+        let fifo = fs.lookup(&ctx, ROOT, &name("fifo")).unwrap().inode;
+        for flags in [libc::O_RDONLY, libc::O_WRONLY, libc::O_RDWR] {
+            let err = fs.open(&ctx, fifo, flags as u32, 0).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::EBADF), "{flags:o}");
+        }
+        // Nor through a create of its name.
+        let args = CreateIn {
+            flags: libc::O_RDONLY as u32,
+            mode: libc::S_IFREG | 0o644,
+            umask: 0,
+            fuse_flags: 0,
+        };
+        let err = fs.create(&ctx, ROOT, &name("fifo"), args).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EBADF));
+        std::fs::remove_dir_all(share.parent().unwrap()).unwrap();
     }
 
     #[test]

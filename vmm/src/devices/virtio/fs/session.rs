@@ -114,6 +114,27 @@ fn ebadf<T>() -> io::Result<T> {
 /// Open flags that only make sense the first time a file is opened.
 const FIRST_OPEN_ONLY: u32 = (libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC) as u32;
 
+/// The guest's open flags as the share opens files with them: `O_PATH`
+/// and `O_TMPFILE` are refused (the guest's kernel never sends them; an
+/// `O_TMPFILE` open of a directory would make a file in the share that no
+/// name holds), and `O_DIRECT` is dropped (the share is read and written
+/// through the host's page cache).
+///
+/// A read or write then passes the flags its handle was opened with
+/// ([`Session::open_file`]), never the request's: fuse-backend-rs 0.14
+/// sets a request's differing flags with `F_SETFL` and, when that fails
+/// (`O_DIRECT` on tmpfs, `O_NOATIME` on a file the VMM does not own),
+/// closes the handle's descriptor while the handle still holds it: a
+/// second close later could close whatever reused the number.
+pub fn open_flags(flags: u32) -> io::Result<u32> {
+    // O_TMPFILE without its O_DIRECTORY bit, which opendir sets.
+    let tmpfile = libc::O_TMPFILE & !libc::O_DIRECTORY;
+    if flags & (libc::O_PATH | tmpfile) as u32 != 0 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    Ok(flags & !(libc::O_DIRECT as u32))
+}
+
 impl Default for Session {
     fn default() -> Self {
         Self::new()
@@ -156,9 +177,15 @@ impl Session {
 
     /// The passthrough's handle for guest handle `handle`.
     pub fn handle(&self, handle: u64) -> io::Result<u64> {
+        self.open_file(handle).map(|(inner, _)| inner)
+    }
+
+    /// The passthrough's handle for guest handle `handle`, and the flags
+    /// the passthrough opened it with.
+    pub fn open_file(&self, handle: u64) -> io::Result<(u64, u32)> {
         self.handles
             .get(&handle)
-            .map_or_else(ebadf, |h| Ok(h.inner))
+            .map_or_else(ebadf, |h| Ok((h.inner, h.flags)))
     }
 
     /// The passthrough answered a lookup (or a create) of `name` in
@@ -489,14 +516,17 @@ impl Session {
                     session.path(h.node)
                 )
             })?;
-            let handle = open(inner, h.flags & !FIRST_OPEN_ONLY, h.dir)
-                .map_err(|e| format!("cannot reopen {}: {e}", session.path(h.node)))?;
+            let reopened = open_flags(h.flags)
+                .map(|f| f & !FIRST_OPEN_ONLY)
+                .and_then(|flags| Ok((open(inner, flags, h.dir)?, flags)));
+            let (handle, flags) =
+                reopened.map_err(|e| format!("cannot reopen {}: {e}", session.path(h.node)))?;
             session.handles.insert(
                 h.id,
                 OpenFile {
                     inner: handle,
                     node: h.node,
-                    flags: h.flags,
+                    flags,
                     dir: h.dir,
                 },
             );
