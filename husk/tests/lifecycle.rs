@@ -541,32 +541,104 @@ fn features_and_spec_are_runcs() {
     refused(&["state", "c1"], "does not exist");
 }
 
+/// Issues 18 and 19: the VM's host cgroup, the spec's `cgroupsPath` or
+/// `husk/<id>` without one, in every hierarchy (cpuset too), holding the
+/// VM's bounds, with the VMM and the monitor in it until `delete`
+/// removes it; a path out of the hierarchy is refused by name.
 #[test]
-fn the_vm_sits_in_the_specs_cgroup_until_delete() {
-    let id = id("cgroup");
-    let path = format!("/husk-test/{id}");
+fn the_vm_sits_in_its_host_cgroup_under_its_bounds_until_delete() {
+    let named = id("cgroup");
+    let path = format!("husk-test/{named}/vm");
+    // A parent made by someone else, with no CPUs or memory nodes yet in
+    // v1's cpuset: it gets its parent's, or nothing could join below it.
+    let cpuset_parent = Path::new("/sys/fs/cgroup/cpuset/husk-test").join(&named);
+    if Path::new("/sys/fs/cgroup/cpuset").is_dir() {
+        std::fs::create_dir_all(&cpuset_parent).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(cpuset_parent.join("cpuset.cpus"))
+                .unwrap()
+                .trim(),
+            ""
+        );
+    }
     let b = Bundle::new("cgroup", &["sleep", "1000"], |spec| {
         spec.linux_mut()
             .as_mut()
             .unwrap()
-            .set_cgroups_path(Some(PathBuf::from(&path)));
+            .set_cgroups_path(Some(PathBuf::from(format!("/{path}"))));
     });
-    ok(&["create", "--bundle", b.0.to_str().unwrap(), &id]);
-    let recorded = ContainerState::load(&root(), &id).unwrap();
-    for p in [recorded.vmm.unwrap(), recorded.monitor.unwrap()] {
-        let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", p.pid)).unwrap();
-        assert!(
-            cgroups
-                .lines()
-                .any(|l| l.contains(":memory:") && l.ends_with(&path)),
-            "process {} is not in {path}: {cgroups}",
-            p.pid
-        );
+    let plain = id("cgroup-default");
+    let b2 = Bundle::new("cgroup-default", &["sleep", "1000"], |_| {});
+    ok(&["create", "--bundle", b.0.to_str().unwrap(), &named]);
+    ok(&["create", "--bundle", b2.0.to_str().unwrap(), &plain]);
+    let hierarchies: Vec<PathBuf> = std::fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[0].starts_with("cgroup") && f[1].starts_with("/sys/fs/cgroup")).then(|| f[1].into())
+        })
+        .collect();
+    assert!(hierarchies.len() >= 2, "{hierarchies:?}");
+    let read = |p: PathBuf| std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
+    let mut recorded = Vec::new();
+    for (id, rel) in [(&named, path.clone()), (&plain, format!("husk/{plain}"))] {
+        let state = ContainerState::load(&root(), id).unwrap();
+        for p in [state.vmm.unwrap(), state.monitor.unwrap()] {
+            // Every hierarchy's line names the cgroup.
+            let cgroups = read(format!("/proc/{}/cgroup", p.pid).into());
+            assert_eq!(cgroups.lines().count(), hierarchies.len(), "{cgroups}");
+            for line in cgroups.lines() {
+                assert!(line.ends_with(&format!(":/{rel}")), "{} in {line}", p.pid);
+            }
+        }
+        // The VM's bounds: the default shape's 256 MiB and the VMM's
+        // 64; one vCPU and one more CPU's time; 256 tasks.
+        let at = |h: &str, f: &str| Path::new("/sys/fs/cgroup").join(h).join(&rel).join(f);
+        if at("memory", "").is_dir() {
+            assert_eq!(
+                read(at("memory", "memory.limit_in_bytes")).trim(),
+                (320u64 << 20).to_string()
+            );
+            assert_eq!(read(at("pids", "pids.max")).trim(), "256");
+            assert_eq!(read(at("cpu", "cpu.cfs_quota_us")).trim(), "200000");
+            assert_eq!(read(at("cpu", "cpu.cfs_period_us")).trim(), "100000");
+            let cpus = read("/sys/fs/cgroup/cpuset/cpuset.cpus".into());
+            assert_eq!(read(at("cpuset", "cpuset.cpus")), cpus);
+        } else {
+            assert_eq!(
+                read(at("", "memory.max")).trim(),
+                (320u64 << 20).to_string()
+            );
+            assert_eq!(read(at("", "cpu.max")).trim(), "200000 100000");
+        }
+        recorded.push((state, rel));
     }
-    assert!(Path::new("/sys/fs/cgroup/memory").join(&path[1..]).is_dir());
-    ok(&["delete", "--force", &id]);
-    assert!(!Path::new("/sys/fs/cgroup/memory").join(&path[1..]).exists());
-    nothing_left(&id, &[recorded.monitor.unwrap(), recorded.vmm.unwrap()]);
+    for (state, rel) in recorded {
+        ok(&["delete", "--force", &state.id]);
+        for h in &hierarchies {
+            assert!(!h.join(&rel).exists(), "{}", h.join(&rel).display());
+        }
+        // Parents left empty go too.
+        assert!(!cpuset_parent.exists());
+        nothing_left(&state.id, &[state.monitor.unwrap(), state.vmm.unwrap()]);
+    }
+    // A path that climbs out is refused before any VM is made.
+    let bad = id("cgroup-bad");
+    let b3 = Bundle::new("cgroup-bad", &["true"], |spec| {
+        spec.linux_mut()
+            .as_mut()
+            .unwrap()
+            .set_cgroups_path(Some(PathBuf::from("/husk-test/../../etc")));
+    });
+    refused(
+        &["create", "--bundle", b3.0.to_str().unwrap(), &bad],
+        "linux.cgroupsPath \"/husk-test/../../etc\" is not a cgroup path",
+    );
+    refused(&["state", &bad], "does not exist");
+    for h in &hierarchies {
+        assert!(!h.join("etc").exists(), "{}", h.display());
+    }
 }
 
 /// The spec's limits, applied in the container's cgroup in its guest:

@@ -1,17 +1,49 @@
-//! The container's cgroup on the host: the VMM and the monitor are moved
-//! into the spec's `linux.cgroupsPath`, so what the host accounts and
-//! limits for the container is its VM.
+//! The container's cgroup on the host: the monitor joins it before it
+//! starts the VM, so the VMM is born in it, under the VM's own bounds
+//! (docs/runtime.md, "The host cgroup"; docs/security.md, "The VMM
+//! process").
 //!
-//! Every mounted hierarchy gets the path: each cgroup v1 controller under
-//! /sys/fs/cgroup (cpuset left out: a new cpuset cgroup needs its CPUs
-//! and memory nodes copied in first, and the VM's vCPUs are the
-//! container's CPUs anyway) and the v2 hierarchy where one is mounted. A
-//! systemd-style path (`slice:prefix:name`) becomes `slice/prefix-name.scope`.
-//! `delete` removes the directories once the processes are gone.
+//! The cgroup is the spec's `linux.cgroupsPath`, or `husk/<id>` when the
+//! spec names none. Every mounted hierarchy gets it: each cgroup v1
+//! controller under /sys/fs/cgroup (a new cpuset cgroup gets its parent's
+//! CPUs and memory nodes first, as a new one has none) and the v2
+//! hierarchy where one is mounted (its controllers enabled on the way
+//! down where the host lets it). A systemd-style path
+//! (`slice:prefix:name`) becomes `slice/prefix-name.scope`. `delete`
+//! removes the directories once the processes are gone.
+//!
+//! What it holds are the VM's bounds, written before anything joins:
+//! memory for the guest and the VMM's own; CPU time for the vCPUs and one
+//! more for the VMM's device threads; a fixed number of tasks. The
+//! container's own limits are the guest's cgroup's (`events --stats`
+//! reports them).
 
 use std::path::{Path, PathBuf};
 
+use husk_guest::shape::{Shape, VMM_RESERVE_MIB};
+
 const ROOT: &str = "/sys/fs/cgroup";
+
+/// The CFS period the VM's CPU bound is written in, µs.
+pub const CPU_PERIOD_US: u64 = 100_000;
+
+/// Tasks (processes and threads) in a VM's host cgroup: the monitor's and
+/// the VMM's threads (main, API, vsock, net, one per vCPU) and the hooks
+/// the monitor runs, with room to spare. The container's `pids` limit is
+/// its guest's.
+pub const PIDS_MAX: u64 = 256;
+
+/// The cgroup (relative to each hierarchy's root) of container `id`:
+/// its spec's `cgroupsPath`, or `husk/<id>`. An unusable path is an error
+/// naming it.
+pub fn of(cgroups_path: Option<&str>, id: &str) -> Result<PathBuf, String> {
+    match cgroups_path {
+        Some(p) => relative(p).ok_or_else(|| {
+            format!("linux.cgroupsPath {p:?} is not a cgroup path (it must name a cgroup below the root, without `..`)")
+        }),
+        None => Ok(Path::new("husk").join(id)),
+    }
+}
 
 /// The relative cgroup path of a spec's `cgroupsPath`.
 pub fn relative(cgroups_path: &str) -> Option<PathBuf> {
@@ -27,61 +59,169 @@ pub fn relative(cgroups_path: &str) -> Option<PathBuf> {
     ok.then_some(rel)
 }
 
-/// The hierarchies to place processes in: v1 controllers (not cpuset) and
-/// the v2 hierarchy, where mounted.
-fn hierarchies() -> Vec<PathBuf> {
+/// A mounted hierarchy: its root, and whether it is v2's or v1's cpuset.
+struct Hierarchy {
+    root: PathBuf,
+    v2: bool,
+    cpuset: bool,
+}
+
+/// Every hierarchy mounted under /sys/fs/cgroup: v1 controllers and v2.
+fn hierarchies() -> Vec<Hierarchy> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     mounts
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             let (dir, kind, opts) = (f.get(1)?, f.get(2)?, f.get(3)?);
-            let wanted = match *kind {
+            let v2 = match *kind {
                 "cgroup2" => true,
-                "cgroup" => !opts.split(',').any(|o| o == "cpuset"),
-                _ => false,
+                "cgroup" => false,
+                _ => return None,
             };
-            (wanted && dir.starts_with(ROOT)).then(|| PathBuf::from(dir))
+            dir.starts_with(ROOT).then(|| Hierarchy {
+                root: PathBuf::from(dir),
+                v2,
+                cpuset: !v2 && opts.split(',').any(|o| o == "cpuset"),
+            })
         })
         .collect()
 }
 
-/// Moves `pids` into the cgroup `rel` of every hierarchy, making it.
+/// The VM's bounds, as its host cgroup holds them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Guest memory and the VMM's own, bytes.
+    pub memory: u64,
+    /// CPU time per period, µs: the vCPUs' and one more CPU's.
+    pub cpu_quota_us: u64,
+    /// Tasks.
+    pub pids: u64,
+}
+
+impl Bounds {
+    /// The bounds of a VM of `shape`.
+    pub fn of(shape: Shape) -> Self {
+        Self {
+            memory: (shape.memory_mib + VMM_RESERVE_MIB) << 20,
+            cpu_quota_us: (u64::from(shape.vcpus) + 1) * CPU_PERIOD_US,
+            pids: PIDS_MAX,
+        }
+    }
+
+    /// The files a cgroup of `h` holds them in, and what each gets, in the
+    /// order they are written (a v1 quota needs its period first).
+    fn files(&self, v2: bool) -> Vec<(&'static str, String)> {
+        if v2 {
+            vec![
+                ("memory.max", self.memory.to_string()),
+                ("pids.max", self.pids.to_string()),
+                ("cpu.max", format!("{} {CPU_PERIOD_US}", self.cpu_quota_us)),
+            ]
+        } else {
+            vec![
+                ("memory.limit_in_bytes", self.memory.to_string()),
+                ("pids.max", self.pids.to_string()),
+                ("cpu.cfs_period_us", CPU_PERIOD_US.to_string()),
+                ("cpu.cfs_quota_us", self.cpu_quota_us.to_string()),
+            ]
+        }
+    }
+}
+
+/// Makes the cgroup `rel` in every hierarchy, writes `bounds` there, and
+/// moves this process into it, so that what it starts after (the VMM) is
+/// born in it. An error names the file; the caller then `leave`s.
+pub fn enter(rel: &Path, bounds: &Bounds) -> Result<(), String> {
+    for h in hierarchies() {
+        let dir = make(&h, rel)?;
+        for (file, value) in bounds.files(h.v2) {
+            let path = dir.join(file);
+            if !path.exists() {
+                continue;
+            }
+            match std::fs::write(&path, &value) {
+                // A v1 quota above an ancestor's is refused: the
+                // ancestor's bounds the VM then.
+                Err(e) if file == "cpu.cfs_quota_us" && e.raw_os_error() == Some(libc::EINVAL) => {}
+                done => done.map_err(|e| format!("write {value} to {}: {e}", path.display()))?,
+            }
+        }
+        write(&dir.join("cgroup.procs"), &std::process::id().to_string())?;
+    }
+    Ok(())
+}
+
+/// Makes `rel` below `h`'s root, each new directory set up as its
+/// hierarchy needs.
+fn make(h: &Hierarchy, rel: &Path) -> Result<PathBuf, String> {
+    let mut dir = h.root.clone();
+    for part in rel.components() {
+        if h.v2 {
+            // Best effort: a host that delegates only some controllers
+            // still gets those; limits are written where their files are.
+            let _ = std::fs::write(
+                dir.join("cgroup.subtree_control"),
+                "+memory +pids +cpu +cpuset",
+            );
+        }
+        let parent = dir.clone();
+        dir.push(part);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("create cgroup {}: {e}", dir.display())),
+        }
+        // A v1 cpuset cgroup starts with no CPUs or memory nodes, and
+        // nothing can join it so: each one on the way down that has none
+        // gets its parent's, as runc does.
+        if h.cpuset {
+            for file in ["cpuset.cpus", "cpuset.mems"] {
+                let read = |d: &Path| {
+                    std::fs::read_to_string(d.join(file))
+                        .map_err(|e| format!("read {}: {e}", d.join(file).display()))
+                };
+                if read(&dir)?.trim().is_empty() {
+                    write(&dir.join(file), read(&parent)?.trim())?;
+                }
+            }
+        }
+    }
+    Ok(dir)
+}
+
+fn write(path: &Path, value: &str) -> Result<(), String> {
+    std::fs::write(path, value).map_err(|e| format!("write {value} to {}: {e}", path.display()))
+}
+
+/// Moves `pids` into the cgroup `rel` of every hierarchy, which `enter`
+/// made.
 pub fn place(rel: &Path, pids: &[u32]) -> Result<(), String> {
     for h in hierarchies() {
-        let dir = h.join(rel);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("create cgroup {}: {e}", dir.display()))?;
+        let dir = make(&h, rel)?;
         for pid in pids {
-            std::fs::write(dir.join("cgroup.procs"), pid.to_string())
-                .map_err(|e| format!("move {pid} into cgroup {}: {e}", dir.display()))?;
+            write(&dir.join("cgroup.procs"), &pid.to_string())
+                .map_err(|e| format!("move {pid} into cgroup: {e}"))?;
         }
     }
     Ok(())
 }
 
-/// Bounds the memory of everything in the cgroup `rel` (the VMM and the
-/// monitor): `memory.limit_in_bytes` in cgroup v1's memory hierarchy,
-/// `memory.max` in v2's, where the file exists.
-pub fn limit_memory(rel: &Path, bytes: u64) -> Result<(), String> {
+/// Moves this process back to each hierarchy's root and removes `rel`:
+/// for a set-up that failed after `enter`.
+pub fn leave(rel: &Path) {
     for h in hierarchies() {
-        let dir = h.join(rel);
-        for file in ["memory.limit_in_bytes", "memory.max"] {
-            let path = dir.join(file);
-            if path.exists() {
-                std::fs::write(&path, bytes.to_string())
-                    .map_err(|e| format!("write {bytes} to {}: {e}", path.display()))?;
-            }
-        }
+        let _ = std::fs::write(h.root.join("cgroup.procs"), std::process::id().to_string());
     }
-    Ok(())
+    remove(rel);
 }
 
 /// Removes the cgroup `rel` (and its parents that are left empty and were
 /// made for it, up to the first that is not) from every hierarchy.
 pub fn remove(rel: &Path) {
     for h in hierarchies() {
-        let mut dir = h.join(rel);
+        let root = h.root;
+        let mut dir = root.join(rel);
         // A killed process holds its cgroup until it is reaped (by its
         // parent, or init once that parent is gone too): wait up to 2 s.
         for _ in 0..100 {
@@ -92,7 +232,7 @@ pub fn remove(rel: &Path) {
                 _ => break,
             }
         }
-        while dir != h && (std::fs::remove_dir(&dir).is_ok() || !dir.exists()) {
+        while dir != root && (std::fs::remove_dir(&dir).is_ok() || !dir.exists()) {
             if !dir.pop() {
                 break;
             }
@@ -113,5 +253,26 @@ mod tests {
         );
         assert_eq!(relative("/"), None);
         assert_eq!(relative("/a/../../etc"), None);
+        assert_eq!(of(None, "c1").unwrap(), PathBuf::from("husk/c1"));
+        let err = of(Some("/a/../etc"), "c1").unwrap_err();
+        assert!(err.contains("linux.cgroupsPath \"/a/../etc\""), "{err}");
+    }
+
+    #[test]
+    fn the_bounds_are_the_vms() {
+        let b = Bounds::of(Shape {
+            vcpus: 2,
+            memory_mib: 512,
+        });
+        assert_eq!(b.memory, (512 + VMM_RESERVE_MIB) << 20);
+        assert_eq!(b.cpu_quota_us, 300_000);
+        assert_eq!(
+            b.files(true)[2],
+            ("cpu.max", format!("300000 {CPU_PERIOD_US}"))
+        );
+        let v1: Vec<_> = b.files(false).into_iter().map(|(f, _)| f).collect();
+        let period = v1.iter().position(|&f| f == "cpu.cfs_period_us");
+        let quota = v1.iter().position(|&f| f == "cpu.cfs_quota_us");
+        assert!(period < quota, "{v1:?}");
     }
 }

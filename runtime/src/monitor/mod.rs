@@ -78,7 +78,18 @@ pub fn container(
     // A pod's sandbox: its VM is the pod's, and so is the pod share.
     let pod_dir = (state.pod == Some(crate::pod::Pod::Sandbox)).then(|| crate::pod::dir(&dir));
     let mut phases = Phases::new();
-    let held = match set_up(root, bins, state, bundle, restore, terminal, &mut phases) {
+    let set = host_cgroup(bundle, &id).and_then(|cgroup| {
+        let mut state = state;
+        state.cgroup.clone_from(&cgroup);
+        let set = set_up(root, bins, state, bundle, restore, terminal, &mut phases);
+        if set.is_err()
+            && let Some(rel) = &cgroup
+        {
+            crate::cgroup::leave(rel);
+        }
+        set
+    });
+    let held = match set {
         Ok(held) => {
             channel.report(&Ok(()));
             held
@@ -161,6 +172,9 @@ fn set_up(
     phases: &mut Phases,
 ) -> Result<Held, String> {
     let id = state.id.clone();
+    // Its host cgroup, chosen by the caller (`host_cgroup`).
+    let cgroup = state.cgroup.clone();
+    let cgroup = cgroup.as_deref();
     let dir = state::dir(root, &id);
     let new_netns = crate::network::mode(&bundle.spec) == crate::network::Mode::New;
     if new_netns {
@@ -168,7 +182,8 @@ fn set_up(
             .map_err(|e| format!("a network namespace for the container: {e}"))?;
     }
     let pod = state.pod == Some(crate::pod::Pod::Sandbox);
-    let (mut sandbox, spec_json, shape, network) = boot(root, bins, &dir, bundle, restore, pod)?;
+    let (mut sandbox, spec_json, shape, network) =
+        boot(root, bins, &dir, bundle, restore, pod, cgroup)?;
     state.shape = Some(shape);
     let interfaces = match network {
         Some((netns, interfaces)) => {
@@ -261,7 +276,10 @@ fn set_up(
     };
     state.monitor = HostProcess::of(std::process::id());
     state.vmm = sandbox.vmm_pid().and_then(HostProcess::of);
-    state.cgroup = place_in_cgroup(bundle, &sandbox, shape)?;
+    // Born there (`boot`); placed again in case it was not.
+    if let (Some(rel), Some(vmm)) = (cgroup, sandbox.vmm_pid()) {
+        crate::cgroup::place(rel, &[vmm])?;
+    }
     state.save(root).map_err(|e| e.to_string())?;
     unmirror.0 = None;
     Ok(Held {
@@ -302,6 +320,7 @@ fn boot(
     bundle: &Bundle,
     restore: Option<&Restore>,
     pod: bool,
+    cgroup: Option<&Path>,
 ) -> Result<Booted, String> {
     let empty = dir.join("empty");
     std::fs::create_dir_all(&empty).map_err(|e| format!("create {}: {e}", empty.display()))?;
@@ -372,7 +391,15 @@ fn boot(
     let snapshot = restore.map(|r| r.snapshot.as_path());
     let taps = mirror.as_ref().map_or(&[][..], |m| &m.taps[..]);
     let nets = crate::sandbox::Nets { taps, slots: nets };
-    let started = Sandbox::start(root, bins, dir, &shares, shape, snapshot, nets);
+    // The monitor joins the VM's host cgroup, with the VM's bounds, so
+    // that the VMM is born in it.
+    let entered = match cgroup {
+        Some(rel) => crate::cgroup::enter(rel, &crate::cgroup::Bounds::of(shape)),
+        None => Ok(()),
+    };
+    let started = entered.and_then(|()| {
+        Sandbox::start(root, bins, dir, &shares, shape, snapshot, nets).map_err(|e| e.to_string())
+    });
     let sandbox = match started {
         Ok(sandbox) => sandbox,
         Err(e) => {
@@ -380,7 +407,7 @@ fn boot(
                 let links: Vec<String> = m.interfaces.iter().map(|i| i.name.clone()).collect();
                 crate::network::unmirror(&m.path, &links);
             }
-            return Err(e.to_string());
+            return Err(e);
         }
     };
     let network = mirror.map(|m| (m.path, m.interfaces));
@@ -604,46 +631,20 @@ fn resources(bundle: &Bundle) -> Option<&oci_spec::runtime::LinuxResources> {
         .and_then(|l| l.resources().as_ref())
 }
 
-/// The VM is what the host accounts and limits for the container: the
-/// monitor and the VMM go into the spec's cgroup, with the VM's memory
-/// and the VMM's own as its limit when the spec limits memory. Returns
-/// the cgroup (relative to the hierarchy's root), if the spec names one.
-fn place_in_cgroup(
-    bundle: &Bundle,
-    sandbox: &Sandbox,
-    shape: Shape,
-) -> Result<Option<std::path::PathBuf>, String> {
-    let Some(rel) = bundle
+/// The VM's host cgroup (docs/runtime.md, "The host cgroup"): the spec's
+/// `cgroupsPath`, or `husk/<id>`; none for a monitor that is not root
+/// and was not given one.
+fn host_cgroup(bundle: &Bundle, id: &str) -> Result<Option<std::path::PathBuf>, String> {
+    let named = bundle
         .spec
         .linux()
         .as_ref()
         .and_then(|l| l.cgroups_path().as_ref())
-        .and_then(|p| crate::cgroup::relative(&p.to_string_lossy()))
-    else {
+        .map(|p| p.to_string_lossy().into_owned());
+    if named.is_none() && !rustix::process::geteuid().is_root() {
         return Ok(None);
-    };
-    let pids: Vec<u32> = [Some(std::process::id()), sandbox.vmm_pid()]
-        .into_iter()
-        .flatten()
-        .collect();
-    let limited = resources(bundle)
-        .and_then(|r| r.memory().as_ref())
-        .and_then(|m| m.limit())
-        .filter(|&l| l > 0);
-    let placed = crate::cgroup::place(&rel, &pids).and_then(|()| match limited {
-        // The VM's memory and the VMM's own: a container at its limit is
-        // OOM-killed in its guest, not its VMM on the host.
-        Some(_) => crate::cgroup::limit_memory(
-            &rel,
-            (shape.memory_mib + husk_guest::shape::VMM_RESERVE_MIB) << 20,
-        ),
-        None => Ok(()),
-    });
-    if let Err(e) = placed {
-        crate::cgroup::remove(&rel);
-        return Err(e);
     }
-    Ok(Some(rel))
+    crate::cgroup::of(named.as_deref(), id).map(Some)
 }
 
 /// A process exec'd into running container `id`, run by this process (a
