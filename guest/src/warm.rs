@@ -207,10 +207,9 @@ pub fn snapshot(
         cmd.args(["--nets", &image.nets.to_string()]);
     }
     // The boot dies with whoever runs it (a killed monitor left it
-    // running), and starts with no signal blocked or ignored.
-    husk_sys::child::vmm(&mut cmd);
-    let out = cmd
-        .arg("--kernel")
+    // running), and starts with no signal blocked or ignored, in a PID
+    // namespace of its own.
+    cmd.arg("--kernel")
         .arg(&image.kernel)
         .arg("--initramfs")
         .arg(&image.initramfs)
@@ -221,7 +220,9 @@ pub fn snapshot(
         .args(["--snapshot-at-mark", &image.ready_mark.to_string()])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
-        .output()
+        .stderr(std::process::Stdio::piped());
+    let out = husk_sys::child::spawn_vmm(&mut cmd)
+        .and_then(std::process::Child::wait_with_output)
         .map_err(io("run", vmm))?;
     let _ = std::fs::remove_file(&boot_socket);
     let _ = std::fs::remove_dir(&empty);

@@ -790,7 +790,7 @@ fn host_users_reach_no_layer_container_root_or_vm_socket() {
     let socket = std::fs::read_dir(husk.root.join("containers"))
         .unwrap()
         .flatten()
-        .map(|e| e.path().join("api.sock"))
+        .map(|e| e.path().join("vm/api.sock"))
         .find(|p| p.exists())
         .unwrap_or_else(|| panic!("no VM socket for container {id}"));
     // The socket is the VMM's user's alone in itself, not only through

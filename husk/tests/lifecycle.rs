@@ -543,8 +543,9 @@ fn features_and_spec_are_runcs() {
 
 /// Issues 18 and 19: the VM's host cgroup, the spec's `cgroupsPath` or
 /// `husk/<id>` without one, in every hierarchy (cpuset too), holding the
-/// VM's bounds, with the VMM and the monitor in it until `delete`
-/// removes it; a path out of the hierarchy is refused by name.
+/// VM's bounds, with the VMM (PID 1 of its own PID namespace) and the
+/// monitor in it until `delete` removes it; a path out of the hierarchy
+/// is refused by name.
 #[test]
 fn the_vm_sits_in_its_host_cgroup_under_its_bounds_until_delete() {
     let named = id("cgroup");
@@ -592,6 +593,13 @@ fn the_vm_sits_in_its_host_cgroup_under_its_bounds_until_delete() {
                 assert!(line.ends_with(&format!(":/{rel}")), "{} in {line}", p.pid);
             }
         }
+        // The VMM is PID 1 of a PID namespace of its own (issue 18).
+        let status = read(format!("/proc/{}/status", state.vmm.unwrap().pid).into());
+        let nspid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .unwrap();
+        assert_eq!(nspid.split_whitespace().last(), Some("1"), "{nspid}");
         // The VM's bounds: the default shape's 256 MiB and the VMM's
         // 64; one vCPU and one more CPU's time; 256 tasks.
         let at = |h: &str, f: &str| Path::new("/sys/fs/cgroup").join(h).join(&rel).join(f);

@@ -45,11 +45,21 @@ pub enum SandboxError {
     Refused(String),
 }
 
-/// The vsock socket in a container's state directory.
+/// The directory in a container's state directory that holds its VMM's
+/// sockets: the only part of it the VMM's jail holds (docs/security.md,
+/// "The VMM process"), so that a VMM a guest took over cannot touch the
+/// container's `state.json` or logs.
+pub const VM_DIR: &str = "vm";
+/// The vsock socket in [`VM_DIR`].
 pub const VSOCK_SOCKET: &str = "vsock.sock";
-/// The VMM's control socket (pause, resume) in a container's state
-/// directory.
+/// The VMM's control socket (pause, resume) in [`VM_DIR`].
 pub const API_SOCKET: &str = "api.sock";
+
+/// The VMM's sockets' directory of the container whose state directory is
+/// `state_dir`.
+pub fn vm_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join(VM_DIR)
+}
 
 /// The agent of a running container VM, reached through its vsock socket
 /// by any husk process (`start`, `kill`, `exec`, ...).
@@ -62,7 +72,7 @@ impl Agent {
     /// The agent of the container whose state directory is `state_dir`.
     pub fn at(state_dir: &Path) -> Self {
         Self {
-            socket: state_dir.join(VSOCK_SOCKET),
+            socket: vm_dir(state_dir).join(VSOCK_SOCKET),
         }
     }
 
@@ -142,7 +152,7 @@ pub fn vmm_api_with_fds(
     request: &ApiRequest,
     fds: &[std::os::fd::BorrowedFd<'_>],
 ) -> Result<(), SandboxError> {
-    let path = state_dir.join(API_SOCKET);
+    let path = vm_dir(state_dir).join(API_SOCKET);
     let fail = |e: std::io::Error| SandboxError::Refused(format!("the VMM's control socket: {e}"));
     let mut stream = husk_sys::unix::connect(&path).map_err(fail)?;
     let mut line = serde_json::to_vec(request).expect("requests serialize");
@@ -289,7 +299,10 @@ impl Sandbox {
             .map(husk_sys::net::inheritable)
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| SandboxError::Spawn(bins.vmm.clone(), e))?;
-        let socket = state_dir.join(VSOCK_SOCKET);
+        // Its sockets' directory, the VMM's alone to make things in.
+        let sockets = vm_dir(state_dir);
+        husk_sys::private::dir(&sockets).map_err(|e| SandboxError::Refused(e.to_string()))?;
+        let socket = sockets.join(VSOCK_SOCKET);
         let stderr_log = state_dir.join("vmm.log");
         let console = state_dir.join("console.log");
         let log = std::fs::File::create(&stderr_log)
@@ -320,16 +333,15 @@ impl Sandbox {
             .arg("--console")
             .arg(&console)
             .arg("--api-socket")
-            .arg(state_dir.join(API_SOCKET))
+            .arg(sockets.join(API_SOCKET))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
         // The VMM dies with the process that runs it (the container's
         // monitor): no VM outlives the husk process responsible for it.
-        // It starts with no signal blocked or ignored (SIGTERM ends it).
-        husk_sys::child::vmm(&mut cmd);
-        let vmm = cmd
-            .spawn()
+        // It starts with no signal blocked or ignored (SIGTERM ends it),
+        // as PID 1 of a PID namespace of its own.
+        let vmm = husk_sys::child::spawn_vmm(&mut cmd)
             .map_err(|e| SandboxError::Spawn(bins.vmm.clone(), e))?;
         drop(inherited);
         Ok(Self {
@@ -446,6 +458,9 @@ impl Drop for Sandbox {
         }
         let _ = std::fs::remove_file(&self.socket);
         let _ = std::fs::remove_file(self.socket.with_file_name(API_SOCKET));
+        if let Some(sockets) = self.socket.parent() {
+            let _ = std::fs::remove_dir(sockets);
+        }
     }
 }
 

@@ -34,12 +34,7 @@ pub enum PrivateError {
 /// symlink, another user's (not this one's or root's), or writable by others (where a link could be
 /// planted); a name that is a symlink, or a file with another link.
 pub fn create_files(dir: &Path, names: &[&str]) -> Result<Vec<File>, PrivateError> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(PathError::at("create", dir))?;
-    let dir_file = private_dir(dir)?;
+    let dir_file = open_dir(dir)?;
     names
         .iter()
         .map(|name| {
@@ -59,6 +54,22 @@ pub fn create_files(dir: &Path, names: &[&str]) -> Result<Vec<File>, PrivateErro
             Ok(file)
         })
         .collect()
+}
+
+/// Makes `dir` (mode 0700, with its parents) if missing, refused as
+/// [`create_files`] refuses it: a directory for one user's files (a
+/// VMM's sockets).
+pub fn dir(dir: &Path) -> Result<(), PrivateError> {
+    open_dir(dir).map(drop)
+}
+
+fn open_dir(dir: &Path) -> Result<File, PrivateError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(PathError::at("create", dir))?;
+    private_dir(dir)
 }
 
 /// Opens the directory `dir`, refusing a symlink in its place, a

@@ -142,6 +142,17 @@ pub const FILE_SERVER: CapabilitySet = CapabilitySet::CHOWN
 /// /etc/subgid).
 pub use husk_protocol::ids::{VMM_ID_BASE as ID_BASE, vmm_id};
 
+/// This process's PID in the host's PID namespace, which the host's
+/// `/proc` names: a VMM that is PID 1 of a namespace of its own
+/// (`husk_sys::child::spawn_vmm`) is 1 to `getpid`, but its uid, and the
+/// `/proc` directory its jail holds, go by its host PID.
+pub fn host_pid() -> u32 {
+    std::fs::read_link("/proc/self")
+        .ok()
+        .and_then(|p| p.to_str()?.parse().ok())
+        .unwrap_or_else(std::process::id)
+}
+
 /// Moves the process (which must have one thread, and all of root's
 /// capabilities) to the uid and gid `id`, with no supplementary groups,
 /// keeping only [`FILE_SERVER`]'s capabilities: the bounding set is cut

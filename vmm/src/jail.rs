@@ -309,10 +309,11 @@ pub fn touch(path: &Path) {
         .open(path);
 }
 
-/// `/proc/<this pid>`, seen in the jail as `/proc/self`.
-pub fn own_proc() -> Bind {
+/// `/proc/<pid>`, this process's directory in the host's /proc
+/// ([`crate::confine::host_pid`]), seen in the jail as `/proc/self`.
+pub fn own_proc(pid: u32) -> Bind {
     Bind {
-        path: PathBuf::from(format!("/proc/{}", std::process::id())),
+        path: PathBuf::from(format!("/proc/{pid}")),
         at: Some(PathBuf::from("/proc/self")),
         read_only: true,
         devices: false,

@@ -172,6 +172,18 @@ fn main() -> ExitCode {
     unsafe { libc::umask(husk_vmm::confine::PROCESS_UMASK) };
     let clock = Arc::new(Clock::from_env());
     let args = Args::parse();
+    // Before any thread starts: SIGTERM, SIGINT and SIGHUP remove the
+    // sockets and end the VMM, taken on the main thread only. First of
+    // all: as PID 1 of a namespace of its own, the VMM gets no signal
+    // from its starter for which it has no handler.
+    husk_vmm::stop::block(
+        &args
+            .api_socket
+            .iter()
+            .chain(&args.vsock_socket)
+            .cloned()
+            .collect::<Vec<_>>(),
+    );
     // Still one thread: close what was inherited, set the rlimits, leave
     // the host's IPC, UTS and network namespaces (confine::process).
     let taps: Vec<i32> = args.taps.iter().map(|&(_, fd)| fd).collect();
@@ -184,8 +196,10 @@ fn main() -> ExitCode {
     // Then its jail: a root of its own and a uid of its own
     // (docs/security.md, "The VMM process").
     if !args.no_jail && husk_vmm::confine::may_make_namespaces() {
-        let id = husk_vmm::confine::vmm_id(std::process::id());
-        if let Err(e) = husk_vmm::jail::enter(&jail_binds(&args))
+        // Its PID on the host: in a PID namespace of its own it is 1.
+        let pid = husk_vmm::confine::host_pid();
+        let id = husk_vmm::confine::vmm_id(pid);
+        if let Err(e) = husk_vmm::jail::enter(&jail_binds(&args, pid))
             .and_then(|()| husk_vmm::confine::become_own_user(id))
         {
             eprintln!("husk-vmm: cannot enter the jail: {e}");
@@ -193,16 +207,6 @@ fn main() -> ExitCode {
         }
         clock.setup_step("jail");
     }
-    // Before any thread starts: SIGTERM, SIGINT and SIGHUP remove the
-    // sockets and end the VMM, taken on the main thread only.
-    husk_vmm::stop::block(
-        &args
-            .api_socket
-            .iter()
-            .chain(&args.vsock_socket)
-            .cloned()
-            .collect::<Vec<_>>(),
-    );
     if !args.no_seccomp
         && let Err(e) = husk_vmm::seccomp::prepare()
     {
@@ -322,14 +326,14 @@ fn main() -> ExitCode {
 /// directories named by its arguments, each at its own path. The files
 /// it will write (console, timings) and a new snapshot's directory are
 /// made first, so that the jail can hold them.
-fn jail_binds(args: &Args) -> Vec<husk_vmm::jail::Bind> {
+fn jail_binds(args: &Args, pid: u32) -> Vec<husk_vmm::jail::Bind> {
     use husk_vmm::jail::{self, Bind};
     let mut binds = vec![
         Bind {
             devices: true,
             ..Bind::rw("/dev/kvm")
         },
-        jail::own_proc(),
+        jail::own_proc(pid),
     ];
     if args.restore.is_none() {
         let kernel = args.kernel.clone().unwrap_or_else(paths::default_kernel);

@@ -64,7 +64,8 @@ fn every_thread_of_a_running_vmm_holds_only_what_its_kind_needs() {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().unwrap();
+    // As husk spawns every VMM: PID 1 of a PID namespace of its own.
+    let mut child = husk_sys::child::spawn_vmm(&mut cmd).unwrap();
     let stdout = child.stdout.take().unwrap();
     let (tx, ticks) = mpsc::channel();
     std::thread::spawn(move || {
@@ -81,6 +82,18 @@ fn every_thread_of_a_running_vmm_holds_only_what_its_kind_needs() {
     );
     let pid = child.id();
     let proc = std::path::PathBuf::from(format!("/proc/{pid}"));
+
+    // Its PID namespace is its own, and it is that namespace's 1; ours is
+    // as it was (the spawner set its own back).
+    let status = std::fs::read_to_string(proc.join("status")).unwrap();
+    let nspid: Vec<&str> = field(&status, "NSpid").split_whitespace().collect();
+    assert_eq!(nspid, [pid.to_string().as_str(), "1"]);
+    let ns = |p: &str| std::fs::read_link(format!("{p}/ns/pid")).unwrap();
+    assert_ne!(ns(&format!("/proc/{pid}")), ns("/proc/self"));
+    assert_eq!(
+        ns("/proc/thread-self"),
+        std::fs::read_link("/proc/thread-self/ns/pid_for_children").unwrap()
+    );
 
     // Every thread: its capabilities, no_new_privs, its filter.
     let mut kinds = Vec::new();

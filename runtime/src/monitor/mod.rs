@@ -539,9 +539,11 @@ fn member_set_up(
     let sandbox_dir = state::dir(pod_root, sandbox);
     // Requests for this container (start, kill, exec) go to the pod's
     // agent.
+    let sockets = crate::sandbox::vm_dir(&dir);
+    husk_sys::private::dir(&sockets).map_err(|e| e.to_string())?;
     std::os::unix::fs::symlink(
-        sandbox_dir.join(crate::sandbox::VSOCK_SOCKET),
-        dir.join(crate::sandbox::VSOCK_SOCKET),
+        crate::sandbox::vm_dir(&sandbox_dir).join(crate::sandbox::VSOCK_SOCKET),
+        sockets.join(crate::sandbox::VSOCK_SOCKET),
     )
     .map_err(|e| format!("link the pod's agent socket: {e}"))?;
     // Its limits are enforced in its guest cgroup; the pod's VM must hold
