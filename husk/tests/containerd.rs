@@ -382,7 +382,16 @@ fn checkpoint_and_restore(runtime: Runtime) {
     ctd.ctr_ok(&ctd.run_args(&["-d", IMAGE, &id, "sh", "-c", script]));
     wait_status(&ctd, &id, "RUNNING");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while counted(&ctd, &id, "wait").len() < 3 {
+    // Until its first line, /log is not there (a loaded machine starts
+    // the shell later than the task shows RUNNING).
+    let so_far = || {
+        let cat = ["task", "exec", "--exec-id", "wait", &id, "sh", "-c"];
+        let out = ctd.ctr_ok(&[&cat[..], &["cat /log 2>/dev/null; true"]].concat());
+        out.lines()
+            .filter(|l| l.trim().parse::<u64>().is_ok())
+            .count()
+    };
+    while so_far() < 3 {
         assert!(Instant::now() < deadline, "it never counted");
     }
     // containerd's own checkpoint: husk's directory (the VM) and the
