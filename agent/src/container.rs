@@ -9,7 +9,7 @@ use std::sync::Arc;
 use husk_protocol::{Process, ROOTFS_TAG, VOLUME_TAGS, VOLUMES_DIR};
 use oci_spec::runtime::{LinuxDeviceType, LinuxNamespaceType, Spec};
 use rustix::fs::{FileType, Mode};
-use rustix::mount::MountFlags;
+use rustix::mount::{MountFlags, MountPropagationFlags};
 use rustix::process::{Gid, Resource};
 use rustix::thread::UnshareFlags;
 
@@ -256,6 +256,28 @@ fn rlimit(name: &str) -> Option<Resource> {
     })
 }
 
+/// `linux.rootfsPropagation`'s value as mount flags (runc's names); any
+/// other is refused, naming it.
+fn propagation(name: &str) -> Result<MountPropagationFlags, String> {
+    use MountPropagationFlags as F;
+    let flags = match name {
+        "shared" => F::SHARED,
+        "slave" => F::DOWNSTREAM,
+        "private" => F::PRIVATE,
+        "unbindable" => F::UNBINDABLE,
+        "rshared" => F::SHARED | F::REC,
+        "rslave" => F::DOWNSTREAM | F::REC,
+        "rprivate" => F::PRIVATE | F::REC,
+        "runbindable" => F::UNBINDABLE | F::REC,
+        _ => {
+            return Err(format!(
+                "linux.rootfsPropagation {name:?} is not one of shared, slave, private, unbindable (or their r-prefixed recursive forms)"
+            ));
+        }
+    };
+    Ok(flags)
+}
+
 /// The identity, limits and capabilities of `process`.
 pub fn process_plan(process: &Process) -> Result<ProcPlan, String> {
     let rlimits = process
@@ -295,6 +317,9 @@ pub fn process_plan(process: &Process) -> Result<ProcPlan, String> {
         rlimits,
         caps,
         no_new_privileges: process.no_new_privileges,
+        oom_score_adj: process
+            .oom_score_adj
+            .map(|adj| adj.to_string().into_bytes()),
     })
 }
 
@@ -413,6 +438,10 @@ pub fn create_plan(
         masked: paths(linux.and_then(|l| l.masked_paths().as_ref()))?,
         readonly_paths: paths(linux.and_then(|l| l.readonly_paths().as_ref()))?,
         root_readonly: spec.root().as_ref().and_then(|r| r.readonly()) == Some(true),
+        rootfs_propagation: match linux.and_then(|l| l.rootfs_propagation().as_deref()) {
+            None | Some("") => None,
+            Some(p) => Some(propagation(p)?),
+        },
         terminal: process.terminal,
         process: Some(process_plan(process)?),
         seccomp: match linux.and_then(|l| l.seccomp().as_ref()) {

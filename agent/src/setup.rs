@@ -80,6 +80,8 @@ pub struct ProcPlan {
     pub rlimits: Vec<(Resource, u64, u64)>,
     pub caps: Option<CapPlan>,
     pub no_new_privileges: bool,
+    /// `process.oomScoreAdj`, as the text /proc takes.
+    pub oom_score_adj: Option<Vec<u8>>,
 }
 
 /// Everything the child does before exec.
@@ -106,6 +108,8 @@ pub struct Plan {
     pub masked: Vec<CString>,
     pub readonly_paths: Vec<CString>,
     pub root_readonly: bool,
+    /// `linux.rootfsPropagation`, given to `/` once it is the container's.
+    pub rootfs_propagation: Option<MountPropagationFlags>,
     /// A terminal: the child makes fd 0 its controlling terminal.
     pub terminal: bool,
     pub process: Option<ProcPlan>,
@@ -129,6 +133,7 @@ impl Default for Plan {
             masked: Vec::new(),
             readonly_paths: Vec::new(),
             root_readonly: false,
+            rootfs_propagation: None,
             terminal: false,
             process: None,
             seccomp: None,
@@ -467,8 +472,16 @@ fn run(plan: &Plan, last_cap: u32) -> Result<(), Failed> {
                     Some(Gid::from_raw_unchecked(d.gid)),
                 ),
             )?;
+            // mknod is subject to the umask: the spec's mode, as runc sets it.
+            check(what, rustix::fs::chmod(d.path.as_c_str(), d.mode))?;
         }
         pivot_into(rootfs)?;
+        if let Some(flags) = plan.rootfs_propagation {
+            check(
+                || format!("set the root's propagation {:#x}", flags.bits()),
+                rustix::mount::mount_change(c"/", flags),
+            )?;
+        }
     }
     for (path, value) in &plan.sysctls {
         let what = || format!("set sysctl {}", path.to_string_lossy());
@@ -509,6 +522,21 @@ fn run(plan: &Plan, last_cap: u32) -> Result<(), Failed> {
         )?;
     }
     if let Some(p) = &plan.process {
+        if let Some(adj) = &p.oom_score_adj {
+            // Before the identity drops CAP_SYS_RESOURCE (a value below
+            // the current needs it), through the guest's /proc or the
+            // container's, whichever is mounted at /proc now.
+            let what = || format!("set oom_score_adj {}", String::from_utf8_lossy(adj));
+            let fd = check(
+                what,
+                rustix::fs::open(
+                    c"/proc/self/oom_score_adj",
+                    OFlags::WRONLY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                ),
+            )?;
+            check(what, rustix::io::write(&fd, adj))?;
+        }
         for &(resource, soft, hard) in &p.rlimits {
             let limit = Rlimit {
                 current: Some(soft),

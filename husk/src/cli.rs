@@ -17,7 +17,8 @@ pub enum LogFormat {
 #[derive(Parser)]
 #[command(
     name = "husk",
-    version,
+    // As runc's: the runtime-spec version too (docs/runtime.md).
+    version = concat!(env!("CARGO_PKG_VERSION"), "\nspec: ", husk_runtime::oci_version!()),
     about = "Husk: OCI containers, each in its own KVM microVM (runc's command line)"
 )]
 pub struct Cli {

@@ -57,7 +57,15 @@ fn create_start_exec_pause_resume_kill_delete() {
     ]);
     let state: serde_json::Value = serde_json::from_str(&ok(&["state", &id])).unwrap();
     assert_eq!(state["status"], "created");
-    assert_eq!(state["ociVersion"], "1.0.2");
+    // The version husk implements, as `features` and `--version` say.
+    assert_eq!(state["ociVersion"], "1.2.0");
+    let features: serde_json::Value = serde_json::from_str(&ok(&["features"])).unwrap();
+    assert_eq!(features["ociVersionMax"], state["ociVersion"]);
+    assert!(
+        ok(&["--version"]).ends_with("\nspec: 1.2.0\n"),
+        "{}",
+        ok(&["--version"])
+    );
     assert_eq!(
         state["bundle"],
         b.0.canonicalize().unwrap().to_str().unwrap()
@@ -893,4 +901,58 @@ fn a_listing_ends_quietly_when_its_reader_goes_away() {
         text(&out.stderr)
     );
     assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+}
+
+/// Issue 19: `kill TERM` reaches the container's process (its trap runs),
+/// and `state` says `stopped` as soon as it exited, without waiting for
+/// the VM's shutdown; `delete` (no --force) then ends what is left of the
+/// VM, and nothing remains, its host cgroup included.
+#[test]
+fn a_terms_trap_runs_and_the_container_is_stopped_at_its_exit() {
+    let b = Bundle::new(
+        "term",
+        &[
+            "sh",
+            "-c",
+            "trap 'echo trapped > /trap; exit 42' TERM; while :; do sleep 0.1; done",
+        ],
+        |spec| {
+            spec.root_mut().as_mut().unwrap().set_readonly(Some(false));
+        },
+    );
+    let id = id("term");
+    ok(&["create", "--bundle", b.0.to_str().unwrap(), &id]);
+    ok(&["start", &id]);
+    let recorded = ContainerState::load(&root(), &id).unwrap();
+    let cgroup = recorded.cgroup.clone().unwrap();
+    // The shell is in its loop (its trap set) once a sleep runs.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ok(&[
+        "exec",
+        &id,
+        "sh",
+        "-c",
+        "pidof sleep >/dev/null && echo up || true",
+    ])
+    .contains("up")
+    {
+        assert!(Instant::now() < deadline, "the loop never ran");
+    }
+    ok(&["kill", &id, "TERM"]);
+    let killed = Instant::now();
+    wait_for_status(&id, "stopped");
+    // A client waiting 5 s, as the reviewer's did, sees it.
+    assert!(
+        killed.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        killed.elapsed()
+    );
+    // The trap ran: its file is in the container's root.
+    assert_eq!(
+        std::fs::read_to_string(b.rootfs().join("trap")).unwrap(),
+        "trapped\n"
+    );
+    ok(&["delete", &id]);
+    nothing_left(&id, &[recorded.monitor.unwrap(), recorded.vmm.unwrap()]);
+    assert!(!Path::new("/sys/fs/cgroup/memory").join(&cgroup).exists());
 }

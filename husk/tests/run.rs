@@ -212,7 +212,12 @@ fn a_missing_program_exits_127_with_a_message() {
 fn bad_bundles_and_ids_are_refused_before_any_vm_starts() {
     let b = Bundle::new("bad", &["true"], |_| {});
     let config = b.0.join("config.json");
-    let cases: [(&str, &str); 5] = [
+    let cases: [(&str, &str); 6] = [
+        // Issue 19: the version is checked, and named.
+        (
+            r#"{"ociVersion":"invalid","root":{"path":"rootfs"},"process":{"args":["true"],"cwd":"/","user":{"uid":0,"gid":0}}}"#,
+            "is not usable: ociVersion \"invalid\" is not a runtime-spec version husk takes",
+        ),
         // Issue 14: a negative memory limit hung the container in
         // `created`; too many CPUs were clamped silently.
         (
@@ -863,4 +868,68 @@ fn a_killed_test_leaves_no_vm_behind() {
         .output()
         .unwrap();
     assert!(deleted.status.success(), "{}", text(&deleted.stderr));
+}
+
+/// Issue 19: spec fields the guest applies as runc applies them, the same
+/// bundle run by Debian's runc in the same test: a device node's mode
+/// (mknod's umask no longer shows), `process.oomScoreAdj`, and
+/// `linux.rootfsPropagation` on the container's `/`; a propagation no
+/// kernel knows is refused by name.
+#[test]
+fn devices_oom_score_and_root_propagation_are_the_specs_as_with_runc() {
+    let script = "stat -c %a /dev/husk-null; cat /proc/self/oom_score_adj; \
+                  awk '$5 == \"/\"' /proc/self/mountinfo | grep -q unbindable && echo unbindable || echo bindable";
+    let b = Bundle::new("specfields", &["sh", "-c", script], |_| {});
+    let config = b.0.join("config.json");
+    let edit = |propagation: &str| {
+        let mut spec: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+        spec["process"]["oomScoreAdj"] = 500.into();
+        if propagation.is_empty() {
+            spec["linux"]
+                .as_object_mut()
+                .unwrap()
+                .remove("rootfsPropagation");
+        } else {
+            spec["linux"]["rootfsPropagation"] = propagation.into();
+        }
+        spec["linux"]["devices"] = serde_json::json!([{
+            "path": "/dev/husk-null", "type": "c", "major": 1, "minor": 3,
+            "fileMode": 0o660, "uid": 0, "gid": 0
+        }]);
+        std::fs::write(&config, spec.to_string()).unwrap();
+    };
+    edit("unbindable");
+    let want = "660\n500\nunbindable\n";
+    let out = husk_run(&b.0, &id("specfields"), b"");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), want);
+    // runc, on the same bundle but for the propagation: Debian's runc
+    // 1.1.5 cannot start a container whose root is unbindable (its bind
+    // of the root under the unbindable `/` fails with EINVAL), so it
+    // gets runc's default there.
+    edit("");
+    let want = "660\n500\nbindable\n";
+    let runc_root = std::env::temp_dir().join(format!("husk-runc-{}", std::process::id()));
+    let runc = Command::new("runc")
+        .arg("--root")
+        .arg(&runc_root)
+        .args(["run", "--bundle"])
+        .arg(&b.0)
+        .arg(id("specfields-runc"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&runc_root);
+    assert!(runc.status.success(), "runc: {}", text(&runc.stderr));
+    assert_eq!(text(&runc.stdout), want, "runc");
+    // A propagation that is none of runc's names.
+    edit("sideways");
+    let out = husk_run(&b.0, &id("specfields-bad"), b"");
+    assert_eq!(out.status.code(), Some(125), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("linux.rootfsPropagation \"sideways\" is not one of"),
+        "{}",
+        text(&out.stderr)
+    );
 }

@@ -203,6 +203,10 @@ pub struct Process {
     /// (the host's was /dev/null: one connection fewer per exec).
     #[serde(default)]
     pub stdin_null: bool,
+    /// `process.oomScoreAdj`: written to its `/proc/self/oom_score_adj`
+    /// before it drops its capabilities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oom_score_adj: Option<i32>,
 }
 
 /// A process's capability sets, by name (`CAP_CHOWN`).
@@ -636,6 +640,7 @@ mod tests {
                 ..Default::default()
             }),
             stdin_null: true,
+            oom_score_adj: Some(500),
         };
         let id = || "c1".to_string();
         for req in [

@@ -63,6 +63,38 @@ fn names<T: serde::Serialize>(items: Option<&std::collections::HashSet<T>>) -> V
     out
 }
 
+/// The runtime-spec version husk implements: what `state`, `features`
+/// and `--version` report (docs/runtime.md, "Versions").
+#[macro_export]
+macro_rules! oci_version {
+    () => {
+        "1.2.0"
+    };
+}
+
+/// [`oci_version!`] as a constant.
+pub const OCI_VERSION: &str = oci_version!();
+
+/// The oldest runtime-spec version husk takes.
+pub const OCI_VERSION_MIN: &str = "1.0.0";
+
+/// Checks a spec's `ociVersion`: a semantic version of major 1 (with a
+/// pre-release or build suffix or not, as docker's `1.0.2-dev`). A newer
+/// minor version only adds optional fields, and clients send newer ones
+/// than their runtime implements; what husk cannot honour of them is
+/// refused by its field. Anything else is refused, naming it.
+pub fn check_oci_version(version: &str) -> Result<(), String> {
+    let core = version.split(['-', '+']).next().unwrap_or_default();
+    let parts: Vec<&str> = core.split('.').collect();
+    let numeric = |p: &&str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+    if parts.len() == 3 && parts.iter().all(numeric) && parts[0] == "1" {
+        return Ok(());
+    }
+    Err(format!(
+        "ociVersion {version:?} is not a runtime-spec version husk takes: it takes 1.x.y, from {OCI_VERSION_MIN} (it implements {OCI_VERSION})"
+    ))
+}
+
 impl Bundle {
     /// Reads and checks the bundle at `dir`.
     pub fn load(dir: &Path) -> Result<Self, BundleError> {
@@ -87,6 +119,7 @@ impl Bundle {
             path: config.clone(),
             why: why.to_owned(),
         };
+        check_oci_version(spec.version()).map_err(|why| invalid(&why))?;
         let root = spec
             .root()
             .as_ref()
@@ -160,6 +193,7 @@ pub fn process_of(spec: &Spec) -> Process {
             })
             .collect(),
         no_new_privileges: p.no_new_privileges() == Some(true),
+        oom_score_adj: p.oom_score_adj(),
         capabilities: p.capabilities().as_ref().map(|c| Capabilities {
             bounding: names(c.bounding().as_ref()),
             effective: names(c.effective().as_ref()),
@@ -219,6 +253,34 @@ mod tests {
         assert!(p.no_new_privileges);
         assert_eq!(p.capabilities.unwrap().bounding, ["CAP_CHOWN", "CAP_KILL"]);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_runtime_spec_versions_of_major_1_are_taken() {
+        for good in [
+            "1.0.0",
+            "1.0.2-dev",
+            "1.1.0-rc.1",
+            "1.2.0",
+            "1.3.0",
+            "1.2.1+build",
+        ] {
+            assert_eq!(check_oci_version(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "", "invalid", "1.0", "2.0.0", "0.9.9", "1.x.0", "v1.0.0", "1.0.0.0",
+        ] {
+            let err = check_oci_version(bad).unwrap_err();
+            assert!(
+                err.starts_with(&format!("ociVersion {bad:?} is not a runtime-spec version")),
+                "{err}"
+            );
+        }
+        let cfg = GOOD.replace("1.0.2", "invalid");
+        assert_eq!(
+            error("badversion", &cfg),
+            "B/config.json is not usable: ociVersion \"invalid\" is not a runtime-spec version husk takes: it takes 1.x.y, from 1.0.0 (it implements 1.2.0)"
+        );
     }
 
     #[test]

@@ -394,7 +394,17 @@ pub fn delete(root: &Path, id: &str, force: bool) -> Result<(), LifecycleError> 
         Err(e) => return Err(e.into()),
     };
     match state.status() {
-        Status::Stopped => {}
+        // Its monitor may still be shutting its VM down (the container
+        // counts as stopped from its exit on): that is ended now.
+        Status::Stopped => {
+            if [state.monitor, state.vmm]
+                .iter()
+                .flatten()
+                .any(|p| p.alive())
+            {
+                kill_vm(root, id)?;
+            }
+        }
         Status::Created | Status::Creating => kill_vm(root, id)?,
         _ if force => kill_vm(root, id)?,
         _ => {
@@ -731,8 +741,8 @@ pub fn terminal(console_socket: Option<&Path>) -> Terminal {
 /// What this runtime supports, in the shape of `runc features`.
 pub fn features() -> serde_json::Value {
     serde_json::json!({
-        "ociVersionMin": "1.0.0",
-        "ociVersionMax": "1.2.0",
+        "ociVersionMin": crate::bundle::OCI_VERSION_MIN,
+        "ociVersionMax": crate::bundle::OCI_VERSION,
         "hooks": [],
         "mountOptions": [
             "ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec", "sync", "async",

@@ -223,7 +223,7 @@ impl ContainerState {
             (_, Some(m)) => m.pid,
         };
         serde_json::json!({
-            "ociVersion": "1.0.2",
+            "ociVersion": crate::bundle::OCI_VERSION,
             "id": self.id,
             "status": status.to_string(),
             "pid": pid,

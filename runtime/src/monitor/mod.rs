@@ -121,6 +121,11 @@ pub fn container(
                 oom_kills = Some(stats.oom_kills);
             }
             let _ = std::io::stdout().flush();
+            // Stopped now, as runc says once it reaped the process: its
+            // output is all out, and the VM's own shutdown (seconds of
+            // guest work where kernel mode is emulated) is not the
+            // container's. `delete` ends what is left of it.
+            record_stopped(root, &id, (status, None, oom_kills), false);
             let _ = control.send(&Request::Shutdown);
             let _ = sandbox.finish(Duration::from_secs(10));
             status
@@ -145,18 +150,37 @@ pub fn container(
     if let Some(pod) = &pod_dir {
         crate::pod::remove(pod);
     }
-    // Reread: `start`, `pause` and `resume` changed it meanwhile.
-    if let Ok(mut state) = ContainerState::load(root, &id) {
-        state.status = Status::Stopped;
-        state.exit_status = Some(status);
-        state.error = error;
-        state.oom_kills = oom_kills;
-        // The VM's TAPs went with it: the namespace's interfaces are the
-        // namespace's again.
-        drop(Unmirror(state.network.take()));
-        let _ = state.save(root);
+    // The VM's TAPs went with it: the namespace's interfaces are the
+    // namespace's again.
+    if let Some(net) = record_stopped(root, &id, (status, error, oom_kills), true) {
+        drop(Unmirror(Some(net)));
     }
     status
+}
+
+/// Records container `id` as stopped: its exit status, what ended it and
+/// its OOM kills. With `take_network` (the VM is gone) its network is
+/// taken out of the record and returned, for the caller to undo; before,
+/// it stays for a `delete` that ends the VM first. The state is reread:
+/// `start`, `pause` and `resume` changed it meanwhile.
+fn record_stopped(
+    root: &Path,
+    id: &str,
+    (status, error, oom_kills): (i32, Option<String>, Option<u64>),
+    take_network: bool,
+) -> Option<crate::state::NetworkState> {
+    let mut state = ContainerState::load(root, id).ok()?;
+    state.status = Status::Stopped;
+    state.exit_status = Some(status);
+    state.error = error;
+    state.oom_kills = oom_kills;
+    let network = if take_network {
+        state.network.take()
+    } else {
+        None
+    };
+    let _ = state.save(root);
+    network
 }
 
 /// The container's VM started (or restored), its process made, hooks
