@@ -24,6 +24,9 @@ use husk_guest::shape::{Shape, VMM_RESERVE_MIB};
 
 const ROOT: &str = "/sys/fs/cgroup";
 
+/// The parent of the cgroups of containers whose spec names none.
+pub const DEFAULT_PARENT: &str = "husk";
+
 /// The CFS period the VM's CPU bound is written in, µs.
 pub const CPU_PERIOD_US: u64 = 100_000;
 
@@ -41,7 +44,7 @@ pub fn of(cgroups_path: Option<&str>, id: &str) -> Result<PathBuf, String> {
         Some(p) => relative(p).ok_or_else(|| {
             format!("linux.cgroupsPath {p:?} is not a cgroup path (it must name a cgroup below the root, without `..`)")
         }),
-        None => Ok(Path::new("husk").join(id)),
+        None => Ok(Path::new(DEFAULT_PARENT).join(id)),
     }
 }
 
@@ -216,8 +219,8 @@ pub fn leave(rel: &Path) {
     remove(rel);
 }
 
-/// Removes the cgroup `rel` (and its parents that are left empty and were
-/// made for it, up to the first that is not) from every hierarchy.
+/// Removes the cgroup `rel` (and its parents that are left empty, up to
+/// the first that is not, but [`DEFAULT_PARENT`]) from every hierarchy.
 pub fn remove(rel: &Path) {
     for h in hierarchies() {
         let root = h.root;
@@ -232,7 +235,10 @@ pub fn remove(rel: &Path) {
                 _ => break,
             }
         }
-        while dir != root && (std::fs::remove_dir(&dir).is_ok() || !dir.exists()) {
+        // husk's own parent stays: the next VM's cgroup is made under it
+        // without making it (and its cpuset) again.
+        let kept = root.join(DEFAULT_PARENT);
+        while dir != root && dir != kept && (std::fs::remove_dir(&dir).is_ok() || !dir.exists()) {
             if !dir.pop() {
                 break;
             }
