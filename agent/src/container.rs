@@ -334,9 +334,13 @@ pub fn namespaces(spec: &Spec) -> Result<(UnshareFlags, bool), String> {
         .flat_map(|l| l.namespaces().iter().flatten())
     {
         if let Some(path) = ns.path() {
+            // The spec's own name for it ("mount", where Display says "mnt").
+            let kind = serde_json::to_value(ns.typ())
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_else(|| ns.typ().to_string());
             return Err(format!(
-                "joining the {} namespace at {} is not possible: the container has a VM of its own",
-                ns.typ(),
+                "joining the {kind} namespace at {} is not possible: the container has a VM of its own",
                 path.display()
             ));
         }
@@ -498,6 +502,34 @@ mod tests {
         assert_eq!(
             parents,
             [vec!["/r/dev", "/r/dev/cpu", "/r/dev/cpu/0"], vec!["/r/dev"]]
+        );
+    }
+
+    /// Issue 19, item 7: a namespace by path is refused by name in a VM of
+    /// its own; runc's propagation names are taken and any other refused.
+    #[test]
+    fn namespace_paths_and_unknown_propagations_are_refused_by_name() {
+        for kind in ["ipc", "uts", "pid", "mount", "cgroup", "user"] {
+            let spec: Spec = serde_json::from_value(serde_json::json!({
+                "ociVersion": "1.2.0",
+                "linux": {"namespaces": [{"type": kind, "path": "/proc/1/ns/x"}]}
+            }))
+            .unwrap();
+            let err = namespaces(&spec).unwrap_err();
+            assert_eq!(
+                err,
+                format!(
+                    "joining the {kind} namespace at /proc/1/ns/x is not possible: the container has a VM of its own"
+                )
+            );
+        }
+        use MountPropagationFlags as F;
+        assert_eq!(propagation("rslave").unwrap(), F::DOWNSTREAM | F::REC);
+        assert_eq!(propagation("unbindable").unwrap(), F::UNBINDABLE);
+        let err = propagation("rsideways").unwrap_err();
+        assert!(
+            err.starts_with("linux.rootfsPropagation \"rsideways\" is not one of"),
+            "{err}"
         );
     }
 

@@ -520,6 +520,9 @@ fn features_and_spec_are_runcs() {
         serde_json::json!(["SCMP_ARCH_X86_64"])
     );
     assert_eq!(v["ociVersionMin"], "1.0.0");
+    // Namespaces by path: what husk does with them is said (issue 19).
+    let said = v["annotations"]["io.husk.namespaces"].as_str().unwrap();
+    assert!(said.contains("given by path is refused"), "{said}");
     assert!(
         v["linux"]["namespaces"]
             .as_array()

@@ -158,8 +158,6 @@ const VCPU_AT: &[(i64, &[u8])] = &[
     (libc::SYS_fchmodat, &[0]),
     (libc::SYS_fchownat, &[0]),
     (libc::SYS_utimensat, &[0]),
-    (libc::SYS_name_to_handle_at, &[0]),
-    (libc::SYS_open_by_handle_at, &[0]),
     (libc::SYS_symlinkat, &[1]),
     (libc::SYS_linkat, &[0, 2]),
     (libc::SYS_renameat, &[0, 2]),

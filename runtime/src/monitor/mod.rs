@@ -126,6 +126,7 @@ pub fn container(
             // guest work where kernel mode is emulated) is not the
             // container's. `delete` ends what is left of it.
             record_stopped(root, &id, (status, None, oom_kills), false);
+            phases.mark("stopped_recorded");
             let _ = control.send(&Request::Shutdown);
             let _ = sandbox.finish(Duration::from_secs(10));
             status
