@@ -744,6 +744,9 @@ fn a_warm_boot_dies_with_its_starter_and_its_leftovers_are_swept() {
         .arg(root())
         .args(["delete", "-f", &name])
         .output();
+    // Its host cgroup, made before the boot, went with it.
+    let cgroup = Path::new("/sys/fs/cgroup/memory/husk").join(&name);
+    assert!(!cgroup.exists(), "{} was left", cgroup.display());
     let snapshots = cache.join("snapshots");
     husk_guest::warm::sweep(&snapshots);
     let left: Vec<String> = std::fs::read_dir(&snapshots)

@@ -178,6 +178,14 @@ pub fn create(o: &CreateOptions) -> Result<Child, LifecycleError> {
         Err(e) => return Err(io("create", &dir)(e)),
     }
     let cleanup = |e: LifecycleError| {
+        // A monitor that died while it set the VM up recorded its host
+        // cgroup first: removed too (its VMM, ended with it, may hold it
+        // for a moment).
+        if let Ok(left) = ContainerState::load(o.root, o.id)
+            && let Some(rel) = &left.cgroup
+        {
+            crate::cgroup::remove(rel);
+        }
         let _ = std::fs::remove_dir_all(&dir);
         e
     };

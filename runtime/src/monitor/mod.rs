@@ -207,6 +207,11 @@ fn set_up(
             .map_err(|e| format!("a network namespace for the container: {e}"))?;
     }
     let pod = state.pod == Some(crate::pod::Pod::Sandbox);
+    // The cgroup is recorded before it is made: a monitor killed while it
+    // starts the VM leaves `delete` what to remove.
+    if cgroup.is_some() {
+        state.save(root).map_err(|e| e.to_string())?;
+    }
     let (mut sandbox, spec_json, shape, network) =
         boot(root, bins, &dir, bundle, restore, pod, cgroup)?;
     state.shape = Some(shape);
