@@ -38,11 +38,20 @@ def cmd(rt, *args, env=None, check=True):
                           capture_output=True, text=True, env=env)
 
 
+def create(rt, *args, env=None):
+    # The container's process (and husk's monitor) keep its stdio: never
+    # a pipe this script would wait on.
+    subprocess.run([binaries[rt], "--root", roots[rt], "create", *args], check=True, env=env,
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+
+
 def status(rt, cid):
     out = cmd(rt, "state", cid, check=False)
     return json.loads(out.stdout)["status"] if out.returncode == 0 else None
 
 
+sys.stdout.reconfigure(line_buffering=True)
 results = {"husk": [], "runc": []}
 host_side = []
 for i in range(runs + 1):
@@ -52,11 +61,12 @@ for i in range(runs + 1):
         timings = os.path.join(work, f"t-{i}")
         if rt == "husk":
             env["HUSK_TIMINGS"] = timings
-        cmd(rt, "create", "--bundle", bundle, cid, env=env)
+        create(rt, "--bundle", bundle, cid, env=env)
         cmd(rt, "start", cid)
-        # The loop runs once a sleep is there.
+        # The loop runs once a sleep is there (husk's `ps` lists PIDs only).
         deadline = time.time() + 120
-        while "sleep" not in cmd(rt, "ps", cid, check=False).stdout:
+        look = ("exec", cid, "sh", "-c", "pidof sleep || true")
+        while not cmd(rt, *look, check=False).stdout.strip():
             if time.time() > deadline:
                 sys.exit(f"{rt}: the loop never ran")
             time.sleep(0.05)
@@ -66,6 +76,12 @@ for i in range(runs + 1):
             if time.monotonic() - t0 > 120:
                 sys.exit(f"{rt}: never stopped")
         took = (time.monotonic() - t0) * 1000
+        if rt == "husk":
+            # The monitor writes its timings as it ends, once the VM is
+            # down: waited for here (a `delete` now would end it first).
+            end = time.time() + 30
+            while not os.path.exists(timings + ".runtime.json") and time.time() < end:
+                time.sleep(0.05)
         cmd(rt, "delete", cid)
         if i == 0:
             continue  # warm-up
