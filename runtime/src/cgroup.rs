@@ -112,8 +112,9 @@ impl Bounds {
         }
     }
 
-    /// The files a cgroup of `h` holds them in, and what each gets, in the
-    /// order they are written (a v1 quota needs its period first).
+    /// The files a cgroup holds them in (of v2, or of v1), and what each
+    /// gets, in the order they are written (a v1 quota needs its period
+    /// first).
     fn files(&self, v2: bool) -> Vec<(&'static str, String)> {
         if v2 {
             vec![
@@ -195,19 +196,6 @@ fn make(h: &Hierarchy, rel: &Path) -> Result<PathBuf, String> {
 
 fn write(path: &Path, value: &str) -> Result<(), String> {
     std::fs::write(path, value).map_err(|e| format!("write {value} to {}: {e}", path.display()))
-}
-
-/// Moves `pids` into the cgroup `rel` of every hierarchy, which `enter`
-/// made.
-pub fn place(rel: &Path, pids: &[u32]) -> Result<(), String> {
-    for h in hierarchies() {
-        let dir = make(&h, rel)?;
-        for pid in pids {
-            write(&dir.join("cgroup.procs"), &pid.to_string())
-                .map_err(|e| format!("move {pid} into cgroup: {e}"))?;
-        }
-    }
-    Ok(())
 }
 
 /// Moves this process back to each hierarchy's root and removes `rel`:

@@ -306,10 +306,6 @@ fn set_up(
     };
     state.monitor = HostProcess::of(std::process::id());
     state.vmm = sandbox.vmm_pid().and_then(HostProcess::of);
-    // Born there (`boot`); placed again in case it was not.
-    if let (Some(rel), Some(vmm)) = (cgroup, sandbox.vmm_pid()) {
-        crate::cgroup::place(rel, &[vmm])?;
-    }
     state.save(root).map_err(|e| e.to_string())?;
     unmirror.0 = None;
     Ok(Held {
@@ -663,7 +659,7 @@ fn resources(bundle: &Bundle) -> Option<&oci_spec::runtime::LinuxResources> {
         .and_then(|l| l.resources().as_ref())
 }
 
-/// The VM's host cgroup (docs/runtime.md, "The host cgroup"): the spec's
+/// The VM's host cgroup (docs/runtime.md, "cgroups"): the spec's
 /// `cgroupsPath`, or `husk/<id>`; none for a monitor that is not root
 /// and was not given one.
 fn host_cgroup(bundle: &Bundle, id: &str) -> Result<Option<std::path::PathBuf>, String> {
