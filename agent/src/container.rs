@@ -154,17 +154,17 @@ fn mount_flag(option: &str) -> Option<(bool, MountFlags)> {
     })
 }
 
-fn mount_steps(spec: &Spec, rootfs: &str) -> Result<Vec<MountStep>, String> {
+fn mount_steps(spec: &Spec, rootfs: &str, maps: Option<&IdMaps>) -> Result<Vec<MountStep>, String> {
     let mut steps = Vec::new();
     for m in spec.mounts().iter().flatten() {
         let destination = m.destination().display().to_string();
         let mut flags = MountFlags::empty();
-        let mut data = Vec::new();
+        let mut data: Vec<String> = Vec::new();
         for option in m.options().iter().flatten() {
             match mount_flag(option) {
                 Some((true, f)) => flags |= f,
                 Some((false, f)) => flags.remove(f),
-                None => data.push(option.as_str()),
+                None => data.push(option.clone()),
             }
         }
         let mut fstype = m.typ().clone().unwrap_or_default();
@@ -205,6 +205,11 @@ fn mount_steps(spec: &Spec, rootfs: &str) -> Result<Vec<MountStep>, String> {
                 .then_some(flags.difference(MountFlags::REC));
             (String::new(), remount, !meta.is_dir())
         } else {
+            if fstype == "tmpfs"
+                && let Some(maps) = maps
+            {
+                owned_in(&mut data, maps, &destination)?;
+            }
             (fstype, None, false)
         };
         steps.push(MountStep {
@@ -346,14 +351,168 @@ pub fn namespaces(spec: &Spec) -> Result<(UnshareFlags, bool), String> {
         }
         match ns.typ() {
             LinuxNamespaceType::Pid => pid = true,
-            LinuxNamespaceType::User => {
-                return Err("user namespaces are not supported in the guest yet".into());
-            }
+            // Made last, by the child itself, with its maps written by the
+            // agent (user_maps, setup.rs).
+            LinuxNamespaceType::User => {}
             LinuxNamespaceType::Time => {}
             other => flags |= UnshareFlags::from_bits_retain(other as u32),
         }
     }
     Ok((flags, pid))
+}
+
+/// A user namespace's ID maps, as `/proc/<pid>/uid_map` and `gid_map`
+/// take them, and who the container's root is outside it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdMaps {
+    /// `uid_map`'s text: one `inside outside count` line per mapping.
+    pub uid_map: Vec<u8>,
+    /// `gid_map`'s text.
+    pub gid_map: Vec<u8>,
+    uids: Vec<(u32, u32, u32)>,
+    gids: Vec<(u32, u32, u32)>,
+}
+
+impl IdMaps {
+    fn outside(map: &[(u32, u32, u32)], id: u32) -> Option<u32> {
+        map.iter()
+            .find(|&&(inside, _, size)| id >= inside && id - inside < size)
+            .map(|&(inside, outside, _)| outside + (id - inside))
+    }
+
+    /// The guest's uid for `uid` inside the namespace.
+    pub fn uid(&self, uid: u32) -> Option<u32> {
+        Self::outside(&self.uids, uid)
+    }
+
+    /// The guest's gid for `gid` inside the namespace.
+    pub fn gid(&self, gid: u32) -> Option<u32> {
+        Self::outside(&self.gids, gid)
+    }
+}
+
+/// The most mappings the kernel takes in one map (since Linux 4.15).
+const MAX_MAPPINGS: usize = 340;
+
+/// The container's user namespace, when its spec asks for one: its ID
+/// maps, checked as runc checks them (a user namespace needs both maps,
+/// maps need a user namespace), and every ID the process runs as mapped.
+pub fn user_maps(spec: &Spec, process: &Process) -> Result<Option<IdMaps>, String> {
+    let linux = spec.linux().as_ref();
+    let user = linux
+        .iter()
+        .flat_map(|l| l.namespaces().iter().flatten())
+        .any(|ns| ns.typ() == LinuxNamespaceType::User);
+    let uid_mappings = linux.and_then(|l| l.uid_mappings().as_ref());
+    let gid_mappings = linux.and_then(|l| l.gid_mappings().as_ref());
+    let given =
+        |m: Option<&Vec<oci_spec::runtime::LinuxIdMapping>>| m.is_some_and(|m| !m.is_empty());
+    if !user {
+        if given(uid_mappings) || given(gid_mappings) {
+            return Err(
+                "linux.uidMappings and linux.gidMappings need a user namespace in linux.namespaces"
+                    .into(),
+            );
+        }
+        return Ok(None);
+    }
+    let table = |field: &str, m: Option<&Vec<oci_spec::runtime::LinuxIdMapping>>| {
+        let m = m.filter(|m| !m.is_empty()).ok_or_else(|| {
+            format!("the user namespace needs linux.{field}: no mapping is given")
+        })?;
+        if m.len() > MAX_MAPPINGS {
+            return Err(format!(
+                "linux.{field} has {} mappings; the kernel takes at most {MAX_MAPPINGS}",
+                m.len()
+            ));
+        }
+        let mut out: Vec<(u32, u32, u32)> = Vec::new();
+        for (i, e) in m.iter().enumerate() {
+            let (inside, outside, size) = (e.container_id(), e.host_id(), e.size());
+            if size == 0
+                || inside.checked_add(size - 1).is_none()
+                || outside.checked_add(size - 1).is_none()
+            {
+                return Err(format!(
+                    "linux.{field}[{i}] (containerID {inside}, hostID {outside}, size {size}) is not a range of IDs"
+                ));
+            }
+            let overlaps =
+                |a: u32, b: u32, n: u32| a < b.saturating_add(n) && b < a.saturating_add(size);
+            if let Some(j) = out
+                .iter()
+                .position(|&(ci, ho, n)| overlaps(inside, ci, n) || overlaps(outside, ho, n))
+            {
+                return Err(format!("linux.{field}[{i}] overlaps linux.{field}[{j}]"));
+            }
+            out.push((inside, outside, size));
+        }
+        Ok(out)
+    };
+    let uids = table("uidMappings", uid_mappings)?;
+    let gids = table("gidMappings", gid_mappings)?;
+    let text = |m: &[(u32, u32, u32)]| {
+        m.iter()
+            .map(|(i, o, n)| format!("{i} {o} {n}\n"))
+            .collect::<String>()
+            .into_bytes()
+    };
+    let maps = IdMaps {
+        uid_map: text(&uids),
+        gid_map: text(&gids),
+        uids,
+        gids,
+    };
+    if maps.uid(process.uid).is_none() {
+        return Err(format!(
+            "process.user.uid {} is not mapped by linux.uidMappings",
+            process.uid
+        ));
+    }
+    for gid in std::iter::once(process.gid).chain(process.additional_gids.iter().copied()) {
+        if maps.gid(gid).is_none() {
+            return Err(format!(
+                "group {gid} of process.user is not mapped by linux.gidMappings"
+            ));
+        }
+    }
+    Ok(Some(maps))
+}
+
+/// A tmpfs mounted for a container with a user namespace is mounted before
+/// the namespace exists: its `uid=` and `gid=` options are the
+/// namespace's IDs, so they are given as the guest's, and where absent the
+/// container's root owns it (as a tmpfs the namespace's root mounted).
+fn owned_in(data: &mut Vec<String>, maps: &IdMaps, destination: &str) -> Result<(), String> {
+    let mut uid = false;
+    let mut gid = false;
+    for option in data.iter_mut() {
+        let Some((key, value)) = option.split_once('=') else {
+            continue;
+        };
+        let mapped = match key {
+            "uid" => {
+                uid = true;
+                value.parse().ok().and_then(|v| maps.uid(v))
+            }
+            "gid" => {
+                gid = true;
+                value.parse().ok().and_then(|v| maps.gid(v))
+            }
+            _ => continue,
+        };
+        let mapped = mapped.ok_or_else(|| {
+            format!("mount {destination}: option {option} is not an ID the user namespace maps")
+        })?;
+        *option = format!("{key}={mapped}");
+    }
+    if !uid && let Some(root) = maps.uid(0) {
+        data.push(format!("uid={root}"));
+    }
+    if !gid && let Some(root) = maps.gid(0) {
+        data.push(format!("gid={root}"));
+    }
+    Ok(())
 }
 
 /// The plan that starts the container's own process; `joined`: the
@@ -366,7 +525,8 @@ pub fn create_plan(
     joined: &[String],
 ) -> Result<Plan, String> {
     let (unshare, _) = namespaces(spec)?;
-    let mounts = mount_steps(spec, rootfs)?;
+    let maps = user_maps(spec, process)?;
+    let mounts = mount_steps(spec, rootfs, maps.as_ref())?;
     let default_dev = mounts
         .iter()
         .any(|m| m.destination.trim_end_matches('/') == "/dev" && m.fstype.to_bytes() == b"tmpfs");
@@ -447,6 +607,11 @@ pub fn create_plan(
             Some(p) => Some(propagation(p)?),
         },
         terminal: process.terminal,
+        userns: maps.map(|m| crate::setup::UserNs {
+            uid_map: m.uid_map,
+            gid_map: m.gid_map,
+            sock: None,
+        }),
         process: Some(process_plan(process)?),
         seccomp: match linux.and_then(|l| l.seccomp().as_ref()) {
             Some(profile) => Some(Arc::new(
@@ -530,6 +695,129 @@ mod tests {
         assert!(
             err.starts_with("linux.rootfsPropagation \"rsideways\" is not one of"),
             "{err}"
+        );
+    }
+
+    /// Issue 19, item 2: a user namespace's maps are checked as runc
+    /// checks them, and refused by name.
+    #[test]
+    fn user_namespace_maps_are_checked_and_refused_by_name() {
+        let spec = |ns: bool, maps: serde_json::Value| -> Spec {
+            let mut linux = serde_json::json!({"namespaces": [{"type": "mount"}]});
+            if ns {
+                linux["namespaces"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(serde_json::json!({"type": "user"}));
+            }
+            for (k, v) in maps.as_object().unwrap() {
+                linux[k] = v.clone();
+            }
+            serde_json::from_value(serde_json::json!({"ociVersion": "1.2.0", "linux": linux}))
+                .unwrap()
+        };
+        let range =
+            |c: u32, h: u32, n: u32| serde_json::json!({"containerID": c, "hostID": h, "size": n});
+        let both = serde_json::json!({
+            "uidMappings": [range(0, 100000, 65536)],
+            "gidMappings": [range(0, 100000, 1000), range(1000, 2000, 1)]
+        });
+        let root = Process::default();
+        let maps = user_maps(&spec(true, both.clone()), &root)
+            .unwrap()
+            .unwrap();
+        assert_eq!(maps.uid_map, b"0 100000 65536\n");
+        assert_eq!(maps.gid_map, b"0 100000 1000\n1000 2000 1\n");
+        assert_eq!(
+            (maps.uid(0), maps.uid(65535), maps.uid(65536)),
+            (Some(100000), Some(165535), None)
+        );
+        assert_eq!(
+            (maps.gid(999), maps.gid(1000), maps.gid(1001)),
+            (Some(100999), Some(2000), None)
+        );
+        // No user namespace, no maps: nothing to do.
+        assert_eq!(
+            user_maps(&spec(false, serde_json::json!({})), &root).unwrap(),
+            None
+        );
+        let refused = |ns: bool, maps: serde_json::Value, process: &Process| {
+            user_maps(&spec(ns, maps), process).unwrap_err()
+        };
+        assert_eq!(
+            refused(false, both.clone(), &root),
+            "linux.uidMappings and linux.gidMappings need a user namespace in linux.namespaces"
+        );
+        assert_eq!(
+            refused(
+                true,
+                serde_json::json!({"uidMappings": [range(0, 1, 1)]}),
+                &root
+            ),
+            "the user namespace needs linux.gidMappings: no mapping is given"
+        );
+        assert_eq!(
+            refused(true, serde_json::json!({}), &root),
+            "the user namespace needs linux.uidMappings: no mapping is given"
+        );
+        assert_eq!(
+            refused(
+                true,
+                serde_json::json!({"uidMappings": [range(0, 1, 0)], "gidMappings": [range(0, 1, 1)]}),
+                &root
+            ),
+            "linux.uidMappings[0] (containerID 0, hostID 1, size 0) is not a range of IDs"
+        );
+        assert_eq!(
+            refused(
+                true,
+                serde_json::json!({"uidMappings": [range(0, 1, 1)], "gidMappings": [range(4294967295, 1, 2)]}),
+                &root
+            ),
+            "linux.gidMappings[0] (containerID 4294967295, hostID 1, size 2) is not a range of IDs"
+        );
+        assert_eq!(
+            refused(
+                true,
+                serde_json::json!({"uidMappings": [range(0, 100, 10), range(10, 105, 10)], "gidMappings": [range(0, 1, 1)]}),
+                &root
+            ),
+            "linux.uidMappings[1] overlaps linux.uidMappings[0]"
+        );
+        let many: Vec<_> = (0..341).map(|i| range(i, 1000 + i, 1)).collect();
+        assert_eq!(
+            refused(
+                true,
+                serde_json::json!({"uidMappings": many, "gidMappings": [range(0, 1, 1)]}),
+                &root
+            ),
+            "linux.uidMappings has 341 mappings; the kernel takes at most 340"
+        );
+        let user = Process {
+            uid: 70000,
+            ..Default::default()
+        };
+        assert_eq!(
+            refused(true, both.clone(), &user),
+            "process.user.uid 70000 is not mapped by linux.uidMappings"
+        );
+        let grouped = Process {
+            additional_gids: vec![1001],
+            ..Default::default()
+        };
+        assert_eq!(
+            refused(true, both.clone(), &grouped),
+            "group 1001 of process.user is not mapped by linux.gidMappings"
+        );
+        // A tmpfs mounted for the namespace: its owner options are the
+        // guest's IDs, and its root is the container root's by default.
+        let mut data = vec!["mode=755".to_string(), "gid=5".to_string()];
+        owned_in(&mut data, &maps, "/dev").unwrap();
+        assert_eq!(data, ["mode=755", "gid=100005", "uid=100000"]);
+        let mut data = vec!["uid=70000".to_string()];
+        assert_eq!(
+            owned_in(&mut data, &maps, "/run").unwrap_err(),
+            "mount /run: option uid=70000 is not an ID the user namespace maps"
         );
     }
 

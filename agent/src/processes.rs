@@ -122,6 +122,24 @@ impl Processes {
             .stdout(Stdio::from(stdout))
             .stderr(Stdio::from(stderr));
         let last_cap = setup::kernel_last_cap();
+        // A user namespace: the child's end of the socket goes in the plan,
+        // the agent's to a thread that writes the maps while the spawn
+        // waits for the exec.
+        let mut plan = plan;
+        let mapper = match plan.userns.as_mut() {
+            Some(userns) => {
+                let (agent_end, child_end) = rustix::net::socketpair(
+                    rustix::net::AddressFamily::UNIX,
+                    rustix::net::SocketType::SEQPACKET,
+                    rustix::net::SocketFlags::CLOEXEC,
+                    None,
+                )
+                .map_err(|e| failed(format!("socketpair: {}", std::io::Error::from(e)), 1))?;
+                userns.sock = Some(child_end);
+                Some((agent_end, userns.uid_map.clone(), userns.gid_map.clone()))
+            }
+            None => None,
+        };
         // SAFETY: the closure runs in the forked child before exec and
         // makes only system calls (setup.rs).
         unsafe {
@@ -131,7 +149,10 @@ impl Processes {
         // short-lived thread takes it, so the agent's own threads keep the
         // guest's.
         let spawned = std::thread::scope(|s| {
-            s.spawn(|| {
+            if let Some((sock, uid_map, gid_map)) = mapper {
+                s.spawn(move || setup::write_maps(sock, &uid_map, &gid_map));
+            }
+            s.spawn(move || {
                 match &pid_ns {
                     PidNs::Guest => Ok(()),
                     // SAFETY: a new PID namespace only, no CLONE_FILES: this
@@ -143,15 +164,17 @@ impl Processes {
                     ),
                 }?;
                 let _guard = self.spawning.lock().unwrap();
-                cmd.spawn().map(|child| (child, self.tick()))
+                let spawned = cmd.spawn().map(|child| (child, self.tick()));
+                // The command holds the child's stdio ends, the error
+                // pipe's write end and the user namespace's socket end:
+                // closed here, so the agent's ends see EOF when the
+                // process is done with them (and the map writer ends).
+                drop(cmd);
+                spawned
             })
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("the spawning thread panicked")))
         });
-        // The command holds the child's stdio ends and the error pipe's
-        // write end: closed here, so the agent's ends see EOF when the
-        // process is done with them.
-        drop(cmd);
         let (child, spawned) = match spawned {
             Ok(spawned) => spawned,
             Err(e) => {

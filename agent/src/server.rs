@@ -32,6 +32,9 @@ struct Container {
     init: Option<i32>,
     /// Its seccomp program, for the processes exec'd in it too (as runc's).
     seccomp: Option<Arc<seccomp::Program>>,
+    /// Whether it has a user namespace of its own (exec'd processes join
+    /// it last).
+    userns: bool,
 }
 
 /// The agent's state: its containers and its processes.
@@ -149,6 +152,7 @@ impl Agent {
             id,
             Container {
                 seccomp: plan.seccomp.clone(),
+                userns: plan.userns.is_some(),
                 plan: Some(plan),
                 process,
                 pid_ns,
@@ -267,15 +271,16 @@ impl Agent {
                     .spawn(&k, &process, plan, PidNs::Guest, stdio(&process)?)
             })
         } else {
-            let (init, pid_ns, seccomp) = {
+            let (init, pid_ns, seccomp, userns) = {
                 let containers = self.containers.lock().unwrap();
                 match containers.get(id) {
                     Some(Container {
                         init: Some(pid),
                         pid_ns,
                         seccomp,
+                        userns,
                         ..
-                    }) => (*pid, *pid_ns, seccomp.clone()),
+                    }) => (*pid, *pid_ns, seccomp.clone(), *userns),
                     _ => {
                         return Response::Error {
                             message: format!("container {id:?} is not running"),
@@ -303,7 +308,13 @@ impl Agent {
                 ("net", LinkNameSpaceType::Network),
                 ("cgroup", LinkNameSpaceType::ControlGroup),
                 ("mnt", LinkNameSpaceType::Mount),
-            ] {
+                // Last: the others are the guest root's, joined with its
+                // capabilities.
+                ("user", LinkNameSpaceType::User),
+            ]
+            .into_iter()
+            .filter(|&(ns, _)| ns != "user" || userns)
+            {
                 match open(ns) {
                     Ok(fd) => join.push((fd, kind)),
                     Err(e) => {

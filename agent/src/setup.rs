@@ -84,6 +84,20 @@ pub struct ProcPlan {
     pub oom_score_adj: Option<Vec<u8>>,
 }
 
+/// A user namespace the child makes for itself last, once its mounts,
+/// devices and sysctls are in place as the guest's root, and whose ID maps
+/// the agent writes (a process cannot map its own namespace beyond its
+/// own ID). The container's other namespaces stay the guest root's.
+pub struct UserNs {
+    /// `uid_map`'s text.
+    pub uid_map: Vec<u8>,
+    /// `gid_map`'s text.
+    pub gid_map: Vec<u8>,
+    /// The child's end of the socket to the agent thread that writes the
+    /// maps ([`write_maps`]); set by the spawn.
+    pub sock: Option<OwnedFd>,
+}
+
 /// Everything the child does before exec.
 pub struct Plan {
     /// Namespaces to join (exec into a running container), with their
@@ -112,6 +126,8 @@ pub struct Plan {
     pub rootfs_propagation: Option<MountPropagationFlags>,
     /// A terminal: the child makes fd 0 its controlling terminal.
     pub terminal: bool,
+    /// A user namespace of the container's own, made after the mounts.
+    pub userns: Option<UserNs>,
     pub process: Option<ProcPlan>,
     /// The container's seccomp program, loaded last.
     pub seccomp: Option<Arc<seccomp::Program>>,
@@ -135,6 +151,7 @@ impl Default for Plan {
             root_readonly: false,
             rootfs_propagation: None,
             terminal: false,
+            userns: None,
             process: None,
             seccomp: None,
         }
@@ -402,7 +419,94 @@ fn set_identity(p: &ProcPlan, last_cap: u32) -> Result<(), Failed> {
     Ok(())
 }
 
+/// The child's side of its user namespace: made, then its own `/proc`
+/// directory (opened before, in the guest's `/proc`) handed to the agent,
+/// which writes the maps; the agent's answer is 0 or the errno it met.
+fn enter_user_namespace(sock: &OwnedFd, me: &OwnedFd) -> Result<(), Failed> {
+    check(
+        || "create the user namespace".into(),
+        // SAFETY: a user namespace only, no CLONE_FILES; the child has no
+        // other thread (a user namespace needs that).
+        unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWUSER) },
+    )?;
+    let what = || "have the agent write the user namespace's ID maps".to_string();
+    let fds = [me.as_fd()];
+    let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
+    control.push(rustix::net::SendAncillaryMessage::ScmRights(&fds));
+    check(
+        what,
+        rustix::net::sendmsg(
+            sock,
+            &[io::IoSlice::new(b"u")],
+            &mut control,
+            rustix::net::SendFlags::empty(),
+        ),
+    )?;
+    let mut answer = [0u8; 4];
+    let got = check(what, rustix::io::read(sock, &mut answer))?;
+    match (got, i32::from_ne_bytes(answer)) {
+        (4, 0) => Ok(()),
+        (4, errno) => Err(Failed(what(), io::Error::from_raw_os_error(errno))),
+        _ => Err(Failed(what(), Errno::PIPE.into())),
+    }
+}
+
+/// The agent's side: waits for the child's `/proc` directory, writes its
+/// maps and answers. Returns when the child answered, or closed its end
+/// (it failed, or it was spawned without a user namespace).
+pub fn write_maps(sock: OwnedFd, uid_map: &[u8], gid_map: &[u8]) {
+    let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
+    let mut byte = [0u8; 1];
+    let received = rustix::net::recvmsg(
+        &sock,
+        &mut [io::IoSliceMut::new(&mut byte)],
+        &mut control,
+        rustix::net::RecvFlags::CMSG_CLOEXEC,
+    );
+    if !matches!(received, Ok(ref r) if r.bytes == 1) {
+        return;
+    }
+    let mut dir = None;
+    for message in control.drain() {
+        if let rustix::net::RecvAncillaryMessage::ScmRights(fds) = message {
+            dir = fds.into_iter().next();
+        }
+    }
+    let write = |dir: &OwnedFd, name: &CStr, map: &[u8]| -> rustix::io::Result<()> {
+        let file = rustix::fs::openat(dir, name, OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())?;
+        // The kernel takes a map in one write only.
+        match rustix::io::write(&file, map)? {
+            n if n == map.len() => Ok(()),
+            _ => Err(Errno::INVAL),
+        }
+    };
+    let result = match &dir {
+        Some(dir) => write(dir, c"uid_map", uid_map).and_then(|()| write(dir, c"gid_map", gid_map)),
+        None => Err(Errno::BADF),
+    };
+    let errno = match result {
+        Ok(()) => 0,
+        Err(e) => e.raw_os_error(),
+    };
+    let _ = rustix::io::write(&sock, &errno.to_ne_bytes());
+}
+
 fn run(plan: &Plan, last_cap: u32) -> Result<(), Failed> {
+    // The child's own /proc directory, from the guest's /proc, before any
+    // mount hides it: the agent writes the maps through it.
+    let me = match &plan.userns {
+        Some(_) => Some(check(
+            || "open /proc/self".into(),
+            rustix::fs::open(
+                c"/proc/self",
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            ),
+        )?),
+        None => None,
+    };
     if let Some(procs) = &plan.cgroup {
         // "0" is the writing process: the child joins before it makes
         // anything the limits should count.
@@ -550,6 +654,21 @@ fn run(plan: &Plan, last_cap: u32) -> Result<(), Failed> {
         if let Some(mask) = p.umask {
             rustix::process::umask(Mode::from_bits_retain(mask));
         }
+    }
+    // The user namespace last, before the identity: what came before
+    // (mounts, devices, sysctls, the oom score, limits) is the guest
+    // root's work, and the process's IDs are the namespace's.
+    if let (
+        Some(UserNs {
+            sock: Some(sock), ..
+        }),
+        Some(me),
+    ) = (&plan.userns, &me)
+    {
+        enter_user_namespace(sock, me)?;
+    }
+    drop(me);
+    if let Some(p) = &plan.process {
         // Without no_new_privs, loading a filter takes CAP_SYS_ADMIN:
         // loaded before the identity drops it, as runc does (the filter
         // then sees the few calls that set the identity).

@@ -523,12 +523,16 @@ fn features_and_spec_are_runcs() {
     // Namespaces by path: what husk does with them is said (issue 19).
     let said = v["annotations"]["io.husk.namespaces"].as_str().unwrap();
     assert!(said.contains("given by path is refused"), "{said}");
-    assert!(
-        v["linux"]["namespaces"]
-            .as_array()
-            .unwrap()
-            .contains(&"pid".into())
-    );
+    for ns in ["pid", "user"] {
+        assert!(
+            v["linux"]["namespaces"]
+                .as_array()
+                .unwrap()
+                .contains(&ns.into()),
+            "{ns}"
+        );
+    }
+    assert!(v["annotations"]["io.husk.userns"].is_string());
     let dir = std::env::temp_dir().join(format!("husk-spec-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     ok(&["spec", "--bundle", dir.to_str().unwrap()]);

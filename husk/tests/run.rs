@@ -936,3 +936,99 @@ fn devices_oom_score_and_root_propagation_are_the_specs_as_with_runc() {
         text(&out.stderr)
     );
 }
+
+/// Issue 19, item 2: a user namespace with the spec's ID maps, as runc
+/// makes one, on the same bundle in the same test: the maps, the process's
+/// IDs, the root's files seen through them (a file the host's root owns is
+/// the overflow ID), /dev the container root's, a file the container makes
+/// owned by its mapped root on the host; a process exec'd into the
+/// container is in the same namespace; maps without a namespace are
+/// refused by name.
+#[test]
+fn a_user_namespace_maps_the_roots_files_as_runc_does() {
+    use std::os::unix::fs::MetadataExt;
+    let script = "cat /proc/self/uid_map /proc/self/gid_map; id -u; id -g; \
+                  stat -c %u:%g /bin/busybox /hostroot /dev /dev/null; echo made > /made";
+    let b = Bundle::new("userns", &["sh", "-c", script], |_| {});
+    let config = b.0.join("config.json");
+    let edit = |args: &[&str], user_ns: bool| {
+        let mut spec: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+        spec["process"]["args"] = serde_json::json!(args);
+        spec["root"]["readonly"] = false.into();
+        let namespaces = spec["linux"]["namespaces"].as_array_mut().unwrap();
+        namespaces.retain(|ns| ns["type"] != "user");
+        if user_ns {
+            namespaces.push(serde_json::json!({"type": "user"}));
+        }
+        let map = serde_json::json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+        spec["linux"]["uidMappings"] = map.clone();
+        spec["linux"]["gidMappings"] = map;
+        std::fs::write(&config, spec.to_string()).unwrap();
+    };
+    edit(&["sh", "-c", script], true);
+    // The root as a client that maps IDs prepares it: the namespace's
+    // root owns it; one file stays the host root's.
+    let chown = Command::new("chown")
+        .args(["-R", "100000:100000"])
+        .arg(b.rootfs())
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    std::fs::write(b.rootfs().join("hostroot"), "").unwrap();
+    let want = "         0     100000      65536\n         0     100000      65536\n\
+                0\n0\n0:0\n65534:65534\n0:0\n65534:65534\n";
+    let made = b.rootfs().join("made");
+    let owner = |path: &Path| {
+        let meta = std::fs::metadata(path).unwrap();
+        (meta.uid(), meta.gid())
+    };
+    let out = husk_run(&b.0, &id("userns"), b"");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), want);
+    assert_eq!(owner(&made), (100000, 100000), "husk's file on the host");
+    std::fs::remove_file(&made).unwrap();
+    let runc_root = std::env::temp_dir().join(format!("husk-runc-userns-{}", std::process::id()));
+    let runc = Command::new("runc")
+        .arg("--root")
+        .arg(&runc_root)
+        .args(["run", "--bundle"])
+        .arg(&b.0)
+        .arg(id("userns-runc"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&runc_root);
+    assert!(runc.status.success(), "runc: {}", text(&runc.stderr));
+    assert_eq!(text(&runc.stdout), want, "runc");
+    assert_eq!(owner(&made), (100000, 100000), "runc's file on the host");
+    // An exec'd process joins the container's user namespace.
+    edit(&["sleep", "60"], true);
+    let exec_id = id("userns-exec");
+    common::ok(&["create", "--bundle", b.0.to_str().unwrap(), &exec_id]);
+    common::ok(&["start", &exec_id]);
+    let seen = common::ok(&[
+        "exec",
+        &exec_id,
+        "sh",
+        "-c",
+        "cat /proc/self/uid_map; id -u; stat -c %u:%g /made /hostroot; touch /by-exec",
+    ]);
+    common::ok(&["delete", "--force", &exec_id]);
+    assert_eq!(
+        seen,
+        "         0     100000      65536\n0\n0:0\n65534:65534\n"
+    );
+    assert_eq!(owner(&b.rootfs().join("by-exec")), (100000, 100000));
+    // Maps without a user namespace: refused by name, as runc refuses them.
+    edit(&["true"], false);
+    let out = husk_run(&b.0, &id("userns-bad"), b"");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains(
+            "linux.uidMappings and linux.gidMappings need a user namespace in linux.namespaces"
+        ),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -758,7 +758,7 @@ pub fn features() -> serde_json::Value {
             "strictatime", "bind", "rbind"
         ],
         "linux": {
-            "namespaces": ["mount", "uts", "ipc", "pid", "network", "cgroup"],
+            "namespaces": ["mount", "uts", "ipc", "pid", "network", "cgroup", "user"],
             "capabilities": [
                 "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
                 "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
@@ -797,6 +797,7 @@ pub fn features() -> serde_json::Value {
         },
         "annotations": {
             "io.husk.vm": "every container runs in its own KVM microVM",
+            "io.husk.userns": "a user namespace is made in the guest with the spec's uidMappings and gidMappings, after the container's mounts; its other namespaces belong to the guest's root (docs/runtime.md)",
             "io.husk.namespaces": "a namespace given by path is refused, naming it, for a container with a VM of its own (nothing of the host's can be joined from a guest); a container of a pod joins its sandbox's ipc, uts and pid namespaces by their paths; a network namespace by path is mirrored into the VM (io.husk.network)",
             "io.husk.network": "the spec's network namespace is mirrored into the VM (a path: its interfaces; none given: a new one, whose interfaces the hooks or the client add before start); host networking cannot be shared by a VM: a spec without a network namespace gets loopback only, and a path to the host's own namespace is refused"
         }
