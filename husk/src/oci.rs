@@ -424,6 +424,8 @@ pub fn events(root: &Path, args: EventsArgs) -> anyhow::Result<u8> {
     loop {
         let state = ContainerState::load(root, &id)?;
         if state.status() == state::Status::Stopped {
+            // Its last figures (the OOM kills) come just after the exit.
+            let state = state.drained_or_gone(root, container::DRAIN_LIMIT);
             if !stats && state.oom_kills.unwrap_or(0) > ooms.unwrap_or(0) {
                 println!("{}", serde_json::json!({"type": "oom", "id": id}));
             }

@@ -921,14 +921,27 @@ fn a_terms_trap_runs_and_the_container_is_stopped_at_its_exit() {
         &[
             "sh",
             "-c",
-            "trap 'echo trapped > /trap; exit 42' TERM; while :; do sleep 0.1; done",
+            "trap 'echo trapped > /trap; seq 1 5000; exit 42' TERM; while :; do sleep 0.1; done",
         ],
         |spec| {
             spec.root_mut().as_mut().unwrap().set_readonly(Some(false));
         },
     );
     let id = id("term");
-    ok(&["create", "--bundle", b.0.to_str().unwrap(), &id]);
+    // The container's output goes to a file the test reads at the end.
+    let output = b.0.join("output");
+    let mut create = Command::new(common::HUSK)
+        .args(common::with_root(&[
+            "create",
+            "--bundle",
+            b.0.to_str().unwrap(),
+            &id,
+        ]))
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&output).unwrap())
+        .spawn()
+        .unwrap();
+    assert!(common::exit_within_a_minute(&mut create, &["create"]).success());
     ok(&["start", &id]);
     let recorded = ContainerState::load(&root(), &id).unwrap();
     let cgroup = recorded.cgroup.clone().unwrap();
@@ -954,12 +967,25 @@ fn a_terms_trap_runs_and_the_container_is_stopped_at_its_exit() {
         "{:?}",
         killed.elapsed()
     );
+    // Stopped is recorded at the exit report, with its status, before
+    // the output in flight is all out.
+    let stopped = ContainerState::load(&root(), &id).unwrap();
+    assert_eq!(stopped.exit_status, Some(42));
     // The trap ran: its file is in the container's root.
     assert_eq!(
         std::fs::read_to_string(b.rootfs().join("trap")).unwrap(),
         "trapped\n"
     );
+    // A `delete` right at `stopped` waits for that output: none is lost.
     ok(&["delete", &id]);
+    let printed = std::fs::read_to_string(&output).unwrap();
+    let want: String = (1..=5000).map(|n| format!("{n}\n")).collect();
+    assert!(
+        printed == want,
+        "{} lines, last {:?}",
+        printed.lines().count(),
+        printed.lines().last()
+    );
     nothing_left(&id, &[recorded.monitor.unwrap(), recorded.vmm.unwrap()]);
     assert!(!Path::new("/sys/fs/cgroup/memory").join(&cgroup).exists());
 }

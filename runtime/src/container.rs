@@ -203,6 +203,7 @@ pub fn create(o: &CreateOptions) -> Result<Child, LifecycleError> {
         cgroup: None,
         shape: None,
         oom_kills: None,
+        drained: false,
         network: None,
         pod: o.pod.clone(),
     };
@@ -402,9 +403,11 @@ pub fn delete(root: &Path, id: &str, force: bool) -> Result<(), LifecycleError> 
         Err(e) => return Err(e.into()),
     };
     match state.status() {
-        // Its monitor may still be shutting its VM down (the container
-        // counts as stopped from its exit on): that is ended now.
+        // Its monitor may still be carrying the last output, then shutting
+        // its VM down (the container counts as stopped from its exit on):
+        // the output is waited for, the VM ended.
         Status::Stopped => {
+            let state = state.clone().drained_or_gone(root, DRAIN_LIMIT);
             if [state.monitor, state.vmm]
                 .iter()
                 .flatten()
@@ -745,6 +748,10 @@ pub fn terminal(console_socket: Option<&Path>) -> Terminal {
         None => Terminal::Inherit,
     }
 }
+
+/// How long `delete` and `events` wait for a stopped container's monitor
+/// to carry its last output ([`ContainerState::drained_or_gone`]).
+pub const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What this runtime supports, in the shape of `runc features`.
 pub fn features() -> serde_json::Value {

@@ -127,6 +127,12 @@ pub struct ContainerState {
     /// OOM kills in the container's guest cgroup, recorded when it ended.
     #[serde(default)]
     pub oom_kills: Option<u64>,
+    /// Once stopped: its monitor has carried all of the process's output
+    /// and recorded its last figures (`oom_kills`). `stopped` is recorded
+    /// at the exit, before that; `delete` and `events` wait for it
+    /// ([`ContainerState::drained_or_gone`]).
+    #[serde(default)]
+    pub drained: bool,
     /// The network namespace whose interfaces were joined to the VM, and
     /// those interfaces (their redirection is taken off at the end).
     #[serde(default)]
@@ -215,6 +221,28 @@ impl ContainerState {
         }
     }
 
+    /// This state, once its monitor has drained a stopped container's
+    /// output and recorded its last figures, or is gone; reread from
+    /// `root` every 5 ms, for at most `limit` (a process in the guest that
+    /// holds the output open keeps it from draining: past the limit the
+    /// caller goes on with what it has).
+    pub fn drained_or_gone(self, root: &Path, limit: std::time::Duration) -> Self {
+        let deadline = std::time::Instant::now() + limit;
+        let mut state = self;
+        while state.status() == Status::Stopped
+            && !state.drained
+            && state.monitor.is_some_and(|m| m.alive())
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            match Self::load(root, &state.id) {
+                Ok(s) => state = s,
+                Err(_) => break,
+            }
+        }
+        state
+    }
+
     /// The state the OCI runtime spec defines, as `runc state` prints it.
     pub fn oci_state(&self) -> serde_json::Value {
         let status = self.status();
@@ -275,6 +303,7 @@ mod tests {
             cgroup: None,
             shape: None,
             oom_kills: None,
+            drained: false,
             network: None,
             pod: None,
         };
@@ -295,6 +324,70 @@ mod tests {
         assert_eq!(state.status(), Status::Stopped);
     }
 
+    /// Issue 19, item 1: `delete` and `events` wait for a stopped
+    /// container's live monitor to drain its output, within their limit,
+    /// and not for a monitor that is gone.
+    #[test]
+    fn a_stopped_container_is_waited_for_until_drained_or_its_monitor_is_gone() {
+        use std::time::{Duration, Instant};
+        let root = std::env::temp_dir().join(format!("husk-drain-{}", std::process::id()));
+        std::fs::create_dir_all(dir(&root, "d1")).unwrap();
+        let mut state = ContainerState {
+            id: "d1".into(),
+            bundle: "/b".into(),
+            status: Status::Stopped,
+            created: now_rfc3339(),
+            monitor: HostProcess::of(std::process::id()),
+            vmm: None,
+            exit_status: Some(0),
+            annotations: HashMap::new(),
+            error: None,
+            process: None,
+            cgroup: None,
+            shape: None,
+            oom_kills: None,
+            drained: false,
+            network: None,
+            pod: None,
+        };
+        state.save(&root).unwrap();
+        // Not drained, the monitor alive: waited for until the limit.
+        let start = Instant::now();
+        let seen = state
+            .clone()
+            .drained_or_gone(&root, Duration::from_millis(300));
+        assert!(start.elapsed() >= Duration::from_millis(300));
+        assert!(!seen.drained);
+        // Drained meanwhile, by the monitor: seen as soon as recorded.
+        let writer = {
+            let (root, mut state) = (root.clone(), state.clone());
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(100));
+                state.oom_kills = Some(2);
+                state.drained = true;
+                state.save(&root).unwrap();
+            })
+        };
+        let start = Instant::now();
+        let seen = state
+            .clone()
+            .drained_or_gone(&root, Duration::from_secs(30));
+        writer.join().unwrap();
+        assert!(start.elapsed() < Duration::from_secs(10));
+        assert!(seen.drained);
+        assert_eq!(seen.oom_kills, Some(2));
+        // A monitor that is gone leaves nothing to wait for.
+        state.monitor = Some(HostProcess {
+            pid: u32::MAX - 1,
+            start_time: 0,
+        });
+        let start = Instant::now();
+        let seen = state.drained_or_gone(&root, Duration::from_secs(30));
+        assert!(start.elapsed() < Duration::from_secs(10));
+        assert!(!seen.drained);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
     #[test]
     fn state_round_trips_and_a_missing_one_is_named() {
         let root = std::env::temp_dir().join(format!("husk-state-{}", std::process::id()));
@@ -313,6 +406,7 @@ mod tests {
             cgroup: None,
             shape: None,
             oom_kills: None,
+            drained: false,
             network: None,
             pod: None,
         };

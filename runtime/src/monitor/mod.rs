@@ -113,6 +113,14 @@ pub fn container(
     let mut oom_kills = None;
     let status = match waited {
         Ok(status) => {
+            // Stopped now, at the exit report, as runc says once it reaped
+            // the process. The output still in flight from the guest and
+            // the last figures are the monitor's to finish (`drained`,
+            // which `delete` and `events` wait for); the VM's own shutdown
+            // (seconds of guest work where kernel mode is emulated) is not
+            // the container's, and `delete` ends what is left of it.
+            record_stopped(root, &id, (status, None, None), false, false);
+            phases.mark("stopped_recorded");
             for output in outputs {
                 let _ = output.join();
             }
@@ -121,12 +129,8 @@ pub fn container(
                 oom_kills = Some(stats.oom_kills);
             }
             let _ = std::io::stdout().flush();
-            // Stopped now, as runc says once it reaped the process: its
-            // output is all out, and the VM's own shutdown (seconds of
-            // guest work where kernel mode is emulated) is not the
-            // container's. `delete` ends what is left of it.
-            record_stopped(root, &id, (status, None, oom_kills), false);
-            phases.mark("stopped_recorded");
+            record_stopped(root, &id, (status, None, oom_kills), false, true);
+            phases.mark("drained");
             let _ = control.send(&Request::Shutdown);
             let _ = sandbox.finish(Duration::from_secs(10));
             status
@@ -153,28 +157,31 @@ pub fn container(
     }
     // The VM's TAPs went with it: the namespace's interfaces are the
     // namespace's again.
-    if let Some(net) = record_stopped(root, &id, (status, error, oom_kills), true) {
+    if let Some(net) = record_stopped(root, &id, (status, error, oom_kills), true, true) {
         drop(Unmirror(Some(net)));
     }
     status
 }
 
 /// Records container `id` as stopped: its exit status, what ended it and
-/// its OOM kills. With `take_network` (the VM is gone) its network is
-/// taken out of the record and returned, for the caller to undo; before,
-/// it stays for a `delete` that ends the VM first. The state is reread:
-/// `start`, `pause` and `resume` changed it meanwhile.
+/// its OOM kills, and whether its output is all out (`drained`). With
+/// `take_network` (the VM is gone) its network is taken out of the record
+/// and returned, for the caller to undo; before, it stays for a `delete`
+/// that ends the VM first. The state is reread: `start`, `pause` and
+/// `resume` changed it meanwhile.
 fn record_stopped(
     root: &Path,
     id: &str,
     (status, error, oom_kills): (i32, Option<String>, Option<u64>),
     take_network: bool,
+    drained: bool,
 ) -> Option<crate::state::NetworkState> {
     let mut state = ContainerState::load(root, id).ok()?;
     state.status = Status::Stopped;
     state.exit_status = Some(status);
     state.error = error;
-    state.oom_kills = oom_kills;
+    state.oom_kills = oom_kills.or(state.oom_kills);
+    state.drained = drained;
     let network = if take_network {
         state.network.take()
     } else {
@@ -537,6 +544,7 @@ fn member(
         state.exit_status = Some(status);
         state.error = error;
         state.oom_kills = oom_kills;
+        state.drained = true;
         let _ = state.save(root);
     }
     status
