@@ -577,11 +577,31 @@ fn the_vm_sits_in_its_host_cgroup_under_its_bounds_until_delete() {
             ""
         );
     }
+    // Pinned to the host's last CPU, as runc pins a container.
+    let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pin = (host_cpus - 1).to_string();
+    let cpus = |spec: &mut oci_spec::runtime::Spec, list: &str| {
+        let mut resources = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.resources().clone())
+            .unwrap_or_default();
+        let cpu = oci_spec::runtime::LinuxCpuBuilder::default()
+            .cpus(list)
+            .build()
+            .unwrap();
+        resources.set_cpu(Some(cpu));
+        spec.linux_mut()
+            .as_mut()
+            .unwrap()
+            .set_resources(Some(resources));
+    };
     let b = Bundle::new("cgroup", &["sleep", "1000"], |spec| {
         spec.linux_mut()
             .as_mut()
             .unwrap()
             .set_cgroups_path(Some(PathBuf::from(format!("/{path}"))));
+        cpus(spec, &pin);
     });
     let plain = id("cgroup-default");
     let b2 = Bundle::new("cgroup-default", &["sleep", "1000"], |_| {});
@@ -626,7 +646,11 @@ fn the_vm_sits_in_its_host_cgroup_under_its_bounds_until_delete() {
             assert_eq!(read(at("pids", "pids.max")).trim(), "256");
             assert_eq!(read(at("cpu", "cpu.cfs_quota_us")).trim(), "200000");
             assert_eq!(read(at("cpu", "cpu.cfs_period_us")).trim(), "100000");
-            let cpus = read("/sys/fs/cgroup/cpuset/cpuset.cpus".into());
+            // The spec's CPUs, or the parent's.
+            let cpus = match id == &named {
+                true => format!("{pin}\n"),
+                false => read("/sys/fs/cgroup/cpuset/cpuset.cpus".into()),
+            };
             assert_eq!(read(at("cpuset", "cpuset.cpus")), cpus);
         } else {
             assert_eq!(
@@ -661,6 +685,22 @@ fn the_vm_sits_in_its_host_cgroup_under_its_bounds_until_delete() {
     refused(&["state", &bad], "does not exist");
     for h in &hierarchies {
         assert!(!h.join("etc").exists(), "{}", h.display());
+    }
+    // CPUs the host does not have: the kernel's refusal, naming the
+    // spec's field; nothing is left.
+    if Path::new("/sys/fs/cgroup/cpuset").is_dir() {
+        let absent = id("cgroup-cpus");
+        let b4 = Bundle::new("cgroup-cpus", &["true"], |spec| cpus(spec, "4095"));
+        refused(
+            &["create", "--bundle", b4.0.to_str().unwrap(), &absent],
+            "linux.resources.cpu.cpus \"4095\" cannot be applied to the VM's host cgroup",
+        );
+        refused(&["state", &absent], "does not exist");
+        assert!(
+            !Path::new("/sys/fs/cgroup/cpuset/husk")
+                .join(&absent)
+                .exists()
+        );
     }
 }
 

@@ -92,7 +92,7 @@ fn hierarchies() -> Vec<Hierarchy> {
 }
 
 /// The VM's bounds, as its host cgroup holds them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bounds {
     /// Guest memory and the VMM's own, bytes.
     pub memory: u64,
@@ -100,6 +100,24 @@ pub struct Bounds {
     pub cpu_quota_us: u64,
     /// Tasks.
     pub pids: u64,
+    /// The spec's `linux.resources.cpu.cpus`: the host CPUs the VM's
+    /// threads may run on (runc's pinning of the container's).
+    pub cpus: Option<String>,
+    /// The spec's `linux.resources.cpu.mems`: the host's memory nodes.
+    pub mems: Option<String>,
+    /// The spec's `linux.resources.blockIO.weight` (10-1000): the VMM's
+    /// share of the host's block I/O (its virtio-fs reads and writes),
+    /// where the host's I/O scheduler weighs cgroups.
+    pub io_weight: Option<u16>,
+}
+
+/// A CPU or memory-node list as cgroups take it (`0-3,8`).
+fn is_list(s: &str) -> bool {
+    !s.is_empty()
+        && s.split(',').all(|part| {
+            let mut ends = part.splitn(2, '-');
+            ends.all(|n| !n.is_empty() && n.len() <= 5 && n.bytes().all(|b| b.is_ascii_digit()))
+        })
 }
 
 impl Bounds {
@@ -109,14 +127,55 @@ impl Bounds {
             memory: (shape.memory_mib + VMM_RESERVE_MIB) << 20,
             cpu_quota_us: (u64::from(shape.vcpus) + 1) * CPU_PERIOD_US,
             pids: PIDS_MAX,
+            cpus: None,
+            mems: None,
+            io_weight: None,
         }
+    }
+
+    /// These bounds with what of the spec's `resources` applies to the VM
+    /// as a whole: its host CPUs and memory nodes, and its I/O weight.
+    /// A value of the wrong form is refused by name.
+    pub fn with_spec(
+        mut self,
+        resources: Option<&oci_spec::runtime::LinuxResources>,
+    ) -> Result<Self, String> {
+        let Some(r) = resources else {
+            return Ok(self);
+        };
+        if let Some(cpu) = r.cpu() {
+            for (field, value, slot) in [
+                ("cpus", cpu.cpus(), &mut self.cpus),
+                ("mems", cpu.mems(), &mut self.mems),
+            ] {
+                match value.as_deref().map(str::trim) {
+                    None | Some("") => {}
+                    Some(list) if is_list(list) => *slot = Some(list.to_owned()),
+                    Some(other) => {
+                        return Err(format!(
+                            "linux.resources.cpu.{field} {other:?} is not a list of numbers and ranges (\"0-3,8\")"
+                        ));
+                    }
+                }
+            }
+        }
+        match r.block_io().as_ref().and_then(|b| b.weight()) {
+            None | Some(0) => {}
+            Some(w) if (10..=1000).contains(&w) => self.io_weight = Some(w),
+            Some(w) => {
+                return Err(format!(
+                    "linux.resources.blockIO.weight {w} is not between 10 and 1000"
+                ));
+            }
+        }
+        Ok(self)
     }
 
     /// The files a cgroup holds them in (of v2, or of v1), and what each
     /// gets, in the order they are written (a v1 quota needs its period
     /// first).
     fn files(&self, v2: bool) -> Vec<(&'static str, String)> {
-        if v2 {
+        let mut files = if v2 {
             vec![
                 ("memory.max", self.memory.to_string()),
                 ("pids.max", self.pids.to_string()),
@@ -129,6 +188,34 @@ impl Bounds {
                 ("cpu.cfs_period_us", CPU_PERIOD_US.to_string()),
                 ("cpu.cfs_quota_us", self.cpu_quota_us.to_string()),
             ]
+        };
+        if let Some(cpus) = &self.cpus {
+            files.push(("cpuset.cpus", cpus.clone()));
+        }
+        if let Some(mems) = &self.mems {
+            files.push(("cpuset.mems", mems.clone()));
+        }
+        if let Some(w) = self.io_weight {
+            if v2 {
+                // v2's io.weight runs 1-10000: converted as runc converts.
+                let scaled = 1 + (u64::from(w) - 10) * 9999 / 990;
+                files.push(("io.weight", format!("default {scaled}")));
+                files.push(("io.bfq.weight", w.to_string()));
+            } else {
+                files.push(("blkio.weight", w.to_string()));
+                files.push(("blkio.bfq.weight", w.to_string()));
+            }
+        }
+        files
+    }
+
+    /// The spec's field a file's value comes from, for messages.
+    fn field(file: &str) -> Option<&'static str> {
+        match file {
+            "cpuset.cpus" => Some("linux.resources.cpu.cpus"),
+            "cpuset.mems" => Some("linux.resources.cpu.mems"),
+            f if f.ends_with("weight") => Some("linux.resources.blockIO.weight"),
+            _ => None,
         }
     }
 }
@@ -148,7 +235,13 @@ pub fn enter(rel: &Path, bounds: &Bounds) -> Result<(), String> {
                 // A v1 quota above an ancestor's is refused: the
                 // ancestor's bounds the VM then.
                 Err(e) if file == "cpu.cfs_quota_us" && e.raw_os_error() == Some(libc::EINVAL) => {}
-                done => done.map_err(|e| format!("write {value} to {}: {e}", path.display()))?,
+                done => done.map_err(|e| match Bounds::field(file) {
+                    Some(field) => format!(
+                        "{field} {value:?} cannot be applied to the VM's host cgroup: write to {}: {e}",
+                        path.display()
+                    ),
+                    None => format!("write {value} to {}: {e}", path.display()),
+                })?,
             }
         }
         write(&dir.join("cgroup.procs"), &std::process::id().to_string())?;
@@ -268,5 +361,62 @@ mod tests {
         let period = v1.iter().position(|&f| f == "cpu.cfs_period_us");
         let quota = v1.iter().position(|&f| f == "cpu.cfs_quota_us");
         assert!(period < quota, "{v1:?}");
+        assert!(
+            !v1.iter()
+                .any(|f| f.starts_with("cpuset") || f.contains("weight"))
+        );
+    }
+
+    /// Issue 19, item 4: the spec's CPUs, memory nodes and I/O weight
+    /// bound the VM on the host; values of the wrong form are refused by
+    /// name.
+    #[test]
+    fn the_specs_cpuset_and_io_weight_bound_the_vm() {
+        let resources = |v: serde_json::Value| -> oci_spec::runtime::LinuxResources {
+            serde_json::from_value(v).unwrap()
+        };
+        let b = Bounds::of(Shape::default())
+            .with_spec(Some(&resources(serde_json::json!({
+                "cpu": {"cpus": "0-1,3", "mems": "0"},
+                "blockIO": {"weight": 500}
+            }))))
+            .unwrap();
+        let v1 = b.files(false);
+        for want in [
+            ("cpuset.cpus", "0-1,3".to_string()),
+            ("cpuset.mems", "0".to_string()),
+            ("blkio.weight", "500".to_string()),
+        ] {
+            assert!(v1.contains(&want), "{want:?} in {v1:?}");
+        }
+        let v2 = b.files(true);
+        assert!(
+            v2.contains(&("io.weight", "default 4950".to_string())),
+            "{v2:?}"
+        );
+        assert!(v2.contains(&("cpuset.cpus", "0-1,3".to_string())), "{v2:?}");
+        assert_eq!(
+            Bounds::field("blkio.weight"),
+            Some("linux.resources.blockIO.weight")
+        );
+        for (bad, says) in [
+            (
+                serde_json::json!({"cpu": {"cpus": "0;1"}}),
+                "linux.resources.cpu.cpus \"0;1\" is not a list of numbers and ranges",
+            ),
+            (
+                serde_json::json!({"cpu": {"mems": "-1"}}),
+                "linux.resources.cpu.mems \"-1\" is not a list",
+            ),
+            (
+                serde_json::json!({"blockIO": {"weight": 5}}),
+                "linux.resources.blockIO.weight 5 is not between 10 and 1000",
+            ),
+        ] {
+            let err = Bounds::of(Shape::default())
+                .with_spec(Some(&resources(bad)))
+                .unwrap_err();
+            assert!(err.starts_with(says), "{err}");
+        }
     }
 }

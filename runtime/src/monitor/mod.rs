@@ -427,7 +427,9 @@ fn boot(
     // The monitor joins the VM's host cgroup, with the VM's bounds, so
     // that the VMM is born in it.
     let entered = match cgroup {
-        Some(rel) => crate::cgroup::enter(rel, &crate::cgroup::Bounds::of(shape)),
+        Some(rel) => crate::cgroup::Bounds::of(shape)
+            .with_spec(resources(bundle))
+            .and_then(|bounds| crate::cgroup::enter(rel, &bounds)),
         None => Ok(()),
     };
     let started = entered.and_then(|()| {
