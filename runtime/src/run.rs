@@ -27,7 +27,9 @@ pub fn run(o: &CreateOptions) -> Result<i32, LifecycleError> {
     if !o.detach {
         set.block();
     }
+    let mut steps = vec![("started", crate::timings::cpu_us())];
     let mut monitor = container::create(o)?;
+    steps.push(("created", crate::timings::cpu_us()));
     // A restored container is running already.
     let started = match o.restore {
         Some(_) => Ok(()),
@@ -49,6 +51,7 @@ pub fn run(o: &CreateOptions) -> Result<i32, LifecycleError> {
     if o.detach {
         return Ok(0);
     }
+    steps.push(("container_started", crate::timings::cpu_us()));
     let (root, id) = (o.root.to_owned(), o.id.to_owned());
     std::thread::spawn(move || {
         while let Some(sig) = set.wait() {
@@ -59,10 +62,13 @@ pub fn run(o: &CreateOptions) -> Result<i32, LifecycleError> {
         .wait()
         .map(|s| s.code().unwrap_or(128 + libc::SIGKILL))
         .unwrap_or(128 + libc::SIGKILL);
+    steps.push(("waited", crate::timings::cpu_us()));
     let ended_by = crate::state::ContainerState::load(o.root, o.id)
         .ok()
         .and_then(|s| s.error);
     let _ = container::delete(o.root, o.id, true);
+    steps.push(("deleted", crate::timings::cpu_us()));
+    crate::timings::write_client(&steps);
     match ended_by {
         Some(error) => Err(LifecycleError::VmEnded(error)),
         None => Ok(status),

@@ -51,3 +51,26 @@ impl Phases {
         let _ = std::fs::write(path, json.to_string());
     }
 }
+
+/// This process's CPU time so far (all its threads, no children), µs.
+pub fn cpu_us() -> u64 {
+    let cpu = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    cpu.tv_sec as u64 * 1_000_000 + cpu.tv_nsec as u64 / 1000
+}
+
+/// Writes the CPU time of the process that ran `husk run` in the
+/// foreground (its own, not its children's), at each of its steps, to
+/// `<prefix>.client.json` where [`TIMINGS_ENV`] says: the benchmark's
+/// split of host-side time.
+pub fn write_client(steps: &[(&str, u64)]) {
+    let Some(prefix) = std::env::var_os(TIMINGS_ENV) else {
+        return;
+    };
+    let json = serde_json::json!({
+        "client_cpu_us": cpu_us(),
+        "steps_cpu_us": steps,
+    });
+    let mut path = prefix;
+    path.push(".client.json");
+    let _ = std::fs::write(path, json.to_string());
+}

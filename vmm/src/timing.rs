@@ -56,6 +56,17 @@ pub struct BootTimes {
     /// port I/O exits: virtio-fs requests are served there): host-side
     /// work done on guest threads.
     pub device_us: Option<u64>,
+    /// CPU time of every thread of the VMM at exit, by name (its
+    /// `comm`), summed over threads of one name: where the host-side time
+    /// outside the vCPUs goes.
+    pub threads_cpu_us: Vec<(String, u64)>,
+    /// CPU time of the whole VMM process at exit, threads that ended
+    /// included.
+    pub process_cpu_us: Option<u64>,
+    /// CPU time the VMM spent collecting these figures at exit (reading
+    /// its /proc files): the measurement's own cost, which a benchmark
+    /// leaves out of the host-side time.
+    pub timings_cpu_us: Option<u64>,
 }
 
 /// This thread's CPU time (nanoseconds).
@@ -70,6 +81,22 @@ pub fn thread_cpu_ns() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
+
+/// This process's CPU time, all its threads (nanoseconds).
+pub fn process_cpu_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which `t` is.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// Whether the vCPU threads time their device exits (two clock reads,
+/// system calls, per exit): only when the timings are written.
+pub static MEASURE_DEVICES: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 /// Nanoseconds the vCPU threads spent handling device exits.
 pub static DEVICE_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -89,9 +116,34 @@ pub fn vcpu_cpu_us() -> Option<u64> {
     Some(total / 1000)
 }
 
+/// CPU time of this process's threads (schedstat, on-CPU time), summed
+/// by thread name, in order of first appearance.
+pub fn threads_cpu_us() -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = Vec::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let ns = std::fs::read_to_string(task.path().join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        let name = comm.trim().to_string();
+        match out.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, us)) => *us += ns / 1000,
+            None => out.push((name, ns / 1000)),
+        }
+    }
+    out
+}
+
 /// Boot times, recorded from any thread.
 pub struct Clock {
     times: Mutex<BootTimes>,
+    /// Whether the exit's figures (memory, CPU per thread) are wanted:
+    /// reading them costs every VM's end a few hundred µs of /proc work.
+    collect: std::sync::atomic::AtomicBool,
 }
 
 impl Clock {
@@ -112,7 +164,16 @@ impl Clock {
                 origin_ns,
                 ..Default::default()
             }),
+            collect: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Has [`Self::exit`] collect the VMM's memory and CPU figures (the
+    /// timings are written somewhere).
+    pub fn collect_at_exit(&self) {
+        self.collect
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        MEASURE_DEVICES.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BootTimes> {
@@ -157,13 +218,22 @@ impl Clock {
         }
     }
 
-    /// Records the end of the VM and the VMM's own memory.
-    pub fn exit(&self, vmm_rss_kib: Option<u64>) {
+    /// Records the end of the VM and, where wanted
+    /// ([`Self::collect_at_exit`]), the VMM's own memory (outside the
+    /// guest's `ranges`) and CPU time.
+    pub fn exit(&self, ranges: &[(u64, u64)]) {
         let mut t = self.lock();
         t.exit_us = Some(Self::since_origin(&t));
-        t.vmm_rss_kib = vmm_rss_kib;
-        t.vcpu_cpu_us = vcpu_cpu_us();
         t.device_us = Some(DEVICE_NS.load(std::sync::atomic::Ordering::Relaxed) / 1000);
+        if !self.collect.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let before = thread_cpu_ns();
+        t.process_cpu_us = Some(process_cpu_ns() / 1000);
+        t.vmm_rss_kib = rss_excluding(ranges);
+        t.vcpu_cpu_us = vcpu_cpu_us();
+        t.threads_cpu_us = threads_cpu_us();
+        t.timings_cpu_us = Some(thread_cpu_ns().saturating_sub(before) / 1000);
     }
 
     /// A copy of what was recorded.

@@ -292,15 +292,23 @@ impl VcpuThread {
     /// stopped, or None to run again.
     fn run_once(&mut self) -> Option<VcpuStop> {
         let exit = self.vcpu.run();
-        let handled = crate::timing::thread_cpu_ns();
         // CPU time in the device models counts as host-side work (CPU
         // time, not wall time: a thread the handler wakes may run on this
-        // CPU meanwhile, and its time is its own).
+        // CPU meanwhile, and its time is its own). Measured only when the
+        // timings are written: each read is a system call.
+        let measuring = crate::timing::MEASURE_DEVICES.load(std::sync::atomic::Ordering::Relaxed);
+        let handled = if measuring {
+            crate::timing::thread_cpu_ns()
+        } else {
+            0
+        };
         let device = || {
-            crate::timing::DEVICE_NS.fetch_add(
-                crate::timing::thread_cpu_ns().saturating_sub(handled),
-                std::sync::atomic::Ordering::Relaxed,
-            );
+            if measuring {
+                crate::timing::DEVICE_NS.fetch_add(
+                    crate::timing::thread_cpu_ns().saturating_sub(handled),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
             None
         };
         match exit {

@@ -18,7 +18,7 @@ impl Vm {
             self.wait()
         });
         lock(&self.serial).flush();
-        self.clock.exit(crate::timing::rss_excluding(&ranges));
+        self.clock.exit(&ranges);
         let times = self.clock.snapshot();
         // The VM and guest memory must outlive the vCPU threads, which are
         // still in KVM_RUN: leak them, the process is about to end.
