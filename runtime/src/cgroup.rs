@@ -67,6 +67,18 @@ struct Hierarchy {
     root: PathBuf,
     v2: bool,
     cpuset: bool,
+    /// A v1 hierarchy's controllers (its mount options that name one).
+    controllers: Vec<String>,
+}
+
+impl Hierarchy {
+    /// Whether a bounds file (`memory.limit_in_bytes`) may be here: a v1
+    /// hierarchy has only its own controllers' files (no look needed); a
+    /// v2 one has those the host enabled.
+    fn may_have(&self, file: &str) -> bool {
+        let controller = file.split('.').next().unwrap_or_default();
+        self.v2 || self.controllers.iter().any(|c| c == controller)
+    }
 }
 
 /// Every hierarchy mounted under /sys/fs/cgroup: v1 controllers and v2.
@@ -86,6 +98,10 @@ fn hierarchies() -> Vec<Hierarchy> {
                 root: PathBuf::from(dir),
                 v2,
                 cpuset: !v2 && opts.split(',').any(|o| o == "cpuset"),
+                controllers: match v2 {
+                    true => Vec::new(),
+                    false => opts.split(',').map(str::to_owned).collect(),
+                },
             })
         })
         .collect()
@@ -228,7 +244,7 @@ pub fn enter(rel: &Path, bounds: &Bounds) -> Result<(), String> {
         let dir = make(&h, rel)?;
         for (file, value) in bounds.files(h.v2) {
             let path = dir.join(file);
-            if !path.exists() {
+            if !h.may_have(file) || !path.exists() {
                 continue;
             }
             match std::fs::write(&path, &value) {

@@ -200,10 +200,18 @@ pub fn create(o: &CreateOptions) -> Result<Child, LifecycleError> {
         annotations: bundle.spec.annotations().clone().unwrap_or_default(),
         error: None,
         process: Some(bundle.process()),
-        cgroup: None,
+        // The VM's host cgroup (docs/runtime.md, "cgroups"), recorded
+        // before the monitor makes it; a pod's container has its
+        // sandbox's VM.
+        cgroup: match &o.pod {
+            Some(crate::pod::Pod::Member { .. }) => None,
+            _ => crate::monitor::host_cgroup(&bundle, o.id)
+                .map_err(|e| cleanup(LifecycleError::SetUp(e)))?,
+        },
         shape: None,
         oom_kills: None,
         drained: false,
+        hooks: bundle.spec.hooks().clone(),
         network: None,
         pod: o.pod.clone(),
     };
@@ -263,11 +271,13 @@ pub fn start(root: &Path, id: &str) -> Result<(), LifecycleError> {
             state.save(root)?;
             // The spec: a failed poststart hook is a warning; the
             // container runs on.
-            if let Ok(bundle) = Bundle::load(&state.bundle) {
+            if state.hooks.is_some() {
                 let oci = state.oci_state().to_string();
-                if let Err(e) =
-                    crate::hooks::run(&bundle.spec, crate::hooks::Point::Poststart, &oci)
-                {
+                if let Err(e) = crate::hooks::run_these(
+                    state.hooks.as_ref(),
+                    crate::hooks::Point::Poststart,
+                    &oci,
+                ) {
                     eprintln!("husk: warning: {e}");
                 }
             }
@@ -457,14 +467,14 @@ pub fn delete(root: &Path, id: &str, force: bool) -> Result<(), LifecycleError> 
     }
     let dir = state::dir(root, id);
     std::fs::remove_dir_all(&dir).map_err(io("remove", &dir))?;
-    // poststop hooks: after the container's resources are gone; a failure
-    // is a warning. (A bundle removed already has no hooks to run.)
-    if let Ok(bundle) = Bundle::load(&state.bundle) {
+    // poststop hooks, as the spec had them at `create`: after the
+    // container's resources are gone; a failure is a warning.
+    if state.hooks.is_some() {
         let mut oci = state.oci_state();
         oci["status"] = "stopped".into();
         oci["pid"] = 0.into();
-        if let Err(e) = crate::hooks::run(
-            &bundle.spec,
+        if let Err(e) = crate::hooks::run_these(
+            state.hooks.as_ref(),
             crate::hooks::Point::Poststop,
             &oci.to_string(),
         ) {

@@ -83,7 +83,17 @@ fn hooks_at(hooks: &Hooks, point: Point) -> Vec<(&'static str, &Hook)> {
 /// OCI state JSON) on stdin; the first that fails stops them, and its
 /// failure is returned, naming it.
 pub fn run(spec: &Spec, point: Point, state: &str) -> Result<(), String> {
-    let Some(hooks) = spec.hooks() else {
+    run_these(spec.hooks().as_ref(), point, state)
+}
+
+/// [`run`] with the spec's hooks as recorded at `create` (the state's:
+/// runc runs those, whatever the bundle holds by then).
+pub fn run_these(
+    hooks: Option<&oci_spec::runtime::Hooks>,
+    point: Point,
+    state: &str,
+) -> Result<(), String> {
+    let Some(hooks) = hooks else {
         return Ok(());
     };
     for (name, hook) in hooks_at(hooks, point) {

@@ -133,6 +133,11 @@ pub struct ContainerState {
     /// ([`ContainerState::drained_or_gone`]).
     #[serde(default)]
     pub drained: bool,
+    /// The spec's poststart and poststop hooks as at `create` (`start` and
+    /// `delete` run these, as runc runs its recorded config's, without
+    /// reading the bundle again).
+    #[serde(default)]
+    pub hooks: Option<oci_spec::runtime::Hooks>,
     /// The network namespace whose interfaces were joined to the VM, and
     /// those interfaces (their redirection is taken off at the end).
     #[serde(default)]
@@ -304,6 +309,7 @@ mod tests {
             shape: None,
             oom_kills: None,
             drained: false,
+            hooks: None,
             network: None,
             pod: None,
         };
@@ -347,6 +353,7 @@ mod tests {
             shape: None,
             oom_kills: None,
             drained: false,
+            hooks: None,
             network: None,
             pod: None,
         };
@@ -407,6 +414,7 @@ mod tests {
             shape: None,
             oom_kills: None,
             drained: false,
+            hooks: None,
             network: None,
             pod: None,
         };

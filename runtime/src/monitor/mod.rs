@@ -78,17 +78,14 @@ pub fn container(
     // A pod's sandbox: its VM is the pod's, and so is the pod share.
     let pod_dir = (state.pod == Some(crate::pod::Pod::Sandbox)).then(|| crate::pod::dir(&dir));
     let mut phases = Phases::new();
-    let set = host_cgroup(bundle, &id).and_then(|cgroup| {
-        let mut state = state;
-        state.cgroup.clone_from(&cgroup);
-        let set = set_up(root, bins, state, bundle, restore, terminal, &mut phases);
-        if set.is_err()
-            && let Some(rel) = &cgroup
-        {
-            crate::cgroup::leave(rel);
-        }
-        set
-    });
+    // Its host cgroup, chosen and recorded by `create` ([`host_cgroup`]).
+    let cgroup = state.cgroup.clone();
+    let set = set_up(root, bins, state, bundle, restore, terminal, &mut phases);
+    if set.is_err()
+        && let Some(rel) = &cgroup
+    {
+        crate::cgroup::leave(rel);
+    }
     let held = match set {
         Ok(held) => {
             channel.report(&Ok(()));
@@ -177,17 +174,28 @@ fn record_stopped(
     drained: bool,
 ) -> Option<crate::state::NetworkState> {
     let mut state = ContainerState::load(root, id).ok()?;
-    state.status = Status::Stopped;
-    state.exit_status = Some(status);
-    state.error = error;
-    state.oom_kills = oom_kills.or(state.oom_kills);
-    state.drained = drained;
+    let oom_kills = oom_kills.or(state.oom_kills);
     let network = if take_network {
         state.network.take()
     } else {
         None
     };
-    let _ = state.save(root);
+    // What is recorded already is not written again (the end of a VM
+    // whose container drained and had no network).
+    let same = state.status == Status::Stopped
+        && state.exit_status == Some(status)
+        && state.error == error
+        && state.oom_kills == oom_kills
+        && state.drained == drained
+        && network.is_none();
+    if !same {
+        state.status = Status::Stopped;
+        state.exit_status = Some(status);
+        state.error = error;
+        state.oom_kills = oom_kills;
+        state.drained = drained;
+        let _ = state.save(root);
+    }
     network
 }
 
@@ -204,7 +212,9 @@ fn set_up(
     phases: &mut Phases,
 ) -> Result<Held, String> {
     let id = state.id.clone();
-    // Its host cgroup, chosen by the caller (`host_cgroup`).
+    // Its host cgroup, chosen and recorded by `create`, before it is
+    // made: a monitor killed while it starts the VM leaves `delete` what
+    // to remove.
     let cgroup = state.cgroup.clone();
     let cgroup = cgroup.as_deref();
     let dir = state::dir(root, &id);
@@ -214,11 +224,6 @@ fn set_up(
             .map_err(|e| format!("a network namespace for the container: {e}"))?;
     }
     let pod = state.pod == Some(crate::pod::Pod::Sandbox);
-    // The cgroup is recorded before it is made: a monitor killed while it
-    // starts the VM leaves `delete` what to remove.
-    if cgroup.is_some() {
-        state.save(root).map_err(|e| e.to_string())?;
-    }
     let (mut sandbox, spec_json, shape, network) =
         boot(root, bins, &dir, bundle, restore, pod, cgroup)?;
     state.shape = Some(shape);
@@ -672,7 +677,7 @@ fn resources(bundle: &Bundle) -> Option<&oci_spec::runtime::LinuxResources> {
 /// The VM's host cgroup (docs/runtime.md, "cgroups"): the spec's
 /// `cgroupsPath`, or `husk/<id>`; none for a monitor that is not root
 /// and was not given one.
-fn host_cgroup(bundle: &Bundle, id: &str) -> Result<Option<std::path::PathBuf>, String> {
+pub(crate) fn host_cgroup(bundle: &Bundle, id: &str) -> Result<Option<std::path::PathBuf>, String> {
     let named = bundle
         .spec
         .linux()
