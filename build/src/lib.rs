@@ -9,4 +9,5 @@
 
 pub mod dockerfile;
 pub mod ignore;
+pub mod layer;
 pub mod lex;
