@@ -135,7 +135,7 @@ fn matches_parts(pattern: &[String], path: &[String]) -> bool {
 }
 
 /// Go's `filepath.Match` on one element (no separator in either).
-fn element_matches(pattern: &str, name: &str) -> bool {
+pub fn element_matches(pattern: &str, name: &str) -> bool {
     fn go(p: &[char], n: &[char]) -> bool {
         match p.first() {
             None => n.is_empty(),

@@ -7,7 +7,9 @@
 
 #![deny(missing_docs)]
 
+pub mod context;
 pub mod dockerfile;
+pub mod exec;
 pub mod ignore;
 pub mod layer;
 pub mod lex;

@@ -231,7 +231,7 @@ fn read_in_root(rootfs: &Path, path: &str) -> Option<String> {
 
 /// uid, gid and additional gids of `user` (`name`, `uid`, `name:group`,
 /// `uid:gid`) in the container's /etc/passwd and /etc/group.
-fn resolve_user(rootfs: &Path, user: &str) -> Result<(u32, u32, Vec<u32>)> {
+pub fn resolve_user(rootfs: &Path, user: &str) -> Result<(u32, u32, Vec<u32>)> {
     let passwd = read_in_root(rootfs, "etc/passwd").unwrap_or_default();
     let group = read_in_root(rootfs, "etc/group").unwrap_or_default();
     let (u, g) = match user.split_once(':') {

@@ -129,6 +129,8 @@ pub enum Command {
     /// a container ID is).
     #[command(name = "_docker-ps", hide = true)]
     DockerPs(crate::docker::DockerPsArgs),
+    /// Build an image from a Dockerfile, every RUN step in a microVM.
+    Build(crate::images::BuildArgs),
     /// Pull an image from a registry.
     Pull(crate::images::PullArgs),
     /// Push an image to its registry.

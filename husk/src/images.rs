@@ -218,3 +218,81 @@ pub fn human_size(bytes: u64) -> String {
         b => format!("{:.1}kB", b as f64 / 1024.0),
     }
 }
+
+// The arguments of `build`.
+#[derive(clap::Args)]
+pub struct BuildArgs {
+    /// Name (and tag) for the image; may be given more than once.
+    #[arg(short = 't', long = "tag")]
+    pub tags: Vec<String>,
+    /// The Dockerfile (default: CONTEXT/Dockerfile).
+    #[arg(short = 'f', long = "file")]
+    pub file: Option<std::path::PathBuf>,
+    /// A build argument, KEY=VALUE (KEY alone takes it from the
+    /// environment).
+    #[arg(long = "build-arg")]
+    pub build_args: Vec<String>,
+    /// The stage to build (by name or number).
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Build every step again.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// A label for the image, KEY=VALUE.
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// linux/amd64, the only platform husk builds.
+    #[arg(long)]
+    pub platform: Option<String>,
+    /// The build context: a directory.
+    pub context: std::path::PathBuf,
+}
+
+/// Runs `husk build`.
+pub fn build(root: &Path, args: BuildArgs) -> anyhow::Result<u8> {
+    if let Some(p) = args.platform.as_deref().filter(|p| *p != "linux/amd64") {
+        anyhow::bail!("--platform {p}: husk builds linux/amd64 only");
+    }
+    let mut build_args = std::collections::HashMap::new();
+    for kv in &args.build_args {
+        match kv.split_once('=') {
+            Some((k, v)) => build_args.insert(k.to_string(), v.to_string()),
+            None => match std::env::var(kv) {
+                Ok(v) => build_args.insert(kv.clone(), v),
+                Err(_) => continue,
+            },
+        };
+    }
+    let labels = args
+        .labels
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| anyhow::anyhow!("--label {kv}: not KEY=VALUE"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let epoch = match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) => Some(
+            v.parse::<u64>()
+                .map_err(|_| anyhow::anyhow!("SOURCE_DATE_EPOCH={v}: not a number of seconds"))?,
+        ),
+        Err(_) => None,
+    };
+    let context = std::fs::canonicalize(&args.context)
+        .map_err(|e| anyhow::anyhow!("the build context {}: {e}", args.context.display()))?;
+    let options = husk_build::exec::Options {
+        root,
+        context: &context,
+        dockerfile: args.file.as_deref(),
+        tags: &args.tags,
+        build_args: &build_args,
+        target: args.target.as_deref(),
+        no_cache: args.no_cache,
+        labels: &labels,
+        epoch,
+    };
+    let mut out = std::io::stdout();
+    husk_build::exec::build(&options, &mut out)?;
+    Ok(0)
+}

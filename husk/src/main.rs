@@ -139,6 +139,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::DockerRun(args) => docker::docker_run(root, args),
         Command::DockerCheckpoint(args) => checkpoints::docker_checkpoint(root, args),
         Command::DockerPs(args) => docker::docker_ps(root, args),
+        Command::Build(args) => images::build(root, args),
         Command::Pull(args) => images::pull(root, args),
         Command::Push(args) => images::push(root, args),
         Command::Tag(args) => images::tag(root, args),

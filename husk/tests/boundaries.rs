@@ -94,6 +94,7 @@ fn each_library_links_only_the_husk_crates_below_it() {
                 "husk-guest",
                 "husk-image",
                 "husk-runtime",
+                "husk-docker",
             ],
         ),
         ("husk-agent", &["husk-protocol"]),

@@ -1,0 +1,967 @@
+//! Running a build (docs/build.md): each stage from its base's layers,
+//! each `RUN` in a microVM on an overlay of the stage's layers so far,
+//! each `COPY` into such an overlay on the host, the upper directory of
+//! either written as the step's layer; the other instructions change the
+//! image's config. Steps that make layers are cached by a key of their
+//! parent and what they do; the result is an image in husk's store.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use husk_image::store::{Image, Layer, Store};
+use oci_spec::image::{
+    Config, Descriptor, HistoryBuilder, ImageConfiguration, ImageManifestBuilder, MediaType,
+};
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::mount::{MountFlags, UnmountFlags};
+use sha2::{Digest, Sha256};
+
+use crate::dockerfile::{Base, Command, CopySpec, Dockerfile, Kind, Source, Step};
+use crate::lex::{self, Vars};
+
+/// A build that failed: where and why.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The Dockerfile, its context or a step's values.
+    #[error("{0}")]
+    Dockerfile(#[from] crate::dockerfile::DockerfileError),
+    /// A step that could not be done, naming it.
+    #[error("Dockerfile:{line}: {step}: {message}")]
+    Step {
+        /// Its line.
+        line: usize,
+        /// Its text's first line.
+        step: String,
+        /// What failed.
+        message: String,
+    },
+    /// A `RUN` whose command failed.
+    #[error("Dockerfile:{line}: {step}: the command exited with status {status}")]
+    Failed {
+        /// Its line.
+        line: usize,
+        /// Its text's first line.
+        step: String,
+        /// Its exit status.
+        status: i32,
+    },
+    /// Anything else, named.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// What `husk build` was asked.
+pub struct Options<'a> {
+    /// Husk's root (its store, its runtime state).
+    pub root: &'a Path,
+    /// The build context.
+    pub context: &'a Path,
+    /// The Dockerfile (default `CONTEXT/Dockerfile`).
+    pub dockerfile: Option<&'a Path>,
+    /// `-t`: names for the image.
+    pub tags: &'a [String],
+    /// `--build-arg K=V`.
+    pub build_args: &'a HashMap<String, String>,
+    /// `--target`.
+    pub target: Option<&'a str>,
+    /// `--no-cache`.
+    pub no_cache: bool,
+    /// `--label K=V`.
+    pub labels: &'a [(String, String)],
+    /// `SOURCE_DATE_EPOCH`: times in layers clamped to it.
+    pub epoch: Option<u64>,
+}
+
+/// A stage as it is being built.
+#[derive(Clone)]
+struct State {
+    layers: Vec<Layer>,
+    config: Config,
+    history: Vec<oci_spec::image::History>,
+    /// The cache key of what the stage is so far.
+    key: String,
+    /// ARGs declared in the stage, with their values.
+    args: Vars,
+    shell: Vec<String>,
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn random_hex() -> String {
+    let mut buf = [0u8; 8];
+    let _ = rustix::rand::getrandom(&mut buf, rustix::rand::GetRandomFlags::empty());
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn first_line(step: &Step) -> String {
+    step.text.lines().next().unwrap_or_default().to_string()
+}
+
+impl State {
+    /// The variables a step sees: the stage's ARGs, then its ENV over them.
+    fn vars(&self) -> Vars {
+        let mut v = self.args.clone();
+        for kv in self.config.env().iter().flatten() {
+            if let Some((k, val)) = kv.split_once('=') {
+                v.insert(k.to_string(), val.to_string());
+            }
+        }
+        v
+    }
+
+    fn set_env(&mut self, key: &str, value: &str) {
+        let mut env: Vec<String> = self.config.env().clone().unwrap_or_default();
+        env.retain(|kv| kv.split_once('=').map(|(k, _)| k) != Some(key));
+        env.push(format!("{key}={value}"));
+        self.config.set_env(Some(env));
+    }
+
+    /// The key of a step that makes a layer: its parent's and what it
+    /// does, with every value it depends on expanded in `what` (the ARGs,
+    /// ENV, user, working directory and shell a RUN sees; a COPY's
+    /// sources' content), so a step that changes nothing a later one
+    /// reads leaves that one cached, as BuildKit's cache does.
+    fn chain(&mut self, what: &serde_json::Value) {
+        self.key = sha256_hex(format!("{}\n{what}", self.key).as_bytes());
+    }
+
+    fn note(&mut self, step: &Step, empty_layer: bool) {
+        if let Ok(h) = HistoryBuilder::default()
+            .created_by(first_line(step))
+            .empty_layer(empty_layer)
+            .build()
+        {
+            self.history.push(h);
+        }
+    }
+}
+
+/// The overlay of a stage's layers with a fresh upper directory, mounted
+/// for a step, and removed with it.
+struct Mounted {
+    dir: PathBuf,
+}
+
+impl Mounted {
+    fn new(root: &Path, store: &Store, layers: &[Layer], writable: bool) -> Result<Self, String> {
+        let dir = root.join("build").join(random_hex());
+        let m = Mounted { dir };
+        for sub in ["rootfs", "upper", "work", "empty"] {
+            std::fs::create_dir_all(m.dir.join(sub))
+                .map_err(|e| format!("create {}: {e}", m.dir.join(sub).display()))?;
+        }
+        let mut lower = Vec::new();
+        for l in layers.iter().rev() {
+            lower.push(
+                store
+                    .layer_path(&l.diff_id)
+                    .map_err(|e| e.to_string())?
+                    .display()
+                    .to_string(),
+            );
+        }
+        if lower.is_empty() {
+            lower.push(m.dir.join("empty").display().to_string());
+        }
+        let data = match (writable, lower.len()) {
+            (false, 1) => None,
+            (false, _) => Some(format!("lowerdir={}", lower.join(":"))),
+            (true, _) => Some(format!(
+                "lowerdir={},upperdir={},workdir={},redirect_dir=off,metacopy=off,index=off",
+                lower.join(":"),
+                m.dir.join("upper").display(),
+                m.dir.join("work").display()
+            )),
+        };
+        let target = m.rootfs();
+        let mounted = match data {
+            None => rustix::mount::mount_bind(Path::new(&lower[0]), &target).and_then(|()| {
+                rustix::mount::mount_remount(&target, MountFlags::BIND | MountFlags::RDONLY, c"")
+            }),
+            Some(d) => rustix::mount::mount(
+                c"overlay",
+                &target,
+                c"overlay",
+                MountFlags::NOSUID
+                    | MountFlags::NODEV
+                    | if writable {
+                        MountFlags::empty()
+                    } else {
+                        MountFlags::RDONLY
+                    },
+                Some(CString::new(d).map_err(|e| e.to_string())?.as_c_str()),
+            ),
+        };
+        mounted.map_err(|e| format!("mount the stage's {} layers: {e}", layers.len()))?;
+        Ok(m)
+    }
+
+    fn rootfs(&self) -> PathBuf {
+        self.dir.join("rootfs")
+    }
+
+    fn upper(&self) -> PathBuf {
+        self.dir.join("upper")
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = rustix::mount::unmount(self.rootfs(), UnmountFlags::DETACH);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The cache: a step's key to the layer it made.
+fn cache_path(root: &Path, key: &str) -> PathBuf {
+    root.join("build-cache").join(format!("{key}.json"))
+}
+
+struct Builder<'a> {
+    o: &'a Options<'a>,
+    store: Store,
+    file: Dockerfile,
+    ignore: crate::ignore::Ignore,
+    out: &'a mut dyn Write,
+    /// Finished stages, by index.
+    done: HashMap<usize, State>,
+    /// Global ARGs with their values.
+    globals: Vars,
+    /// Steps that ran (not cached).
+    pub ran: usize,
+}
+
+/// Builds the image `o` asks for; progress goes to `out`. Returns the
+/// image's ID (its config's digest).
+pub fn build(o: &Options<'_>, out: &mut dyn Write) -> Result<String, BuildError> {
+    let path = o
+        .dockerfile
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| o.context.join("Dockerfile"));
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| BuildError::Other(format!("read {}: {e}", path.display())))?;
+    let file = crate::dockerfile::parse(&text)?;
+    let ignore = match std::fs::read_to_string(o.context.join(".dockerignore")) {
+        Ok(t) => crate::ignore::Ignore::parse(&t).map_err(BuildError::Other)?,
+        Err(_) => Default::default(),
+    };
+    let store = Store::open(o.root).map_err(|e| BuildError::Other(e.to_string()))?;
+    // Held for the whole build, so that a garbage collection meanwhile
+    // keeps the layers it makes and uses before an image names them.
+    let _adding = store
+        .adding()
+        .map_err(|e| BuildError::Other(e.to_string()))?;
+    let mut globals = Vars::new();
+    for (name, default) in &file.global_args {
+        let value = match (o.build_args.get(name), default) {
+            (Some(v), _) => v.clone(),
+            (None, Some(d)) => lex::word(d, file.escape, &globals)
+                .map_err(|e| BuildError::Other(format!("ARG {name}: {e}")))?,
+            (None, None) => continue,
+        };
+        globals.insert(name.clone(), value);
+    }
+    let (target, stages) = file.stages_for(o.target).map_err(BuildError::Other)?;
+    let mut b = Builder {
+        o,
+        store,
+        file,
+        ignore,
+        out,
+        done: HashMap::new(),
+        globals,
+        ran: 0,
+    };
+    for k in stages {
+        let state = b.stage(k)?;
+        b.done.insert(k, state);
+    }
+    let mut state = b.done.remove(&target).expect("the target was built");
+    for (k, v) in o.labels {
+        let mut labels = state.config.labels().clone().unwrap_or_default();
+        labels.insert(k.clone(), v.clone());
+        state.config.set_labels(Some(labels));
+    }
+    b.commit(state)
+}
+
+impl Builder<'_> {
+    fn say(&mut self, line: String) {
+        let _ = writeln!(self.out, "{line}");
+        let _ = self.out.flush();
+    }
+
+    fn stage(&mut self, k: usize) -> Result<State, BuildError> {
+        let stage = self.file.stages[k].clone();
+        let fail = |message: String| BuildError::Step {
+            line: stage.line,
+            step: format!("FROM {}", stage.name.clone().unwrap_or_default()),
+            message,
+        };
+        let mut state = match &stage.base {
+            Base::Scratch => State {
+                layers: Vec::new(),
+                config: Config::default(),
+                history: Vec::new(),
+                key: sha256_hex(b"scratch"),
+                args: Vars::new(),
+                shell: vec!["/bin/sh".into(), "-c".into()],
+            },
+            Base::Stage(b) => {
+                let mut s = self
+                    .done
+                    .get(b)
+                    .cloned()
+                    .ok_or_else(|| fail("its base stage was not built".into()))?;
+                s.args.clear();
+                s
+            }
+            Base::Image(raw) => {
+                let name = lex::word(raw, self.file.escape, &self.globals)
+                    .map_err(|e| fail(e.to_string()))?;
+                if name.is_empty() {
+                    return Err(fail(format!("FROM {raw}: the image name is empty")));
+                }
+                if let Some(i) = self.file.stage_index(&name).filter(|&i| i < k) {
+                    let mut s = self
+                        .done
+                        .get(&i)
+                        .cloned()
+                        .ok_or_else(|| fail("its base stage was not built".into()))?;
+                    s.args.clear();
+                    s
+                } else {
+                    let (store, image) =
+                        husk_docker::image(self.o.root, &name).map_err(|e| fail(e.to_string()))?;
+                    let config =
+                        husk_image::config(&store, &image).map_err(|e| fail(e.to_string()))?;
+                    State {
+                        layers: image.layers.clone(),
+                        config: config.config().clone().unwrap_or_default(),
+                        history: config.history().clone().unwrap_or_default(),
+                        key: sha256_hex(image.config.as_bytes()),
+                        args: Vars::new(),
+                        shell: vec!["/bin/sh".into(), "-c".into()],
+                    }
+                }
+            }
+        };
+        if let Some(p) = &stage.platform {
+            let p =
+                lex::word(p, self.file.escape, &self.globals).map_err(|e| fail(e.to_string()))?;
+            if p != "linux/amd64" && !p.is_empty() {
+                return Err(fail(format!(
+                    "--platform={p}: husk builds linux/amd64 only"
+                )));
+            }
+        }
+        let total = stage.steps.len();
+        for (n, step) in stage.steps.iter().enumerate() {
+            self.say(format!("[{}/{}] {}", n + 1, total, first_line(step)));
+            self.step(&mut state, step).map_err(|e| match e {
+                BuildError::Other(message) => BuildError::Step {
+                    line: step.line,
+                    step: first_line(step),
+                    message,
+                },
+                e => e,
+            })?;
+        }
+        Ok(state)
+    }
+
+    fn word(&self, state: &State, raw: &str) -> Result<String, BuildError> {
+        lex::word(raw, self.file.escape, &state.vars())
+            .map_err(|e| BuildError::Other(e.to_string()))
+    }
+
+    fn step(&mut self, state: &mut State, step: &Step) -> Result<(), BuildError> {
+        let esc = self.file.escape;
+        match &step.kind {
+            Kind::Arg(args) => {
+                for (name, default) in args {
+                    let value = match (self.o.build_args.get(name), default, self.globals.get(name))
+                    {
+                        (Some(v), _, _) => Some(v.clone()),
+                        (None, Some(d), _) => Some(self.word(state, d)?),
+                        (None, None, Some(g)) => Some(g.clone()),
+                        _ => None,
+                    };
+                    if let Some(v) = value {
+                        state.args.insert(name.clone(), v);
+                    }
+                }
+            }
+            Kind::Env(pairs) => {
+                let vars = state.vars();
+                let mut set = Vec::new();
+                for (k, v) in pairs {
+                    let k =
+                        lex::word(k, esc, &vars).map_err(|e| BuildError::Other(e.to_string()))?;
+                    let v =
+                        lex::word(v, esc, &vars).map_err(|e| BuildError::Other(e.to_string()))?;
+                    set.push((k, v));
+                }
+                for (k, v) in &set {
+                    state.set_env(k, v);
+                }
+                state.note(step, true);
+            }
+            Kind::Label(pairs) => {
+                let mut labels = state.config.labels().clone().unwrap_or_default();
+                for (k, v) in pairs {
+                    labels.insert(self.word(state, k)?, self.word(state, v)?);
+                }
+                state.config.set_labels(Some(labels));
+                state.note(step, true);
+            }
+            Kind::Workdir(raw) => {
+                let w = self.word(state, raw)?;
+                let base = state
+                    .config
+                    .working_dir()
+                    .clone()
+                    .unwrap_or_else(|| "/".into());
+                let dir = if w.starts_with('/') {
+                    w
+                } else {
+                    format!("{}/{w}", base.trim_end_matches('/'))
+                };
+                state.config.set_working_dir(Some(dir.clone()));
+                state.note(step, true);
+            }
+            Kind::User(raw) => {
+                let u = self.word(state, raw)?;
+                state.config.set_user(Some(u.clone()));
+                state.note(step, true);
+            }
+            Kind::Expose(raw) => {
+                let words = lex::words(raw, esc, &state.vars())
+                    .map_err(|e| BuildError::Other(e.to_string()))?;
+                let mut ports = state.config.exposed_ports().clone().unwrap_or_default();
+                for w in words {
+                    let p = if w.contains('/') {
+                        w
+                    } else {
+                        format!("{w}/tcp")
+                    };
+                    if !ports.contains(&p) {
+                        ports.push(p);
+                    }
+                }
+                state.config.set_exposed_ports(Some(ports));
+                state.note(step, true);
+            }
+            Kind::Volume { json, raw } => {
+                let paths = match json {
+                    Some(j) => j
+                        .iter()
+                        .map(|p| self.word(state, p))
+                        .collect::<Result<Vec<_>, _>>()?,
+                    None => lex::words(raw, esc, &state.vars())
+                        .map_err(|e| BuildError::Other(e.to_string()))?,
+                };
+                let mut volumes = state.config.volumes().clone().unwrap_or_default();
+                for p in paths {
+                    if !volumes.contains(&p) {
+                        volumes.push(p);
+                    }
+                }
+                state.config.set_volumes(Some(volumes));
+                state.note(step, true);
+            }
+            Kind::Entrypoint(c) => {
+                state.config.set_entrypoint(Some(self.argv(state, c)));
+                // A new ENTRYPOINT resets CMD, as docker's builder does.
+                state.config.set_cmd(None);
+                state.note(step, true);
+            }
+            Kind::Cmd(c) => {
+                state.config.set_cmd(Some(self.argv(state, c)));
+                state.note(step, true);
+            }
+            Kind::Shell(s) => {
+                state.shell = s.clone();
+                state.note(step, true);
+            }
+            Kind::StopSignal(raw) => {
+                let s = self.word(state, raw)?;
+                state.config.set_stop_signal(Some(s));
+                state.note(step, true);
+            }
+            Kind::Maintainer(_) | Kind::Healthcheck(_) | Kind::Onbuild(_) => {
+                // An OCI image config has no place for these (buildah
+                // drops HEALTHCHECK and ONBUILD from OCI images too).
+                state.note(step, true);
+            }
+            Kind::Run {
+                command,
+                here_docs,
+                network,
+            } => {
+                if !here_docs.is_empty() {
+                    return Err(BuildError::Other(
+                        "RUN with a here-document is not supported yet".into(),
+                    ));
+                }
+                let argv = self.argv(state, command);
+                let payload = serde_json::json!({
+                    "run": argv,
+                    "env": state.config.env(),
+                    "args": state.args,
+                    "user": state.config.user(),
+                    "workdir": state.config.working_dir(),
+                    "network": network,
+                });
+                state.chain(&payload);
+                if self.cached(state, step)? {
+                    return Ok(());
+                }
+                self.run(state, step, &argv)?;
+            }
+            Kind::Copy(spec) => self.copy(state, step, spec, false)?,
+            Kind::Add(spec) => self.copy(state, step, spec, true)?,
+        }
+        Ok(())
+    }
+
+    /// A command's argv: the exec form as it is, the shell form through
+    /// the stage's SHELL.
+    fn argv(&self, state: &State, c: &Command) -> Vec<String> {
+        match c {
+            Command::Exec(v) => v.clone(),
+            Command::Shell(s) => {
+                let mut v = state.shell.clone();
+                v.push(s.clone());
+                v
+            }
+        }
+    }
+
+    /// A cached layer for the state's key, applied. False when there is
+    /// none (or the cache is not to be used).
+    fn cached(&mut self, state: &mut State, step: &Step) -> Result<bool, BuildError> {
+        if self.o.no_cache {
+            return Ok(false);
+        }
+        let Ok(bytes) = std::fs::read(cache_path(self.o.root, &state.key)) else {
+            return Ok(false);
+        };
+        let Ok(layer) = serde_json::from_slice::<Layer>(&bytes) else {
+            return Ok(false);
+        };
+        if self.store.unpack(&layer).is_err() {
+            return Ok(false);
+        }
+        self.say(format!("CACHED {}", first_line(step)));
+        state.layers.push(layer);
+        state.note(step, false);
+        Ok(true)
+    }
+
+    /// Writes `upper` as a layer into the store, records it for the
+    /// state's key, and adds it to the stage.
+    fn layer_from(
+        &mut self,
+        state: &mut State,
+        step: &Step,
+        upper: &Path,
+    ) -> Result<(), BuildError> {
+        let other = |e: String| BuildError::Other(e);
+        let tmp = self
+            .o
+            .root
+            .join("build")
+            .join(format!("layer-{}.tar", random_hex()));
+        let written = (|| {
+            let file = std::fs::File::create(&tmp)
+                .map_err(|e| format!("create {}: {e}", tmp.display()))?;
+            let mut buffered = std::io::BufWriter::new(file);
+            let w = crate::layer::write(upper, &mut buffered, self.o.epoch)
+                .map_err(|e| e.to_string())?;
+            buffered.flush().map_err(|e| e.to_string())?;
+            drop(buffered);
+            let file = std::fs::File::open(&tmp).map_err(|e| e.to_string())?;
+            self.store
+                .put_blob_from(&w.diff_id, file)
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(w)
+        })();
+        let _ = std::fs::remove_file(&tmp);
+        let w = written.map_err(other)?;
+        let layer = Layer {
+            digest: w.diff_id.clone(),
+            diff_id: w.diff_id,
+            size: w.size,
+            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+        };
+        self.store
+            .unpack(&layer)
+            .map_err(|e| other(e.to_string()))?;
+        let cache = cache_path(self.o.root, &state.key);
+        if let Some(dir) = cache.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let _ = std::fs::write(&cache, serde_json::to_vec(&layer).unwrap_or_default());
+        state.layers.push(layer);
+        state.note(step, false);
+        self.ran += 1;
+        Ok(())
+    }
+
+    fn run(&mut self, state: &mut State, step: &Step, argv: &[String]) -> Result<(), BuildError> {
+        let other = |e: String| BuildError::Other(e);
+        let mounted = Mounted::new(self.o.root, &self.store, &state.layers, true).map_err(other)?;
+        let rootfs = mounted.rootfs();
+        let user = state.config.user().clone().unwrap_or_default();
+        let (uid, gid, groups) = if user.is_empty() {
+            (0, 0, Vec::new())
+        } else {
+            husk_docker::resolve_user(&rootfs, &user).map_err(|e| other(e.to_string()))?
+        };
+        let cwd = state
+            .config
+            .working_dir()
+            .clone()
+            .unwrap_or_else(|| "/".into());
+        let mut env: Vec<String> = state.config.env().clone().unwrap_or_default();
+        if !env.iter().any(|e| e.starts_with("PATH=")) {
+            env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+        }
+        // ARGs are the command's environment too, under ENV.
+        for (k, v) in &state.args {
+            if !env
+                .iter()
+                .any(|e| e.split_once('=').map(|(n, _)| n) == Some(k))
+            {
+                env.push(format!("{k}={v}"));
+            }
+        }
+        let mut spec =
+            husk_docker::busybox::config(&argv.iter().map(String::as_str).collect::<Vec<_>>());
+        if let Some(p) = spec.process_mut() {
+            p.set_env(Some(env));
+            p.set_cwd(PathBuf::from(&cwd));
+            let mut u = oci_spec::runtime::User::default();
+            u.set_uid(uid);
+            u.set_gid(gid);
+            u.set_additional_gids(Some(groups));
+            p.set_user(u);
+        }
+        if let Some(r) = spec.root_mut() {
+            r.set_path(rootfs.clone());
+            r.set_readonly(Some(false));
+        }
+        // The working directory exists, as docker's builder makes it.
+        let rel = cwd.trim_start_matches('/');
+        if !rel.is_empty() {
+            mkdir_in_root(&rootfs, rel).map_err(other)?;
+        }
+        let bundle = mounted.dir.clone();
+        std::fs::write(
+            bundle.join("config.json"),
+            serde_json::to_vec(&spec).map_err(|e| other(e.to_string()))?,
+        )
+        .map_err(|e| other(e.to_string()))?;
+        let id = format!("husk-build-{}", random_hex());
+        let options = husk_runtime::container::CreateOptions {
+            root: self.o.root,
+            id: &id,
+            bundle: &bundle,
+            pid_file: None,
+            console_socket: None,
+            detach: false,
+            restore: None,
+            stdio: None,
+            pod: None,
+        };
+        let status = husk_runtime::run::run(&options).map_err(|e| other(e.to_string()))?;
+        if status != 0 {
+            return Err(BuildError::Failed {
+                line: step.line,
+                step: first_line(step),
+                status,
+            });
+        }
+        let _ = rustix::mount::unmount(&rootfs, UnmountFlags::empty());
+        self.layer_from(state, step, &mounted.upper())
+    }
+
+    fn copy(
+        &mut self,
+        state: &mut State,
+        step: &Step,
+        spec: &CopySpec,
+        add: bool,
+    ) -> Result<(), BuildError> {
+        let other = |e: String| BuildError::Other(e);
+        // Where from: the context, or a stage's (or image's) root.
+        let from_state = match &spec.from {
+            None => None,
+            Some(f) => {
+                let f = self.word(state, f)?;
+                match self.file.stage_index(&f) {
+                    Some(i) => Some(self.done.get(&i).cloned().ok_or_else(|| {
+                        other(format!(
+                            "--from={f}: that stage is not built before this one"
+                        ))
+                    })?),
+                    None => {
+                        let (store, image) = husk_docker::image(self.o.root, &f)
+                            .map_err(|e| other(e.to_string()))?;
+                        let _ = store;
+                        Some(State {
+                            layers: image.layers.clone(),
+                            config: Config::default(),
+                            history: Vec::new(),
+                            key: sha256_hex(image.config.as_bytes()),
+                            args: Vars::new(),
+                            shell: Vec::new(),
+                        })
+                    }
+                }
+            }
+        };
+        let source_mount = match &from_state {
+            Some(s) => {
+                Some(Mounted::new(self.o.root, &self.store, &s.layers, false).map_err(other)?)
+            }
+            None => None,
+        };
+        let source_root = match &source_mount {
+            Some(m) => m.rootfs(),
+            None => self.o.context.to_path_buf(),
+        };
+        let mut sources = Vec::new();
+        for s in &spec.sources {
+            match s {
+                Source::Path(p) => {
+                    let p = self.word(state, p)?;
+                    let found = crate::context::select(
+                        &source_root,
+                        &p,
+                        match from_state {
+                            Some(_) => None,
+                            None => Some(&self.ignore),
+                        },
+                    )
+                    .map_err(other)?;
+                    sources.extend(found);
+                }
+                Source::HereDoc(_) => {
+                    return Err(other(
+                        "COPY from a here-document is not supported yet".into(),
+                    ));
+                }
+            }
+        }
+        if add {
+            for s in &sources {
+                if crate::context::is_archive(&source_root.join(s)) {
+                    return Err(other(format!(
+                        "ADD {s}: unpacking an archive is not supported yet"
+                    )));
+                }
+            }
+        }
+        let dest = self.word(state, &spec.dest)?;
+        let chown = spec
+            .chown
+            .as_ref()
+            .map(|c| self.word(state, c))
+            .transpose()?;
+        let chmod = match &spec.chmod {
+            Some(c) => Some(
+                u32::from_str_radix(&self.word(state, c)?, 8)
+                    .ok()
+                    .filter(|m| *m <= 0o7777)
+                    .ok_or_else(|| other(format!("--chmod={c}: not an octal mode")))?,
+            ),
+            None => None,
+        };
+        let ignore_all = self.ignore.clone();
+        let ignore = match from_state {
+            Some(_) => None,
+            None => Some(&ignore_all),
+        };
+        let digest = crate::context::digest(&source_root, &sources, ignore).map_err(other)?;
+        let payload = serde_json::json!({
+            "copy": sources,
+            "from": from_state.as_ref().map(|s| &s.key),
+            "content": digest,
+            "dest": dest,
+            "workdir": state.config.working_dir(),
+            "chown": chown,
+            "chmod": chmod,
+        });
+        state.chain(&payload);
+        if self.cached(state, step)? {
+            return Ok(());
+        }
+        let target = Mounted::new(self.o.root, &self.store, &state.layers, true).map_err(other)?;
+        let rootfs = target.rootfs();
+        let (uid, gid) = match &chown {
+            Some(c) => {
+                let (u, g, _) =
+                    husk_docker::resolve_user(&rootfs, c).map_err(|e| other(e.to_string()))?;
+                (u, g)
+            }
+            None => (0, 0),
+        };
+        let cwd = state
+            .config
+            .working_dir()
+            .clone()
+            .unwrap_or_else(|| "/".into());
+        let dest_abs = if dest.starts_with('/') {
+            dest.clone()
+        } else {
+            format!("{}/{dest}", cwd.trim_end_matches('/'))
+        };
+        crate::context::copy_into(
+            &source_root,
+            &sources,
+            &rootfs,
+            &dest_abs,
+            dest.ends_with('/') || sources.len() > 1,
+            &crate::context::How {
+                owner: (uid, gid),
+                chmod,
+                ignore,
+            },
+        )
+        .map_err(other)?;
+        drop(source_mount);
+        let _ = rustix::mount::unmount(&rootfs, UnmountFlags::empty());
+        self.layer_from(state, step, &target.upper())
+    }
+
+    /// Writes the stage's config and manifest into the store and names
+    /// the image.
+    fn commit(&mut self, state: State) -> Result<String, BuildError> {
+        let other = |e: String| BuildError::Other(e);
+        let diff_ids: Vec<String> = state.layers.iter().map(|l| l.diff_id.clone()).collect();
+        let rootfs = oci_spec::image::RootFsBuilder::default()
+            .typ("layers")
+            .diff_ids(diff_ids)
+            .build()
+            .map_err(|e| other(e.to_string()))?;
+        let mut config = ImageConfiguration::default();
+        config.set_config(Some(state.config.clone()));
+        config.set_rootfs(rootfs);
+        config.set_history(Some(state.history.clone()));
+        config.set_architecture(oci_spec::image::Arch::Amd64);
+        config.set_os(oci_spec::image::Os::Linux);
+        if let Some(e) = self.o.epoch {
+            config.set_created(Some(
+                humantime::format_rfc3339(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(e),
+                )
+                .to_string(),
+            ));
+        } else {
+            config.set_created(Some(husk_image::now_rfc3339()));
+        }
+        let config_bytes = serde_json::to_vec(&config).map_err(|e| other(e.to_string()))?;
+        let config_digest = self
+            .store
+            .put_blob(None, &config_bytes)
+            .map_err(|e| other(e.to_string()))?;
+        let layers: Vec<Descriptor> = state
+            .layers
+            .iter()
+            .map(|l| {
+                Descriptor::new(
+                    MediaType::Other(l.media_type.clone()),
+                    l.size,
+                    l.digest
+                        .as_str()
+                        .try_into()
+                        .unwrap_or_else(|_| unreachable_digest()),
+                )
+            })
+            .collect();
+        let manifest = ImageManifestBuilder::default()
+            .schema_version(2u32)
+            .media_type(MediaType::ImageManifest)
+            .config(Descriptor::new(
+                MediaType::ImageConfig,
+                config_bytes.len() as u64,
+                config_digest
+                    .as_str()
+                    .try_into()
+                    .unwrap_or_else(|_| unreachable_digest()),
+            ))
+            .layers(layers)
+            .build()
+            .map_err(|e| other(e.to_string()))?;
+        let manifest_bytes = serde_json::to_vec(&manifest).map_err(|e| other(e.to_string()))?;
+        let manifest_digest = self
+            .store
+            .put_blob(None, &manifest_bytes)
+            .map_err(|e| other(e.to_string()))?;
+        let id = config_digest.clone();
+        let default_tag = vec![format!("localhost/build:{}", &id[7..19])];
+        let tags = if self.o.tags.is_empty() {
+            &default_tag
+        } else {
+            self.o.tags
+        };
+        for tag in tags {
+            let reference = husk_image::reference::Reference::parse(tag)
+                .map_err(|e| other(format!("-t {tag}: {e}")))?;
+            let image: Image =
+                husk_image::record(&self.store, &reference, &manifest_digest, &manifest_bytes)
+                    .map_err(|e| other(e.to_string()))?;
+            self.say(format!("naming to {}", image.name));
+        }
+        self.say(format!("writing image {id}"));
+        Ok(id)
+    }
+}
+
+fn unreachable_digest() -> oci_spec::image::Digest {
+    "sha256:0000000000000000000000000000000000000000000000000000000000000000"
+        .try_into()
+        .expect("a well-formed digest")
+}
+
+/// Makes directory `rel` (and its parents) inside `root`, resolved as in
+/// a chroot: a symlink in the image never leads outside it.
+pub(crate) fn mkdir_in_root(root: &Path, rel: &str) -> Result<OwnedFd, String> {
+    let root_fd = rustix::fs::open(
+        root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("open {}: {e}", root.display()))?;
+    let open = |path: &str| {
+        rustix::fs::openat2(
+            &root_fd,
+            if path.is_empty() { "." } else { path },
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+        )
+        .map_err(|e| format!("make /{path} in the image: {e}"))
+    };
+    let mut done = String::new();
+    for part in rel.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        // Each prefix is resolved from the image's root, as in a chroot.
+        let parent = open(&done)?;
+        let _ = rustix::fs::mkdirat(&parent, part, Mode::from_raw_mode(0o755));
+        if !done.is_empty() {
+            done.push('/');
+        }
+        done.push_str(part);
+    }
+    open(&done)
+}
