@@ -468,7 +468,7 @@ fn kind(i: &P<'_>, escape: char) -> Result<Kind, String> {
 /// before the next instruction's (`end`), trailing white space and
 /// comment lines off.
 fn text_between(text: &str, start: usize, end: usize) -> String {
-    let mut lines: Vec<&str> = text[start..end].lines().collect();
+    let mut lines: Vec<&str> = text.get(start..end).unwrap_or_default().lines().collect();
     while let Some(last) = lines.last() {
         let t = last.trim();
         if t.is_empty() || t.starts_with('#') {
@@ -482,6 +482,8 @@ fn text_between(text: &str, start: usize, end: usize) -> String {
 
 /// Reads `text`, a Dockerfile.
 pub fn parse(text: &str) -> Result<Dockerfile, DockerfileError> {
+    // A byte-order mark is skipped (the parser's spans start after it).
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let file = parse_dockerfile::parse(text).map_err(|e| DockerfileError {
         line: e.line(),
         message: e.to_string(),
@@ -849,6 +851,10 @@ mod tests {
             refused("FROM scratch\nARG 1x-y\n").to_string(),
             "Dockerfile:2: ARG 1x-y: \"1x-y\" is not a variable name"
         );
+        // A byte-order mark is skipped; a multi-byte character anywhere
+        // is only text.
+        let f = parse("\u{feff}FROM scratch\nENV B=${A:\u{4dc}}\nRUN true\n").unwrap();
+        assert_eq!(f.stages[0].steps[1].text, "RUN true");
         assert_eq!(
             refused("FROM scratch\nENV A=\"open\n").to_string(),
             "Dockerfile:2: ENV: unterminated double quote"

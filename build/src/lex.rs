@@ -39,7 +39,13 @@ pub enum LexError {
     /// `${}`.
     #[error("${{}}: a variable needs a name")]
     NoName,
+    /// `${A:-${B:-${...}}}` nested past [`MAX_NESTING`].
+    #[error("variables nested more than {MAX_NESTING} deep")]
+    TooDeep,
 }
+
+/// How deep `${A:-${B:-...}}` may nest (each level is read again).
+pub const MAX_NESTING: usize = 32;
 
 /// The build's variables in scope, by name.
 pub type Vars = HashMap<String, String>;
@@ -297,6 +303,9 @@ impl<'a> Lexer<'a> {
             }
         }
         let raw: String = self.chars[word_start..self.at - 1].iter().collect();
+        if raw.matches("${").count() > MAX_NESTING {
+            return Err(LexError::TooDeep);
+        }
         let colon = op.starts_with(':');
         // With a colon an empty value counts as unset.
         let set = match value {
@@ -368,6 +377,10 @@ mod tests {
             Err(LexError::UnterminatedBrace(_))
         ));
         assert_eq!(word("${}", '\\', &vars()), Err(LexError::NoName));
+        let deep = format!("{}x{}", "${A:-".repeat(40), "}".repeat(40));
+        assert_eq!(word(&deep, '\\', &vars()), Err(LexError::TooDeep));
+        let fine = format!("{}x{}", "${NONE:-".repeat(10), "}".repeat(10));
+        assert_eq!(w(&fine), "x");
     }
 
     #[test]

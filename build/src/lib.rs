@@ -1,9 +1,10 @@
-//! `husk build`'s front half (issue 20): a Dockerfile read into stages
+//! `husk build` (issue 20, docs/build.md): a Dockerfile read into stages
 //! and steps with BuildKit's meaning (`dockerfile`), its words and
-//! variables as BuildKit's shell lexer reads them (`lex`), and the
-//! context's `.dockerignore` (`ignore`). Running the steps (each `RUN` in
-//! a microVM on the stage's layers), the layer cache and the CLI come on
-//! top (docs/build.md).
+//! variables as BuildKit's shell lexer reads them (`lex`), the context's
+//! `.dockerignore` (`ignore`), COPY's sources found and copied without
+//! leaving the context or the image's root (`context`), a step's overlay
+//! upper directory written as an OCI layer (`layer`), and the build run:
+//! `RUN` in a microVM, the cache, the image into the store (`exec`).
 
 #![deny(missing_docs)]
 

@@ -313,3 +313,48 @@ pub fn host_frames(data: &[u8]) {
         assert_eq!(again, record, "a record survives its encoding");
     }
 }
+
+/// A Dockerfile, as `husk build` reads one from a context (a pull
+/// request's, a sandbox user's): read into stages and steps, every step's
+/// raw words through the lexer with some variables set, the target's
+/// stages found; the same bytes as a `.dockerignore`, matched against a
+/// few paths. Nothing here may panic or loop.
+pub fn dockerfile(data: &[u8]) {
+    use husk_build::dockerfile::Kind;
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let vars: husk_build::lex::Vars = [("A", "x"), ("EMPTY", "")]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    if let Ok(file) = husk_build::dockerfile::parse(text) {
+        let _ = file.stages_for(None);
+        let _ = file.stages_for(Some("0"));
+        for stage in &file.stages {
+            for step in &stage.steps {
+                let raw = match &step.kind {
+                    Kind::Workdir(w) | Kind::User(w) | Kind::Expose(w) | Kind::StopSignal(w) => {
+                        w.clone()
+                    }
+                    Kind::Env(pairs) | Kind::Label(pairs) => pairs
+                        .iter()
+                        .map(|(k, v)| format!("{k} {v}"))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    _ => step.text.clone(),
+                };
+                let _ = husk_build::lex::word(&raw, file.escape, &vars);
+                let _ = husk_build::lex::words(&raw, file.escape, &vars);
+            }
+        }
+    }
+    let _ = husk_build::lex::word(text, '\\', &vars);
+    let _ = husk_build::lex::raw_words(text, '`');
+    if let Ok(ignore) = husk_build::ignore::Ignore::parse(text) {
+        for path in ["a", "a/b/c", "Dockerfile", ".dockerignore", "x/y.log"] {
+            let _ = ignore.excludes(path);
+            let _ = ignore.may_include_below(path);
+        }
+    }
+}

@@ -805,6 +805,35 @@ fn host_frames(seeds: &mut Seeds) {
     add(seeds, "host_frames", "output", b);
 }
 
+fn dockerfile(seeds: &mut Seeds) {
+    let two_stage = "# syntax=docker/dockerfile:1\nARG BASE=husk/busybox\nFROM $BASE AS base\n\
+ARG GREETING=hello\nENV WHO=world A=\"two words\" B=${A:-d}\nWORKDIR /app\n\
+COPY --chown=1:2 --chmod=640 greet.txt sub* ./\n\
+RUN echo \"$GREETING $WHO\" > out.txt \\\n && cat greet.txt >> out.txt\n\
+RUN <<EOT\necho here\nEOT\nFROM scratch\nCOPY --from=base /app/out.txt /out.txt\n\
+LABEL built=by-husk \"a b\"=\"c d\"\nEXPOSE 8080 53/udp\nVOLUME [\"/data\"]\nUSER 1000:1000\n\
+HEALTHCHECK --interval=5s CMD [\"true\"]\nONBUILD RUN echo later\nSTOPSIGNAL SIGTERM\n\
+SHELL [\"/bin/sh\", \"-ec\"]\nENTRYPOINT [\"cat\"]\nCMD [\"/out.txt\"]\n";
+    add(
+        seeds,
+        "dockerfile",
+        "two-stage",
+        two_stage.as_bytes().to_vec(),
+    );
+    add(
+        seeds,
+        "dockerfile",
+        "ignore",
+        b"# comment\n*.log\n/build\n!build/keep.txt\ndocs/**/*.md\n[ab].c\n".to_vec(),
+    );
+    add(
+        seeds,
+        "dockerfile",
+        "escape",
+        b"# escape=`\nFROM scratch\nRUN echo a `\n  b\nWORKDIR C:\\dir\n".to_vec(),
+    );
+}
+
 fn all_seeds() -> Seeds {
     let mut seeds = Seeds::new();
     rng(&mut seeds);
@@ -820,6 +849,7 @@ fn all_seeds() -> Seeds {
     image_archive(&mut seeds);
     agent_frames(&mut seeds);
     host_frames(&mut seeds);
+    dockerfile(&mut seeds);
     seeds
 }
 
@@ -838,6 +868,7 @@ fn run(target: &str, data: &[u8]) {
         "image_archive" => targets::image_archive(data),
         "agent_frames" => targets::agent_frames(data),
         "host_frames" => targets::host_frames(data),
+        "dockerfile" => targets::dockerfile(data),
         other => panic!("no target {other}"),
     }
 }
