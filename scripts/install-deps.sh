@@ -31,6 +31,8 @@ pkgs=(
 	# dockerd driving husk (its own daemon per test); iperf3 for the
 	# network benchmark
 	docker.io iperf3
+	# husk build's images compared with buildah bud's (issue 20)
+	buildah
 	# the Kubernetes tests' CRI client (k8s-cri) compiles CRI's protos
 	protobuf-compiler
 )
