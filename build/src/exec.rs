@@ -26,7 +26,7 @@ use crate::lex::{self, Vars};
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     /// The Dockerfile, its context or a step's values.
-    #[error("{0}")]
+    #[error(transparent)]
     Dockerfile(#[from] crate::dockerfile::DockerfileError),
     /// A step that could not be done, naming it.
     #[error("Dockerfile:{line}: {step}: {message}")]
@@ -217,6 +217,15 @@ impl Drop for Mounted {
     fn drop(&mut self) {
         let _ = rustix::mount::unmount(self.rootfs(), UnmountFlags::DETACH);
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A here-document's directory, removed with it.
+struct HereDocDir(PathBuf);
+
+impl Drop for HereDocDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -507,12 +516,34 @@ impl Builder<'_> {
                 here_docs,
                 network,
             } => {
-                if !here_docs.is_empty() {
-                    return Err(BuildError::Other(
-                        "RUN with a here-document is not supported yet".into(),
-                    ));
-                }
-                let argv = self.argv(state, command);
+                // `RUN <<EOF ... EOF`: the here-document is the script the
+                // stage's shell runs, as BuildKit runs it. A here-document
+                // fed to a command's input (`RUN cat <<EOF`) is not yet.
+                let argv = match (here_docs.as_slice(), command) {
+                    ([], _) => self.argv(state, command),
+                    // The reader gives the command without its `<<EOF`
+                    // marker when the here-document is all of it.
+                    ([doc], Command::Shell(text))
+                        if text.trim().is_empty()
+                            || text.trim_start().starts_with("<<")
+                                && !text
+                                    .trim_start()
+                                    .lines()
+                                    .next()
+                                    .unwrap_or_default()
+                                    .trim_end()
+                                    .contains(char::is_whitespace) =>
+                    {
+                        let mut v = state.shell.clone();
+                        v.push(doc.text.clone());
+                        v
+                    }
+                    _ => {
+                        return Err(BuildError::Other(
+                            "RUN with a here-document other than its whole script is not supported yet".into(),
+                        ));
+                    }
+                };
                 let payload = serde_json::json!({
                     "run": argv,
                     "env": state.config.env(),
@@ -736,13 +767,50 @@ impl Builder<'_> {
             }
             None => None,
         };
-        let source_root = match &source_mount {
-            Some(m) => m.rootfs(),
-            None => self.o.context.to_path_buf(),
+        // `COPY <<EOF /path`: a file of that text (its variables
+        // expanded unless its delimiter was quoted), from a directory of
+        // its own.
+        let heredoc = match spec.sources.as_slice() {
+            [Source::HereDoc(doc)] => {
+                if spec.dest.ends_with('/') {
+                    return Err(other(
+                        "a here-document copied into a directory is not supported yet (name the file)".into(),
+                    ));
+                }
+                let text = match doc.expand {
+                    true => self
+                        .word(state, &format!("\"{}\"", doc.text.replace('"', "\\\"")))
+                        .unwrap_or_else(|_| doc.text.clone()),
+                    false => doc.text.clone(),
+                };
+                let dir = self
+                    .o
+                    .root
+                    .join("build")
+                    .join(format!("heredoc-{}", random_hex()));
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| other(format!("create {}: {e}", dir.display())))?;
+                let made = std::fs::write(dir.join("heredoc"), text.as_bytes());
+                let guard = HereDocDir(dir);
+                made.map_err(|e| other(format!("write the here-document: {e}")))?;
+                Some(guard)
+            }
+            list if list.iter().any(|s| matches!(s, Source::HereDoc(_))) => {
+                return Err(other(
+                    "a here-document among other sources is not supported yet".into(),
+                ));
+            }
+            _ => None,
+        };
+        let source_root = match (&source_mount, &heredoc) {
+            (_, Some(h)) => h.0.clone(),
+            (Some(m), None) => m.rootfs(),
+            (None, None) => self.o.context.to_path_buf(),
         };
         let mut sources = Vec::new();
         for s in &spec.sources {
             match s {
+                Source::HereDoc(_) => sources.push("heredoc".to_string()),
                 Source::Path(p) => {
                     let p = self.word(state, p)?;
                     let found = crate::context::select(
@@ -755,11 +823,6 @@ impl Builder<'_> {
                     )
                     .map_err(other)?;
                     sources.extend(found);
-                }
-                Source::HereDoc(_) => {
-                    return Err(other(
-                        "COPY from a here-document is not supported yet".into(),
-                    ));
                 }
             }
         }
@@ -788,9 +851,11 @@ impl Builder<'_> {
             None => None,
         };
         let ignore_all = self.ignore.clone();
-        let ignore = match from_state {
-            Some(_) => None,
-            None => Some(&ignore_all),
+        // .dockerignore is the context's: not a stage's, nor a
+        // here-document's.
+        let ignore = match (&from_state, &heredoc) {
+            (None, None) => Some(&ignore_all),
+            _ => None,
         };
         let digest = crate::context::digest(&source_root, &sources, ignore).map_err(other)?;
         let payload = serde_json::json!({

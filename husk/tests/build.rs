@@ -240,3 +240,40 @@ fn context_escapes_and_unsupported_input_are_refused_by_name() {
     assert!(!husk.ok(&["images"]).contains("localhost/refused"));
     nothing_left(&husk.root);
 }
+
+/// Here-documents: `COPY <<EOF /file` makes a file of their text (its
+/// variables expanded unless the delimiter is quoted), `RUN <<EOF` runs
+/// one as the stage's shell script; one after a command is not read as
+/// one yet, and the error names the line its body starts on.
+#[test]
+fn here_documents_make_files_and_scripts() {
+    let husk = Husk::new("build-heredoc");
+    let ctx = context(
+        "heredoc",
+        &[(
+            "Dockerfile",
+            "FROM husk/busybox\nENV NAME=husk\nCOPY <<EOF /greeting\nhello $NAME\nEOF\n\
+             COPY <<'EOF' /literal\nhello $NAME\nEOF\n\
+             RUN <<EOF\nset -e\necho from a script > /script-out\ncat /greeting >> /script-out\nEOF\n\
+             CMD [\"cat\", \"/script-out\", \"/literal\"]\n",
+        )],
+    );
+    husk.ok(&["build", "-t", "localhost/heredoc:1", ctx.to_str().unwrap()]);
+    assert_eq!(
+        husk.ok(&["run", "--rm", "localhost/heredoc:1"]),
+        "from a script\nhello husk\nhello $NAME\n"
+    );
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM husk/busybox\nRUN cat <<EOF\nmore\nEOF\n",
+    )
+    .unwrap();
+    // A here-document after a command is not read as one yet: its body
+    // is taken for instructions, and the first is named with its line.
+    let said = husk.fails(&["build", "-t", "localhost/heredoc:2", ctx.to_str().unwrap()]);
+    assert!(
+        said.contains("Dockerfile:3: unknown instruction 'more'"),
+        "{said}"
+    );
+    nothing_left(&husk.root);
+}
