@@ -244,8 +244,36 @@ pub struct BuildArgs {
     /// linux/amd64, the only platform husk builds.
     #[arg(long)]
     pub platform: Option<String>,
+    /// Also write the image to an archive: `type=oci,dest=FILE` (an OCI
+    /// image layout in a tar, as `husk save` writes; `husk load`, `docker
+    /// load` and `podman load` read it).
+    #[arg(long, short = 'o')]
+    pub output: Option<String>,
     /// The build context: a directory.
     pub context: std::path::PathBuf,
+}
+
+/// `--output`'s destination: `type=oci,dest=FILE` (or `type=docker`, the
+/// same archive). Anything else is refused, naming it.
+fn output_dest(spec: &str) -> anyhow::Result<PathBuf> {
+    let mut kind = None;
+    let mut dest = None;
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("type", t)) => kind = Some(t),
+            Some(("dest", d)) if !d.is_empty() => dest = Some(PathBuf::from(d)),
+            _ => anyhow::bail!("--output {spec}: {part:?} is not type=... or dest=..."),
+        }
+    }
+    match (kind, dest) {
+        (Some("oci" | "docker"), Some(d)) => Ok(d),
+        (Some(t), _) if t != "oci" && t != "docker" => {
+            anyhow::bail!(
+                "--output {spec}: type {t} is not supported (oci or docker, with dest=FILE)"
+            )
+        }
+        _ => anyhow::bail!("--output {spec}: it needs type=oci and dest=FILE"),
+    }
 }
 
 /// Runs `husk build`.
@@ -279,6 +307,7 @@ pub fn build(root: &Path, args: BuildArgs) -> anyhow::Result<u8> {
         ),
         Err(_) => None,
     };
+    let output = args.output.as_deref().map(output_dest).transpose()?;
     let context = std::fs::canonicalize(&args.context)
         .map_err(|e| anyhow::anyhow!("the build context {}: {e}", args.context.display()))?;
     let options = husk_build::exec::Options {
@@ -293,6 +322,20 @@ pub fn build(root: &Path, args: BuildArgs) -> anyhow::Result<u8> {
         epoch,
     };
     let mut out = std::io::stdout();
-    husk_build::exec::build(&options, &mut out)?;
+    let id = husk_build::exec::build(&options, &mut out)?;
+    if let Some(path) = output {
+        let store = Store::open(root)?;
+        let image = store.find(&id)?;
+        let tmp = path.with_extension("tmp");
+        let file = std::fs::File::create(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        let saved = husk_image::archive::save(&store, &[image], std::io::BufWriter::new(file));
+        if let Err(e) = saved {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e.into());
+        }
+        std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("writing {}", path.display());
+    }
     Ok(0)
 }

@@ -277,3 +277,57 @@ fn here_documents_make_files_and_scripts() {
     );
     nothing_left(&husk.root);
 }
+
+/// `--output type=oci,dest=FILE`: the image is also written as an OCI
+/// archive, which `husk load` takes into another root with its name and
+/// config; an output of another type is refused by name.
+#[test]
+fn a_built_image_is_written_to_an_oci_archive() {
+    let husk = Husk::new("build-output");
+    let ctx = context(
+        "output",
+        &[
+            (
+                "Dockerfile",
+                "FROM scratch\nCOPY hello.txt /hello.txt\nLABEL kind=archive\n",
+            ),
+            ("hello.txt", "hi\n"),
+        ],
+    );
+    let archive = ctx.join("image.tar");
+    let dest = format!("type=oci,dest={}", archive.display());
+    husk.ok(&[
+        "build",
+        "-t",
+        "localhost/archived:1",
+        "--output",
+        &dest,
+        ctx.to_str().unwrap(),
+    ]);
+    let mut names = Vec::new();
+    let mut tar = tar::Archive::new(std::fs::File::open(&archive).unwrap());
+    for e in tar.entries().unwrap() {
+        names.push(e.unwrap().path().unwrap().display().to_string());
+    }
+    assert!(names.iter().any(|n| n == "oci-layout"), "{names:?}");
+    assert!(names.iter().any(|n| n == "index.json"), "{names:?}");
+    let other = Husk::new("build-output-load");
+    other.ok(&["load", "-i", archive.to_str().unwrap()]);
+    let inspect: serde_json::Value =
+        serde_json::from_str(&other.ok(&["inspect", "localhost/archived:1"])).unwrap();
+    assert_eq!(
+        inspect[0]["Config"]["Labels"]["kind"], "archive",
+        "{inspect}"
+    );
+    let said = husk.fails(&[
+        "build",
+        "--output",
+        "type=registry,dest=x",
+        ctx.to_str().unwrap(),
+    ]);
+    assert!(
+        said.contains("--output type=registry,dest=x: type registry is not supported"),
+        "{said}"
+    );
+    nothing_left(&husk.root);
+}
