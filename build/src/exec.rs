@@ -17,7 +17,6 @@ use oci_spec::image::{
 };
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 use rustix::mount::{MountFlags, UnmountFlags};
-use sha2::{Digest, Sha256};
 
 use crate::dockerfile::{Base, Command, CopySpec, Dockerfile, Kind, Source, Step};
 use crate::lex::{self, Vars};
@@ -88,11 +87,10 @@ struct State {
     shell: Vec<String>,
 }
 
+/// The hex digits of `bytes`' sha256 (the store's digest, less its
+/// `sha256:`).
 fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    husk_image::store::sha256(bytes)["sha256:".len()..].to_owned()
 }
 
 fn random_hex() -> String {
@@ -746,9 +744,8 @@ impl Builder<'_> {
                         ))
                     })?),
                     None => {
-                        let (store, image) = husk_docker::image(self.o.root, &f)
+                        let (_, image) = husk_docker::image(self.o.root, &f)
                             .map_err(|e| other(e.to_string()))?;
-                        let _ = store;
                         Some(State {
                             layers: image.layers.clone(),
                             config: Config::default(),
@@ -777,10 +774,10 @@ impl Builder<'_> {
                         "a here-document copied into a directory is not supported yet (name the file)".into(),
                     ));
                 }
+                // Expanded as a double-quoted word (quotes in it kept); a
+                // variable it requires and lacks fails the step.
                 let text = match doc.expand {
-                    true => self
-                        .word(state, &format!("\"{}\"", doc.text.replace('"', "\\\"")))
-                        .unwrap_or_else(|_| doc.text.clone()),
+                    true => self.word(state, &format!("\"{}\"", doc.text.replace('"', "\\\"")))?,
                     false => doc.text.clone(),
                 };
                 let dir = self

@@ -237,6 +237,51 @@ fn context_escapes_and_unsupported_input_are_refused_by_name() {
         said.contains("missing.txt: no such file or directory in the build context"),
         "{said}"
     );
+    // Values a step cannot take, each named with its line.
+    let said = build("FROM husk/busybox\nCOPY --chmod=9z inside.txt /x\n");
+    assert!(
+        said.contains("Dockerfile:2: COPY --chmod=9z inside.txt /x: --chmod=9z: not an octal mode"),
+        "{said}"
+    );
+    let said = build("FROM husk/busybox\nCOPY <<EOF /dir/\nx\nEOF\n");
+    assert!(
+        said.contains("Dockerfile:2:")
+            && said.contains("a here-document copied into a directory is not supported yet"),
+        "{said}"
+    );
+    std::fs::write(ctx.join("archive.tgz"), [0x1f, 0x8b, 8, 0, 0, 0, 0, 0]).unwrap();
+    let said = build("FROM husk/busybox\nADD archive.tgz /\n");
+    assert!(said.contains("Dockerfile:2: ADD archive.tgz /: ADD archive.tgz: unpacking an archive is not supported yet"), "{said}");
+    let said = build("FROM --platform=linux/arm64 husk/busybox\nRUN true\n");
+    assert!(
+        said.contains("--platform=linux/arm64: husk builds linux/amd64 only"),
+        "{said}"
+    );
+    // The command's own flags.
+    std::fs::write(ctx.join("Dockerfile"), "FROM husk/busybox\n").unwrap();
+    let c = ctx.to_str().unwrap();
+    for (args, says) in [
+        (
+            vec!["--platform", "linux/arm64"],
+            "--platform linux/arm64: husk builds linux/amd64 only",
+        ),
+        (vec!["--label", "nokey"], "--label nokey: not KEY=VALUE"),
+        (
+            vec!["--output", "type=oci"],
+            "--output type=oci: it needs type=oci and dest=FILE",
+        ),
+        (
+            vec!["--output", "dest"],
+            "--output dest: \"dest\" is not type=... or dest=...",
+        ),
+        (vec!["--target", "nope"], "--target nope: no such stage"),
+    ] {
+        let mut all = vec!["build"];
+        all.extend(&args);
+        all.push(c);
+        let said = husk.fails(&all);
+        assert!(said.contains(says), "{args:?}: {said}");
+    }
     assert!(!husk.ok(&["images"]).contains("localhost/refused"));
     nothing_left(&husk.root);
 }

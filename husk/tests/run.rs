@@ -35,6 +35,23 @@ fn run_command(bundle: &Path, id: &str) -> Command {
     cmd
 }
 
+/// Debian's `runc run` of `bundle` as `id`, with a state root of its own
+/// (removed after), no stdin: what runc makes of the same bundle.
+fn runc_run(bundle: &Path, id: &str) -> Output {
+    let root = std::env::temp_dir().join(format!("husk-runc-{id}"));
+    let out = Command::new("runc")
+        .arg("--root")
+        .arg(&root)
+        .args(["run", "--bundle"])
+        .arg(bundle)
+        .arg(id)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&root);
+    out
+}
+
 /// Runs `husk run` on `bundle` with `stdin`, within [`RUN_TIMEOUT`].
 fn husk_run(bundle: &Path, id: &str, stdin: &[u8]) -> Output {
     husk_run_within(bundle, id, stdin, RUN_TIMEOUT)
@@ -913,17 +930,7 @@ fn devices_oom_score_and_root_propagation_are_the_specs_as_with_runc() {
     // gets runc's default there.
     edit("");
     let want = "660\n500\nbindable\n";
-    let runc_root = std::env::temp_dir().join(format!("husk-runc-{}", std::process::id()));
-    let runc = Command::new("runc")
-        .arg("--root")
-        .arg(&runc_root)
-        .args(["run", "--bundle"])
-        .arg(&b.0)
-        .arg(id("specfields-runc"))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_dir_all(&runc_root);
+    let runc = runc_run(&b.0, &id("specfields-runc"));
     assert!(runc.status.success(), "runc: {}", text(&runc.stderr));
     assert_eq!(text(&runc.stdout), want, "runc");
     // A propagation that is none of runc's names.
@@ -988,17 +995,7 @@ fn a_user_namespace_maps_the_roots_files_as_runc_does() {
     assert_eq!(text(&out.stdout), want);
     assert_eq!(owner(&made), (100000, 100000), "husk's file on the host");
     std::fs::remove_file(&made).unwrap();
-    let runc_root = std::env::temp_dir().join(format!("husk-runc-userns-{}", std::process::id()));
-    let runc = Command::new("runc")
-        .arg("--root")
-        .arg(&runc_root)
-        .args(["run", "--bundle"])
-        .arg(&b.0)
-        .arg(id("userns-runc"))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_dir_all(&runc_root);
+    let runc = runc_run(&b.0, &id("userns-runc"));
     assert!(runc.status.success(), "runc: {}", text(&runc.stderr));
     assert_eq!(text(&runc.stdout), want, "runc");
     assert_eq!(owner(&made), (100000, 100000), "runc's file on the host");

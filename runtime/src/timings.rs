@@ -41,10 +41,9 @@ impl Phases {
             return;
         };
         // User and system time together, as getrusage's RUSAGE_SELF sums.
-        let cpu = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
         let json = serde_json::json!({
             "phases_us": self.marks,
-            "runtime_cpu_us": cpu.tv_sec as u64 * 1_000_000 + cpu.tv_nsec as u64 / 1000,
+            "runtime_cpu_us": cpu_us(),
         });
         let mut path = prefix;
         path.push(".runtime.json");

@@ -13,16 +13,23 @@ use serde::Serialize;
 /// Environment variable carrying the launcher's CLOCK_MONOTONIC at spawn.
 pub const LAUNCH_TIME_ENV: &str = "HUSK_LAUNCH_TIME_NS";
 
-/// CLOCK_MONOTONIC in nanoseconds, the clock every timestamp here uses.
-pub fn monotonic_ns() -> u64 {
+/// Clock `id` in nanoseconds (libc's `clock_gettime`, not rustix's:
+/// rustix looks for the vDSO on first use with prctl, which the vCPU
+/// thread's seccomp filter refuses).
+fn clock_ns(id: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes only into the timespec we pass, which
     // lives for the duration of the call.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(id, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock every timestamp here uses.
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
 }
 
 /// What was timed, as written to the `--timings` file (microseconds since
@@ -71,26 +78,12 @@ pub struct BootTimes {
 
 /// This thread's CPU time (nanoseconds).
 pub fn thread_cpu_ns() -> u64 {
-    // libc's, not rustix's: rustix looks for the vDSO on first use
-    // (prctl), which the vCPU thread's seccomp filter refuses.
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec, which `t` is.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
-    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+    clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
 }
 
 /// This process's CPU time, all its threads (nanoseconds).
 pub fn process_cpu_ns() -> u64 {
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec, which `t` is.
-    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
-    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+    clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID)
 }
 
 /// Whether the vCPU threads time their device exits (two clock reads,
