@@ -162,19 +162,73 @@ pub fn select(root: &Path, pattern: &str, ignore: Option<&Ignore>) -> Result<Vec
     Ok(out)
 }
 
-/// Whether `path` starts like a tar archive ADD would unpack (gzip,
-/// bzip2, xz, zstd or ustar).
-pub fn is_archive(path: &Path) -> bool {
+/// What kind of archive ADD finds at `rel` (in the context `root`):
+/// read through a descriptor opened beneath it without following links,
+/// so only a regular file is looked into (a FIFO or device swapped in
+/// does not block or feed the build).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Archive {
+    /// Not an archive: copied as it is.
+    No,
+    /// A tar stream, plain, gzip or zstd: unpacked.
+    Tar,
+    /// bzip2 or xz, which docker unpacks and husk does not (yet): refused.
+    Unsupported(&'static str),
+}
+
+/// Whether the source `rel` under `root` is an archive ADD unpacks.
+pub fn archive_kind(root: &Path, rel: &str) -> Archive {
+    let Ok(root) = open_root(root) else {
+        return Archive::No;
+    };
+    let Ok(fd) = open_beneath(&root, rel, OFlags::RDONLY | OFlags::NONBLOCK) else {
+        return Archive::No;
+    };
+    match rustix::fs::fstat(&fd) {
+        Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile => {}
+        _ => return Archive::No,
+    }
     let mut head = [0u8; 262];
-    let n = std::fs::File::open(path)
-        .and_then(|mut f| f.read(&mut head))
-        .unwrap_or(0);
+    let mut file = std::fs::File::from(fd);
+    let mut n = 0;
+    while n < head.len() {
+        match file.read(&mut head[n..]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
+    }
     let head = &head[..n];
-    head.starts_with(&[0x1f, 0x8b])
-        || head.starts_with(b"BZh")
-        || head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0])
+    if head.starts_with(&[0x1f, 0x8b])
         || head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
         || (n >= 262 && &head[257..262] == b"ustar")
+    {
+        Archive::Tar
+    } else if head.starts_with(b"BZh") {
+        Archive::Unsupported("bzip2")
+    } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
+        Archive::Unsupported("xz")
+    } else {
+        Archive::No
+    }
+}
+
+/// Unpacks the archive `rel` (in the context `root`) into `into`, an
+/// empty directory on the host, with husk-image's layer unpacker (every
+/// entry made relative to directory descriptors, nothing followed, paths
+/// leaving the archive refused, the unpacker's size limits). Its devices
+/// and whiteouts (which the unpacker makes as overlayfs's 0:0 devices)
+/// are then refused by the copy, by name.
+pub fn unpack_archive(root: &Path, rel: &str, into: &Path) -> Result<(), String> {
+    let root = open_root(root)?;
+    let fd = open_beneath(&root, rel, OFlags::RDONLY | OFlags::NONBLOCK)?;
+    let file = std::fs::File::from(fd);
+    husk_image::unpack::unpack_layer(
+        std::io::BufReader::new(file),
+        into,
+        husk_image::unpack::Limits::current(),
+    )
+    .map_err(|e| format!("{rel}: cannot unpack: {e}"))?;
+    Ok(())
 }
 
 /// The digest of what `sources` hold (names, types, modes, contents and
@@ -246,8 +300,9 @@ pub fn digest(root: &Path, sources: &[String], ignore: Option<&Ignore>) -> Resul
 /// How COPY places what it copies.
 #[derive(Clone, Copy)]
 pub struct How<'a> {
-    /// Owner (`--chown`, else 0:0).
-    pub owner: (u32, u32),
+    /// Owner (`--chown`); `None` keeps each source's own (an archive
+    /// ADD unpacks). COPY passes 0:0 without `--chown`.
+    pub owner: Option<(u32, u32)>,
     /// Mode (`--chmod`), else each source's own.
     pub chmod: Option<u32>,
     /// What `.dockerignore` leaves out (the context only).
@@ -294,7 +349,7 @@ pub fn copy_into(
                 None => (String::new(), Some(dest.to_string())),
             }
         };
-        let target = crate::exec::mkdir_in_root(rootfs, at_dir.trim_start_matches('/'))?;
+        let target = crate::exec::mkdir_in_root(rootfs, at_dir.trim_start_matches('/'), owner)?;
         match name {
             None => {
                 let src = open_beneath(&root_fd, s, OFlags::RDONLY | OFlags::DIRECTORY)?;
@@ -324,7 +379,7 @@ fn copy_dir(
     src: &OwnedFd,
     rel: &str,
     dest: &OwnedFd,
-    owner: (u32, u32),
+    owner: Option<(u32, u32)>,
     chmod: Option<u32>,
     ignore: Option<&Ignore>,
 ) -> Result<(), String> {
@@ -360,7 +415,7 @@ fn copy_entry(
     rel: &str,
     dest_dir: &OwnedFd,
     dest_name: &str,
-    (uid, gid): (u32, u32),
+    chown: Option<(u32, u32)>,
     chmod: Option<u32>,
     ignore: Option<&Ignore>,
 ) -> Result<(), String> {
@@ -368,6 +423,7 @@ fn copy_entry(
     let st = rustix::fs::statat(src_dir, name, AtFlags::SYMLINK_NOFOLLOW)
         .map_err(|e| fail("read", e))?;
     let mode = chmod.unwrap_or(st.st_mode & 0o7777);
+    let (uid, gid) = chown.unwrap_or((st.st_uid, st.st_gid));
     let owner = (
         Some(rustix::fs::Uid::from_raw_unchecked(uid)),
         Some(rustix::fs::Gid::from_raw_unchecked(gid)),
@@ -392,7 +448,7 @@ fn copy_entry(
                 Mode::empty(),
             )
             .map_err(|e| fail("open", e))?;
-            copy_dir(&s, rel, &d, (uid, gid), chmod, ignore)?;
+            copy_dir(&s, rel, &d, chown, chmod, ignore)?;
             rustix::fs::fchown(&d, owner.0, owner.1).map_err(|e| fail("chown", e))?;
             rustix::fs::fchmod(&d, Mode::from_raw_mode(mode)).map_err(|e| fail("chmod", e))?;
             let _ = rustix::fs::futimens(&d, &times(&st));

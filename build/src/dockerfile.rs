@@ -484,6 +484,8 @@ fn text_between(text: &str, start: usize, end: usize) -> String {
 pub fn parse(text: &str) -> Result<Dockerfile, DockerfileError> {
     // A byte-order mark is skipped (the parser's spans start after it).
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let (inlined, mut bodies) = inline_here_docs(text)?;
+    let text = inlined.as_str();
     let file = parse_dockerfile::parse(text).map_err(|e| DockerfileError {
         line: e.line(),
         message: e.to_string(),
@@ -574,10 +576,27 @@ pub fn parse(text: &str) -> Result<Dockerfile, DockerfileError> {
                 stages.last_mut().expect("a stage").steps.push(step);
             }
             _ => {
+                let mut kind = kind(i, escape).map_err(fail)?;
+                let mut step_text = text_between(text, starts[n], starts[n + 1]);
+                // A RUN whose here-documents follow a command: the shell
+                // reads them, with the command (BuildKit's way).
+                if let (
+                    Some(body),
+                    Kind::Run {
+                        command: Command::Shell(c),
+                        ..
+                    },
+                ) = (bodies.remove(&line), &mut kind)
+                {
+                    c.push('\n');
+                    c.push_str(&body);
+                    step_text.push('\n');
+                    step_text.push_str(&body);
+                }
                 let step = Step {
                     line,
-                    text: text_between(text, starts[n], starts[n + 1]),
-                    kind: kind(i, escape).map_err(fail)?,
+                    text: step_text,
+                    kind,
                 };
                 stages.last_mut().expect("a stage").steps.push(step);
             }
@@ -594,6 +613,141 @@ pub fn parse(text: &str) -> Result<Dockerfile, DockerfileError> {
         global_args,
         stages,
     })
+}
+
+/// Here-documents that follow a command in a shell-form `RUN` (`RUN cat
+/// <<EOF > /file`), which the parser reads only at the start of the
+/// command: each is found on the RUN's last line (outside quotes, its
+/// delimiter a word starting with a letter or `_`, quoted or not, `<<-`
+/// matching an end line with leading tabs), and its body and end line
+/// are taken out of the text, each line left as an empty comment so
+/// that every line keeps its number. Returns that text and, for each
+/// such RUN's first line, the lines taken out, which the shell reads
+/// after the command as it would in a script.
+fn inline_here_docs(text: &str) -> Result<(String, HashMap<usize, String>), DockerfileError> {
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    let mut out = String::with_capacity(text.len());
+    let mut bodies = HashMap::new();
+    let mut run_line: Option<usize> = None;
+    let mut continued = false;
+    let mut k = 0;
+    while k < lines.len() {
+        let line = lines[k];
+        out.push_str(line);
+        k += 1;
+        let body = line.trim_end_matches(['\n', '\r', ' ', '\t']);
+        let trimmed = body.trim_start();
+        if !continued {
+            if trimmed.is_empty() || trimmed.starts_with('#') {
+                continue;
+            }
+            let word = trimmed.split_whitespace().next().unwrap_or("");
+            run_line = word.eq_ignore_ascii_case("RUN").then_some(k);
+        } else if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        continued = body.ends_with('\\') || body.ends_with('`');
+        let Some(first) = run_line else { continue };
+        if continued {
+            continue;
+        }
+        run_line = None;
+        // The command as written after RUN and its flags, on this line.
+        let mut command = trimmed;
+        if k == first {
+            command = command[3..].trim_start();
+            while command.starts_with("--") {
+                command = command
+                    .split_once(char::is_whitespace)
+                    .map_or("", |(_, r)| r)
+                    .trim_start();
+            }
+        }
+        if command.starts_with("<<") || command.starts_with('[') {
+            continue;
+        }
+        let delimiters = here_doc_delimiters(command);
+        if delimiters.is_empty() {
+            continue;
+        }
+        let mut taken = String::new();
+        for (delimiter, tabs) in delimiters {
+            loop {
+                let Some(l) = lines.get(k) else {
+                    return Err(DockerfileError {
+                        line: first,
+                        message: format!("RUN: the here-document <<{delimiter} has no end line"),
+                    });
+                };
+                k += 1;
+                taken.push_str(l);
+                out.push_str(if l.ends_with('\n') { "#\n" } else { "#" });
+                let end = l.trim_end_matches(['\n', '\r']);
+                let end = if tabs {
+                    end.trim_start_matches('\t')
+                } else {
+                    end
+                };
+                if end == delimiter {
+                    break;
+                }
+            }
+        }
+        bodies.insert(first, taken.trim_end_matches('\n').to_string());
+    }
+    Ok((out, bodies))
+}
+
+/// The here-documents' delimiters in a shell command line, in order,
+/// each with whether it strips leading tabs (`<<-`).
+fn here_doc_delimiters(command: &str) -> Vec<(String, bool)> {
+    let b = command.as_bytes();
+    let mut out = Vec::new();
+    let (mut i, mut quote) = (0, None);
+    while i < b.len() {
+        match (quote, b[i]) {
+            (None, b'\\') => i += 1,
+            (None, q @ (b'\'' | b'"')) => quote = Some(q),
+            (Some(q), c) if c == q => quote = None,
+            (Some(b'"'), b'\\') => i += 1,
+            (None, b'<')
+                if b.get(i + 1) == Some(&b'<')
+                    && b.get(i + 2) != Some(&b'<')
+                    && (i == 0 || b[i - 1] != b'<') =>
+            {
+                let mut j = i + 2;
+                let tabs = b.get(j) == Some(&b'-');
+                if tabs {
+                    j += 1;
+                }
+                let q = match b.get(j) {
+                    Some(&c @ (b'\'' | b'"')) => {
+                        j += 1;
+                        Some(c)
+                    }
+                    _ => None,
+                };
+                let start = j;
+                while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_') {
+                    j += 1;
+                }
+                let word = &command[start..j];
+                let closed = match q {
+                    Some(c) => b.get(j) == Some(&c),
+                    None => true,
+                };
+                if closed && word.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
+                    out.push((word.to_string(), tabs));
+                    i = j;
+                } else {
+                    i += 1;
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    out
 }
 
 /// The byte where an instruction's keyword starts.
@@ -691,6 +845,34 @@ mod tests {
 
     fn refused(text: &str) -> DockerfileError {
         parse(text).unwrap_err()
+    }
+
+    /// A here-document after a command goes to the shell with it; the
+    /// lines after keep their numbers; quotes, here-strings and `<<`
+    /// inside quotes are not here-documents.
+    #[test]
+    fn here_documents_after_a_command() {
+        let f = parse(
+            "FROM scratch\nRUN --network=none cat <<EOF >/a && cat <<-\"END\" >/b\n$X\nEOF\n\tb\n\tEND\nRUN true\n",
+        )
+        .unwrap();
+        let steps = &f.stages[0].steps;
+        assert_eq!(steps.len(), 2);
+        match &steps[0].kind {
+            Kind::Run { command, .. } => assert_eq!(
+                command,
+                &Command::Shell("cat <<EOF >/a && cat <<-\"END\" >/b\n$X\nEOF\n\tb\n\tEND".into())
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(steps[1].line, 7);
+        assert_eq!(
+            here_doc_delimiters("echo '<<A' \"<<B\" x<<<y $((1<<2)) <<'C' <<D"),
+            vec![("C".to_string(), false), ("D".to_string(), false)]
+        );
+        let e = refused("FROM scratch\nRUN cat <<EOF\nno end\n");
+        assert_eq!(e.line, 2);
+        assert!(e.message.contains("<<EOF has no end line"), "{}", e.message);
     }
 
     #[test]

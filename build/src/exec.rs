@@ -15,9 +15,10 @@ use husk_image::store::{Image, Layer, Store};
 use oci_spec::image::{
     Config, Descriptor, HistoryBuilder, ImageConfiguration, ImageManifestBuilder, MediaType,
 };
-use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
 use rustix::mount::{MountFlags, UnmountFlags};
 
+use crate::context::{Archive, archive_kind};
 use crate::dockerfile::{Base, Command, CopySpec, Dockerfile, Kind, Source, Step};
 use crate::lex::{self, Vars};
 
@@ -85,6 +86,13 @@ struct State {
     /// ARGs declared in the stage, with their values.
     args: Vars,
     shell: Vec<String>,
+    /// docker's `Healthcheck` (its config's JSON form), which an OCI
+    /// config has no field for: kept as BuildKit keeps it, an extra field
+    /// of the config.
+    healthcheck: Option<serde_json::Value>,
+    /// `ONBUILD` triggers: the stage's own, or, at its start, its base's
+    /// (run, then dropped).
+    onbuild: Vec<String>,
 }
 
 /// The hex digits of `bytes`' sha256 (the store's digest, less its
@@ -218,10 +226,15 @@ impl Drop for Mounted {
     }
 }
 
-/// A here-document's directory, removed with it.
-struct HereDocDir(PathBuf);
+/// The PATH an image built `FROM scratch` gets, as BuildKit's and
+/// buildah's do.
+const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-impl Drop for HereDocDir {
+/// A directory of the build's own (a here-document's, an unpacked
+/// archive's), removed with it.
+struct ScratchDir(PathBuf);
+
+impl Drop for ScratchDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
@@ -314,13 +327,20 @@ impl Builder<'_> {
             message,
         };
         let mut state = match &stage.base {
+            // BuildKit's (and buildah's) empty image: PATH set.
             Base::Scratch => State {
                 layers: Vec::new(),
-                config: Config::default(),
+                config: {
+                    let mut c = Config::default();
+                    c.set_env(Some(vec![DEFAULT_PATH.into()]));
+                    c
+                },
                 history: Vec::new(),
                 key: sha256_hex(b"scratch"),
                 args: Vars::new(),
                 shell: vec!["/bin/sh".into(), "-c".into()],
+                healthcheck: None,
+                onbuild: Vec::new(),
             },
             Base::Stage(b) => {
                 let mut s = self
@@ -350,6 +370,7 @@ impl Builder<'_> {
                         husk_docker::image(self.o.root, &name).map_err(|e| fail(e.to_string()))?;
                     let config =
                         husk_image::config(&store, &image).map_err(|e| fail(e.to_string()))?;
+                    let (healthcheck, onbuild) = docker_extras(&store, &image.config);
                     State {
                         layers: image.layers.clone(),
                         config: config.config().clone().unwrap_or_default(),
@@ -357,6 +378,8 @@ impl Builder<'_> {
                         key: sha256_hex(image.config.as_bytes()),
                         args: Vars::new(),
                         shell: vec!["/bin/sh".into(), "-c".into()],
+                        healthcheck,
+                        onbuild,
                     }
                 }
             }
@@ -369,6 +392,33 @@ impl Builder<'_> {
                     "--platform={p}: husk builds linux/amd64 only"
                 )));
             }
+        }
+        // The base's ONBUILD triggers run first, in order, as BuildKit
+        // runs them; the image made here does not keep them.
+        for trigger in std::mem::take(&mut state.onbuild) {
+            self.say(format!("[onbuild] {trigger}"));
+            let fail_trigger = |message: String| BuildError::Step {
+                line: stage.line,
+                step: format!("ONBUILD {trigger}"),
+                message,
+            };
+            let parsed = crate::dockerfile::parse(&format!("FROM scratch\n{trigger}\n"))
+                .map_err(|e| fail_trigger(e.message))?;
+            let steps = &parsed.stages[0].steps;
+            let [step] = steps.as_slice() else {
+                return Err(fail_trigger("a trigger is one instruction".into()));
+            };
+            if matches!(step.kind, Kind::Onbuild(_)) {
+                return Err(fail_trigger("ONBUILD is not allowed as a trigger".into()));
+            }
+            let step = Step {
+                line: stage.line,
+                ..step.clone()
+            };
+            self.step(&mut state, &step).map_err(|e| match e {
+                BuildError::Other(message) => fail_trigger(message),
+                e => e,
+            })?;
         }
         let total = stage.steps.len();
         for (n, step) in stage.steps.iter().enumerate() {
@@ -504,9 +554,13 @@ impl Builder<'_> {
                 state.config.set_stop_signal(Some(s));
                 state.note(step, true);
             }
-            Kind::Maintainer(_) | Kind::Healthcheck(_) | Kind::Onbuild(_) => {
-                // An OCI image config has no place for these (buildah
-                // drops HEALTHCHECK and ONBUILD from OCI images too).
+            Kind::Maintainer(_) => state.note(step, true),
+            Kind::Healthcheck(h) => {
+                state.healthcheck = Some(healthcheck(h).map_err(BuildError::Other)?);
+                state.note(step, true);
+            }
+            Kind::Onbuild(trigger) => {
+                state.onbuild.push(trigger.clone());
                 state.note(step, true);
             }
             Kind::Run {
@@ -515,8 +569,9 @@ impl Builder<'_> {
                 network,
             } => {
                 // `RUN <<EOF ... EOF`: the here-document is the script the
-                // stage's shell runs, as BuildKit runs it. A here-document
-                // fed to a command's input (`RUN cat <<EOF`) is not yet.
+                // stage's shell runs, as BuildKit runs it. Here-documents
+                // after a command (`RUN cat <<EOF`) are in the command's
+                // text already, for the shell to read (dockerfile.rs).
                 let argv = match (here_docs.as_slice(), command) {
                     ([], _) => self.argv(state, command),
                     // The reader gives the command without its `<<EOF`
@@ -684,6 +739,9 @@ impl Builder<'_> {
             u.set_gid(gid);
             u.set_additional_gids(Some(groups));
             p.set_user(u);
+            // docker's default capabilities, as `docker build` gives a
+            // step (a step's `chown` works).
+            p.set_capabilities(Some(husk_docker::default_capabilities()));
         }
         if let Some(r) = spec.root_mut() {
             r.set_path(rootfs.clone());
@@ -692,7 +750,7 @@ impl Builder<'_> {
         // The working directory exists, as docker's builder makes it.
         let rel = cwd.trim_start_matches('/');
         if !rel.is_empty() {
-            mkdir_in_root(&rootfs, rel).map_err(other)?;
+            mkdir_in_root(&rootfs, rel, None).map_err(other)?;
         }
         let bundle = mounted.dir.clone();
         std::fs::write(
@@ -753,6 +811,8 @@ impl Builder<'_> {
                             key: sha256_hex(image.config.as_bytes()),
                             args: Vars::new(),
                             shell: Vec::new(),
+                            healthcheck: None,
+                            onbuild: Vec::new(),
                         })
                     }
                 }
@@ -788,7 +848,7 @@ impl Builder<'_> {
                 std::fs::create_dir_all(&dir)
                     .map_err(|e| other(format!("create {}: {e}", dir.display())))?;
                 let made = std::fs::write(dir.join("heredoc"), text.as_bytes());
-                let guard = HereDocDir(dir);
+                let guard = ScratchDir(dir);
                 made.map_err(|e| other(format!("write the here-document: {e}")))?;
                 Some(guard)
             }
@@ -823,13 +883,19 @@ impl Builder<'_> {
                 }
             }
         }
-        if add {
-            for s in &sources {
-                if crate::context::is_archive(&source_root.join(s)) {
-                    return Err(other(format!(
-                        "ADD {s}: unpacking an archive is not supported yet"
-                    )));
-                }
+        // ADD unpacks a local tar archive (plain, gzip, zstd) into the
+        // destination, as a directory; anything else is copied.
+        let (archives, sources): (Vec<String>, Vec<String>) = match add {
+            true => sources
+                .into_iter()
+                .partition(|s| archive_kind(&source_root, s) != Archive::No),
+            false => (Vec::new(), sources),
+        };
+        for a in &archives {
+            if let Archive::Unsupported(kind) = archive_kind(&source_root, a) {
+                return Err(other(format!(
+                    "ADD {a}: {kind} archives are not unpacked yet (plain tar, gzip and zstd are)"
+                )));
             }
         }
         let dest = self.word(state, &spec.dest)?;
@@ -855,8 +921,11 @@ impl Builder<'_> {
             _ => None,
         };
         let digest = crate::context::digest(&source_root, &sources, ignore).map_err(other)?;
+        let unpacked = crate::context::digest(&source_root, &archives, None).map_err(other)?;
         let payload = serde_json::json!({
             "copy": sources,
+            "unpack": archives,
+            "unpacked": unpacked,
             "from": from_state.as_ref().map(|s| &s.key),
             "content": digest,
             "dest": dest,
@@ -888,19 +957,53 @@ impl Builder<'_> {
         } else {
             format!("{}/{dest}", cwd.trim_end_matches('/'))
         };
-        crate::context::copy_into(
-            &source_root,
-            &sources,
-            &rootfs,
-            &dest_abs,
-            dest.ends_with('/') || sources.len() > 1,
-            &crate::context::How {
-                owner: (uid, gid),
-                chmod,
-                ignore,
+        // Without --chown, the context's files are root's, and what comes
+        // from a stage or image keeps its owners, as BuildKit has it.
+        let how = crate::context::How {
+            owner: match (&chown, &from_state) {
+                (None, Some(_)) => None,
+                _ => Some((uid, gid)),
             },
-        )
-        .map_err(other)?;
+            chmod,
+            ignore,
+        };
+        if !sources.is_empty() {
+            crate::context::copy_into(
+                &source_root,
+                &sources,
+                &rootfs,
+                &dest_abs,
+                dest.ends_with('/') || sources.len() + archives.len() > 1,
+                &how,
+            )
+            .map_err(other)?;
+        }
+        // An archive's entries keep their owners unless --chown.
+        for a in &archives {
+            let dir = ScratchDir(
+                self.o
+                    .root
+                    .join("build")
+                    .join(format!("unpack-{}", random_hex())),
+            );
+            std::fs::create_dir_all(&dir.0)
+                .map_err(|e| other(format!("create {}: {e}", dir.0.display())))?;
+            crate::context::unpack_archive(&source_root, a, &dir.0)
+                .map_err(|e| other(format!("ADD {e}")))?;
+            crate::context::copy_into(
+                &dir.0,
+                &[String::new()],
+                &rootfs,
+                &dest_abs,
+                true,
+                &crate::context::How {
+                    owner: chown.as_ref().map(|_| (uid, gid)),
+                    chmod,
+                    ignore: None,
+                },
+            )
+            .map_err(|e| other(format!("ADD {a}: {e}")))?;
+        }
         drop(source_mount);
         let _ = rustix::mount::unmount(&rootfs, UnmountFlags::empty());
         self.layer_from(state, step, &target.upper())
@@ -931,6 +1034,16 @@ impl Builder<'_> {
             ));
         } else {
             config.set_created(Some(husk_image::now_rfc3339()));
+        }
+        let mut config = serde_json::to_value(&config).map_err(|e| other(e.to_string()))?;
+        // docker's fields an OCI config lacks, where BuildKit writes them.
+        if let Some(c) = config.get_mut("config").and_then(|c| c.as_object_mut()) {
+            if let Some(h) = &state.healthcheck {
+                c.insert("Healthcheck".into(), h.clone());
+            }
+            if !state.onbuild.is_empty() {
+                c.insert("OnBuild".into(), serde_json::json!(state.onbuild));
+            }
         }
         let config_bytes = serde_json::to_vec(&config).map_err(|e| other(e.to_string()))?;
         let config_digest = self
@@ -990,6 +1103,66 @@ impl Builder<'_> {
     }
 }
 
+/// An image config's docker fields that OCI's lacks: `Healthcheck` and
+/// `OnBuild` (absent or malformed: none).
+fn docker_extras(store: &Store, config: &str) -> (Option<serde_json::Value>, Vec<String>) {
+    let Ok(bytes) = store.read_blob(config) else {
+        return (None, Vec::new());
+    };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return (None, Vec::new());
+    };
+    let c = &v["config"];
+    let healthcheck = c.get("Healthcheck").filter(|h| h.is_object()).cloned();
+    let onbuild = c["OnBuild"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    (healthcheck, onbuild)
+}
+
+/// `HEALTHCHECK` as docker's config holds it: `Test` (`["CMD", ...]`,
+/// `["CMD-SHELL", text]` or `["NONE"]`), durations in nanoseconds,
+/// `Retries`; an unset option is left out (the runtime's default).
+fn healthcheck(h: &crate::dockerfile::Health) -> Result<serde_json::Value, String> {
+    let mut out = serde_json::Map::new();
+    let test = match &h.command {
+        None => serde_json::json!(["NONE"]),
+        Some(Command::Exec(argv)) => {
+            let mut t = vec!["CMD".to_string()];
+            t.extend(argv.iter().cloned());
+            serde_json::json!(t)
+        }
+        Some(Command::Shell(text)) => serde_json::json!(["CMD-SHELL", text]),
+    };
+    out.insert("Test".into(), test);
+    for (flag, key, v) in [
+        ("interval", "Interval", &h.interval),
+        ("timeout", "Timeout", &h.timeout),
+        ("start-period", "StartPeriod", &h.start_period),
+        ("start-interval", "StartInterval", &h.start_interval),
+    ] {
+        if let Some(v) = v {
+            let d = humantime::parse_duration(v)
+                .map_err(|e| format!("HEALTHCHECK --{flag}={v}: not a duration ({e})"))?;
+            out.insert(key.into(), serde_json::json!(d.as_nanos() as u64));
+        }
+    }
+    if let Some(r) = &h.retries {
+        let n: u32 = r
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("HEALTHCHECK --retries={r}: not a count above 0"))?;
+        out.insert("Retries".into(), serde_json::json!(n));
+    }
+    Ok(serde_json::Value::Object(out))
+}
+
 fn unreachable_digest() -> oci_spec::image::Digest {
     "sha256:0000000000000000000000000000000000000000000000000000000000000000"
         .try_into()
@@ -998,7 +1171,11 @@ fn unreachable_digest() -> oci_spec::image::Digest {
 
 /// Makes directory `rel` (and its parents) inside `root`, resolved as in
 /// a chroot: a symlink in the image never leads outside it.
-pub(crate) fn mkdir_in_root(root: &Path, rel: &str) -> Result<OwnedFd, String> {
+pub(crate) fn mkdir_in_root(
+    root: &Path,
+    rel: &str,
+    owner: Option<(u32, u32)>,
+) -> Result<OwnedFd, String> {
     let root_fd = rustix::fs::open(
         root,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -1019,7 +1196,20 @@ pub(crate) fn mkdir_in_root(root: &Path, rel: &str) -> Result<OwnedFd, String> {
     for part in rel.split('/').filter(|p| !p.is_empty() && *p != ".") {
         // Each prefix is resolved from the image's root, as in a chroot.
         let parent = open(&done)?;
-        let _ = rustix::fs::mkdirat(&parent, part, Mode::from_raw_mode(0o755));
+        // A directory made here is `owner`'s (COPY --chown's, as
+        // BuildKit makes the destination's missing directories).
+        if rustix::fs::mkdirat(&parent, part, Mode::from_raw_mode(0o755)).is_ok()
+            && let Some((uid, gid)) = owner
+        {
+            rustix::fs::chownat(
+                &parent,
+                part,
+                Some(rustix::fs::Uid::from_raw_unchecked(uid)),
+                Some(rustix::fs::Gid::from_raw_unchecked(gid)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| format!("chown /{done}/{part} in the image: {e}"))?;
+        }
         if !done.is_empty() {
             done.push('/');
         }

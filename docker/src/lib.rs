@@ -314,6 +314,54 @@ fn unmount_rootfs(dir: &Path) {
     let _ = rustix::mount::unmount(dir.join("rootfs"), UnmountFlags::DETACH);
 }
 
+/// docker's default capabilities for a container's processes (moby's
+/// `oci/caps` defaults), which `husk run` and `husk build`'s `RUN` steps
+/// get, as `docker run` and `docker build` give them; runc's own default
+/// spec has only three.
+pub const DEFAULT_CAPABILITIES: [&str; 14] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// [`DEFAULT_CAPABILITIES`] as a process's bounding, effective and
+/// permitted sets (none inheritable or ambient, as docker has it).
+pub fn default_capabilities() -> oci_spec::runtime::LinuxCapabilities {
+    // Named as a spec names them (serde's names, `CAP_` and all).
+    let set: oci_spec::runtime::Capabilities =
+        serde_json::from_value(serde_json::json!(DEFAULT_CAPABILITIES))
+            .expect("docker's capabilities are the spec's");
+    let mut caps = oci_spec::runtime::LinuxCapabilities::default();
+    caps.set_bounding(Some(set.clone()));
+    caps.set_effective(Some(set.clone()));
+    caps.set_permitted(Some(set));
+    caps.set_inheritable(None);
+    caps.set_ambient(None);
+    caps
+}
+
+#[cfg(test)]
+mod capability_tests {
+    /// Every name in docker's set is a capability the spec knows.
+    #[test]
+    fn dockers_default_capabilities_are_the_specs() {
+        let caps = super::default_capabilities();
+        assert_eq!(caps.bounding().as_ref().unwrap().len(), 14);
+        assert_eq!(caps.effective(), caps.permitted());
+    }
+}
+
 /// The spec of a container of `image` as `o` asks.
 fn spec(
     root: &Path,
@@ -390,6 +438,7 @@ fn spec(
         u.set_additional_gids((!additional.is_empty()).then_some(additional));
         process.set_user(u);
     }
+    process.set_capabilities(Some(default_capabilities()));
     spec.set_process(Some(process));
     spec.set_hostname(Some(hostname));
     if let Some(r) = spec.root().clone() {
