@@ -66,7 +66,10 @@ subprocess.run(buildah + ["tag", image, "localhost/husk/busybox:latest"], check=
 def timed(cmd, env=env):
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.monotonic()
-    subprocess.run(cmd, check=True, env=env, **quiet)
+    done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        sys.exit(f"{cmd}: {done.stderr.decode()}")
     wall = time.monotonic() - t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime

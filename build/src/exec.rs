@@ -374,7 +374,10 @@ impl Builder<'_> {
                     State {
                         layers: image.layers.clone(),
                         config: config.config().clone().unwrap_or_default(),
-                        history: config.history().clone().unwrap_or_default(),
+                        history: whole_history(
+                            config.history().clone().unwrap_or_default(),
+                            image.layers.len(),
+                        ),
                         key: sha256_hex(image.config.as_bytes()),
                         args: Vars::new(),
                         shell: vec!["/bin/sh".into(), "-c".into()],
@@ -423,6 +426,7 @@ impl Builder<'_> {
         let total = stage.steps.len();
         for (n, step) in stage.steps.iter().enumerate() {
             self.say(format!("[{}/{}] {}", n + 1, total, first_line(step)));
+            let (started, ran) = (std::time::Instant::now(), self.ran);
             self.step(&mut state, step).map_err(|e| match e {
                 BuildError::Other(message) => BuildError::Step {
                     line: step.line,
@@ -431,6 +435,11 @@ impl Builder<'_> {
                 },
                 e => e,
             })?;
+            // A layer made (not from the cache): its time, as docker's
+            // builder prints it.
+            if self.ran > ran {
+                self.say(format!("DONE {:.1}s", started.elapsed().as_secs_f64()));
+            }
         }
         Ok(state)
     }
@@ -1101,6 +1110,29 @@ impl Builder<'_> {
         self.say(format!("writing image {id}"));
         Ok(id)
     }
+}
+
+/// A base image's history with an entry for each of its layers: one
+/// that lists fewer layers than it has (made by a tool that writes none)
+/// gets entries for the first ones, so that the image built on it lists
+/// every layer, as builders on top of it (buildah's) check.
+fn whole_history(
+    mut history: Vec<oci_spec::image::History>,
+    layers: usize,
+) -> Vec<oci_spec::image::History> {
+    let listed = history
+        .iter()
+        .filter(|h| !h.empty_layer().unwrap_or(false))
+        .count();
+    if listed < layers {
+        let missing = (0..layers - listed).map(|_| {
+            let mut h = oci_spec::image::History::default();
+            h.set_created_by(Some("(a layer of the base image, without history)".into()));
+            h
+        });
+        history.splice(0..0, missing);
+    }
+    history
 }
 
 /// An image config's docker fields that OCI's lacks: `Healthcheck` and

@@ -127,6 +127,9 @@ pub fn write_oci_archive_as(path: &Path, name: &str, cmd: &[&str]) -> Result<Str
                 "Cmd": cmd,
             },
             "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_digest}")]},
+            // One entry for its one layer, as every builder writes (a
+            // builder on top, buildah's among them, checks the two agree).
+            "history": [{"created_by": "husk busybox-image: Debian's busybox-static"}],
         })
         .to_string()
         .into_bytes();

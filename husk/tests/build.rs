@@ -106,6 +106,9 @@ fn a_dockerfile_builds_runs_and_rebuilds_from_the_cache() {
     let built = husk.ok(&["build", "-t", "localhost/hello:1", ctx_arg]);
     assert!(built.contains("[7/7] RUN echo"), "{built}");
     assert!(!built.contains("CACHED"), "{built}");
+    // Each layer step's time, as docker's builder prints it.
+    let done = built.lines().filter(|l| l.starts_with("DONE ") && l.ends_with('s')).count();
+    assert_eq!(done, 5, "{built}");
     assert_eq!(
         husk.ok(&["run", "--rm", "localhost/hello:1"]),
         "hello world\nfrom the context\ninner.txt\n"
@@ -119,6 +122,7 @@ fn a_dockerfile_builds_runs_and_rebuilds_from_the_cache() {
     assert!(config["ExposedPorts"].get("8080/tcp").is_some(), "{config}");
     // Again: every layer step from the cache, no VM.
     let again = husk.ok(&["build", "-t", "localhost/hello:1", ctx_arg]);
+    assert!(!again.contains("DONE"), "{again}");
     for step in [
         "COPY greet.txt",
         "COPY sub",
@@ -979,6 +983,27 @@ fn husk_and_buildah_build_the_same_images() {
             "{tag}"
         );
     }
+    // buildah builds on husk's image, its layer cache on (which checks
+    // that the image's history lists each of its layers).
+    let on_top = context(
+        "on-husks",
+        &[(
+            "Dockerfile",
+            "FROM localhost/husk-built:tools\nUSER root\nRUN test -e /app/out.txt\n",
+        )],
+    );
+    buildah.ok(&[
+        "bud",
+        "--pull=never",
+        "--runtime",
+        "runc",
+        "--network",
+        "none",
+        "--layers",
+        "-t",
+        "localhost/on-top",
+        on_top.to_str().unwrap(),
+    ]);
     // The final image runs, as the user and in the directory it names.
     assert_eq!(
         husk.ok(&[
