@@ -226,6 +226,27 @@ impl Drop for Mounted {
     }
 }
 
+/// A step's network attachment, taken down when dropped (the step
+/// succeeded, failed or was interrupted by an error).
+struct Attached {
+    root: PathBuf,
+    id: String,
+}
+
+impl Attached {
+    /// Where its record is: `<root>/docker/<id>/`.
+    fn dir(&self) -> PathBuf {
+        self.root.join("docker").join(&self.id)
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let _ = husk_docker::network::detach(&self.root, &self.id);
+        let _ = std::fs::remove_dir_all(self.dir());
+    }
+}
+
 /// The PATH an image built `FROM scratch` gets, as BuildKit's and
 /// buildah's do.
 const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -618,7 +639,7 @@ impl Builder<'_> {
                 if self.cached(state, step)? {
                     return Ok(());
                 }
-                self.run(state, step, &argv)?;
+                self.run(state, step, &argv, network.as_deref())?;
             }
             Kind::Copy(spec) => self.copy(state, step, spec, false)?,
             Kind::Add(spec) => self.copy(state, step, spec, true)?,
@@ -710,7 +731,13 @@ impl Builder<'_> {
         Ok(())
     }
 
-    fn run(&mut self, state: &mut State, step: &Step, argv: &[String]) -> Result<(), BuildError> {
+    fn run(
+        &mut self,
+        state: &mut State,
+        step: &Step,
+        argv: &[String],
+        network: Option<&str>,
+    ) -> Result<(), BuildError> {
         let other = |e: String| BuildError::Other(e);
         let mounted = Mounted::new(self.o.root, &self.store, &state.layers, true).map_err(other)?;
         let rootfs = mounted.rootfs();
@@ -761,13 +788,51 @@ impl Builder<'_> {
         if !rel.is_empty() {
             mkdir_in_root(&rootfs, rel, None).map_err(other)?;
         }
+        let id = format!("husk-build-{}", random_hex());
+        // The build's network, as docker build's default: the root's
+        // default husk network (made on first use: a bridge with NAT),
+        // through CNI, in a namespace of the step's own, taken down after
+        // it. `RUN --network=none`: loopback only. Nothing of it (hosts
+        // or resolv.conf) is written into the step's root.
+        let _attached = match network {
+            Some("none") => {
+                husk_docker::drop_netns(&mut spec);
+                None
+            }
+            _ => {
+                let net = husk_docker::network::get_or_default(
+                    self.o.root,
+                    husk_docker::network::DEFAULT_NETWORK,
+                )
+                .map_err(|e| other(e.to_string()))?;
+                // The attachment's record lives where a docker-style
+                // container's does; the guard removes both.
+                let guard = Attached {
+                    root: self.o.root.to_path_buf(),
+                    id: id.clone(),
+                };
+                let record = guard.dir();
+                std::fs::create_dir_all(&record)
+                    .map_err(|e| other(format!("create {}: {e}", record.display())))?;
+                let a = husk_docker::network::attach(
+                    self.o.root,
+                    &id,
+                    &id,
+                    &net,
+                    Vec::new(),
+                    Vec::new(),
+                )
+                .map_err(|e| other(e.to_string()))?;
+                husk_docker::set_netns(&mut spec, &a.netns);
+                Some(guard)
+            }
+        };
         let bundle = mounted.dir.clone();
         std::fs::write(
             bundle.join("config.json"),
             serde_json::to_vec(&spec).map_err(|e| other(e.to_string()))?,
         )
         .map_err(|e| other(e.to_string()))?;
-        let id = format!("husk-build-{}", random_hex());
         let options = husk_runtime::container::CreateOptions {
             root: self.o.root,
             id: &id,

@@ -966,8 +966,9 @@ fn publish_exposed(
     Ok(())
 }
 
-/// Takes the network namespace out of the spec.
-fn drop_netns(spec: &mut Spec) {
+/// Takes the network namespace out of the spec: husk gives such a
+/// container loopback only (`--network none`).
+pub fn drop_netns(spec: &mut Spec) {
     let mut linux = spec.linux().clone().unwrap_or_default();
     let mut namespaces = linux.namespaces().clone().unwrap_or_default();
     namespaces.retain(|n| n.typ() != oci_spec::runtime::LinuxNamespaceType::Network);
@@ -975,8 +976,9 @@ fn drop_netns(spec: &mut Spec) {
     spec.set_linux(Some(linux));
 }
 
-/// Names the namespace at `netns` as the spec's network namespace.
-fn set_netns(spec: &mut Spec, netns: &Path) {
+/// Names the namespace at `netns` (a namespace a network attachment
+/// made) as the spec's network namespace.
+pub fn set_netns(spec: &mut Spec, netns: &Path) {
     drop_netns(spec);
     let mut linux = spec.linux().clone().unwrap_or_default();
     let mut namespaces = linux.namespaces().clone().unwrap_or_default();

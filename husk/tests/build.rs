@@ -9,7 +9,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{Husk, text};
+use common::{Husk, Registry, text};
 
 /// A build context, removed when dropped.
 struct Context(PathBuf);
@@ -61,6 +61,13 @@ fn nothing_left(root: &Path) {
         .map(|e| e.file_name())
         .collect();
     assert!(containers.is_empty(), "containers left: {containers:?}");
+    let netns: Vec<_> = std::fs::read_dir(root.join("netns"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(netns.is_empty(), "network namespaces left: {netns:?}");
 }
 
 const DOCKERFILE: &str = r#"# syntax=docker/dockerfile:1
@@ -107,7 +114,10 @@ fn a_dockerfile_builds_runs_and_rebuilds_from_the_cache() {
     assert!(built.contains("[7/7] RUN echo"), "{built}");
     assert!(!built.contains("CACHED"), "{built}");
     // Each layer step's time, as docker's builder prints it.
-    let done = built.lines().filter(|l| l.starts_with("DONE ") && l.ends_with('s')).count();
+    let done = built
+        .lines()
+        .filter(|l| l.starts_with("DONE ") && l.ends_with('s'))
+        .count();
     assert_eq!(done, 5, "{built}");
     assert_eq!(
         husk.ok(&["run", "--rm", "localhost/hello:1"]),
@@ -167,6 +177,93 @@ fn a_dockerfile_builds_runs_and_rebuilds_from_the_cache() {
     ]);
     let out = husk.run(&["run", "--rm", "localhost/base:1", "ls", "/bin/vi"]);
     assert!(!out.status.success(), "{}", text(&out.stdout));
+    nothing_left(&husk.root);
+}
+
+/// `FROM` an image in a registry (Debian's docker-registry on
+/// 127.0.0.1), pulled by the build into a store that lacks it, and `COPY
+/// --from` an image (not a stage); the base's config comes with it.
+#[test]
+fn a_build_pulls_its_base_from_a_registry_and_copies_from_an_image() {
+    let registry = Registry::start("build-from");
+    let base = format!("{}/base/marked:1", registry.host());
+    let maker = Husk::new("build-registry-maker");
+    let ctx = context(
+        "registry",
+        &[
+            (
+                "Dockerfile",
+                "FROM husk/busybox\nCOPY marker.txt /marker.txt\nENV FROM_BASE=yes\n",
+            ),
+            ("marker.txt", "from the registry\n"),
+        ],
+    );
+    maker.ok(&["build", "-t", &base, ctx.to_str().unwrap()]);
+    maker.ok(&["push", &base]);
+    let husk = Husk::new("build-registry");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!(
+            "FROM {base}\nCOPY --from={base} /marker.txt /copied.txt\n\
+             RUN cat /marker.txt /copied.txt > /both && echo $FROM_BASE >> /both\n\
+             CMD [\"cat\", \"/both\"]\n"
+        ),
+    )
+    .unwrap();
+    husk.ok(&[
+        "build",
+        "-t",
+        "localhost/on-pulled:1",
+        ctx.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        husk.ok(&["run", "--rm", "localhost/on-pulled:1"]),
+        "from the registry\nfrom the registry\nyes\n"
+    );
+    assert!(husk.ok(&["images"]).contains("base/marked"));
+    nothing_left(&husk.root);
+}
+
+/// A RUN step is on the build's network (the root's default husk
+/// network: an interface besides loopback, a default route), as docker
+/// build's steps are; `RUN --network=none` has loopback only; nothing of
+/// either is left after the build.
+#[test]
+fn a_run_step_has_the_build_network_unless_none() {
+    let husk = Husk::new("build-network");
+    let ctx = context(
+        "network",
+        &[(
+            "Dockerfile",
+            "FROM husk/busybox\n\
+             RUN cut -d: -f1 /proc/net/dev | tail -n +3 | tr -d ' ' | sort > /net.txt \
+              && cut -f2 /proc/net/route | tail -n +2 > /route.txt\n\
+             RUN --network=none cut -d: -f1 /proc/net/dev | tail -n +3 | tr -d ' ' > /none.txt\n",
+        )],
+    );
+    husk.ok(&["build", "-t", "localhost/net:1", ctx.to_str().unwrap()]);
+    let seen = |file: &str| {
+        husk.ok(&[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "localhost/net:1",
+            "cat",
+            file,
+        ])
+    };
+    let net = seen("/net.txt");
+    assert!(net.lines().any(|l| l == "lo"), "{net}");
+    assert!(
+        net.lines().any(|l| l != "lo"),
+        "no interface besides loopback: {net}"
+    );
+    assert!(
+        seen("/route.txt").lines().any(|l| l == "00000000"),
+        "no default route"
+    );
+    assert_eq!(seen("/none.txt"), "lo\n");
     nothing_left(&husk.root);
 }
 
@@ -884,6 +981,7 @@ FROM debian
 COPY --from=tools /app/ /app/
 COPY --from=tools /unpacked/ /unpacked/
 WORKDIR /home/app
+COPY --chown=app:app greet.txt ./greet.txt
 USER app
 RUN echo "made by $(id -un)" > made.txt
 LABEL org.example.built=both "org.example.other"="with space"

@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{HUSK, Husk, text};
+use common::{HUSK, Husk, Registry, text};
 use sha2::Digest as _;
 
 fn sha256(bytes: &[u8]) -> String {
@@ -25,71 +25,6 @@ fn sha256(bytes: &[u8]) -> String {
 
 fn scratch(name: &str) -> PathBuf {
     common::scratch("img", name)
-}
-
-/// Debian's docker-registry on 127.0.0.1, its storage in a temporary
-/// directory; stopped and removed when dropped.
-struct Registry {
-    dir: PathBuf,
-    child: Child,
-    port: u16,
-}
-
-impl Registry {
-    fn start(name: &str) -> Self {
-        Self::start_with(name, None)
-    }
-
-    /// With basic auth for `user:password` (an htpasswd file made with
-    /// apache2-utils' htpasswd, bcrypt as the registry wants).
-    fn start_with(name: &str, basic: Option<(&str, &str)>) -> Self {
-        let dir = scratch(&format!("registry-{name}"));
-        let port = husk_test_support::free_port();
-        let mut config = format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            dir.join("storage").display()
-        );
-        if let Some((user, password)) = basic {
-            let out = Command::new("htpasswd")
-                .args(["-Bbn", user, password])
-                .output()
-                .expect("htpasswd (apache2-utils; make test installs it)");
-            assert!(out.status.success());
-            std::fs::write(dir.join("htpasswd"), out.stdout).unwrap();
-            config.push_str(&format!(
-                "auth:\n  htpasswd:\n    realm: husk-test\n    path: {}\n",
-                dir.join("htpasswd").display()
-            ));
-        }
-        std::fs::write(dir.join("config.yml"), config).unwrap();
-        let log = std::fs::File::create(dir.join("registry.log")).unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(dir.join("config.yml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("docker-registry (Debian's docker-registry; make test installs it)");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "docker-registry did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self { dir, child, port }
-    }
-
-    fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 fn skopeo(args: &[&str]) -> String {
