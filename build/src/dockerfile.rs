@@ -39,6 +39,9 @@ pub struct HereDoc {
     pub text: String,
     /// Whether `$VARIABLES` in it are expanded (its delimiter unquoted).
     pub expand: bool,
+    /// Its delimiter (`EOF`): the file's name when COPY puts it into a
+    /// directory, as BuildKit names it.
+    pub name: String,
 }
 
 /// What COPY or ADD copies from.
@@ -317,6 +320,7 @@ fn copy_spec(
         .map(|s| match s {
             parse_dockerfile::Source::Path(p) => Source::Path(p.value.to_string()),
             parse_dockerfile::Source::HereDoc(h) => Source::HereDoc(HereDoc {
+                name: String::new(),
                 text: h.value.to_string(),
                 expand: h.expand,
             }),
@@ -352,6 +356,7 @@ fn kind(i: &P<'_>, escape: char) -> Result<Kind, String> {
                     .here_docs
                     .iter()
                     .map(|h| HereDoc {
+                        name: String::new(),
                         text: h.value.to_string(),
                         expand: h.expand,
                     })
@@ -592,6 +597,17 @@ pub fn parse(text: &str) -> Result<Dockerfile, DockerfileError> {
                     c.push_str(&body);
                     step_text.push('\n');
                     step_text.push_str(&body);
+                }
+                // COPY's and ADD's here-documents are named by their
+                // delimiters, in order, as the instruction's line has them.
+                if let Kind::Copy(spec) | Kind::Add(spec) = &mut kind {
+                    let first = step_text.lines().next().unwrap_or_default();
+                    let mut names = here_doc_delimiters(first).into_iter();
+                    for source in &mut spec.sources {
+                        if let Source::HereDoc(h) = source {
+                            h.name = names.next().map(|(n, _)| n).unwrap_or_default();
+                        }
+                    }
                 }
                 let step = Step {
                     line,

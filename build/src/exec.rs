@@ -898,50 +898,52 @@ impl Builder<'_> {
             }
             None => None,
         };
-        // `COPY <<EOF /path`: a file of that text (its variables
-        // expanded unless its delimiter was quoted), from a directory of
-        // its own.
-        let heredoc = match spec.sources.as_slice() {
-            [Source::HereDoc(doc)] => {
-                if spec.dest.ends_with('/') {
-                    return Err(other(
-                        "a here-document copied into a directory is not supported yet (name the file)".into(),
-                    ));
-                }
+        // Here-documents (`COPY <<EOF /path`, `COPY <<A <<B /dir/`): files
+        // of their text (variables expanded unless the delimiter was
+        // quoted), named by their delimiters, in a directory of the
+        // build's own, copied after the other sources.
+        let mut heredocs = Vec::new();
+        for s in &spec.sources {
+            if let Source::HereDoc(doc) = s {
                 // Expanded as a double-quoted word (quotes in it kept); a
                 // variable it requires and lacks fails the step.
                 let text = match doc.expand {
                     true => self.word(state, &format!("\"{}\"", doc.text.replace('"', "\\\"")))?,
                     false => doc.text.clone(),
                 };
-                let dir = self
-                    .o
-                    .root
-                    .join("build")
-                    .join(format!("heredoc-{}", random_hex()));
-                std::fs::create_dir_all(&dir)
-                    .map_err(|e| other(format!("create {}: {e}", dir.display())))?;
-                let made = std::fs::write(dir.join("heredoc"), text.as_bytes());
-                let guard = ScratchDir(dir);
-                made.map_err(|e| other(format!("write the here-document: {e}")))?;
-                Some(guard)
+                let name = match doc.name.as_str() {
+                    "" | "." | ".." => "heredoc".to_string(),
+                    n => n.to_string(),
+                };
+                heredocs.push((name, text));
             }
-            list if list.iter().any(|s| matches!(s, Source::HereDoc(_))) => {
-                return Err(other(
-                    "a here-document among other sources is not supported yet".into(),
-                ));
+        }
+        let heredoc_dir = match heredocs.is_empty() {
+            true => None,
+            false => {
+                let dir = ScratchDir(
+                    self.o
+                        .root
+                        .join("build")
+                        .join(format!("heredoc-{}", random_hex())),
+                );
+                std::fs::create_dir_all(&dir.0)
+                    .map_err(|e| other(format!("create {}: {e}", dir.0.display())))?;
+                for (name, text) in &heredocs {
+                    std::fs::write(dir.0.join(name), text.as_bytes())
+                        .map_err(|e| other(format!("write the here-document {name}: {e}")))?;
+                }
+                Some(dir)
             }
-            _ => None,
         };
-        let source_root = match (&source_mount, &heredoc) {
-            (_, Some(h)) => h.0.clone(),
-            (Some(m), None) => m.rootfs(),
-            (None, None) => self.o.context.to_path_buf(),
+        let source_root = match &source_mount {
+            Some(m) => m.rootfs(),
+            None => self.o.context.to_path_buf(),
         };
         let mut sources = Vec::new();
         for s in &spec.sources {
             match s {
-                Source::HereDoc(_) => sources.push("heredoc".to_string()),
+                Source::HereDoc(_) => {}
                 Source::Path(p) => {
                     let p = self.word(state, p)?;
                     let found = crate::context::select(
@@ -990,9 +992,9 @@ impl Builder<'_> {
         let ignore_all = self.ignore.clone();
         // .dockerignore is the context's: not a stage's, nor a
         // here-document's.
-        let ignore = match (&from_state, &heredoc) {
-            (None, None) => Some(&ignore_all),
-            _ => None,
+        let ignore = match &from_state {
+            None => Some(&ignore_all),
+            Some(_) => None,
         };
         let digest = crate::context::digest(&source_root, &sources, ignore).map_err(other)?;
         let unpacked = crate::context::digest(&source_root, &archives, None).map_err(other)?;
@@ -1000,6 +1002,7 @@ impl Builder<'_> {
             "copy": sources,
             "unpack": archives,
             "unpacked": unpacked,
+            "heredocs": heredocs,
             "from": from_state.as_ref().map(|s| &s.key),
             "content": digest,
             "dest": dest,
@@ -1041,16 +1044,10 @@ impl Builder<'_> {
             chmod,
             ignore,
         };
+        let into_dir = dest.ends_with('/') || sources.len() + archives.len() + heredocs.len() > 1;
         if !sources.is_empty() {
-            crate::context::copy_into(
-                &source_root,
-                &sources,
-                &rootfs,
-                &dest_abs,
-                dest.ends_with('/') || sources.len() + archives.len() > 1,
-                &how,
-            )
-            .map_err(other)?;
+            crate::context::copy_into(&source_root, &sources, &rootfs, &dest_abs, into_dir, &how)
+                .map_err(other)?;
         }
         // An archive's entries keep their owners unless --chown.
         for a in &archives {
@@ -1077,6 +1074,22 @@ impl Builder<'_> {
                 },
             )
             .map_err(|e| other(format!("ADD {a}: {e}")))?;
+        }
+        if let Some(dir) = &heredoc_dir {
+            let names: Vec<String> = heredocs.iter().map(|(n, _)| n.clone()).collect();
+            crate::context::copy_into(
+                &dir.0,
+                &names,
+                &rootfs,
+                &dest_abs,
+                into_dir,
+                &crate::context::How {
+                    owner: Some((uid, gid)),
+                    chmod,
+                    ignore: None,
+                },
+            )
+            .map_err(other)?;
         }
         drop(source_mount);
         let _ = rustix::mount::unmount(&rootfs, UnmountFlags::empty());

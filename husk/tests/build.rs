@@ -344,12 +344,6 @@ fn context_escapes_and_unsupported_input_are_refused_by_name() {
         said.contains("Dockerfile:2: COPY --chmod=9z inside.txt /x: --chmod=9z: not an octal mode"),
         "{said}"
     );
-    let said = build("FROM husk/busybox\nCOPY <<EOF /dir/\nx\nEOF\n");
-    assert!(
-        said.contains("Dockerfile:2:")
-            && said.contains("a here-document copied into a directory is not supported yet"),
-        "{said}"
-    );
     // Archives ADD would unpack: a broken one, one of a kind husk does
     // not unpack, and entries that leave it (by `..`, through a link it
     // made) are refused by name, and nothing is written outside.
@@ -446,7 +440,8 @@ fn raw_tar(path: &Path, entries: &[(&str, tar::EntryType, Option<&str>)]) {
 }
 
 /// Here-documents: `COPY <<EOF /file` makes a file of their text (its
-/// variables expanded unless the delimiter is quoted), `RUN <<EOF` runs
+/// variables expanded unless the delimiter is quoted), several into a
+/// directory are named by their delimiters beside a context file, `RUN <<EOF` runs
 /// one as the stage's shell script; ones after a command are read by the
 /// shell with it, and the lines after them keep their numbers.
 #[test]
@@ -454,18 +449,22 @@ fn here_documents_make_files_and_scripts() {
     let husk = Husk::new("build-heredoc");
     let ctx = context(
         "heredoc",
-        &[(
-            "Dockerfile",
-            "FROM husk/busybox\nENV NAME=husk\nCOPY <<EOF /greeting\nhello $NAME\nEOF\n\
-             COPY <<'EOF' /literal\nhello $NAME\nEOF\n\
-             RUN <<EOF\nset -e\necho from a script > /script-out\ncat /greeting >> /script-out\nEOF\n\
-             CMD [\"cat\", \"/script-out\", \"/literal\"]\n",
-        )],
+        &[
+            (
+                "Dockerfile",
+                "FROM husk/busybox\nENV NAME=husk\nCOPY <<EOF /greeting\nhello $NAME\nEOF\n\
+                 COPY <<'EOF' /literal\nhello $NAME\nEOF\n\
+                 RUN <<EOF\nset -e\necho from a script > /script-out\ncat /greeting >> /script-out\nEOF\n\
+                 COPY <<ONE <<TWO greet.txt /docs/\n1 $NAME\nONE\n2\nTWO\n\
+                 CMD [\"cat\", \"/script-out\", \"/literal\", \"/docs/ONE\", \"/docs/TWO\", \"/docs/greet.txt\"]\n",
+            ),
+            ("greet.txt", "from the context\n"),
+        ],
     );
     husk.ok(&["build", "-t", "localhost/heredoc:1", ctx.to_str().unwrap()]);
     assert_eq!(
         husk.ok(&["run", "--rm", "localhost/heredoc:1"]),
-        "from a script\nhello husk\nhello $NAME\n"
+        "from a script\nhello husk\nhello $NAME\n1 husk\n2\nfrom the context\n"
     );
     // Here-documents after a command: the shell reads them with it,
     // variables expanded by the shell unless the delimiter is quoted,
