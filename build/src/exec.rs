@@ -226,6 +226,39 @@ impl Drop for Mounted {
     }
 }
 
+/// `RUN <<EOF` whose script starts with `#!`: run by the interpreter it
+/// names, as BuildKit runs it, not by the stage's shell. The script is
+/// the interpreter's standard input (`/dev/stdin` its file), through a
+/// quoted here-document of `/bin/sh` (so its text is not expanded), whose
+/// delimiter is made from the script's digest: the same script, the same
+/// command (and cache key). Nothing is written into the step's root.
+fn shebang_script(text: &str) -> Option<Vec<String>> {
+    let first = text.lines().next()?.strip_prefix("#!")?.trim();
+    // As the kernel reads a `#!` line: the interpreter, then the rest of
+    // the line as one argument.
+    let words: Vec<&str> = match first.split_once([' ', '\t']) {
+        Some((interpreter, arg)) => vec![interpreter, arg.trim()],
+        None if !first.is_empty() => vec![first],
+        None => return None,
+    };
+    let quote = |w: &str| format!("'{}'", w.replace('\'', "'\\''"));
+    let delimiter = format!("HUSK_SCRIPT_{}", &sha256_hex(text.as_bytes())[..16]);
+    let interpreter: Vec<String> = words.iter().map(|w| quote(w)).collect();
+    let body = if text.ends_with('\n') {
+        text.to_string()
+    } else {
+        format!("{text}\n")
+    };
+    Some(vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        format!(
+            "exec {} /dev/stdin <<'{delimiter}'\n{body}{delimiter}\n",
+            interpreter.join(" ")
+        ),
+    ])
+}
+
 /// A step's network attachment, taken down when dropped (the step
 /// succeeded, failed or was interrupted by an error).
 struct Attached {
@@ -617,9 +650,14 @@ impl Builder<'_> {
                                     .trim_end()
                                     .contains(char::is_whitespace) =>
                     {
-                        let mut v = state.shell.clone();
-                        v.push(doc.text.clone());
-                        v
+                        match shebang_script(&doc.text) {
+                            Some(v) => v,
+                            None => {
+                                let mut v = state.shell.clone();
+                                v.push(doc.text.clone());
+                                v
+                            }
+                        }
                     }
                     _ => {
                         return Err(BuildError::Other(

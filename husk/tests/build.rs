@@ -441,7 +441,8 @@ fn raw_tar(path: &Path, entries: &[(&str, tar::EntryType, Option<&str>)]) {
 
 /// Here-documents: `COPY <<EOF /file` makes a file of their text (its
 /// variables expanded unless the delimiter is quoted), several into a
-/// directory are named by their delimiters beside a context file, `RUN <<EOF` runs
+/// directory are named by their delimiters beside a context file, one
+/// starting with `#!` runs by its interpreter (awk here), `RUN <<EOF` runs
 /// one as the stage's shell script; ones after a command are read by the
 /// shell with it, and the lines after them keep their numbers.
 #[test]
@@ -456,7 +457,8 @@ fn here_documents_make_files_and_scripts() {
                  COPY <<'EOF' /literal\nhello $NAME\nEOF\n\
                  RUN <<EOF\nset -e\necho from a script > /script-out\ncat /greeting >> /script-out\nEOF\n\
                  COPY <<ONE <<TWO greet.txt /docs/\n1 $NAME\nONE\n2\nTWO\n\
-                 CMD [\"cat\", \"/script-out\", \"/literal\", \"/docs/ONE\", \"/docs/TWO\", \"/docs/greet.txt\"]\n",
+                 RUN <<EOF\n#!/usr/bin/awk -f\nBEGIN { print \"awk's \" ENVIRON[\"NAME\"] > \"/awk-out\" }\nEOF\n\
+                 CMD [\"cat\", \"/script-out\", \"/literal\", \"/docs/ONE\", \"/docs/TWO\", \"/docs/greet.txt\", \"/awk-out\"]\n",
             ),
             ("greet.txt", "from the context\n"),
         ],
@@ -464,7 +466,7 @@ fn here_documents_make_files_and_scripts() {
     husk.ok(&["build", "-t", "localhost/heredoc:1", ctx.to_str().unwrap()]);
     assert_eq!(
         husk.ok(&["run", "--rm", "localhost/heredoc:1"]),
-        "from a script\nhello husk\nhello $NAME\n1 husk\n2\nfrom the context\n"
+        "from a script\nhello husk\nhello $NAME\n1 husk\n2\nfrom the context\nawk's husk\n"
     );
     // Here-documents after a command: the shell reads them with it,
     // variables expanded by the shell unless the delimiter is quoted,
