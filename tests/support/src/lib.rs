@@ -18,8 +18,27 @@ pub fn text(bytes: &[u8]) -> String {
 /// stderr, which are drained as it runs); killed, and the test failed, if
 /// it runs longer than `limit`. What it printed until then is in the
 /// failure: the end of a long run says what it was doing.
+///
+/// At the limit, whatever else holds the child's output pipes open (its
+/// monitor, a VMM: processes it started that outlive it) is killed too,
+/// so that the failure comes at the limit rather than when the test
+/// harness gives up on the test.
 pub fn output_within(child: Child, limit: Duration, what: &str) -> Output {
     let pid = Pid::from_child(&child);
+    let pipes: Vec<u64> = [
+        child
+            .stdout
+            .as_ref()
+            .and_then(|f| rustix::fs::fstat(f).ok()),
+        child
+            .stderr
+            .as_ref()
+            .and_then(|f| rustix::fs::fstat(f).ok()),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|st| st.st_ino)
+    .collect();
     let watchdog = std::thread::spawn(move || {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
@@ -29,6 +48,9 @@ pub fn output_within(child: Child, limit: Duration, what: &str) -> Output {
             }
         }
         let _ = rustix::process::kill_process(pid, Signal::KILL);
+        for holder in pipe_holders(&pipes) {
+            let _ = rustix::process::kill_process(holder, Signal::KILL);
+        }
         true
     });
     let out = child.wait_with_output().unwrap();
@@ -38,6 +60,37 @@ pub fn output_within(child: Child, limit: Duration, what: &str) -> Output {
         text(&out.stdout),
         text(&out.stderr)
     );
+    out
+}
+
+/// Other processes with a descriptor on one of the pipes `inodes`.
+fn pipe_holders(inodes: &[u64]) -> Vec<Pid> {
+    let me = std::process::id();
+    let names: Vec<String> = inodes.iter().map(|i| format!("pipe:[{i}]")).collect();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(n) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if n == me {
+            continue;
+        }
+        let holds = std::fs::read_dir(entry.path().join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| {
+                std::fs::read_link(fd.path())
+                    .is_ok_and(|l| names.iter().any(|name| l.as_os_str() == name.as_str()))
+            });
+        if holds && let Some(p) = i32::try_from(n).ok().and_then(Pid::from_raw) {
+            out.push(p);
+        }
+    }
     out
 }
 
@@ -281,5 +334,32 @@ mod tests {
         assert!(!again.join("x").exists());
         std::fs::remove_dir_all(again).unwrap();
         assert!(target_dir().ends_with("target"));
+    }
+
+    /// A child past its limit fails the test at the limit, with what it
+    /// printed, even when a process it started holds its output open.
+    #[test]
+    fn a_child_past_its_limit_is_ended_with_what_holds_its_output() {
+        let child = Command::new("sh")
+            .args(["-c", "sleep 300 & echo started; sleep 300"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            output_within(child, Duration::from_secs(1), "the sleeper")
+        }));
+        let message = failed.expect_err("it ran past its limit");
+        let message = message
+            .downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            message.contains("the sleeper did not finish in time"),
+            "{message}"
+        );
+        assert!(message.contains("started"), "{message}");
+        assert!(started.elapsed() < Duration::from_secs(60));
     }
 }
