@@ -63,12 +63,20 @@ image = subprocess.run(buildah + ["pull", "--signature-policy", os.path.join(wor
 subprocess.run(buildah + ["tag", image, "localhost/husk/busybox:latest"], check=True, **quiet)
 
 
+def cleanup():
+    """buildah's containers and images, husk's root and the context go."""
+    subprocess.run(buildah + ["rm", "--all"], **quiet)
+    subprocess.run(buildah + ["rmi", "--all", "--force"], **quiet)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def timed(cmd, env=env):
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.monotonic()
     done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           stdin=subprocess.DEVNULL)
     if done.returncode != 0:
+        cleanup()
         sys.exit(f"{cmd}: {done.stderr.decode()}")
     wall = time.monotonic() - t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -107,9 +115,7 @@ for i in range(runs + 1):
         if tool == "husk":
             rows["host"].append(host / 1000)
             rows["guest"].append(guest / 1000)
-subprocess.run(buildah + ["rm", "--all"], **quiet)
-subprocess.run(buildah + ["rmi", "--all", "--force"], **quiet)
-shutil.rmtree(work, ignore_errors=True)
+cleanup()
 
 m = {k: statistics.median(v) for k, v in rows.items()}
 print(f"{n} RUN steps, {runs} runs each, medians")
