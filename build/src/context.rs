@@ -16,6 +16,7 @@
 //!   Owners are 0:0 unless `--chown`; modes are kept unless `--chmod`;
 //!   modification times are kept.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io::Read;
 use std::os::fd::OwnedFd;
@@ -319,11 +320,11 @@ pub fn copy_into(
     into_dir: bool,
     how: &How<'_>,
 ) -> Result<(), String> {
-    let How {
-        owner,
-        chmod,
-        ignore,
-    } = *how;
+    let owner = how.owner;
+    let mut walk = Walk {
+        how: *how,
+        links: HashMap::new(),
+    };
     let root_fd = open_root(root)?;
     let dest = dest.trim_end_matches('/');
     for s in sources {
@@ -353,9 +354,9 @@ pub fn copy_into(
         match name {
             None => {
                 let src = open_beneath(&root_fd, s, OFlags::RDONLY | OFlags::DIRECTORY)?;
-                copy_dir(&src, s, &target, owner, chmod, ignore)?;
+                copy_dir(&src, s, &target, &mut walk)?;
             }
-            Some(n) => copy_entry(&dir, base, s, &target, &n, owner, chmod, ignore)?,
+            Some(n) => copy_entry(&dir, base, s, &target, &n, &mut walk)?,
         }
     }
     Ok(())
@@ -375,14 +376,18 @@ fn is_dir_at(dir: &OwnedFd, name: &str) -> bool {
         .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
 }
 
-fn copy_dir(
-    src: &OwnedFd,
-    rel: &str,
-    dest: &OwnedFd,
-    owner: Option<(u32, u32)>,
-    chmod: Option<u32>,
-    ignore: Option<&Ignore>,
-) -> Result<(), String> {
+/// One copy's walk: how it places entries, and the files with more than
+/// one link it has copied, by their source's device and inode, with where
+/// each went (its directory's descriptor and name), so that a second
+/// name is made as a link to the first, as BuildKit's copy keeps hard
+/// links.
+struct Walk<'a> {
+    how: How<'a>,
+    links: HashMap<(u64, u64), (OwnedFd, String)>,
+}
+
+fn copy_dir(src: &OwnedFd, rel: &str, dest: &OwnedFd, walk: &mut Walk<'_>) -> Result<(), String> {
+    let ignore = walk.how.ignore;
     for n in names(src)? {
         let child = if rel.is_empty() {
             n.clone()
@@ -392,7 +397,7 @@ fn copy_dir(
         if skipped(ignore, &child, || is_dir_at(src, &n)) {
             continue;
         }
-        copy_entry(src, &n, &child, dest, &n, owner, chmod, ignore)?;
+        copy_entry(src, &n, &child, dest, &n, walk)?;
     }
     Ok(())
 }
@@ -408,17 +413,15 @@ fn times(st: &rustix::fs::Stat) -> Timestamps {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn copy_entry(
     src_dir: &OwnedFd,
     name: &str,
     rel: &str,
     dest_dir: &OwnedFd,
     dest_name: &str,
-    chown: Option<(u32, u32)>,
-    chmod: Option<u32>,
-    ignore: Option<&Ignore>,
+    walk: &mut Walk<'_>,
 ) -> Result<(), String> {
+    let (chown, chmod) = (walk.how.owner, walk.how.chmod);
     let fail = |what: &str, e: rustix::io::Errno| format!("{what} {dest_name}: {e}");
     let st = rustix::fs::statat(src_dir, name, AtFlags::SYMLINK_NOFOLLOW)
         .map_err(|e| fail("read", e))?;
@@ -448,7 +451,7 @@ fn copy_entry(
                 Mode::empty(),
             )
             .map_err(|e| fail("open", e))?;
-            copy_dir(&s, rel, &d, chown, chmod, ignore)?;
+            copy_dir(&s, rel, &d, walk)?;
             rustix::fs::fchown(&d, owner.0, owner.1).map_err(|e| fail("chown", e))?;
             rustix::fs::fchmod(&d, Mode::from_raw_mode(mode)).map_err(|e| fail("chmod", e))?;
             let _ = rustix::fs::futimens(&d, &times(&st));
@@ -484,6 +487,15 @@ fn copy_entry(
                 Ok(()) | Err(rustix::io::Errno::NOENT) => {}
                 Err(e) => return Err(fail("replace", e)),
             }
+            // Another name of a file this copy already made: a link to it.
+            let key = (st.st_dev, st.st_ino);
+            if st.st_nlink > 1
+                && let Some((dir, first)) = walk.links.get(&key)
+            {
+                rustix::fs::linkat(dir, first.as_str(), dest_dir, dest_name, AtFlags::empty())
+                    .map_err(|e| fail("link", e))?;
+                return Ok(());
+            }
             let d = rustix::fs::openat(
                 dest_dir,
                 dest_name,
@@ -497,6 +509,12 @@ fn copy_entry(
             rustix::fs::fchown(&to, owner.0, owner.1).map_err(|e| fail("chown", e))?;
             rustix::fs::fchmod(&to, Mode::from_raw_mode(mode)).map_err(|e| fail("chmod", e))?;
             let _ = rustix::fs::futimens(&to, &times(&st));
+            if st.st_nlink > 1 {
+                let dir = dest_dir
+                    .try_clone()
+                    .map_err(|e| format!("{dest_name}: {e}"))?;
+                walk.links.insert(key, (dir, dest_name.to_string()));
+            }
         }
         // Devices, FIFOs and sockets in a context are not copied, as
         // docker's builder refuses them.
