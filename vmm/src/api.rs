@@ -279,8 +279,13 @@ mod tests {
         let path =
             std::env::temp_dir().join(format!("husk-api-emfile-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
+        // The child says on this pipe when it holds every descriptor, so
+        // that the client connects only then (connected earlier, the API
+        // thread could take the connection while descriptors were left,
+        // then fail to serve it).
+        let (ready_r, ready_w) = rustix::pipe::pipe().unwrap();
         // SAFETY: the child only sets a limit, serves, opens and closes
-        // files and sleeps, then _exits.
+        // files, writes to a pipe and sleeps, then _exits.
         let child = unsafe { libc::fork() };
         if child == 0 {
             let limit = rustix::process::Rlimit {
@@ -295,6 +300,7 @@ mod tests {
             while let Ok(f) = std::fs::File::open("/dev/null") {
                 hog.push(f);
             }
+            let _ = rustix::io::write(&ready_w, b"x");
             std::thread::sleep(std::time::Duration::from_millis(1500));
             drop(hog);
             std::thread::sleep(std::time::Duration::from_secs(5));
@@ -313,6 +319,13 @@ mod tests {
             }
         }
         let _reap = Reap(child);
+        drop(ready_w);
+        let mut ready = [0u8; 1];
+        assert_eq!(
+            rustix::io::read(&ready_r, &mut ready).unwrap(),
+            1,
+            "the child never held every descriptor"
+        );
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let stream = loop {
             if let Ok(s) = UnixStream::connect(&path) {
