@@ -40,20 +40,23 @@ d = os.path.abspath(args[0])
 n = int(args[1]) if len(args) > 1 else 5
 runs = int(args[2]) if len(args) > 2 else 3
 work = tempfile.mkdtemp(prefix="husk-bench-build-")
-ctx = os.path.join(work, "ctx")
-os.makedirs(ctx)
-with open(os.path.join(ctx, "Dockerfile"), "w") as f:
-    f.write("FROM husk/busybox\n")
-    for i in range(n):
-        f.write(f"RUN --network=none echo step {i} > /step-{i}\n")
+
+
+def context(name, flags):
+    """A context whose Dockerfile runs the n steps with `flags`."""
+    path = os.path.join(work, name)
+    os.makedirs(path)
+    with open(os.path.join(path, "Dockerfile"), "w") as f:
+        f.write("FROM husk/busybox\n")
+        for i in range(n):
+            f.write(f"RUN {flags}echo step {i} > /step-{i}\n")
+    return path
+
+
+ctx = context("ctx", "--network=none ")
 # The same steps on husk's build network (docker build's default), which
 # buildah's `--network none` runs have no counterpart of.
-ctx_net = os.path.join(work, "ctx-net")
-os.makedirs(ctx_net)
-with open(os.path.join(ctx_net, "Dockerfile"), "w") as f:
-    f.write("FROM husk/busybox\n")
-    for i in range(n):
-        f.write(f"RUN echo step {i} > /step-{i}\n")
+ctx_net = context("ctx-net", "")
 root = os.path.join(work, "husk-root")
 husk = [d + "/husk", "--root", root]
 env = dict(os.environ, HUSK_VMM=d + "/husk-vmm")

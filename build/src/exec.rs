@@ -288,6 +288,15 @@ const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/b
 /// archive's), removed with it.
 struct ScratchDir(PathBuf);
 
+impl ScratchDir {
+    /// A new empty directory `<root>/build/<kind>-<random>`.
+    fn new(root: &Path, kind: &str) -> Result<Self, String> {
+        let dir = Self(root.join("build").join(format!("{kind}-{}", random_hex())));
+        std::fs::create_dir_all(&dir.0).map_err(|e| format!("create {}: {e}", dir.0.display()))?;
+        Ok(dir)
+    }
+}
+
 impl Drop for ScratchDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
@@ -959,14 +968,7 @@ impl Builder<'_> {
         let heredoc_dir = match heredocs.is_empty() {
             true => None,
             false => {
-                let dir = ScratchDir(
-                    self.o
-                        .root
-                        .join("build")
-                        .join(format!("heredoc-{}", random_hex())),
-                );
-                std::fs::create_dir_all(&dir.0)
-                    .map_err(|e| other(format!("create {}: {e}", dir.0.display())))?;
+                let dir = ScratchDir::new(self.o.root, "heredoc").map_err(other)?;
                 for (name, text) in &heredocs {
                     std::fs::write(dir.0.join(name), text.as_bytes())
                         .map_err(|e| other(format!("write the here-document {name}: {e}")))?;
@@ -999,19 +1001,20 @@ impl Builder<'_> {
         }
         // ADD unpacks a local tar archive (plain, gzip, zstd) into the
         // destination, as a directory; anything else is copied.
-        let (archives, sources): (Vec<String>, Vec<String>) = match add {
-            true => sources
-                .into_iter()
-                .partition(|s| archive_kind(&source_root, s) != Archive::No),
-            false => (Vec::new(), sources),
-        };
-        for a in &archives {
-            if let Archive::Unsupported(kind) = archive_kind(&source_root, a) {
-                return Err(other(format!(
-                    "ADD {a}: {kind} archives are not unpacked yet (plain tar, gzip and zstd are)"
-                )));
+        let mut archives = Vec::new();
+        let mut copied = Vec::new();
+        for s in sources {
+            match add.then(|| archive_kind(&source_root, &s)) {
+                Some(Archive::Tar) => archives.push(s),
+                Some(Archive::Unsupported(kind)) => {
+                    return Err(other(format!(
+                        "ADD {s}: {kind} archives are not unpacked yet (plain tar, gzip and zstd are)"
+                    )));
+                }
+                Some(Archive::No) | None => copied.push(s),
             }
         }
+        let sources = copied;
         let dest = self.word(state, &spec.dest)?;
         let chown = spec
             .chown
@@ -1089,14 +1092,7 @@ impl Builder<'_> {
         }
         // An archive's entries keep their owners unless --chown.
         for a in &archives {
-            let dir = ScratchDir(
-                self.o
-                    .root
-                    .join("build")
-                    .join(format!("unpack-{}", random_hex())),
-            );
-            std::fs::create_dir_all(&dir.0)
-                .map_err(|e| other(format!("create {}: {e}", dir.0.display())))?;
+            let dir = ScratchDir::new(self.o.root, "unpack").map_err(other)?;
             crate::context::unpack_archive(&source_root, a, &dir.0)
                 .map_err(|e| other(format!("ADD {e}")))?;
             crate::context::copy_into(

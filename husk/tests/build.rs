@@ -38,6 +38,12 @@ fn context(name: &str, files: &[(&str, &str)]) -> Context {
     Context(dir)
 }
 
+/// An image's config as `husk inspect` shows it.
+fn image_config(husk: &Husk, image: &str) -> serde_json::Value {
+    let inspect: serde_json::Value = serde_json::from_str(&husk.ok(&["inspect", image])).unwrap();
+    inspect[0]["Config"].clone()
+}
+
 /// Nothing of a build is left in `root`: no mount, no step's directory,
 /// no container.
 fn nothing_left(root: &Path) {
@@ -124,10 +130,8 @@ fn a_dockerfile_builds_runs_and_rebuilds_from_the_cache() {
         "hello world\nfrom the context\ninner.txt\n"
     );
     // The config: the last stage's label, port and command.
-    let inspect: serde_json::Value =
-        serde_json::from_str(&husk.ok(&["inspect", "localhost/hello:1"])).unwrap();
-    let config = &inspect[0]["Config"];
-    assert_eq!(config["Labels"]["built"], "by-husk", "{inspect}");
+    let config = image_config(&husk, "localhost/hello:1");
+    assert_eq!(config["Labels"]["built"], "by-husk", "{config}");
     assert_eq!(config["Cmd"], serde_json::json!(["cat", "/out.txt"]));
     assert!(config["ExposedPorts"].get("8080/tcp").is_some(), "{config}");
     // Again: every layer step from the cache, no VM.
@@ -525,9 +529,7 @@ fn healthcheck_and_onbuild_are_kept_and_triggers_run() {
     );
     let c = ctx.to_str().unwrap();
     husk.ok(&["build", "-t", "localhost/parent:1", c]);
-    let inspect: serde_json::Value =
-        serde_json::from_str(&husk.ok(&["inspect", "localhost/parent:1"])).unwrap();
-    let config = &inspect[0]["Config"];
+    let config = image_config(&husk, "localhost/parent:1");
     assert_eq!(
         config["Healthcheck"],
         serde_json::json!({
@@ -553,9 +555,7 @@ fn healthcheck_and_onbuild_are_kept_and_triggers_run() {
         husk.ok(&["run", "--rm", "localhost/child:1"]),
         "triggered\n"
     );
-    let inspect: serde_json::Value =
-        serde_json::from_str(&husk.ok(&["inspect", "localhost/child:1"])).unwrap();
-    let config = &inspect[0]["Config"];
+    let config = image_config(&husk, "localhost/child:1");
     assert!(config.get("OnBuild").is_none(), "{config}");
     assert_eq!(config["Labels"]["from"], "trigger", "{config}");
     assert_eq!(config["Healthcheck"]["Retries"], 2, "{config}");
@@ -567,6 +567,16 @@ fn healthcheck_and_onbuild_are_kept_and_triggers_run() {
     let said = husk.fails(&["build", c]);
     assert!(
         said.contains("Dockerfile:2: HEALTHCHECK --interval=soon CMD true: HEALTHCHECK --interval=soon: not a duration"),
+        "{said}"
+    );
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM husk/busybox\nHEALTHCHECK --retries=0 CMD true\n",
+    )
+    .unwrap();
+    let said = husk.fails(&["build", c]);
+    assert!(
+        said.contains("HEALTHCHECK --retries=0: not a count above 0"),
         "{said}"
     );
     nothing_left(&husk.root);
@@ -607,12 +617,8 @@ fn a_built_image_is_written_to_an_oci_archive() {
     assert!(names.iter().any(|n| n == "index.json"), "{names:?}");
     let other = Husk::new("build-output-load");
     other.ok(&["load", "-i", archive.to_str().unwrap()]);
-    let inspect: serde_json::Value =
-        serde_json::from_str(&other.ok(&["inspect", "localhost/archived:1"])).unwrap();
-    assert_eq!(
-        inspect[0]["Config"]["Labels"]["kind"], "archive",
-        "{inspect}"
-    );
+    let config = image_config(&other, "localhost/archived:1");
+    assert_eq!(config["Labels"]["kind"], "archive", "{config}");
     let said = husk.fails(&[
         "build",
         "--output",
