@@ -3,60 +3,32 @@
 //! just before it executes the container's process.
 //!
 //! seccompiler (rust-vmm's, Firecracker's) turns each argument rule into
-//! BPF; the program around the rules is built here, because seccompiler
-//! tests syscall numbers one after another (a profile of 350 syscalls
-//! runs ~175 comparisons per system call on average) and gives every rule
-//! of a filter the same action. Guest kernel code is slow wherever
-//! kernel mode is emulated, and every system call of a confined process
-//! runs the program, so syscall numbers are found here by binary search
-//! (about nine comparisons) and each rule keeps its own action, as
+//! BPF; husk-seccomp builds the program around the rules, because
+//! seccompiler tests syscall numbers one after another (a profile of 350
+//! syscalls runs ~175 comparisons per system call on average) and gives
+//! every rule of a filter the same action. Guest kernel code is slow
+//! wherever kernel mode is emulated, and every system call of a confined
+//! process runs the program, so syscall numbers are found by binary
+//! search (about nine comparisons) and each rule keeps its own action, as
 //! libseccomp's optimised trees do. docs/runtime.md says what is and is
 //! not honoured.
 
 use std::collections::BTreeMap;
 use std::io;
 
+use husk_seccomp::Chain;
 use oci_spec::runtime::{
     LinuxSeccomp, LinuxSeccompAction, LinuxSeccompFilterFlag, LinuxSeccompOperator,
 };
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule,
-};
+use seccompiler::{SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
 
-// Classic BPF, as <linux/bpf_common.h> numbers it (BPF_LD | BPF_W |
-// BPF_ABS is 0x00 | 0x00 | 0x20).
-const LD_W_ABS: u16 = 0x20;
-const JMP_JA: u16 = 0x05;
-const JMP_JEQ_K: u16 = 0x05 | 0x10;
-const JMP_JGE_K: u16 = 0x05 | 0x30;
-const RET_K: u16 = 0x06;
-/// `struct seccomp_data`: `nr` then `arch`.
-const DATA_NR: u32 = 0;
-const DATA_ARCH: u32 = 4;
-const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
-/// The kernel's limit on one program (BPF_MAXINSNS).
-const MAX_INSNS: usize = 4096;
-/// Conditions one rule may have: few enough that seccompiler's jumps
-/// within a rule never need its long-jump helpers.
-const MAX_CONDITIONS: usize = 12;
+/// Conditions one rule may have (husk-seccomp's limit).
+const MAX_CONDITIONS: usize = husk_seccomp::MAX_CONDITIONS;
 
 /// A compiled profile: one program and the flags it is loaded with.
 pub struct Program {
     filter: Vec<libc::sock_filter>,
     flags: libc::c_ulong,
-}
-
-fn stmt(code: u16, k: u32) -> seccompiler::sock_filter {
-    seccompiler::sock_filter {
-        code,
-        jt: 0,
-        jf: 0,
-        k,
-    }
-}
-
-fn jump(code: u16, k: u32, jt: u8, jf: u8) -> seccompiler::sock_filter {
-    seccompiler::sock_filter { code, jt, jf, k }
 }
 
 /// The kernel's return value for `action` (OCI's names, libseccomp's
@@ -79,15 +51,6 @@ fn action(action: LinuxSeccompAction, errno: Option<u32>) -> Result<u32, String>
                 .into());
         }
     }))
-}
-
-/// The rules one system call has, in the order they are tried: rules
-/// with conditions first (in the profile's order), then the first rule
-/// without any (which ends the chain).
-#[derive(Default)]
-struct Chain {
-    conditional: Vec<(SeccompRule, u32)>,
-    unconditional: Option<u32>,
 }
 
 /// Compiles `profile` for x86_64. A syscall name this architecture does
@@ -172,97 +135,16 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Program, String> {
             }
         }
     }
-    // A chain that always ends in the default is no chain.
-    chains.retain(|_, c| {
-        c.conditional.retain(|(_, ret)| *ret != default);
-        !(c.conditional.is_empty() && c.unconditional.is_none_or(|ret| ret == default))
-    });
-    let mut program = vec![
-        stmt(LD_W_ABS, DATA_ARCH),
-        jump(JMP_JEQ_K, AUDIT_ARCH_X86_64, 1, 0),
-        stmt(RET_K, u32::from(SeccompAction::KillProcess)),
-        stmt(LD_W_ABS, DATA_NR),
-    ];
-    let chains: Vec<(u32, Chain)> = chains.into_iter().collect();
-    program.extend(tree(&chains, default));
-    if program.len() > MAX_INSNS {
-        return Err(format!(
-            "the seccomp profile compiles to {} BPF instructions, more than the kernel's {MAX_INSNS}",
-            program.len()
-        ));
-    }
     Ok(Program {
-        filter: program
-            .into_iter()
-            .map(|i| libc::sock_filter {
-                code: i.code,
-                jt: i.jt,
-                jf: i.jf,
-                k: i.k,
-            })
-            .collect(),
+        filter: husk_seccomp::program(chains, default)?,
         flags,
     })
-}
-
-/// The binary search over `chains` (sorted by syscall number), with the
-/// syscall number in the accumulator; every path ends in a return.
-fn tree(chains: &[(u32, Chain)], default: u32) -> BpfProgram {
-    match chains {
-        [] => vec![stmt(RET_K, default)],
-        [(nr, chain)] => {
-            // Not this syscall: the default. This one: its rules in
-            // order, each returning its action when its conditions hold.
-            let mut out = vec![jump(JMP_JEQ_K, *nr, 1, 0), stmt(RET_K, default)];
-            for (rule, ret) in &chain.conditional {
-                let mut bpf: BpfProgram = rule.clone().into();
-                bpf.push(stmt(RET_K, *ret));
-                out.extend(bpf);
-            }
-            out.push(stmt(RET_K, chain.unconditional.unwrap_or(default)));
-            out
-        }
-        _ => {
-            // A rule's conditions load the arguments over the syscall
-            // number, but a chain ends in returns: the number is still in
-            // the accumulator at every node.
-            let mid = chains.len() / 2;
-            let left = tree(&chains[..mid], default);
-            let right = tree(&chains[mid..], default);
-            // At or above the middle number: over the left half.
-            let mut out = vec![
-                jump(JMP_JGE_K, chains[mid].0, 0, 1),
-                stmt(JMP_JA, left.len() as u32),
-            ];
-            out.extend(left);
-            out.extend(right);
-            out
-        }
-    }
 }
 
 /// Loads `program` into the calling thread. Runs in the forked child:
 /// nothing is allocated. Needs `no_new_privs` or CAP_SYS_ADMIN.
 pub fn load(program: &Program) -> io::Result<()> {
-    let prog = libc::sock_fprog {
-        len: program.filter.len() as u16,
-        filter: program.filter.as_ptr().cast_mut(),
-    };
-    // SAFETY: the kernel copies the program from `prog`, which points at
-    // `program.filter` for its whole length and outlives the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_seccomp,
-            libc::SECCOMP_SET_MODE_FILTER,
-            program.flags,
-            &prog as *const libc::sock_fprog,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    husk_seccomp::load(&program.filter, program.flags)
 }
 
 #[cfg(test)]
@@ -273,41 +155,8 @@ mod tests {
         serde_json::from_value(json).unwrap()
     }
 
-    /// Runs `program` as the kernel would on `nr` with `args` (classic
-    /// BPF's few instructions, those this compiler and seccompiler's
-    /// conditions emit).
     fn run(p: &Program, nr: u32, args: [u64; 6]) -> u32 {
-        let mut data = [0u8; 64];
-        data[0..4].copy_from_slice(&nr.to_ne_bytes());
-        data[4..8].copy_from_slice(&AUDIT_ARCH_X86_64.to_ne_bytes());
-        for (i, a) in args.iter().enumerate() {
-            data[16 + 8 * i..24 + 8 * i].copy_from_slice(&a.to_ne_bytes());
-        }
-        let (mut a, mut pc) = (0u32, 0usize);
-        loop {
-            let i = &p.filter[pc];
-            pc += 1;
-            match i.code {
-                0x20 => {
-                    let k = i.k as usize;
-                    a = u32::from_ne_bytes(data[k..k + 4].try_into().unwrap());
-                }
-                0x54 => a &= i.k,
-                0x06 => return i.k,
-                0x05 => pc += i.k as usize,
-                code => {
-                    let taken = match code & 0xf0 {
-                        0x10 => a == i.k,
-                        0x20 => a > i.k,
-                        0x30 => a >= i.k,
-                        0x40 => a & i.k != 0,
-                        other => panic!("opcode {other:#x}"),
-                    };
-                    assert_eq!(code & 0x0f, 0x05, "jump opcode {code:#x}");
-                    pc += if taken { i.jt } else { i.jf } as usize;
-                }
-            }
-        }
+        husk_seccomp::evaluate(&p.filter, nr, args)
     }
 
     const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
@@ -408,7 +257,7 @@ mod tests {
             "syscalls": [{"names": names, "action": "SCMP_ACT_ALLOW"}]
         })))
         .unwrap();
-        assert!(p.filter.len() <= MAX_INSNS);
+        assert!(p.filter.len() <= husk_seccomp::MAX_INSNS);
         for s in syscalls::Sysno::iter() {
             let want = if s == syscalls::Sysno::ptrace {
                 errno(1)
@@ -472,7 +321,7 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(p.filter[2].k, libc::SECCOMP_RET_KILL_PROCESS);
-        assert_eq!(p.filter[1].k, AUDIT_ARCH_X86_64);
+        assert_eq!(p.filter[1].k, husk_seccomp::AUDIT_ARCH_X86_64);
     }
 
     #[test]

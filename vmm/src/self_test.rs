@@ -295,7 +295,7 @@ fn run_layer(layer: &'static str, targets: &Targets, full: bool) -> bool {
                 crate::seccomp::Thread::Vcpu,
                 seccompiler::SeccompAction::Errno(libc::EPERM as u32),
             );
-            match program.map(|p| seccompiler::apply_filter(&p)) {
+            match program.map(|p| crate::seccomp::apply(&p)) {
                 Ok(Ok(())) => {}
                 e => {
                     eprintln!("husk-vmm: self-test: seccomp: {e:?}");
