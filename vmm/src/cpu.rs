@@ -18,6 +18,14 @@ pub enum CpuError {
     /// KVM accepted fewer MSRs than given.
     #[error("KVM set only {0} of {1} boot MSRs on vCPU {2}")]
     Msrs(usize, usize, u8),
+    /// A saved CPUID table larger than KVM takes.
+    #[error("vCPU {id}'s saved CPUID table has {count} entries, more than KVM takes")]
+    CpuidEntries {
+        /// Entries in the table.
+        count: usize,
+        /// The vCPU.
+        id: u8,
+    },
 }
 
 const MSR_IA32_TSC: u32 = 0x10;
@@ -134,6 +142,17 @@ pub fn configure_vcpu(vcpu: &VcpuFd, supported: &CpuId, id: u8, count: u8) -> Re
     Ok(())
 }
 
+/// Sets a restored vCPU's CPUID table, the one it was saved with; the
+/// rest of its state comes from [`restore_vcpu`].
+pub fn restore_cpuid(vcpu: &VcpuFd, state: &VcpuState, id: u8) -> Result<(), CpuError> {
+    let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| CpuError::CpuidEntries {
+        count: state.cpuid.len(),
+        id,
+    })?;
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(|e| CpuError::Ioctl("set CPUID", id, e))
+}
+
 /// Reads every MSR in `indices` that KVM will read, skipping the ones it
 /// refuses (KVM_GET_MSRS stops at the first it cannot read).
 fn read_msrs(vcpu: &VcpuFd, indices: &[u32], id: u8) -> Result<Vec<(u32, u64)>, CpuError> {
@@ -172,6 +191,11 @@ pub fn save_vcpu(vcpu: &VcpuFd, msr_indices: &[u32], id: u8) -> Result<VcpuState
         lapic: vcpu.get_lapic().map_err(e("read local APIC"))?,
         msrs: read_msrs(vcpu, msr_indices, id)?,
         events: vcpu.get_vcpu_events().map_err(e("read vCPU events"))?,
+        cpuid: vcpu
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(e("read CPUID"))?
+            .as_slice()
+            .to_vec(),
     })
 }
 

@@ -48,6 +48,7 @@ fn snapshot_restore_and_bad_snapshots() {
     a_corrupted_snapshot_is_refused(&scratch, &snap);
     a_snapshot_from_another_husk_version_is_refused(&scratch, &snap);
     a_truncated_memory_file_is_refused(&scratch, &snap);
+    a_cpuid_table_kvm_cannot_take_is_refused(&scratch, &snap);
     a_directory_that_is_no_snapshot_is_named(&scratch);
 }
 
@@ -147,6 +148,34 @@ fn a_truncated_memory_file_is_refused(scratch: &Scratch, snap: &Path) {
             dir.join("memory").display()
         )
     );
+}
+
+fn a_cpuid_table_kvm_cannot_take_is_refused(scratch: &Scratch, snap: &Path) {
+    // A restore sets the CPUID table the snapshot kept: one longer than
+    // KVM takes (256 entries) is named, with a checksum that matches.
+    let dir = altered(scratch, snap, "cpuid", |state| {
+        let text = String::from_utf8(state).unwrap();
+        let (header, body) = text.split_once('\n').unwrap();
+        let mut body: serde_json::Value = serde_json::from_str(body).unwrap();
+        let cpuid = body["vcpus"][0]["cpuid"].as_array_mut().unwrap();
+        assert!(!cpuid.is_empty(), "the snapshot keeps the vCPU's CPUID");
+        let first = cpuid[0].clone();
+        cpuid.resize(300, first);
+        let body = serde_json::to_vec(&body).unwrap();
+        let mut header: serde_json::Value = serde_json::from_str(header).unwrap();
+        header["checksum"] = crc32fast::hash(&body).into();
+        let mut out = serde_json::to_vec(&header).unwrap();
+        out.push(b'\n');
+        out.extend(body);
+        out
+    });
+    let (code, console, stderr) = restore(&dir);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("vCPU 0's saved CPUID table has 300 entries, more than KVM takes"),
+        "{stderr}"
+    );
+    assert!(console.is_empty(), "no VM may start: {console}");
 }
 
 fn a_directory_that_is_no_snapshot_is_named(scratch: &Scratch) {

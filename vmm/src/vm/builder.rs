@@ -166,16 +166,16 @@ impl Vm {
         vm: &VmFd,
         clock: &Arc<Clock>,
         console_out: Box<dyn Write + Send>,
-        restored_serial: Option<(&SerialRegs, &Path)>,
+        restored: Option<(&VmState, &Path)>,
     ) -> Result<(Devices, Vec<VcpuFd>), VmError> {
         let (events_tx, events) = channel();
         let serial_irq =
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::EventFd("the serial IRQ", e))?;
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(|e| VmError::Kvm("wire the serial IRQ", e))?;
-        let serial = match restored_serial {
+        let serial = match restored {
             None => SerialConsole::new(serial_irq, console_out),
-            Some((regs, dir)) => SerialConsole::from_regs(serial_irq, console_out, regs)
+            Some((state, dir)) => SerialConsole::from_regs(serial_irq, console_out, &state.serial)
                 .ok_or_else(|| VmError::BadSnapshot {
                     dir: dir.to_owned(),
                     why: "serial FIFO".into(),
@@ -217,15 +217,29 @@ impl Vm {
         )?;
         clock.setup_step("devices");
 
-        let supported = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| VmError::Kvm("read the supported CPUID", e))?;
+        // A restored vCPU gets the CPUID table it was saved with, and the
+        // rest of its state later (cpu::restore_vcpu); a booted one is
+        // configured from what the host supports.
+        enum Cpuid<'a> {
+            Supported(kvm_bindings::CpuId),
+            Saved(&'a [VcpuState]),
+        }
+        let cpuid = match restored {
+            Some((state, _)) => Cpuid::Saved(&state.vcpus),
+            None => Cpuid::Supported(
+                kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                    .map_err(|e| VmError::Kvm("read the supported CPUID", e))?,
+            ),
+        };
         let mut vcpus = Vec::with_capacity(count as usize);
         for id in 0..count {
             let vcpu = vm
                 .create_vcpu(u64::from(id))
                 .map_err(|e| VmError::Kvm("create a vCPU", e))?;
-            cpu::configure_vcpu(&vcpu, &supported, id, count)?;
+            match &cpuid {
+                Cpuid::Supported(supported) => cpu::configure_vcpu(&vcpu, supported, id, count)?,
+                Cpuid::Saved(saved) => cpu::restore_cpuid(&vcpu, &saved[usize::from(id)], id)?,
+            }
             vcpus.push(vcpu);
         }
         let devices = Devices {

@@ -48,7 +48,7 @@ use crate::devices::virtio::vsock::{TYPE_VSOCK, Vsock};
 use crate::devices::{Bus, BusError, lock};
 use crate::host;
 use crate::layout::{self, KVM_TSS_ADDR, SERIAL_IRQ};
-use crate::snapshot::{self, SerialRegs, SnapshotError, VcpuState, VirtioSlot, VmState};
+use crate::snapshot::{self, SnapshotError, VcpuState, VirtioSlot, VmState};
 use crate::timing::{BootTimes, Clock};
 use crate::vcpu::{VcpuControl, VcpuStop, VcpuThread};
 

@@ -98,7 +98,7 @@ impl Vm {
             &vm,
             &clock,
             console_out,
-            Some((&state.serial, dir)),
+            Some((&state, dir)),
         )?;
         let mut mmio = Bus::new();
         let mut virtio = Vec::new();
