@@ -1,6 +1,7 @@
 //! A container's state on the host, under `<root>/containers/<id>/`.
 //!
-//! `state.json` is written atomically (a temporary file renamed over it)
+//! `state.json` is written atomically (a temporary file swapped with it,
+//! `husk_sys::replace`)
 //! by whichever husk process changes the container: `create`, the
 //! container's monitor, `start`, `pause`, `resume`. It is never the only
 //! source of truth: a container whose monitor process is gone is stopped,
@@ -200,15 +201,9 @@ impl ContainerState {
 
     /// Writes the state atomically.
     pub fn save(&self, root: &Path) -> Result<(), StateError> {
-        let d = dir(root, &self.id);
-        let tmp = d.join(format!(".{FILE}.{}", std::process::id()));
         let json = serde_json::to_string_pretty(self).unwrap_or_default();
-        let io = |what, path: &Path| {
-            let path = path.to_owned();
-            move |source| husk_sys::PathError { what, path, source }.into()
-        };
-        std::fs::write(&tmp, json).map_err(io("write", &tmp))?;
-        std::fs::rename(&tmp, d.join(FILE)).map_err(io("write", &d.join(FILE)))
+        husk_sys::replace::replace(&dir(root, &self.id).join(FILE), json.as_bytes())
+            .map_err(Into::into)
     }
 
     /// The status as it is: `stopped` once the monitor is gone, whatever

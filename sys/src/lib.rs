@@ -8,6 +8,7 @@
 //! - [`fd`]: descriptors passed over Unix sockets;
 //! - [`net`]: TAP devices and network namespaces;
 //! - [`private`]: files for one user's eyes only (snapshots);
+//! - [`replace`]: a small file replaced whole (a container's state);
 //! - [`PathError`]: a failed file operation, named by what and where.
 #![deny(missing_docs)]
 
@@ -16,6 +17,7 @@ mod error;
 pub mod fd;
 pub mod net;
 pub mod private;
+pub mod replace;
 pub mod signals;
 pub mod unix;
 
