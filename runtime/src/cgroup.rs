@@ -244,10 +244,18 @@ pub fn enter(rel: &Path, bounds: &Bounds) -> Result<(), String> {
         let dir = make(&h, rel)?;
         for (file, value) in bounds.files(h.v2) {
             let path = dir.join(file);
-            if !h.may_have(file) || !path.exists() {
+            if !h.may_have(file) {
                 continue;
             }
-            match std::fs::write(&path, &value) {
+            // Opened without O_CREAT: a missing file (a controller the
+            // host left out of this hierarchy) is ENOENT, not EACCES.
+            let written = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, value.as_bytes()));
+            match written {
+                // A controller the host left out of this hierarchy.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 // A v1 quota above an ancestor's is refused: the
                 // ancestor's bounds the VM then.
                 Err(e) if file == "cpu.cfs_quota_us" && e.raw_os_error() == Some(libc::EINVAL) => {}
@@ -324,21 +332,24 @@ pub fn remove(rel: &Path) {
         let mut dir = root.join(rel);
         // A killed process holds its cgroup until it is reaped (by its
         // parent, or init once that parent is gone too): wait up to 2 s.
+        let mut gone = false;
         for _ in 0..100 {
             match std::fs::remove_dir(&dir) {
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                _ => break,
+                done => {
+                    gone = done.is_ok() || !dir.exists();
+                    break;
+                }
             }
         }
-        // husk's own parent stays: the next VM's cgroup is made under it
-        // without making it (and its cpuset) again.
+        // Its parents, while empty; husk's own parent stays: the next
+        // VM's cgroup is made under it without making it (and its cpuset)
+        // again.
         let kept = root.join(DEFAULT_PARENT);
-        while dir != root && dir != kept && (std::fs::remove_dir(&dir).is_ok() || !dir.exists()) {
-            if !dir.pop() {
-                break;
-            }
+        while gone && dir.pop() && dir != root && dir != kept {
+            gone = std::fs::remove_dir(&dir).is_ok() || !dir.exists();
         }
     }
 }
