@@ -88,6 +88,7 @@ bench: kernel $(TEST_INITRAMFS) $(AGENT_INITRAMFS)
 	target/release/husk-bench-snapshot --vmm $(VMM) --initramfs $(TEST_INITRAMFS) \
 		--agent-initramfs $(AGENT_INITRAMFS)
 	target/release/husk-bench-run --husk $(HUSK) --vmm $(VMM)
+	target/release/husk-bench-seccomp
 	target/release/husk-bench-fs
 	target/release/husk-bench-ctr --husk $(HUSK)
 	target/release/husk-bench-net

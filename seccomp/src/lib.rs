@@ -10,7 +10,8 @@
 //!   arguments);
 //! - loading a program, the kernel runs it for every syscall number to
 //!   fill that cache, so the load costs the program's length times ~450
-//!   (about 0.4 ms for a 500-instruction chain here, docs/benchmarks.md).
+//!   (about 0.3 ms for a 537-instruction chain here, 0.1 ms for the tree:
+//!   `husk-bench-seccomp`, docs/benchmarks.md).
 //!
 //! So the program is built here as libseccomp's optimised trees are: the
 //! number is found in about log2(n) comparisons, and each rule keeps its
@@ -91,7 +92,12 @@ pub fn program(mut chains: BTreeMap<u32, Chain>, default: u32) -> Result<Vec<soc
             program.len()
         ));
     }
-    Ok(program
+    Ok(from_seccompiler(program))
+}
+
+/// A program of seccompiler's as the kernel's (libc's) instructions.
+pub fn from_seccompiler(program: BpfProgram) -> Vec<sock_filter> {
+    program
         .into_iter()
         .map(|i| sock_filter {
             code: i.code,
@@ -99,7 +105,7 @@ pub fn program(mut chains: BTreeMap<u32, Chain>, default: u32) -> Result<Vec<soc
             jf: i.jf,
             k: i.k,
         })
-        .collect())
+        .collect()
 }
 
 /// The binary search over `chains` (sorted by syscall number), with the
@@ -254,15 +260,7 @@ mod tests {
             .unwrap()
             .try_into()
             .unwrap();
-            let linear: Vec<sock_filter> = linear
-                .into_iter()
-                .map(|i| sock_filter {
-                    code: i.code,
-                    jt: i.jt,
-                    jf: i.jf,
-                    k: i.k,
-                })
-                .collect();
+            let linear = from_seccompiler(linear);
             let tree = program(chains, TRAP).unwrap();
             for nr in (0..520).chain([0x4000_0000, u32::MAX]) {
                 for args in [

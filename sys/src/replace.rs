@@ -66,6 +66,13 @@ mod tests {
         d
     }
 
+    fn names(d: &std::path::Path) -> Vec<std::ffi::OsString> {
+        std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect()
+    }
+
     #[test]
     fn a_file_is_made_then_replaced_and_no_temporary_file_is_left() {
         let d = scratch("ok");
@@ -74,11 +81,7 @@ mod tests {
         assert_eq!(std::fs::read(&f).unwrap(), b"one");
         replace(&f, b"two, longer").unwrap();
         assert_eq!(std::fs::read(&f).unwrap(), b"two, longer");
-        let names: Vec<_> = std::fs::read_dir(&d)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names, ["state.json"]);
+        assert_eq!(names(&d), ["state.json"]);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -100,11 +103,7 @@ mod tests {
         std::fs::write(f.join("kept"), b"k").unwrap();
         assert!(replace(&f, b"x").is_err());
         assert_eq!(std::fs::read(f.join("kept")).unwrap(), b"k");
-        let names: Vec<_> = std::fs::read_dir(&d)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names, ["state.json"]);
+        assert_eq!(names(&d), ["state.json"]);
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

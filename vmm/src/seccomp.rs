@@ -49,6 +49,17 @@ pub enum Thread {
     Main,
 }
 
+impl Thread {
+    /// Every kind of thread.
+    pub const ALL: [Thread; 5] = [
+        Thread::Vcpu,
+        Thread::Vsock,
+        Thread::Api,
+        Thread::Net,
+        Thread::Main,
+    ];
+}
+
 /// What every thread needs: memory, locks, signals, time, its own end.
 const COMMON: &[i64] = &[
     libc::SYS_read,
@@ -289,8 +300,8 @@ fn ioctl_rules(kvm: bool, tap: bool) -> Result<Vec<SeccompRule>, seccompiler::Er
 }
 
 /// A compiled filter: classic BPF that finds a call by binary search
-/// (husk-seccomp; seccompiler's chain made each thread's load cost ~0.3 ms
-/// of host CPU at every VM start, docs/benchmarks.md).
+/// (husk-seccomp; seccompiler's chain made each thread's load cost
+/// 0.15-0.3 ms of host CPU at every VM start, docs/benchmarks.md).
 pub type Program = Vec<husk_seccomp::sock_filter>;
 
 /// The filter of `thread`, compiled: a call outside it raises SIGSYS.
@@ -320,7 +331,7 @@ pub fn filter_with(thread: Thread, refused: SeccompAction) -> Result<Program, St
 
 /// The calls `thread` may make, each with its rules on arguments (none:
 /// any arguments).
-fn rules(thread: Thread) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Error> {
+pub fn rules(thread: Thread) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Error> {
     let extra: &[&[i64]] = match thread {
         Thread::Vcpu => &[VCPU, SOCKETS],
         Thread::Vsock => &[VSOCK, SOCKETS],
@@ -513,13 +524,7 @@ mod tests {
         });
         assert_eq!(ok, (Some(1), None));
         // No thread of the VMM starts programs.
-        for thread in [
-            Thread::Vcpu,
-            Thread::Vsock,
-            Thread::Api,
-            Thread::Net,
-            Thread::Main,
-        ] {
+        for thread in Thread::ALL {
             let killed = in_filtered_child(thread, || {
                 // SAFETY: execve of nothing; the filter stops it first.
                 unsafe { libc::syscall(libc::SYS_execve, 0, 0, 0) as i32 }
@@ -830,13 +835,7 @@ mod tests {
             ],
             [5, 0x5401, libc::O_RDONLY as u64, 0, 0, 0],
         ];
-        for thread in [
-            Thread::Vcpu,
-            Thread::Vsock,
-            Thread::Api,
-            Thread::Net,
-            Thread::Main,
-        ] {
+        for thread in Thread::ALL {
             let tree = filter(thread).unwrap();
             let rules = rules(thread).unwrap();
             let chain: seccompiler::BpfProgram = seccompiler::SeccompFilter::new(
@@ -848,15 +847,7 @@ mod tests {
             .unwrap()
             .try_into()
             .unwrap();
-            let chain: Program = chain
-                .into_iter()
-                .map(|i| husk_seccomp::sock_filter {
-                    code: i.code,
-                    jt: i.jt,
-                    jf: i.jf,
-                    k: i.k,
-                })
-                .collect();
+            let chain = husk_seccomp::from_seccompiler(chain);
             let mut allowed = 0;
             for nr in 0..600 {
                 for a in args {
