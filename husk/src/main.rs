@@ -23,7 +23,6 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
 use husk_runtime::state;
 
 use crate::argv::{docker_form, go_flags};
@@ -38,7 +37,7 @@ static ALLOCATOR: arena::Arena = arena::Arena;
 const EXIT_RUN_FAILED: u8 = 125;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse_from(docker_form(go_flags(std::env::args_os().collect())));
+    let cli = Cli::parse_args(docker_form(go_flags(std::env::args_os().collect())));
     let failed = if matches!(cli.command, Command::Run(_) | Command::DockerRun(_)) {
         EXIT_RUN_FAILED
     } else {
