@@ -558,9 +558,10 @@ fn features_and_spec_are_runcs() {
 
 /// Issues 18 and 19: the VM's host cgroup, the spec's `cgroupsPath` or
 /// `husk/<id>` without one, in every hierarchy (cpuset too), holding the
-/// VM's bounds, with the VMM (PID 1 of its own PID namespace) and the
-/// monitor in it until `delete` removes it; a path out of the hierarchy
-/// is refused by name.
+/// VM's bounds, with the VMM (PID 1 of its own PID namespace; in the
+/// container's new network namespace or one of its own, never the
+/// host's) and the monitor in it until `delete` removes it; a path out of
+/// the hierarchy is refused by name.
 #[test]
 fn the_vm_sits_in_its_host_cgroup_under_its_bounds_until_delete() {
     let named = id("cgroup");
@@ -596,11 +597,14 @@ fn the_vm_sits_in_its_host_cgroup_under_its_bounds_until_delete() {
             .unwrap()
             .set_resources(Some(resources));
     };
+    // This one also has no network namespace of its own (the host's, as
+    // runc would give it; loopback only in its guest).
     let b = Bundle::new("cgroup", &["sleep", "1000"], |spec| {
-        spec.linux_mut()
-            .as_mut()
-            .unwrap()
-            .set_cgroups_path(Some(PathBuf::from(format!("/{path}"))));
+        let linux = spec.linux_mut().as_mut().unwrap();
+        linux.set_cgroups_path(Some(PathBuf::from(format!("/{path}"))));
+        let mut namespaces = linux.namespaces().clone().unwrap();
+        namespaces.retain(|ns| ns.typ() != oci_spec::runtime::LinuxNamespaceType::Network);
+        linux.set_namespaces(Some(namespaces));
         cpus(spec, &pin);
     });
     let plain = id("cgroup-default");
@@ -635,6 +639,23 @@ fn the_vm_sits_in_its_host_cgroup_under_its_bounds_until_delete() {
             .find_map(|l| l.strip_prefix("NSpid:"))
             .unwrap();
         assert_eq!(nspid.split_whitespace().last(), Some("1"), "{nspid}");
+        // Its network namespace: never the host's; the container's new
+        // one where the spec asks for one (the monitor's, made for it
+        // alone), else one of its own. IPC and UTS are its own either way.
+        let ns = |pid: u32, kind: &str| {
+            std::fs::read_link(format!("/proc/{pid}/ns/{kind}"))
+                .unwrap_or_else(|e| panic!("{pid} {kind}: {e}"))
+        };
+        let (vmm, monitor) = (state.vmm.unwrap().pid, state.monitor.unwrap().pid);
+        let host = std::process::id();
+        assert_ne!(ns(vmm, "net"), ns(host, "net"), "{id}");
+        match id == &plain {
+            true => assert_eq!(ns(vmm, "net"), ns(monitor, "net")),
+            false => assert_ne!(ns(vmm, "net"), ns(monitor, "net")),
+        }
+        for kind in ["ipc", "uts"] {
+            assert_ne!(ns(vmm, kind), ns(monitor, kind), "{kind}");
+        }
         // The VM's bounds: the default shape's 256 MiB and the VMM's
         // 64; one vCPU and one more CPU's time; 256 tasks.
         let at = |h: &str, f: &str| Path::new("/sys/fs/cgroup").join(h).join(&rel).join(f);

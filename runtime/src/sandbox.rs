@@ -204,6 +204,11 @@ pub struct Nets<'a> {
     /// slots left unbound are bound later with [`vmm_api_with`]'s
     /// `attach_net`).
     pub slots: u8,
+    /// The calling process is in a network namespace it made for this
+    /// VM's container alone (a spec's new namespace): the VMM keeps it
+    /// (`--container-netns`) rather than making an empty one of its own,
+    /// a second namespace per container (docs/security.md).
+    pub container_netns: bool,
 }
 
 /// A running container VM.
@@ -279,7 +284,11 @@ impl Sandbox {
         from: Option<&Path>,
         nets: Nets<'_>,
     ) -> Result<Self, SandboxError> {
-        let Nets { taps, slots: nets } = nets;
+        let Nets {
+            taps,
+            slots: nets,
+            container_netns,
+        } = nets;
         // The VMM's `--share TAG=DIR` is text: a directory whose name is
         // not UTF-8 would reach it changed (another directory).
         if let Some(bad) = shares.iter().find(|s| s.dir.to_str().is_none()) {
@@ -314,6 +323,9 @@ impl Sandbox {
             let mut path = prefix;
             path.push(".vmm.json");
             cmd.arg("--timings").arg(path);
+        }
+        if container_netns {
+            cmd.arg("--container-netns");
         }
         cmd.arg("--restore")
             .arg(&snapshot)

@@ -317,8 +317,11 @@ pub const MAX_FILE_SIZE: u64 = 256 << 30;
 /// `max_file_size` bytes (SIGXFSZ ignored, so an oversized write fails
 /// with EFBIG instead of killing the VMM); not dumpable; and, when started
 /// with CAP_SYS_ADMIN (by husk, as root), IPC, UTS and network namespaces
-/// of its own. Must run while the process has one thread.
-pub fn process(keep: &[RawFd], max_file_size: u64) -> Result<(), String> {
+/// of its own. With `container_netns` it keeps the network namespace it
+/// was started in: one its starter made for this VM's container alone
+/// (docs/security.md, "The VMM process"). Must run while the process has
+/// one thread.
+pub fn process(keep: &[RawFd], max_file_size: u64, container_netns: bool) -> Result<(), String> {
     close_inherited(keep)?;
     let limit = |resource, value: u64, what: &str| {
         rustix::process::setrlimit(
@@ -357,15 +360,15 @@ pub fn process(keep: &[RawFd], max_file_size: u64) -> Result<(), String> {
         return Ok(());
     }
     use rustix::thread::UnshareFlags;
+    let flags = match container_netns {
+        true => UnshareFlags::NEWIPC | UnshareFlags::NEWUTS,
+        false => UnshareFlags::NEWIPC | UnshareFlags::NEWUTS | UnshareFlags::NEWNET,
+    };
     // SAFETY: the process has one thread (the caller's contract), so no
     // other thread sees its namespaces change; no descriptor table or
     // file-system state is unshared.
-    unsafe {
-        rustix::thread::unshare_unsafe(
-            UnshareFlags::NEWIPC | UnshareFlags::NEWUTS | UnshareFlags::NEWNET,
-        )
-    }
-    .map_err(|e| format!("unshare(CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET): {e}"))?;
+    unsafe { rustix::thread::unshare_unsafe(flags) }
+        .map_err(|e| format!("unshare({flags:?}): {e}"))?;
     Ok(())
 }
 

@@ -82,6 +82,12 @@ struct Args {
     /// --restore, binds the snapshot's slot.
     #[arg(long = "net", value_name = "SLOT=FD", value_parser = parse_net)]
     taps: Vec<(u8, i32)>,
+    /// Keep the network namespace this process starts in instead of
+    /// making an empty one: its starter made that namespace for this VM's
+    /// container alone (husk's monitor, for a spec that asks for a new
+    /// one), so it holds only the container's own network.
+    #[arg(long)]
+    container_netns: bool,
     /// Serve the control socket (pause, resume, stop) at this path.
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -198,7 +204,7 @@ fn main() -> ExitCode {
     // the host's IPC, UTS and network namespaces (confine::process).
     let taps: Vec<i32> = args.taps.iter().map(|&(_, fd)| fd).collect();
     let max_file_size = husk_vmm::confine::MAX_FILE_SIZE.max(args.memory << 20);
-    if let Err(e) = husk_vmm::confine::process(&taps, max_file_size) {
+    if let Err(e) = husk_vmm::confine::process(&taps, max_file_size, args.container_netns) {
         eprintln!("husk-vmm: cannot confine the process: {e}");
         return ExitCode::from(EXIT_SETUP);
     }

@@ -403,6 +403,8 @@ fn boot(
     // The spec's network namespace, mirrored into the guest
     // (docs/networking.md); the container then runs in the guest's own.
     let mode = crate::network::mode(&bundle.spec);
+    // `set_up` made this process's network namespace for the container.
+    let container_netns = mode == crate::network::Mode::New;
     // A restored checkpoint's guest has its interfaces configured already
     // and as many slots as it was made with; its TAPs are made again (the
     // old ones went with the old VMM) and the agent is told again.
@@ -428,7 +430,11 @@ fn boot(
     };
     let snapshot = restore.map(|r| r.snapshot.as_path());
     let taps = mirror.as_ref().map_or(&[][..], |m| &m.taps[..]);
-    let nets = crate::sandbox::Nets { taps, slots: nets };
+    let nets = crate::sandbox::Nets {
+        taps,
+        slots: nets,
+        container_netns,
+    };
     // The monitor joins the VM's host cgroup, with the VM's bounds, so
     // that the VMM is born in it.
     let entered = match cgroup {
