@@ -142,6 +142,7 @@ pub fn monitor(root: &Path, args: MonitorArgs) -> anyhow::Result<u8> {
             state,
             bundle,
             restore,
+            start,
         } if state.id == id => {
             let bins = match husk_guest::binaries::locate(root) {
                 Ok(bins) => bins,
@@ -155,7 +156,11 @@ pub fn monitor(root: &Path, args: MonitorArgs) -> anyhow::Result<u8> {
                 &bins,
                 *state,
                 &bundle,
-                restore.as_ref(),
+                match (&restore, start) {
+                    (Some(restore), _) => monitor::Begin::Restored(restore),
+                    (None, true) => monitor::Begin::Started,
+                    (None, false) => monitor::Begin::Created,
+                },
                 &terminal,
                 channel,
             )

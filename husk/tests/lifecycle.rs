@@ -913,6 +913,17 @@ fn hooks_run_on_the_host_at_their_points() {
     assert!(!dir.join("poststop.json").exists());
     ok(&["delete", &cid]);
     assert_eq!(state("poststop")["status"], "stopped");
+    // `run` has its monitor start the process: the poststart hook runs
+    // there, with the state `running`.
+    std::fs::remove_file(dir.join("poststart.json")).unwrap();
+    let rid = id("hooks-run");
+    ok(&["run", "--bundle", bundle, &rid]);
+    let s = state("poststart");
+    assert_eq!(
+        (s["id"].as_str(), s["status"].as_str()),
+        (Some(rid.as_str()), Some("running"))
+    );
+    assert_eq!(state("poststop")["id"].as_str(), Some(rid.as_str()));
 
     // A failing createRuntime hook fails create, naming it; nothing is
     // left.

@@ -134,6 +134,24 @@ pub struct CreateOptions<'a> {
 /// `create`: the container's VM restored and its process made, not
 /// started. Returns the monitor.
 pub fn create(o: &CreateOptions) -> Result<Child, LifecycleError> {
+    create_with(o, false).map(|(child, _)| child)
+}
+
+/// `run`'s `create` and `start` in one step: the monitor starts the
+/// process as soon as it is made, on the connection to the agent it holds
+/// (what `start` does, poststart hooks included). Returns the monitor,
+/// and what the guest said where the process could not start (no such
+/// program): the container then ends as such a process does.
+pub fn create_started(
+    o: &CreateOptions,
+) -> Result<(Child, Option<crate::handoff::NotStarted>), LifecycleError> {
+    create_with(o, o.restore.is_none())
+}
+
+fn create_with(
+    o: &CreateOptions,
+    start: bool,
+) -> Result<(Child, Option<crate::handoff::NotStarted>), LifecycleError> {
     check_id(o.id)?;
     let restore = match o.restore {
         Some(checkpoint) => {
@@ -222,8 +240,9 @@ pub fn create(o: &CreateOptions) -> Result<Child, LifecycleError> {
         state: Box::new(state),
         bundle: Box::new(bundle),
         restore,
+        start,
     };
-    let child = handoff::start(
+    let (child, not_started) = handoff::start_told(
         o.root,
         &monitor_args(o.id, o.console_socket),
         &handoff,
@@ -238,7 +257,7 @@ pub fn create(o: &CreateOptions) -> Result<Child, LifecycleError> {
                 cleanup(e)
             })?;
     }
-    Ok(child)
+    Ok((child, not_started))
 }
 
 /// `start`: the created container's process starts.

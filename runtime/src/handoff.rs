@@ -38,6 +38,11 @@ pub enum Handoff {
         bundle: Box<Bundle>,
         /// The checkpoint it is restored from, already checked.
         restore: Option<Restore>,
+        /// `run`: the monitor also starts the process once it is made, as
+        /// `start` would (no second connection to the agent, no second
+        /// command), and answers once it started.
+        #[serde(default)]
+        start: bool,
     },
     /// Run another process in running container `id`.
     Exec {
@@ -87,6 +92,15 @@ fn dup(fd: BorrowedFd<'_>) -> Result<Stdio, String> {
         .map_err(|e| format!("cannot pass the monitor its stdio: {e}"))
 }
 
+/// How the monitor of a `run` ([`Handoff::Container`]'s `start`) answers
+/// that the process it made could not start: `not started STATUS`, a line,
+/// then what the guest said.
+const NOT_STARTED: &str = "not started ";
+
+/// A process that was made and could not start (no such program, not
+/// executable): what the guest said, and the status a shell would give.
+pub type NotStarted = (String, i32);
+
 /// Starts a monitor (`husk --root ROOT _monitor ARGS`) with `stdio` (or
 /// this process's), hands it `handoff`, and returns it once it answered
 /// that it is set up; else what it said (with its exit status, once it
@@ -97,6 +111,18 @@ pub fn start(
     handoff: &Handoff,
     stdio: Option<Stdio3<'_>>,
 ) -> Result<Child, (String, Option<i32>)> {
+    start_told(root, args, handoff, stdio).map(|(child, _)| child)
+}
+
+/// [`start`], for a handoff whose monitor also starts the process: with
+/// what it said where the process could not start (the monitor then
+/// goes on to record its end, as it does for any process).
+pub fn start_told(
+    root: &Path,
+    args: &[String],
+    handoff: &Handoff,
+    stdio: Option<Stdio3<'_>>,
+) -> Result<(Child, Option<NotStarted>), (String, Option<i32>)> {
     let exe = match HUSK.get() {
         Some(husk) => husk.clone(),
         None => {
@@ -130,7 +156,14 @@ pub fn start(
     let mut said = String::new();
     let _ = ours.read_to_string(&mut said);
     if said == "ok\n" {
-        return Ok(child);
+        return Ok((child, None));
+    }
+    if let Some((status, message)) = said
+        .strip_prefix(NOT_STARTED)
+        .and_then(|rest| rest.split_once('\n'))
+        && let Ok(status) = status.parse()
+    {
+        return Ok((child, Some((message.to_owned(), status))));
     }
     let status = child.wait().ok().and_then(|s| s.code());
     Err((
@@ -165,6 +198,12 @@ impl Channel {
             .map_err(|e| format!("the monitor cannot read what it was handed: {e}"))?;
         serde_json::from_slice(&json)
             .map_err(|e| format!("the monitor was handed something it cannot read: {e}"))
+    }
+
+    /// Answers the starter of a `run` that the process was made and could
+    /// not start ([`NotStarted`]). The channel ends here.
+    pub fn report_not_started(mut self, message: &str, status: i32) {
+        let _ = write!(self.0, "{NOT_STARTED}{status}\n{message}");
     }
 
     /// Answers the starter: set up, or what failed. The channel ends here.

@@ -28,25 +28,17 @@ pub fn run(o: &CreateOptions) -> Result<i32, LifecycleError> {
         set.block();
     }
     let mut steps = vec![("started", crate::timings::cpu_us())];
-    let mut monitor = container::create(o)?;
+    // The monitor starts the process once it has made it (a restored
+    // container is running already).
+    let (mut monitor, not_started) = container::create_started(o)?;
     steps.push(("created", crate::timings::cpu_us()));
-    // A restored container is running already.
-    let started = match o.restore {
-        Some(_) => Ok(()),
-        None => container::start(o.root, o.id),
-    };
-    if let Err(e) = started {
-        if let LifecycleError::NotStarted { message, status } = e {
-            // As a shell reports a command it cannot run: the message,
-            // and 127 or 126 as the container's status.
-            eprintln!("husk: {message}");
-            let _ = monitor.wait();
-            let _ = container::delete(o.root, o.id, true);
-            return Ok(status);
-        }
-        let _ = container::delete(o.root, o.id, true);
+    if let Some((message, status)) = not_started {
+        // As a shell reports a command it cannot run: the message, and
+        // 127 or 126 as the container's status.
+        eprintln!("husk: {message}");
         let _ = monitor.wait();
-        return Err(e);
+        let _ = container::delete(o.root, o.id, true);
+        return Ok(status);
     }
     if o.detach {
         return Ok(0);

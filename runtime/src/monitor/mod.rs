@@ -53,19 +53,34 @@ struct Held {
     outputs: Outputs,
 }
 
+/// How a monitor's container begins.
+#[derive(Clone, Copy)]
+pub enum Begin<'a> {
+    /// `create`: its process made, not started.
+    Created,
+    /// `run`: its process made and started, as `start` would.
+    Started,
+    /// `restore`: its VM restored from a checkpoint, its process running.
+    Restored(&'a Restore),
+}
+
 /// Runs the monitor of the container `state` describes, from its checked
-/// `bundle`; with `restore`, its VM is restored from a checkpoint and its
-/// process is already running. Answers its starter on `channel`; returns
-/// the container's exit status.
+/// `bundle`, begun as `begin` says. Answers its starter on `channel`;
+/// returns the container's exit status.
 pub fn container(
     root: &Path,
     bins: &Binaries,
     state: ContainerState,
     bundle: &Bundle,
-    restore: Option<&Restore>,
+    begin: Begin<'_>,
     terminal: &Terminal,
     channel: Channel,
 ) -> i32 {
+    let (restore, start) = match begin {
+        Begin::Restored(restore) => (Some(restore), false),
+        Begin::Started => (None, true),
+        Begin::Created => (None, false),
+    };
     let id = state.id.clone();
     let dir = state::dir(root, &id);
     if let Some(crate::pod::Pod::Member {
@@ -86,9 +101,30 @@ pub fn container(
     {
         crate::cgroup::leave(rel);
     }
+    // `run`: the process starts now, on this connection.
+    let set = match set {
+        Ok(mut held) if start => match start_here(root, &id, &mut held.control) {
+            Ok(None) => Ok((held, None)),
+            Ok(Some(not_started)) => Ok((held, Some(not_started))),
+            Err(e) => {
+                drop(held);
+                if let Some(rel) = &cgroup {
+                    crate::cgroup::leave(rel);
+                }
+                Err(e)
+            }
+        },
+        Ok(held) => Ok((held, None)),
+        Err(e) => Err(e),
+    };
     let held = match set {
-        Ok(held) => {
+        Ok((held, None)) => {
             channel.report(&Ok(()));
+            held
+        }
+        Ok((held, Some((message, status)))) => {
+            // Its end is recorded below, as any process's.
+            channel.report_not_started(&message, status);
             held
         }
         Err(e) => {
@@ -158,6 +194,37 @@ pub fn container(
         drop(Unmirror(Some(net)));
     }
     status
+}
+
+/// `start` for `run`, in the monitor: the created container's process
+/// started on the monitor's own connection, the state made `running`,
+/// the poststart hooks run (a failed one is a warning, as the spec says).
+/// `Ok(Some(..))`: the process could not start (what the guest said, and
+/// its status).
+fn start_here(
+    root: &Path,
+    id: &str,
+    control: &mut Control,
+) -> Result<Option<crate::handoff::NotStarted>, String> {
+    match control.ask(&Request::Start { id: id.into() }) {
+        Ok(Response::Ok) => {}
+        Ok(Response::NotStarted { message, status }) => return Ok(Some((message, status))),
+        Ok(Response::Error { message }) => return Err(message),
+        Ok(other) => return Err(format!("unexpected answer {other:?}")),
+        Err(e) => return Err(crate::error_chain(&e)),
+    }
+    let mut state = ContainerState::load(root, id).map_err(|e| e.to_string())?;
+    state.status = Status::Running;
+    state.save(root).map_err(|e| e.to_string())?;
+    if state.hooks.is_some() {
+        let oci = state.oci_state().to_string();
+        if let Err(e) =
+            crate::hooks::run_these(state.hooks.as_ref(), crate::hooks::Point::Poststart, &oci)
+        {
+            eprintln!("husk: warning: {e}");
+        }
+    }
+    Ok(None)
 }
 
 /// Records container `id` as stopped: its exit status, what ended it and
