@@ -95,28 +95,20 @@ pub fn container(
     let mut phases = Phases::new();
     // Its host cgroup, chosen and recorded by `create` ([`host_cgroup`]).
     let cgroup = state.cgroup.clone();
-    let set = set_up(root, bins, state, bundle, restore, terminal, &mut phases);
+    let set = set_up(
+        root,
+        bins,
+        state,
+        bundle,
+        (restore, start),
+        terminal,
+        &mut phases,
+    );
     if set.is_err()
         && let Some(rel) = &cgroup
     {
         crate::cgroup::leave(rel);
     }
-    // `run`: the process starts now, on this connection.
-    let set = match set {
-        Ok(mut held) if start => match start_here(root, &id, &mut held.control) {
-            Ok(None) => Ok((held, None)),
-            Ok(Some(not_started)) => Ok((held, Some(not_started))),
-            Err(e) => {
-                drop(held);
-                if let Some(rel) = &cgroup {
-                    crate::cgroup::leave(rel);
-                }
-                Err(e)
-            }
-        },
-        Ok(held) => Ok((held, None)),
-        Err(e) => Err(e),
-    };
     let held = match set {
         Ok((held, None)) => {
             channel.report(&Ok(()));
@@ -196,35 +188,20 @@ pub fn container(
     status
 }
 
-/// `start` for `run`, in the monitor: the created container's process
-/// started on the monitor's own connection, the state made `running`,
-/// the poststart hooks run (a failed one is a warning, as the spec says).
-/// `Ok(Some(..))`: the process could not start (what the guest said, and
-/// its status).
-fn start_here(
-    root: &Path,
-    id: &str,
+/// `start` for `run`, in the monitor, on its own connection:
+/// `Ok(Some(..))` where the process could not start (what the guest said,
+/// and its status).
+fn start_process(
     control: &mut Control,
+    id: &str,
 ) -> Result<Option<crate::handoff::NotStarted>, String> {
     match control.ask(&Request::Start { id: id.into() }) {
-        Ok(Response::Ok) => {}
-        Ok(Response::NotStarted { message, status }) => return Ok(Some((message, status))),
-        Ok(Response::Error { message }) => return Err(message),
-        Ok(other) => return Err(format!("unexpected answer {other:?}")),
-        Err(e) => return Err(crate::error_chain(&e)),
+        Ok(Response::Ok) => Ok(None),
+        Ok(Response::NotStarted { message, status }) => Ok(Some((message, status))),
+        Ok(Response::Error { message }) => Err(message),
+        Ok(other) => Err(format!("unexpected answer {other:?}")),
+        Err(e) => Err(crate::error_chain(&e)),
     }
-    let mut state = ContainerState::load(root, id).map_err(|e| e.to_string())?;
-    state.status = Status::Running;
-    state.save(root).map_err(|e| e.to_string())?;
-    if state.hooks.is_some() {
-        let oci = state.oci_state().to_string();
-        if let Err(e) =
-            crate::hooks::run_these(state.hooks.as_ref(), crate::hooks::Point::Poststart, &oci)
-        {
-            eprintln!("husk: warning: {e}");
-        }
-    }
-    Ok(None)
 }
 
 /// Records container `id` as stopped: its exit status, what ended it and
@@ -274,10 +251,10 @@ fn set_up(
     bins: &Binaries,
     mut state: ContainerState,
     bundle: &Bundle,
-    restore: Option<&Restore>,
+    (restore, start): (Option<&Restore>, bool),
     terminal: &Terminal,
     phases: &mut Phases,
-) -> Result<Held, String> {
+) -> Result<(Held, Option<crate::handoff::NotStarted>), String> {
     let id = state.id.clone();
     // Its host cgroup, chosen and recorded by `create`, before it is
     // made: a monitor killed while it starts the VM leaves `delete` what
@@ -378,20 +355,39 @@ fn set_up(
         None,
     )
     .map_err(|e| e.to_string())?;
-    state.status = if restore.is_some() {
-        Status::Running
-    } else {
-        Status::Created
+    // `run`: the process starts now, on this connection, and the state
+    // is written once, `running`.
+    let not_started = match start {
+        true => start_process(&mut control, &id)?,
+        false => None,
+    };
+    let running = restore.is_some() || (start && not_started.is_none());
+    state.status = match running {
+        true => Status::Running,
+        false => Status::Created,
     };
     state.monitor = HostProcess::of(std::process::id());
     state.vmm = sandbox.vmm_pid().and_then(HostProcess::of);
     state.save(root).map_err(|e| e.to_string())?;
     unmirror.0 = None;
-    Ok(Held {
-        sandbox,
-        control,
-        outputs,
-    })
+    // The spec: a failed poststart hook is a warning; the container runs
+    // on.
+    if start && running && state.hooks.is_some() {
+        let oci = state.oci_state().to_string();
+        if let Err(e) =
+            crate::hooks::run_these(state.hooks.as_ref(), crate::hooks::Point::Poststart, &oci)
+        {
+            eprintln!("husk: warning: {e}");
+        }
+    }
+    Ok((
+        Held {
+            sandbox,
+            control,
+            outputs,
+        },
+        not_started,
+    ))
 }
 
 /// Takes a mirrored network's redirection off when dropped (unless its
