@@ -79,12 +79,12 @@ fn main() -> anyhow::Result<()> {
         let mut cmd = Command::new("/bin/true");
         cmd.stdin(Stdio::null()).stdout(Stdio::null());
         let mut child = if own_namespace {
-            husk_sys::child::spawn_vmm(&mut cmd)
+            husk_sys::child::spawn_vmm(&mut cmd).map(|(child, starter)| (child, Some(starter)))
         } else {
-            cmd.spawn()
+            cmd.spawn().map(|child| (child, None))
         }
         .context("spawn /bin/true")?;
-        child.wait()?;
+        child.0.wait()?;
         Ok(())
     };
     for i in 0..args.runs {

@@ -222,7 +222,7 @@ pub fn snapshot(
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
     let out = husk_sys::child::spawn_vmm(&mut cmd)
-        .and_then(std::process::Child::wait_with_output)
+        .and_then(|(child, _starter)| child.wait_with_output())
         .map_err(io("run", vmm))?;
     let _ = std::fs::remove_file(&boot_socket);
     let _ = std::fs::remove_dir(&empty);

@@ -214,6 +214,9 @@ pub struct Nets<'a> {
 /// A running container VM.
 pub struct Sandbox {
     vmm: Option<Child>,
+    /// Held while the VMM is to live: its end tells a VMM that started
+    /// after this process died to end (`husk_sys::child::spawn_vmm`).
+    _starter: std::os::fd::OwnedFd,
     socket: PathBuf,
     stderr_log: PathBuf,
 }
@@ -353,11 +356,12 @@ impl Sandbox {
         // monitor): no VM outlives the husk process responsible for it.
         // It starts with no signal blocked or ignored (SIGTERM ends it),
         // as PID 1 of a PID namespace of its own.
-        let vmm = husk_sys::child::spawn_vmm(&mut cmd)
+        let (vmm, starter) = husk_sys::child::spawn_vmm(&mut cmd)
             .map_err(|e| SandboxError::Spawn(bins.vmm.clone(), e))?;
         drop(inherited);
         Ok(Self {
             vmm: Some(vmm),
+            _starter: starter,
             socket,
             stderr_log,
         })

@@ -1,14 +1,15 @@
-//! What every process husk starts gets in its forked child, before exec
-//! (docs/security.md): a clean signal state, and as each needs, a
-//! session of its own, the ready pipe at a fixed descriptor, or death
-//! with whoever started it.
+//! What every process husk starts gets, in its forked child before exec
+//! (docs/security.md), or for a VMM first thing after it
+//! ([`spawn_vmm`], [`adopt_starter`]): a clean signal state, and as each
+//! needs, a session of its own, the ready pipe at a fixed descriptor, or
+//! death with whoever started it.
 //!
 //! A process inherits its starter's blocked signals and ignored ones
 //! across exec. `husk run` blocks the signals it forwards and Rust
 //! ignores SIGPIPE; a VMM that inherited them did not end on SIGTERM.
 //!
-//! Everything here runs between fork and exec: async-signal-safe calls
-//! only, no allocation.
+//! What runs between fork and exec: async-signal-safe calls only, no
+//! allocation.
 
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
@@ -85,48 +86,65 @@ pub fn detached_with_fd(cmd: &mut Command, fd: RawFd, at: RawFd) {
     }
 }
 
-/// Spawns `cmd` as a VMM: it starts with a clean signal state
-/// ([`reset_signals`]), dies with the calling thread (SIGKILL; a process
-/// whose starter is already gone ends at once), and, where this process
-/// may make one (root), runs as PID 1 of a PID namespace of its own
-/// (docs/security.md, "The VMM process"): it sees no host process by its
-/// PID, and no other VMM sees it. Its PID here is the child's, as ever.
+/// The flag [`spawn_vmm`] adds to the VMM's command: the descriptor of
+/// the pipe whose hang-up tells it that its starter is gone
+/// ([`adopt_starter`]).
+pub const STARTER_PIPE_FLAG: &str = "--starter-pipe";
+
+/// Spawns `cmd` as a VMM, which dies with the calling thread and, where
+/// this process may make one (root), runs as PID 1 of a PID namespace of
+/// its own (docs/security.md, "The VMM process"): it sees no host process
+/// by its PID, and no other VMM sees it. Its PID here is the child's, as
+/// ever.
+///
+/// Nothing runs between fork and exec, so the spawn is a `vfork`
+/// (`posix_spawn`): no copy of this process's page tables, no
+/// copy-on-write faults in it afterwards. The VMM program takes its clean
+/// signal state and its parent-death signal itself, first thing
+/// ([`adopt_starter`], given [`STARTER_PIPE_FLAG`] and the descriptor of
+/// a pipe's read end). The returned descriptor is the write end: the
+/// caller holds it for as long as the VMM is to live (its hang-up, on the
+/// caller's end, is how a VMM that started after its starter died
+/// knows).
 ///
 /// The namespace is made for the calling thread's children only
 /// (`unshare(CLONE_NEWPID)`), and the thread's own is set back once the
 /// VMM is spawned, so nothing else this process starts is in it.
-pub fn spawn_vmm(cmd: &mut Command) -> std::io::Result<Child> {
+pub fn spawn_vmm(cmd: &mut Command) -> std::io::Result<(Child, std::os::fd::OwnedFd)> {
     // In a namespace of its own the child's getppid() is 0 whoever its
-    // parent is: a pipe tells instead. This process holds the write end
-    // until the child has exec'd; the child closes its copy, and a hang-up
-    // on the read end then means its starter is gone.
+    // parent is: the pipe tells instead. Its read end is the child's (not
+    // close-on-exec); the write end stays here.
     let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-    let (r, w) = (read.as_raw_fd(), write.as_raw_fd());
-    // SAFETY: async-signal-safe calls in the forked child, before exec;
-    // `r` and `w` stay open in the parent until spawn returns.
-    unsafe {
-        cmd.pre_exec(move || {
-            reset_signals();
-            libc::close(w);
-            let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
-            let mut hung_up = libc::pollfd {
-                fd: r,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            if libc::poll(&mut hung_up, 1, 0) > 0 && hung_up.revents & libc::POLLHUP != 0 {
-                libc::_exit(128 + libc::SIGKILL);
-            }
-            Ok(())
-        });
-    }
+    rustix::io::fcntl_setfd(&read, rustix::io::FdFlags::empty())?;
+    cmd.arg(STARTER_PIPE_FLAG).arg(read.as_raw_fd().to_string());
     let spawned = if rustix::process::geteuid().is_root() {
         in_pid_namespace(|| cmd.spawn())
     } else {
         cmd.spawn()
     };
-    drop((read, write));
-    spawned
+    drop(read);
+    spawned.map(|child| (child, write))
+}
+
+/// What a program [`spawn_vmm`] started does first, while it has one
+/// thread, with the descriptor it was given after [`STARTER_PIPE_FLAG`]:
+/// a clean signal state ([`reset_signals`]), death (SIGKILL) when the
+/// thread that spawned it ends, and, where that thread is gone already
+/// (the pipe's write end closed), death now. The descriptor is closed.
+pub fn adopt_starter(fd: RawFd) {
+    reset_signals();
+    let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
+    let mut hung_up = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, ours; poll does not block (timeout 0).
+    if unsafe { libc::poll(&mut hung_up, 1, 0) } > 0 && hung_up.revents & libc::POLLHUP != 0 {
+        std::process::exit(128 + libc::SIGKILL);
+    }
+    // SAFETY: the descriptor was handed to this process for this alone.
+    unsafe { libc::close(fd) };
 }
 
 /// Runs `spawn` with the calling thread's children in a new PID

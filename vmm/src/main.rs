@@ -82,6 +82,11 @@ struct Args {
     /// --restore, binds the snapshot's slot.
     #[arg(long = "net", value_name = "SLOT=FD", value_parser = parse_net)]
     taps: Vec<(u8, i32)>,
+    /// The read end of the pipe its starter holds the write end of
+    /// (`husk_sys::child::spawn_vmm`): the VMM takes a clean signal
+    /// state and dies with the thread that spawned it.
+    #[arg(long, value_name = "FD", hide = true)]
+    starter_pipe: Option<i32>,
     /// Keep the network namespace this process starts in instead of
     /// making an empty one: its starter made that namespace for this VM's
     /// container alone (husk's monitor, for a spec that asks for a new
@@ -185,6 +190,11 @@ fn main() -> ExitCode {
     unsafe { libc::umask(husk_vmm::confine::PROCESS_UMASK) };
     let clock = Arc::new(Clock::from_env());
     let args = Args::parse();
+    // First, while it has one thread: signals as a fresh process's, and
+    // its end with its starter's.
+    if let Some(fd) = args.starter_pipe {
+        husk_sys::child::adopt_starter(fd);
+    }
     if args.timings.is_some() {
         clock.collect_at_exit();
     }

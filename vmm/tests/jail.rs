@@ -65,7 +65,7 @@ fn every_thread_of_a_running_vmm_holds_only_what_its_kind_needs() {
         });
     }
     // As husk spawns every VMM: PID 1 of a PID namespace of its own.
-    let mut child = husk_sys::child::spawn_vmm(&mut cmd).unwrap();
+    let (mut child, _starter) = husk_sys::child::spawn_vmm(&mut cmd).unwrap();
     let stdout = child.stdout.take().unwrap();
     let (tx, ticks) = mpsc::channel();
     std::thread::spawn(move || {
