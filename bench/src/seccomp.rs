@@ -7,13 +7,10 @@
 //! filter for every syscall number to fill its action cache, so the load
 //! costs the program's walk times ~450. Rows alternate per round.
 
-use std::collections::BTreeMap;
-
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Parser;
 use husk_bench::percentile;
-use husk_vmm::seccomp::{Thread, rules};
-use seccompiler::{SeccompAction, SeccompFilter, TargetArch};
+use husk_vmm::seccomp::{Thread, seccompiler_chain};
 
 #[derive(Parser)]
 #[command(
@@ -66,16 +63,7 @@ fn main() -> anyhow::Result<()> {
     println!("|---|---|---|---|---|---|---|");
     let (mut chain_sum, mut tree_sum) = (0.0, 0.0);
     for thread in Thread::ALL {
-        let rules: BTreeMap<_, _> = rules(thread).context("the thread's rules")?;
-        let chain = husk_seccomp::from_seccompiler(
-            SeccompFilter::new(
-                rules,
-                SeccompAction::Trap,
-                SeccompAction::Allow,
-                TargetArch::x86_64,
-            )?
-            .try_into()?,
-        );
+        let chain = seccompiler_chain(thread).map_err(anyhow::Error::msg)?;
         let tree = husk_vmm::seccomp::filter(thread).map_err(anyhow::Error::msg)?;
         let (mut c, mut t) = (Vec::new(), Vec::new());
         for _ in 0..args.runs {

@@ -329,6 +329,21 @@ pub fn filter_with(thread: Thread, refused: SeccompAction) -> Result<Program, St
     husk_seccomp::program(chains, u32::from(refused))
 }
 
+/// The same rules compiled by seccompiler, a linear chain: the filter
+/// [`filter`] replaced, kept for what it is measured and checked against
+/// (the equivalence test, husk-bench-seccomp).
+pub fn seccompiler_chain(thread: Thread) -> Result<Program, String> {
+    let program: seccompiler::BpfProgram = seccompiler::SeccompFilter::new(
+        rules(thread).map_err(|e| e.to_string())?,
+        SeccompAction::Trap,
+        SeccompAction::Allow,
+        seccompiler::TargetArch::x86_64,
+    )
+    .and_then(TryInto::try_into)
+    .map_err(|e| e.to_string())?;
+    Ok(husk_seccomp::from_seccompiler(program))
+}
+
 /// The calls `thread` may make, each with its rules on arguments (none:
 /// any arguments).
 pub fn rules(thread: Thread) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Error> {
@@ -837,17 +852,7 @@ mod tests {
         ];
         for thread in Thread::ALL {
             let tree = filter(thread).unwrap();
-            let rules = rules(thread).unwrap();
-            let chain: seccompiler::BpfProgram = seccompiler::SeccompFilter::new(
-                rules,
-                SeccompAction::Trap,
-                SeccompAction::Allow,
-                seccompiler::TargetArch::x86_64,
-            )
-            .unwrap()
-            .try_into()
-            .unwrap();
-            let chain = husk_seccomp::from_seccompiler(chain);
+            let chain = seccompiler_chain(thread).unwrap();
             let mut allowed = 0;
             for nr in 0..600 {
                 for a in args {
