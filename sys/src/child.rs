@@ -141,7 +141,8 @@ pub fn adopt_starter(fd: RawFd) {
     };
     // SAFETY: one pollfd, ours; poll does not block (timeout 0).
     if unsafe { libc::poll(&mut hung_up, 1, 0) } > 0 && hung_up.revents & libc::POLLHUP != 0 {
-        std::process::exit(128 + libc::SIGKILL);
+        // SAFETY: _exit ends the process; nothing of it runs after.
+        unsafe { libc::_exit(128 + libc::SIGKILL) };
     }
     // SAFETY: the descriptor was handed to this process for this alone.
     unsafe { libc::close(fd) };
@@ -176,4 +177,88 @@ fn in_pid_namespace(spawn: impl FnOnce() -> std::io::Result<Child>) -> std::io::
         )));
     }
     spawned
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `child` in a forked child (async-signal-safe calls only) and
+    /// returns its exit status.
+    fn in_child(child: fn() -> i32) -> i32 {
+        // SAFETY: the child makes only async-signal-safe calls, then
+        // _exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+        if pid == 0 {
+            // SAFETY: ends the forked child.
+            unsafe { libc::_exit(child()) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child just forked.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status), "{status:#x}");
+        libc::WEXITSTATUS(status)
+    }
+
+    /// A starter already gone (the pipe's write end closed): the VMM
+    /// ends at once, as SIGKILL would have ended it.
+    #[test]
+    fn a_vmm_whose_starter_is_gone_ends_at_once() {
+        let status = in_child(|| {
+            let mut fds = [0; 2];
+            // SAFETY: a pipe into a local array; the write end is closed.
+            unsafe {
+                libc::pipe(fds.as_mut_ptr());
+                libc::close(fds[1]);
+            }
+            adopt_starter(fds[0]);
+            0
+        });
+        assert_eq!(status, 128 + libc::SIGKILL);
+    }
+
+    /// A starter still there: the VMM goes on, with the parent-death
+    /// signal set, no signal blocked or ignored, and the pipe closed.
+    #[test]
+    fn a_vmm_whose_starter_is_there_takes_its_death_signal_and_clean_signals() {
+        let status = in_child(|| {
+            let mut fds = [0; 2];
+            // SAFETY: a pipe into a local array, SIGTERM ignored and
+            // blocked as a monitor's would be; each call reads or writes
+            // only locals.
+            unsafe {
+                libc::pipe(fds.as_mut_ptr());
+                libc::signal(libc::SIGTERM, libc::SIG_IGN);
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGTERM);
+                libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            }
+            adopt_starter(fds[0]);
+            let mut death = 0;
+            // SAFETY: each call reads or writes only locals.
+            unsafe {
+                libc::prctl(libc::PR_GET_PDEATHSIG, &mut death);
+                if death != libc::SIGKILL {
+                    return 1;
+                }
+                if libc::fcntl(fds[0], libc::F_GETFD) != -1 {
+                    return 2;
+                }
+                let mut old: libc::sigaction = std::mem::zeroed();
+                libc::sigaction(libc::SIGTERM, std::ptr::null(), &mut old);
+                if old.sa_sigaction != libc::SIG_DFL {
+                    return 3;
+                }
+                let mut mask: libc::sigset_t = std::mem::zeroed();
+                libc::sigprocmask(libc::SIG_BLOCK, std::ptr::null(), &mut mask);
+                if libc::sigismember(&mask, libc::SIGTERM) == 1 {
+                    return 4;
+                }
+            }
+            0
+        });
+        assert_eq!(status, 0);
+    }
 }
