@@ -279,7 +279,7 @@ pub const TUNGETIFF: u64 = 0x8004_54d2;
 /// `ioctl` requests a thread may make: KVM's (type 0xAE) for `kvm`, a
 /// TAP's header size and offloads for `tap`, and setting a descriptor
 /// non-blocking or close-on-exec.
-fn ioctl_rules(kvm: bool, tap: bool) -> Result<Vec<SeccompRule>, seccompiler::Error> {
+fn ioctl_rules(kvm: bool, tap: bool, irq: bool) -> Result<Vec<SeccompRule>, seccompiler::Error> {
     let request = |op, value| SeccompCondition::new(1, SeccompCmpArgLen::Dword, op, value);
     let mut rules = vec![
         SeccompRule::new(vec![request(SeccompCmpOp::Eq, FIONBIO)?])?,
@@ -294,6 +294,11 @@ fn ioctl_rules(kvm: bool, tap: bool) -> Result<Vec<SeccompRule>, seccompiler::Er
         rules.push(SeccompRule::new(vec![request(
             SeccompCmpOp::MaskedEq(0xff00),
             0xae00,
+        )?])?);
+    } else if irq {
+        rules.push(SeccompRule::new(vec![request(
+            SeccompCmpOp::Eq,
+            crate::devices::virtio::mmio::KVM_IRQ_LINE,
         )?])?);
     }
     Ok(rules)
@@ -366,6 +371,9 @@ pub fn rules(thread: Thread) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompi
             // The main thread binds a TAP (its flags, header size and
             // offloads); the network thread sets offloads later.
             matches!(thread, Thread::Main | Thread::Net),
+            // The vsock and network threads raise their device's
+            // interrupt (KVM_IRQ_LINE on the VM: its own lines only).
+            matches!(thread, Thread::Vsock | Thread::Net),
         )?,
     );
     if thread == Thread::Vcpu {
@@ -579,6 +587,23 @@ mod tests {
             unsafe { (libc::syscall(libc::SYS_ioctl, -1, TUNSETOFFLOAD, 0) == -1) as i32 }
         });
         assert_eq!(offload, (Some(1), None));
+        // The vsock and network threads raise their device's interrupt:
+        // KVM_IRQ_LINE, and no other KVM call.
+        for thread in [Thread::Net, Thread::Vsock] {
+            let irq = in_filtered_child(thread, || {
+                // SAFETY: KVM_IRQ_LINE on a bad descriptor: EBADF, but the
+                // call is made.
+                unsafe {
+                    (libc::syscall(
+                        libc::SYS_ioctl,
+                        -1,
+                        crate::devices::virtio::mmio::KVM_IRQ_LINE,
+                        0,
+                    ) == -1) as i32
+                }
+            });
+            assert_eq!(irq, (Some(1), None));
+        }
         let refused: [Call; 4] = [
             ("openat", || {
                 // SAFETY: openat of a NUL-terminated path.

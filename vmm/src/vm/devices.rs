@@ -24,17 +24,22 @@ pub(super) fn virtio_device(
     }
 }
 
-/// Wires a virtio-mmio transport into the VM: its irqfd and its window.
+/// Wires a virtio-mmio transport into the VM: its interrupt line and its
+/// window.
 pub(super) fn attach_virtio(
     vm: &VmFd,
     mmio: &mut Bus,
     base: u64,
     gsi: u32,
-    make: impl FnOnce(EventFd) -> Result<MmioTransport, VmError>,
+    make: impl FnOnce(Irq) -> Result<MmioTransport, VmError>,
 ) -> Result<VirtioDevice, VmError> {
-    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::EventFd("a virtio IRQ", e))?;
-    vm.register_irqfd(&irq, gsi)
-        .map_err(|e| VmError::Kvm("wire a virtio IRQ", e))?;
+    // SAFETY: the VM's descriptor is open for as long as `vm` lives,
+    // which outlasts this call.
+    let borrowed =
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(vm)) };
+    let vm_fd = rustix::io::fcntl_dupfd_cloexec(borrowed, 0)
+        .map_err(|e| VmError::EventFd("a virtio IRQ", e.into()))?;
+    let irq = Irq::Line { vm: vm_fd, gsi };
     let transport = Arc::new(Mutex::new(make(irq)?));
     mmio.insert(transport.clone(), base, layout::MMIO_DEVICE_SIZE)?;
     Ok(VirtioDevice {
@@ -51,7 +56,7 @@ pub(super) fn attach_virtio(
 pub(super) fn transport(
     device: Box<dyn crate::devices::virtio::VirtioDevice>,
     memory: &GuestMemoryMmap,
-    irq: EventFd,
+    irq: Irq,
     restored: Option<(&crate::devices::virtio::mmio::MmioState, &Path)>,
 ) -> Result<MmioTransport, VmError> {
     match restored {

@@ -41,7 +41,7 @@ use crate::cpu::{self, CpuError};
 use crate::devices::legacy::{DEBUG_PORT, DebugPort, GuestEvent, I8042_DATA_PORT, I8042Reset};
 use crate::devices::serial::SerialConsole;
 use crate::devices::virtio::fs::{Fs, Share, TYPE_FS};
-use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::mmio::{Irq, MmioTransport};
 use crate::devices::virtio::net::{Net, NetError, NetHandle, TYPE_NET};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{TYPE_VSOCK, Vsock};

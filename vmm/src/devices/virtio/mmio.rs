@@ -3,12 +3,13 @@
 //! negotiates features, sets up queues and notifies.
 //!
 //! Queue notifications are handled on the vCPU thread that wrote
-//! `QueueNotify`; the interrupt goes out through an eventfd wired to the
-//! device's GSI. Every guest value is checked before use: a queue size that
+//! `QueueNotify`; the interrupt is the device's GSI, pulsed by the thread
+//! that has something for the guest ([`Irq`]). Every guest value is checked before use: a queue size that
 //! is not a power of two or exceeds the maximum, a queue index out of range,
 //! or a queue the guest marks ready with bad addresses is ignored or left not
 //! ready, never trusted.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde::{Deserialize, Serialize};
@@ -151,11 +152,61 @@ pub struct MmioState {
     device: Option<DeviceState>,
 }
 
+/// `KVM_IRQ_LINE` (linux/kvm.h: `_IOW(KVMIO, 0x61, struct
+/// kvm_irq_level)`).
+pub const KVM_IRQ_LINE: u64 = 0x4008_ae61;
+
+/// How a transport raises its interrupt.
+pub enum Irq {
+    /// An eventfd (a unit test's, or one registered as the GSI's irqfd).
+    EventFd(EventFd),
+    /// The VM's GSI `gsi`, pulsed (`KVM_IRQ_LINE` high, then low, as an
+    /// irqfd does) by the calling thread itself. An irqfd's write wakes a
+    /// kernel worker that then injects: 11-13 µs of the writer's time on
+    /// this host per interrupt, and the vCPU may re-enter the guest before
+    /// the injection (docs/benchmarks.md). `vm` is the VM's descriptor.
+    Line {
+        /// The VM (a duplicate of its descriptor).
+        vm: OwnedFd,
+        /// The line.
+        gsi: u32,
+    },
+}
+
+impl From<EventFd> for Irq {
+    fn from(fd: EventFd) -> Self {
+        Irq::EventFd(fd)
+    }
+}
+
+impl Irq {
+    /// Raises the interrupt (edge: the line goes high and low again).
+    pub fn raise(&self) {
+        match self {
+            Irq::EventFd(fd) => {
+                let _ = fd.write(1);
+            }
+            Irq::Line { vm, gsi } => {
+                for level in [1, 0] {
+                    let mut line = kvm_bindings::kvm_irq_level::default();
+                    line.__bindgen_anon_1.irq = *gsi;
+                    line.level = level;
+                    // SAFETY: KVM_IRQ_LINE reads one kvm_irq_level, which
+                    // `line` is, for as long as the call.
+                    unsafe {
+                        libc::ioctl(vm.as_raw_fd(), KVM_IRQ_LINE as _, &line);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// One virtio device's register window.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
     mem: GuestMemoryMmap,
-    irq: EventFd,
+    irq: Irq,
     queues: Vec<Queue>,
     queue_sel: u32,
     device_features_sel: u32,
@@ -168,7 +219,7 @@ pub struct MmioTransport {
 impl MmioTransport {
     /// A transport for `device`, reading guest memory `mem` and raising its
     /// interrupt through `irq`.
-    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, irq: EventFd) -> Self {
+    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, irq: impl Into<Irq>) -> Self {
         let queues = device
             .queue_max_sizes()
             .iter()
@@ -177,7 +228,7 @@ impl MmioTransport {
         Self {
             device,
             mem,
-            irq,
+            irq: irq.into(),
             queues,
             queue_sel: 0,
             device_features_sel: 0,
@@ -210,7 +261,7 @@ impl MmioTransport {
     pub fn restore(
         mut device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
-        irq: EventFd,
+        irq: impl Into<Irq>,
         state: &MmioState,
     ) -> Result<Self, PersistError> {
         if state.device_type != device.device_type()
@@ -245,7 +296,7 @@ impl MmioTransport {
         Ok(Self {
             device,
             mem,
-            irq,
+            irq: irq.into(),
             queues,
             queue_sel: state.queue_sel,
             device_features_sel: state.device_features_sel,
@@ -259,7 +310,7 @@ impl MmioTransport {
     /// Settles a restored transport: buffers the guest made available
     /// before the snapshot are handled now, and the interrupt is raised
     /// again if any was pending. A snapshot can catch an interrupt between
-    /// the device's eventfd write and KVM's injection; without this the
+    /// the device's raising it and KVM's injection; without this the
     /// guest's driver would wait for it forever.
     pub fn settle_after_restore(&mut self) {
         if self.status & STATUS_DRIVER_OK == 0 {
@@ -269,7 +320,7 @@ impl MmioTransport {
             self.notify(index);
         }
         if self.interrupt_status.load(Ordering::SeqCst) != 0 {
-            let _ = self.irq.write(1);
+            self.irq.raise();
         }
     }
 
@@ -340,7 +391,7 @@ impl MmioTransport {
         if self.device.process_queue(index as usize, queue, &self.mem) {
             self.interrupt_status
                 .fetch_or(INT_USED_RING, Ordering::SeqCst);
-            let _ = self.irq.write(1);
+            self.irq.raise();
         }
     }
 
@@ -469,6 +520,13 @@ impl BusDevice for MmioTransport {
 
 #[cfg(test)]
 mod tests {
+    /// `KVM_IRQ_LINE` is `_IOW(KVMIO, 0x61, struct kvm_irq_level)`.
+    #[test]
+    fn the_irq_line_request_is_linux_s() {
+        let size = std::mem::size_of::<kvm_bindings::kvm_irq_level>() as u64;
+        assert_eq!(KVM_IRQ_LINE, (1 << 30) | (size << 16) | (0xae << 8) | 0x61);
+    }
+
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use virtio_queue::mock::MockSplitQueue;
