@@ -281,6 +281,9 @@ fn mirror_in(ns: OwnedFd, path: &Path, slots: usize) -> Result<Mirror, NetworkEr
 /// `path` (the TAPs go with the VMM's descriptors). A namespace that no
 /// longer exists has nothing left to undo.
 pub fn unmirror(path: &Path, links: &[String]) {
+    if links.is_empty() {
+        return;
+    }
     let Ok(ns) = husk_sys::net::open_netns(path) else {
         return;
     };
