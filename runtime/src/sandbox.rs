@@ -441,26 +441,20 @@ impl Sandbox {
         let Some(mut child) = self.vmm.take() else {
             return Ok(());
         };
-        let deadline = Instant::now() + timeout;
-        loop {
-            match child.try_wait() {
-                Ok(Some(status)) if status.success() => return Ok(()),
-                Ok(Some(_)) => {
-                    self.vmm = Some(child);
-                    let said = self.vmm_said();
-                    self.vmm = None;
-                    return Err(SandboxError::VmEnded(said));
-                }
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
-                _ => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(SandboxError::VmEnded(
-                        "the VM did not power off in time and was killed".into(),
-                    ));
-                }
+        match husk_sys::child::wait_timeout(&mut child, timeout) {
+            Ok(Some(status)) if status.success() => Ok(()),
+            Ok(Some(_)) => {
+                self.vmm = Some(child);
+                let said = self.vmm_said();
+                self.vmm = None;
+                Err(SandboxError::VmEnded(said))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(SandboxError::VmEnded(
+                    "the VM did not power off in time and was killed".into(),
+                ))
             }
         }
     }
@@ -536,5 +530,26 @@ impl Control {
     /// Sends `request` without waiting for an answer (a shutdown).
     pub fn send(&mut self, request: &Request) -> Result<(), SandboxError> {
         write_frame(&mut self.stream, request).map_err(SandboxError::Agent)
+    }
+
+    /// Whether an answer's bytes are read already (then polling the
+    /// connection would not say so).
+    pub fn answer_buffered(&self) -> bool {
+        !self.reader.buffer().is_empty()
+    }
+
+    /// The answer to the request [`send`](Self::send) sent.
+    pub fn answer(&mut self) -> Result<Response, SandboxError> {
+        if !self.greeted {
+            husk_protocol::hear_greeting(&mut self.reader).map_err(SandboxError::Agent)?;
+            self.greeted = true;
+        }
+        read_frame(&mut self.reader).map_err(SandboxError::Agent)
+    }
+}
+
+impl std::os::fd::AsFd for Control {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.stream.as_fd()
     }
 }

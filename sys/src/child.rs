@@ -148,6 +148,43 @@ pub fn adopt_starter(fd: RawFd) {
     unsafe { libc::close(fd) };
 }
 
+/// Waits up to `timeout` for `child` to end: its status, or `None` where
+/// it still runs. Sleeps on the child's pidfd (one `poll`) rather than
+/// polling its status; a kernel without pidfds (before 5.3) gets the
+/// polling.
+pub fn wait_timeout(
+    child: &mut Child,
+    timeout: std::time::Duration,
+) -> std::io::Result<Option<std::process::ExitStatus>> {
+    if let Some(status) = child.try_wait()? {
+        return Ok(Some(status));
+    }
+    let deadline = std::time::Instant::now() + timeout;
+    let pidfd = rustix::process::Pid::from_raw(child.id() as i32).and_then(|pid| {
+        rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+    });
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match &pidfd {
+            Some(fd) => {
+                let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
+                let left = rustix::time::Timespec::try_from(left).ok();
+                match rustix::event::poll(&mut fds, left.as_ref()) {
+                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            None => std::thread::sleep(left.min(std::time::Duration::from_millis(5))),
+        }
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if left.is_zero() {
+            return Ok(None);
+        }
+    }
+}
+
 /// Runs `spawn` with the calling thread's children in a new PID
 /// namespace, then sets the thread's back. Where no namespace can be made
 /// (no CAP_SYS_ADMIN: a container without it), `spawn` runs as it is.
@@ -260,5 +297,33 @@ mod tests {
             0
         });
         assert_eq!(status, 0);
+    }
+
+    /// A child still running is waited for until the limit and reported
+    /// running; one that ends is reported as soon as it does, with its
+    /// status.
+    #[test]
+    fn wait_timeout_waits_until_the_end_or_the_limit() {
+        let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+        let start = std::time::Instant::now();
+        let waited = wait_timeout(&mut sleeper, std::time::Duration::from_millis(200)).unwrap();
+        assert!(waited.is_none());
+        assert!(start.elapsed() >= std::time::Duration::from_millis(200));
+        sleeper.kill().unwrap();
+        let start = std::time::Instant::now();
+        let waited = wait_timeout(&mut sleeper, std::time::Duration::from_secs(30)).unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&waited.unwrap()),
+            Some(libc::SIGKILL)
+        );
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+        let mut quick = Command::new("sh")
+            .args(["-c", "sleep 0.2; exit 3"])
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        let waited = wait_timeout(&mut quick, std::time::Duration::from_secs(30)).unwrap();
+        assert_eq!(waited.unwrap().code(), Some(3));
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
     }
 }

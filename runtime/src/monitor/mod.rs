@@ -32,10 +32,29 @@ use stdio::Outputs;
 pub use stdio::{Terminal, send_fd, stdin_is_null};
 
 fn wait_status(control: &mut Control, id: &str, exec_id: &str) -> Result<i32, SandboxError> {
-    match control.ask(&Request::Wait {
+    let answer = control.ask(&Request::Wait {
         id: id.into(),
         exec_id: exec_id.into(),
-    })? {
+    })?;
+    exit_status(answer)
+}
+
+/// [`wait_status`] of container `id`'s process, its output `streams`
+/// copied meanwhile on this thread.
+fn wait_status_pumping(
+    control: &mut Control,
+    id: &str,
+    streams: &mut Vec<(std::os::unix::net::UnixStream, std::fs::File)>,
+) -> Result<i32, SandboxError> {
+    let wait = Request::Wait {
+        id: id.into(),
+        exec_id: String::new(),
+    };
+    exit_status(stdio::ask_pumping(control, &wait, streams)?)
+}
+
+fn exit_status(answer: Response) -> Result<i32, SandboxError> {
+    match answer {
         Response::Exited { status } => Ok(status),
         Response::Error { message } | Response::NotStarted { message, .. } => {
             Err(SandboxError::Refused(message))
@@ -50,7 +69,11 @@ fn wait_status(control: &mut Control, id: &str, exec_id: &str) -> Result<i32, Sa
 struct Held {
     sandbox: Sandbox,
     control: Control,
+    /// A terminal's copying threads.
     outputs: Outputs,
+    /// The process's stdout and stderr streams, copied on the monitor's
+    /// thread while it waits.
+    streams: Vec<(std::os::unix::net::UnixStream, std::fs::File)>,
 }
 
 /// How a monitor's container begins.
@@ -131,8 +154,9 @@ pub fn container(
         mut sandbox,
         mut control,
         outputs,
+        mut streams,
     } = held;
-    let waited = wait_status(&mut control, &id, "");
+    let waited = wait_status_pumping(&mut control, &id, &mut streams);
     phases.mark("exited");
     let mut error = None;
     let mut oom_kills = None;
@@ -146,6 +170,7 @@ pub fn container(
             // the container's, and `delete` ends what is left of it.
             record_stopped(root, &id, (status, None, None), false, false);
             phases.mark("stopped_recorded");
+            stdio::pump(streams);
             for output in outputs {
                 let _ = output.join();
             }
@@ -345,6 +370,7 @@ fn set_up(
     } else {
         Terminal::None
     };
+    let mut streams = Vec::new();
     let outputs = stdio::attach_stdio(
         &Agent::at(&dir),
         &id,
@@ -352,7 +378,7 @@ fn set_up(
         process.stdin_null,
         &terminal,
         stdio::resizer(dir.clone(), id.clone(), String::new()),
-        None,
+        Some(&mut streams),
     )
     .map_err(|e| e.to_string())?;
     // `run`: the process starts now, on this connection, and the state
@@ -385,6 +411,7 @@ fn set_up(
             sandbox,
             control,
             outputs,
+            streams,
         },
         not_started,
     ))

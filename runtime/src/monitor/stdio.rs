@@ -1,6 +1,6 @@
 //! The monitor's side of a process's stdio: pipes to the guest's streams
-//! (copied by threads, or polled on the monitor's own thread for a
-//! foreground exec), or one terminal: with `--console-socket` a host
+//! (polled on the monitor's own thread while it waits for the process, or
+//! copied by threads for a pod's member), or one terminal: with `--console-socket` a host
 //! pseudo-terminal whose master goes to that socket (SCM_RIGHTS, as runc
 //! does) and whose slave the monitor joins to the guest's terminal, else
 //! the monitor's own stdin/stdout (in raw mode when it is a terminal).
@@ -235,6 +235,50 @@ pub(super) fn receive_inline(control: &mut Control) -> Result<i32, SandboxError>
     }
 }
 
+/// Sends `request` on `control` and, on this thread, copies each of
+/// `streams` to its file while the answer is awaited (one `poll` on all
+/// of them); returns the answer. A stream that ends, or whose file takes
+/// no more, leaves `streams`.
+pub(super) fn ask_pumping(
+    control: &mut Control,
+    request: &Request,
+    streams: &mut Vec<(UnixStream, File)>,
+) -> Result<husk_protocol::Response, SandboxError> {
+    control.send(request)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if streams.is_empty() || control.answer_buffered() {
+            return control.answer();
+        }
+        let mut fds: Vec<PollFd> = std::iter::once(PollFd::new(&*control, PollFlags::IN))
+            .chain(streams.iter().map(|(s, _)| PollFd::new(s, PollFlags::IN)))
+            .collect();
+        match rustix::event::poll(&mut fds, None) {
+            Ok(_) | Err(Errno::INTR) => {}
+            Err(e) => return Err(SandboxError::Agent(std::io::Error::from(e).into())),
+        }
+        let ready: Vec<bool> = fds.iter().map(|fd| !fd.revents().is_empty()).collect();
+        drop(fds);
+        if ready[0] {
+            return control.answer();
+        }
+        let mut i = 1;
+        streams.retain_mut(|(stream, to)| {
+            let ready = ready[i];
+            i += 1;
+            !ready || copy_once(stream, to, &mut buf)
+        });
+    }
+}
+
+/// One read of `stream` written to `to`: whether both may go on.
+fn copy_once(stream: &mut UnixStream, to: &mut File, buf: &mut [u8]) -> bool {
+    match stream.read(buf) {
+        Ok(0) | Err(_) => false,
+        Ok(n) => to.write_all(&buf[..n]).is_ok(),
+    }
+}
+
 /// Copies each stream to its file until every one has ended, on this
 /// thread (poll).
 pub(super) fn pump(mut streams: Vec<(UnixStream, File)>) {
@@ -255,13 +299,7 @@ pub(super) fn pump(mut streams: Vec<(UnixStream, File)>) {
         streams.retain_mut(|(stream, to)| {
             let ready = ready[i];
             i += 1;
-            if !ready {
-                return true;
-            }
-            match stream.read(&mut buf) {
-                Ok(0) | Err(_) => false,
-                Ok(n) => to.write_all(&buf[..n]).is_ok(),
-            }
+            !ready || copy_once(stream, to, &mut buf)
         });
     }
 }
