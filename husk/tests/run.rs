@@ -793,10 +793,21 @@ fn signal_masks(pid: i32) -> (u64, u64) {
 /// its monitor and VMM inherited that, and the VMM the monitor's ignored
 /// ones, so a VMM did not end on SIGTERM. Neither blocks a stop signal;
 /// the VMM ignores none (the monitor ignores them by design: only
-/// `delete --force` ends it early).
+/// `delete --force` ends it early). And the foreground `run` forwards
+/// SIGTERM to the container's process (taken from a signalfd while it
+/// waits for its monitor): the process's trap runs, and its status is
+/// `run`'s.
 #[test]
 fn the_monitor_and_the_vmm_neither_block_nor_ignore_stop_signals() {
-    let b = Bundle::new("masks", &["sh", "-c", "echo up; sleep 30"], |_| {});
+    let b = Bundle::new(
+        "masks",
+        &[
+            "sh",
+            "-c",
+            "trap 'echo got TERM; exit 7' TERM; echo up; while :; do sleep 1; done",
+        ],
+        |_| {},
+    );
     let name = id("masks");
     let mut child = run_command(&b.0, &name)
         .stdout(Stdio::piped())
@@ -822,15 +833,28 @@ fn the_monitor_and_the_vmm_neither_block_nor_ignore_stop_signals() {
         let (_, ignored) = signal_masks(vmms[0]);
         assert_eq!(ignored & stop, 0, "the VMM ignores {ignored:#x}");
     });
-    let _ = Command::new(HUSK)
-        .arg("--root")
-        .arg(root())
-        .args(["kill", &name, "KILL"])
-        .output();
-    let _ = output_within(child, Duration::from_secs(60), "husk run");
+    husk_test_support::kill(child.id(), Signal::TERM);
+    let out = output_within(child, Duration::from_secs(60), "husk run");
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut stdout, &mut rest);
+    if out.status.code() != Some(7) {
+        for cmd in [&["kill", &name, "KILL"][..], &["delete", "--force", &name]] {
+            let _ = Command::new(HUSK)
+                .arg("--root")
+                .arg(root())
+                .args(cmd)
+                .output();
+        }
+    }
     if let Err(e) = result {
         std::panic::resume_unwind(e);
     }
+    assert_eq!(
+        (out.status.code(), rest.as_str()),
+        (Some(7), "got TERM\n"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 /// Issue 14: a test killed by nextest's timeout left its containers' VMMs

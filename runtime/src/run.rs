@@ -20,7 +20,7 @@ const FORWARDED: [libc::c_int; 6] = [
 /// `run`: create and start; in the foreground, wait and delete. Returns
 /// the container's exit status (0 when detached).
 pub fn run(o: &CreateOptions) -> Result<i32, LifecycleError> {
-    // Forwarded signals are taken by a thread, not delivered: blocked
+    // Forwarded signals are taken while waiting, not delivered: blocked
     // before any thread exists (the monitor unblocks nothing it inherits:
     // it is exec'd with the mask reset below).
     let set = SignalSet::of(&FORWARDED);
@@ -45,13 +45,10 @@ pub fn run(o: &CreateOptions) -> Result<i32, LifecycleError> {
     }
     steps.push(("container_started", crate::timings::cpu_us()));
     let (root, id) = (o.root.to_owned(), o.id.to_owned());
-    std::thread::spawn(move || {
-        while let Some(sig) = set.wait() {
+    let status = set
+        .wait_child(&mut monitor, move |sig| {
             let _ = container::kill(&root, &id, sig, false);
-        }
-    });
-    let status = monitor
-        .wait()
+        })
         .map(|s| s.code().unwrap_or(128 + libc::SIGKILL))
         .unwrap_or(128 + libc::SIGKILL);
     steps.push(("waited", crate::timings::cpu_us()));

@@ -1,6 +1,6 @@
 //! Signals a thread takes instead of having them delivered: a foreground
 //! `husk run` blocks the ones it forwards before it starts any thread,
-//! and one thread waits for them (sigwait). No crate husk uses wraps
+//! and takes them from a signalfd while it waits for its child. No crate husk uses wraps
 //! signal masks safely.
 
 /// A set of signals.
@@ -35,6 +35,64 @@ impl SignalSet {
         let mut sig = 0;
         // SAFETY: sigwait reads the initialised set and writes a live int.
         (unsafe { libc::sigwait(&self.0, &mut sig) } == 0).then_some(sig)
+    }
+
+    /// Waits for `child` to end, on the calling thread, handing each of
+    /// these signals (blocked) that arrives meanwhile to `forward`: one
+    /// `poll` on a signalfd and the child's pidfd, no thread. Where either
+    /// cannot be had (a kernel before 5.3), a thread takes the signals.
+    pub fn wait_child(
+        &self,
+        child: &mut std::process::Child,
+        forward: impl Fn(libc::c_int) + Send + Clone + 'static,
+    ) -> std::io::Result<std::process::ExitStatus> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        // SAFETY: signalfd reads the initialised set; -1 asks for a new
+        // descriptor, owned below.
+        let sfd = unsafe { libc::signalfd(-1, &self.0, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+        let pidfd = rustix::process::Pid::from_raw(child.id() as i32).and_then(|pid| {
+            rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+        });
+        let (sfd, pidfd) = match (sfd, pidfd) {
+            // SAFETY: `sfd` is a descriptor signalfd just returned.
+            (sfd, Some(pidfd)) if sfd >= 0 => (unsafe { OwnedFd::from_raw_fd(sfd) }, pidfd),
+            (sfd, _) => {
+                if sfd >= 0 {
+                    // SAFETY: closes the descriptor signalfd just returned.
+                    unsafe { libc::close(sfd) };
+                }
+                let set = *self;
+                std::thread::spawn(move || {
+                    while let Some(sig) = set.wait() {
+                        forward(sig);
+                    }
+                });
+                return child.wait();
+            }
+        };
+        loop {
+            let mut fds = [
+                rustix::event::PollFd::new(&pidfd, rustix::event::PollFlags::IN),
+                rustix::event::PollFd::new(&sfd, rustix::event::PollFlags::IN),
+            ];
+            match rustix::event::poll(&mut fds, None) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+            if !fds[0].revents().is_empty() {
+                return child.wait();
+            }
+            // SAFETY: an all-zero signalfd_siginfo is a valid value.
+            let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+            let size = std::mem::size_of::<libc::signalfd_siginfo>();
+            // SAFETY: reads at most one record into `info`, which is that
+            // size.
+            while unsafe { libc::read(sfd.as_raw_fd(), (&raw mut info).cast(), size) }
+                == size as isize
+            {
+                forward(info.ssi_signo as libc::c_int);
+            }
+        }
     }
 }
 
