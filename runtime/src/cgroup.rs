@@ -276,6 +276,22 @@ pub fn enter(rel: &Path, bounds: &Bounds) -> Result<(), String> {
 /// Makes `rel` below `h`'s root, each new directory set up as its
 /// hierarchy needs.
 fn make(h: &Hierarchy, rel: &Path) -> Result<PathBuf, String> {
+    // A v1 VM cgroup's parent is there already but for the first VM (husk
+    // keeps its own): one `mkdir`, not one per level. A v2 parent's
+    // `subtree_control` is written on the way down each time (the host
+    // may not have delegated the controllers yet), so v2 walks.
+    if !h.v2 {
+        let leaf = h.root.join(rel);
+        let made = match std::fs::create_dir(&leaf) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(format!("create cgroup {}: {e}", leaf.display())),
+        };
+        if made && (!h.cpuset || cpuset_filled(h, &leaf)?) {
+            return Ok(leaf);
+        }
+    }
     let mut dir = h.root.clone();
     for part in rel.components() {
         if h.v2 {
@@ -295,7 +311,9 @@ fn make(h: &Hierarchy, rel: &Path) -> Result<PathBuf, String> {
         }
         // A v1 cpuset cgroup starts with no CPUs or memory nodes, and
         // nothing can join it so: each one on the way down that has none
-        // gets its parent's, as runc does.
+        // gets its parent's, as runc does. Its children take them at
+        // birth (`cgroup.clone_children`), so the next VM's needs no
+        // copy.
         if h.cpuset {
             for file in ["cpuset.cpus", "cpuset.mems"] {
                 let read = |d: &Path| {
@@ -306,9 +324,41 @@ fn make(h: &Hierarchy, rel: &Path) -> Result<PathBuf, String> {
                     write(&dir.join(file), read(&parent)?.trim())?;
                 }
             }
+            clone_cpuset(h, &dir);
         }
     }
     Ok(dir)
+}
+
+/// Whether the new v1 cpuset cgroup `leaf` has CPUs and memory nodes:
+/// its own (its parent's cloned), or its parent's copied now. `false`
+/// where the parent has none either (the walk down fills them in).
+fn cpuset_filled(h: &Hierarchy, leaf: &Path) -> Result<bool, String> {
+    let parent = leaf.parent().unwrap_or(leaf);
+    for file in ["cpuset.cpus", "cpuset.mems"] {
+        let read = |d: &Path| {
+            std::fs::read_to_string(d.join(file))
+                .map_err(|e| format!("read {}: {e}", d.join(file).display()))
+        };
+        if read(leaf)?.trim().is_empty() {
+            let theirs = read(parent)?;
+            if theirs.trim().is_empty() {
+                return Ok(false);
+            }
+            write(&leaf.join(file), theirs.trim())?;
+            clone_cpuset(h, parent);
+        }
+    }
+    Ok(true)
+}
+
+/// Has husk's own v1 cpuset parent ([`DEFAULT_PARENT`]) give its CPUs and
+/// memory nodes to each new child (`cgroup.clone_children`); any other
+/// cgroup is left as its owner set it.
+fn clone_cpuset(h: &Hierarchy, dir: &Path) {
+    if h.cpuset && dir == h.root.join(DEFAULT_PARENT) {
+        let _ = std::fs::write(dir.join("cgroup.clone_children"), "1");
+    }
 }
 
 fn write(path: &Path, value: &str) -> Result<(), String> {
