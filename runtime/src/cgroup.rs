@@ -81,6 +81,29 @@ impl Hierarchy {
     }
 }
 
+/// The v1 controllers whose hierarchies hold a VM's cgroup: those its
+/// bounds are written to, and those the host's accounting reads (cAdvisor
+/// and kubelet read cpuacct and blkio). The others are left alone:
+/// `devices` (the VMM's device access is its jail's; the spec's device
+/// rules apply in the guest), `freezer` (husk pauses a VM itself),
+/// `net_cls`, `net_prio`, `perf_event`, `hugetlb`, `rdma`, `misc`, and
+/// named hierarchies such as `name=systemd` (husk registers no unit).
+/// Each hierarchy joined costs a `mkdir`, a `cgroup.procs` write and a
+/// `rmdir` per container (docs/runtime.md).
+const JOINED_V1: [&str; 6] = ["cpu", "cpuacct", "cpuset", "memory", "pids", "blkio"];
+
+impl Hierarchy {
+    /// Whether a VM's cgroup is made here: v2, or a v1 hierarchy with one
+    /// of [`JOINED_V1`].
+    fn joined(&self) -> bool {
+        self.v2
+            || self
+                .controllers
+                .iter()
+                .any(|c| JOINED_V1.contains(&c.as_str()))
+    }
+}
+
 /// Every hierarchy mounted under /sys/fs/cgroup: v1 controllers and v2.
 fn hierarchies() -> Vec<Hierarchy> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
@@ -240,7 +263,7 @@ impl Bounds {
 /// moves this process into it, so that what it starts after (the VMM) is
 /// born in it. An error names the file; the caller then `leave`s.
 pub fn enter(rel: &Path, bounds: &Bounds) -> Result<(), String> {
-    for h in hierarchies() {
+    for h in hierarchies().into_iter().filter(Hierarchy::joined) {
         let dir = make(&h, rel)?;
         for (file, value) in bounds.files(h.v2) {
             let path = dir.join(file);
@@ -368,7 +391,7 @@ fn write(path: &Path, value: &str) -> Result<(), String> {
 /// Moves this process back to each hierarchy's root and removes `rel`:
 /// for a set-up that failed after `enter`.
 pub fn leave(rel: &Path) {
-    for h in hierarchies() {
+    for h in hierarchies().into_iter().filter(Hierarchy::joined) {
         let _ = std::fs::write(h.root.join("cgroup.procs"), std::process::id().to_string());
     }
     remove(rel);
@@ -407,6 +430,40 @@ pub fn remove(rel: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A VM's cgroup goes in v2 and in the v1 hierarchies of the
+    /// controllers husk bounds or the host accounts with, not in the
+    /// others or a named one.
+    #[test]
+    fn the_hierarchies_joined_are_the_bounding_and_accounting_ones() {
+        let h = |v2: bool, opts: &str| Hierarchy {
+            root: PathBuf::from("/sys/fs/cgroup/x"),
+            v2,
+            cpuset: false,
+            controllers: opts.split(',').map(str::to_owned).collect(),
+        };
+        for opts in [
+            "rw,cpu,cpuacct",
+            "rw,cpuacct",
+            "rw,memory",
+            "rw,pids",
+            "rw,cpuset",
+            "rw,blkio",
+        ] {
+            assert!(h(false, opts).joined(), "{opts}");
+        }
+        for opts in [
+            "rw,devices",
+            "rw,freezer",
+            "rw,net_cls,net_prio",
+            "rw,perf_event",
+            "rw,hugetlb",
+            "rw,xattr,name=systemd",
+        ] {
+            assert!(!h(false, opts).joined(), "{opts}");
+        }
+        assert!(h(true, "rw,nsdelegate").joined());
+    }
 
     #[test]
     fn cgroup_paths_are_checked_and_systemd_paths_converted() {
