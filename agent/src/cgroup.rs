@@ -114,6 +114,14 @@ fn read_number(dir: &std::path::Path, file: &str, key: Option<&str>) -> u64 {
     }
 }
 
+/// The OOM kills in a container's cgroup (`memory.events`); `None` where
+/// it has none.
+pub fn oom_kills(id: &str) -> Option<u64> {
+    let dir = dir(id);
+    dir.is_dir()
+        .then(|| read_number(&dir, "memory.events", Some("oom_kill ")))
+}
+
 /// A container's resource usage and OOM kills, from its cgroup.
 pub fn stats(id: &str) -> Result<Stats, String> {
     let dir = dir(id);

@@ -256,7 +256,10 @@ impl Processes {
                 if !exec_id.is_empty() {
                     self.finish(key(id, exec_id));
                 }
-                return Response::Exited { status };
+                return Response::Exited {
+                    status,
+                    oom_kills: None,
+                };
             }
             exits = self.exited.wait(exits).unwrap();
         }
@@ -393,7 +396,13 @@ mod tests {
         // Its own exit, reaped at tick 9, counts.
         table.exits.lock().unwrap().insert(42, (7, 9));
         assert_eq!(table.running_pid(&k), None);
-        assert_eq!(table.wait("c", "e2"), Response::Exited { status: 7 });
+        assert_eq!(
+            table.wait("c", "e2"),
+            Response::Exited {
+                status: 7,
+                oom_kills: None
+            }
+        );
         assert!(matches!(table.wait("c", "none"), Response::Error { .. }));
         // One that could not start is reported with its status.
         table.procs.lock().unwrap().insert(
@@ -403,7 +412,13 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert_eq!(table.wait("c", "bad"), Response::Exited { status: 127 });
+        assert_eq!(
+            table.wait("c", "bad"),
+            Response::Exited {
+                status: 127,
+                oom_kills: None
+            }
+        );
         assert_eq!(table.running_pid(&key("c", "bad")), None);
     }
 
@@ -420,9 +435,21 @@ mod tests {
                     ..Default::default()
                 },
             );
-            assert_eq!(table.wait("c", &exec), Response::Exited { status: 0 });
+            assert_eq!(
+                table.wait("c", &exec),
+                Response::Exited {
+                    status: 0,
+                    oom_kills: None
+                }
+            );
             // Asked again (a lost answer): still there.
-            assert_eq!(table.wait("c", &exec), Response::Exited { status: 0 });
+            assert_eq!(
+                table.wait("c", &exec),
+                Response::Exited {
+                    status: 0,
+                    oom_kills: None
+                }
+            );
         }
         // The container's own process is never dropped.
         table.procs.lock().unwrap().insert(
@@ -432,7 +459,13 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert_eq!(table.wait("c", ""), Response::Exited { status: 1 });
+        assert_eq!(
+            table.wait("c", ""),
+            Response::Exited {
+                status: 1,
+                oom_kills: None
+            }
+        );
         let procs = table.procs.lock().unwrap();
         assert_eq!(procs.len(), FINISHED_KEPT + 1);
         assert!(procs.contains_key(&key("c", &format!("probe-{}", n - 1))));

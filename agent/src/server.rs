@@ -466,7 +466,15 @@ impl Agent {
                 process,
                 inline_output: _,
             } => self.exec(&id, &exec_id, process),
-            Request::Wait { id, exec_id } => self.processes.wait(&id, &exec_id),
+            Request::Wait { id, exec_id } => match self.processes.wait(&id, &exec_id) {
+                // A container's own process: its OOM kills come with its
+                // end (no `Stats` round trip after it).
+                Response::Exited { status, .. } if exec_id.is_empty() => Response::Exited {
+                    status,
+                    oom_kills: cgroup::oom_kills(&id),
+                },
+                other => other,
+            },
             Request::Signal {
                 id,
                 exec_id,

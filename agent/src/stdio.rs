@@ -183,7 +183,7 @@ pub(crate) fn send_inline(conn: &File, processes: &Processes, id: &str, exec_id:
         }
     }
     let status = match processes.wait(id, exec_id) {
-        Response::Exited { status } => status,
+        Response::Exited { status, .. } => status,
         _ => 128 + libc::SIGKILL,
     };
     write_output(&mut &*conn, &Output::Exited(status)).is_ok()

@@ -773,7 +773,10 @@ fn host_frames(seeds: &mut Seeds) {
     let mut b = frame(&hello).unwrap();
     for r in [
         Response::Ok,
-        Response::Exited { status: 137 },
+        Response::Exited {
+            status: 137,
+            oom_kills: None,
+        },
         Response::Stats(Stats {
             cpu_ns: 1,
             memory_bytes: 2,

@@ -502,6 +502,11 @@ pub enum Response {
     Exited {
         /// Exit status as a shell reports it.
         status: i32,
+        /// A container's own process (a `Wait` with no exec ID): the OOM
+        /// kills in its cgroup, so that its monitor need not ask for
+        /// `Stats` after the end. An older agent sends none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        oom_kills: Option<u64>,
     },
     /// Resource usage.
     Stats(Stats),
@@ -711,7 +716,14 @@ mod tests {
         }
         for resp in [
             Response::Ok,
-            Response::Exited { status: 137 },
+            Response::Exited {
+                status: 137,
+                oom_kills: None,
+            },
+            Response::Exited {
+                status: 0,
+                oom_kills: Some(2),
+            },
             Response::Pids { pids: vec![1, 7] },
             Response::Stats(Stats {
                 cpu_ns: 1,

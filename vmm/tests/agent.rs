@@ -194,7 +194,13 @@ fn a_warm_started_agent_runs_a_process_and_reports_its_output_and_status() {
         id: String::new(),
         exec_id: exec_id.into(),
     };
-    assert_eq!(ask(wait("e1")), Response::Exited { status: 7 });
+    assert_eq!(
+        ask(wait("e1")),
+        Response::Exited {
+            status: 7,
+            oom_kills: None
+        }
+    );
 
     // Inline output: a process with no input and no terminal has its
     // output, in order, and then its status on the control connection;
@@ -241,7 +247,13 @@ fn a_warm_started_agent_runs_a_process_and_reports_its_output_and_status() {
         }),
         Response::Ok
     );
-    assert_eq!(ask(wait("not-inline")), Response::Exited { status: 0 });
+    assert_eq!(
+        ask(wait("not-inline")),
+        Response::Exited {
+            status: 0,
+            oom_kills: None
+        }
+    );
 
     // A process killed by SIGKILL: 128 + 9.
     assert_eq!(
@@ -257,7 +269,13 @@ fn a_warm_started_agent_runs_a_process_and_reports_its_output_and_status() {
         }),
         Response::Ok
     );
-    assert_eq!(ask(wait("e2")), Response::Exited { status: 137 });
+    assert_eq!(
+        ask(wait("e2")),
+        Response::Exited {
+            status: 137,
+            oom_kills: None
+        }
+    );
 
     // A program that does not exist is refused by name, with the status
     // a shell gives it.
@@ -429,7 +447,10 @@ fn a_warm_started_agent_configures_the_network_the_host_describes() {
             id: String::new(),
             exec_id: "net".into(),
         }),
-        Response::Exited { status: 0 },
+        Response::Exited {
+            status: 0,
+            oom_kills: None
+        },
         "{out}{err}"
     );
     // MAC, MTU, lo up (IFF_UP | IFF_LOOPBACK), the interfaces, the

@@ -36,16 +36,17 @@ fn wait_status(control: &mut Control, id: &str, exec_id: &str) -> Result<i32, Sa
         id: id.into(),
         exec_id: exec_id.into(),
     })?;
-    exit_status(answer)
+    exit_status(answer).map(|(status, _)| status)
 }
 
 /// [`wait_status`] of container `id`'s process, its output `streams`
-/// copied meanwhile on this thread.
+/// copied meanwhile on this thread; with its OOM kills where the agent
+/// sends them.
 fn wait_status_pumping(
     control: &mut Control,
     id: &str,
     streams: &mut Vec<(std::os::unix::net::UnixStream, std::fs::File)>,
-) -> Result<i32, SandboxError> {
+) -> Result<(i32, Option<u64>), SandboxError> {
     let wait = Request::Wait {
         id: id.into(),
         exec_id: String::new(),
@@ -53,9 +54,9 @@ fn wait_status_pumping(
     exit_status(stdio::ask_pumping(control, &wait, streams)?)
 }
 
-fn exit_status(answer: Response) -> Result<i32, SandboxError> {
+fn exit_status(answer: Response) -> Result<(i32, Option<u64>), SandboxError> {
     match answer {
-        Response::Exited { status } => Ok(status),
+        Response::Exited { status, oom_kills } => Ok((status, oom_kills)),
         Response::Error { message } | Response::NotStarted { message, .. } => {
             Err(SandboxError::Refused(message))
         }
@@ -161,7 +162,7 @@ pub fn container(
     let mut error = None;
     let mut oom_kills = None;
     let status = match waited {
-        Ok(status) => {
+        Ok((status, sent_oom_kills)) => {
             // Stopped now, at the exit report, as runc says once it reaped
             // the process. The output still in flight from the guest and
             // the last figures are the monitor's to finish (`drained`,
@@ -174,8 +175,12 @@ pub fn container(
             for output in outputs {
                 let _ = output.join();
             }
-            // What the guest's OOM killer did, for `events` after the end.
-            if let Ok(Response::Stats(stats)) = control.ask(&Request::Stats { id: id.clone() }) {
+            // What the guest's OOM killer did, for `events` after the end
+            // (asked for where an older agent did not send it).
+            oom_kills = sent_oom_kills;
+            if oom_kills.is_none()
+                && let Ok(Response::Stats(stats)) = control.ask(&Request::Stats { id: id.clone() })
+            {
                 oom_kills = Some(stats.oom_kills);
             }
             let _ = std::io::stdout().flush();
