@@ -66,6 +66,11 @@ fn exit_status(answer: Response) -> Result<(i32, Option<u64>), SandboxError> {
     }
 }
 
+/// How long a container's output may take to end after its exit report
+/// for the stop and the drain to be recorded in one state write; output
+/// still coming then is recorded stopped first, drained later.
+const DRAIN_AT_ONCE: Duration = Duration::from_millis(20);
+
 /// What the monitor of a container holds once it is set up.
 struct Held {
     sandbox: Sandbox,
@@ -169,7 +174,15 @@ pub fn container(
             // which `delete` and `events` wait for); the VM's own shutdown
             // (seconds of guest work where kernel mode is emulated) is not
             // the container's, and `delete` ends what is left of it.
-            record_stopped(root, &id, (status, None, None), false, false);
+            // Output that ends at once with the process (the usual case,
+            // with the OOM kills sent along) is recorded with the stop in
+            // one state write.
+            let at_once = outputs.is_empty()
+                && sent_oom_kills.is_some()
+                && stdio::pump_within(&mut streams, DRAIN_AT_ONCE);
+            if !at_once {
+                record_stopped(root, &id, (status, None, None), false, false);
+            }
             phases.mark("stopped_recorded");
             stdio::pump(streams);
             for output in outputs {

@@ -279,6 +279,37 @@ fn copy_once(stream: &mut UnixStream, to: &mut File, buf: &mut [u8]) -> bool {
     }
 }
 
+/// [`pump`] for at most `limit`: whether every stream ended (those that
+/// did leave `streams`).
+pub(super) fn pump_within(streams: &mut Vec<(UnixStream, File)>, limit: Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    let mut buf = vec![0u8; 64 * 1024];
+    while !streams.is_empty() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let Ok(left) = rustix::time::Timespec::try_from(left) else {
+            return false;
+        };
+        let mut fds: Vec<PollFd> = streams
+            .iter()
+            .map(|(s, _)| PollFd::new(s, PollFlags::IN))
+            .collect();
+        match rustix::event::poll(&mut fds, Some(&left)) {
+            Ok(0) => return false,
+            Ok(_) | Err(Errno::INTR) => {}
+            Err(_) => return false,
+        }
+        let ready: Vec<bool> = fds.iter().map(|fd| !fd.revents().is_empty()).collect();
+        drop(fds);
+        let mut i = 0;
+        streams.retain_mut(|(stream, to)| {
+            let ready = ready[i];
+            i += 1;
+            !ready || copy_once(stream, to, &mut buf)
+        });
+    }
+    true
+}
+
 /// Copies each stream to its file until every one has ended, on this
 /// thread (poll).
 pub(super) fn pump(mut streams: Vec<(UnixStream, File)>) {
