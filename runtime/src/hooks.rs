@@ -86,6 +86,13 @@ pub fn run(spec: &Spec, point: Point, state: &str) -> Result<(), String> {
     run_these(spec.hooks().as_ref(), point, state)
 }
 
+/// Whether the spec has any hook at `point`.
+pub fn any(spec: &Spec, point: Point) -> bool {
+    spec.hooks()
+        .as_ref()
+        .is_some_and(|hooks| !hooks_at(hooks, point).is_empty())
+}
+
 /// [`run`] with the spec's hooks as recorded at `create` (the state's:
 /// runc runs those, whatever the bundle holds by then).
 pub fn run_these(

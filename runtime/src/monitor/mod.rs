@@ -371,10 +371,15 @@ fn set_up(
         oci["pid"] = std::process::id().into();
         crate::hooks::run(&bundle.spec, crate::hooks::Point::Create, &oci.to_string())?;
         // What the hooks put in the container's new namespace (docker's
-        // veth) goes to the guest now.
+        // veth) goes to the guest now. Without hooks nothing can be there
+        // yet (its PID is nobody's but this process's), and `start` looks
+        // anyway.
         if new_netns {
             let pid = std::process::id();
-            let late = crate::network::into_vm(&dir, &mut control, pid, NEW_NAMESPACE_SLOTS)?;
+            let late = match crate::hooks::any(&bundle.spec, crate::hooks::Point::Create) {
+                true => crate::network::into_vm(&dir, &mut control, pid, NEW_NAMESPACE_SLOTS)?,
+                false => None,
+            };
             unmirror.0.clone_from(&late);
             // Nothing there yet: `start` looks again (`ctr run --cni`).
             state.network = Some(late.unwrap_or_else(|| crate::state::NetworkState {
