@@ -217,6 +217,9 @@ pub struct Sandbox {
     /// Held while the VMM is to live: its end tells a VMM that started
     /// after this process died to end (`husk_sys::child::spawn_vmm`).
     _starter: std::os::fd::OwnedFd,
+    /// Where the VMM tells that its sockets are bound
+    /// (`husk_sys::child::ready_pipe`), until [`Sandbox::control`] waited.
+    ready: Option<std::os::fd::OwnedFd>,
     socket: PathBuf,
     stderr_log: PathBuf,
 }
@@ -356,12 +359,15 @@ impl Sandbox {
         // monitor): no VM outlives the husk process responsible for it.
         // It starts with no signal blocked or ignored (SIGTERM ends it),
         // as PID 1 of a PID namespace of its own.
+        let (ready, ready_end) = husk_sys::child::ready_pipe(&mut cmd)
+            .map_err(|e| SandboxError::Spawn(bins.vmm.clone(), e))?;
         let (vmm, starter) = husk_sys::child::spawn_vmm(&mut cmd)
             .map_err(|e| SandboxError::Spawn(bins.vmm.clone(), e))?;
-        drop(inherited);
+        drop((inherited, ready_end));
         Ok(Self {
             vmm: Some(vmm),
             _starter: starter,
+            ready: Some(ready),
             socket,
             stderr_log,
         })
@@ -415,6 +421,11 @@ impl Sandbox {
             socket: self.socket.clone(),
         };
         let deadline = Instant::now() + Duration::from_secs(60);
+        // The VMM says when its socket is bound: one connect then, not a
+        // try every 2 ms. One that ends first is found below.
+        if let (Some(ready), Some(vmm)) = (self.ready.take(), &self.vmm) {
+            husk_sys::child::wait_ready(vmm, &ready, Duration::from_secs(60));
+        }
         loop {
             match agent.control() {
                 Ok(control) => return Ok(control),

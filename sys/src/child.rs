@@ -11,7 +11,7 @@
 //! What runs between fork and exec: async-signal-safe calls only, no
 //! allocation.
 
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 
@@ -146,6 +146,73 @@ pub fn adopt_starter(fd: RawFd) {
     }
     // SAFETY: the descriptor was handed to this process for this alone.
     unsafe { libc::close(fd) };
+}
+
+/// The flag [`ready_pipe`] adds to a VMM's command: the descriptor of the
+/// pipe's write end, on which it [`tell_ready`]s.
+pub const READY_FD_FLAG: &str = "--ready-fd";
+
+/// A pipe on which the program `cmd` will start tells that it is ready
+/// (its sockets bound): its write end is the child's (not close-on-exec,
+/// named after [`READY_FD_FLAG`]; the caller drops it once `cmd` is
+/// spawned); the returned read end is the caller's, for [`wait_ready`].
+/// For a spawn with no other thread starting programs meanwhile (the
+/// write end is inheritable until it is dropped).
+pub fn ready_pipe(cmd: &mut Command) -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    rustix::io::fcntl_setfd(&write, rustix::io::FdFlags::empty())?;
+    cmd.arg(READY_FD_FLAG).arg(write.as_raw_fd().to_string());
+    Ok((read, write))
+}
+
+/// The child's side of [`ready_pipe`]: one byte written, the descriptor
+/// closed.
+pub fn tell_ready(fd: RawFd) {
+    // SAFETY: writes one byte from a live buffer to `fd`, then closes the
+    // descriptor, which this process owns (its starter's pipe) and nothing
+    // else here uses.
+    unsafe {
+        libc::write(fd, b"r".as_ptr().cast(), 1);
+        libc::close(fd);
+    }
+}
+
+/// Waits up to `timeout` for `child` to tell it is ready on `ready`
+/// ([`ready_pipe`]'s read end): `true` once it did; `false` where it ended
+/// (or closed the pipe) without, or the time ran out.
+pub fn wait_ready(child: &Child, ready: &OwnedFd, timeout: std::time::Duration) -> bool {
+    let pidfd = rustix::process::Pid::from_raw(child.id() as i32).and_then(|pid| {
+        rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+    });
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let Ok(left) = rustix::time::Timespec::try_from(left) else {
+            return false;
+        };
+        let mut fds = vec![rustix::event::PollFd::new(
+            ready,
+            rustix::event::PollFlags::IN,
+        )];
+        if let Some(pidfd) = &pidfd {
+            fds.push(rustix::event::PollFd::new(
+                pidfd,
+                rustix::event::PollFlags::IN,
+            ));
+        }
+        match rustix::event::poll(&mut fds, Some(&left)) {
+            Ok(0) => return false,
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => return false,
+        }
+        if !fds[0].revents().is_empty() {
+            let mut byte = [0u8; 1];
+            return matches!(rustix::io::read(ready, &mut byte), Ok(1));
+        }
+        // The child ended before it was ready.
+        return false;
+    }
 }
 
 /// Waits up to `timeout` for `child` to end: its status, or `None` where
@@ -325,5 +392,39 @@ mod tests {
         let waited = wait_timeout(&mut quick, std::time::Duration::from_secs(30)).unwrap();
         assert_eq!(waited.unwrap().code(), Some(3));
         assert!(start.elapsed() < std::time::Duration::from_secs(10));
+    }
+
+    /// A child that writes on its ready pipe is seen ready; one that ends
+    /// without is not, at once; one that lives on without is not, at the
+    /// limit.
+    #[test]
+    fn wait_ready_sees_the_byte_the_end_or_the_limit() {
+        let spawn = |script: &str| {
+            let mut cmd = Command::new("sh");
+            cmd.args(["-c", script, "sh"]);
+            let (ready, theirs) = ready_pipe(&mut cmd).unwrap();
+            let child = cmd.spawn().unwrap();
+            drop(theirs);
+            (child, ready)
+        };
+        let limit = std::time::Duration::from_secs(30);
+        let (mut child, ready) = spawn("sleep 0.2; printf r >&\"$2\"; sleep 0.2");
+        assert!(wait_ready(&child, &ready, limit));
+        child.wait().unwrap();
+        let (mut child, ready) = spawn("exit 3");
+        let start = std::time::Instant::now();
+        assert!(!wait_ready(&child, &ready, limit));
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+        child.wait().unwrap();
+        let (mut child, ready) = spawn("exec sleep 30");
+        let start = std::time::Instant::now();
+        assert!(!wait_ready(
+            &child,
+            &ready,
+            std::time::Duration::from_millis(300)
+        ));
+        assert!(start.elapsed() >= std::time::Duration::from_millis(300));
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 }

@@ -87,6 +87,11 @@ struct Args {
     /// state and dies with the thread that spawned it.
     #[arg(long, value_name = "FD", hide = true)]
     starter_pipe: Option<i32>,
+    /// The write end of a pipe (inherited) on which the VMM writes one
+    /// byte once its sockets are bound, then closes it: its starter
+    /// connects then, instead of trying until the socket is there.
+    #[arg(long, value_name = "FD", hide = true)]
+    ready_fd: Option<i32>,
     /// Keep the network namespace this process starts in instead of
     /// making an empty one: its starter made that namespace for this VM's
     /// container alone (husk's monitor, for a spec that asks for a new
@@ -212,7 +217,12 @@ fn main() -> ExitCode {
     );
     // Still one thread: close what was inherited, set the rlimits, leave
     // the host's IPC, UTS and network namespaces (confine::process).
-    let taps: Vec<i32> = args.taps.iter().map(|&(_, fd)| fd).collect();
+    let taps: Vec<i32> = args
+        .taps
+        .iter()
+        .map(|&(_, fd)| fd)
+        .chain(args.ready_fd)
+        .collect();
     let max_file_size = husk_vmm::confine::MAX_FILE_SIZE.max(args.memory << 20);
     if let Err(e) = husk_vmm::confine::process(&taps, max_file_size, args.container_netns) {
         eprintln!("husk-vmm: cannot confine the process: {e}");
@@ -323,6 +333,10 @@ fn main() -> ExitCode {
         }
         eprintln!("husk-vmm: {}", error_chain(&e));
         return ExitCode::from(EXIT_SETUP);
+    }
+    // Its sockets are bound: its starter may connect now.
+    if let Some(fd) = args.ready_fd {
+        husk_sys::child::tell_ready(fd);
     }
     let (result, times) = vm.run();
     for path in &sockets {
