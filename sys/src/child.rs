@@ -177,41 +177,37 @@ pub fn tell_ready(fd: RawFd) {
     }
 }
 
+/// A pidfd of `child`, readable once it has ended; `None` on a kernel
+/// without pidfds (before 5.3).
+pub fn pidfd(child: &Child) -> Option<OwnedFd> {
+    let pid = rustix::process::Pid::from_raw(child.id() as i32)?;
+    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+}
+
 /// Waits up to `timeout` for `child` to tell it is ready on `ready`
 /// ([`ready_pipe`]'s read end): `true` once it did; `false` where it ended
 /// (or closed the pipe) without, or the time ran out.
 pub fn wait_ready(child: &Child, ready: &OwnedFd, timeout: std::time::Duration) -> bool {
-    let pidfd = rustix::process::Pid::from_raw(child.id() as i32).and_then(|pid| {
-        rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
-    });
+    let pidfd = pidfd(child);
     let deadline = std::time::Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         let Ok(left) = rustix::time::Timespec::try_from(left) else {
             return false;
         };
-        let mut fds = vec![rustix::event::PollFd::new(
-            ready,
-            rustix::event::PollFlags::IN,
-        )];
-        if let Some(pidfd) = &pidfd {
-            fds.push(rustix::event::PollFd::new(
-                pidfd,
-                rustix::event::PollFlags::IN,
-            ));
-        }
+        let mut fds: Vec<_> = std::iter::once(ready)
+            .chain(&pidfd)
+            .map(|fd| rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN))
+            .collect();
         match rustix::event::poll(&mut fds, Some(&left)) {
-            Ok(0) => return false,
-            Ok(_) => {}
             Err(rustix::io::Errno::INTR) => continue,
-            Err(_) => return false,
+            Ok(n) if n > 0 && !fds[0].revents().is_empty() => {
+                let mut byte = [0u8; 1];
+                return matches!(rustix::io::read(ready, &mut byte), Ok(1));
+            }
+            // The time ran out, the child ended first, or poll failed.
+            _ => return false,
         }
-        if !fds[0].revents().is_empty() {
-            let mut byte = [0u8; 1];
-            return matches!(rustix::io::read(ready, &mut byte), Ok(1));
-        }
-        // The child ended before it was ready.
-        return false;
     }
 }
 
@@ -227,9 +223,7 @@ pub fn wait_timeout(
         return Ok(Some(status));
     }
     let deadline = std::time::Instant::now() + timeout;
-    let pidfd = rustix::process::Pid::from_raw(child.id() as i32).and_then(|pid| {
-        rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
-    });
+    let pidfd = pidfd(child);
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         match &pidfd {

@@ -50,9 +50,7 @@ impl SignalSet {
         // SAFETY: signalfd reads the initialised set; -1 asks for a new
         // descriptor, owned below.
         let sfd = unsafe { libc::signalfd(-1, &self.0, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
-        let pidfd = rustix::process::Pid::from_raw(child.id() as i32).and_then(|pid| {
-            rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
-        });
+        let pidfd = crate::child::pidfd(child);
         let (sfd, pidfd) = match (sfd, pidfd) {
             // SAFETY: `sfd` is a descriptor signalfd just returned.
             (sfd, Some(pidfd)) if sfd >= 0 => (unsafe { OwnedFd::from_raw_fd(sfd) }, pidfd),

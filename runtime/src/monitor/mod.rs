@@ -179,7 +179,7 @@ pub fn container(
             // one state write.
             let at_once = outputs.is_empty()
                 && sent_oom_kills.is_some()
-                && stdio::pump_within(&mut streams, DRAIN_AT_ONCE);
+                && stdio::pump_within(&mut streams, Some(DRAIN_AT_ONCE));
             if !at_once {
                 record_stopped(root, &id, (status, None, None), false, false);
             }

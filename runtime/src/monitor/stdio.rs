@@ -250,25 +250,43 @@ pub(super) fn ask_pumping(
         if streams.is_empty() || control.answer_buffered() {
             return control.answer();
         }
-        let mut fds: Vec<PollFd> = std::iter::once(PollFd::new(&*control, PollFlags::IN))
-            .chain(streams.iter().map(|(s, _)| PollFd::new(s, PollFlags::IN)))
-            .collect();
-        match rustix::event::poll(&mut fds, None) {
+        match poll_copy(streams, Some(&*control), None, &mut buf) {
+            Ok(Some(true)) => return control.answer(),
             Ok(_) | Err(Errno::INTR) => {}
             Err(e) => return Err(SandboxError::Agent(std::io::Error::from(e).into())),
         }
-        let ready: Vec<bool> = fds.iter().map(|fd| !fd.revents().is_empty()).collect();
-        drop(fds);
-        if ready[0] {
-            return control.answer();
-        }
-        let mut i = 1;
-        streams.retain_mut(|(stream, to)| {
-            let ready = ready[i];
-            i += 1;
-            !ready || copy_once(stream, to, &mut buf)
-        });
     }
+}
+
+/// One `poll` over `streams` (and `control` first, where given) for at
+/// most `timeout`; one read of each ready stream is written to its file,
+/// and a stream that ended (or whose file takes no more) leaves
+/// `streams`. `Some(whether control is ready)`, or `None` where the time
+/// ran out.
+fn poll_copy(
+    streams: &mut Vec<(UnixStream, File)>,
+    control: Option<&Control>,
+    timeout: Option<&rustix::time::Timespec>,
+    buf: &mut [u8],
+) -> Result<Option<bool>, Errno> {
+    let first = usize::from(control.is_some());
+    let mut fds: Vec<PollFd> = control
+        .map(|c| PollFd::new(c, PollFlags::IN))
+        .into_iter()
+        .chain(streams.iter().map(|(s, _)| PollFd::new(s, PollFlags::IN)))
+        .collect();
+    if rustix::event::poll(&mut fds, timeout)? == 0 {
+        return Ok(None);
+    }
+    let ready: Vec<bool> = fds.iter().map(|fd| !fd.revents().is_empty()).collect();
+    drop(fds);
+    let mut i = first;
+    streams.retain_mut(|(stream, to)| {
+        let ready = ready[i];
+        i += 1;
+        !ready || copy_once(stream, to, buf)
+    });
+    Ok(Some(first == 1 && ready[0]))
 }
 
 /// One read of `stream` written to `to`: whether both may go on.
@@ -279,33 +297,27 @@ fn copy_once(stream: &mut UnixStream, to: &mut File, buf: &mut [u8]) -> bool {
     }
 }
 
-/// [`pump`] for at most `limit`: whether every stream ended (those that
-/// did leave `streams`).
-pub(super) fn pump_within(streams: &mut Vec<(UnixStream, File)>, limit: Duration) -> bool {
-    let deadline = std::time::Instant::now() + limit;
+/// Copies each stream to its file, on this thread, until every one has
+/// ended (`true`: those that did leave `streams`) or `limit` (if any) ran
+/// out (`false`).
+pub(super) fn pump_within(streams: &mut Vec<(UnixStream, File)>, limit: Option<Duration>) -> bool {
+    let deadline = limit.map(|l| std::time::Instant::now() + l);
     let mut buf = vec![0u8; 64 * 1024];
     while !streams.is_empty() {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let Ok(left) = rustix::time::Timespec::try_from(left) else {
+        let left = deadline
+            .map(|d| {
+                rustix::time::Timespec::try_from(
+                    d.saturating_duration_since(std::time::Instant::now()),
+                )
+            })
+            .transpose();
+        let Ok(left) = left else {
             return false;
         };
-        let mut fds: Vec<PollFd> = streams
-            .iter()
-            .map(|(s, _)| PollFd::new(s, PollFlags::IN))
-            .collect();
-        match rustix::event::poll(&mut fds, Some(&left)) {
-            Ok(0) => return false,
-            Ok(_) | Err(Errno::INTR) => {}
-            Err(_) => return false,
+        match poll_copy(streams, None, left.as_ref(), &mut buf) {
+            Ok(Some(_)) | Err(Errno::INTR) => {}
+            Ok(None) | Err(_) => return false,
         }
-        let ready: Vec<bool> = fds.iter().map(|fd| !fd.revents().is_empty()).collect();
-        drop(fds);
-        let mut i = 0;
-        streams.retain_mut(|(stream, to)| {
-            let ready = ready[i];
-            i += 1;
-            !ready || copy_once(stream, to, &mut buf)
-        });
     }
     true
 }
@@ -313,24 +325,48 @@ pub(super) fn pump_within(streams: &mut Vec<(UnixStream, File)>, limit: Duration
 /// Copies each stream to its file until every one has ended, on this
 /// thread (poll).
 pub(super) fn pump(mut streams: Vec<(UnixStream, File)>) {
-    let mut buf = vec![0u8; 64 * 1024];
-    while !streams.is_empty() {
-        let mut fds: Vec<PollFd> = streams
-            .iter()
-            .map(|(s, _)| PollFd::new(s, PollFlags::IN))
-            .collect();
-        match rustix::event::poll(&mut fds, None) {
-            Ok(_) => {}
-            Err(Errno::INTR) => continue,
-            Err(_) => return,
-        }
-        let ready: Vec<bool> = fds.iter().map(|fd| !fd.revents().is_empty()).collect();
-        drop(fds);
-        let mut i = 0;
-        streams.retain_mut(|(stream, to)| {
-            let ready = ready[i];
-            i += 1;
-            !ready || copy_once(stream, to, &mut buf)
-        });
+    pump_within(&mut streams, None);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream pair whose host end is pumped into a file of its own.
+    fn stream(dir: &Path, name: &str) -> (UnixStream, (UnixStream, File), PathBuf) {
+        let (guest, host) = UnixStream::pair().unwrap();
+        let path = dir.join(name);
+        (guest, (host, File::create(&path).unwrap()), path)
+    }
+
+    /// Output that has ended is all copied within the limit, and the
+    /// streams leave; one still open keeps its stream, what came is
+    /// copied, and the limit is kept.
+    #[test]
+    fn pump_within_copies_what_ended_and_keeps_to_its_limit() {
+        let dir = std::env::temp_dir().join(format!("husk-pump-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (mut out, out_host, out_path) = stream(&dir, "out");
+        let (mut err, err_host, err_path) = stream(&dir, "err");
+        out.write_all(b"to stdout\n").unwrap();
+        err.write_all(b"to stderr\n").unwrap();
+        drop((out, err));
+        let mut streams = vec![out_host, err_host];
+        assert!(pump_within(&mut streams, Some(Duration::from_secs(10))));
+        assert!(streams.is_empty());
+        assert_eq!(std::fs::read_to_string(&out_path).unwrap(), "to stdout\n");
+        assert_eq!(std::fs::read_to_string(&err_path).unwrap(), "to stderr\n");
+
+        let (mut open, open_host, open_path) = stream(&dir, "open");
+        open.write_all(b"so far").unwrap();
+        let mut streams = vec![open_host];
+        let start = std::time::Instant::now();
+        assert!(!pump_within(&mut streams, Some(Duration::from_millis(200))));
+        assert!(start.elapsed() >= Duration::from_millis(200));
+        assert_eq!(streams.len(), 1);
+        assert_eq!(std::fs::read_to_string(&open_path).unwrap(), "so far");
+        drop(open);
+        pump(streams);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
