@@ -890,6 +890,18 @@ fn a_container_past_its_memory_limit_is_oom_killed_and_reported() {
         "{said}"
     );
     assert!(said.contains("\"status\":137"), "{said}");
+    // The kills are recorded with the end (the agent's exit answer
+    // carries them): drained, and at least the one above.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let recorded = loop {
+        let state = ContainerState::load(&root(), &cid).unwrap();
+        if state.drained || Instant::now() > deadline {
+            break state;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(recorded.drained, "{recorded:?}");
+    assert!(recorded.oom_kills.unwrap_or(0) >= 1, "{recorded:?}");
     ok(&["delete", &cid]);
 }
 
