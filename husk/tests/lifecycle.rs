@@ -608,28 +608,30 @@ fn the_vm_sits_in_its_host_cgroup_under_its_bounds_until_delete() {
         cpus(spec, &pin);
     });
     let plain = id("cgroup-default");
+    let plain_id = plain.clone();
     let b2 = Bundle::new("cgroup-default", &["sleep", "1000"], |_| {});
     ok(&["create", "--bundle", b.0.to_str().unwrap(), &named]);
     ok(&["create", "--bundle", b2.0.to_str().unwrap(), &plain]);
     // The hierarchies mounted, and whether the VM's cgroup goes in each:
-    // v2, and v1's of the controllers husk bounds or the host accounts
-    // with (not devices, freezer, named ones: docs/runtime.md).
-    let mounted: Vec<(PathBuf, bool)> = std::fs::read_to_string("/proc/self/mounts")
+    // v2, and v1's of the controllers husk bounds (cpu, memory, pids;
+    // cpuset for the pinned one) and, for the cgroup the spec named, those
+    // the host accounts with too (cpuacct, blkio); not devices, freezer,
+    // named ones (docs/runtime.md).
+    let mounted: Vec<(PathBuf, bool, bool)> = std::fs::read_to_string("/proc/self/mounts")
         .unwrap()
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            let joined = f[2] == "cgroup2"
-                || f[3]
-                    .split(',')
-                    .any(|o| ["cpu", "cpuacct", "cpuset", "memory", "pids", "blkio"].contains(&o));
+            let v2 = f[2] == "cgroup2";
+            let has = |set: &[&str]| f[3].split(',').any(|o| set.contains(&o));
+            let named = v2 || has(&["cpu", "cpuacct", "cpuset", "memory", "pids", "blkio"]);
+            let plain = v2 || has(&["cpu", "memory", "pids"]);
             (f[0].starts_with("cgroup") && f[1].starts_with("/sys/fs/cgroup"))
-                .then(|| (f[1].into(), joined))
+                .then(|| (f[1].into(), named, plain))
         })
         .collect();
-    let hierarchies: Vec<PathBuf> = mounted.iter().map(|(h, _)| h.clone()).collect();
+    let hierarchies: Vec<PathBuf> = mounted.iter().map(|(h, _, _)| h.clone()).collect();
     assert!(hierarchies.len() >= 2, "{hierarchies:?}");
-    let joined = mounted.iter().filter(|(_, j)| *j).count();
     let mine = std::fs::read_to_string("/proc/self/cgroup").unwrap();
     let read = |p: PathBuf| std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
     let mut recorded = Vec::new();
@@ -643,6 +645,10 @@ fn the_vm_sits_in_its_host_cgroup_under_its_bounds_until_delete() {
             let named = cgroups
                 .lines()
                 .filter(|l| l.ends_with(&format!(":/{rel}")))
+                .count();
+            let joined = mounted
+                .iter()
+                .filter(|(_, named, plain)| if id == &plain_id { *plain } else { *named })
                 .count();
             assert_eq!(named, joined, "{cgroups}");
             for line in cgroups.lines() {
@@ -692,12 +698,16 @@ fn the_vm_sits_in_its_host_cgroup_under_its_bounds_until_delete() {
             assert_eq!(read(at("pids", "pids.max")).trim(), "256");
             assert_eq!(read(at("cpu", "cpu.cfs_quota_us")).trim(), "200000");
             assert_eq!(read(at("cpu", "cpu.cfs_period_us")).trim(), "100000");
-            // The spec's CPUs, or the parent's.
-            let cpus = match id == &named {
-                true => format!("{pin}\n"),
-                false => read("/sys/fs/cgroup/cpuset/cpuset.cpus".into()),
-            };
-            assert_eq!(read(at("cpuset", "cpuset.cpus")), cpus);
+            // The spec's CPUs; husk's own cgroup of a VM not pinned is
+            // in no cpuset (nor cpuacct, blkio) hierarchy.
+            match id == &named {
+                true => assert_eq!(read(at("cpuset", "cpuset.cpus")), format!("{pin}\n")),
+                false => {
+                    for h in ["cpuset", "cpuacct", "blkio"] {
+                        assert!(!at(h, "").exists(), "{}", at(h, "").display());
+                    }
+                }
+            }
         } else {
             assert_eq!(
                 read(at("", "memory.max")).trim(),

@@ -82,20 +82,40 @@ impl Hierarchy {
 }
 
 /// The v1 controllers whose hierarchies hold a VM's cgroup: those its
-/// bounds are written to, and those the host's accounting reads (cAdvisor
-/// and kubelet read cpuacct and blkio). The others are left alone:
-/// `devices` (the VMM's device access is its jail's; the spec's device
-/// rules apply in the guest), `freezer` (husk pauses a VM itself),
-/// `net_cls`, `net_prio`, `perf_event`, `hugetlb`, `rdma`, `misc`, and
-/// named hierarchies such as `name=systemd` (husk registers no unit).
-/// Each hierarchy joined costs a `mkdir`, a `cgroup.procs` write and a
-/// `rmdir` per container (docs/runtime.md).
+/// bounds are written to (cpu, memory, pids; cpuset and blkio where the
+/// spec bounds CPUs, memory nodes or I/O weight), and, for a cgroup the
+/// caller named (`linux.cgroupsPath`: containerd's, kubelet's, docker's),
+/// those the host's accounting reads there too (cAdvisor and kubelet read
+/// cpuacct and blkio; cpuset is joined as runc joins it). husk's own
+/// `husk/<id>`, which no other tool knows of, is only bounded. The others
+/// are left alone: `devices` (the VMM's device access is its jail's; the
+/// spec's device rules apply in the guest), `freezer` (husk pauses a VM
+/// itself), `net_cls`, `net_prio`, `perf_event`, `hugetlb`, `rdma`,
+/// `misc`, and named hierarchies such as `name=systemd` (husk registers
+/// no unit). Each hierarchy joined costs a `mkdir`, a `cgroup.procs`
+/// write and a `rmdir` per container (docs/runtime.md).
 const JOINED_V1: [&str; 6] = ["cpu", "cpuacct", "cpuset", "memory", "pids", "blkio"];
 
+/// The v1 controllers that bound every VM: always joined.
+const BOUNDING_V1: [&str; 3] = ["cpu", "memory", "pids"];
+
 impl Hierarchy {
-    /// Whether a VM's cgroup is made here: v2, or a v1 hierarchy with one
-    /// of [`JOINED_V1`].
-    fn joined(&self) -> bool {
+    /// Whether a VM's cgroup with `bounds` is made here: v2, or a v1
+    /// hierarchy with a controller of [`BOUNDING_V1`], one the bounds use,
+    /// or, where the caller `named` the cgroup, one of [`JOINED_V1`].
+    fn joined(&self, bounds: &Bounds, named: bool) -> bool {
+        self.v2
+            || self.controllers.iter().any(|c| match c.as_str() {
+                c if BOUNDING_V1.contains(&c) => true,
+                c if named && JOINED_V1.contains(&c) => true,
+                "cpuset" => bounds.cpus.is_some() || bounds.mems.is_some(),
+                "blkio" => bounds.io_weight.is_some(),
+                _ => false,
+            })
+    }
+
+    /// Whether a VM's cgroup may be here, whatever its bounds.
+    fn may_be_joined(&self) -> bool {
         self.v2
             || self
                 .controllers
@@ -263,7 +283,13 @@ impl Bounds {
 /// moves this process into it, so that what it starts after (the VMM) is
 /// born in it. An error names the file; the caller then `leave`s.
 pub fn enter(rel: &Path, bounds: &Bounds) -> Result<(), String> {
-    for h in hierarchies().into_iter().filter(Hierarchy::joined) {
+    // husk's own path (`husk/<id>`, [`of`] without a spec's path) is
+    // known to no one else.
+    let named = rel.parent() != Some(Path::new(DEFAULT_PARENT));
+    for h in hierarchies()
+        .into_iter()
+        .filter(|h| h.joined(bounds, named))
+    {
         let dir = make(&h, rel)?;
         for (file, value) in bounds.files(h.v2) {
             let path = dir.join(file);
@@ -391,7 +417,7 @@ fn write(path: &Path, value: &str) -> Result<(), String> {
 /// Moves this process back to each hierarchy's root and removes `rel`:
 /// for a set-up that failed after `enter`.
 pub fn leave(rel: &Path) {
-    for h in hierarchies().into_iter().filter(Hierarchy::joined) {
+    for h in hierarchies().into_iter().filter(Hierarchy::may_be_joined) {
         let _ = std::fs::write(h.root.join("cgroup.procs"), std::process::id().to_string());
     }
     remove(rel);
@@ -435,23 +461,37 @@ mod tests {
     /// controllers husk bounds or the host accounts with, not in the
     /// others or a named one.
     #[test]
-    fn the_hierarchies_joined_are_the_bounding_and_accounting_ones() {
+    fn the_hierarchies_joined_are_the_bounding_and_for_a_named_cgroup_the_accounting_ones() {
         let h = |v2: bool, opts: &str| Hierarchy {
             root: PathBuf::from("/sys/fs/cgroup/x"),
             v2,
             cpuset: false,
             controllers: opts.split(',').map(str::to_owned).collect(),
         };
-        for opts in [
-            "rw,cpu,cpuacct",
-            "rw,cpuacct",
-            "rw,memory",
-            "rw,pids",
-            "rw,cpuset",
-            "rw,blkio",
-        ] {
-            assert!(h(false, opts).joined(), "{opts}");
+        let plain = Bounds::of(Shape::default());
+        let pinned = Bounds {
+            cpus: Some("0".into()),
+            ..Bounds::of(Shape::default())
+        };
+        let weighed = Bounds {
+            io_weight: Some(500),
+            ..Bounds::of(Shape::default())
+        };
+        // Bounding: always, named or not.
+        for opts in ["rw,cpu,cpuacct", "rw,cpu", "rw,memory", "rw,pids"] {
+            assert!(h(false, opts).joined(&plain, false), "{opts}");
+            assert!(h(false, opts).joined(&plain, true), "{opts}");
         }
+        // Accounting only: where the caller named the cgroup, or the
+        // bounds need it.
+        for opts in ["rw,cpuacct", "rw,cpuset", "rw,blkio"] {
+            assert!(!h(false, opts).joined(&plain, false), "{opts}");
+            assert!(h(false, opts).joined(&plain, true), "{opts}");
+            assert!(h(false, opts).may_be_joined(), "{opts}");
+        }
+        assert!(h(false, "rw,cpuset").joined(&pinned, false));
+        assert!(h(false, "rw,blkio").joined(&weighed, false));
+        assert!(!h(false, "rw,cpuacct").joined(&pinned, false));
         for opts in [
             "rw,devices",
             "rw,freezer",
@@ -460,9 +500,10 @@ mod tests {
             "rw,hugetlb",
             "rw,xattr,name=systemd",
         ] {
-            assert!(!h(false, opts).joined(), "{opts}");
+            assert!(!h(false, opts).joined(&pinned, true), "{opts}");
+            assert!(!h(false, opts).may_be_joined(), "{opts}");
         }
-        assert!(h(true, "rw,nsdelegate").joined());
+        assert!(h(true, "rw,nsdelegate").joined(&plain, false));
     }
 
     #[test]
