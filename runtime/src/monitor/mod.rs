@@ -268,13 +268,15 @@ fn record_stopped(
         None
     };
     // What is recorded already is not written again (the end of a VM
-    // whose container drained and had no network).
+    // whose container drained and had no network, or a network with no
+    // interface joined to the VM: nothing for `delete` to undo in it, so
+    // its record may stay).
     let same = state.status == Status::Stopped
         && state.exit_status == Some(status)
         && state.error == error
         && state.oom_kills == oom_kills
         && state.drained == drained
-        && network.is_none();
+        && network.as_ref().is_none_or(|n| n.links.is_empty());
     if !same {
         state.status = Status::Stopped;
         state.exit_status = Some(status);
@@ -913,4 +915,79 @@ fn run_exec(
     }
     let _ = std::io::stdout().flush();
     status
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+    use crate::state::NetworkState;
+
+    /// The VM's end rewrites the state only where it changes something:
+    /// a network with interfaces joined to the VM is taken out of the
+    /// record; one with none stays, unwritten (issue 18: one state write
+    /// fewer per `husk run` in a new network namespace).
+    #[test]
+    fn the_vms_end_writes_the_state_only_for_what_it_changes() {
+        let root = std::env::temp_dir().join(format!("husk-record-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let state = |id: &str, links: Vec<String>| ContainerState {
+            id: id.into(),
+            bundle: "/b".into(),
+            status: Status::Stopped,
+            created: crate::state::now_rfc3339(),
+            monitor: None,
+            vmm: None,
+            exit_status: Some(3),
+            annotations: HashMap::new(),
+            error: None,
+            process: None,
+            cgroup: None,
+            shape: None,
+            oom_kills: Some(0),
+            drained: true,
+            hooks: None,
+            network: Some(NetworkState {
+                netns: "/proc/1/ns/net".into(),
+                links,
+            }),
+            pod: None,
+        };
+        let inode = |id: &str| {
+            std::fs::metadata(state::dir(&root, id).join("state.json"))
+                .unwrap()
+                .ino()
+        };
+        for (id, links) in [("bare", vec![]), ("joined", vec!["eth0".to_string()])] {
+            std::fs::create_dir_all(state::dir(&root, id)).unwrap();
+            state(id, links).save(&root).unwrap();
+        }
+        let before = inode("bare");
+        let taken = record_stopped(&root, "bare", (3, None, None), true, true);
+        assert_eq!(taken.map(|n| n.links), Some(vec![]));
+        assert_eq!(inode("bare"), before, "rewritten for nothing");
+        let kept = ContainerState::load(&root, "bare").unwrap();
+        assert_eq!((kept.exit_status, kept.drained), (Some(3), true));
+
+        let before = inode("joined");
+        let taken = record_stopped(&root, "joined", (3, None, None), true, true);
+        assert_eq!(taken.map(|n| n.links), Some(vec!["eth0".to_string()]));
+        assert_ne!(inode("joined"), before);
+        assert!(
+            ContainerState::load(&root, "joined")
+                .unwrap()
+                .network
+                .is_none()
+        );
+        // A changed status is written, network or not.
+        let taken = record_stopped(&root, "bare", (4, None, None), true, true);
+        assert!(taken.is_some());
+        assert_eq!(
+            ContainerState::load(&root, "bare").unwrap().exit_status,
+            Some(4)
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }
