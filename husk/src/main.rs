@@ -37,6 +37,9 @@ static ALLOCATOR: arena::Arena = arena::Arena;
 const EXIT_RUN_FAILED: u8 = 125;
 
 fn main() -> ExitCode {
+    // The monitors this command starts are its own forks, where it has
+    // one thread then (no exec of `husk _monitor`: issue 18).
+    husk_runtime::handoff::fork_monitors(tools::forked_monitor);
     let cli = Cli::parse_args(docker_form(go_flags(std::env::args_os().collect())));
     let failed = if matches!(cli.command, Command::Run(_) | Command::DockerRun(_)) {
         EXIT_RUN_FAILED

@@ -98,10 +98,46 @@ pub struct MonitorArgs {
 
 /// Runs `husk _monitor`.
 pub fn monitor(root: &Path, args: MonitorArgs) -> anyhow::Result<u8> {
-    let MonitorArgs { id, console_socket } = args;
     // Taken first: the starter's socket must not leak into the VMM (the
     // starter waits for its end).
     let mut channel = handoff::Channel::take();
+    let handoff = channel.receive();
+    Ok(serve(root, args, handoff, channel))
+}
+
+/// A monitor forked from this process (handoff::fork_monitors): `args`
+/// as `husk _monitor` takes them, `handoff` in hand.
+pub fn forked_monitor(
+    root: &Path,
+    args: &[String],
+    handoff: Handoff,
+    channel: handoff::Channel,
+) -> u8 {
+    #[derive(clap::Parser)]
+    struct Monitor {
+        #[command(flatten)]
+        args: MonitorArgs,
+    }
+    let parsed = <Monitor as clap::Parser>::try_parse_from(
+        std::iter::once("_monitor").chain(args.iter().map(String::as_str)),
+    );
+    match parsed {
+        Ok(m) => serve(root, m.args, Ok(handoff), channel),
+        Err(e) => {
+            channel.report(&Err(format!("the monitor's arguments: {e}")));
+            1
+        }
+    }
+}
+
+/// The monitor's work, on what it was handed.
+fn serve(
+    root: &Path,
+    args: MonitorArgs,
+    handoff: Result<Handoff, String>,
+    channel: handoff::Channel,
+) -> u8 {
+    let MonitorArgs { id, console_socket } = args;
     // The monitor outlives terminals and stray signals; only an
     // explicit SIGKILL (delete --force) ends it early.
     husk_sys::signals::ignore(&[
@@ -125,11 +161,11 @@ pub fn monitor(root: &Path, args: MonitorArgs) -> anyhow::Result<u8> {
             let _ = rustix::stdio::dup2_stderr(&null);
         }
     }
-    let handoff = match channel.receive() {
+    let handoff = match handoff {
         Ok(handoff) => handoff,
         Err(e) => {
             channel.report(&Err(e));
-            return Ok(1);
+            return 1;
         }
     };
     let status = match handoff {
@@ -148,7 +184,7 @@ pub fn monitor(root: &Path, args: MonitorArgs) -> anyhow::Result<u8> {
                 Ok(bins) => bins,
                 Err(e) => {
                     channel.report(&Err(husk_runtime::error_chain(&e)));
-                    return Ok(1);
+                    return 1;
                 }
             };
             monitor::container(
@@ -172,5 +208,5 @@ pub fn monitor(root: &Path, args: MonitorArgs) -> anyhow::Result<u8> {
             1
         }
     };
-    Ok(status_code(status))
+    status_code(status)
 }

@@ -5,14 +5,13 @@
 //! nothing.
 
 use std::path::Path;
-use std::process::Child;
 
 use husk_protocol::api::ApiRequest;
 use husk_protocol::{Process, Request, Response};
 use thiserror::Error;
 
 use crate::bundle::{Bundle, BundleError};
-use crate::handoff::{self, Handoff, Restore, Stdio3};
+use crate::handoff::{self, Handoff, Monitor, Restore, Stdio3};
 use crate::monitor::Terminal;
 use crate::sandbox::{Agent, SandboxError, vmm_api};
 use crate::state::{self, ContainerState, StateError, Status};
@@ -133,7 +132,7 @@ pub struct CreateOptions<'a> {
 
 /// `create`: the container's VM restored and its process made, not
 /// started. Returns the monitor.
-pub fn create(o: &CreateOptions) -> Result<Child, LifecycleError> {
+pub fn create(o: &CreateOptions) -> Result<Monitor, LifecycleError> {
     create_with(o, false).map(|(child, _)| child)
 }
 
@@ -144,14 +143,14 @@ pub fn create(o: &CreateOptions) -> Result<Child, LifecycleError> {
 /// program): the container then ends as such a process does.
 pub fn create_started(
     o: &CreateOptions,
-) -> Result<(Child, Option<crate::handoff::NotStarted>), LifecycleError> {
+) -> Result<(Monitor, Option<crate::handoff::NotStarted>), LifecycleError> {
     create_with(o, o.restore.is_none())
 }
 
 fn create_with(
     o: &CreateOptions,
     start: bool,
-) -> Result<(Child, Option<crate::handoff::NotStarted>), LifecycleError> {
+) -> Result<(Monitor, Option<crate::handoff::NotStarted>), LifecycleError> {
     check_id(o.id)?;
     let restore = match o.restore {
         Some(checkpoint) => {
@@ -245,7 +244,7 @@ fn create_with(
     let (child, not_started) = handoff::start_told(
         o.root,
         &monitor_args(o.id, o.console_socket),
-        &handoff,
+        handoff,
         o.stdio,
     )
     .map_err(|(said, _)| cleanup(LifecycleError::SetUp(said)))?;
@@ -713,13 +712,13 @@ pub fn start_exec(
     process: Process,
     console_socket: Option<&Path>,
     stdio: Option<Stdio3<'_>>,
-) -> Result<Child, (String, Option<i32>)> {
+) -> Result<Monitor, (String, Option<i32>)> {
     let handoff = Handoff::Exec {
         id: id.to_owned(),
         exec_id: exec_id.to_owned(),
         process: Box::new(process),
     };
-    handoff::start(root, &monitor_args(id, console_socket), &handoff, stdio)
+    handoff::start(root, &monitor_args(id, console_socket), handoff, stdio)
 }
 
 /// The process of an exec: the runc `--process` file (an OCI process), or

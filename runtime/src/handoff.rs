@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 
 use husk_guest::shape::Shape;
 use husk_protocol::Process;
@@ -101,6 +101,61 @@ const NOT_STARTED: &str = "not started ";
 /// executable): what the guest said, and the status a shell would give.
 pub type NotStarted = (String, i32);
 
+/// A monitor this process started: `husk _monitor`, exec'd
+/// ([`Child`]), or this process's own copy, forked without exec
+/// ([`fork_monitors`]).
+#[derive(Debug)]
+pub enum Monitor {
+    /// Exec'd.
+    Spawned(Child),
+    /// Forked.
+    Forked(husk_sys::child::Forked),
+}
+
+impl Monitor {
+    /// Its PID.
+    pub fn id(&self) -> u32 {
+        husk_sys::child::Waited::pid(self)
+    }
+
+    /// Waits for it to end.
+    pub fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        husk_sys::child::Waited::wait_end(self)
+    }
+}
+
+impl husk_sys::child::Waited for Monitor {
+    fn pid(&self) -> u32 {
+        match self {
+            Self::Spawned(child) => child.id(),
+            Self::Forked(forked) => forked.pid(),
+        }
+    }
+    fn wait_end(&mut self) -> std::io::Result<ExitStatus> {
+        match self {
+            Self::Spawned(child) => child.wait(),
+            Self::Forked(forked) => forked.wait_end(),
+        }
+    }
+}
+
+/// What a forked monitor runs: given husk's root, the monitor's
+/// arguments (as `husk _monitor` takes them), what it was handed and its
+/// channel; returns its exit status.
+pub type Runner = fn(&Path, &[String], Handoff, Channel) -> u8;
+
+static RUNNER: std::sync::OnceLock<Runner> = std::sync::OnceLock::new();
+
+/// Monitors are forked from this process from now on and run `runner`
+/// in the child, with no exec of `husk _monitor`, where this process has
+/// one thread when it starts one (else they are exec'd as before). For
+/// the `husk` command, which runs a monitor's code itself: an exec, the
+/// loading of a 12 MB program and its start, and the handoff's encoding
+/// both ways are saved (issue 18, docs/benchmarks.md). Once per process.
+pub fn fork_monitors(runner: Runner) {
+    let _ = RUNNER.set(runner);
+}
+
 /// Starts a monitor (`husk --root ROOT _monitor ARGS`) with `stdio` (or
 /// this process's), hands it `handoff`, and returns it once it answered
 /// that it is set up; else what it said (with its exit status, once it
@@ -108,9 +163,9 @@ pub type NotStarted = (String, i32);
 pub fn start(
     root: &Path,
     args: &[String],
-    handoff: &Handoff,
+    handoff: Handoff,
     stdio: Option<Stdio3<'_>>,
-) -> Result<Child, (String, Option<i32>)> {
+) -> Result<Monitor, (String, Option<i32>)> {
     start_told(root, args, handoff, stdio).map(|(child, _)| child)
 }
 
@@ -120,39 +175,49 @@ pub fn start(
 pub fn start_told(
     root: &Path,
     args: &[String],
-    handoff: &Handoff,
+    handoff: Handoff,
     stdio: Option<Stdio3<'_>>,
-) -> Result<(Child, Option<NotStarted>), (String, Option<i32>)> {
-    let exe = match HUSK.get() {
-        Some(husk) => husk.clone(),
-        None => {
-            std::env::current_exe().map_err(|e| (format!("cannot find husk itself: {e}"), None))?
-        }
-    };
+) -> Result<(Monitor, Option<NotStarted>), (String, Option<i32>)> {
     let (mut ours, theirs) =
         UnixStream::pair().map_err(|e| (format!("cannot make a socket pair: {e}"), None))?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("--root").arg(root).arg("_monitor").args(args);
-    if let Some(stdio) = stdio {
-        cmd.stdin(dup(stdio.stdin).map_err(|e| (e, None))?)
-            .stdout(dup(stdio.stdout).map_err(|e| (e, None))?)
-            .stderr(dup(stdio.stderr).map_err(|e| (e, None))?);
-    }
-    // A session of its own: a terminal's signals (Ctrl-C to a foreground
-    // `husk run`) and hang-ups do not reach it; it outlives its starter.
-    // No descriptor of the caller's but stdio reaches it: a caller that
-    // waits for a pipe's end (containerd's shim) must not wait for the
-    // container's.
-    husk_sys::child::detached_with_fd(&mut cmd, theirs.as_raw_fd(), FD);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| (format!("cannot start the monitor: {e}"), None))?;
-    drop(theirs);
-    // A monitor that ended early leaves the write failing (EPIPE); what it
-    // said, or its end, is read below either way.
-    let json = serde_json::to_vec(handoff).expect("plain data serializes");
-    let _ = ours.write_all(&json);
-    let _ = ours.shutdown(std::net::Shutdown::Write);
+    // A forked monitor shows `husk --root ROOT _monitor ARGS` as an
+    // exec'd one does (ps, and whoever looks for monitors), written over
+    // its starter's command line: where that has room.
+    let argv0 = std::env::args_os().next().unwrap_or_else(|| "husk".into());
+    let line: Vec<&std::ffi::OsStr> = [
+        argv0.as_os_str(),
+        "--root".as_ref(),
+        root.as_os_str(),
+        "_monitor".as_ref(),
+    ]
+    .into_iter()
+    .chain(args.iter().map(std::ffi::OsStr::new))
+    .collect();
+    let own = RUNNER
+        .get()
+        .and(husk_sys::child::Own::read())
+        .filter(|own| {
+            own.threads == 1 && husk_sys::child::cmdline_bytes(&line).len() <= own.room()
+        });
+    let mut child = match (RUNNER.get(), own) {
+        (Some(&runner), Some(own)) => fork(
+            root,
+            args,
+            handoff,
+            stdio,
+            (&ours, theirs),
+            (runner, &own, &line),
+        )?,
+        _ => {
+            let child = spawn(root, args, stdio, theirs)?;
+            // A monitor that ended early leaves the write failing
+            // (EPIPE); what it said, or its end, is read below either way.
+            let json = serde_json::to_vec(&handoff).expect("plain data serializes");
+            let _ = ours.write_all(&json);
+            let _ = ours.shutdown(std::net::Shutdown::Write);
+            child
+        }
+    };
     let mut said = String::new();
     let _ = ours.read_to_string(&mut said);
     if said == "ok\n" {
@@ -174,6 +239,98 @@ pub fn start_told(
         },
         status,
     ))
+}
+
+/// Execs `husk _monitor` with `theirs` at [`FD`].
+fn spawn(
+    root: &Path,
+    args: &[String],
+    stdio: Option<Stdio3<'_>>,
+    theirs: UnixStream,
+) -> Result<Monitor, (String, Option<i32>)> {
+    let exe = match HUSK.get() {
+        Some(husk) => husk.clone(),
+        None => {
+            std::env::current_exe().map_err(|e| (format!("cannot find husk itself: {e}"), None))?
+        }
+    };
+    let mut cmd = Command::new(exe);
+    cmd.arg("--root").arg(root).arg("_monitor").args(args);
+    if let Some(stdio) = stdio {
+        cmd.stdin(dup(stdio.stdin).map_err(|e| (e, None))?)
+            .stdout(dup(stdio.stdout).map_err(|e| (e, None))?)
+            .stderr(dup(stdio.stderr).map_err(|e| (e, None))?);
+    }
+    // A session of its own: a terminal's signals (Ctrl-C to a foreground
+    // `husk run`) and hang-ups do not reach it; it outlives its starter.
+    // No descriptor of the caller's but stdio reaches it: a caller that
+    // waits for a pipe's end (containerd's shim) must not wait for the
+    // container's.
+    husk_sys::child::detached_with_fd(&mut cmd, theirs.as_raw_fd(), FD);
+    cmd.spawn()
+        .map(Monitor::Spawned)
+        .map_err(|e| (format!("cannot start the monitor: {e}"), None))
+}
+
+/// Forks a monitor that runs `runner` on `handoff`, set up as [`spawn`]
+/// sets up an exec'd one ([`husk_sys::child::detach_forked`]): `theirs`
+/// at [`FD`], `stdio` at 0-2, nothing else of this process's
+/// descriptors, a session and clean signals of its own, and `line` for
+/// its command line. `own` is this process's, with one thread and room
+/// for `line`.
+fn fork(
+    root: &Path,
+    args: &[String],
+    handoff: Handoff,
+    stdio: Option<Stdio3<'_>>,
+    (ours, theirs): (&UnixStream, UnixStream),
+    (runner, own, line): (Runner, &husk_sys::child::Own, &[&std::ffi::OsStr]),
+) -> Result<Monitor, (String, Option<i32>)> {
+    // What this process buffered for its stdout would be written twice.
+    let _ = std::io::stdout().flush();
+    // SAFETY: this process has one thread (checked by the caller), so the
+    // child's copy of every lock is free; the child runs on as this
+    // program and ends with `exit`, never returning here.
+    match unsafe { libc::fork() } {
+        -1 => Err((
+            format!(
+                "cannot start the monitor: {}",
+                std::io::Error::last_os_error()
+            ),
+            None,
+        )),
+        0 => {
+            let stdio = stdio.map(|s| {
+                [
+                    s.stdin.as_raw_fd(),
+                    s.stdout.as_raw_fd(),
+                    s.stderr.as_raw_fd(),
+                ]
+            });
+            let code = match husk_sys::child::detach_forked(stdio, theirs.as_raw_fd(), FD) {
+                Ok(()) => {
+                    // The descriptors behind these values are closed
+                    // (moved to FD, or not this process's now).
+                    std::mem::forget(theirs);
+                    let _ = ours;
+                    // SAFETY: `own` was read by this process (its copy)
+                    // just before the fork, and it has one thread.
+                    unsafe { husk_sys::child::rewrite_cmdline(own, line) };
+                    runner(root, args, handoff, Channel::take())
+                }
+                Err(e) => {
+                    eprintln!("husk: cannot set up the monitor: {e}");
+                    1
+                }
+            };
+            let _ = std::io::stdout().flush();
+            std::process::exit(i32::from(code))
+        }
+        pid => {
+            drop(theirs);
+            Ok(Monitor::Forked(husk_sys::child::Forked::new(pid as u32)))
+        }
+    }
 }
 
 /// The monitor's side: what it was handed, and where it answers.

@@ -7,9 +7,9 @@
 //! monitor's exit status is the process's. Exits are published to
 //! containerd after the start they follow.
 
+use husk_runtime::handoff::Monitor;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use containerd_shim::api::{
@@ -317,7 +317,7 @@ impl Service {
 
     /// A thread waits for `monitor`, the monitor of process `exec_id` of
     /// task `id`, and records and publishes its exit.
-    fn wait_for(&self, id: &str, exec_id: &str, mut monitor: Child) {
+    fn wait_for(&self, id: &str, exec_id: &str, mut monitor: Monitor) {
         let this = self.clone();
         let (id, exec_id) = (id.to_owned(), exec_id.to_owned());
         std::thread::spawn(move || {
@@ -496,7 +496,7 @@ impl Service {
         bundle: &Path,
         root: &Path,
         pod: Option<Pod>,
-    ) -> Result<(u32, Child, Proc), ttrpc::Error> {
+    ) -> Result<(u32, Monitor, Proc), ttrpc::Error> {
         let paths = Paths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),

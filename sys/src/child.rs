@@ -246,6 +246,183 @@ pub fn wait_timeout(
     }
 }
 
+/// A child process this one waits for: a spawned [`Child`], or one
+/// forked without exec ([`Forked`]).
+pub trait Waited {
+    /// Its PID.
+    fn pid(&self) -> u32;
+    /// Waits for it to end.
+    fn wait_end(&mut self) -> std::io::Result<std::process::ExitStatus>;
+}
+
+impl Waited for Child {
+    fn pid(&self) -> u32 {
+        self.id()
+    }
+    fn wait_end(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.wait()
+    }
+}
+
+/// A child made by `fork` alone, running this program's code: its PID,
+/// and its status once waited for.
+#[derive(Debug)]
+pub struct Forked {
+    pid: u32,
+    status: Option<std::process::ExitStatus>,
+}
+
+impl Forked {
+    /// The child `pid`, which this process forked.
+    pub fn new(pid: u32) -> Self {
+        Self { pid, status: None }
+    }
+}
+
+impl Waited for Forked {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+    fn wait_end(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(status) = self.status {
+            return Ok(status);
+        }
+        let mut raw = 0;
+        loop {
+            // SAFETY: waitpid writes the status into `raw`, an int.
+            let r = unsafe { libc::waitpid(self.pid as libc::pid_t, &mut raw, 0) };
+            if r >= 0 {
+                let status = std::process::ExitStatus::from_raw(raw);
+                self.status = Some(status);
+                return Ok(status);
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// A pidfd of the process `pid`; `None` on a kernel without pidfds
+/// (before 5.3), or where it is gone and reaped.
+pub fn pidfd_of(pid: u32) -> Option<OwnedFd> {
+    let pid = rustix::process::Pid::from_raw(pid as i32)?;
+    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+}
+
+/// Whether the calling thread is its process's only one (from
+/// /proc/self/stat): the condition for a `fork` whose child goes on
+/// running Rust code, since a lock another thread held at the fork
+/// (the allocator's) stays held in the child for ever.
+pub fn only_thread() -> bool {
+    Own::read().is_some_and(|own| own.threads == 1)
+}
+
+/// In a forked child that runs on without exec, as [`detached_with_fd`]
+/// sets up an exec'd one: `stdio` (where given) at descriptors 0-2,
+/// `fd` at `at`, every other descriptor closed, a session of its own,
+/// a clean signal state. `at` must be above 2.
+pub fn detach_forked(stdio: Option<[RawFd; 3]>, fd: RawFd, at: RawFd) -> std::io::Result<()> {
+    // Everything moved out of the way first, above whatever it lands on.
+    let high = |fd: RawFd| {
+        // SAFETY: F_DUPFD takes a descriptor and a number, no memory.
+        let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, at + 1) };
+        match new < 0 {
+            true => Err(std::io::Error::last_os_error()),
+            false => Ok(new),
+        }
+    };
+    let fd = high(fd)?;
+    if let Some(stdio) = stdio {
+        let moved = [high(stdio[0])?, high(stdio[1])?, high(stdio[2])?];
+        for (to, from) in moved.into_iter().enumerate() {
+            // SAFETY: dup2 takes two descriptors, no memory; the new one
+            // is not close-on-exec (what the monitor runs inherits it).
+            if unsafe { libc::dup2(from, to as RawFd) } < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    // SAFETY: as above.
+    if unsafe { libc::dup2(fd, at) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: close_range takes numbers only.
+    unsafe { libc::syscall(libc::SYS_close_range, at + 1, u32::MAX, 0) };
+    let _ = rustix::process::setsid();
+    reset_signals();
+    Ok(())
+}
+
+/// What /proc/self/stat tells of this process: its thread count, and
+/// where its command line lies in its memory.
+#[derive(Debug, Clone, Copy)]
+pub struct Own {
+    /// Its threads.
+    pub threads: u64,
+    /// The command line's first byte and the byte past its last.
+    args: (usize, usize),
+}
+
+impl Own {
+    /// Reads /proc/self/stat; `None` where it cannot be read.
+    pub fn read() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // After the command name's closing parenthesis (which the name
+        // may itself hold) comes field 3: num_threads is field 20,
+        // arg_start and arg_end fields 48 and 49.
+        let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let field = |n: usize| rest.get(n - 3)?.parse().ok();
+        Some(Self {
+            threads: field(20)?,
+            args: (field(48)? as usize, field(49)? as usize),
+        })
+    }
+
+    /// Bytes its command line has room for, the last NUL included.
+    pub fn room(&self) -> usize {
+        self.args.1.saturating_sub(self.args.0)
+    }
+}
+
+/// The bytes of a command line: each argument NUL-terminated.
+pub fn cmdline_bytes(args: &[&std::ffi::OsStr]) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut line = Vec::new();
+    for arg in args {
+        line.extend_from_slice(arg.as_bytes());
+        line.push(0);
+    }
+    line
+}
+
+/// Writes `args` over this process's command line where it lies in its
+/// memory, NULs after, as `ps` and /proc/PID/cmdline then show it (a
+/// forked monitor: its starter's would be shown). `false`, and nothing
+/// written, where it does not fit [`Own::room`] (moving it elsewhere
+/// needs CAP_SYS_RESOURCE, which a container's root may lack).
+///
+/// # Safety
+///
+/// `own` is this process's, read since it last changed; nothing else in
+/// the process reads its arguments meanwhile (one thread).
+pub unsafe fn rewrite_cmdline(own: &Own, args: &[&std::ffi::OsStr]) -> bool {
+    let line = cmdline_bytes(args);
+    if line.len() > own.room() || own.args.0 == 0 {
+        return false;
+    }
+    // SAFETY: [arg_start, arg_end) is this process's argument area, on
+    // its stack, writable and its own (the caller's promise); `line` fits.
+    unsafe {
+        let to = own.args.0 as *mut u8;
+        std::ptr::copy_nonoverlapping(line.as_ptr(), to, line.len());
+        std::ptr::write_bytes(to.add(line.len()), 0, own.room() - line.len());
+    }
+    true
+}
+
 /// Runs `spawn` with the calling thread's children in a new PID
 /// namespace, then sets the thread's back. Where no namespace can be made
 /// (no CAP_SYS_ADMIN: a container without it), `spawn` runs as it is.
@@ -280,6 +457,75 @@ fn in_pid_namespace(spawn: impl FnOnce() -> std::io::Result<Child>) -> std::io::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_forked_child_is_waited_for_once() {
+        let child = std::process::Command::new("sh")
+            .args(["-c", "exit 7"])
+            .spawn()
+            .unwrap();
+        let mut forked = Forked::new(child.id());
+        assert_eq!(forked.pid(), child.id());
+        assert_eq!(forked.wait_end().unwrap().code(), Some(7));
+        // Reaped: the status is kept, not asked again.
+        assert_eq!(forked.wait_end().unwrap().code(), Some(7));
+    }
+
+    #[test]
+    fn only_one_thread_is_told_from_several() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || rx.recv());
+        assert!(!only_thread());
+        drop(tx);
+        let _ = other.join();
+    }
+
+    #[test]
+    fn a_command_line_is_shown_as_rewritten_where_it_fits() {
+        // In a child of its own: the test process's own line stays.
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "child::tests::rewrite_cmdline_in_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains("too long: refused, unchanged"), "{said}");
+        assert!(
+            said.contains("cmdline=husk|--root|/r|_monitor|c1|"),
+            "{said}"
+        );
+    }
+
+    #[test]
+    #[ignore = "run by a_command_line_is_shown_as_rewritten_where_it_fits, in a process of its own"]
+    fn rewrite_cmdline_in_child() {
+        use std::ffi::OsStr;
+        let shown = || -> String {
+            std::fs::read("/proc/self/cmdline")
+                .unwrap()
+                .split(|&b| b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| format!("{}|", String::from_utf8_lossy(a)))
+                .collect()
+        };
+        let own = Own::read().unwrap();
+        let before = shown();
+        let long = "x".repeat(own.room());
+        // SAFETY: this process's own, read just now; the harness's other
+        // threads do not read the arguments.
+        assert!(!unsafe { rewrite_cmdline(&own, &[OsStr::new(&long)]) });
+        assert_eq!(shown(), before);
+        println!("too long: refused, unchanged");
+        let args = ["husk", "--root", "/r", "_monitor", "c1"].map(OsStr::new);
+        // SAFETY: as above.
+        assert!(unsafe { rewrite_cmdline(&own, &args) });
+        println!("cmdline={}", shown());
+    }
 
     /// Runs `child` in a forked child (async-signal-safe calls only) and
     /// returns its exit status.

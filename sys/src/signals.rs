@@ -43,14 +43,14 @@ impl SignalSet {
     /// cannot be had (a kernel before 5.3), a thread takes the signals.
     pub fn wait_child(
         &self,
-        child: &mut std::process::Child,
+        child: &mut impl crate::child::Waited,
         forward: impl Fn(libc::c_int) + Send + Clone + 'static,
     ) -> std::io::Result<std::process::ExitStatus> {
         use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
         // SAFETY: signalfd reads the initialised set; -1 asks for a new
         // descriptor, owned below.
         let sfd = unsafe { libc::signalfd(-1, &self.0, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
-        let pidfd = crate::child::pidfd(child);
+        let pidfd = crate::child::pidfd_of(child.pid());
         let (sfd, pidfd) = match (sfd, pidfd) {
             // SAFETY: `sfd` is a descriptor signalfd just returned.
             (sfd, Some(pidfd)) if sfd >= 0 => (unsafe { OwnedFd::from_raw_fd(sfd) }, pidfd),
@@ -65,7 +65,7 @@ impl SignalSet {
                         forward(sig);
                     }
                 });
-                return child.wait();
+                return child.wait_end();
             }
         };
         loop {
@@ -78,7 +78,7 @@ impl SignalSet {
                 Err(e) => return Err(e.into()),
             }
             if !fds[0].revents().is_empty() {
-                return child.wait();
+                return child.wait_end();
             }
             // SAFETY: an all-zero signalfd_siginfo is a valid value.
             let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
