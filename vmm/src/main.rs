@@ -400,10 +400,13 @@ fn jail_binds(args: &Args, pid: u32) -> Vec<husk_vmm::jail::Bind> {
         }
     }
     for share in &args.shares {
-        binds.push(Bind {
-            read_only: share.read_only,
-            ..Bind::rw(jail::absolute(&share.dir))
-        });
+        jail::add_once(
+            &mut binds,
+            Bind {
+                read_only: share.read_only,
+                ..Bind::rw(jail::absolute(&share.dir))
+            },
+        );
     }
     binds
 }
