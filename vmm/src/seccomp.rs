@@ -11,11 +11,14 @@
 //!   opens a share's root so) and may make no device node; they connect vsock streams to the host's
 //!   `<socket>_<port>` sockets (`socket` of `AF_UNIX` only). Landlock
 //!   holds them beneath the shares besides ([`crate::confine`]).
-//! - **the vsock thread** polls its sockets, accepts, reads and writes.
-//! - **a network thread** (one per network slot) polls its TAP and reads
-//!   frames from it; the TAP's offloads are set (`TUNSETOFFLOAD`) where the
-//!   guest's driver accepts them. The vCPU threads write the guest's
-//!   frames to the TAP (`write`) and make no TAP ioctl.
+//! - **the vsock thread** polls its sockets, accepts, reads and writes;
+//!   in a VM with a vsock device it also serves the network devices (no
+//!   network thread then): it polls their TAPs, reads frames from them and
+//!   sets the TAPs' offloads (`TUNSETOFFLOAD`) where the guest's driver
+//!   accepts them.
+//! - **a network thread** (one per network slot, in a VM without a vsock
+//!   device) does the same for its TAP alone. The vCPU threads write the
+//!   guest's frames to the TAP (`write`) and make no TAP ioctl.
 //! - **the API thread** accepts, reads and writes.
 //! - **the main thread**, once the vCPUs run, waits for events, kicks
 //!   vCPUs, makes KVM's VM-level ioctls for a snapshot and writes one, and
@@ -369,8 +372,9 @@ pub fn rules(thread: Thread) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompi
         ioctl_rules(
             matches!(thread, Thread::Vcpu | Thread::Main),
             // The main thread binds a TAP (its flags, header size and
-            // offloads); the network thread sets offloads later.
-            matches!(thread, Thread::Main | Thread::Net),
+            // offloads); the thread that serves the device (the vsock
+            // thread, or the network thread) sets offloads later.
+            matches!(thread, Thread::Main | Thread::Net | Thread::Vsock),
             // The vsock and network threads raise their device's
             // interrupt (KVM_IRQ_LINE on the VM: its own lines only).
             matches!(thread, Thread::Vsock | Thread::Net),
@@ -577,16 +581,20 @@ mod tests {
         assert_eq!(kvm, (Some(1), None));
     }
 
-    /// The network thread reads its TAPs and sets their offloads; it
-    /// opens nothing, connects nowhere and makes no KVM call.
+    /// The threads that serve a network device (the vsock thread, or a
+    /// network thread of its own) read its TAPs and set their offloads;
+    /// they open nothing, connect nowhere (no socket of their own) and
+    /// make no KVM call but the interrupt's.
     #[test]
     fn the_network_thread_touches_only_its_taps() {
-        let offload = in_filtered_child(Thread::Net, || {
-            // SAFETY: TUNSETOFFLOAD on a bad descriptor: EBADF, but the
-            // call is made.
-            unsafe { (libc::syscall(libc::SYS_ioctl, -1, TUNSETOFFLOAD, 0) == -1) as i32 }
-        });
-        assert_eq!(offload, (Some(1), None));
+        for thread in [Thread::Net, Thread::Vsock] {
+            let offload = in_filtered_child(thread, || {
+                // SAFETY: TUNSETOFFLOAD on a bad descriptor: EBADF, but
+                // the call is made.
+                unsafe { (libc::syscall(libc::SYS_ioctl, -1, TUNSETOFFLOAD, 0) == -1) as i32 }
+            });
+            assert_eq!(offload, (Some(1), None), "{thread:?}");
+        }
         // The vsock and network threads raise their device's interrupt:
         // KVM_IRQ_LINE, and no other KVM call.
         for thread in [Thread::Net, Thread::Vsock] {
@@ -625,11 +633,13 @@ mod tests {
             }),
         ];
         for (name, call) in refused {
-            assert_eq!(
-                in_filtered_child(Thread::Net, call),
-                (None, Some(libc::SIGSYS)),
-                "{name}"
-            );
+            for thread in [Thread::Net, Thread::Vsock] {
+                assert_eq!(
+                    in_filtered_child(thread, call),
+                    (None, Some(libc::SIGSYS)),
+                    "{thread:?}: {name}"
+                );
+            }
         }
     }
 

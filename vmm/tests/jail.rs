@@ -138,7 +138,6 @@ fn every_thread_of_a_running_vmm_holds_only_what_its_kind_needs() {
         kinds,
         [
             "husk-api",
-            "husk-net",
             "husk-vcpu0",
             "husk-vcpu1",
             "husk-vmm",

@@ -16,6 +16,17 @@ use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 
+/// A device's host side served on another device's thread (the network
+/// devices' on the vsock thread: one thread fewer to start, filter and
+/// end per VM): its epoll descriptor, readable while it has work, and
+/// one round of that work, which must not block.
+pub struct Polled {
+    /// Its epoll descriptor (an epoll set nests in another).
+    pub fd: std::os::fd::RawFd,
+    /// One round: what is ready now, no waiting.
+    pub serve: Box<dyn FnMut() + Send>,
+}
+
 /// A device on a bus: the vCPU thread that takes the exit calls it.
 pub trait BusDevice: Send {
     /// Guest read of `data.len()` bytes at `offset` into the device's window.

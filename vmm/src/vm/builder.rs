@@ -41,6 +41,7 @@ impl Vm {
             Self::setup_devices_and_vcpus(config.vcpus, &kvm, &vm, &clock, console_out, None)?;
         let mut mmio = Bus::new();
         let mut virtio = Vec::new();
+        let mut hosts = Hosts::default();
         let mut device_args = String::new();
         if config.rng {
             let (base, gsi) = (layout::MMIO_START, layout::IRQ_BASE);
@@ -58,7 +59,7 @@ impl Vm {
             let base = layout::MMIO_START + slot * layout::MMIO_DEVICE_SIZE;
             let gsi = layout::IRQ_BASE + slot as u32;
             virtio.push(attach_vsock(
-                &vm, &mut mmio, &memory, &devices, &clock, path, base, gsi, None,
+                &vm, &mut mmio, &memory, &devices, &clock, path, base, gsi, None, &mut hosts,
             )?);
             device_args.push_str(&format!(
                 " virtio_mmio.device={}K@{base:#x}:{gsi}",
@@ -81,13 +82,14 @@ impl Vm {
             let gsi = layout::IRQ_BASE + slot as u32;
             let tap = take_tap(&mut config.taps, net);
             virtio.push(attach_net(
-                &vm, &mut mmio, &memory, net, tap, base, gsi, None,
+                &vm, &mut mmio, &memory, net, tap, base, gsi, None, &mut hosts,
             )?);
             device_args.push_str(&format!(
                 " virtio_mmio.device={}K@{base:#x}:{gsi}",
                 layout::MMIO_DEVICE_SIZE >> 10
             ));
         }
+        hosts.start()?;
         let extra = format!("{device_args} {}", config.extra_cmdline);
         let cmdline = kernel_cmdline(&extra, host::kernel_mode_emulated());
         boot::write_boot_params(&memory, &cmdline, initramfs, mem_size)?;

@@ -72,9 +72,31 @@ pub(super) fn transport(
     }
 }
 
+/// Device host sides whose thread starts once every device is attached
+/// ([`Hosts::start`]): the vsock device's, which the network devices
+/// attached after it are served on (no `husk-net` thread each: issue 18).
+#[derive(Default)]
+pub(super) struct Hosts {
+    vsock: Option<(
+        crate::devices::virtio::vsock::VsockHost,
+        Arc<Mutex<MmioTransport>>,
+    )>,
+}
+
+impl Hosts {
+    /// Starts the threads.
+    pub(super) fn start(self) -> Result<(), VmError> {
+        if let Some((host, transport)) = self.vsock {
+            host.start(transport).map_err(|e| VmError::Thread(0, e))?;
+        }
+        Ok(())
+    }
+}
+
 /// Wires the vsock device: its transport (new, or restored from
-/// `restored`), its host thread, and its ready signal, which is recorded as
-/// the debug-port mark [`husk_protocol`]'s `READY_MARK` would be.
+/// `restored`), its host side (into `hosts`, to start later), and its
+/// ready signal, which is recorded as the debug-port mark
+/// [`husk_protocol`]'s `READY_MARK` would be.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attach_vsock(
     vm: &VmFd,
@@ -86,6 +108,7 @@ pub(super) fn attach_vsock(
     base: u64,
     gsi: u32,
     restored: Option<(&crate::devices::virtio::mmio::MmioState, &Path)>,
+    hosts: &mut Hosts,
 ) -> Result<VirtioDevice, VmError> {
     let (device, host) =
         Vsock::new(GUEST_CID, path).map_err(|e| VmError::VsockSocket(path.to_owned(), e))?;
@@ -102,8 +125,7 @@ pub(super) fn attach_vsock(
     let attached = attach_virtio(vm, mmio, base, gsi, |irq| {
         transport(Box::new(device), memory, irq, restored)
     })?;
-    host.start(attached.transport.clone())
-        .map_err(|e| VmError::Thread(0, e))?;
+    hosts.vsock = Some((host, attached.transport.clone()));
     Ok(attached)
 }
 
@@ -127,7 +149,9 @@ pub(super) fn attach_fs(
 }
 
 /// Wires network slot `slot`'s virtio-net device (new, or restored from
-/// `restored`), starts its host thread, and binds `tap` if one is given.
+/// `restored`), its host side (served on the vsock device's thread where
+/// `hosts` has one, else on a thread of its own, started now), and binds
+/// `tap` if one is given.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attach_net(
     vm: &VmFd,
@@ -138,14 +162,24 @@ pub(super) fn attach_net(
     base: u64,
     gsi: u32,
     restored: Option<(&crate::devices::virtio::mmio::MmioState, &Path)>,
+    hosts: &mut Hosts,
 ) -> Result<VirtioDevice, VmError> {
     let (device, host) = Net::new().map_err(|e| VmError::Net(slot, NetError::from(e)))?;
     let mut attached = attach_virtio(vm, mmio, base, gsi, |irq| {
         transport(Box::new(device), memory, irq, restored)
     })?;
-    let handle = host
-        .start(attached.transport.clone())
-        .map_err(|e| VmError::Net(slot, NetError::from(e)))?;
+    let handle = match &mut hosts.vsock {
+        Some((vsock, _)) => {
+            let (handle, polled) = host.polled(attached.transport.clone());
+            vsock
+                .serve_also(polled)
+                .map_err(|e| VmError::Net(slot, NetError::from(e)))?;
+            handle
+        }
+        None => host
+            .start(attached.transport.clone())
+            .map_err(|e| VmError::Net(slot, NetError::from(e)))?,
+    };
     if let Some(tap) = tap {
         handle.bind(tap).map_err(|e| VmError::Net(slot, e))?;
     }

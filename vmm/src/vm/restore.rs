@@ -102,6 +102,7 @@ impl Vm {
         )?;
         let mut mmio = Bus::new();
         let mut virtio = Vec::new();
+        let mut hosts = Hosts::default();
         for slot in &state.virtio {
             if slot.transport.device_type == TYPE_VSOCK {
                 let path = vsock.ok_or_else(|| VmError::BadSnapshot {
@@ -118,6 +119,7 @@ impl Vm {
                     slot.base,
                     slot.gsi,
                     Some((&slot.transport, dir)),
+                    &mut hosts,
                 )?);
                 continue;
             }
@@ -157,6 +159,7 @@ impl Vm {
                     slot.base,
                     slot.gsi,
                     Some((&slot.transport, dir)),
+                    &mut hosts,
                 )?);
                 continue;
             }
@@ -169,6 +172,7 @@ impl Vm {
                 transport(device, &memory, irq, Some((&slot.transport, dir)))
             })?);
         }
+        hosts.start()?;
         for (id, (vcpu, saved)) in vcpus.iter().zip(&state.vcpus).enumerate() {
             cpu::restore_vcpu(vcpu, saved, id as u8)?;
         }

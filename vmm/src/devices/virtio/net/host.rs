@@ -33,6 +33,28 @@ impl NetHost {
         Ok(handle)
     }
 
+    /// The host side, to be served on another thread's epoll (the vsock
+    /// thread's) rather than a thread of its own; returns the handle that
+    /// binds its TAP.
+    pub fn polled(
+        self,
+        transport: Arc<Mutex<MmioTransport>>,
+    ) -> (NetHandle, crate::devices::Polled) {
+        use std::os::fd::AsRawFd;
+        let handle = NetHandle {
+            backend: self.backend.clone(),
+        };
+        let fd = self.epoll.as_raw_fd();
+        let mut events = [EpollEvent::default(); 4];
+        let serve = Box::new(move || {
+            // More than four ready: the outer set reports this one again.
+            if let Ok(n) = self.epoll.wait(0, &mut events) {
+                self.serve(&transport, &events[..n]);
+            }
+        });
+        (handle, crate::devices::Polled { fd, serve })
+    }
+
     fn run(self, transport: Arc<Mutex<MmioTransport>>) {
         crate::confine::enter(crate::seccomp::Thread::Net);
         let mut events = [EpollEvent::default(); 4];

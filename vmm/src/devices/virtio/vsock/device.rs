@@ -41,6 +41,7 @@ impl Vsock {
         let host = VsockHost {
             backend: backend.clone(),
             listener,
+            polled: Vec::new(),
         };
         Ok((
             Self {

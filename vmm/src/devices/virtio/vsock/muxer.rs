@@ -3,11 +3,17 @@
 
 use super::*;
 
-/// epoll data of the listener and of the kick eventfd; connections use
-/// their key, which never collides (host ports start at 1 << 30).
+/// epoll data of the listener, of the kick eventfd and (from
+/// [`EV_POLLED`] on) of other devices' epoll sets served on this thread;
+/// connections use their key, whose host port is never 0 (those the host
+/// starts have ports from 1 << 30; a guest's to host port 0 is refused),
+/// so never collides.
 pub(super) const EV_LISTENER: u64 = 0;
 
 pub(super) const EV_KICK: u64 = 1;
+
+/// The first other device's epoll data ([`VsockHost::serve_also`]).
+pub(super) const EV_POLLED: u64 = 2;
 
 /// One connection: host port and guest port, and its flow-control state.
 pub(super) struct Conn {
@@ -324,7 +330,9 @@ impl Backend {
         }
         let path = PathBuf::from(format!("{}_{}", self.uds_path.display(), hdr.dst_port));
         let full = self.conns.len() >= MAX_CONNS && !self.conns.contains_key(&key);
-        let stream = if full {
+        // Host port 0 would make a key that is another source's epoll
+        // data (EV_LISTENER and on).
+        let stream = if full || hdr.dst_port == 0 {
             Err(ErrorKind::Other.into())
         } else {
             connect_nonblocking(&path)
