@@ -475,8 +475,19 @@ fn boot(
     pod: bool,
     cgroup: Option<&Path>,
 ) -> Result<Booted, String> {
-    let empty = dir.join("empty");
-    std::fs::create_dir_all(&empty).map_err(|e| format!("create {}: {e}", empty.display()))?;
+    // Unused volume slots are bound, read-only, to one empty directory
+    // every container of this root shares (read-only to all, made once):
+    // not one per container, made and removed each time (issue 18).
+    let empty = root.join("empty");
+    if !empty.is_dir() {
+        use std::os::unix::fs::DirBuilderExt;
+        match std::fs::DirBuilder::new().mode(0o555).create(&empty) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(format!("create {}: {e}", empty.display()));
+            }
+            _ => {}
+        }
+    }
     let (spec_json, mut volumes) = crate::volumes::plan(&bundle.spec_json, dir, &empty)?;
     if pod {
         // The last volume share carries the pod's containers.
