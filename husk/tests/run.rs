@@ -597,6 +597,13 @@ fn host_directories_and_files_are_bound_in_as_the_spec_says() {
     // nothing reached the read-only one.
     assert_eq!(std::fs::read_to_string(rw.join("made")).unwrap(), "made\n");
     assert!(!ro.join("nope").exists());
+    // The unused volume slots' directory: one per root, shared by its
+    // containers, read-only to everyone and empty.
+    let empty = root().join("empty");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&empty).unwrap().permissions());
+    assert_eq!(mode & 0o7777, 0o555, "{}", empty.display());
+    assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0);
     std::fs::remove_dir_all(&base).unwrap();
 }
 
