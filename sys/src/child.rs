@@ -464,8 +464,11 @@ mod tests {
             .args(["-c", "exit 7"])
             .spawn()
             .unwrap();
-        let mut forked = Forked::new(child.id());
-        assert_eq!(forked.pid(), child.id());
+        let pid = child.id();
+        // Reaped through `forked`, not `child`.
+        std::mem::forget(child);
+        let mut forked = Forked::new(pid);
+        assert_eq!(forked.pid(), pid);
         assert_eq!(forked.wait_end().unwrap().code(), Some(7));
         // Reaped: the status is kept, not asked again.
         assert_eq!(forked.wait_end().unwrap().code(), Some(7));
