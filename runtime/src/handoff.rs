@@ -195,7 +195,7 @@ pub fn start_told(
     .collect();
     let own = RUNNER
         .get()
-        .and(husk_sys::child::Own::read())
+        .and_then(|_| husk_sys::child::Own::read())
         .filter(|own| {
             own.threads == 1 && husk_sys::child::cmdline_bytes(&line).len() <= own.room()
         });
