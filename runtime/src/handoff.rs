@@ -193,21 +193,13 @@ pub fn start_told(
     .into_iter()
     .chain(args.iter().map(std::ffi::OsStr::new))
     .collect();
-    let own = RUNNER
-        .get()
-        .and_then(|_| husk_sys::child::Own::read())
-        .filter(|own| {
-            own.threads == 1 && husk_sys::child::cmdline_bytes(&line).len() <= own.room()
-        });
-    let mut child = match (RUNNER.get(), own) {
-        (Some(&runner), Some(own)) => fork(
-            root,
-            args,
-            handoff,
-            stdio,
-            (&ours, theirs),
-            (runner, &own, &line),
-        )?,
+    let forked = RUNNER.get().and_then(|&runner| {
+        let own = husk_sys::child::Own::read()?;
+        let fits = husk_sys::child::cmdline_bytes(&line).len() <= own.room();
+        (own.threads == 1 && fits).then_some((runner, own))
+    });
+    let mut child = match forked {
+        Some((runner, own)) => fork(root, args, handoff, stdio, theirs, (runner, &own, &line))?,
         _ => {
             let child = spawn(root, args, stdio, theirs)?;
             // A monitor that ended early leaves the write failing
@@ -283,7 +275,7 @@ fn fork(
     args: &[String],
     handoff: Handoff,
     stdio: Option<Stdio3<'_>>,
-    (ours, theirs): (&UnixStream, UnixStream),
+    theirs: UnixStream,
     (runner, own, line): (Runner, &husk_sys::child::Own, &[&std::ffi::OsStr]),
 ) -> Result<Monitor, (String, Option<i32>)> {
     // What this process buffered for its stdout would be written twice.
@@ -309,10 +301,9 @@ fn fork(
             });
             let code = match husk_sys::child::detach_forked(stdio, theirs.as_raw_fd(), FD) {
                 Ok(()) => {
-                    // The descriptors behind these values are closed
-                    // (moved to FD, or not this process's now).
+                    // Its descriptor is at FD now, or closed: not to be
+                    // closed again by its drop.
                     std::mem::forget(theirs);
-                    let _ = ours;
                     // SAFETY: `own` was read by this process (its copy)
                     // just before the fork, and it has one thread.
                     unsafe { husk_sys::child::rewrite_cmdline(own, line) };

@@ -180,8 +180,7 @@ pub fn tell_ready(fd: RawFd) {
 /// A pidfd of `child`, readable once it has ended; `None` on a kernel
 /// without pidfds (before 5.3).
 pub fn pidfd(child: &Child) -> Option<OwnedFd> {
-    let pid = rustix::process::Pid::from_raw(child.id() as i32)?;
-    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+    pidfd_of(child.id())
 }
 
 /// Waits up to `timeout` for `child` to tell it is ready on `ready`
@@ -246,22 +245,13 @@ pub fn wait_timeout(
     }
 }
 
-/// A child process this one waits for: a spawned [`Child`], or one
-/// forked without exec ([`Forked`]).
+/// A child process this one waits for (a monitor: spawned, or forked
+/// without exec, [`Forked`]).
 pub trait Waited {
     /// Its PID.
     fn pid(&self) -> u32;
     /// Waits for it to end.
     fn wait_end(&mut self) -> std::io::Result<std::process::ExitStatus>;
-}
-
-impl Waited for Child {
-    fn pid(&self) -> u32 {
-        self.id()
-    }
-    fn wait_end(&mut self) -> std::io::Result<std::process::ExitStatus> {
-        self.wait()
-    }
 }
 
 /// A child made by `fork` alone, running this program's code: its PID,
@@ -312,14 +302,6 @@ pub fn pidfd_of(pid: u32) -> Option<OwnedFd> {
     rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
 }
 
-/// Whether the calling thread is its process's only one (from
-/// /proc/self/stat): the condition for a `fork` whose child goes on
-/// running Rust code, since a lock another thread held at the fork
-/// (the allocator's) stays held in the child for ever.
-pub fn only_thread() -> bool {
-    Own::read().is_some_and(|own| own.threads == 1)
-}
-
 /// In a forked child that runs on without exec, as [`detached_with_fd`]
 /// sets up an exec'd one: `stdio` (where given) at descriptors 0-2,
 /// `fd` at `at`, every other descriptor closed, a session of its own,
@@ -360,7 +342,9 @@ pub fn detach_forked(stdio: Option<[RawFd; 3]>, fd: RawFd, at: RawFd) -> std::io
 /// where its command line lies in its memory.
 #[derive(Debug, Clone, Copy)]
 pub struct Own {
-    /// Its threads.
+    /// Its threads: a `fork` whose child goes on running Rust code needs
+    /// one, since a lock another thread held at the fork (the
+    /// allocator's) stays held in the child for ever.
     pub threads: u64,
     /// The command line's first byte and the byte past its last.
     args: (usize, usize),
@@ -475,12 +459,88 @@ mod tests {
     }
 
     #[test]
-    fn only_one_thread_is_told_from_several() {
+    fn threads_are_counted() {
+        assert!(Own::read().unwrap().threads >= 1);
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let other = std::thread::spawn(move || rx.recv());
-        assert!(!only_thread());
+        // This one and `other` at least (the harness may run more).
+        assert!(Own::read().unwrap().threads >= 2);
         drop(tx);
         let _ = other.join();
+    }
+
+    /// The descriptors [`detach_forked_leaves_stdio_and_the_channel_alone`]'s
+    /// child is given (stdio's three, the channel, one to be closed), and
+    /// the inodes of the pipe, stderr's socket and the channel.
+    static GIVEN: [std::sync::atomic::AtomicI32; 5] =
+        [const { std::sync::atomic::AtomicI32::new(-1) }; 5];
+    static INODES: [std::sync::atomic::AtomicU64; 3] =
+        [const { std::sync::atomic::AtomicU64::new(0) }; 3];
+
+    /// The inode of descriptor `fd` (0 where it is not open).
+    fn inode(fd: RawFd) -> u64 {
+        // SAFETY: fstat writes into a local of its type.
+        unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            match libc::fstat(fd, &mut st) {
+                0 => st.st_ino,
+                _ => 0,
+            }
+        }
+    }
+
+    /// A forked monitor's descriptors and session: stdio moved to 0-2
+    /// (from descriptors above them, each where it was asked), the
+    /// channel at 3, every other descriptor closed, a session of its own.
+    #[test]
+    fn detach_forked_leaves_stdio_and_the_channel_alone() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (read, write) = rustix::pipe::pipe().unwrap();
+        let (err, channel) = std::os::unix::net::UnixStream::pair().unwrap();
+        let extra = std::fs::File::open("/dev/null").unwrap();
+        // stdin the pipe's write end and stdout its read end, swapped on
+        // purpose: each must land where asked.
+        let given = [
+            write.as_raw_fd(),
+            read.as_raw_fd(),
+            err.as_raw_fd(),
+            channel.as_raw_fd(),
+            extra.as_raw_fd(),
+        ];
+        for (slot, fd) in given.into_iter().enumerate() {
+            GIVEN[slot].store(fd, SeqCst);
+        }
+        for (slot, fd) in [read.as_raw_fd(), err.as_raw_fd(), channel.as_raw_fd()]
+            .into_iter()
+            .enumerate()
+        {
+            INODES[slot].store(inode(fd), SeqCst);
+        }
+        let status = in_child(|| {
+            let given: [RawFd; 5] = std::array::from_fn(|i| GIVEN[i].load(SeqCst));
+            let ino: [u64; 3] = std::array::from_fn(|i| INODES[i].load(SeqCst));
+            if detach_forked(Some([given[0], given[1], given[2]]), given[3], 3).is_err() {
+                return 1;
+            }
+            // SAFETY: fcntl on descriptor numbers, no memory.
+            let mode = |fd: RawFd| unsafe { libc::fcntl(fd, libc::F_GETFL) } & libc::O_ACCMODE;
+            if [inode(0), inode(1), inode(2), inode(3)] != [ino[0], ino[0], ino[1], ino[2]] {
+                return 2;
+            }
+            if (mode(0), mode(1)) != (libc::O_WRONLY, libc::O_RDONLY) {
+                return 3;
+            }
+            if (4..64).any(|fd| inode(fd) != 0) {
+                return 4;
+            }
+            // SAFETY: getsid and getpid take no pointers.
+            if unsafe { libc::getsid(0) != libc::getpid() } {
+                return 5;
+            }
+            0
+        });
+        assert_eq!(status, 0);
+        drop((read, write, err, channel, extra));
     }
 
     /// Set in the test's own child, which rewrites its command line.
